@@ -1,0 +1,442 @@
+//! `peer.toml`: what one daemon is, whom it trusts, what it offers and what
+//! it forwards. The schema follows DESIGN.md key for key.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::error::{ConfigError, KeySeg, Violation};
+use crate::types::{PeerName, PublicKeyBytes, Secret};
+
+/// A daemon's whole configuration.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PeerConfig {
+    /// This daemon's name on the rendezvous (unique there).
+    pub name: PeerName,
+    /// Identity file from `punchd keygen`. After [`PeerConfig::load`] it is
+    /// resolved against the config file's folder.
+    pub key_file: PathBuf,
+    /// Where to register and how to authenticate to the server.
+    pub rendezvous: RendezvousSection,
+    /// Punching behaviour.
+    #[serde(default)]
+    pub punch: PunchSection,
+    /// The local status/metrics endpoint.
+    #[serde(default)]
+    pub admin: AdminSection,
+    /// Daemons we trust, each pinned by its public key.
+    #[serde(default)]
+    pub peers: Vec<PeerEntry>,
+    /// Local services that listed peers may reach through us.
+    #[serde(default)]
+    pub expose: Vec<Expose>,
+    /// Local listeners whose connections are carried to a peer's service.
+    #[serde(default)]
+    pub forward: Vec<Forward>,
+}
+
+/// `[rendezvous]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RendezvousSection {
+    /// `http://host:port` or `https://host:port` of `punch-rendezvous`.
+    pub url: String,
+    /// Network token; must equal the server's when the server sets one.
+    #[serde(default)]
+    pub token: Option<Secret>,
+}
+
+/// Whether tunnel bytes may ever pass through the rendezvous server.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PunchMode {
+    /// Punch a direct path; if none can be made, relay through the server
+    /// (still end-to-end encrypted).
+    #[default]
+    Auto,
+    /// Never relay: a failed punch is a failure, reported as such.
+    DirectOnly,
+}
+
+/// `[punch]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PunchSection {
+    /// Local port bound for the rendezvous connection and every punch
+    /// socket, so the NAT mapping the server observed is the one we punch
+    /// from. `0` lets the OS pick one at start-up. Default 0.
+    #[serde(default)]
+    pub port: u16,
+    /// Deadline for one punch attempt (all candidates, all retries).
+    /// Default 10s.
+    #[serde(default = "default_punch_timeout", with = "humantime_serde")]
+    pub timeout: Duration,
+    /// `auto` (default) or `direct-only`.
+    #[serde(default)]
+    pub mode: PunchMode,
+    /// Advertise this host's own address (the one it uses to reach the
+    /// rendezvous) as a candidate, for peers on the same LAN. Default true.
+    #[serde(default = "default_true")]
+    pub local_candidates: bool,
+}
+
+fn default_punch_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+
+fn default_true() -> bool {
+    true
+}
+
+impl Default for PunchSection {
+    fn default() -> Self {
+        Self {
+            port: 0,
+            timeout: default_punch_timeout(),
+            mode: PunchMode::default(),
+            local_candidates: true,
+        }
+    }
+}
+
+/// `[admin]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminSection {
+    /// Status/metrics listener. Default `127.0.0.1:7070`; keep it on
+    /// loopback unless you mean to publish your peer list.
+    #[serde(default = "default_admin_listen")]
+    pub listen: String,
+}
+
+/// The default admin address, shared with `punchd status`.
+pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:7070";
+
+fn default_admin_listen() -> String {
+    DEFAULT_ADMIN_LISTEN.to_owned()
+}
+
+impl Default for AdminSection {
+    fn default() -> Self {
+        Self {
+            listen: default_admin_listen(),
+        }
+    }
+}
+
+impl AdminSection {
+    /// The parsed listen address (validated at load time).
+    pub fn listen_addr(&self) -> Option<SocketAddr> {
+        self.listen.parse().ok()
+    }
+}
+
+/// `[[peers]]`: one trusted daemon.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PeerEntry {
+    /// The peer's rendezvous name.
+    pub name: PeerName,
+    /// The peer's Ed25519 public key (base64), pinned for TLS.
+    pub public_key: PublicKeyBytes,
+}
+
+/// `[[expose]]`: a service peers may reach.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Expose {
+    /// Service name that forwards refer to.
+    pub name: PeerName,
+    /// `host:port` this daemon connects to for each stream.
+    pub target: String,
+    /// Peers allowed to use it; anyone else is refused.
+    #[serde(default)]
+    pub allow: Vec<PeerName>,
+}
+
+/// `[[forward]]`: a local listener relayed to a peer's service.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Forward {
+    /// Local `ip:port` to listen on.
+    pub listen: String,
+    /// Which peer offers the service.
+    pub peer: PeerName,
+    /// The service name the peer exposes.
+    pub service: PeerName,
+}
+
+impl Forward {
+    /// The parsed listen address (validated at load time).
+    pub fn listen_addr(&self) -> Option<SocketAddr> {
+        self.listen.parse().ok()
+    }
+}
+
+impl PeerConfig {
+    /// Reads, parses and validates a `peer.toml`, resolving `key_file`
+    /// relative to the file's folder.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        let mut cfg = Self::parse_str(path, &text)?;
+        if cfg.key_file.is_relative() {
+            let base = path.parent().unwrap_or_else(|| Path::new("."));
+            cfg.key_file = base.join(&cfg.key_file);
+        }
+        Ok(cfg)
+    }
+
+    /// Parses and validates config text; `path` is used only in messages.
+    pub fn parse_str(path: &Path, text: &str) -> Result<Self, ConfigError> {
+        let cfg: Self = toml::from_str(text).map_err(|e| ConfigError::from_toml(path, text, &e))?;
+        if let Some(v) = cfg.violations().into_iter().next() {
+            return Err(ConfigError::from_violation(path, text, v));
+        }
+        Ok(cfg)
+    }
+
+    /// The trusted peer with this name.
+    pub fn peer(&self, name: &str) -> Option<&PeerEntry> {
+        self.peers.iter().find(|p| p.name.as_str() == name)
+    }
+
+    /// Rules that span several keys. Returned in file order so the first
+    /// error a user sees is the first one in the file.
+    fn violations(&self) -> Vec<Violation> {
+        use KeySeg::{Index, Key};
+        let mut out = Vec::new();
+        let url = self.rendezvous.url.as_str();
+        let rest = url
+            .strip_prefix("http://")
+            .or_else(|| url.strip_prefix("https://"));
+        if rest.is_none_or(|r| r.trim_end_matches('/').is_empty()) {
+            out.push(Violation::new(
+                vec![Key("rendezvous"), Key("url")],
+                format!("{url:?} is not an http:// or https:// URL of the rendezvous server"),
+            ));
+        }
+        if self.admin.listen_addr().is_none() {
+            out.push(Violation::new(
+                vec![Key("admin"), Key("listen")],
+                format!("{:?} is not an ip:port address", self.admin.listen),
+            ));
+        }
+        let mut seen = HashSet::new();
+        let mut keys = HashSet::new();
+        for (i, p) in self.peers.iter().enumerate() {
+            if p.name == self.name {
+                out.push(Violation::new(
+                    vec![Key("peers"), Index(i), Key("name")],
+                    "a daemon cannot list itself as a peer",
+                ));
+            }
+            if !seen.insert(&p.name) {
+                out.push(Violation::new(
+                    vec![Key("peers"), Index(i), Key("name")],
+                    format!("peer {} is listed twice; keep one entry", p.name),
+                ));
+            }
+            if !keys.insert(p.public_key) {
+                out.push(Violation::new(
+                    vec![Key("peers"), Index(i), Key("public_key")],
+                    "this public key is already listed for another peer",
+                ));
+            }
+        }
+        let mut services = HashSet::new();
+        for (i, e) in self.expose.iter().enumerate() {
+            if !services.insert(&e.name) {
+                out.push(Violation::new(
+                    vec![Key("expose"), Index(i), Key("name")],
+                    format!("service {} is exposed twice; names must be unique", e.name),
+                ));
+            }
+            if !is_host_port(&e.target) {
+                out.push(Violation::new(
+                    vec![Key("expose"), Index(i), Key("target")],
+                    format!("{:?} is not a host:port target", e.target),
+                ));
+            }
+            for (j, who) in e.allow.iter().enumerate() {
+                if self.peer(who.as_str()).is_none() {
+                    out.push(Violation::new(
+                        vec![Key("expose"), Index(i), Key("allow"), Index(j)],
+                        format!("{who} is not in [[peers]]; add it there or remove it here"),
+                    ));
+                }
+            }
+        }
+        let mut listens = HashSet::new();
+        for (i, f) in self.forward.iter().enumerate() {
+            match f.listen_addr() {
+                None => out.push(Violation::new(
+                    vec![Key("forward"), Index(i), Key("listen")],
+                    format!("{:?} is not an ip:port address", f.listen),
+                )),
+                Some(a) if a.port() != 0 && !listens.insert(a) => out.push(Violation::new(
+                    vec![Key("forward"), Index(i), Key("listen")],
+                    format!("{a} is used by two forwards"),
+                )),
+                Some(_) => {}
+            }
+            if self.peer(f.peer.as_str()).is_none() {
+                out.push(Violation::new(
+                    vec![Key("forward"), Index(i), Key("peer")],
+                    format!("{} is not in [[peers]]; add it there first", f.peer),
+                ));
+            }
+        }
+        out
+    }
+}
+
+/// `host:port` with a non-empty host and a numeric port.
+fn is_host_port(s: &str) -> bool {
+    match s.rsplit_once(':') {
+        Some((host, port)) => !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p != 0),
+        None => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const KEY_A: &str = "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=";
+    const KEY_B: &str = "AQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQE=";
+
+    fn parse(text: &str) -> Result<PeerConfig, ConfigError> {
+        PeerConfig::parse_str(Path::new("peer.toml"), text)
+    }
+
+    fn base() -> String {
+        format!(
+            "name = \"alice\"\nkey_file = \"alice.key\"\n\n[rendezvous]\nurl = \"http://127.0.0.1:8080\"\n\n\
+             [[peers]]\nname = \"bob\"\npublic_key = \"{KEY_A}\"\n"
+        )
+    }
+
+    fn err_text(text: &str) -> String {
+        parse(text).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn minimal_config_gets_documented_defaults() {
+        let cfg = parse(&base()).unwrap();
+        assert_eq!(cfg.punch.port, 0);
+        assert_eq!(cfg.punch.timeout, Duration::from_secs(10));
+        assert_eq!(cfg.punch.mode, PunchMode::Auto);
+        assert_eq!(cfg.admin.listen, "127.0.0.1:7070");
+        assert!(cfg.rendezvous.token.is_none());
+    }
+
+    #[test]
+    fn unknown_keys_are_errors_with_a_line() {
+        let text = base().replace("[rendezvous]", "colour = \"red\"\n[rendezvous]");
+        let e = err_text(&text);
+        assert!(e.starts_with("peer.toml:4:1"), "{e}");
+        assert!(e.contains("colour"), "{e}");
+    }
+
+    #[test]
+    fn durations_are_humantime() {
+        let cfg = parse(&format!("{}\n[punch]\ntimeout = \"1500ms\"\n", base())).unwrap();
+        assert_eq!(cfg.punch.timeout, Duration::from_millis(1500));
+        let e = err_text(&format!("{}\n[punch]\ntimeout = \"soon\"\n", base()));
+        assert!(e.contains("peer.toml:12:11"), "{e}");
+    }
+
+    #[test]
+    fn forward_to_unknown_peer_names_the_key_and_line() {
+        let text = format!(
+            "{}\n[[forward]]\nlisten = \"127.0.0.1:2222\"\npeer = \"carol\"\nservice = \"ssh\"\n",
+            base()
+        );
+        let e = err_text(&text);
+        assert!(e.contains("peer.toml:13:1: key `forward[0].peer`"), "{e}");
+        assert!(e.contains("carol is not in [[peers]]"), "{e}");
+    }
+
+    #[test]
+    fn allow_list_must_name_known_peers() {
+        let text = format!(
+            "{}\n[[expose]]\nname = \"ssh\"\ntarget = \"127.0.0.1:22\"\nallow = [\"bob\", \"mallory\"]\n",
+            base()
+        );
+        let e = err_text(&text);
+        assert!(e.contains("expose[0].allow[1]"), "{e}");
+        assert!(e.contains("mallory"), "{e}");
+    }
+
+    #[test]
+    fn duplicate_peers_keys_and_self_are_refused() {
+        let dup = format!(
+            "{}\n[[peers]]\nname = \"bob\"\npublic_key = \"{KEY_B}\"\n",
+            base()
+        );
+        assert!(err_text(&dup).contains("listed twice"));
+        let same_key = format!(
+            "{}\n[[peers]]\nname = \"carol\"\npublic_key = \"{KEY_A}\"\n",
+            base()
+        );
+        assert!(err_text(&same_key).contains("already listed"));
+        let me = format!(
+            "{}\n[[peers]]\nname = \"alice\"\npublic_key = \"{KEY_B}\"\n",
+            base()
+        );
+        assert!(err_text(&me).contains("itself"));
+    }
+
+    #[test]
+    fn bad_values_are_located() {
+        let e = err_text(&base().replace("\"alice\"", "\"Alice\""));
+        assert!(e.starts_with("peer.toml:1:"), "{e}");
+        let e = err_text(&base().replace(KEY_A, "abc"));
+        assert!(e.contains("public key"), "{e}");
+        let e = err_text(&base().replace("http://127.0.0.1:8080", "ftp://x"));
+        assert!(e.contains("key `rendezvous.url`"), "{e}");
+        let e = err_text(&format!("{}\n[admin]\nlisten = \"localhost\"\n", base()));
+        assert!(e.contains("key `admin.listen`"), "{e}");
+        let e = err_text(&format!(
+            "{}\n[[expose]]\nname = \"ssh\"\ntarget = \"nowhere\"\n",
+            base()
+        ));
+        assert!(e.contains("expose[0].target"), "{e}");
+    }
+
+    #[test]
+    fn syntax_errors_are_located() {
+        let e = err_text("name = \"alice\"\nkey_file = \n");
+        assert!(e.starts_with("peer.toml:2:"), "{e}");
+    }
+
+    #[test]
+    fn key_file_is_relative_to_the_config() {
+        let dir = std::env::temp_dir().join(format!("punch-config-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("peer.toml");
+        std::fs::write(&path, base()).unwrap();
+        let cfg = PeerConfig::load(&path).unwrap();
+        assert_eq!(cfg.key_file, dir.join("alice.key"));
+        std::fs::remove_dir_all(&dir).unwrap();
+        let missing = PeerConfig::load(&dir.join("nope.toml")).unwrap_err();
+        assert!(missing.to_string().contains("cannot read"));
+    }
+
+    #[test]
+    fn token_is_masked_in_debug() {
+        let text = base().replace(
+            "url = \"http://127.0.0.1:8080\"",
+            "url = \"http://127.0.0.1:8080\"\ntoken = \"s3cret\"",
+        );
+        let cfg = parse(&text).unwrap();
+        assert!(!format!("{cfg:?}").contains("s3cret"));
+    }
+}

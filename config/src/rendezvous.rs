@@ -1,0 +1,141 @@
+//! `rendezvous.toml`: the server's listen address, network token and the
+//! limits that keep one misbehaving daemon from hurting the others.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::error::ConfigError;
+use crate::types::Secret;
+
+/// The rendezvous server's configuration.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RendezvousConfig {
+    /// Address to listen on. Default `0.0.0.0:8080`.
+    #[serde(default = "default_listen")]
+    pub listen: SocketAddr,
+    /// When set, every daemon must present this token in its hello.
+    #[serde(default)]
+    pub token: Option<Secret>,
+    /// Bounds on clients, messages and relays.
+    #[serde(default)]
+    pub limits: ServerLimits,
+}
+
+fn default_listen() -> SocketAddr {
+    SocketAddr::from(([0, 0, 0, 0], 8080))
+}
+
+impl Default for RendezvousConfig {
+    fn default() -> Self {
+        Self {
+            listen: default_listen(),
+            token: None,
+            limits: ServerLimits::default(),
+        }
+    }
+}
+
+/// `[limits]`: every bound the server enforces. The defaults suit a few
+/// thousand daemons on a small machine.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerLimits {
+    /// Registered daemons at once; further hellos are refused. Default 20000.
+    pub max_clients: usize,
+    /// Largest WebSocket message accepted, in bytes. Default 16384.
+    pub max_message_bytes: usize,
+    /// Sustained messages per second per connection. Default 20.
+    pub messages_per_second: u32,
+    /// Burst allowance above the sustained rate. Default 40.
+    pub message_burst: u32,
+    /// A connection that sends nothing for this long is closed. Default 90s.
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    /// Time allowed between the challenge and a valid hello. Default 10s.
+    #[serde(with = "humantime_serde")]
+    pub hello_timeout: Duration,
+    /// Punch sessions waiting for results, in total. Default 10000.
+    pub max_pending_punches: usize,
+    /// Relayed sessions at once, in total. Default 256.
+    pub max_relays: usize,
+    /// Relayed sessions at once per daemon. Default 8.
+    pub max_relays_per_daemon: usize,
+    /// Relay bandwidth per session, bytes per second each way. Default 8 MiB/s.
+    pub relay_bytes_per_second: u64,
+}
+
+impl Default for ServerLimits {
+    fn default() -> Self {
+        Self {
+            max_clients: 20_000,
+            max_message_bytes: 16 * 1024,
+            messages_per_second: 20,
+            message_burst: 40,
+            idle_timeout: Duration::from_secs(90),
+            hello_timeout: Duration::from_secs(10),
+            max_pending_punches: 10_000,
+            max_relays: 256,
+            max_relays_per_daemon: 8,
+            relay_bytes_per_second: 8 * 1024 * 1024,
+        }
+    }
+}
+
+impl RendezvousConfig {
+    /// Reads and parses a `rendezvous.toml`.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::parse_str(path, &text)
+    }
+
+    /// Parses config text; `path` is used only in messages.
+    pub fn parse_str(path: &Path, text: &str) -> Result<Self, ConfigError> {
+        let cfg: Self = toml::from_str(text).map_err(|e| ConfigError::from_toml(path, text, &e))?;
+        let l = &cfg.limits;
+        let zero = [
+            ("limits.max_clients", l.max_clients == 0),
+            ("limits.max_message_bytes", l.max_message_bytes < 1024),
+            ("limits.messages_per_second", l.messages_per_second == 0),
+            ("limits.max_pending_punches", l.max_pending_punches == 0),
+        ];
+        if let Some((key, _)) = zero.iter().find(|(_, bad)| *bad) {
+            return Err(ConfigError::Invalid {
+                path: path.to_owned(),
+                line: 0,
+                column: 0,
+                key: (*key).to_owned(),
+                message: "too small to serve anyone; remove it to use the default".to_owned(),
+            });
+        }
+        Ok(cfg)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_file_means_defaults() {
+        let cfg = RendezvousConfig::parse_str(Path::new("r.toml"), "").unwrap();
+        assert_eq!(cfg.listen, "0.0.0.0:8080".parse().unwrap());
+        assert_eq!(cfg.limits.max_message_bytes, 16384);
+    }
+
+    #[test]
+    fn limits_are_checked() {
+        let e = RendezvousConfig::parse_str(Path::new("r.toml"), "[limits]\nmax_clients = 0\n")
+            .unwrap_err();
+        assert!(e.to_string().contains("limits.max_clients"), "{e}");
+        let e =
+            RendezvousConfig::parse_str(Path::new("r.toml"), "listen = \"nope\"\n").unwrap_err();
+        assert!(e.to_string().starts_with("r.toml:1:"), "{e}");
+    }
+}
