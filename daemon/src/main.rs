@@ -1,1 +1,231 @@
-fn main() {}
+//! `punchd`: the command line. Everything here is the binary edge: parse
+//! arguments, turn errors into one clear line and an exit code (0 ok,
+//! 2 bad usage or config, 1 runtime failure).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use punch_config::PeerConfig;
+use punchd::Identity;
+use tokio_util::sync::CancellationToken;
+
+/// Peer-to-peer NAT hole punching with an authenticated, multiplexed port relay.
+#[derive(Debug, Parser)]
+#[command(version, about, args_conflicts_with_subcommands = true)]
+struct Cli {
+    /// Run the daemon with this peer.toml.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Create a new Ed25519 identity (mode 0600) and print its public key.
+    Keygen {
+        /// Where to write the key; an existing file is never overwritten.
+        #[arg(long, value_name = "FILE")]
+        out: PathBuf,
+    },
+    /// Print the public key of an identity file.
+    Pubkey {
+        /// The identity file.
+        #[arg(long, value_name = "FILE")]
+        key: PathBuf,
+    },
+    /// Validate a peer.toml (and its key file) and exit.
+    CheckConfig {
+        /// The config to check.
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+    },
+    /// Show a running daemon's peers, paths and forwards.
+    Status {
+        /// Admin address of the daemon (default 127.0.0.1:7070).
+        #[arg(long, value_name = "ADDR", conflicts_with = "config")]
+        admin: Option<SocketAddr>,
+        /// Read the admin address from this peer.toml.
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+        /// Print the JSON document instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Run an embedded rendezvous and two daemons on loopback, push bytes
+    /// through a forward, print a report.
+    Demo,
+}
+
+/// An error with its exit code.
+struct Failure {
+    code: u8,
+    error: anyhow::Error,
+}
+
+fn usage(error: impl Into<anyhow::Error>) -> Failure {
+    Failure {
+        code: 2,
+        error: error.into(),
+    }
+}
+
+fn runtime(error: impl Into<anyhow::Error>) -> Failure {
+    Failure {
+        code: 1,
+        error: error.into(),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match dispatch(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(Failure { code, error }) => {
+            eprintln!("error: {error:#}");
+            ExitCode::from(code)
+        }
+    }
+}
+
+fn dispatch(cli: Cli) -> Result<(), Failure> {
+    match (cli.command, cli.config) {
+        (Some(Command::Keygen { out }), _) => keygen(&out),
+        (Some(Command::Pubkey { key }), _) => {
+            let id = Identity::load(&key).map_err(usage)?;
+            println!("{}", id.public_key());
+            Ok(())
+        }
+        (Some(Command::CheckConfig { config }), _) => {
+            let (cfg, id) = load(&config)?;
+            println!(
+                "{}: ok (name {}, public key {}, {} peer(s), {} expose(s), {} forward(s))",
+                config.display(),
+                cfg.name,
+                id.public_key(),
+                cfg.peers.len(),
+                cfg.expose.len(),
+                cfg.forward.len()
+            );
+            Ok(())
+        }
+        (
+            Some(Command::Status {
+                admin,
+                config,
+                json,
+            }),
+            _,
+        ) => status(admin, config.as_deref(), json),
+        (Some(Command::Demo), _) => demo(),
+        (None, Some(config)) => run_daemon(&config),
+        (None, None) => Err(usage(anyhow::anyhow!(
+            "nothing to do: run `punchd --config peer.toml`, or `punchd --help`"
+        ))),
+    }
+}
+
+fn tokio_runtime() -> Result<tokio::runtime::Runtime, Failure> {
+    tokio::runtime::Runtime::new()
+        .context("cannot start the async runtime")
+        .map_err(runtime)
+}
+
+fn keygen(out: &Path) -> Result<(), Failure> {
+    let id = Identity::generate().map_err(runtime)?;
+    id.save_new(out).map_err(|e| match e {
+        punchd::IdentityError::Exists { .. } => usage(e),
+        other => runtime(other),
+    })?;
+    eprintln!("wrote {} (keep it private); public key:", out.display());
+    println!("{}", id.public_key());
+    Ok(())
+}
+
+fn load(config: &Path) -> Result<(PeerConfig, Identity), Failure> {
+    let cfg = PeerConfig::load(config).map_err(usage)?;
+    let id = Identity::load(&cfg.key_file)
+        .with_context(|| format!("{}: key_file", config.display()))
+        .map_err(usage)?;
+    Ok((cfg, id))
+}
+
+fn status(admin: Option<SocketAddr>, config: Option<&Path>, json: bool) -> Result<(), Failure> {
+    let addr = match (admin, config) {
+        (Some(a), _) => a,
+        (None, Some(path)) => {
+            let cfg = PeerConfig::load(path).map_err(usage)?;
+            cfg.admin
+                .listen_addr()
+                .context("admin.listen is not an address")
+                .map_err(usage)?
+        }
+        (None, None) => punch_config::peer::DEFAULT_ADMIN_LISTEN
+            .parse()
+            .map_err(usage)?,
+    };
+    let doc = tokio_runtime()?
+        .block_on(punchd::status_client::fetch(addr))
+        .map_err(runtime)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&doc).map_err(runtime)?);
+    } else {
+        print!("{}", punchd::status_client::render_table(&doc));
+    }
+    Ok(())
+}
+
+fn demo() -> Result<(), Failure> {
+    let report = tokio_runtime()?
+        .block_on(punchd::demo::run())
+        .map_err(runtime)?;
+    println!("{report}");
+    if report.checksum_ok {
+        Ok(())
+    } else {
+        Err(runtime(anyhow::anyhow!(
+            "the echoed bytes differ from what was sent"
+        )))
+    }
+}
+
+fn run_daemon(config: &Path) -> Result<(), Failure> {
+    let (cfg, id) = load(config)?;
+    tokio_runtime()?.block_on(async {
+        let cancel = CancellationToken::new();
+        let daemon = punchd::start(cfg, id, cancel.clone())
+            .await
+            .map_err(runtime)?;
+        shutdown_signal().await;
+        tracing::info!("shutdown requested; draining streams");
+        daemon.shutdown(Duration::from_secs(5)).await;
+        Ok(())
+    })
+}
+
+/// Ctrl-C or SIGTERM.
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = ctrl_c => {}
+                _ = term.recv() => {}
+            }
+        }
+        Err(_) => {
+            let _ = ctrl_c.await;
+        }
+    }
+}

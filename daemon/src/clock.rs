@@ -1,0 +1,101 @@
+//! Clock offset and RTT to the rendezvous server, from ping/pong samples.
+//!
+//! A punch order says "fire at server time T". Each daemon turns T into its
+//! own clock with the offset measured here, so both SYNs leave together even
+//! when the daemons' clocks disagree. The sample with the smallest RTT has
+//! the least queueing in it, so its offset is the most trustworthy (the NTP
+//! rule of thumb).
+
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+/// How many recent samples are kept.
+const WINDOW: usize = 8;
+
+/// One ping/pong exchange.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Sample {
+    rtt_us: u64,
+    /// server clock minus local clock, microseconds.
+    offset_us: i64,
+}
+
+/// Recent samples and what they imply.
+#[derive(Debug, Default, Clone)]
+pub(crate) struct ClockSync {
+    samples: VecDeque<Sample>,
+}
+
+impl ClockSync {
+    /// Records a ping sent at local `sent_us`, answered with `server_us`,
+    /// received at local `received_us` (all Unix microseconds).
+    pub(crate) fn add(&mut self, sent_us: u64, server_us: u64, received_us: u64) {
+        let rtt_us = received_us.saturating_sub(sent_us);
+        let midpoint = sent_us + rtt_us / 2;
+        let offset_us = server_us as i64 - midpoint as i64;
+        if self.samples.len() == WINDOW {
+            self.samples.pop_front();
+        }
+        self.samples.push_back(Sample { rtt_us, offset_us });
+    }
+
+    fn best(&self) -> Option<Sample> {
+        self.samples.iter().min_by_key(|s| s.rtt_us).copied()
+    }
+
+    /// Whether any sample exists yet.
+    pub(crate) fn is_synced(&self) -> bool {
+        !self.samples.is_empty()
+    }
+
+    /// The lowest recent RTT, reported to the server for punch timing.
+    pub(crate) fn rtt_us(&self) -> Option<u64> {
+        self.best().map(|s| s.rtt_us)
+    }
+
+    /// Converts server time `at_us` to a local instant, given the local
+    /// Unix time `now_us` that corresponds to `now`.
+    pub(crate) fn local_instant(&self, at_us: u64, now: Instant, now_us: u64) -> Instant {
+        let offset = self.best().map_or(0, |s| s.offset_us);
+        let local_at_us = at_us as i64 - offset;
+        let delta = local_at_us - now_us as i64;
+        if delta <= 0 {
+            now
+        } else {
+            now + Duration::from_micros(delta as u64)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn offset_from_the_least_queued_sample() {
+        let mut c = ClockSync::default();
+        assert!(!c.is_synced());
+        // Server is 1 s ahead. A 10 ms exchange centred exactly...
+        c.add(1_000_000, 2_005_000, 1_010_000);
+        // ...and a noisy 100 ms one whose reply sat in a queue.
+        c.add(2_000_000, 3_010_000, 2_100_000);
+        assert_eq!(c.rtt_us(), Some(10_000));
+        let now = Instant::now();
+        // Server time 3_000_000 is local 2_000_000: 500 ms after local 1_500_000.
+        let t = c.local_instant(3_000_000, now, 1_500_000);
+        assert_eq!(t - now, Duration::from_millis(500));
+    }
+
+    #[test]
+    fn past_times_fire_now_and_window_slides() {
+        let mut c = ClockSync::default();
+        let now = Instant::now();
+        assert_eq!(c.local_instant(5, now, 1_000), now);
+        c.add(0, 0, 1);
+        for i in 0..WINDOW as u64 {
+            c.add(10, 10, 1_000 + i);
+        }
+        // The 1 µs sample has been pushed out of the window.
+        assert_eq!(c.rtt_us(), Some(990));
+    }
+}

@@ -1,0 +1,257 @@
+//! Wiring: binds every listener, starts one task per concern, and routes
+//! rendezvous events to the peer tasks.
+//!
+//! ```text
+//!  forward listeners ──open──▶ peer tasks ◀──punch orders── dispatcher ◀── rendezvous client
+//!                                │  ▲                                          ▲
+//!                                ▼  └─────────── connect / report ─────────────┘
+//!                             tunnels (TLS + yamux) ──inbound──▶ exposed services
+//! ```
+//!
+//! Every task is spawned on one [`TaskTracker`] and watches one
+//! [`CancellationToken`]; [`RunningDaemon::shutdown`] cancels and waits.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use punch_config::PeerConfig;
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{info, warn, Instrument};
+
+use crate::identity::Identity;
+use crate::peer::{self, PeerCmd, PeerContext, PeerHandle};
+use crate::punch::plan::Role;
+use crate::rendezvous_client::{self, RvEvent, RvSettings};
+use crate::status::{ForwardStatus, PeerStatus, StatusBoard};
+use crate::{admin, relay};
+
+/// Why the daemon could not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum DaemonError {
+    /// A listener could not be bound.
+    #[error("cannot listen on {addr} for {what}: {source}; is another program using it?")]
+    Bind {
+        /// Which listener.
+        what: String,
+        /// The address.
+        addr: String,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A peer is configured with our own key.
+    #[error(
+        "peer {0} is listed with this daemon's own public key; a daemon cannot connect to itself"
+    )]
+    SelfPeer(String),
+}
+
+/// A started daemon.
+#[derive(Debug)]
+pub struct RunningDaemon {
+    /// Where the admin API listens.
+    pub admin_addr: SocketAddr,
+    /// Where each `[[forward]]` listens, in config order.
+    pub forward_addrs: Vec<SocketAddr>,
+    /// Live status.
+    pub status: Arc<StatusBoard>,
+    cancel: CancellationToken,
+    tracker: TaskTracker,
+}
+
+impl RunningDaemon {
+    /// Stops everything and waits up to `drain` for streams to finish.
+    pub async fn shutdown(self, drain: Duration) {
+        self.cancel.cancel();
+        self.tracker.close();
+        if tokio::time::timeout(drain, self.tracker.wait())
+            .await
+            .is_err()
+        {
+            warn!(?drain, "some tasks did not finish in time");
+        }
+    }
+
+    /// Resolves when the daemon has been cancelled and all its tasks ended.
+    pub async fn stopped(&self) {
+        self.cancel.cancelled().await;
+        self.tracker.close();
+        self.tracker.wait().await;
+    }
+}
+
+async fn bind(what: &str, addr: &str) -> Result<TcpListener, DaemonError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| DaemonError::Bind {
+            what: what.to_owned(),
+            addr: addr.to_owned(),
+            source,
+        })
+}
+
+/// Starts a daemon for `cfg` with `identity`. Listeners are bound before
+/// this returns, so their addresses are known and errors are immediate.
+pub async fn start(
+    cfg: PeerConfig,
+    identity: Identity,
+    cancel: CancellationToken,
+) -> Result<RunningDaemon, DaemonError> {
+    let own_key = identity.public_key();
+    if let Some(p) = cfg.peers.iter().find(|p| p.public_key == own_key) {
+        return Err(DaemonError::SelfPeer(p.name.to_string()));
+    }
+    let tracker = TaskTracker::new();
+    let admin_listener = bind("the admin API", &cfg.admin.listen).await?;
+    let admin_addr = admin_listener
+        .local_addr()
+        .map_err(|source| DaemonError::Bind {
+            what: "the admin API".into(),
+            addr: cfg.admin.listen.clone(),
+            source,
+        })?;
+
+    let mut forward_listeners = Vec::new();
+    let mut forward_addrs = Vec::new();
+    let mut forward_status = Vec::new();
+    for f in &cfg.forward {
+        let what = format!("forward to {}/{}", f.peer, f.service);
+        let l = bind(&what, &f.listen).await?;
+        let addr = l.local_addr().map_err(|source| DaemonError::Bind {
+            what,
+            addr: f.listen.clone(),
+            source,
+        })?;
+        forward_addrs.push(addr);
+        forward_status.push(Arc::new(ForwardStatus::new(
+            &addr.to_string(),
+            f.peer.as_str(),
+            f.service.as_str(),
+        )));
+        forward_listeners.push(l);
+    }
+    let peer_status: Vec<_> = cfg
+        .peers
+        .iter()
+        .map(|p| Arc::new(PeerStatus::new(p.name.as_str())))
+        .collect();
+    let board = Arc::new(StatusBoard::new(
+        cfg.name.as_str(),
+        peer_status.clone(),
+        forward_status.clone(),
+    ));
+
+    let (rv_cmd_tx, rv_cmd_rx) = mpsc::channel(64);
+    let (rv_ev_tx, mut rv_ev_rx) = mpsc::channel(64);
+    let exposes = Arc::new(cfg.expose.clone());
+    let mut peers: HashMap<String, (PeerHandle, punch_config::PublicKeyBytes)> = HashMap::new();
+    for (p, status) in cfg.peers.iter().zip(&peer_status) {
+        let Some(role) = Role::choose(&own_key.0, &p.public_key.0) else {
+            return Err(DaemonError::SelfPeer(p.name.to_string()));
+        };
+        let ctx = PeerContext {
+            identity: identity.clone(),
+            name: p.name.to_string(),
+            key: p.public_key,
+            role,
+            initiator: cfg.forward.iter().any(|f| f.peer == p.name),
+            punch_timeout: cfg.punch.timeout,
+            exposes: exposes.clone(),
+            status: status.clone(),
+            rendezvous: rv_cmd_tx.clone(),
+        };
+        let handle = peer::spawn(ctx, cancel.clone(), &tracker);
+        peers.insert(p.name.to_string(), (handle, p.public_key));
+    }
+    for ((f, listener), status) in cfg
+        .forward
+        .iter()
+        .zip(forward_listeners)
+        .zip(&forward_status)
+    {
+        if let Some((handle, _)) = peers.get(f.peer.as_str()) {
+            let span = tracing::info_span!("forward", listen = %status.listen.lock().map(|l| l.clone()).unwrap_or_default(), peer = %f.peer, service = %f.service);
+            tracker.spawn(
+                relay::run_forward(
+                    listener,
+                    handle.clone(),
+                    f.service.to_string(),
+                    status.clone(),
+                    cancel.clone(),
+                    tracker.clone(),
+                )
+                .instrument(span),
+            );
+        }
+    }
+    let settings = RvSettings {
+        url: cfg.rendezvous.url.clone(),
+        token: cfg.rendezvous.token.clone(),
+        name: cfg.name.to_string(),
+        identity: identity.clone(),
+        port: cfg.punch.port,
+        local_candidates: cfg.punch.local_candidates,
+    };
+    tracker.spawn(
+        rendezvous_client::run(settings, rv_ev_tx, rv_cmd_rx, board.clone(), cancel.clone())
+            .instrument(tracing::info_span!("rendezvous")),
+    );
+    let dispatch_cancel = cancel.clone();
+    tracker.spawn(async move {
+        loop {
+            let ev = tokio::select! {
+                _ = dispatch_cancel.cancelled() => break,
+                ev = rv_ev_rx.recv() => match ev { Some(ev) => ev, None => break },
+            };
+            dispatch(ev, &peers).await;
+        }
+    });
+    tracker.spawn(admin::serve(admin_listener, board.clone(), cancel.clone()));
+    info!(name = %cfg.name, %admin_addr, forwards = forward_addrs.len(), peers = cfg.peers.len(), "punchd started");
+    Ok(RunningDaemon {
+        admin_addr,
+        forward_addrs,
+        status: board,
+        cancel,
+        tracker,
+    })
+}
+
+/// Routes one rendezvous event. A punch order must name a configured peer
+/// *and* carry the key we pinned for it; anything else is refused here,
+/// before a single packet is sent.
+async fn dispatch(
+    ev: RvEvent,
+    peers: &HashMap<String, (PeerHandle, punch_config::PublicKeyBytes)>,
+) {
+    match ev {
+        RvEvent::Up => {
+            for (handle, _) in peers.values() {
+                handle.send(PeerCmd::RendezvousUp).await;
+            }
+        }
+        RvEvent::Punch(job) => {
+            let name = job.order.peer.clone();
+            match peers.get(&name) {
+                Some((handle, key)) if key.to_base64() == job.order.public_key => {
+                    handle.send(PeerCmd::Punch(job)).await
+                }
+                Some(_) => {
+                    warn!(peer = %name, "punch order carries a key other than the one in [[peers]]; refusing (impostor, or the peer changed keys: update public_key)")
+                }
+                None => {
+                    warn!(peer = %name, "punch order from a peer not in [[peers]]; refusing (add it to [[peers]] to allow it)")
+                }
+            }
+        }
+        RvEvent::Refused { code, message } => {
+            warn!(code = code.as_str(), %message, "rendezvous refused a request")
+        }
+    }
+}

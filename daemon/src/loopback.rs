@@ -1,0 +1,128 @@
+//! Everything on 127.0.0.1 in one process: an embedded rendezvous, peer
+//! configs written as TOML (so they pass the same validation as a user's),
+//! and an echo service. Used by `punchd demo` and the integration tests.
+
+use std::net::SocketAddr;
+use std::path::Path;
+
+use punch_config::{PeerConfig, PublicKeyBytes, RendezvousConfig};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+/// An embedded rendezvous server.
+#[derive(Debug)]
+pub struct Rendezvous {
+    /// Where it listens.
+    pub addr: SocketAddr,
+    cancel: CancellationToken,
+    tracker: TaskTracker,
+}
+
+impl Rendezvous {
+    /// Starts one on `127.0.0.1:0`.
+    pub async fn start(cfg: RendezvousConfig) -> std::io::Result<Self> {
+        Self::start_on("127.0.0.1:0", cfg).await
+    }
+
+    /// Starts one on a given address (tests restart it on the same port).
+    pub async fn start_on(addr: &str, cfg: RendezvousConfig) -> std::io::Result<Self> {
+        let listener = TcpListener::bind(addr).await?;
+        let addr = listener.local_addr()?;
+        let cancel = CancellationToken::new();
+        let tracker = TaskTracker::new();
+        tracker.spawn(punch_rendezvous::server::run(listener, cfg, cancel.clone()));
+        tracker.close();
+        Ok(Self {
+            addr,
+            cancel,
+            tracker,
+        })
+    }
+
+    /// The URL daemons use.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Stops it and waits.
+    pub async fn stop(self) {
+        self.cancel.cancel();
+        self.tracker.wait().await;
+    }
+}
+
+/// One service a test daemon exposes.
+#[derive(Debug, Clone)]
+pub struct ExposeSpec {
+    /// Service name.
+    pub name: String,
+    /// Target address.
+    pub target: String,
+    /// Allowed peers.
+    pub allow: Vec<String>,
+}
+
+/// Builds a peer config on loopback: admin on port 0, punch port 0,
+/// forwards on port 0. `peers` are (name, key); `forwards` are (peer, service).
+pub fn peer_config(
+    name: &str,
+    rendezvous_url: &str,
+    peers: &[(&str, PublicKeyBytes)],
+    exposes: &[ExposeSpec],
+    forwards: &[(&str, &str)],
+    extra_punch: &str,
+) -> Result<PeerConfig, punch_config::ConfigError> {
+    let mut toml = format!(
+        "name = \"{name}\"\nkey_file = \"{name}.key\"\n\n[rendezvous]\nurl = \"{rendezvous_url}\"\n\n\
+         [punch]\nport = 0\n{extra_punch}\n\n[admin]\nlisten = \"127.0.0.1:0\"\n"
+    );
+    for (peer, key) in peers {
+        toml.push_str(&format!(
+            "\n[[peers]]\nname = \"{peer}\"\npublic_key = \"{}\"\n",
+            key.to_base64()
+        ));
+    }
+    for e in exposes {
+        let allow: Vec<String> = e.allow.iter().map(|a| format!("\"{a}\"")).collect();
+        toml.push_str(&format!(
+            "\n[[expose]]\nname = \"{}\"\ntarget = \"{}\"\nallow = [{}]\n",
+            e.name,
+            e.target,
+            allow.join(", ")
+        ));
+    }
+    for (peer, service) in forwards {
+        toml.push_str(&format!(
+            "\n[[forward]]\nlisten = \"127.0.0.1:0\"\npeer = \"{peer}\"\nservice = \"{service}\"\n"
+        ));
+    }
+    PeerConfig::parse_str(Path::new(&format!("<{name} generated>")), &toml)
+}
+
+/// A TCP echo service on `127.0.0.1:0`, running until `cancel`.
+pub async fn echo_server(
+    cancel: CancellationToken,
+    tracker: &TaskTracker,
+) -> std::io::Result<SocketAddr> {
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let conns = tracker.clone();
+    tracker.spawn(async move {
+        loop {
+            let (mut s, _) = tokio::select! {
+                _ = cancel.cancelled() => break,
+                r = listener.accept() => match r { Ok(c) => c, Err(_) => continue },
+            };
+            let cancel = cancel.clone();
+            conns.spawn(async move {
+                let (mut r, mut w) = s.split();
+                tokio::select! {
+                    _ = tokio::io::copy(&mut r, &mut w) => {}
+                    _ = cancel.cancelled() => {}
+                }
+            });
+        }
+    });
+    Ok(addr)
+}

@@ -1,0 +1,609 @@
+//! One task per configured peer: it owns that peer's tunnel.
+//!
+//! What flows in and out:
+//! - [`PeerCmd::Punch`] from the rendezvous client: punch now. A punch runs
+//!   as its own task ([`punch_session`]) and reports back on the internal
+//!   event channel; a newer order supersedes an older one.
+//! - [`PeerCmd::Open`] from forward listeners: a stream, please. With a
+//!   tunnel it is opened at once; without one the request waits (bounded in
+//!   number and time) and, if this side initiates, a punch is requested.
+//! - Internal events: a punch finished, a tunnel closed.
+//!
+//! The side that has forwards to a peer initiates (asks the rendezvous to
+//! `connect`) at start-up and whenever the tunnel is lost, with backoff. The
+//! other side only answers punch orders, so it never dials anyone who did
+//! not ask for it.
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::stream::FuturesUnordered;
+use futures::StreamExt as _;
+use punch_config::{Expose, PublicKeyBytes};
+use punch_rendezvous::protocol::{PathKind, PunchOrder, PunchResult};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, info, warn, Instrument};
+
+use crate::backoff::Backoff;
+use crate::identity::Identity;
+use crate::metered::Metered;
+use crate::punch::plan::{PunchPlan, Role};
+use crate::punch::{self, Established};
+use crate::relay::{self, PING_SERVICE};
+use crate::rendezvous_client::RvCmd;
+use crate::status::{LastPunch, PathState, PeerStatus, Transport};
+use crate::tunnel::{self, StreamIo, Tunnel, TunnelError, TunnelParts};
+
+/// Local connections waiting for a tunnel, per peer.
+const MAX_WAITERS: usize = 256;
+/// How often keepalive pings go out on a tunnel.
+pub(crate) const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(5);
+/// A ping unanswered this long means the path is dead.
+pub(crate) const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Why a stream could not be had.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum OpenError {
+    /// No tunnel came up in time.
+    #[error("no tunnel to {peer} within {waited:?}; last punch: {last}")]
+    NoTunnel {
+        /// Peer name.
+        peer: String,
+        /// How long we waited.
+        waited: Duration,
+        /// The last punch outcome, for the log.
+        last: String,
+    },
+    /// Too many connections are already waiting.
+    #[error("too many connections waiting for a tunnel to {0}")]
+    Busy(String),
+    /// The tunnel failed while opening.
+    #[error(transparent)]
+    Tunnel(#[from] TunnelError),
+    /// The daemon is stopping.
+    #[error("daemon shutting down")]
+    ShuttingDown,
+}
+
+type OpenReply = oneshot::Sender<Result<StreamIo, OpenError>>;
+
+/// A punch to perform, as the rendezvous client hands it over.
+#[derive(Debug)]
+pub(crate) struct PunchJob {
+    pub(crate) order: PunchOrder,
+    /// `order.at_us` on our clock.
+    pub(crate) fire_at: Instant,
+    /// Local punch port.
+    pub(crate) port: u16,
+    /// When the order arrived, for the elapsed time.
+    pub(crate) received: Instant,
+}
+
+/// Messages to a peer task.
+#[derive(Debug)]
+pub(crate) enum PeerCmd {
+    /// Punch per this order.
+    Punch(Box<PunchJob>),
+    /// Open a stream to this peer.
+    Open(OpenReply),
+    /// Registered with the rendezvous (again): initiators may connect now.
+    RendezvousUp,
+}
+
+/// What a peer task needs to know, fixed for its lifetime.
+#[derive(Debug)]
+pub(crate) struct PeerContext {
+    pub(crate) identity: Identity,
+    pub(crate) name: String,
+    pub(crate) key: PublicKeyBytes,
+    pub(crate) role: Role,
+    /// We have forwards to this peer, so we ask for punches.
+    pub(crate) initiator: bool,
+    pub(crate) punch_timeout: Duration,
+    pub(crate) exposes: Arc<Vec<Expose>>,
+    pub(crate) status: Arc<PeerStatus>,
+    pub(crate) rendezvous: mpsc::Sender<RvCmd>,
+}
+
+/// A cloneable way to reach a peer task.
+#[derive(Debug, Clone)]
+pub(crate) struct PeerHandle {
+    name: Arc<str>,
+    tx: mpsc::Sender<PeerCmd>,
+    status: Arc<PeerStatus>,
+}
+
+impl PeerHandle {
+    pub(crate) fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub(crate) fn status(&self) -> &Arc<PeerStatus> {
+        &self.status
+    }
+
+    pub(crate) async fn send(&self, cmd: PeerCmd) {
+        let _ = self.tx.send(cmd).await;
+    }
+
+    /// A new stream to this peer, waiting for a tunnel if need be.
+    pub(crate) async fn open_stream(&self) -> Result<StreamIo, OpenError> {
+        let (tx, rx) = oneshot::channel();
+        self.tx
+            .send(PeerCmd::Open(tx))
+            .await
+            .map_err(|_| OpenError::ShuttingDown)?;
+        rx.await.unwrap_or(Err(OpenError::ShuttingDown))
+    }
+}
+
+/// Events from the peer task's own helpers.
+enum Internal {
+    PunchDone {
+        generation: u64,
+        outcome: Result<Box<Punched>, PunchFailure>,
+    },
+    TunnelClosed {
+        generation: u64,
+    },
+}
+
+/// A successful punch.
+struct Punched {
+    parts: TunnelParts,
+    remote: SocketAddr,
+    attempts: u32,
+}
+
+/// A failed punch.
+#[derive(Debug)]
+struct PunchFailure {
+    reason: String,
+    attempts: u32,
+}
+
+/// Starts a peer task; returns its handle.
+pub(crate) fn spawn(
+    ctx: PeerContext,
+    cancel: CancellationToken,
+    tracker: &TaskTracker,
+) -> PeerHandle {
+    let (tx, rx) = mpsc::channel(256);
+    let handle = PeerHandle {
+        name: Arc::from(ctx.name.as_str()),
+        tx,
+        status: ctx.status.clone(),
+    };
+    let span = tracing::info_span!("peer", peer = %ctx.name);
+    let actor = PeerActor::new(Arc::new(ctx), cancel, tracker.clone());
+    tracker.spawn(actor.run(rx).instrument(span));
+    handle
+}
+
+struct PeerActor {
+    ctx: Arc<PeerContext>,
+    cancel: CancellationToken,
+    tracker: TaskTracker,
+    events_tx: mpsc::Sender<Internal>,
+    events_rx: mpsc::Receiver<Internal>,
+    tunnel: Option<(u64, Tunnel)>,
+    /// Identifies the current punch or tunnel, so stale reports are ignored.
+    generation: u64,
+    /// The running punch: its generation and a token to stop it.
+    punching: Option<(u64, CancellationToken)>,
+    waiters: VecDeque<(Instant, OpenReply)>,
+    rendezvous_up: bool,
+    next_connect: Option<Instant>,
+    backoff: Backoff,
+    last_failure: String,
+}
+
+impl PeerActor {
+    fn new(ctx: Arc<PeerContext>, cancel: CancellationToken, tracker: TaskTracker) -> Self {
+        let (events_tx, events_rx) = mpsc::channel(16);
+        Self {
+            ctx,
+            cancel,
+            tracker,
+            events_tx,
+            events_rx,
+            tunnel: None,
+            generation: 0,
+            punching: None,
+            waiters: VecDeque::new(),
+            rendezvous_up: false,
+            next_connect: None,
+            backoff: Backoff::new(Duration::from_millis(500), Duration::from_secs(30)),
+            last_failure: "none yet".to_owned(),
+        }
+    }
+
+    async fn run(mut self, mut rx: mpsc::Receiver<PeerCmd>) {
+        if self.ctx.initiator {
+            // The higher key waits a moment so two initiators rarely ask at once.
+            let delay = match self.ctx.role {
+                Role::Client => Duration::ZERO,
+                Role::Server => Duration::from_millis(300),
+            };
+            self.next_connect = Some(Instant::now() + delay);
+        }
+        loop {
+            let wake = self.next_wake();
+            tokio::select! {
+                _ = self.cancel.cancelled() => break,
+                cmd = rx.recv() => match cmd {
+                    Some(cmd) => self.on_command(cmd),
+                    None => break,
+                },
+                Some(ev) = self.events_rx.recv() => self.on_event(ev),
+                _ = tokio::time::sleep_until(wake.into()) => self.on_timer(),
+            }
+        }
+        if let Some((_, t)) = self.tunnel.take() {
+            t.close();
+        }
+        for (_, reply) in self.waiters.drain(..) {
+            let _ = reply.send(Err(OpenError::ShuttingDown));
+        }
+    }
+
+    fn next_wake(&self) -> Instant {
+        let far = Instant::now() + Duration::from_secs(3600);
+        let connect = self
+            .next_connect
+            .filter(|_| self.rendezvous_up && self.punching.is_none());
+        let waiter = self.waiters.front().map(|(deadline, _)| *deadline);
+        [connect, waiter].into_iter().flatten().min().unwrap_or(far)
+    }
+
+    fn on_command(&mut self, cmd: PeerCmd) {
+        match cmd {
+            PeerCmd::Punch(job) => self.start_punch(*job),
+            PeerCmd::Open(reply) => match &self.tunnel {
+                Some((_, tunnel)) => self.open_on(tunnel.clone(), reply),
+                None if self.waiters.len() >= MAX_WAITERS => {
+                    let _ = reply.send(Err(OpenError::Busy(self.ctx.name.clone())));
+                }
+                None => {
+                    let wait = self.ctx.punch_timeout + Duration::from_secs(5);
+                    self.waiters.push_back((Instant::now() + wait, reply));
+                    if self.ctx.initiator && self.punching.is_none() {
+                        // Someone is waiting: skip the rest of any backoff.
+                        self.next_connect = Some(Instant::now());
+                    }
+                }
+            },
+            PeerCmd::RendezvousUp => {
+                self.rendezvous_up = true;
+                if self.ctx.initiator && self.tunnel.is_none() && self.next_connect.is_none() {
+                    self.next_connect = Some(Instant::now());
+                }
+            }
+        }
+    }
+
+    fn on_timer(&mut self) {
+        let now = Instant::now();
+        while self
+            .waiters
+            .front()
+            .is_some_and(|(deadline, _)| *deadline <= now)
+        {
+            if let Some((_, reply)) = self.waiters.pop_front() {
+                let _ = reply.send(Err(OpenError::NoTunnel {
+                    peer: self.ctx.name.clone(),
+                    waited: self.ctx.punch_timeout + Duration::from_secs(5),
+                    last: self.last_failure.clone(),
+                }));
+            }
+        }
+        if self.next_connect.is_some_and(|t| t <= now)
+            && self.rendezvous_up
+            && self.punching.is_none()
+        {
+            if self.tunnel.is_none() {
+                info!("asking the rendezvous for a punch");
+                if self
+                    .ctx
+                    .rendezvous
+                    .try_send(RvCmd::Connect(self.ctx.name.clone()))
+                    .is_err()
+                {
+                    debug!("rendezvous client busy; will retry");
+                }
+                // If no order comes back (peer offline, server refused), ask again.
+                self.next_connect = Some(now + self.backoff.next().max(Duration::from_secs(2)));
+            } else {
+                self.next_connect = None;
+            }
+        }
+    }
+
+    fn on_event(&mut self, ev: Internal) {
+        match ev {
+            Internal::PunchDone {
+                generation,
+                outcome,
+            } => {
+                if self.punching.as_ref().is_none_or(|(g, _)| *g != generation) {
+                    return; // superseded
+                }
+                self.punching = None;
+                match outcome {
+                    Ok(p) => self.install(generation, *p),
+                    Err(f) => {
+                        self.last_failure = f.reason.clone();
+                        if self.ctx.initiator || !self.waiters.is_empty() {
+                            self.next_connect = Some(Instant::now() + self.backoff.next());
+                        }
+                    }
+                }
+            }
+            Internal::TunnelClosed { generation } => {
+                if self.tunnel.as_ref().is_some_and(|(g, _)| *g == generation) {
+                    self.tunnel = None;
+                    warn!("tunnel lost; will punch again");
+                    self.ctx.status.update(|s| {
+                        s.path = PathState::None;
+                        s.transport = None;
+                        s.rtt_ms = None;
+                    });
+                    if self.ctx.initiator {
+                        self.next_connect = Some(Instant::now() + self.backoff.next());
+                    }
+                }
+            }
+        }
+    }
+
+    fn start_punch(&mut self, job: PunchJob) {
+        if let Some((_, stop)) = self.punching.take() {
+            stop.cancel(); // a newer order wins
+        }
+        self.generation += 1;
+        let generation = self.generation;
+        let stop = self.cancel.child_token();
+        self.punching = Some((generation, stop.clone()));
+        let ctx = self.ctx.clone();
+        let events = self.events_tx.clone();
+        let span = tracing::info_span!("punch", session = %job.order.session);
+        self.tracker.spawn(
+            async move {
+                let outcome = tokio::select! {
+                    r = punch_session(&ctx, job) => r,
+                    _ = stop.cancelled() => Err(PunchFailure { reason: "superseded or shutting down".into(), attempts: 0 }),
+                };
+                let _ = events.send(Internal::PunchDone { generation, outcome }).await;
+            }
+            .instrument(span),
+        );
+    }
+
+    /// Puts a fresh tunnel in service: driver, inbound streams, keepalive,
+    /// then every waiting connection.
+    fn install(&mut self, generation: u64, p: Punched) {
+        let Punched {
+            parts,
+            remote,
+            attempts,
+        } = p;
+        let TunnelParts {
+            tunnel,
+            mut inbound,
+            driver,
+        } = parts;
+        if let Some((_, old)) = self.tunnel.replace((generation, tunnel.clone())) {
+            old.close();
+        }
+        self.backoff.reset();
+        self.next_connect = None;
+        self.ctx.status.update(|s| {
+            s.path = PathState::Direct;
+            s.transport = Some(tunnel.transport);
+            s.remote = Some(remote);
+        });
+        info!(%remote, attempts, "tunnel up");
+        let events = self.events_tx.clone();
+        self.tracker.spawn(
+            async move {
+                driver.await;
+                let _ = events.send(Internal::TunnelClosed { generation }).await;
+            }
+            .in_current_span(),
+        );
+        let (ctx, cancel, tracker) = (self.ctx.clone(), self.cancel.clone(), self.tracker.clone());
+        self.tracker.spawn(
+            async move {
+                while let Some(stream) = inbound.recv().await {
+                    let handler = relay::serve_inbound(
+                        stream,
+                        ctx.name.clone(),
+                        ctx.exposes.clone(),
+                        ctx.status.clone(),
+                        cancel.clone(),
+                    );
+                    tracker.spawn(handler.in_current_span());
+                }
+            }
+            .in_current_span(),
+        );
+        self.tracker.spawn(
+            keepalive(tunnel.clone(), self.ctx.status.clone(), self.cancel.clone())
+                .in_current_span(),
+        );
+        for (_, reply) in std::mem::take(&mut self.waiters) {
+            self.open_on(tunnel.clone(), reply);
+        }
+    }
+
+    fn open_on(&self, tunnel: Tunnel, reply: OpenReply) {
+        self.tracker.spawn(async move {
+            let _ = reply.send(tunnel.open().await.map_err(OpenError::from));
+        });
+    }
+}
+
+/// How long the TLS client waits after the first connection for a better
+/// one (a LAN candidate) before choosing.
+const CHOOSE_GRACE: Duration = Duration::from_millis(20);
+
+/// Punches, then authenticates one connection with the pinned key, and
+/// reports the result to the rendezvous either way.
+///
+/// Several candidates may connect (LAN and hairpin, say). Both ends must
+/// end up on the same one, so the TLS client chooses: after a short grace
+/// it takes the best kind (LAN first), handshakes it, and falls back to the
+/// next only if that fails (a third party racing the port). The TLS server
+/// handshakes every connection it gets; only the client's choice completes.
+async fn punch_session(ctx: &PeerContext, job: PunchJob) -> Result<Box<Punched>, PunchFailure> {
+    let PunchJob {
+        order,
+        fire_at,
+        port,
+        received,
+    } = job;
+    let deadline = fire_at + ctx.punch_timeout;
+    let plan = PunchPlan::new(order.candidates.clone(), fire_at, deadline);
+    info!(candidates = ?order.candidates, in_ms = fire_at.saturating_duration_since(Instant::now()).as_millis() as u64, "punching");
+    let (tx, mut rx) = mpsc::channel::<Established>(4);
+    let engine = punch::run(port, plan, fire_at, tx);
+    tokio::pin!(engine);
+    let mut stats = None;
+    let mut waiting: Vec<Established> = Vec::new();
+    let mut choose_at: Option<Instant> = None;
+    let mut handshakes = FuturesUnordered::new();
+    let mut last_error = String::from("no connection established");
+    let handshake = |est: Established| {
+        let Established {
+            stream,
+            remote,
+            attempts,
+            ..
+        } = est;
+        let io = Metered::new(stream, ctx.status.clone());
+        async move {
+            (
+                remote,
+                attempts,
+                tunnel::handshake(io, ctx.role, &ctx.identity, &ctx.key, Transport::Tcp).await,
+            )
+        }
+    };
+    let result = loop {
+        let grace = choose_at.unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
+        tokio::select! {
+            s = &mut engine, if stats.is_none() => {
+                if let Some(e) = &s.last_error { last_error = format!("no candidate connected (last error: {e})"); }
+                stats = Some(s);
+            }
+            Some(est) = rx.recv() => match ctx.role {
+                Role::Server => handshakes.push(handshake(est)),
+                Role::Client => {
+                    waiting.push(est);
+                    choose_at.get_or_insert_with(|| Instant::now() + CHOOSE_GRACE);
+                }
+            },
+            _ = tokio::time::sleep_until(grace.into()), if choose_at.is_some() => {}
+            Some((remote, attempts, r)) = handshakes.next() => match r {
+                Ok(parts) => break Ok(Box::new(Punched { parts, remote, attempts })),
+                Err(e) => {
+                    warn!(%remote, error = %e, "connection punched but not authenticated; ignoring it");
+                    last_error = format!("TLS with {remote} failed: {e}");
+                }
+            },
+        }
+        // The client handshakes one connection at a time, best kind first.
+        let chosen = ctx.role == Role::Client
+            && handshakes.is_empty()
+            && choose_at.is_some_and(|t| Instant::now() >= t || stats.is_some());
+        if chosen && !waiting.is_empty() {
+            waiting.sort_by_key(|e| e.kind);
+            handshakes.push(handshake(waiting.remove(0)));
+        }
+        if stats.is_some() && handshakes.is_empty() && waiting.is_empty() && rx.is_empty() {
+            let attempts = stats.as_ref().map_or(0, |s| s.attempts);
+            break Err(PunchFailure {
+                reason: last_error,
+                attempts,
+            });
+        }
+    };
+    let elapsed = received.elapsed();
+    let (path, attempts, reason) = match &result {
+        Ok(p) => (PathKind::Direct, p.attempts, None),
+        Err(f) => (PathKind::None, f.attempts, Some(f.reason.clone())),
+    };
+    match &reason {
+        None => info!(
+            elapsed_ms = elapsed.as_millis() as u64,
+            attempts, "punch succeeded"
+        ),
+        Some(why) => {
+            warn!(elapsed_ms = elapsed.as_millis() as u64, attempts, reason = %why, "punch failed; the peer may be offline or behind a NAT that cannot be punched")
+        }
+    }
+    ctx.status.record_punch(LastPunch {
+        result: if reason.is_none() { "ok" } else { "failed" }.to_owned(),
+        elapsed_ms: elapsed.as_millis() as u64,
+        attempts,
+        reason: reason.clone(),
+        finished_unix_ms: punch_rendezvous::protocol::unix_time_us() / 1000,
+    });
+    let report = PunchResult {
+        session: order.session,
+        path,
+        elapsed_ms: elapsed.as_millis() as u64,
+        attempts,
+        reason,
+    };
+    let _ = ctx.rendezvous.try_send(RvCmd::Report(report));
+    result
+}
+
+/// Pings over a dedicated stream; a missed answer closes the tunnel so the
+/// peer task punches again. Also the source of `rtt_ms`.
+async fn keepalive(tunnel: Tunnel, status: Arc<PeerStatus>, cancel: CancellationToken) {
+    let result: Result<(), String> = async {
+        let mut s = tunnel.open().await.map_err(|e| e.to_string())?;
+        relay::request_service(&mut s, PING_SERVICE)
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut seq = 0u64;
+        loop {
+            seq += 1;
+            let t0 = Instant::now();
+            let mut echo = [0u8; 8];
+            let exchange = async {
+                s.write_all(&seq.to_be_bytes()).await?;
+                s.flush().await?;
+                s.read_exact(&mut echo).await
+            };
+            match tokio::time::timeout(KEEPALIVE_TIMEOUT, exchange).await {
+                Ok(Ok(_)) if u64::from_be_bytes(echo) == seq => {}
+                Ok(Ok(_)) => return Err("keepalive echo out of order".to_owned()),
+                Ok(Err(e)) => return Err(format!("keepalive stream failed: {e}")),
+                Err(_) => return Err(format!("no keepalive answer within {KEEPALIVE_TIMEOUT:?}")),
+            }
+            let rtt = t0.elapsed().as_secs_f64() * 1000.0;
+            status.update(|st| st.rtt_ms = Some((rtt * 1000.0).round() / 1000.0));
+            tokio::select! {
+                _ = tokio::time::sleep(KEEPALIVE_INTERVAL) => {}
+                _ = tunnel.closed() => return Ok(()),
+                _ = cancel.cancelled() => return Ok(()),
+            }
+        }
+    }
+    .await;
+    if let Err(why) = result {
+        if !tunnel.is_closed() {
+            warn!(reason = %why, "path looks dead; closing the tunnel");
+            tunnel.close();
+        }
+    }
+}

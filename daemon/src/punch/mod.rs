@@ -1,0 +1,140 @@
+//! The punch engine: fires timed, non-blocking `connect()`s from the punch
+//! port at every candidate, following [`plan::PunchPlan`], and hands each
+//! connection that establishes to the caller.
+//!
+//! The socket work is deliberately thin. Every attempt is a fresh socket
+//! bound to the punch port with SO_REUSEADDR + SO_REUSEPORT (a socket that
+//! saw a RST cannot be reused) and `connect()`ed; nothing here ever calls
+//! `listen()`, so the punch port never appears in `ss -ltn`.
+
+pub(crate) mod plan;
+
+use std::io;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::time::{Duration, Instant};
+
+use futures::stream::FuturesUnordered;
+use futures::StreamExt as _;
+use tokio::net::{TcpSocket, TcpStream};
+use tokio::sync::mpsc;
+
+use plan::{Action, CandidateKind, Outcome, PunchPlan};
+
+/// A connection the punch produced.
+#[derive(Debug)]
+pub(crate) struct Established {
+    pub(crate) stream: TcpStream,
+    pub(crate) remote: SocketAddr,
+    pub(crate) kind: CandidateKind,
+    /// Attempts made until this one connected.
+    pub(crate) attempts: u32,
+}
+
+/// What the engine did, for status and the result report.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct PunchStats {
+    pub(crate) attempts: u32,
+    /// The last error seen, when nothing connected.
+    pub(crate) last_error: Option<String>,
+}
+
+/// Binds a socket to `port` on the unspecified address of `family`, shared
+/// with the rendezvous connection and every other punch socket.
+pub(crate) fn bind_punch_socket(family: SocketAddr, port: u16) -> io::Result<TcpSocket> {
+    let (sock, ip) = match family {
+        SocketAddr::V4(_) => (TcpSocket::new_v4()?, IpAddr::V4(Ipv4Addr::UNSPECIFIED)),
+        SocketAddr::V6(_) => (TcpSocket::new_v6()?, IpAddr::V6(Ipv6Addr::UNSPECIFIED)),
+    };
+    sock.set_reuseaddr(true)?;
+    sock.set_reuseport(true)?;
+    sock.bind(SocketAddr::new(ip, port))?;
+    Ok(sock)
+}
+
+/// Makes a tunnel socket close with RST rather than FIN: a killed or
+/// restarted daemon then leaves no TIME_WAIT on the punch 4-tuple, which
+/// would otherwise block the next punch between the same ports for a minute.
+/// By the time a tunnel socket closes, TLS and the mux have said goodbye.
+pub(crate) fn set_abortive_close(stream: &TcpStream) {
+    let _ = socket2::SockRef::from(stream).set_linger(Some(Duration::ZERO));
+}
+
+/// Sleeps until `t` with sub-millisecond precision: the tokio timer wakes
+/// us within ~1 ms, and the last stretch is a short spin. On a LAN the
+/// window for a simultaneous open is a one-way delay, often far below 1 ms.
+pub(crate) async fn sleep_precise(t: Instant) {
+    const SPIN: Duration = Duration::from_millis(2);
+    if let Some(coarse) = t.checked_sub(SPIN) {
+        tokio::time::sleep_until(coarse.into()).await;
+    }
+    while Instant::now() < t {
+        std::hint::spin_loop();
+    }
+}
+
+fn classify(e: &io::Error) -> Outcome {
+    match e.kind() {
+        io::ErrorKind::ConnectionRefused
+        | io::ErrorKind::ConnectionReset
+        | io::ErrorKind::ConnectionAborted => Outcome::Refused,
+        _ => Outcome::Failed,
+    }
+}
+
+async fn attempt(i: usize, port: u16, addr: SocketAddr) -> (usize, io::Result<TcpStream>) {
+    let result = async {
+        let sock = bind_punch_socket(addr, port)?;
+        sock.connect(addr).await
+    }
+    .await;
+    (i, result)
+}
+
+/// Runs the plan, sending each established connection on `out`, until the
+/// deadline, until every candidate connected, or until `out` is closed (the
+/// caller has its tunnel).
+pub(crate) async fn run(
+    port: u16,
+    mut plan: PunchPlan,
+    fire_at: Instant,
+    out: mpsc::Sender<Established>,
+) -> PunchStats {
+    let mut stats = PunchStats::default();
+    let mut inflight = FuturesUnordered::new();
+    sleep_precise(fire_at).await;
+    loop {
+        let wake = match plan.poll(Instant::now()) {
+            Action::Start(i) => {
+                inflight.push(attempt(i, port, plan.candidate(i)));
+                continue;
+            }
+            Action::WaitUntil(t) => t,
+            Action::Exhausted => break,
+        };
+        tokio::select! {
+            _ = out.closed() => break,
+            _ = tokio::time::sleep_until(wake.into()) => {}
+            Some((i, result)) = inflight.next() => {
+                let now = Instant::now();
+                match result {
+                    Ok(stream) => {
+                        plan.on_outcome(i, now, Outcome::Connected);
+                        set_abortive_close(&stream);
+                        let _ = stream.set_nodelay(true);
+                        let est = Established { stream, remote: plan.candidate(i), kind: plan.kind(i), attempts: plan.attempts() };
+                        tracing::debug!(remote = %est.remote, attempts = est.attempts, "punched");
+                        if out.send(est).await.is_err() {
+                            break;
+                        }
+                    }
+                    Err(e) => {
+                        plan.on_outcome(i, now, classify(&e));
+                        stats.last_error = Some(format!("{}: {e}", plan.candidate(i)));
+                    }
+                }
+            }
+        }
+    }
+    stats.attempts = plan.attempts();
+    stats
+}

@@ -1,0 +1,246 @@
+//! When to fire which connect: the punch schedule, with no sockets in it.
+//!
+//! Both daemons start every candidate at the same instant (`fire_at`, from
+//! the rendezvous `at`). What happens to an early SYN decides the rest:
+//!
+//! - NATs that drop it: our attempt simply stays open (SYN_SENT) and the
+//!   peer's SYN, arriving later through the mapping our SYN opened, turns it
+//!   into a simultaneous open. Nothing to do but wait.
+//! - NATs (or a bare host) that answer it with RST: the attempt fails with
+//!   ECONNREFUSED about one RTT later, and the RST also erased the mapping.
+//!   The fix is to retry *at once*: each side's socket is then in SYN_SENT
+//!   nearly all the time, so whichever moment the other SYN arrives it finds
+//!   one (see DESIGN.md, "What the lab has shown so far").
+//!
+//! Fast retries are capped per candidate so a peer behind a NAT that can
+//! never be punched (port-randomizing) costs a bounded number of syscalls
+//! before the deadline; after the cap, attempts are spaced out.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+/// Immediate retries per candidate before spacing them out.
+pub(crate) const FAST_RETRIES: u32 = 2_000;
+/// Spacing after the fast retries, and after local errors.
+pub(crate) const SLOW_GAP: Duration = Duration::from_millis(10);
+
+/// What the driver should do next.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Action {
+    /// Open a socket and connect to candidate `i`.
+    Start(usize),
+    /// Nothing to start before this instant (or before an outcome).
+    WaitUntil(Instant),
+    /// The deadline passed or every candidate is finished.
+    Exhausted,
+}
+
+/// How one connect ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Outcome {
+    /// Established (SYN_SENT → SYN_RCVD → ESTABLISHED).
+    Connected,
+    /// RST, refused or reset: the early-SYN case. Retry at once.
+    Refused,
+    /// An error on our side or an ICMP unreachable; retry after a gap.
+    Failed,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Slot {
+    /// Start a new attempt at this instant.
+    Ready(Instant),
+    /// A connect is in flight.
+    InFlight,
+    /// Connected: the driver owns the connection now.
+    Done,
+}
+
+/// Which candidate a connection went to, for preferring one path over
+/// another: a peer's local address means the two hosts share a LAN.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) enum CandidateKind {
+    /// On our LAN (the peer's own address).
+    Local,
+    /// Through the peer's NAT (its observed endpoint).
+    Public,
+}
+
+/// The punch schedule for one session.
+#[derive(Debug, Clone)]
+pub(crate) struct PunchPlan {
+    candidates: Vec<SocketAddr>,
+    slots: Vec<Slot>,
+    attempts: Vec<u32>,
+    deadline: Instant,
+}
+
+impl PunchPlan {
+    /// All candidates fire at `fire_at`; nothing starts after `deadline`.
+    pub(crate) fn new(candidates: Vec<SocketAddr>, fire_at: Instant, deadline: Instant) -> Self {
+        let n = candidates.len();
+        Self {
+            candidates,
+            slots: vec![Slot::Ready(fire_at); n],
+            attempts: vec![0; n],
+            deadline,
+        }
+    }
+
+    /// Candidate `i`'s address.
+    pub(crate) fn candidate(&self, i: usize) -> SocketAddr {
+        self.candidates[i]
+    }
+
+    /// The first candidate is the observed endpoint; the rest are local.
+    pub(crate) fn kind(&self, i: usize) -> CandidateKind {
+        if i == 0 {
+            CandidateKind::Public
+        } else {
+            CandidateKind::Local
+        }
+    }
+
+    /// Connect attempts started so far.
+    pub(crate) fn attempts(&self) -> u32 {
+        self.attempts.iter().sum()
+    }
+
+    /// The next step at time `now`.
+    pub(crate) fn poll(&mut self, now: Instant) -> Action {
+        if now >= self.deadline {
+            return Action::Exhausted;
+        }
+        let mut next: Option<Instant> = None;
+        let mut in_flight = false;
+        for (i, slot) in self.slots.iter_mut().enumerate() {
+            match *slot {
+                Slot::Ready(t) if t <= now => {
+                    *slot = Slot::InFlight;
+                    self.attempts[i] += 1;
+                    return Action::Start(i);
+                }
+                Slot::Ready(t) => next = Some(next.map_or(t, |n| n.min(t))),
+                Slot::InFlight => in_flight = true,
+                Slot::Done => {}
+            }
+        }
+        match next {
+            Some(t) => Action::WaitUntil(t.min(self.deadline)),
+            None if in_flight => Action::WaitUntil(self.deadline),
+            None => Action::Exhausted,
+        }
+    }
+
+    /// Records how candidate `i`'s attempt ended.
+    pub(crate) fn on_outcome(&mut self, i: usize, now: Instant, outcome: Outcome) {
+        self.slots[i] = match outcome {
+            Outcome::Connected => Slot::Done,
+            Outcome::Refused if self.attempts[i] < FAST_RETRIES => Slot::Ready(now),
+            Outcome::Refused | Outcome::Failed => Slot::Ready(now + SLOW_GAP),
+        };
+    }
+}
+
+/// Which end plays TLS client and mux client: the lower public key, so both
+/// ends agree without a handshake of their own. Equal keys mean we punched
+/// ourselves, which is refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Role {
+    /// TLS client, yamux client.
+    Client,
+    /// TLS server, yamux server.
+    Server,
+}
+
+impl Role {
+    /// Our role against `peer`; `None` for a self-connect.
+    pub(crate) fn choose(own: &[u8; 32], peer: &[u8; 32]) -> Option<Self> {
+        match own.cmp(peer) {
+            std::cmp::Ordering::Less => Some(Role::Client),
+            std::cmp::Ordering::Greater => Some(Role::Server),
+            std::cmp::Ordering::Equal => None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn addrs(n: usize) -> Vec<SocketAddr> {
+        (0..n)
+            .map(|i| SocketAddr::from(([203, 0, 113, 2 + i as u8], 40000)))
+            .collect()
+    }
+
+    #[test]
+    fn every_candidate_fires_together_at_fire_at() {
+        let t0 = Instant::now();
+        let fire = t0 + Duration::from_millis(30);
+        let mut p = PunchPlan::new(addrs(2), fire, fire + Duration::from_secs(10));
+        assert_eq!(p.poll(t0), Action::WaitUntil(fire));
+        assert_eq!(p.poll(fire), Action::Start(0));
+        assert_eq!(p.poll(fire), Action::Start(1));
+        // Both in flight: wait for an outcome, at most until the deadline.
+        assert_eq!(
+            p.poll(fire),
+            Action::WaitUntil(fire + Duration::from_secs(10))
+        );
+        assert_eq!(p.attempts(), 2);
+        assert_eq!(p.kind(0), CandidateKind::Public);
+        assert_eq!(p.kind(1), CandidateKind::Local);
+    }
+
+    #[test]
+    fn a_refused_attempt_retries_at_once() {
+        let t0 = Instant::now();
+        let mut p = PunchPlan::new(addrs(1), t0, t0 + Duration::from_secs(1));
+        assert_eq!(p.poll(t0), Action::Start(0));
+        let t1 = t0 + Duration::from_micros(80);
+        p.on_outcome(0, t1, Outcome::Refused);
+        assert_eq!(p.poll(t1), Action::Start(0));
+    }
+
+    #[test]
+    fn fast_retries_are_capped_then_spaced() {
+        let t0 = Instant::now();
+        let mut p = PunchPlan::new(addrs(1), t0, t0 + Duration::from_secs(100));
+        let mut now = t0;
+        for _ in 0..FAST_RETRIES {
+            assert_eq!(p.poll(now), Action::Start(0));
+            p.on_outcome(0, now, Outcome::Refused);
+        }
+        assert_eq!(p.poll(now), Action::WaitUntil(now + SLOW_GAP));
+        now += SLOW_GAP;
+        assert_eq!(p.poll(now), Action::Start(0));
+        assert_eq!(p.attempts(), FAST_RETRIES + 1);
+    }
+
+    #[test]
+    fn local_failures_back_off_and_deadline_ends_everything() {
+        let t0 = Instant::now();
+        let deadline = t0 + Duration::from_millis(15);
+        let mut p = PunchPlan::new(addrs(1), t0, deadline);
+        assert_eq!(p.poll(t0), Action::Start(0));
+        p.on_outcome(0, t0, Outcome::Failed);
+        assert_eq!(p.poll(t0), Action::WaitUntil(t0 + SLOW_GAP));
+        assert_eq!(p.poll(deadline), Action::Exhausted);
+    }
+
+    #[test]
+    fn connected_candidates_are_finished() {
+        let t0 = Instant::now();
+        let mut p = PunchPlan::new(addrs(1), t0, t0 + Duration::from_secs(1));
+        assert_eq!(p.poll(t0), Action::Start(0));
+        p.on_outcome(0, t0, Outcome::Connected);
+        assert_eq!(p.poll(t0), Action::Exhausted);
+    }
+
+    #[test]
+    fn lower_key_is_client_and_self_is_refused() {
+        assert_eq!(Role::choose(&[1; 32], &[2; 32]), Some(Role::Client));
+        assert_eq!(Role::choose(&[2; 32], &[1; 32]), Some(Role::Server));
+        assert_eq!(Role::choose(&[2; 32], &[2; 32]), None);
+    }
+}

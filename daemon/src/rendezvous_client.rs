@@ -1,0 +1,330 @@
+//! The daemon's side of the rendezvous: one WebSocket, opened *from the
+//! punch port*, kept alive with pings, reopened with backoff when it drops.
+//!
+//! Opening it from the punch port is the point: the server reports the NAT
+//! mapping of that port as our public endpoint, which is exactly the mapping
+//! the punch will reuse, and the pings keep it from expiring.
+//!
+//! In: [`RvCmd`] (connect to a peer, report a result). Out: [`RvEvent`]
+//! (registered, punch orders, refusals).
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::{SinkExt as _, StreamExt as _};
+use punch_config::Secret;
+use punch_rendezvous::protocol::{
+    b64, decode_nonce, sign_challenge, unix_time_us, ClientMsg, ErrorCode, Hello, PunchResult,
+    ServerMsg, PROTOCOL_VERSION,
+};
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::WebSocketStream;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, error, info, warn};
+
+use crate::backoff::Backoff;
+use crate::clock::ClockSync;
+use crate::identity::Identity;
+use crate::peer::PunchJob;
+use crate::punch::{bind_punch_socket, set_abortive_close};
+use crate::status::StatusBoard;
+
+/// Steady-state ping interval (also the NAT keepalive for the punch port).
+const PING_INTERVAL: Duration = Duration::from_secs(10);
+/// Quick pings right after registering, for a clock estimate before the
+/// first punch.
+const QUICK_PINGS: u32 = 4;
+/// No pong for this long means the connection is dead.
+const PONG_TIMEOUT: Duration = Duration::from_secs(35);
+/// Time allowed to connect and register.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Commands for the rendezvous client.
+#[derive(Debug)]
+pub(crate) enum RvCmd {
+    /// Ask for a punch with this peer.
+    Connect(String),
+    /// Report a punch outcome.
+    Report(PunchResult),
+}
+
+/// What the rendezvous client tells the daemon.
+#[derive(Debug)]
+pub(crate) enum RvEvent {
+    /// Registered (again).
+    Up,
+    /// A punch order, converted to our clock.
+    Punch(Box<PunchJob>),
+    /// The server refused something we asked.
+    Refused { code: ErrorCode, message: String },
+}
+
+/// Why a session with the server ended.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum RvError {
+    /// The URL is not usable.
+    #[error("rendezvous url {0:?}: {1}")]
+    Url(String, &'static str),
+    /// Network trouble.
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    /// WebSocket trouble.
+    #[error("websocket: {0}")]
+    Ws(#[from] tokio_tungstenite::tungstenite::Error),
+    /// The server said no.
+    #[error("server refused: {code}: {message}", code = code.as_str())]
+    Refused {
+        /// Why.
+        code: ErrorCode,
+        /// The server's explanation.
+        message: String,
+    },
+    /// The server broke the protocol or went quiet.
+    #[error("protocol: {0}")]
+    Protocol(String),
+}
+
+/// Static settings.
+#[derive(Debug, Clone)]
+pub(crate) struct RvSettings {
+    pub(crate) url: String,
+    pub(crate) token: Option<Secret>,
+    pub(crate) name: String,
+    pub(crate) identity: Identity,
+    /// 0 until the first connection picks one.
+    pub(crate) port: u16,
+    pub(crate) local_candidates: bool,
+}
+
+/// `http://host:port/...` → (`host:port`, websocket URL).
+pub(crate) fn ws_target(url: &str) -> Result<(String, String), RvError> {
+    let (rest, scheme) = if let Some(r) = url.strip_prefix("http://") {
+        (r, "ws")
+    } else if let Some(r) = url.strip_prefix("https://") {
+        let _ = r;
+        return Err(RvError::Url(url.to_owned(), "https is not supported by this build; put the server behind a TLS proxy only for browsers, and point daemons at its http:// address (their traffic is signed, and tunnels are end-to-end encrypted)"));
+    } else {
+        return Err(RvError::Url(url.to_owned(), "must start with http://"));
+    };
+    let authority = rest.split('/').next().unwrap_or("");
+    if authority.is_empty() {
+        return Err(RvError::Url(url.to_owned(), "has no host"));
+    }
+    let host_port = if authority
+        .rsplit_once(':')
+        .is_some_and(|(_, p)| p.parse::<u16>().is_ok())
+        && !authority.ends_with(']')
+    {
+        authority.to_owned()
+    } else {
+        format!("{authority}:80")
+    };
+    Ok((host_port, format!("{scheme}://{authority}/v1/ws")))
+}
+
+/// Runs until cancelled: connect, register, serve, reconnect.
+pub(crate) async fn run(
+    mut settings: RvSettings,
+    events: mpsc::Sender<RvEvent>,
+    mut cmds: mpsc::Receiver<RvCmd>,
+    status: Arc<StatusBoard>,
+    cancel: CancellationToken,
+) {
+    let mut backoff = Backoff::new(Duration::from_millis(250), Duration::from_secs(10));
+    loop {
+        let started = Instant::now();
+        let result = session(
+            &mut settings,
+            &events,
+            &mut cmds,
+            &status,
+            &mut backoff,
+            &cancel,
+        )
+        .await;
+        status.set_rendezvous(false, None, settings.port);
+        let delay = match &result {
+            Err(RvError::Refused { code, message }) if code.is_fatal_for_registration() => {
+                error!(code = code.as_str(), %message, "rendezvous refused registration; fix the config (name, key or token). Retrying in 30s");
+                Duration::from_secs(30)
+            }
+            Err(e) => {
+                let d = backoff.next();
+                warn!(error = %e, retry_in_ms = d.as_millis() as u64, "rendezvous connection lost; reconnecting");
+                d
+            }
+            Ok(()) => return,
+        };
+        if started.elapsed() > Duration::from_secs(60) {
+            backoff.reset();
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = cancel.cancelled() => return,
+        }
+    }
+}
+
+type Ws = WebSocketStream<TcpStream>;
+
+async fn recv(ws: &mut Ws) -> Result<ServerMsg, RvError> {
+    loop {
+        match ws.next().await {
+            None => return Err(RvError::Protocol("server closed the connection".into())),
+            Some(Err(e)) => return Err(e.into()),
+            Some(Ok(Message::Text(t))) => {
+                return serde_json::from_str(t.as_str())
+                    .map_err(|e| RvError::Protocol(format!("unreadable message: {e}")));
+            }
+            Some(Ok(Message::Close(_))) => {
+                return Err(RvError::Protocol("server closed the connection".into()))
+            }
+            Some(Ok(_)) => continue,
+        }
+    }
+}
+
+async fn send(ws: &mut Ws, msg: &ClientMsg) -> Result<(), RvError> {
+    let text = serde_json::to_string(msg).map_err(|e| RvError::Protocol(e.to_string()))?;
+    ws.send(Message::text(text)).await?;
+    Ok(())
+}
+
+async fn connect_and_register(settings: &mut RvSettings) -> Result<(Ws, SocketAddr), RvError> {
+    let (host_port, ws_url) = ws_target(&settings.url)?;
+    let addr = tokio::net::lookup_host(&host_port)
+        .await?
+        .next()
+        .ok_or_else(|| RvError::Url(settings.url.clone(), "host does not resolve"))?;
+    let sock = bind_punch_socket(addr, settings.port)?;
+    let tcp = sock.connect(addr).await?;
+    set_abortive_close(&tcp);
+    let local = tcp.local_addr()?;
+    if settings.port == 0 {
+        settings.port = local.port();
+        info!(port = settings.port, "punch port chosen");
+    }
+    let (mut ws, _) = tokio_tungstenite::client_async(ws_url, tcp).await?;
+    let nonce = match recv(&mut ws).await? {
+        ServerMsg::Challenge { nonce, .. } => {
+            decode_nonce(&nonce).map_err(|e| RvError::Protocol(e.to_string()))?
+        }
+        other => {
+            return Err(RvError::Protocol(format!(
+                "expected challenge, got {other:?}"
+            )))
+        }
+    };
+    let hello = Hello {
+        version: PROTOCOL_VERSION,
+        name: settings.name.clone(),
+        public_key: b64(&settings.identity.public_key().0),
+        local_addrs: if settings.local_candidates {
+            vec![local]
+        } else {
+            vec![]
+        },
+        token: settings.token.as_ref().map(|t| t.expose().to_owned()),
+        signature: sign_challenge(settings.identity.signing_key(), &nonce),
+    };
+    send(&mut ws, &ClientMsg::Hello(hello)).await?;
+    match recv(&mut ws).await? {
+        ServerMsg::Welcome { observed_addr, .. } => Ok((ws, observed_addr)),
+        ServerMsg::Error { code, message } => Err(RvError::Refused { code, message }),
+        other => Err(RvError::Protocol(format!(
+            "expected welcome, got {other:?}"
+        ))),
+    }
+}
+
+/// One connection's lifetime.
+async fn session(
+    settings: &mut RvSettings,
+    events: &mpsc::Sender<RvEvent>,
+    cmds: &mut mpsc::Receiver<RvCmd>,
+    status: &StatusBoard,
+    backoff: &mut Backoff,
+    cancel: &CancellationToken,
+) -> Result<(), RvError> {
+    let (mut ws, observed) = tokio::select! {
+        r = tokio::time::timeout(CONNECT_TIMEOUT, connect_and_register(settings)) => r.map_err(|_| RvError::Protocol("no welcome within 10s".into()))??,
+        _ = cancel.cancelled() => return Ok(()),
+    };
+    info!(public = %observed, port = settings.port, "registered with rendezvous");
+    backoff.reset();
+    status.set_rendezvous(true, Some(observed), settings.port);
+    let _ = events.send(RvEvent::Up).await;
+    let mut clock = ClockSync::default();
+    let mut sent: VecDeque<(u64, u64)> = VecDeque::new();
+    let mut next_id = 0u64;
+    let mut last_pong = Instant::now();
+    let mut next_ping = Instant::now();
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => {
+                // Say goodbye so the server unregisters us at once.
+                let _ = tokio::time::timeout(Duration::from_secs(1), ws.close(None)).await;
+                return Ok(());
+            }
+            _ = tokio::time::sleep_until(next_ping.into()) => {
+                if last_pong.elapsed() > PONG_TIMEOUT {
+                    return Err(RvError::Protocol(format!("no pong for {PONG_TIMEOUT:?}")));
+                }
+                next_id += 1;
+                if sent.len() >= 8 { sent.pop_front(); }
+                sent.push_back((next_id, unix_time_us()));
+                send(&mut ws, &ClientMsg::Ping { id: next_id, rtt_us: clock.rtt_us() }).await?;
+                let quick = next_id <= u64::from(QUICK_PINGS);
+                next_ping = Instant::now() + if quick { Duration::from_millis(100) } else { PING_INTERVAL };
+            }
+            cmd = cmds.recv() => match cmd {
+                Some(RvCmd::Connect(peer)) => send(&mut ws, &ClientMsg::Connect { peer }).await?,
+                Some(RvCmd::Report(r)) => send(&mut ws, &ClientMsg::Result(r)).await?,
+                None => return Ok(()),
+            },
+            msg = recv(&mut ws) => match msg? {
+                ServerMsg::Pong { id, server_time_us } => {
+                    if let Some(pos) = sent.iter().position(|(i, _)| *i == id) {
+                        let (_, t0) = sent.remove(pos).unwrap_or((id, 0));
+                        clock.add(t0, server_time_us, unix_time_us());
+                        last_pong = Instant::now();
+                    }
+                }
+                ServerMsg::Punch(order) => {
+                    let fire_at = clock.local_instant(order.at_us, Instant::now(), unix_time_us());
+                    debug!(session = %order.session, peer = %order.peer, synced = clock.is_synced(), "punch order");
+                    let job = PunchJob { order, fire_at, port: settings.port, received: Instant::now() };
+                    let _ = events.send(RvEvent::Punch(Box::new(job))).await;
+                }
+                ServerMsg::Error { code, message } => {
+                    if matches!(code, ErrorCode::ShuttingDown | ErrorCode::Replaced | ErrorCode::RateLimited | ErrorCode::Timeout | ErrorCode::Malformed) {
+                        return Err(RvError::Refused { code, message });
+                    }
+                    let _ = events.send(RvEvent::Refused { code, message }).await;
+                }
+                other => debug!(?other, "ignoring unexpected message"),
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_map_to_websocket_targets() {
+        let (hp, ws) = ws_target("http://203.0.113.1:8080").unwrap();
+        assert_eq!(hp, "203.0.113.1:8080");
+        assert_eq!(ws, "ws://203.0.113.1:8080/v1/ws");
+        let (hp, _) = ws_target("http://example.invalid/").unwrap();
+        assert_eq!(hp, "example.invalid:80");
+        assert!(ws_target("ftp://x").is_err());
+        assert!(ws_target("http://").is_err());
+    }
+}

@@ -1,0 +1,489 @@
+//! What the daemon knows about itself, for `GET /v1/status`, `/metrics` and
+//! `punchd status`.
+//!
+//! Tasks update a [`StatusBoard`] as things happen (counters are atomics,
+//! the rest sits behind short-lived mutexes); readers take a
+//! [`StatusDoc`] snapshot. The JSON field names are part of the contract in
+//! DESIGN.md: fields may be added, never renamed.
+
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use serde::{Deserialize, Serialize};
+
+/// The path a peer's tunnel takes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PathState {
+    /// A punched, direct connection.
+    Direct,
+    /// Through the rendezvous relay.
+    Relayed,
+    /// No tunnel.
+    #[default]
+    None,
+}
+
+/// The transport under the tunnel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Transport {
+    /// Punched TCP.
+    Tcp,
+    /// Punched QUIC.
+    Quic,
+    /// The rendezvous relay.
+    Relay,
+}
+
+/// The outcome of the most recent punch with a peer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LastPunch {
+    /// `ok` or `failed`.
+    pub result: String,
+    /// Order received → tunnel ready (or given up).
+    pub elapsed_ms: u64,
+    /// connect() attempts made.
+    pub attempts: u32,
+    /// Why it failed.
+    pub reason: Option<String>,
+    /// When it finished, Unix milliseconds.
+    #[serde(default)]
+    pub finished_unix_ms: u64,
+}
+
+/// One peer in the status document.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PeerDoc {
+    /// Peer name.
+    pub name: String,
+    /// direct, relayed or none.
+    pub path: PathState,
+    /// tcp, quic or relay (absent with no tunnel).
+    pub transport: Option<Transport>,
+    /// The peer's endpoint as we reach it.
+    pub remote_addr: Option<String>,
+    /// Tunnel round-trip time from keepalive pings.
+    pub rtt_ms: Option<f64>,
+    /// Tunnel bytes received (on the wire, including TLS and mux overhead).
+    pub bytes_in: u64,
+    /// Tunnel bytes sent.
+    pub bytes_out: u64,
+    /// Streams open now.
+    pub streams: i64,
+    /// The latest punch.
+    pub last_punch: Option<LastPunch>,
+    /// Punches that ended in a tunnel.
+    #[serde(default)]
+    pub punches_ok: u64,
+    /// Punches that did not.
+    #[serde(default)]
+    pub punches_failed: u64,
+}
+
+/// One forward in the status document.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ForwardDoc {
+    /// Local listen address (the bound one, when port 0 was asked).
+    pub listen: String,
+    /// Peer offering the service.
+    pub peer: String,
+    /// Service name.
+    pub service: String,
+    /// Connections being relayed now.
+    pub active: i64,
+    /// Connections accepted since start.
+    #[serde(default)]
+    pub total: u64,
+}
+
+/// The whole status document.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StatusDoc {
+    /// This daemon's name.
+    pub name: String,
+    /// Our endpoint as the rendezvous sees it.
+    pub public_addr: Option<String>,
+    /// connected or disconnected.
+    pub rendezvous: String,
+    /// The local punch port.
+    #[serde(default)]
+    pub punch_port: u16,
+    /// Every configured peer.
+    pub peers: Vec<PeerDoc>,
+    /// Every configured forward.
+    pub forwards: Vec<ForwardDoc>,
+}
+
+/// Mutable per-peer state that is not a counter.
+#[derive(Debug, Default, Clone)]
+pub(crate) struct PeerState {
+    pub(crate) path: PathState,
+    pub(crate) transport: Option<Transport>,
+    pub(crate) remote: Option<SocketAddr>,
+    pub(crate) rtt_ms: Option<f64>,
+    pub(crate) last_punch: Option<LastPunch>,
+}
+
+/// Live status of one peer.
+#[derive(Debug)]
+pub struct PeerStatus {
+    pub(crate) name: String,
+    state: Mutex<PeerState>,
+    pub(crate) bytes_in: AtomicU64,
+    pub(crate) bytes_out: AtomicU64,
+    pub(crate) streams: AtomicI64,
+    pub(crate) punches_ok: AtomicU64,
+    pub(crate) punches_failed: AtomicU64,
+    pub(crate) punch_attempts: AtomicU64,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+impl PeerStatus {
+    pub(crate) fn new(name: &str) -> Self {
+        Self {
+            name: name.to_owned(),
+            state: Mutex::default(),
+            bytes_in: AtomicU64::new(0),
+            bytes_out: AtomicU64::new(0),
+            streams: AtomicI64::new(0),
+            punches_ok: AtomicU64::new(0),
+            punches_failed: AtomicU64::new(0),
+            punch_attempts: AtomicU64::new(0),
+        }
+    }
+
+    /// Changes the non-counter state.
+    pub(crate) fn update(&self, f: impl FnOnce(&mut PeerState)) {
+        f(&mut lock(&self.state));
+    }
+
+    /// A copy of the non-counter state.
+    pub(crate) fn state(&self) -> PeerState {
+        lock(&self.state).clone()
+    }
+
+    /// Records a finished punch.
+    pub(crate) fn record_punch(&self, punch: LastPunch) {
+        let ok = punch.result == "ok";
+        if ok {
+            &self.punches_ok
+        } else {
+            &self.punches_failed
+        }
+        .fetch_add(1, Ordering::Relaxed);
+        self.punch_attempts
+            .fetch_add(u64::from(punch.attempts), Ordering::Relaxed);
+        self.update(|s| s.last_punch = Some(punch));
+    }
+
+    fn doc(&self) -> PeerDoc {
+        let s = self.state();
+        PeerDoc {
+            name: self.name.clone(),
+            path: s.path,
+            transport: s.transport,
+            remote_addr: s.remote.map(|a| a.to_string()),
+            rtt_ms: s.rtt_ms,
+            bytes_in: self.bytes_in.load(Ordering::Relaxed),
+            bytes_out: self.bytes_out.load(Ordering::Relaxed),
+            streams: self.streams.load(Ordering::Relaxed),
+            last_punch: s.last_punch,
+            punches_ok: self.punches_ok.load(Ordering::Relaxed),
+            punches_failed: self.punches_failed.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// Live status of one forward.
+#[derive(Debug)]
+pub struct ForwardStatus {
+    pub(crate) listen: Mutex<String>,
+    pub(crate) peer: String,
+    pub(crate) service: String,
+    pub(crate) active: AtomicI64,
+    pub(crate) total: AtomicU64,
+}
+
+impl ForwardStatus {
+    pub(crate) fn new(listen: &str, peer: &str, service: &str) -> Self {
+        Self {
+            listen: Mutex::new(listen.to_owned()),
+            peer: peer.to_owned(),
+            service: service.to_owned(),
+            active: AtomicI64::new(0),
+            total: AtomicU64::new(0),
+        }
+    }
+
+    fn doc(&self) -> ForwardDoc {
+        ForwardDoc {
+            listen: lock(&self.listen).clone(),
+            peer: self.peer.clone(),
+            service: self.service.clone(),
+            active: self.active.load(Ordering::Relaxed),
+            total: self.total.load(Ordering::Relaxed),
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+struct RendezvousState {
+    connected: bool,
+    public_addr: Option<SocketAddr>,
+    punch_port: u16,
+}
+
+/// Everything `punchd status` shows.
+#[derive(Debug)]
+pub struct StatusBoard {
+    name: String,
+    rendezvous: Mutex<RendezvousState>,
+    pub(crate) peers: Vec<Arc<PeerStatus>>,
+    pub(crate) forwards: Vec<Arc<ForwardStatus>>,
+}
+
+impl StatusBoard {
+    pub(crate) fn new(
+        name: &str,
+        peers: Vec<Arc<PeerStatus>>,
+        forwards: Vec<Arc<ForwardStatus>>,
+    ) -> Self {
+        Self {
+            name: name.to_owned(),
+            rendezvous: Mutex::default(),
+            peers,
+            forwards,
+        }
+    }
+
+    pub(crate) fn set_rendezvous(
+        &self,
+        connected: bool,
+        public_addr: Option<SocketAddr>,
+        punch_port: u16,
+    ) {
+        let mut r = lock(&self.rendezvous);
+        r.connected = connected;
+        if public_addr.is_some() {
+            r.public_addr = public_addr;
+        }
+        if punch_port != 0 {
+            r.punch_port = punch_port;
+        }
+    }
+
+    /// The status document.
+    pub fn snapshot(&self) -> StatusDoc {
+        let r = lock(&self.rendezvous);
+        StatusDoc {
+            name: self.name.clone(),
+            public_addr: r.public_addr.map(|a| a.to_string()),
+            rendezvous: if r.connected {
+                "connected"
+            } else {
+                "disconnected"
+            }
+            .to_owned(),
+            punch_port: r.punch_port,
+            peers: self.peers.iter().map(|p| p.doc()).collect(),
+            forwards: self.forwards.iter().map(|f| f.doc()).collect(),
+        }
+    }
+
+    /// Prometheus text for `/metrics`.
+    pub fn render_metrics(&self) -> String {
+        let doc = self.snapshot();
+        let mut out = String::with_capacity(4096);
+        let mut family = |name: &str, kind: &str, help: &str, samples: Vec<(String, String)>| {
+            let _ = writeln!(
+                out,
+                "# HELP punchd_{name} {help}\n# TYPE punchd_{name} {kind}"
+            );
+            for (labels, v) in samples {
+                let _ = writeln!(out, "punchd_{name}{{{labels}}} {v}");
+            }
+        };
+        let per_peer = |f: &dyn Fn(&PeerDoc) -> String| -> Vec<(String, String)> {
+            doc.peers
+                .iter()
+                .map(|p| (format!("peer=\"{}\"", p.name), f(p)))
+                .collect()
+        };
+        family(
+            "rendezvous_connected",
+            "gauge",
+            "1 when registered with the rendezvous server.",
+            vec![(
+                String::new(),
+                u8::from(doc.rendezvous == "connected").to_string(),
+            )],
+        );
+        let paths = doc
+            .peers
+            .iter()
+            .flat_map(|p| {
+                ["direct", "relayed", "none"].into_iter().map(move |path| {
+                    let on = serde_json::to_value(p.path)
+                        .ok()
+                        .and_then(|v| v.as_str().map(|s| s == path))
+                        .unwrap_or(false);
+                    (
+                        format!("peer=\"{}\",path=\"{path}\"", p.name),
+                        u8::from(on).to_string(),
+                    )
+                })
+            })
+            .collect();
+        family(
+            "peer_path",
+            "gauge",
+            "1 for the path each peer's tunnel takes now.",
+            paths,
+        );
+        family(
+            "peer_rtt_seconds",
+            "gauge",
+            "Tunnel RTT from keepalive pings.",
+            per_peer(&|p| {
+                p.rtt_ms
+                    .map_or("NaN".to_owned(), |r| (r / 1000.0).to_string())
+            }),
+        );
+        let bytes = doc
+            .peers
+            .iter()
+            .flat_map(|p| {
+                [("in", p.bytes_in), ("out", p.bytes_out)].map(|(d, v)| {
+                    (
+                        format!("peer=\"{}\",direction=\"{d}\"", p.name),
+                        v.to_string(),
+                    )
+                })
+            })
+            .collect();
+        family(
+            "peer_bytes_total",
+            "counter",
+            "Tunnel bytes on the wire.",
+            bytes,
+        );
+        family(
+            "peer_streams",
+            "gauge",
+            "Streams open in the tunnel.",
+            per_peer(&|p| p.streams.to_string()),
+        );
+        let peer_status = |name: &str| self.peers.iter().find(|s| s.name == name);
+        let punches = doc
+            .peers
+            .iter()
+            .flat_map(|p| {
+                let s = peer_status(&p.name);
+                let ok = s.map_or(0, |s| s.punches_ok.load(Ordering::Relaxed));
+                let failed = s.map_or(0, |s| s.punches_failed.load(Ordering::Relaxed));
+                [("ok", ok), ("failed", failed)]
+                    .map(|(r, v)| (format!("peer=\"{}\",result=\"{r}\"", p.name), v.to_string()))
+            })
+            .collect();
+        family(
+            "punches_total",
+            "counter",
+            "Punch sessions by result.",
+            punches,
+        );
+        family(
+            "punch_attempts_total",
+            "counter",
+            "connect() attempts made while punching.",
+            per_peer(&|p| {
+                peer_status(&p.name)
+                    .map_or(0, |s| s.punch_attempts.load(Ordering::Relaxed))
+                    .to_string()
+            }),
+        );
+        let fwd = |f: &dyn Fn(&ForwardDoc) -> String| -> Vec<(String, String)> {
+            doc.forwards
+                .iter()
+                .map(|x| {
+                    (
+                        format!(
+                            "listen=\"{}\",peer=\"{}\",service=\"{}\"",
+                            x.listen, x.peer, x.service
+                        ),
+                        f(x),
+                    )
+                })
+                .collect()
+        };
+        family(
+            "forward_active",
+            "gauge",
+            "Connections being relayed per forward.",
+            fwd(&|f| f.active.to_string()),
+        );
+        family(
+            "forward_connections_total",
+            "counter",
+            "Connections accepted per forward.",
+            fwd(&|f| f.total.to_string()),
+        );
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn snapshot_matches_the_documented_shape() {
+        let peer = Arc::new(PeerStatus::new("bob"));
+        peer.update(|s| {
+            s.path = PathState::Direct;
+            s.transport = Some(Transport::Tcp);
+            s.remote = Some("203.0.113.3:40000".parse().unwrap());
+            s.rtt_ms = Some(0.8);
+        });
+        peer.record_punch(LastPunch {
+            result: "ok".into(),
+            elapsed_ms: 12,
+            attempts: 1,
+            reason: None,
+            finished_unix_ms: 1,
+        });
+        let fwd = Arc::new(ForwardStatus::new("127.0.0.1:2222", "bob", "ssh"));
+        let board = StatusBoard::new("alice", vec![peer], vec![fwd]);
+        board.set_rendezvous(true, Some("203.0.113.2:40000".parse().unwrap()), 40000);
+        let v = serde_json::to_value(board.snapshot()).unwrap();
+        assert_eq!(v["name"], "alice");
+        assert_eq!(v["public_addr"], "203.0.113.2:40000");
+        assert_eq!(v["rendezvous"], "connected");
+        let p = &v["peers"][0];
+        assert_eq!(p["path"], "direct");
+        assert_eq!(p["transport"], "tcp");
+        assert_eq!(p["remote_addr"], "203.0.113.3:40000");
+        assert_eq!(p["last_punch"]["result"], "ok");
+        assert_eq!(p["last_punch"]["reason"], serde_json::Value::Null);
+        for key in ["rtt_ms", "bytes_in", "bytes_out", "streams"] {
+            assert!(p.get(key).is_some(), "missing {key}");
+        }
+        assert_eq!(v["forwards"][0]["service"], "ssh");
+        assert_eq!(v["forwards"][0]["active"], 0);
+        let m = board.render_metrics();
+        assert!(
+            m.contains("punchd_peer_path{peer=\"bob\",path=\"direct\"} 1"),
+            "{m}"
+        );
+        assert!(
+            m.contains("punchd_punches_total{peer=\"bob\",result=\"ok\"} 1"),
+            "{m}"
+        );
+        assert!(m.contains("punchd_rendezvous_connected{} 1"), "{m}");
+    }
+}

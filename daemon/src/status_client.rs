@@ -1,0 +1,157 @@
+//! `punchd status`: fetch `/v1/status` from a running daemon and print it.
+
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+
+use http_body_util::{BodyExt as _, Empty};
+use hyper::body::Bytes;
+use hyper_util::rt::TokioIo;
+
+use crate::status::StatusDoc;
+
+/// Why the status could not be fetched.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StatusError {
+    /// Nothing answered.
+    #[error("cannot reach the daemon's admin API at {addr}: {source}; is punchd running, and is [admin] listen this address?")]
+    Connect {
+        /// Admin address tried.
+        addr: SocketAddr,
+        /// OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// HTTP failed.
+    #[error("admin API at {0}: {1}")]
+    Http(SocketAddr, String),
+}
+
+/// GETs the status document.
+pub async fn fetch(addr: SocketAddr) -> Result<StatusDoc, StatusError> {
+    let http = |e: &dyn std::fmt::Display| StatusError::Http(addr, e.to_string());
+    let stream = tokio::net::TcpStream::connect(addr)
+        .await
+        .map_err(|source| StatusError::Connect { addr, source })?;
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake::<_, Empty<Bytes>>(TokioIo::new(stream))
+            .await
+            .map_err(|e| http(&e))?;
+    let request = hyper::Request::get("/v1/status")
+        .header(hyper::header::HOST, addr.to_string())
+        .body(Empty::new())
+        .map_err(|e| http(&e))?;
+    let fetch = async {
+        let resp = sender.send_request(request).await.map_err(|e| http(&e))?;
+        if !resp.status().is_success() {
+            return Err(http(&format!("HTTP {}", resp.status())));
+        }
+        let body = resp
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| http(&e))?
+            .to_bytes();
+        serde_json::from_slice::<StatusDoc>(&body)
+            .map_err(|e| http(&format!("not a punchd status document: {e}")))
+    };
+    tokio::select! {
+        r = fetch => r,
+        r = conn => Err(http(&format!("connection ended early: {r:?}"))),
+    }
+}
+
+fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}
+
+/// The status as a table.
+pub fn render_table(doc: &StatusDoc) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "{}  public {}  rendezvous {}  punch port {}",
+        doc.name,
+        doc.public_addr.as_deref().unwrap_or("-"),
+        doc.rendezvous,
+        doc.punch_port
+    );
+    let _ = writeln!(
+        out,
+        "\n{:<16} {:<8} {:<9} {:<22} {:>9} {:>10} {:>10} {:>7}  LAST PUNCH",
+        "PEER", "PATH", "TRANSPORT", "REMOTE", "RTT", "IN", "OUT", "STREAMS"
+    );
+    for p in &doc.peers {
+        let path = serde_json::to_value(p.path)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_owned))
+            .unwrap_or_default();
+        let transport = p
+            .transport
+            .and_then(|t| serde_json::to_value(t).ok())
+            .and_then(|v| v.as_str().map(str::to_owned))
+            .unwrap_or_else(|| "-".into());
+        let rtt = p.rtt_ms.map_or("-".to_owned(), |r| format!("{r:.2}ms"));
+        let last = p.last_punch.as_ref().map_or("-".to_owned(), |l| {
+            let mut s = format!(
+                "{} in {}ms, {} attempt(s)",
+                l.result, l.elapsed_ms, l.attempts
+            );
+            if let Some(r) = &l.reason {
+                s.push_str(&format!(": {r}"));
+            }
+            s
+        });
+        let _ = writeln!(
+            out,
+            "{:<16} {:<8} {:<9} {:<22} {:>9} {:>10} {:>10} {:>7}  {}",
+            p.name,
+            path,
+            transport,
+            p.remote_addr.as_deref().unwrap_or("-"),
+            rtt,
+            human_bytes(p.bytes_in),
+            human_bytes(p.bytes_out),
+            p.streams,
+            last
+        );
+    }
+    if !doc.forwards.is_empty() {
+        let _ = writeln!(
+            out,
+            "\n{:<22} {:<16} {:<16} {:>6} {:>8}",
+            "FORWARD", "PEER", "SERVICE", "ACTIVE", "TOTAL"
+        );
+        for f in &doc.forwards {
+            let _ = writeln!(
+                out,
+                "{:<22} {:<16} {:<16} {:>6} {:>8}",
+                f.listen, f.peer, f.service, f.active, f.total
+            );
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bytes_are_human() {
+        assert_eq!(human_bytes(12), "12 B");
+        assert_eq!(human_bytes(1536), "1.5 KiB");
+        assert_eq!(human_bytes(3 * 1024 * 1024), "3.0 MiB");
+    }
+}

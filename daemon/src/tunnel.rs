@@ -1,0 +1,234 @@
+//! A tunnel: mutual TLS 1.3 over one transport connection, and a yamux
+//! multiplexer over that, so every relayed local connection is one stream
+//! with its own flow control.
+//!
+//! [`handshake`] takes any byte transport (a punched TCP connection or the
+//! rendezvous relay) and returns a [`Tunnel`] handle plus the driver future
+//! that owns the yamux connection. The driver is the only code that touches
+//! the connection: opening a stream is a request on a channel, inbound
+//! streams come out of another, and the handle's token closes it.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::task::Poll;
+use std::time::Duration;
+
+use punch_config::PublicKeyBytes;
+use rustls::pki_types::ServerName;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::compat::{Compat, FuturesAsyncReadCompatExt as _, TokioAsyncReadCompatExt as _};
+use tokio_util::sync::CancellationToken;
+
+use crate::identity::Identity;
+use crate::punch::plan::Role;
+use crate::status::Transport;
+use crate::tls;
+
+/// One multiplexed stream, as tokio I/O.
+pub(crate) type StreamIo = Compat<yamux::Stream>;
+
+/// Most streams one tunnel carries at once (each side).
+pub(crate) const MAX_STREAMS: usize = 1024;
+/// Inbound streams waiting for a handler before new ones are refused.
+const INBOUND_QUEUE: usize = 256;
+/// Stream-open requests waiting for the driver.
+const OPEN_QUEUE: usize = 256;
+/// How long the TLS handshake may take.
+pub(crate) const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Why a tunnel could not be set up or used.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum TunnelError {
+    /// TLS failed: wrong key, not punchd, or the connection broke.
+    #[error("TLS handshake failed: {0}")]
+    Tls(#[source] std::io::Error),
+    /// TLS did not finish in time.
+    #[error("TLS handshake timed out")]
+    HandshakeTimeout,
+    /// The TLS configuration could not be built.
+    #[error(transparent)]
+    Setup(#[from] tls::TlsSetupError),
+    /// The multiplexer failed.
+    #[error("multiplexer: {0}")]
+    Mux(#[from] yamux::ConnectionError),
+    /// The tunnel is closed.
+    #[error("tunnel closed")]
+    Closed,
+    /// Too many stream-open requests are queued.
+    #[error("tunnel busy: too many streams being opened")]
+    Busy,
+}
+
+type OpenReply = oneshot::Sender<Result<StreamIo, TunnelError>>;
+
+/// A handle to a live tunnel. Cheap to clone.
+#[derive(Debug, Clone)]
+pub(crate) struct Tunnel {
+    open_tx: mpsc::Sender<OpenReply>,
+    closed: CancellationToken,
+    /// What carries it.
+    pub(crate) transport: Transport,
+}
+
+impl Tunnel {
+    /// Opens a new stream.
+    pub(crate) async fn open(&self) -> Result<StreamIo, TunnelError> {
+        let (tx, rx) = oneshot::channel();
+        self.open_tx.try_send(tx).map_err(|e| match e {
+            mpsc::error::TrySendError::Full(_) => TunnelError::Busy,
+            mpsc::error::TrySendError::Closed(_) => TunnelError::Closed,
+        })?;
+        tokio::select! {
+            r = rx => r.unwrap_or(Err(TunnelError::Closed)),
+            _ = self.closed.cancelled() => Err(TunnelError::Closed),
+        }
+    }
+
+    /// Closes the tunnel (the driver says goodbye and ends).
+    pub(crate) fn close(&self) {
+        self.closed.cancel();
+    }
+
+    /// Resolves when the tunnel has closed, for whatever reason.
+    pub(crate) async fn closed(&self) {
+        self.closed.cancelled().await;
+    }
+
+    pub(crate) fn is_closed(&self) -> bool {
+        self.closed.is_cancelled()
+    }
+}
+
+/// A fresh tunnel: its handle, its inbound streams and the driver that must
+/// be polled (spawned) for anything to move.
+pub(crate) struct TunnelParts {
+    pub(crate) tunnel: Tunnel,
+    pub(crate) inbound: mpsc::Receiver<StreamIo>,
+    pub(crate) driver: Pin<Box<dyn Future<Output = ()> + Send>>,
+}
+
+fn mux_config() -> yamux::Config {
+    let mut cfg = yamux::Config::default();
+    cfg.set_max_num_streams(MAX_STREAMS);
+    // Every stream may buffer its 256 KiB initial window; this bounds what a
+    // peer can make us hold across all streams of one tunnel.
+    cfg.set_max_connection_receive_window(Some(MAX_STREAMS * 256 * 1024));
+    cfg
+}
+
+/// Runs TLS (pinned to `peer`) and starts the multiplexer over `io`.
+pub(crate) async fn handshake<S>(
+    io: S,
+    role: Role,
+    identity: &Identity,
+    peer: &PublicKeyBytes,
+    transport: Transport,
+) -> Result<TunnelParts, TunnelError>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let tls_stream: tokio_rustls::TlsStream<S> = tokio::time::timeout(HANDSHAKE_TIMEOUT, async {
+        match role {
+            Role::Client => {
+                let connector =
+                    tokio_rustls::TlsConnector::from(tls::client_config(identity, peer)?);
+                let name = ServerName::try_from(tls::SERVER_NAME)
+                    .map_err(|e| TunnelError::Tls(std::io::Error::other(e)))?;
+                connector
+                    .connect(name, io)
+                    .await
+                    .map(Into::into)
+                    .map_err(TunnelError::Tls)
+            }
+            Role::Server => {
+                let acceptor = tokio_rustls::TlsAcceptor::from(tls::server_config(identity, peer)?);
+                acceptor
+                    .accept(io)
+                    .await
+                    .map(Into::into)
+                    .map_err(TunnelError::Tls)
+            }
+        }
+    })
+    .await
+    .map_err(|_| TunnelError::HandshakeTimeout)??;
+    let mode = match role {
+        Role::Client => yamux::Mode::Client,
+        Role::Server => yamux::Mode::Server,
+    };
+    let conn = yamux::Connection::new(tls_stream.compat(), mux_config(), mode);
+    let (open_tx, open_rx) = mpsc::channel(OPEN_QUEUE);
+    let (inbound_tx, inbound) = mpsc::channel(INBOUND_QUEUE);
+    let closed = CancellationToken::new();
+    let driver = Box::pin(drive(conn, open_rx, inbound_tx, closed.clone()));
+    Ok(TunnelParts {
+        tunnel: Tunnel {
+            open_tx,
+            closed,
+            transport,
+        },
+        inbound,
+        driver,
+    })
+}
+
+/// Owns the yamux connection: serves open requests, hands out inbound
+/// streams, and keeps the connection polled (yamux only makes progress while
+/// `poll_next_inbound` is being called).
+async fn drive<T>(
+    mut conn: yamux::Connection<T>,
+    mut open_rx: mpsc::Receiver<OpenReply>,
+    inbound_tx: mpsc::Sender<StreamIo>,
+    closed: CancellationToken,
+) where
+    T: futures::AsyncRead + futures::AsyncWrite + Unpin + Send,
+{
+    let mut pending: std::collections::VecDeque<OpenReply> = std::collections::VecDeque::new();
+    let result: Result<(), yamux::ConnectionError> = tokio::select! {
+        _ = closed.cancelled() => {
+            let _ = tokio::time::timeout(Duration::from_secs(1), std::future::poll_fn(|cx| conn.poll_close(cx))).await;
+            Ok(())
+        }
+        r = std::future::poll_fn(|cx| {
+            while let Poll::Ready(Some(req)) = open_rx.poll_recv(cx) {
+                pending.push_back(req);
+            }
+            while !pending.is_empty() {
+                match conn.poll_new_outbound(cx) {
+                    Poll::Ready(Ok(stream)) => {
+                        if let Some(reply) = pending.pop_front() {
+                            let _ = reply.send(Ok(stream.compat()));
+                        }
+                    }
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                    Poll::Pending => break,
+                }
+            }
+            loop {
+                match conn.poll_next_inbound(cx) {
+                    Poll::Ready(Some(Ok(stream))) => {
+                        // A full queue means handlers are not keeping up:
+                        // dropping the stream resets it, and the peer's
+                        // forward reports the refusal.
+                        if inbound_tx.try_send(stream.compat()).is_err() {
+                            tracing::warn!("inbound stream refused: handler queue full");
+                        }
+                    }
+                    Poll::Ready(Some(Err(e))) => return Poll::Ready(Err(e)),
+                    Poll::Ready(None) => return Poll::Ready(Ok(())),
+                    Poll::Pending => return Poll::Pending,
+                }
+            }
+        }) => r,
+    };
+    match result {
+        Ok(()) => tracing::debug!("tunnel closed"),
+        Err(e) => tracing::info!(error = %e, "tunnel ended"),
+    }
+    for reply in pending.drain(..) {
+        let _ = reply.send(Err(TunnelError::Closed));
+    }
+    closed.cancel();
+}

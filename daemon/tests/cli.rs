@@ -1,0 +1,98 @@
+//! The `punchd` binary as a user runs it: exit codes and messages.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::PathBuf;
+use std::process::{Command, Output};
+
+fn punchd(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_punchd"))
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap()
+}
+
+fn temp_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("punchd-cli-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+#[test]
+fn keygen_pubkey_and_check_config() {
+    let dir = temp_dir("keys");
+    let key = dir.join("alice.key");
+    let out = punchd(&["keygen", "--out", key.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let public = text(&out.stdout).trim().to_owned();
+    assert_eq!(public.len(), 44, "{public}");
+    // Refuses to overwrite, as a usage error.
+    let again = punchd(&["keygen", "--out", key.to_str().unwrap()]);
+    assert_eq!(again.status.code(), Some(2));
+    assert!(text(&again.stderr).contains("refusing to overwrite"));
+    let pk = punchd(&["pubkey", "--key", key.to_str().unwrap()]);
+    assert_eq!(text(&pk.stdout).trim(), public);
+
+    let cfg = dir.join("peer.toml");
+    std::fs::write(&cfg, "name = \"alice\"\nkey_file = \"alice.key\"\n[rendezvous]\nurl = \"http://127.0.0.1:8080\"\n").unwrap();
+    let ok = punchd(&["check-config", "--config", cfg.to_str().unwrap()]);
+    assert!(ok.status.success(), "{}", text(&ok.stderr));
+    assert!(text(&ok.stdout).contains(&public));
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn bad_configs_exit_2_naming_file_line_and_key() {
+    let dir = temp_dir("bad");
+    let cfg = dir.join("peer.toml");
+    std::fs::write(&cfg, "name = \"alice\"\nkey_file = \"a.key\"\n[rendezvous]\nurl = \"http://x:1\"\n[punch]\ntimeout = 5\n").unwrap();
+    let out = punchd(&["check-config", "--config", cfg.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = text(&out.stderr);
+    assert!(err.contains("peer.toml:6:"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+    // A valid config whose key file is missing also says so.
+    std::fs::write(
+        &cfg,
+        "name = \"alice\"\nkey_file = \"nope.key\"\n[rendezvous]\nurl = \"http://x:1\"\n",
+    )
+    .unwrap();
+    let out = punchd(&["check-config", "--config", cfg.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        text(&out.stderr).contains("nope.key"),
+        "{}",
+        text(&out.stderr)
+    );
+    // Running the daemon with a broken config is the same error.
+    let out = punchd(&["--config", dir.join("missing.toml").to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out.stderr).contains("cannot read"));
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn status_without_a_daemon_is_a_clear_runtime_error() {
+    let out = punchd(&["status", "--admin", "127.0.0.1:9"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("is punchd running"),
+        "{}",
+        text(&out.stderr)
+    );
+}
+
+#[test]
+fn demo_runs_and_reports_a_direct_path() {
+    let out = punchd(&["demo"]);
+    let stdout = text(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", text(&out.stderr));
+    assert!(stdout.contains("Direct via 127.0.0.1:"), "{stdout}");
+    assert!(stdout.contains("matches"), "{stdout}");
+}

@@ -1,0 +1,416 @@
+//! Two real daemons and an embedded rendezvous on 127.0.0.1: punching,
+//! transfer integrity, concurrency, access control and authentication.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use punch_config::{PeerConfig, RendezvousConfig};
+use punchd::demo::{echo_roundtrip, hex, pattern};
+use punchd::loopback::{echo_server, peer_config, ExposeSpec, Rendezvous};
+use punchd::status::{PathState, StatusDoc};
+use punchd::{Identity, RunningDaemon};
+use sha2::{Digest, Sha256};
+use tokio::io::AsyncReadExt;
+use tokio::net::TcpStream;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+/// Polls `f` until it returns `Some`, or panics after `timeout`.
+async fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+struct Lab {
+    rendezvous: Rendezvous,
+    cancel: CancellationToken,
+    tracker: TaskTracker,
+    echo: SocketAddr,
+    alice_id: Identity,
+    bob_id: Identity,
+}
+
+impl Lab {
+    async fn new() -> Self {
+        let cancel = CancellationToken::new();
+        let tracker = TaskTracker::new();
+        let echo = echo_server(cancel.clone(), &tracker).await.unwrap();
+        Self {
+            rendezvous: Rendezvous::start(RendezvousConfig::default())
+                .await
+                .unwrap(),
+            cancel,
+            tracker,
+            echo,
+            alice_id: Identity::generate().unwrap(),
+            bob_id: Identity::generate().unwrap(),
+        }
+    }
+
+    fn expose(&self, name: &str, allow: &[&str]) -> ExposeSpec {
+        ExposeSpec {
+            name: name.into(),
+            target: self.echo.to_string(),
+            allow: allow.iter().map(|s| s.to_string()).collect(),
+        }
+    }
+
+    /// alice forwards `services` of bob; bob exposes `exposes`.
+    async fn pair(
+        &self,
+        services: &[&str],
+        exposes: Vec<ExposeSpec>,
+        punch: &str,
+    ) -> (RunningDaemon, RunningDaemon) {
+        let url = self.rendezvous.url();
+        let forwards: Vec<_> = services.iter().map(|s| ("bob", *s)).collect();
+        let alice_cfg = peer_config(
+            "alice",
+            &url,
+            &[("bob", self.bob_id.public_key())],
+            &[],
+            &forwards,
+            punch,
+        )
+        .unwrap();
+        let bob_cfg = peer_config(
+            "bob",
+            &url,
+            &[("alice", self.alice_id.public_key())],
+            &exposes,
+            &[],
+            punch,
+        )
+        .unwrap();
+        let bob = punchd::start(bob_cfg, self.bob_id.clone(), self.cancel.child_token())
+            .await
+            .unwrap();
+        let alice = punchd::start(alice_cfg, self.alice_id.clone(), self.cancel.child_token())
+            .await
+            .unwrap();
+        (alice, bob)
+    }
+
+    async fn stop(self, daemons: Vec<RunningDaemon>) {
+        for d in daemons {
+            d.shutdown(Duration::from_secs(3)).await;
+        }
+        self.cancel.cancel();
+        self.tracker.close();
+        self.tracker.wait().await;
+        self.rendezvous.stop().await;
+    }
+}
+
+fn direct(doc: &StatusDoc) -> bool {
+    doc.peers
+        .first()
+        .is_some_and(|p| p.path == PathState::Direct)
+}
+
+/// Ports in LISTEN state, from /proc/net/tcp{,6}.
+fn listening_ports() -> Vec<u16> {
+    let mut ports = Vec::new();
+    for file in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        let Ok(text) = std::fs::read_to_string(file) else {
+            continue;
+        };
+        for line in text.lines().skip(1) {
+            let cols: Vec<&str> = line.split_whitespace().collect();
+            if cols.len() > 3 && cols[3] == "0A" {
+                if let Some(port) = cols[1]
+                    .rsplit(':')
+                    .next()
+                    .and_then(|p| u16::from_str_radix(p, 16).ok())
+                {
+                    ports.push(port);
+                }
+            }
+        }
+    }
+    ports
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn simultaneous_open_never_listens_on_the_punch_port() {
+    let lab = Lab::new().await;
+    let (alice, bob) = lab
+        .pair(&["echo"], vec![lab.expose("echo", &["alice"])], "")
+        .await;
+    let ports = wait_for("both punch ports", Duration::from_secs(10), || {
+        let (a, b) = (
+            alice.status.snapshot().punch_port,
+            bob.status.snapshot().punch_port,
+        );
+        (a != 0 && b != 0).then_some((a, b))
+    })
+    .await;
+    // Watch for a listener on either punch port for the whole punch.
+    let saw_listener = Arc::new(AtomicBool::new(false));
+    let stop = CancellationToken::new();
+    let watcher = {
+        let (saw, stop) = (saw_listener.clone(), stop.clone());
+        tokio::spawn(async move {
+            while !stop.is_cancelled() {
+                let l = listening_ports();
+                if l.contains(&ports.0) || l.contains(&ports.1) {
+                    saw.store(true, Ordering::SeqCst);
+                }
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        })
+    };
+    let doc = wait_for("a direct path", Duration::from_secs(20), || {
+        Some(alice.status.snapshot()).filter(direct)
+    })
+    .await;
+    let peer = &doc.peers[0];
+    // Alice reached bob at bob's punch port: a simultaneous open between the two punch ports.
+    assert_eq!(
+        peer.remote_addr.as_deref(),
+        Some(format!("127.0.0.1:{}", ports.1).as_str())
+    );
+    let punch = peer.last_punch.clone().unwrap();
+    assert_eq!(punch.result, "ok");
+    assert!(punch.attempts >= 1);
+    println!(
+        "punch: {} ms, {} attempts",
+        punch.elapsed_ms, punch.attempts
+    );
+    // The connection is between the two punch ports, seen from the OS.
+    let tcp = std::fs::read_to_string("/proc/net/tcp").unwrap();
+    let hex_port = |p: u16| format!(":{p:04X} ");
+    assert!(
+        tcp.lines().any(|l| l.contains(&hex_port(ports.0))
+            && l.contains(&format!(":{:04X}", ports.1))
+            && l.split_whitespace().nth(3) == Some("01")),
+        "no established connection between the punch ports"
+    );
+    let bob_doc = wait_for("bob direct", Duration::from_secs(5), || {
+        Some(bob.status.snapshot()).filter(direct)
+    })
+    .await;
+    assert_eq!(
+        bob_doc.peers[0].remote_addr.as_deref(),
+        Some(format!("127.0.0.1:{}", ports.0).as_str())
+    );
+    // RTT shows up from keepalive pings.
+    wait_for("an RTT", Duration::from_secs(5), || {
+        alice.status.snapshot().peers[0].rtt_ms
+    })
+    .await;
+    stop.cancel();
+    watcher.await.unwrap();
+    assert!(
+        !saw_listener.load(Ordering::SeqCst),
+        "a punch port was in LISTEN state"
+    );
+    lab.stop(vec![alice, bob]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sixteen_mib_arrive_intact_through_a_forward() {
+    let lab = Lab::new().await;
+    let (alice, bob) = lab
+        .pair(&["echo"], vec![lab.expose("echo", &["alice"])], "")
+        .await;
+    let data = pattern(16 * 1024 * 1024, 42);
+    let expected = hex(&Sha256::digest(&data));
+    // Connecting before the tunnel is up is fine: the connection waits for it.
+    let stream = TcpStream::connect(alice.forward_addrs[0]).await.unwrap();
+    let got = tokio::time::timeout(Duration::from_secs(60), echo_roundtrip(stream, &data))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(got, expected);
+    let doc = alice.status.snapshot();
+    assert!(
+        doc.peers[0].bytes_out > 16 * 1024 * 1024,
+        "bytes_out {}",
+        doc.peers[0].bytes_out
+    );
+    assert!(doc.peers[0].bytes_in > 16 * 1024 * 1024);
+    assert_eq!(doc.forwards[0].total, 1);
+    lab.stop(vec![alice, bob]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hundred_concurrent_streams() {
+    let lab = Lab::new().await;
+    let (alice, bob) = lab
+        .pair(&["echo"], vec![lab.expose("echo", &["alice"])], "")
+        .await;
+    wait_for("a direct path", Duration::from_secs(20), || {
+        Some(alice.status.snapshot()).filter(direct)
+    })
+    .await;
+    let forward = alice.forward_addrs[0];
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..100u64 {
+        tasks.spawn(async move {
+            let data = pattern(256 * 1024, i + 1);
+            let expected = hex(&Sha256::digest(&data));
+            let stream = TcpStream::connect(forward).await.unwrap();
+            (echo_roundtrip(stream, &data).await.unwrap(), expected)
+        });
+    }
+    // While they run, the tunnel counts them.
+    let peak = wait_for("streams to be counted", Duration::from_secs(10), || {
+        let n = alice.status.snapshot().peers[0].streams;
+        (n > 1).then_some(n)
+    })
+    .await;
+    let mut ok = 0;
+    while let Some(r) = tasks.join_next().await {
+        let (got, expected) = r.unwrap();
+        assert_eq!(got, expected);
+        ok += 1;
+    }
+    assert_eq!(ok, 100);
+    assert!(peak <= 100);
+    wait_for("streams to drain", Duration::from_secs(10), || {
+        (alice.status.snapshot().peers[0].streams == 0).then_some(())
+    })
+    .await;
+    assert_eq!(alice.status.snapshot().forwards[0].total, 100);
+    lab.stop(vec![alice, bob]).await;
+}
+
+/// Reads until EOF; a refused stream closes without a byte.
+async fn closed_without_data(addr: SocketAddr) -> bool {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    let mut buf = [0u8; 16];
+    matches!(
+        tokio::time::timeout(Duration::from_secs(20), s.read(&mut buf)).await,
+        Ok(Ok(0)) | Ok(Err(_))
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn services_not_exposed_or_not_allowed_are_refused() {
+    let lab = Lab::new().await;
+    // bob exposes "echo" to alice, "private" only to carol; "missing" does not exist.
+    let exposes = vec![
+        lab.expose("echo", &["alice"]),
+        lab.expose("private", &["carol"]),
+    ];
+    let url = lab.rendezvous.url();
+    let carol_key = Identity::generate().unwrap().public_key();
+    let bob_cfg = peer_config(
+        "bob",
+        &url,
+        &[("alice", lab.alice_id.public_key()), ("carol", carol_key)],
+        &exposes,
+        &[],
+        "",
+    )
+    .unwrap();
+    let alice_cfg = peer_config(
+        "alice",
+        &url,
+        &[("bob", lab.bob_id.public_key())],
+        &[],
+        &[("bob", "echo"), ("bob", "private"), ("bob", "missing")],
+        "",
+    )
+    .unwrap();
+    let bob = punchd::start(bob_cfg, lab.bob_id.clone(), lab.cancel.child_token())
+        .await
+        .unwrap();
+    let alice = punchd::start(alice_cfg, lab.alice_id.clone(), lab.cancel.child_token())
+        .await
+        .unwrap();
+    wait_for("a direct path", Duration::from_secs(20), || {
+        Some(alice.status.snapshot()).filter(direct)
+    })
+    .await;
+    assert!(
+        closed_without_data(alice.forward_addrs[1]).await,
+        "not-allowed service must be refused"
+    );
+    assert!(
+        closed_without_data(alice.forward_addrs[2]).await,
+        "unexposed service must be refused"
+    );
+    // The allowed one still works over the same tunnel.
+    let data = pattern(4096, 7);
+    let got = echo_roundtrip(
+        TcpStream::connect(alice.forward_addrs[0]).await.unwrap(),
+        &data,
+    )
+    .await
+    .unwrap();
+    assert_eq!(got, hex(&Sha256::digest(&data)));
+    lab.stop(vec![alice, bob]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_impostor_registered_under_the_peers_name_gets_nothing() {
+    let lab = Lab::new().await;
+    let url = lab.rendezvous.url();
+    // Mallory registers as "bob" with her own key; alice pins bob's real key.
+    let mallory = Identity::generate().unwrap();
+    let mallory_cfg = peer_config(
+        "bob",
+        &url,
+        &[("alice", lab.alice_id.public_key())],
+        &[lab.expose("echo", &["alice"])],
+        &[],
+        "",
+    )
+    .unwrap();
+    let alice_cfg = peer_config(
+        "alice",
+        &url,
+        &[("bob", lab.bob_id.public_key())],
+        &[],
+        &[("bob", "echo")],
+        "timeout = \"1s\"",
+    )
+    .unwrap();
+    let m = punchd::start(mallory_cfg, mallory, lab.cancel.child_token())
+        .await
+        .unwrap();
+    let alice = punchd::start(alice_cfg, lab.alice_id.clone(), lab.cancel.child_token())
+        .await
+        .unwrap();
+    wait_for("mallory registered", Duration::from_secs(10), || {
+        (m.status.snapshot().rendezvous == "connected").then_some(())
+    })
+    .await;
+    // Alice's local connection waits for a tunnel that must never come, then closes.
+    assert!(closed_without_data(alice.forward_addrs[0]).await);
+    let doc = alice.status.snapshot();
+    assert_eq!(doc.peers[0].path, PathState::None);
+    assert_eq!(doc.peers[0].punches_ok, 0);
+    assert_eq!(m.status.snapshot().peers[0].path, PathState::None);
+    lab.stop(vec![alice, m]).await;
+}
+
+#[tokio::test]
+async fn a_peer_with_our_own_key_is_refused_at_start() {
+    let id = Identity::generate().unwrap();
+    let cfg: PeerConfig = peer_config(
+        "alice",
+        "http://127.0.0.1:9",
+        &[("bob", id.public_key())],
+        &[],
+        &[],
+        "",
+    )
+    .unwrap();
+    let err = punchd::start(cfg, id, CancellationToken::new())
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("own public key"), "{err}");
+}

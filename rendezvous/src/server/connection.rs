@@ -1,0 +1,355 @@
+//! One daemon's WebSocket: challenge, signed hello, then the registered
+//! loop that answers pings, coordinates punches and forwards orders.
+
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::extract::ws::{Message, WebSocket};
+use punch_config::PeerName;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn, Instrument};
+
+use super::ratelimit::TokenBucket;
+use super::registry::Client;
+use super::Shared;
+use crate::protocol::{
+    b64, decode_public_key, unix_time_us, verify_challenge, ClientMsg, ErrorCode, Hello, PathKind,
+    ServerMsg, NONCE_LEN, PROTOCOL_VERSION,
+};
+
+/// Punch orders queued for one daemon before it counts as too slow.
+const OUTBOX: usize = 16;
+/// A daemon that cannot take a message for this long is dropped.
+const SEND_TIMEOUT: Duration = Duration::from_secs(5);
+/// Local addresses accepted from one hello.
+const MAX_LOCAL_ADDRS: usize = 8;
+
+type Refusal = (ErrorCode, String);
+
+/// Serves one upgraded WebSocket until it closes or the server stops.
+pub(crate) async fn serve(mut ws: WebSocket, addr: SocketAddr, shared: Arc<Shared>) {
+    let conn_id = shared.next_conn_id.fetch_add(1, Ordering::Relaxed);
+    shared.metrics.connections.fetch_add(1, Ordering::Relaxed);
+    let observed = SocketAddr::new(addr.ip().to_canonical(), addr.port());
+    let span = tracing::info_span!("daemon", conn = conn_id, addr = %observed, name = tracing::field::Empty);
+    async move {
+        let (tx, rx) = mpsc::channel(OUTBOX);
+        let replaced = CancellationToken::new();
+        match handshake(&mut ws, &shared, conn_id, observed, tx, replaced.clone()).await {
+            Ok(name) => {
+                tracing::Span::current().record("name", name.as_str());
+                shared.metrics.connected.fetch_add(1, Ordering::Relaxed);
+                info!("registered");
+                let reason = registered(&mut ws, &shared, &name, rx, &replaced).await;
+                if shared.registry().unregister(&name, conn_id) {
+                    info!(%reason, "unregistered");
+                } else {
+                    debug!(%reason, "connection closed after being replaced");
+                }
+                shared.metrics.connected.fetch_sub(1, Ordering::Relaxed);
+            }
+            Err((code, message)) => {
+                shared.metrics.refused(code);
+                info!(code = code.as_str(), %message, "refused");
+                let _ = send(&mut ws, &ServerMsg::Error { code, message }).await;
+            }
+        }
+        let _ = tokio::time::timeout(SEND_TIMEOUT, ws.send(Message::Close(None))).await;
+    }
+    .instrument(span)
+    .await;
+}
+
+/// Challenge → hello → welcome. Returns the registered name.
+async fn handshake(
+    ws: &mut WebSocket,
+    shared: &Shared,
+    conn_id: u64,
+    observed: SocketAddr,
+    tx: mpsc::Sender<ServerMsg>,
+    replaced: CancellationToken,
+) -> Result<String, Refusal> {
+    let mut nonce = [0u8; NONCE_LEN];
+    getrandom::fill(&mut nonce).map_err(|e| {
+        (
+            ErrorCode::ShuttingDown,
+            format!("server has no randomness: {e}"),
+        )
+    })?;
+    let challenge = ServerMsg::Challenge {
+        version: PROTOCOL_VERSION,
+        nonce: b64(&nonce),
+    };
+    send(ws, &challenge)
+        .await
+        .map_err(|_| (ErrorCode::Timeout, "could not send challenge".to_owned()))?;
+    let hello = tokio::select! {
+        _ = shared.cancel.cancelled() => return Err((ErrorCode::ShuttingDown, "server is shutting down".to_owned())),
+        r = tokio::time::timeout(shared.cfg.limits.hello_timeout, next_text(ws)) => match r {
+            Err(_) => return Err((ErrorCode::Timeout, "no hello in time".to_owned())),
+            Ok(None) => return Err((ErrorCode::Timeout, "closed before hello".to_owned())),
+            Ok(Some(text)) => text,
+        },
+    };
+    let hello = match serde_json::from_str::<ClientMsg>(&hello) {
+        Ok(ClientMsg::Hello(h)) => h,
+        Ok(_) => {
+            return Err((
+                ErrorCode::NotRegistered,
+                "send hello before anything else".to_owned(),
+            ))
+        }
+        Err(e) => return Err((ErrorCode::Malformed, format!("bad hello: {e}"))),
+    };
+    let public_key = check_hello(&shared.cfg, &hello, &nonce)?;
+    let mut local_addrs = hello.local_addrs;
+    local_addrs.truncate(MAX_LOCAL_ADDRS);
+    let client = Client {
+        conn_id,
+        public_key,
+        observed,
+        local_addrs,
+        rtt_us: 0,
+        tx,
+        replaced,
+    };
+    shared
+        .registry()
+        .register(&hello.name, client, shared.cfg.limits.max_clients)?;
+    let welcome = ServerMsg::Welcome {
+        observed_addr: observed,
+        server_time_us: unix_time_us(),
+    };
+    if send(ws, &welcome).await.is_err() {
+        shared.registry().unregister(&hello.name, conn_id);
+        return Err((ErrorCode::Timeout, "could not send welcome".to_owned()));
+    }
+    Ok(hello.name)
+}
+
+/// Token first (an outsider learns nothing else), then version, name, key
+/// and the signature over our nonce.
+fn check_hello(
+    cfg: &punch_config::RendezvousConfig,
+    hello: &Hello,
+    nonce: &[u8],
+) -> Result<[u8; 32], Refusal> {
+    if let Some(expected) = &cfg.token {
+        let given = hello.token.as_deref().unwrap_or("");
+        if !constant_time_eq(given.as_bytes(), expected.expose().as_bytes()) {
+            return Err((
+                ErrorCode::BadToken,
+                "missing or wrong network token; set [rendezvous] token to the server's".to_owned(),
+            ));
+        }
+    }
+    if hello.version != PROTOCOL_VERSION {
+        return Err((
+            ErrorCode::VersionMismatch,
+            format!(
+                "protocol version {} is not supported (server speaks {PROTOCOL_VERSION}); upgrade punchd or the server",
+                hello.version
+            ),
+        ));
+    }
+    PeerName::parse(&hello.name).map_err(|e| (ErrorCode::Malformed, e))?;
+    let key = decode_public_key(&hello.public_key)
+        .map_err(|e| (ErrorCode::BadSignature, e.to_string()))?;
+    verify_challenge(&key, nonce, &hello.signature).map_err(|_| {
+        (
+            ErrorCode::BadSignature,
+            "hello signature does not match the public key".to_owned(),
+        )
+    })?;
+    Ok(key.to_bytes())
+}
+
+/// A protocol violation (oversize, bad framing) is refused and counted; a
+/// plain network error (reset, EOF) is just a lost connection.
+fn frame_error(e: axum::Error) -> Option<Refusal> {
+    use tungstenite::error::Error as WsError;
+    let inner = e.into_inner();
+    match inner.downcast_ref::<WsError>() {
+        Some(WsError::Io(_) | WsError::ConnectionClosed | WsError::AlreadyClosed) => None,
+        Some(other) => Some((ErrorCode::Malformed, format!("bad frame: {other}"))),
+        None => Some((ErrorCode::Malformed, format!("bad frame: {inner}"))),
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// The registered loop. Returns why it ended, for the log.
+async fn registered(
+    ws: &mut WebSocket,
+    shared: &Shared,
+    name: &str,
+    mut outbox: mpsc::Receiver<ServerMsg>,
+    replaced: &CancellationToken,
+) -> String {
+    let limits = &shared.cfg.limits;
+    let mut bucket = TokenBucket::new(
+        limits.messages_per_second,
+        limits.message_burst,
+        Instant::now(),
+    );
+    loop {
+        let refusal = tokio::select! {
+            _ = shared.cancel.cancelled() => Some((ErrorCode::ShuttingDown, "server is shutting down; reconnect shortly".to_owned())),
+            _ = replaced.cancelled() => Some((ErrorCode::Replaced, "this name registered again from another connection".to_owned())),
+            Some(msg) = outbox.recv() => {
+                if send(ws, &msg).await.is_err() {
+                    return "send failed or timed out".to_owned();
+                }
+                None
+            }
+            incoming = tokio::time::timeout(limits.idle_timeout, ws.recv()) => match incoming {
+                Err(_) => Some((ErrorCode::Timeout, "idle for too long".to_owned())),
+                Ok(None) => return "closed by daemon".to_owned(),
+                Ok(Some(Err(e))) => match frame_error(e) {
+                    Some(refusal) => Some(refusal),
+                    None => return "connection lost".to_owned(),
+                },
+                Ok(Some(Ok(msg))) => {
+                    if !bucket.allow(Instant::now()) {
+                        Some((ErrorCode::RateLimited, format!("more than {} messages per second", limits.messages_per_second)))
+                    } else {
+                        match msg {
+                            Message::Text(text) => handle(ws, shared, name, text.as_str()).await,
+                            Message::Binary(_) => Some((ErrorCode::Malformed, "binary messages are not part of the protocol".to_owned())),
+                            Message::Close(_) => return "closed by daemon".to_owned(),
+                            Message::Ping(_) | Message::Pong(_) => None,
+                        }
+                    }
+                }
+            },
+        };
+        if let Some((code, message)) = refusal {
+            shared.metrics.refused(code);
+            warn!(code = code.as_str(), %message, "closing connection");
+            let _ = send(
+                ws,
+                &ServerMsg::Error {
+                    code,
+                    message: message.clone(),
+                },
+            )
+            .await;
+            return message;
+        }
+    }
+}
+
+/// Handles one text message. `Some` closes the connection with that error.
+async fn handle(ws: &mut WebSocket, shared: &Shared, name: &str, text: &str) -> Option<Refusal> {
+    let msg = match serde_json::from_str::<ClientMsg>(text) {
+        Ok(m) => m,
+        Err(e) => return Some((ErrorCode::Malformed, format!("unreadable message: {e}"))),
+    };
+    match msg {
+        ClientMsg::Ping { id, rtt_us } => {
+            if let Some(rtt) = rtt_us {
+                if let Some(c) = shared.registry().clients.get_mut(name) {
+                    c.rtt_us = rtt;
+                }
+            }
+            let pong = ServerMsg::Pong {
+                id,
+                server_time_us: unix_time_us(),
+            };
+            send(ws, &pong)
+                .await
+                .err()
+                .map(|_| (ErrorCode::Timeout, "pong not sent".to_owned()))
+        }
+        ClientMsg::Connect { peer } => {
+            if let Err((code, message)) = coordinate(shared, name, &peer) {
+                shared.metrics.refused(code);
+                info!(%peer, code = code.as_str(), "punch refused");
+                let err = ServerMsg::Error { code, message };
+                if send(ws, &err).await.is_err() {
+                    return Some((ErrorCode::Timeout, "error not sent".to_owned()));
+                }
+            }
+            None
+        }
+        ClientMsg::Result(r) => {
+            let known = shared
+                .registry()
+                .sessions
+                .get(&r.session)
+                .is_some_and(|s| s.sides.iter().any(|side| side.name == name));
+            if known {
+                shared.metrics.result(r.path);
+                match r.path {
+                    PathKind::None => {
+                        info!(session = %r.session, reason = ?r.reason, "punch failed")
+                    }
+                    path => {
+                        info!(session = %r.session, ?path, elapsed_ms = r.elapsed_ms, attempts = r.attempts, "punch result")
+                    }
+                }
+            }
+            None
+        }
+        ClientMsg::Hello(_) => Some((ErrorCode::Malformed, "already registered".to_owned())),
+    }
+}
+
+/// Creates a punch session and delivers both orders.
+fn coordinate(shared: &Shared, name: &str, peer: &str) -> Result<(), Refusal> {
+    let orders = shared.registry().coordinate(
+        name,
+        peer,
+        Instant::now(),
+        unix_time_us(),
+        shared.cfg.limits.max_pending_punches,
+    )?;
+    let session = orders[0].1.session.clone();
+    for (tx, order) in orders {
+        tx.try_send(ServerMsg::Punch(order)).map_err(|_| {
+            (
+                ErrorCode::Busy,
+                "the peer's connection is backed up; retry shortly".to_owned(),
+            )
+        })?;
+    }
+    shared.metrics.punches.fetch_add(1, Ordering::Relaxed);
+    info!(%peer, %session, "punch coordinated");
+    Ok(())
+}
+
+async fn send(ws: &mut WebSocket, msg: &ServerMsg) -> Result<(), ()> {
+    let text = serde_json::to_string(msg).map_err(|_| ())?;
+    match tokio::time::timeout(SEND_TIMEOUT, ws.send(Message::text(text))).await {
+        Ok(Ok(())) => Ok(()),
+        _ => Err(()),
+    }
+}
+
+/// The next text message, skipping control frames; `None` on close/error.
+async fn next_text(ws: &mut WebSocket) -> Option<String> {
+    loop {
+        match ws.recv().await? {
+            Ok(Message::Text(t)) => return Some(t.as_str().to_owned()),
+            Ok(Message::Ping(_) | Message::Pong(_)) => continue,
+            Ok(_) | Err(_) => return None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn token_comparison() {
+        assert!(constant_time_eq(b"abc", b"abc"));
+        assert!(!constant_time_eq(b"abc", b"abd"));
+        assert!(!constant_time_eq(b"abc", b"ab"));
+    }
+}

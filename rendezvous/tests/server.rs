@@ -1,0 +1,439 @@
+//! The real server on 127.0.0.1:0 with real WebSocket clients.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use ed25519_dalek::SigningKey;
+use futures::{SinkExt, StreamExt};
+use punch_config::{RendezvousConfig, Secret};
+use punch_rendezvous::protocol::{
+    b64, decode_nonce, sign_challenge, ClientMsg, ErrorCode, Hello, PathKind, PunchResult,
+    ServerMsg, PROTOCOL_VERSION,
+};
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+use tokio_util::sync::CancellationToken;
+
+type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+struct TestServer {
+    addr: SocketAddr,
+    cancel: CancellationToken,
+    task: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+impl TestServer {
+    async fn start(cfg: RendezvousConfig) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let cancel = CancellationToken::new();
+        let task = tokio::spawn(punch_rendezvous::server::run(listener, cfg, cancel.clone()));
+        Self { addr, cancel, task }
+    }
+
+    async fn stop(self) {
+        self.cancel.cancel();
+        tokio::time::timeout(Duration::from_secs(10), self.task)
+            .await
+            .expect("server stops in time")
+            .unwrap()
+            .unwrap();
+    }
+
+    async fn get(&self, path: &str) -> String {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = TcpStream::connect(self.addr).await.unwrap();
+        s.write_all(format!("GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").as_bytes())
+            .await
+            .unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.unwrap();
+        out
+    }
+
+    async fn metric(&self, line_prefix: &str) -> u64 {
+        let text = self.get("/metrics").await;
+        text.lines()
+            .find_map(|l| l.strip_prefix(line_prefix)?.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no metric {line_prefix} in\n{text}"))
+    }
+}
+
+async fn open(addr: SocketAddr) -> Ws {
+    let (ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/v1/ws"))
+        .await
+        .unwrap();
+    ws
+}
+
+async fn recv(ws: &mut Ws) -> ServerMsg {
+    loop {
+        let msg = tokio::time::timeout(Duration::from_secs(5), ws.next())
+            .await
+            .expect("message in time")
+            .expect("stream open")
+            .expect("no error");
+        if let Message::Text(t) = msg {
+            return serde_json::from_str(t.as_str()).unwrap();
+        }
+    }
+}
+
+async fn send(ws: &mut Ws, msg: &ClientMsg) {
+    ws.send(Message::text(serde_json::to_string(msg).unwrap()))
+        .await
+        .unwrap();
+}
+
+/// Runs the handshake; `forge` signs with another key than the one claimed.
+async fn hello(
+    addr: SocketAddr,
+    name: &str,
+    key: &SigningKey,
+    token: Option<&str>,
+    forge: bool,
+) -> (Ws, ServerMsg) {
+    let mut ws = open(addr).await;
+    let ServerMsg::Challenge { version, nonce } = recv(&mut ws).await else {
+        panic!("expected challenge")
+    };
+    assert_eq!(version, PROTOCOL_VERSION);
+    let nonce = decode_nonce(&nonce).unwrap();
+    let signer = if forge {
+        SigningKey::from_bytes(&[0xEE; 32])
+    } else {
+        key.clone()
+    };
+    let msg = ClientMsg::Hello(Hello {
+        version: PROTOCOL_VERSION,
+        name: name.to_owned(),
+        public_key: b64(key.verifying_key().as_bytes()),
+        local_addrs: vec!["192.0.2.10:40000".parse().unwrap()],
+        token: token.map(str::to_owned),
+        signature: sign_challenge(&signer, &nonce),
+    });
+    send(&mut ws, &msg).await;
+    let answer = recv(&mut ws).await;
+    (ws, answer)
+}
+
+fn key(seed: u8) -> SigningKey {
+    SigningKey::from_bytes(&[seed; 32])
+}
+
+fn error_code(msg: &ServerMsg) -> ErrorCode {
+    match msg {
+        ServerMsg::Error { code, .. } => *code,
+        other => panic!("expected error, got {other:?}"),
+    }
+}
+
+/// The next message must be an error with `code` (or the socket closes).
+async fn expect_refused(ws: &mut Ws, code: ErrorCode) {
+    assert_eq!(error_code(&recv(ws).await), code);
+}
+
+#[tokio::test]
+async fn good_signature_registers_and_reports_observed_address() {
+    let server = TestServer::start(RendezvousConfig::default()).await;
+    let (ws, welcome) = hello(server.addr, "alice", &key(1), None, false).await;
+    let ServerMsg::Welcome {
+        observed_addr,
+        server_time_us,
+    } = welcome
+    else {
+        panic!("expected welcome, got {welcome:?}")
+    };
+    // The server saw exactly the client socket's address.
+    let local = match ws.get_ref() {
+        MaybeTlsStream::Plain(s) => s.local_addr().unwrap(),
+        _ => unreachable!(),
+    };
+    assert_eq!(observed_addr, local);
+    let now = punch_rendezvous::protocol::unix_time_us();
+    assert!(now.abs_diff(server_time_us) < 5_000_000);
+    assert_eq!(server.metric("punch_rendezvous_connected_daemons").await, 1);
+    drop(ws);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn forged_signature_is_refused() {
+    let server = TestServer::start(RendezvousConfig::default()).await;
+    let (_ws, answer) = hello(server.addr, "alice", &key(1), None, true).await;
+    assert_eq!(error_code(&answer), ErrorCode::BadSignature);
+    assert_eq!(
+        server
+            .metric("punch_rendezvous_refusals_total{reason=\"bad_signature\"}")
+            .await,
+        1
+    );
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn wrong_or_missing_token_is_refused_first() {
+    let cfg = RendezvousConfig {
+        token: Some(Secret::new("s3cret")),
+        ..Default::default()
+    };
+    let server = TestServer::start(cfg).await;
+    // Even a forged signature reports the token problem: the token is checked first.
+    let (_a, answer) = hello(server.addr, "alice", &key(1), Some("wrong"), true).await;
+    assert_eq!(error_code(&answer), ErrorCode::BadToken);
+    let (_b, answer) = hello(server.addr, "alice", &key(1), None, false).await;
+    assert_eq!(error_code(&answer), ErrorCode::BadToken);
+    let (_c, answer) = hello(server.addr, "alice", &key(1), Some("s3cret"), false).await;
+    assert!(matches!(answer, ServerMsg::Welcome { .. }), "{answer:?}");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn name_takeover_is_refused_and_same_key_replaces() {
+    let server = TestServer::start(RendezvousConfig::default()).await;
+    let (mut first, w) = hello(server.addr, "alice", &key(1), None, false).await;
+    assert!(matches!(w, ServerMsg::Welcome { .. }));
+    let (_m, answer) = hello(server.addr, "alice", &key(2), None, false).await;
+    assert_eq!(error_code(&answer), ErrorCode::NameTaken);
+    // The same key from a new connection (a restarted daemon) wins.
+    let (_second, w) = hello(server.addr, "alice", &key(1), None, false).await;
+    assert!(matches!(w, ServerMsg::Welcome { .. }));
+    expect_refused(&mut first, ErrorCode::Replaced).await;
+    assert_eq!(server.metric("punch_rendezvous_connected_daemons").await, 1);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn punch_reaches_both_sides_with_one_session_and_time() {
+    let server = TestServer::start(RendezvousConfig::default()).await;
+    let (mut a, wa) = hello(server.addr, "alice", &key(1), None, false).await;
+    let (mut b, wb) = hello(server.addr, "bob", &key(2), None, false).await;
+    let (
+        ServerMsg::Welcome {
+            observed_addr: oa, ..
+        },
+        ServerMsg::Welcome {
+            observed_addr: ob, ..
+        },
+    ) = (wa, wb)
+    else {
+        panic!("both register")
+    };
+    send(
+        &mut b,
+        &ClientMsg::Ping {
+            id: 7,
+            rtt_us: Some(80_000),
+        },
+    )
+    .await;
+    assert!(matches!(recv(&mut b).await, ServerMsg::Pong { id: 7, .. }));
+    let before = punch_rendezvous::protocol::unix_time_us();
+    send(&mut a, &ClientMsg::Connect { peer: "bob".into() }).await;
+    let (ServerMsg::Punch(pa), ServerMsg::Punch(pb)) = (recv(&mut a).await, recv(&mut b).await)
+    else {
+        panic!("both get punch orders")
+    };
+    assert_eq!(pa.session, pb.session);
+    assert_eq!(pa.at_us, pb.at_us);
+    // Bob is 80 ms away: his order needs ~40 ms, so `at` is further out.
+    assert!(
+        pa.at_us >= before + 40_000,
+        "at {} too soon",
+        pa.at_us - before
+    );
+    assert!(pa.at_us <= before + 1_000_000);
+    assert!(pa.initiator && !pb.initiator);
+    assert_eq!((pa.peer.as_str(), pb.peer.as_str()), ("bob", "alice"));
+    assert_eq!(pa.public_key, b64(key(2).verifying_key().as_bytes()));
+    assert_eq!(pa.candidates[0], ob);
+    assert_eq!(pb.candidates[0], oa);
+    assert_eq!(pb.candidates[1], "192.0.2.10:40000".parse().unwrap());
+    let result = ClientMsg::Result(PunchResult {
+        session: pa.session.clone(),
+        path: PathKind::Direct,
+        elapsed_ms: 12,
+        attempts: 1,
+        reason: None,
+    });
+    send(&mut a, &result).await;
+    send(
+        &mut a,
+        &ClientMsg::Ping {
+            id: 8,
+            rtt_us: None,
+        },
+    )
+    .await;
+    assert!(matches!(recv(&mut a).await, ServerMsg::Pong { id: 8, .. }));
+    assert_eq!(
+        server
+            .metric("punch_rendezvous_punches_coordinated_total")
+            .await,
+        1
+    );
+    assert_eq!(
+        server
+            .metric("punch_rendezvous_punch_results_total{path=\"direct\"}")
+            .await,
+        1
+    );
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn unknown_peer_and_self_connect_get_clear_errors() {
+    let server = TestServer::start(RendezvousConfig::default()).await;
+    let (mut a, _) = hello(server.addr, "alice", &key(1), None, false).await;
+    send(
+        &mut a,
+        &ClientMsg::Connect {
+            peer: "nobody".into(),
+        },
+    )
+    .await;
+    let msg = recv(&mut a).await;
+    let ServerMsg::Error { code, message } = &msg else {
+        panic!("{msg:?}")
+    };
+    assert_eq!(*code, ErrorCode::UnknownPeer);
+    assert!(message.contains("nobody"), "{message}");
+    send(
+        &mut a,
+        &ClientMsg::Connect {
+            peer: "alice".into(),
+        },
+    )
+    .await;
+    expect_refused(&mut a, ErrorCode::SelfConnect).await;
+    // The connection stays usable after a refused connect.
+    send(
+        &mut a,
+        &ClientMsg::Ping {
+            id: 1,
+            rtt_us: None,
+        },
+    )
+    .await;
+    assert!(matches!(recv(&mut a).await, ServerMsg::Pong { id: 1, .. }));
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn oversize_and_malformed_frames_close_only_that_connection() {
+    let server = TestServer::start(RendezvousConfig::default()).await;
+    let (mut good, _) = hello(server.addr, "good", &key(1), None, false).await;
+
+    let (mut bad, _) = hello(server.addr, "bad", &key(2), None, false).await;
+    send(
+        &mut bad,
+        &ClientMsg::Ping {
+            id: 1,
+            rtt_us: None,
+        },
+    )
+    .await;
+    let _ = recv(&mut bad).await;
+    bad.send(Message::text("{not json")).await.unwrap();
+    expect_refused(&mut bad, ErrorCode::Malformed).await;
+
+    let (mut huge, _) = hello(server.addr, "huge", &key(3), None, false).await;
+    let _ = huge.send(Message::text("x".repeat(1024 * 1024))).await;
+    // The server drops the connection: no more answers come back.
+    let closed = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            match huge.next().await {
+                None | Some(Err(_)) | Some(Ok(Message::Close(_))) => break,
+                Some(Ok(_)) => continue,
+            }
+        }
+    })
+    .await;
+    assert!(closed.is_ok(), "oversize sender was not disconnected");
+
+    // A client that never says hello is refused too.
+    let mut mute = open(server.addr).await;
+    let _challenge = recv(&mut mute).await;
+    send(
+        &mut mute,
+        &ClientMsg::Connect {
+            peer: "good".into(),
+        },
+    )
+    .await;
+    expect_refused(&mut mute, ErrorCode::NotRegistered).await;
+
+    // Everyone else is still served.
+    send(
+        &mut good,
+        &ClientMsg::Ping {
+            id: 9,
+            rtt_us: None,
+        },
+    )
+    .await;
+    assert!(matches!(
+        recv(&mut good).await,
+        ServerMsg::Pong { id: 9, .. }
+    ));
+    assert!(
+        server
+            .metric("punch_rendezvous_refusals_total{reason=\"malformed\"}")
+            .await
+            >= 1
+    );
+    assert!(server.get("/healthz").await.contains("200 OK"));
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn message_floods_are_rate_limited() {
+    let mut cfg = RendezvousConfig::default();
+    cfg.limits.messages_per_second = 5;
+    cfg.limits.message_burst = 5;
+    let server = TestServer::start(cfg).await;
+    let (mut a, _) = hello(server.addr, "alice", &key(1), None, false).await;
+    for id in 0..50 {
+        if a.send(Message::text(
+            serde_json::to_string(&ClientMsg::Ping { id, rtt_us: None }).unwrap(),
+        ))
+        .await
+        .is_err()
+        {
+            break;
+        }
+    }
+    let mut refused = false;
+    while let Ok(Some(Ok(msg))) = tokio::time::timeout(Duration::from_secs(5), a.next()).await {
+        if let Message::Text(t) = msg {
+            if let ServerMsg::Error { code, .. } = serde_json::from_str(t.as_str()).unwrap() {
+                assert_eq!(code, ErrorCode::RateLimited);
+                refused = true;
+            }
+        }
+    }
+    assert!(refused, "a flood must be refused");
+    assert_eq!(
+        server
+            .metric("punch_rendezvous_refusals_total{reason=\"rate_limited\"}")
+            .await,
+        1
+    );
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn shutdown_tells_daemons_and_returns() {
+    let server = TestServer::start(RendezvousConfig::default()).await;
+    let (mut a, _) = hello(server.addr, "alice", &key(1), None, false).await;
+    server.cancel.cancel();
+    expect_refused(&mut a, ErrorCode::ShuttingDown).await;
+    tokio::time::timeout(Duration::from_secs(10), server.task)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+}
