@@ -1,1 +1,85 @@
-//! placeholder
+//! punch-lab: a NAT lab built from Linux network namespaces, for testing
+//! punchd against real NAT behaviour.
+//!
+//! Where to start reading:
+//! - [`netns`]: one namespace, commands and processes inside it, removal.
+//! - [`topology`]: the address plan and the scenario layouts (two NATs,
+//!   same NAT, one public host, double NAT) with their NAT flavours.
+//! - [`nat`]: the nftables rule sets for each NAT flavour.
+//! - [`scenario`]: runs the real binaries in a topology, moves a
+//!   checksummed transfer and checks the guarantees from outside.
+//! - [`transfer`]: the sink and sender used for that transfer (run inside
+//!   namespaces by the `punch-lab-tool` binary).
+//!
+//! Everything a run creates carries a per-scenario prefix and is removed
+//! when the [`topology::Topology`] is dropped (also on panic), on Ctrl-C,
+//! and, after a crash, at the start of the next run with the same prefix.
+
+pub mod nat;
+pub mod netns;
+pub mod scenario;
+pub mod topology;
+pub mod transfer;
+
+use std::path::Path;
+
+/// Environment variable that turns a lab skip into a failure (set in CI).
+pub const REQUIRE_ENV: &str = "PUNCH_LAB_REQUIRE";
+
+/// Why the lab cannot run here, if it cannot.
+pub fn unavailable() -> Option<String> {
+    let uid = std::process::Command::new("id")
+        .arg("-u")
+        .output()
+        .ok()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned());
+    if uid.as_deref() != Some("0") {
+        return Some("the NAT lab needs root (network namespaces and nftables)".to_owned());
+    }
+    for tool in ["ip", "nft", "ss", "conntrack"] {
+        if !on_path(tool) {
+            return Some(format!(
+                "`{tool}` is not installed (apt-get install iproute2 nftables conntrack)"
+            ));
+        }
+    }
+    None
+}
+
+/// The scenario matrix from DESIGN.md, by name.
+pub fn scenarios() -> Vec<scenario::Scenario> {
+    use nat::NatBehaviour as N;
+    use scenario::{Expect, Scenario};
+    use topology::Layout as L;
+    vec![
+        Scenario::new("masquerade", L::TwoNats(N::Masquerade), Expect::Direct),
+        Scenario::new("drop", L::TwoNats(N::DropUnsolicited), Expect::Direct),
+        Scenario::new("rst", L::TwoNats(N::RejectRst), Expect::Direct),
+        Scenario::new("same-nat", L::SameNat, Expect::Direct),
+        Scenario::new("public", L::OnePublic, Expect::Direct),
+        Scenario::new("double-nat", L::DoubleNat, Expect::Direct),
+        Scenario::new("random", L::TwoNats(N::RandomFully), Expect::PunchFails),
+    ]
+}
+
+fn on_path(tool: &str) -> bool {
+    std::env::var_os("PATH")
+        .is_some_and(|p| std::env::split_paths(&p).any(|d| Path::new(&d).join(tool).is_file()))
+}
+
+/// Returns true if the lab can run; otherwise prints why and returns false,
+/// or panics when [`REQUIRE_ENV`] is set (so CI cannot silently skip).
+pub fn available_or_skip(test: &str) -> bool {
+    match unavailable() {
+        None => true,
+        Some(reason) if std::env::var_os(REQUIRE_ENV).is_some() => {
+            panic!(
+                "{test}: the NAT lab is required ({REQUIRE_ENV} is set) but cannot run: {reason}"
+            )
+        }
+        Some(reason) => {
+            eprintln!("SKIP {test}: {reason}");
+            false
+        }
+    }
+}

@@ -1,0 +1,140 @@
+//! `punch-lab-tool`: the lab's helper, run inside namespaces by the tests
+//! and by hand.
+//!
+//! - `sink --listen ADDR`: hash everything each connection sends, answer
+//!   with the sha256.
+//! - `send --connect ADDR --bytes N --streams K`: push checksummed streams,
+//!   print a JSON report, exit 1 on any mismatch.
+//! - `run SCENARIO`: build one scenario by hand and keep it up until Enter
+//!   (or Ctrl-C), printing how to look at it.
+//! - `cleanup`: remove every lab namespace.
+
+use std::net::SocketAddr;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(about = "punchd NAT lab helper")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Hash what each connection sends and answer with the sha256.
+    Sink {
+        #[arg(long)]
+        listen: SocketAddr,
+    },
+    /// Send checksummed streams through a forward.
+    Send {
+        #[arg(long)]
+        connect: SocketAddr,
+        #[arg(long, default_value_t = 64 * 1024 * 1024)]
+        bytes: u64,
+        #[arg(long, default_value_t = 8)]
+        streams: usize,
+    },
+    /// Build a scenario, punch, and keep it up for inspection.
+    Run {
+        /// masquerade, drop, rst, same-nat, public, double-nat, random
+        scenario: String,
+    },
+    /// Remove every lab namespace.
+    Cleanup,
+}
+
+fn main() -> ExitCode {
+    match Cli::parse().cmd {
+        Cmd::Sink { listen } => match runtime().block_on(punch_lab::transfer::sink(listen)) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                ExitCode::from(1)
+            }
+        },
+        Cmd::Send {
+            connect,
+            bytes,
+            streams,
+        } => {
+            let report = runtime().block_on(punch_lab::transfer::send(connect, bytes, streams));
+            println!("{}", serde_json::to_string(&report).unwrap_or_default());
+            if report.ok {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            }
+        }
+        Cmd::Run { scenario } => by_hand(&scenario),
+        Cmd::Cleanup => {
+            punch_lab::scenario::cleanup();
+            ExitCode::SUCCESS
+        }
+    }
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            std::process::exit(1)
+        }
+    }
+}
+
+fn by_hand(name: &str) -> ExitCode {
+    use punch_lab::scenario::{Binaries, Run};
+    let Some(scenario) = punch_lab::scenarios().into_iter().find(|s| s.name == name) else {
+        eprintln!(
+            "error: unknown scenario {name:?}; one of: {}",
+            punch_lab::scenarios()
+                .iter()
+                .map(|s| s.name.clone())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        return ExitCode::from(2);
+    };
+    if let Some(why) = punch_lab::unavailable() {
+        eprintln!("error: {why}");
+        return ExitCode::from(2);
+    }
+    punch_lab::scenario::cleanup_on_ctrl_c();
+    let bins = match std::env::current_exe()
+        .map_err(anyhow::Error::from)
+        .and_then(|p| Binaries::beside(&p))
+    {
+        Ok(b) => b,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return ExitCode::from(1);
+        }
+    };
+    let run = match Run::start(&scenario, &bins) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return ExitCode::from(1);
+        }
+    };
+    let p = run.topo.prefix().to_owned();
+    println!(
+        "scenario {name} is up; logs and configs in {}",
+        run.dir.display()
+    );
+    println!(
+        "  status:  ip netns exec {p}hostA {} status",
+        bins.punchd.display()
+    );
+    println!("  capture: ip netns exec {p}inet tcpdump -ni br0 tcp port 40000");
+    println!("  send:    ip netns exec {p}hostA {} send --connect 127.0.0.1:10000 --bytes 1000000 --streams 1", bins.tool.display());
+    println!("press Enter to tear it down");
+    let mut line = String::new();
+    let _ = std::io::stdin().read_line(&mut line);
+    drop(run);
+    ExitCode::SUCCESS
+}

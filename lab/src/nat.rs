@@ -1,0 +1,56 @@
+//! NAT flavours as nftables rule sets for a NAT namespace whose outside
+//! interface is `wan0`.
+//!
+//! All of them masquerade outbound traffic. They differ in what happens to
+//! an unsolicited inbound SYN (one that matches no mapping and so would be
+//! delivered to the NAT box itself) and in how ports are chosen:
+//! - `Masquerade`: plain Linux; the NAT's own stack answers with RST.
+//! - `DropUnsolicited`: the SYN is dropped silently.
+//! - `RejectRst`: an explicit `reject with tcp reset`.
+//! - `RandomFully`: ports are randomized for every mapping, which defeats
+//!   simultaneous open (the peer cannot know the port).
+
+/// How a NAT treats traffic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NatBehaviour {
+    /// Port-preserving masquerade, no extra rules.
+    Masquerade,
+    /// Masquerade; unsolicited inbound SYNs are dropped.
+    DropUnsolicited,
+    /// Masquerade; unsolicited inbound SYNs get a RST.
+    RejectRst,
+    /// Masquerade with fully random source ports.
+    RandomFully,
+}
+
+/// The rule set for a NAT namespace.
+pub fn ruleset(b: NatBehaviour) -> String {
+    let masq = match b {
+        NatBehaviour::RandomFully => "masquerade fully-random",
+        _ => "masquerade",
+    };
+    let unsolicited = match b {
+        NatBehaviour::DropUnsolicited => "iifname \"wan0\" tcp flags & (syn | ack) == syn drop",
+        NatBehaviour::RejectRst => {
+            "iifname \"wan0\" tcp flags & (syn | ack) == syn reject with tcp reset"
+        }
+        _ => "",
+    };
+    format!(
+        "table ip lab_nat {{\n  chain post {{ type nat hook postrouting priority 100; oifname \"wan0\" {masq}; }}\n}}\n\
+         table inet lab_filter {{\n  chain input {{ type filter hook input priority 0; policy accept; {unsolicited}; }}\n}}\n"
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rulesets_differ_where_they_should() {
+        assert!(ruleset(NatBehaviour::RandomFully).contains("fully-random"));
+        assert!(ruleset(NatBehaviour::DropUnsolicited).contains("drop"));
+        assert!(ruleset(NatBehaviour::RejectRst).contains("tcp reset"));
+        assert!(!ruleset(NatBehaviour::Masquerade).contains("drop"));
+    }
+}

@@ -1,0 +1,530 @@
+//! One lab scenario, end to end: build the network, start the real
+//! `punch-rendezvous` and `punchd` binaries in it, move a checksummed
+//! transfer through a forward, and check from outside the daemons that the
+//! path is direct, that no punch port ever listened, and that the
+//! rendezvous carried (almost) none of the bytes.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context as _, Result};
+use serde_json::Value;
+
+use crate::topology::{Layout, Topology, RENDEZVOUS_IP};
+use crate::transfer::SendReport;
+
+/// The punch port both daemons use.
+pub const PUNCH_PORT: u16 = 40000;
+/// alice's forward listener, inside hostA.
+pub const FORWARD_LISTEN: &str = "127.0.0.1:10000";
+/// The sink bob exposes, inside hostB.
+pub const SINK_LISTEN: &str = "127.0.0.1:9000";
+const ADMIN: &str = "127.0.0.1:7070";
+
+/// Where the binaries are.
+#[derive(Debug, Clone)]
+pub struct Binaries {
+    /// punchd.
+    pub punchd: PathBuf,
+    /// punch-rendezvous.
+    pub rendezvous: PathBuf,
+    /// punch-lab-tool (sink and sender).
+    pub tool: PathBuf,
+}
+
+impl Binaries {
+    /// The workspace binaries next to `tool` (same target directory).
+    pub fn beside(tool: &Path) -> Result<Self> {
+        let dir = tool
+            .parent()
+            .ok_or_else(|| anyhow!("{} has no folder", tool.display()))?;
+        let bins = Self {
+            punchd: dir.join("punchd"),
+            rendezvous: dir.join("punch-rendezvous"),
+            tool: tool.to_owned(),
+        };
+        for b in [&bins.punchd, &bins.rendezvous, &bins.tool] {
+            if !b.is_file() {
+                bail!("{} is missing: run `cargo build --workspace` (or `cargo test --workspace`) first", b.display());
+            }
+        }
+        Ok(bins)
+    }
+}
+
+/// What a scenario should end in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Expect {
+    /// A direct path.
+    Direct,
+    /// No direct path, reported as a failed punch (no relay fallback).
+    PunchFails,
+}
+
+/// A scenario to run.
+#[derive(Debug, Clone)]
+pub struct Scenario {
+    /// Short name; also the namespace prefix.
+    pub name: String,
+    /// The network.
+    pub layout: Layout,
+    /// The expected outcome.
+    pub expect: Expect,
+    /// Bytes to move (split over `streams`).
+    pub bytes: u64,
+    /// Parallel streams.
+    pub streams: usize,
+    /// Extra `[punch]` lines for both daemons.
+    pub punch_extra: String,
+}
+
+impl Scenario {
+    /// The standard scenario: 64 MiB over 8 streams.
+    pub fn new(name: &str, layout: Layout, expect: Expect) -> Self {
+        Self {
+            name: name.to_owned(),
+            layout,
+            expect,
+            bytes: 64 * 1024 * 1024,
+            streams: 8,
+            punch_extra: String::new(),
+        }
+    }
+}
+
+/// What a scenario measured.
+#[derive(Debug, Clone, Default)]
+pub struct Report {
+    /// Scenario name.
+    pub name: String,
+    /// `direct`, `relayed` or `none` as alice's status says.
+    pub path: String,
+    /// alice's remote endpoint for bob.
+    pub remote: String,
+    /// Punch order → tunnel ready, from alice's status.
+    pub punch_ms: u64,
+    /// connect() attempts alice made.
+    pub attempts: u64,
+    /// Daemons started → alice's status says direct.
+    pub ready_ms: u64,
+    /// The transfer.
+    pub transfer: Option<SendReport>,
+    /// Bytes the rendezvous interface saw during the transfer.
+    pub rendezvous_bytes_during_transfer: u64,
+    /// The failure reason alice reported, for `PunchFails`.
+    pub punch_reason: Option<String>,
+}
+
+impl std::fmt::Display for Report {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{:<12} path={:<7} remote={:<20} punch={}ms attempts={} ready={}ms",
+            self.name, self.path, self.remote, self.punch_ms, self.attempts, self.ready_ms
+        )?;
+        if let Some(t) = &self.transfer {
+            let mbit = t.bytes as f64 * 8.0 / t.seconds.max(1e-9) / 1e6;
+            write!(
+                f,
+                " transfer={}MiB/{}streams in {:.2}s ({mbit:.0} Mbit/s) rendezvous_bytes={}",
+                t.bytes >> 20,
+                t.streams,
+                t.seconds,
+                self.rendezvous_bytes_during_transfer
+            )?;
+        }
+        if let Some(r) = &self.punch_reason {
+            write!(f, " reason={r:?}")?;
+        }
+        Ok(())
+    }
+}
+
+/// The lab's namespace prefix for a scenario name.
+pub fn prefix(name: &str) -> String {
+    format!("pl-{name}-")
+}
+
+/// A running lab: topology, working directory, process handles.
+pub struct Run {
+    /// The network.
+    pub topo: Topology,
+    /// Configs, keys and logs.
+    pub dir: PathBuf,
+    bins: Binaries,
+    /// Index of alice's punchd in hostA.
+    pub alice: usize,
+    /// Index of bob's punchd in hostB.
+    pub bob: usize,
+    /// Index of the rendezvous in rv.
+    pub rendezvous: usize,
+    started: Instant,
+}
+
+fn keygen(bins: &Binaries, path: &Path) -> Result<String> {
+    let out = crate::netns::run(
+        bins.punchd.to_str().unwrap_or("punchd"),
+        &["keygen", "--out", path.to_str().unwrap_or("")],
+    )?;
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+}
+
+fn wait<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Result<T> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return Ok(v);
+        }
+        if Instant::now() > deadline {
+            bail!("timed out after {timeout:?} waiting for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Whether `ns` has a TCP listener on `port`.
+pub fn listens_on(ns: &str, port: u16) -> bool {
+    std::process::Command::new("ip")
+        .args(["netns", "exec", ns, "ss", "-ltnH"])
+        .output()
+        .map(|o| {
+            String::from_utf8_lossy(&o.stdout).lines().any(|l| {
+                l.split_whitespace()
+                    .nth(3)
+                    .is_some_and(|a| a.ends_with(&format!(":{port}")))
+            })
+        })
+        .unwrap_or(false)
+}
+
+impl Run {
+    /// Builds the network and starts rendezvous, sink and both daemons.
+    pub fn start(s: &Scenario, bins: &Binaries) -> Result<Self> {
+        let topo = Topology::build(&prefix(&s.name), s.layout)?;
+        let dir = std::env::temp_dir().join(format!("punch-lab-{}", s.name));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir)?;
+        let alice_key = keygen(bins, &dir.join("alice.key"))?;
+        let bob_key = keygen(bins, &dir.join("bob.key"))?;
+        let url = format!("http://{RENDEZVOUS_IP}:8080");
+        let punch = format!("port = {PUNCH_PORT}\ntimeout = \"10s\"\n{}", s.punch_extra);
+        let alice_cfg = format!(
+            "name = \"alice\"\nkey_file = \"alice.key\"\n[rendezvous]\nurl = \"{url}\"\n[punch]\n{punch}\n[admin]\nlisten = \"{ADMIN}\"\n\
+             [[peers]]\nname = \"bob\"\npublic_key = \"{bob_key}\"\n[[forward]]\nlisten = \"{FORWARD_LISTEN}\"\npeer = \"bob\"\nservice = \"sink\"\n"
+        );
+        let bob_cfg = format!(
+            "name = \"bob\"\nkey_file = \"bob.key\"\n[rendezvous]\nurl = \"{url}\"\n[punch]\n{punch}\n[admin]\nlisten = \"{ADMIN}\"\n\
+             [[peers]]\nname = \"alice\"\npublic_key = \"{alice_key}\"\n[[expose]]\nname = \"sink\"\ntarget = \"{SINK_LISTEN}\"\nallow = [\"alice\"]\n"
+        );
+        std::fs::write(dir.join("alice.toml"), alice_cfg)?;
+        std::fs::write(dir.join("bob.toml"), bob_cfg)?;
+        let mut run = Self {
+            topo,
+            dir,
+            bins: bins.clone(),
+            alice: 0,
+            bob: 0,
+            rendezvous: 0,
+            started: Instant::now(),
+        };
+        run.rendezvous = run.start_rendezvous()?;
+        let sink_log = run.dir.join("sink.log");
+        run.topo.host_b.spawn(
+            &run.bins.tool,
+            &["sink", "--listen", SINK_LISTEN],
+            &[],
+            &sink_log,
+        )?;
+        run.bob = run.start_daemon("bob")?;
+        run.alice = run.start_daemon("alice")?;
+        run.started = Instant::now();
+        Ok(run)
+    }
+
+    /// Starts punch-rendezvous in rv and waits until it listens.
+    pub fn start_rendezvous(&mut self) -> Result<usize> {
+        let log = self.dir.join("rendezvous.log");
+        let i = self.topo.rv.spawn(
+            &self.bins.rendezvous,
+            &["--listen", "0.0.0.0:8080"],
+            &[("RUST_LOG", "info")],
+            &log,
+        )?;
+        let rv = self.topo.rv.name().to_owned();
+        wait("the rendezvous to listen", Duration::from_secs(10), || {
+            listens_on(&rv, 8080).then_some(())
+        })?;
+        Ok(i)
+    }
+
+    /// Starts (or restarts) a daemon; its log is appended per start.
+    pub fn start_daemon(&mut self, who: &str) -> Result<usize> {
+        let cfg = self.dir.join(format!("{who}.toml"));
+        let log = self.dir.join(format!(
+            "{who}.{}.log",
+            Instant::now().elapsed().as_nanos() % 1_000_000 + std::process::id() as u128 % 7
+        ));
+        let ns = if who == "alice" {
+            &mut self.topo.host_a
+        } else {
+            &mut self.topo.host_b
+        };
+        ns.spawn(
+            &self.bins.punchd,
+            &["--config", cfg.to_str().unwrap_or("")],
+            &[("RUST_LOG", "info,punchd=debug")],
+            &log,
+        )
+    }
+
+    /// `punchd status --json` run inside a host.
+    pub fn status(&self, who: &str) -> Result<Value> {
+        let ns = if who == "alice" {
+            &self.topo.host_a
+        } else {
+            &self.topo.host_b
+        };
+        let out = ns.exec_output(
+            self.bins.punchd.to_str().unwrap_or("punchd"),
+            &["status", "--admin", ADMIN, "--json"],
+        )?;
+        if !out.status.success() {
+            bail!(
+                "punchd status in {}: {}",
+                ns.name(),
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(serde_json::from_slice(&out.stdout)?)
+    }
+
+    /// Waits until `who`'s first peer reports `path`.
+    pub fn wait_path(&self, who: &str, path: &str, timeout: Duration) -> Result<Value> {
+        wait(&format!("{who} to report path {path}"), timeout, || {
+            self.status(who)
+                .ok()
+                .filter(|v| v["peers"][0]["path"] == path)
+        })
+    }
+
+    /// Runs the sender in hostA through alice's forward.
+    pub fn transfer(&self, bytes: u64, streams: usize) -> Result<SendReport> {
+        let out = self.topo.host_a.exec_output(
+            self.bins.tool.to_str().unwrap_or("punch-lab-tool"),
+            &[
+                "send",
+                "--connect",
+                FORWARD_LISTEN,
+                "--bytes",
+                &bytes.to_string(),
+                "--streams",
+                &streams.to_string(),
+            ],
+        )?;
+        serde_json::from_slice(&out.stdout).with_context(|| {
+            format!(
+                "sender output: {}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            )
+        })
+    }
+
+    /// The last lines of every log, for a failure message.
+    pub fn log_tails(&self) -> String {
+        let mut out = String::new();
+        if let Ok(entries) = std::fs::read_dir(&self.dir) {
+            let mut logs: Vec<_> = entries
+                .flatten()
+                .map(|e| e.path())
+                .filter(|p| p.extension().is_some_and(|x| x == "log"))
+                .collect();
+            logs.sort();
+            for p in logs {
+                let text = std::fs::read_to_string(&p).unwrap_or_default();
+                let lines: Vec<&str> = text.lines().collect();
+                out.push_str(&format!("--- {} (last 25 lines)\n", p.display()));
+                for l in &lines[lines.len().saturating_sub(25)..] {
+                    out.push_str(l);
+                    out.push('\n');
+                }
+            }
+        }
+        out
+    }
+}
+
+/// Watches both hosts for a listener on the punch port until stopped.
+pub struct ListenerWatch {
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<Vec<String>>>,
+}
+
+impl ListenerWatch {
+    /// Starts watching these namespaces.
+    pub fn start(namespaces: Vec<String>, port: u16) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let mut seen = Vec::new();
+            while !flag.load(Ordering::Relaxed) {
+                for ns in &namespaces {
+                    if listens_on(ns, port) && !seen.contains(ns) {
+                        seen.push(ns.clone());
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(25));
+            }
+            seen
+        });
+        Self {
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    /// Stops and returns the namespaces where a listener was seen.
+    pub fn finish(mut self) -> Vec<String> {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread
+            .take()
+            .and_then(|t| t.join().ok())
+            .unwrap_or_default()
+    }
+}
+
+fn u64_at(v: &Value, path: &[&str]) -> u64 {
+    path.iter().fold(v, |v, k| &v[*k]).as_u64().unwrap_or(0)
+}
+
+/// Runs a scenario and checks its guarantees. On failure the error carries
+/// the tails of every log.
+pub fn run(s: &Scenario, bins: &Binaries) -> Result<Report> {
+    let run = Run::start(s, bins)?;
+    let result = check(s, &run);
+    match result {
+        Ok(r) => {
+            let _ = std::fs::remove_dir_all(&run.dir);
+            Ok(r)
+        }
+        Err(e) => Err(anyhow!("{e:#}\n{}", run.log_tails())),
+    }
+}
+
+fn check(s: &Scenario, run: &Run) -> Result<Report> {
+    let watch = ListenerWatch::start(
+        vec![
+            run.topo.host_a.name().to_owned(),
+            run.topo.host_b.name().to_owned(),
+        ],
+        PUNCH_PORT,
+    );
+    let mut report = Report {
+        name: s.name.clone(),
+        ..Default::default()
+    };
+    match s.expect {
+        Expect::Direct => {
+            let status = run.wait_path("alice", "direct", Duration::from_secs(30))?;
+            report.ready_ms = run.started.elapsed().as_millis() as u64;
+            let peer = &status["peers"][0];
+            report.path = peer["path"].as_str().unwrap_or("").to_owned();
+            report.remote = peer["remote_addr"].as_str().unwrap_or("").to_owned();
+            report.punch_ms = u64_at(peer, &["last_punch", "elapsed_ms"]);
+            report.attempts = u64_at(peer, &["last_punch", "attempts"]);
+            if peer["transport"] != "tcp" {
+                bail!("transport is {}, expected tcp", peer["transport"]);
+            }
+            let expected_remote = format!("{}:", run.topo.bob_seen_from_alice);
+            if !report.remote.starts_with(&expected_remote) {
+                bail!(
+                    "alice reaches bob at {}, expected {expected_remote}*",
+                    report.remote
+                );
+            }
+            let bob = run.wait_path("bob", "direct", Duration::from_secs(10))?;
+            let bob_remote = bob["peers"][0]["remote_addr"].as_str().unwrap_or("");
+            if !bob_remote.starts_with(&format!("{}:", run.topo.alice_seen_from_bob)) {
+                bail!(
+                    "bob reaches alice at {bob_remote}, expected {}*",
+                    run.topo.alice_seen_from_bob
+                );
+            }
+            let before = run.topo.rendezvous_bytes()?;
+            let t = run.transfer(s.bytes, s.streams)?;
+            let after = run.topo.rendezvous_bytes()?;
+            report.rendezvous_bytes_during_transfer = after.saturating_sub(before);
+            if !t.ok {
+                bail!("transfer failed: {:?}", t.errors);
+            }
+            if report.rendezvous_bytes_during_transfer * 100 >= t.bytes {
+                bail!(
+                    "the rendezvous saw {} bytes during a {}-byte transfer: not direct",
+                    report.rendezvous_bytes_during_transfer,
+                    t.bytes
+                );
+            }
+            report.transfer = Some(t);
+            let status = run.status("alice")?;
+            if status["peers"][0]["path"] != "direct" {
+                bail!("path changed during the transfer: {}", status["peers"][0]);
+            }
+        }
+        Expect::PunchFails => {
+            let status = wait(
+                "alice to report a failed punch",
+                Duration::from_secs(40),
+                || {
+                    run.status("alice")
+                        .ok()
+                        .filter(|v| v["peers"][0]["last_punch"]["result"] == "failed")
+                },
+            )?;
+            let peer = &status["peers"][0];
+            report.path = peer["path"].as_str().unwrap_or("").to_owned();
+            report.attempts = u64_at(peer, &["last_punch", "attempts"]);
+            report.punch_ms = u64_at(peer, &["last_punch", "elapsed_ms"]);
+            report.punch_reason = peer["last_punch"]["reason"].as_str().map(str::to_owned);
+            if report.path != "none" {
+                bail!("path is {} after a failed punch", report.path);
+            }
+            // A connection to the forward must end (refused), not hang.
+            let t0 = Instant::now();
+            let t = run.transfer(1024, 1)?;
+            if t.ok {
+                bail!("a transfer succeeded with no path");
+            }
+            if t0.elapsed() > Duration::from_secs(30) {
+                bail!("the forward hung for {:?} with no path", t0.elapsed());
+            }
+        }
+    }
+    let seen = watch.finish();
+    if !seen.is_empty() {
+        bail!("the punch port {PUNCH_PORT} was in LISTEN state in {seen:?}");
+    }
+    Ok(report)
+}
+
+/// Namespaces removed by [`cleanup`]: every lab prefix.
+pub const ALL_PREFIX: &str = "pl-";
+
+/// Removes every lab namespace (after a crash or Ctrl-C).
+pub fn cleanup() {
+    crate::netns::remove_all(ALL_PREFIX);
+}
+
+/// Installs a Ctrl-C handler (once per process) that removes every lab
+/// namespace before exiting, so an interrupted run leaves nothing behind.
+pub fn cleanup_on_ctrl_c() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let _ = ctrlc::set_handler(|| {
+            eprintln!("interrupted: removing lab namespaces");
+            cleanup();
+            std::process::exit(130);
+        });
+    });
+}

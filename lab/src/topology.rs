@@ -1,0 +1,240 @@
+//! The lab's address plan and layouts, built from namespaces and veths.
+//!
+//! ```text
+//!   hostA 192.0.2.2 ── natA ──┐                    ┌── natB ── hostB 198.51.100.2
+//!              (192.0.2.1)    │ 203.0.113.2    .3  │    (198.51.100.1)
+//!                             └──── inet (br0) ────┘
+//!                                      │
+//!                               rv 203.0.113.1 (punch-rendezvous)
+//! ```
+//!
+//! Variants: both hosts on one LAN behind natA; hostB directly on the
+//! internet (203.0.113.3); hostA behind a home NAT (100.64.0.2) behind a
+//! carrier NAT (100.64.0.1 / 203.0.113.2). Only TEST-NET and shared ranges
+//! are used, and nothing is routed out of the namespaces.
+
+use anyhow::Result;
+
+use crate::nat::{ruleset, NatBehaviour};
+use crate::netns::{remove_all, Netns};
+
+/// The rendezvous host's address.
+pub const RENDEZVOUS_IP: &str = "203.0.113.1";
+
+/// Which network the scenario builds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Layout {
+    /// Each host behind its own NAT of this flavour.
+    TwoNats(NatBehaviour),
+    /// Both hosts on one LAN behind one NAT.
+    SameNat,
+    /// hostA behind a NAT, hostB with a public address.
+    OnePublic,
+    /// hostA behind a home NAT behind a carrier NAT; hostB behind a NAT.
+    DoubleNat,
+}
+
+/// A built network. Dropping it removes every namespace (and kills every
+/// process in them).
+#[derive(Debug)]
+pub struct Topology {
+    /// Host running alice (the side with the forward).
+    pub host_a: Netns,
+    /// Host running bob (the side exposing the service).
+    pub host_b: Netns,
+    /// The rendezvous host.
+    pub rv: Netns,
+    /// NATs, outermost last (for `conntrack -F` and captures).
+    pub nats: Vec<Netns>,
+    /// The internet switch.
+    pub inet: Netns,
+    /// The address alice should reach bob at.
+    pub bob_seen_from_alice: String,
+    /// The address bob should reach alice at.
+    pub alice_seen_from_bob: String,
+    prefix: String,
+}
+
+fn veth(a: &Netns, a_if: &str, b: &Netns, b_if: &str) -> Result<()> {
+    a.ip(&[
+        "link",
+        "add",
+        a_if,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        b_if,
+        "netns",
+        b.name(),
+    ])?;
+    a.ip(&["link", "set", a_if, "up"])?;
+    b.ip(&["link", "set", b_if, "up"])?;
+    Ok(())
+}
+
+fn addr(ns: &Netns, ifname: &str, cidr: &str) -> Result<()> {
+    ns.ip(&["addr", "add", cidr, "dev", ifname]).map(|_| ())
+}
+
+fn route_default(ns: &Netns, via: &str) -> Result<()> {
+    ns.ip(&["route", "add", "default", "via", via]).map(|_| ())
+}
+
+/// Connects `ns`'s `ifname` to the internet bridge.
+fn to_internet(inet: &Netns, ns: &Netns, ifname: &str, port: &str, cidr: &str) -> Result<()> {
+    veth(ns, ifname, inet, port)?;
+    inet.ip(&["link", "set", port, "master", "br0"])?;
+    addr(ns, ifname, cidr)
+}
+
+fn make_nat(name: &str, behaviour: NatBehaviour) -> Result<Netns> {
+    let ns = Netns::create(name)?;
+    ns.exec("sysctl", &["-qw", "net.ipv4.ip_forward=1"])?;
+    ns.nft(&ruleset(behaviour))?;
+    Ok(ns)
+}
+
+/// A host behind `nat` on a point-to-point LAN.
+fn lan_host(
+    nat: &Netns,
+    host: &Netns,
+    nat_if: &str,
+    nat_cidr: &str,
+    host_cidr: &str,
+    gateway: &str,
+) -> Result<()> {
+    veth(nat, nat_if, host, "eth0")?;
+    addr(nat, nat_if, nat_cidr)?;
+    addr(host, "eth0", host_cidr)?;
+    route_default(host, gateway)
+}
+
+impl Topology {
+    /// Builds `layout` with namespace names starting with `prefix`,
+    /// first removing anything a crashed run left under that prefix.
+    pub fn build(prefix: &str, layout: Layout) -> Result<Self> {
+        remove_all(prefix);
+        let n = |role: &str| format!("{prefix}{role}");
+        let inet = Netns::create(&n("inet"))?;
+        inet.ip(&["link", "add", "br0", "type", "bridge"])?;
+        inet.ip(&["link", "set", "br0", "up"])?;
+        let rv = Netns::create(&n("rv"))?;
+        to_internet(&inet, &rv, "eth0", "p-rv", &format!("{RENDEZVOUS_IP}/24"))?;
+        let host_a = Netns::create(&n("hostA"))?;
+        let host_b = Netns::create(&n("hostB"))?;
+        let mut nats = Vec::new();
+        let (bob_seen, alice_seen) = match layout {
+            Layout::TwoNats(b) => {
+                let nat_a = make_nat(&n("natA"), b)?;
+                to_internet(&inet, &nat_a, "wan0", "p-natA", "203.0.113.2/24")?;
+                lan_host(
+                    &nat_a,
+                    &host_a,
+                    "lan0",
+                    "192.0.2.1/24",
+                    "192.0.2.2/24",
+                    "192.0.2.1",
+                )?;
+                let nat_b = make_nat(&n("natB"), b)?;
+                to_internet(&inet, &nat_b, "wan0", "p-natB", "203.0.113.3/24")?;
+                lan_host(
+                    &nat_b,
+                    &host_b,
+                    "lan0",
+                    "198.51.100.1/24",
+                    "198.51.100.2/24",
+                    "198.51.100.1",
+                )?;
+                nats.extend([nat_a, nat_b]);
+                ("203.0.113.3", "203.0.113.2")
+            }
+            Layout::SameNat => {
+                let nat = make_nat(&n("natA"), NatBehaviour::Masquerade)?;
+                to_internet(&inet, &nat, "wan0", "p-natA", "203.0.113.2/24")?;
+                nat.ip(&["link", "add", "lanbr", "type", "bridge"])?;
+                nat.ip(&["link", "set", "lanbr", "up"])?;
+                addr(&nat, "lanbr", "192.0.2.1/24")?;
+                for (host, port, ip) in [
+                    (&host_a, "la", "192.0.2.2/24"),
+                    (&host_b, "lb", "192.0.2.3/24"),
+                ] {
+                    veth(&nat, port, host, "eth0")?;
+                    nat.ip(&["link", "set", port, "master", "lanbr"])?;
+                    addr(host, "eth0", ip)?;
+                    route_default(host, "192.0.2.1")?;
+                }
+                nats.push(nat);
+                ("192.0.2.3", "192.0.2.2")
+            }
+            Layout::OnePublic => {
+                let nat_a = make_nat(&n("natA"), NatBehaviour::Masquerade)?;
+                to_internet(&inet, &nat_a, "wan0", "p-natA", "203.0.113.2/24")?;
+                lan_host(
+                    &nat_a,
+                    &host_a,
+                    "lan0",
+                    "192.0.2.1/24",
+                    "192.0.2.2/24",
+                    "192.0.2.1",
+                )?;
+                to_internet(&inet, &host_b, "eth0", "p-hostB", "203.0.113.3/24")?;
+                nats.push(nat_a);
+                ("203.0.113.3", "203.0.113.2")
+            }
+            Layout::DoubleNat => {
+                let cgn = make_nat(&n("cgn"), NatBehaviour::Masquerade)?;
+                to_internet(&inet, &cgn, "wan0", "p-cgn", "203.0.113.2/24")?;
+                let home = make_nat(&n("natA"), NatBehaviour::Masquerade)?;
+                veth(&cgn, "lan0", &home, "wan0")?;
+                addr(&cgn, "lan0", "100.64.0.1/24")?;
+                addr(&home, "wan0", "100.64.0.2/24")?;
+                route_default(&home, "100.64.0.1")?;
+                lan_host(
+                    &home,
+                    &host_a,
+                    "lan0",
+                    "192.0.2.1/24",
+                    "192.0.2.2/24",
+                    "192.0.2.1",
+                )?;
+                let nat_b = make_nat(&n("natB"), NatBehaviour::Masquerade)?;
+                to_internet(&inet, &nat_b, "wan0", "p-natB", "203.0.113.3/24")?;
+                lan_host(
+                    &nat_b,
+                    &host_b,
+                    "lan0",
+                    "198.51.100.1/24",
+                    "198.51.100.2/24",
+                    "198.51.100.1",
+                )?;
+                nats.extend([home, cgn, nat_b]);
+                ("203.0.113.3", "203.0.113.2")
+            }
+        };
+        Ok(Self {
+            host_a,
+            host_b,
+            rv,
+            nats,
+            inet,
+            bob_seen_from_alice: bob_seen.to_owned(),
+            alice_seen_from_bob: alice_seen.to_owned(),
+            prefix: prefix.to_owned(),
+        })
+    }
+
+    /// The prefix every namespace of this topology starts with.
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    /// Bytes received + sent on the rendezvous host's interface.
+    pub fn rendezvous_bytes(&self) -> Result<u64> {
+        let out = self.rv.ip(&["-s", "-j", "link", "show", "eth0"])?;
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+        let stats = &v[0]["stats64"];
+        let get = |dir: &str| stats[dir]["bytes"].as_u64().unwrap_or(0);
+        Ok(get("rx") + get("tx"))
+    }
+}

@@ -1,0 +1,130 @@
+//! The lab's traffic: a sink that hashes what it receives and answers with
+//! the sha256, and a sender that pushes checksummed streams through a
+//! forward. Both run inside namespaces via `punch-lab-tool`.
+
+use std::net::SocketAddr;
+use std::time::Instant;
+
+use anyhow::{bail, Context as _, Result};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+pub use punchd::demo::{hex, pattern};
+
+/// Serves until killed: reads each connection to EOF, replies with the
+/// sha256 of everything read and a newline.
+pub async fn sink(listen: SocketAddr) -> Result<()> {
+    let listener = TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("sink cannot listen on {listen}"))?;
+    loop {
+        let (mut s, _) = listener.accept().await?;
+        tokio::spawn(async move {
+            let mut hasher = Sha256::new();
+            let mut buf = vec![0u8; 128 * 1024];
+            loop {
+                match s.read(&mut buf).await {
+                    Ok(0) => break,
+                    Ok(n) => hasher.update(&buf[..n]),
+                    Err(_) => return,
+                }
+            }
+            let _ = s
+                .write_all(format!("{}\n", hex(&hasher.finalize())).as_bytes())
+                .await;
+            let _ = s.shutdown().await;
+        });
+    }
+}
+
+/// What one sender run measured.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SendReport {
+    /// Bytes sent in total.
+    pub bytes: u64,
+    /// Streams used.
+    pub streams: usize,
+    /// Wall time for all streams.
+    pub seconds: f64,
+    /// Whether every stream's sha256 matched.
+    pub ok: bool,
+    /// Per-stream mismatches, if any.
+    pub errors: Vec<String>,
+}
+
+async fn one_stream(connect: SocketAddr, data: Vec<u8>) -> Result<()> {
+    let expected = hex(&Sha256::digest(&data));
+    let mut s = TcpStream::connect(connect)
+        .await
+        .with_context(|| format!("connect {connect}"))?;
+    s.set_nodelay(true)?;
+    let (mut r, mut w) = s.split();
+    let send = async {
+        w.write_all(&data).await?;
+        w.shutdown().await
+    };
+    let recv = async {
+        let mut answer = String::new();
+        r.read_to_string(&mut answer).await?;
+        Ok::<_, std::io::Error>(answer)
+    };
+    let ((), answer) = tokio::try_join!(send, recv)?;
+    let answer = answer.trim();
+    if answer != expected {
+        bail!("sha256 mismatch: sent {expected}, sink saw {answer:?}");
+    }
+    Ok(())
+}
+
+/// Sends `bytes` split over `streams` parallel connections to `connect`,
+/// each checked against the sink's sha256.
+pub async fn send(connect: SocketAddr, bytes: u64, streams: usize) -> SendReport {
+    let per = (bytes / streams.max(1) as u64) as usize;
+    let t0 = Instant::now();
+    let mut set = tokio::task::JoinSet::new();
+    for i in 0..streams {
+        let data = pattern(per, i as u64 + 1);
+        set.spawn(one_stream(connect, data));
+    }
+    let mut errors = Vec::new();
+    while let Some(r) = set.join_next().await {
+        match r {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => errors.push(format!("{e:#}")),
+            Err(e) => errors.push(e.to_string()),
+        }
+    }
+    SendReport {
+        bytes: per as u64 * streams as u64,
+        streams,
+        seconds: t0.elapsed().as_secs_f64(),
+        ok: errors.is_empty(),
+        errors,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn sender_and_sink_agree() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        drop(listener);
+        let sink_task = tokio::spawn(sink(addr));
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        let report = send(addr, 4 * 1024 * 1024, 4).await;
+        assert!(report.ok, "{:?}", report.errors);
+        assert_eq!(report.bytes, 4 * 1024 * 1024);
+        sink_task.abort();
+    }
+
+    #[test]
+    fn patterns_differ_by_seed() {
+        assert_ne!(pattern(64, 1), pattern(64, 2));
+        assert_eq!(pattern(10, 3).len(), 10);
+    }
+}

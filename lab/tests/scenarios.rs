@@ -1,0 +1,65 @@
+//! The NAT scenario matrix, each in its own namespaces, run one at a time
+//! (they share the machine's two cores, and the punch timing should not be
+//! measured under a neighbour's 64 MiB transfer).
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::sync::Mutex;
+
+use punch_lab::scenario::{self, Binaries};
+
+static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+
+fn scenario(name: &str) {
+    let test = format!("lab scenario {name}");
+    if !punch_lab::available_or_skip(&test) {
+        return;
+    }
+    let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    scenario::cleanup_on_ctrl_c();
+    let bins =
+        Binaries::beside(std::path::Path::new(env!("CARGO_BIN_EXE_punch-lab-tool"))).unwrap();
+    let s = punch_lab::scenarios()
+        .into_iter()
+        .find(|s| s.name == name)
+        .unwrap();
+    match scenario::run(&s, &bins) {
+        Ok(report) => println!("LAB {report}"),
+        Err(e) => panic!("{test} failed: {e:#}"),
+    }
+}
+
+#[test]
+fn both_behind_port_preserving_masquerade_is_direct() {
+    scenario("masquerade");
+}
+
+#[test]
+fn nats_dropping_unsolicited_syns_is_direct() {
+    scenario("drop");
+}
+
+#[test]
+fn nats_answering_unsolicited_syns_with_rst_is_direct() {
+    scenario("rst");
+}
+
+#[test]
+fn both_behind_the_same_nat_is_direct() {
+    scenario("same-nat");
+}
+
+#[test]
+fn one_public_host_is_direct() {
+    scenario("public");
+}
+
+#[test]
+fn double_nat_is_direct() {
+    scenario("double-nat");
+}
+
+#[test]
+fn port_randomizing_nats_fail_clearly_without_hanging() {
+    scenario("random");
+}
