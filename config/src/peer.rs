@@ -82,6 +82,23 @@ pub struct PunchSection {
     /// rendezvous) as a candidate, for peers on the same LAN. Default true.
     #[serde(default = "default_true")]
     pub local_candidates: bool,
+    /// How often a keepalive ping crosses each tunnel (also its RTT
+    /// measurement). Default 5s.
+    #[serde(default = "default_keepalive_interval", with = "humantime_serde")]
+    pub keepalive_interval: Duration,
+    /// A ping unanswered this long marks the path dead; the daemon then
+    /// punches again (or falls back). Default 10s, so a dead path is noticed
+    /// within 15s.
+    #[serde(default = "default_keepalive_timeout", with = "humantime_serde")]
+    pub keepalive_timeout: Duration,
+}
+
+fn default_keepalive_interval() -> Duration {
+    Duration::from_secs(5)
+}
+
+fn default_keepalive_timeout() -> Duration {
+    Duration::from_secs(10)
 }
 
 fn default_punch_timeout() -> Duration {
@@ -99,6 +116,8 @@ impl Default for PunchSection {
             timeout: default_punch_timeout(),
             mode: PunchMode::default(),
             local_candidates: true,
+            keepalive_interval: default_keepalive_interval(),
+            keepalive_timeout: default_keepalive_timeout(),
         }
     }
 }
@@ -220,6 +239,18 @@ impl PeerConfig {
             out.push(Violation::new(
                 vec![Key("rendezvous"), Key("url")],
                 format!("{url:?} is not an http:// or https:// URL of the rendezvous server"),
+            ));
+        }
+        if self.punch.keepalive_interval.is_zero() || self.punch.keepalive_timeout.is_zero() {
+            out.push(Violation::new(
+                vec![Key("punch"), Key("keepalive_interval")],
+                "keepalive_interval and keepalive_timeout must be above zero",
+            ));
+        }
+        if self.punch.timeout < Duration::from_millis(100) {
+            out.push(Violation::new(
+                vec![Key("punch"), Key("timeout")],
+                "a punch needs at least 100ms; 10s is a good value",
             ));
         }
         if self.admin.listen_addr().is_none() {

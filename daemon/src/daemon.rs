@@ -61,13 +61,29 @@ pub struct RunningDaemon {
     pub forward_addrs: Vec<SocketAddr>,
     /// Live status.
     pub status: Arc<StatusBoard>,
+    /// Stops the forward listeners only (the first step of a graceful stop).
+    accepting: CancellationToken,
     cancel: CancellationToken,
     tracker: TaskTracker,
 }
 
 impl RunningDaemon {
-    /// Stops everything and waits up to `drain` for streams to finish.
+    /// Stops gracefully: closes the forward listeners, lets open streams
+    /// finish for up to `drain`, then stops every task and waits for them.
     pub async fn shutdown(self, drain: Duration) {
+        self.accepting.cancel();
+        let deadline = tokio::time::Instant::now() + drain;
+        while tokio::time::Instant::now() < deadline && self.open_streams() > 0 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let left = self.open_streams();
+        if left > 0 {
+            warn!(
+                streams = left,
+                ?drain,
+                "closing streams still open after the drain period"
+            );
+        }
         self.cancel.cancel();
         self.tracker.close();
         if tokio::time::timeout(drain, self.tracker.wait())
@@ -76,6 +92,12 @@ impl RunningDaemon {
         {
             warn!(?drain, "some tasks did not finish in time");
         }
+    }
+
+    fn open_streams(&self) -> i64 {
+        let doc = self.status.snapshot();
+        doc.peers.iter().map(|p| p.streams).sum::<i64>()
+            + doc.forwards.iter().map(|f| f.active).sum::<i64>()
     }
 
     /// Resolves when the daemon has been cancelled and all its tasks ended.
@@ -108,6 +130,7 @@ pub async fn start(
         return Err(DaemonError::SelfPeer(p.name.to_string()));
     }
     let tracker = TaskTracker::new();
+    let accepting = cancel.child_token();
     let admin_listener = bind("the admin API", &cfg.admin.listen).await?;
     let admin_addr = admin_listener
         .local_addr()
@@ -162,6 +185,9 @@ pub async fn start(
             role,
             initiator: cfg.forward.iter().any(|f| f.peer == p.name),
             punch_timeout: cfg.punch.timeout,
+            mode: cfg.punch.mode,
+            rendezvous_url: cfg.rendezvous.url.clone(),
+            keepalive: (cfg.punch.keepalive_interval, cfg.punch.keepalive_timeout),
             exposes: exposes.clone(),
             status: status.clone(),
             rendezvous: rv_cmd_tx.clone(),
@@ -183,6 +209,7 @@ pub async fn start(
                     handle.clone(),
                     f.service.to_string(),
                     status.clone(),
+                    accepting.clone(),
                     cancel.clone(),
                     tracker.clone(),
                 )
@@ -218,7 +245,9 @@ pub async fn start(
         admin_addr,
         forward_addrs,
         status: board,
+        accepting,
         cancel,
+
         tracker,
     })
 }

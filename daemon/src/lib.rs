@@ -27,6 +27,7 @@ pub mod metered;
 pub mod peer;
 pub mod punch;
 pub mod relay;
+pub mod relay_transport;
 pub mod rendezvous_client;
 pub mod status;
 pub mod status_client;

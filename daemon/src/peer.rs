@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use futures::stream::FuturesUnordered;
 use futures::StreamExt as _;
-use punch_config::{Expose, PublicKeyBytes};
+use punch_config::{Expose, PublicKeyBytes, PunchMode};
 use punch_rendezvous::protocol::{PathKind, PunchOrder, PunchResult};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{mpsc, oneshot};
@@ -35,16 +35,23 @@ use crate::metered::Metered;
 use crate::punch::plan::{PunchPlan, Role};
 use crate::punch::{self, Established};
 use crate::relay::{self, PING_SERVICE};
+use crate::relay_transport;
 use crate::rendezvous_client::RvCmd;
 use crate::status::{LastPunch, PathState, PeerStatus, Transport};
 use crate::tunnel::{self, StreamIo, Tunnel, TunnelError, TunnelParts};
 
 /// Local connections waiting for a tunnel, per peer.
 const MAX_WAITERS: usize = 256;
-/// How often keepalive pings go out on a tunnel.
-pub(crate) const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(5);
-/// A ping unanswered this long means the path is dead.
-pub(crate) const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often to ask the rendezvous again when no punch order came back
+/// (peer offline, server busy): cheap, and it bounds how long a restarted
+/// peer waits for us.
+const CONNECT_RETRY: Duration = Duration::from_secs(2);
+/// Upgrade attempts while relayed: first after this, then doubling...
+const UPGRADE_FIRST: Duration = Duration::from_secs(15);
+/// ... up to this.
+const UPGRADE_MAX: Duration = Duration::from_secs(300);
+/// A replaced tunnel stays open this long at most for its streams to end.
+const DRAIN_MAX: Duration = Duration::from_secs(600);
 
 /// Why a stream could not be had.
 #[derive(Debug, thiserror::Error)]
@@ -106,6 +113,12 @@ pub(crate) struct PeerContext {
     /// We have forwards to this peer, so we ask for punches.
     pub(crate) initiator: bool,
     pub(crate) punch_timeout: Duration,
+    /// `auto` may fall back to the relay; `direct-only` never does.
+    pub(crate) mode: PunchMode,
+    /// The rendezvous URL, for the relay.
+    pub(crate) rendezvous_url: String,
+    /// Ping interval and dead-path timeout.
+    pub(crate) keepalive: (Duration, Duration),
     pub(crate) exposes: Arc<Vec<Expose>>,
     pub(crate) status: Arc<PeerStatus>,
     pub(crate) rendezvous: mpsc::Sender<RvCmd>,
@@ -159,6 +172,10 @@ struct Punched {
     parts: TunnelParts,
     remote: SocketAddr,
     attempts: u32,
+    /// Direct, or relayed after the punch failed.
+    path: PathState,
+    /// When relayed: why the direct punch failed.
+    relay_reason: Option<String>,
 }
 
 /// A failed punch.
@@ -201,6 +218,8 @@ struct PeerActor {
     rendezvous_up: bool,
     next_connect: Option<Instant>,
     backoff: Backoff,
+    /// Spacing of attempts to go direct while relayed.
+    upgrade: Backoff,
     last_failure: String,
 }
 
@@ -220,6 +239,7 @@ impl PeerActor {
             rendezvous_up: false,
             next_connect: None,
             backoff: Backoff::new(Duration::from_millis(500), Duration::from_secs(30)),
+            upgrade: Backoff::new(UPGRADE_FIRST, UPGRADE_MAX),
             last_failure: "none yet".to_owned(),
         }
     }
@@ -307,8 +327,13 @@ impl PeerActor {
             && self.rendezvous_up
             && self.punching.is_none()
         {
-            if self.tunnel.is_none() {
-                info!("asking the rendezvous for a punch");
+            let relayed = self.tunnel.is_some();
+            if self
+                .tunnel
+                .as_ref()
+                .is_none_or(|(_, t)| t.transport == Transport::Relay)
+            {
+                info!(relayed, "asking the rendezvous for a punch");
                 if self
                     .ctx
                     .rendezvous
@@ -318,7 +343,7 @@ impl PeerActor {
                     debug!("rendezvous client busy; will retry");
                 }
                 // If no order comes back (peer offline, server refused), ask again.
-                self.next_connect = Some(now + self.backoff.next().max(Duration::from_secs(2)));
+                self.next_connect = Some(now + CONNECT_RETRY);
             } else {
                 self.next_connect = None;
             }
@@ -339,8 +364,14 @@ impl PeerActor {
                     Ok(p) => self.install(generation, *p),
                     Err(f) => {
                         self.last_failure = f.reason.clone();
+                        let relayed = self.tunnel.is_some();
                         if self.ctx.initiator || !self.waiters.is_empty() {
-                            self.next_connect = Some(Instant::now() + self.backoff.next());
+                            let wait = if relayed {
+                                self.upgrade.next()
+                            } else {
+                                self.backoff.next()
+                            };
+                            self.next_connect = Some(Instant::now() + wait);
                         }
                     }
                 }
@@ -370,13 +401,15 @@ impl PeerActor {
         let generation = self.generation;
         let stop = self.cancel.child_token();
         self.punching = Some((generation, stop.clone()));
+        // With a relay already up, a punch is an upgrade attempt: no second relay.
+        let allow_relay = self.tunnel.is_none();
         let ctx = self.ctx.clone();
         let events = self.events_tx.clone();
         let span = tracing::info_span!("punch", session = %job.order.session);
         self.tracker.spawn(
             async move {
                 let outcome = tokio::select! {
-                    r = punch_session(&ctx, job) => r,
+                    r = punch_session(&ctx, job, allow_relay) => r,
                     _ = stop.cancelled() => Err(PunchFailure { reason: "superseded or shutting down".into(), attempts: 0 }),
                 };
                 let _ = events.send(Internal::PunchDone { generation, outcome }).await;
@@ -392,6 +425,8 @@ impl PeerActor {
             parts,
             remote,
             attempts,
+            path,
+            ..
         } = p;
         let TunnelParts {
             tunnel,
@@ -399,16 +434,25 @@ impl PeerActor {
             driver,
         } = parts;
         if let Some((_, old)) = self.tunnel.replace((generation, tunnel.clone())) {
-            old.close();
+            // New streams use the new tunnel; the old one closes when its
+            // streams are done (an ssh session survives the upgrade).
+            self.tracker.spawn(drain(old).in_current_span());
         }
         self.backoff.reset();
         self.next_connect = None;
+        if path == PathState::Relayed {
+            if self.ctx.initiator {
+                self.next_connect = Some(Instant::now() + self.upgrade.next());
+            }
+        } else {
+            self.upgrade.reset();
+        }
         self.ctx.status.update(|s| {
-            s.path = PathState::Direct;
+            s.path = path;
             s.transport = Some(tunnel.transport);
             s.remote = Some(remote);
         });
-        info!(%remote, attempts, "tunnel up");
+        info!(%remote, attempts, ?path, "tunnel up");
         let events = self.events_tx.clone();
         self.tracker.spawn(
             async move {
@@ -434,8 +478,7 @@ impl PeerActor {
             .in_current_span(),
         );
         self.tracker.spawn(
-            keepalive(tunnel.clone(), self.ctx.status.clone(), self.cancel.clone())
-                .in_current_span(),
+            keepalive(tunnel.clone(), self.ctx.clone(), self.cancel.clone()).in_current_span(),
         );
         for (_, reply) in std::mem::take(&mut self.waiters) {
             self.open_on(tunnel.clone(), reply);
@@ -461,7 +504,11 @@ const CHOOSE_GRACE: Duration = Duration::from_millis(20);
 /// it takes the best kind (LAN first), handshakes it, and falls back to the
 /// next only if that fails (a third party racing the port). The TLS server
 /// handshakes every connection it gets; only the client's choice completes.
-async fn punch_session(ctx: &PeerContext, job: PunchJob) -> Result<Box<Punched>, PunchFailure> {
+async fn punch_session(
+    ctx: &PeerContext,
+    job: PunchJob,
+    allow_relay: bool,
+) -> Result<Box<Punched>, PunchFailure> {
     let PunchJob {
         order,
         fire_at,
@@ -511,7 +558,7 @@ async fn punch_session(ctx: &PeerContext, job: PunchJob) -> Result<Box<Punched>,
             },
             _ = tokio::time::sleep_until(grace.into()), if choose_at.is_some() => {}
             Some((remote, attempts, r)) = handshakes.next() => match r {
-                Ok(parts) => break Ok(Box::new(Punched { parts, remote, attempts })),
+                Ok(parts) => break Ok(Box::new(Punched { parts, remote, attempts, path: PathState::Direct, relay_reason: None })),
                 Err(e) => {
                     warn!(%remote, error = %e, "connection punched but not authenticated; ignoring it");
                     last_error = format!("TLS with {remote} failed: {e}");
@@ -534,8 +581,22 @@ async fn punch_session(ctx: &PeerContext, job: PunchJob) -> Result<Box<Punched>,
             });
         }
     };
+    let result = match result {
+        Err(f) if allow_relay && ctx.mode == PunchMode::Auto => {
+            warn!(reason = %f.reason, "no direct path; falling back to the relay (end-to-end encrypted)");
+            relay_fallback(ctx, &order, f).await
+        }
+        Err(f) if ctx.mode == PunchMode::DirectOnly => Err(PunchFailure {
+            reason: format!("{}; no relay fallback (mode = \"direct-only\")", f.reason),
+            attempts: f.attempts,
+        }),
+        other => other,
+    };
     let elapsed = received.elapsed();
     let (path, attempts, reason) = match &result {
+        Ok(p) if p.path == PathState::Relayed => {
+            (PathKind::Relayed, p.attempts, p.relay_reason.clone())
+        }
         Ok(p) => (PathKind::Direct, p.attempts, None),
         Err(f) => (PathKind::None, f.attempts, Some(f.reason.clone())),
     };
@@ -549,7 +610,12 @@ async fn punch_session(ctx: &PeerContext, job: PunchJob) -> Result<Box<Punched>,
         }
     }
     ctx.status.record_punch(LastPunch {
-        result: if reason.is_none() { "ok" } else { "failed" }.to_owned(),
+        result: if path == PathKind::Direct {
+            "ok"
+        } else {
+            "failed"
+        }
+        .to_owned(),
         elapsed_ms: elapsed.as_millis() as u64,
         attempts,
         reason: reason.clone(),
@@ -568,9 +634,12 @@ async fn punch_session(ctx: &PeerContext, job: PunchJob) -> Result<Box<Punched>,
 
 /// Pings over a dedicated stream; a missed answer closes the tunnel so the
 /// peer task punches again. Also the source of `rtt_ms`.
-async fn keepalive(tunnel: Tunnel, status: Arc<PeerStatus>, cancel: CancellationToken) {
+async fn keepalive(tunnel: Tunnel, ctx: Arc<PeerContext>, cancel: CancellationToken) {
+    let (interval, timeout) = ctx.keepalive;
+    let status = &ctx.status;
     let result: Result<(), String> = async {
         let mut s = tunnel.open().await.map_err(|e| e.to_string())?;
+        s.uncount();
         relay::request_service(&mut s, PING_SERVICE)
             .await
             .map_err(|e| e.to_string())?;
@@ -584,16 +653,16 @@ async fn keepalive(tunnel: Tunnel, status: Arc<PeerStatus>, cancel: Cancellation
                 s.flush().await?;
                 s.read_exact(&mut echo).await
             };
-            match tokio::time::timeout(KEEPALIVE_TIMEOUT, exchange).await {
+            match tokio::time::timeout(timeout, exchange).await {
                 Ok(Ok(_)) if u64::from_be_bytes(echo) == seq => {}
                 Ok(Ok(_)) => return Err("keepalive echo out of order".to_owned()),
                 Ok(Err(e)) => return Err(format!("keepalive stream failed: {e}")),
-                Err(_) => return Err(format!("no keepalive answer within {KEEPALIVE_TIMEOUT:?}")),
+                Err(_) => return Err(format!("no keepalive answer within {timeout:?}")),
             }
             let rtt = t0.elapsed().as_secs_f64() * 1000.0;
             status.update(|st| st.rtt_ms = Some((rtt * 1000.0).round() / 1000.0));
             tokio::select! {
-                _ = tokio::time::sleep(KEEPALIVE_INTERVAL) => {}
+                _ = tokio::time::sleep(interval) => {}
                 _ = tunnel.closed() => return Ok(()),
                 _ = cancel.cancelled() => return Ok(()),
             }
@@ -606,4 +675,48 @@ async fn keepalive(tunnel: Tunnel, status: Arc<PeerStatus>, cancel: Cancellation
             tunnel.close();
         }
     }
+}
+
+/// The fallback: the same TLS + mux, over the rendezvous relay. Both sides
+/// reach this at the same deadline; the server pairs them by session.
+async fn relay_fallback(
+    ctx: &PeerContext,
+    order: &PunchOrder,
+    failed: PunchFailure,
+) -> Result<Box<Punched>, PunchFailure> {
+    let fail = |why: String| PunchFailure {
+        reason: format!("{}; relay: {why}", failed.reason),
+        attempts: failed.attempts,
+    };
+    let (io, remote) =
+        relay_transport::connect(&ctx.rendezvous_url, &order.session, &order.relay_token)
+            .await
+            .map_err(|e| fail(e.to_string()))?;
+    let io = Metered::new(io, ctx.status.clone());
+    let parts = tunnel::handshake(io, ctx.role, &ctx.identity, &ctx.key, Transport::Relay)
+        .await
+        .map_err(|e| fail(e.to_string()))?;
+    Ok(Box::new(Punched {
+        parts,
+        remote,
+        attempts: failed.attempts,
+        path: PathState::Relayed,
+        relay_reason: Some(failed.reason),
+    }))
+}
+
+/// Keeps a replaced tunnel open until its streams end, then closes it.
+async fn drain(old: Tunnel) {
+    let started = Instant::now();
+    while !old.is_closed() && old.active_streams() > 0 && started.elapsed() < DRAIN_MAX {
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+            _ = old.closed() => {}
+        }
+    }
+    debug!(
+        waited_ms = started.elapsed().as_millis() as u64,
+        "replaced tunnel drained; closing it"
+    );
+    old.close();
 }

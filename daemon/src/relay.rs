@@ -27,6 +27,7 @@ use tracing::{debug, info, warn, Instrument};
 
 use crate::peer::PeerHandle;
 use crate::status::{ForwardStatus, PeerStatus};
+use crate::tunnel::StreamIo;
 
 /// Header version.
 const VERSION: u8 = 1;
@@ -157,12 +158,14 @@ pub(crate) async fn run_forward(
     peer: PeerHandle,
     service: String,
     status: Arc<ForwardStatus>,
+    accepting: CancellationToken,
     cancel: CancellationToken,
     tracker: TaskTracker,
 ) {
     loop {
         let (local, from) = tokio::select! {
-            _ = cancel.cancelled() => break,
+            _ = accepting.cancelled() => break,
+
             r = listener.accept() => match r {
                 Ok(c) => c,
                 Err(e) => {
@@ -225,15 +228,13 @@ async fn forward_one(
 
 /// Handles one stream the peer opened: the ping service, or an exposed
 /// service the peer is allowed to use.
-pub(crate) async fn serve_inbound<S>(
-    mut stream: S,
+pub(crate) async fn serve_inbound(
+    mut stream: StreamIo,
     peer_name: String,
     exposes: Arc<Vec<Expose>>,
     status: Arc<PeerStatus>,
     cancel: CancellationToken,
-) where
-    S: AsyncRead + AsyncWrite + Unpin,
-{
+) {
     let service = match read_request(&mut stream).await {
         Ok(s) => s,
         Err(e) => {
@@ -242,6 +243,7 @@ pub(crate) async fn serve_inbound<S>(
         }
     };
     if service == PING_SERVICE {
+        stream.uncount();
         if reply(&mut stream, Ok(())).await.is_ok() {
             echo_pings(&mut stream, &cancel).await;
         }

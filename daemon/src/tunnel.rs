@@ -10,12 +10,14 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::task::Poll;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use punch_config::PublicKeyBytes;
 use rustls::pki_types::ServerName;
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::compat::{Compat, FuturesAsyncReadCompatExt as _, TokioAsyncReadCompatExt as _};
 use tokio_util::sync::CancellationToken;
@@ -25,8 +27,73 @@ use crate::punch::plan::Role;
 use crate::status::Transport;
 use crate::tls;
 
-/// One multiplexed stream, as tokio I/O.
-pub(crate) type StreamIo = Compat<yamux::Stream>;
+/// One multiplexed stream, as tokio I/O. While it lives it counts as an
+/// active stream of its tunnel, so a tunnel being replaced can wait for its
+/// streams to finish before it closes.
+#[derive(Debug)]
+pub(crate) struct StreamIo {
+    inner: Compat<yamux::Stream>,
+    active: Option<ActiveGuard>,
+}
+
+#[derive(Debug)]
+struct ActiveGuard(Arc<AtomicUsize>);
+
+impl ActiveGuard {
+    fn new(counter: &Arc<AtomicUsize>) -> Self {
+        counter.fetch_add(1, Ordering::Relaxed);
+        Self(counter.clone())
+    }
+}
+
+impl Drop for ActiveGuard {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl StreamIo {
+    fn new(stream: yamux::Stream, active: &Arc<AtomicUsize>) -> Self {
+        Self {
+            inner: stream.compat(),
+            active: Some(ActiveGuard::new(active)),
+        }
+    }
+
+    /// Stops counting this stream as user traffic (keepalive streams), so
+    /// it does not hold a draining tunnel open.
+    pub(crate) fn uncount(&mut self) {
+        self.active = None;
+    }
+}
+
+impl AsyncRead for StreamIo {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for StreamIo {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, data)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
 
 /// Most streams one tunnel carries at once (each side).
 pub(crate) const MAX_STREAMS: usize = 1024;
@@ -68,6 +135,8 @@ type OpenReply = oneshot::Sender<Result<StreamIo, TunnelError>>;
 pub(crate) struct Tunnel {
     open_tx: mpsc::Sender<OpenReply>,
     closed: CancellationToken,
+    /// Streams in use (not counting keepalive).
+    active: Arc<AtomicUsize>,
     /// What carries it.
     pub(crate) transport: Transport,
 }
@@ -98,6 +167,11 @@ impl Tunnel {
 
     pub(crate) fn is_closed(&self) -> bool {
         self.closed.is_cancelled()
+    }
+
+    /// Streams in use right now.
+    pub(crate) fn active_streams(&self) -> usize {
+        self.active.load(Ordering::Relaxed)
     }
 }
 
@@ -162,11 +236,19 @@ where
     let (open_tx, open_rx) = mpsc::channel(OPEN_QUEUE);
     let (inbound_tx, inbound) = mpsc::channel(INBOUND_QUEUE);
     let closed = CancellationToken::new();
-    let driver = Box::pin(drive(conn, open_rx, inbound_tx, closed.clone()));
+    let active = Arc::new(AtomicUsize::new(0));
+    let driver = Box::pin(drive(
+        conn,
+        open_rx,
+        inbound_tx,
+        closed.clone(),
+        active.clone(),
+    ));
     Ok(TunnelParts {
         tunnel: Tunnel {
             open_tx,
             closed,
+            active,
             transport,
         },
         inbound,
@@ -182,6 +264,7 @@ async fn drive<T>(
     mut open_rx: mpsc::Receiver<OpenReply>,
     inbound_tx: mpsc::Sender<StreamIo>,
     closed: CancellationToken,
+    active: Arc<AtomicUsize>,
 ) where
     T: futures::AsyncRead + futures::AsyncWrite + Unpin + Send,
 {
@@ -199,7 +282,7 @@ async fn drive<T>(
                 match conn.poll_new_outbound(cx) {
                     Poll::Ready(Ok(stream)) => {
                         if let Some(reply) = pending.pop_front() {
-                            let _ = reply.send(Ok(stream.compat()));
+                            let _ = reply.send(Ok(StreamIo::new(stream, &active)));
                         }
                     }
                     Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
@@ -212,7 +295,7 @@ async fn drive<T>(
                         // A full queue means handlers are not keeping up:
                         // dropping the stream resets it, and the peer's
                         // forward reports the refusal.
-                        if inbound_tx.try_send(stream.compat()).is_err() {
+                        if inbound_tx.try_send(StreamIo::new(stream, &active)).is_err() {
                             tracing::warn!("inbound stream refused: handler queue full");
                         }
                     }

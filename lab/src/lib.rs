@@ -58,7 +58,14 @@ pub fn scenarios() -> Vec<scenario::Scenario> {
         Scenario::new("same-nat", L::SameNat, Expect::Direct),
         Scenario::new("public", L::OnePublic, Expect::Direct),
         Scenario::new("double-nat", L::DoubleNat, Expect::Direct),
-        Scenario::new("random", L::TwoNats(N::RandomFully), Expect::PunchFails),
+        Scenario::new("random", L::TwoNats(N::RandomFully), Expect::Relayed).with_timeout("3s"),
+        Scenario::new(
+            "direct-only",
+            L::TwoNats(N::RandomFully),
+            Expect::PunchFails,
+        )
+        .with_timeout("3s")
+        .with_punch("mode = \"direct-only\""),
     ]
 }
 

@@ -59,6 +59,8 @@ impl Binaries {
 pub enum Expect {
     /// A direct path.
     Direct,
+    /// No direct path; the relay carries the tunnel (still end-to-end TLS).
+    Relayed,
     /// No direct path, reported as a failed punch (no relay fallback).
     PunchFails,
 }
@@ -78,6 +80,8 @@ pub struct Scenario {
     pub streams: usize,
     /// Extra `[punch]` lines for both daemons.
     pub punch_extra: String,
+    /// `[punch] timeout` for both daemons.
+    pub punch_timeout: String,
 }
 
 impl Scenario {
@@ -90,7 +94,23 @@ impl Scenario {
             bytes: 64 * 1024 * 1024,
             streams: 8,
             punch_extra: String::new(),
+            punch_timeout: "10s".to_owned(),
         }
+    }
+}
+
+impl Scenario {
+    /// Sets `[punch] timeout`.
+    pub fn with_timeout(mut self, t: &str) -> Self {
+        t.clone_into(&mut self.punch_timeout);
+        self
+    }
+
+    /// Adds `[punch]` lines.
+    pub fn with_punch(mut self, lines: &str) -> Self {
+        self.punch_extra.push_str(lines);
+        self.punch_extra.push('\n');
+        self
     }
 }
 
@@ -209,7 +229,10 @@ impl Run {
         let alice_key = keygen(bins, &dir.join("alice.key"))?;
         let bob_key = keygen(bins, &dir.join("bob.key"))?;
         let url = format!("http://{RENDEZVOUS_IP}:8080");
-        let punch = format!("port = {PUNCH_PORT}\ntimeout = \"10s\"\n{}", s.punch_extra);
+        let punch = format!(
+            "port = {PUNCH_PORT}\ntimeout = \"{}\"\n{}",
+            s.punch_timeout, s.punch_extra
+        );
         let alice_cfg = format!(
             "name = \"alice\"\nkey_file = \"alice.key\"\n[rendezvous]\nurl = \"{url}\"\n[punch]\n{punch}\n[admin]\nlisten = \"{ADMIN}\"\n\
              [[peers]]\nname = \"bob\"\npublic_key = \"{bob_key}\"\n[[forward]]\nlisten = \"{FORWARD_LISTEN}\"\npeer = \"bob\"\nservice = \"sink\"\n"
@@ -311,25 +334,28 @@ impl Run {
 
     /// Runs the sender in hostA through alice's forward.
     pub fn transfer(&self, bytes: u64, streams: usize) -> Result<SendReport> {
-        let out = self.topo.host_a.exec_output(
-            self.bins.tool.to_str().unwrap_or("punch-lab-tool"),
-            &[
-                "send",
-                "--connect",
-                FORWARD_LISTEN,
-                "--bytes",
-                &bytes.to_string(),
-                "--streams",
-                &streams.to_string(),
-            ],
+        transfer_in(
+            self.topo.host_a.name(),
+            &self.bins.tool,
+            bytes,
+            streams,
+            None,
+        )
+    }
+
+    /// The rendezvous's `/metrics` text, fetched inside rv.
+    pub fn rendezvous_metrics(&self) -> Result<String> {
+        let tool = self.bins.tool.to_str().unwrap_or("punch-lab-tool");
+        let out = self.topo.rv.exec(
+            tool,
+            &["get", "--addr", "127.0.0.1:8080", "--path", "/metrics"],
         )?;
-        serde_json::from_slice(&out.stdout).with_context(|| {
-            format!(
-                "sender output: {}{}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            )
-        })
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// The binaries this run uses.
+    pub fn bins(&self) -> &Binaries {
+        &self.bins
     }
 
     /// The last lines of every log, for a failure message.
@@ -472,6 +498,40 @@ fn check(s: &Scenario, run: &Run) -> Result<Report> {
                 bail!("path changed during the transfer: {}", status["peers"][0]);
             }
         }
+        Expect::Relayed => {
+            let status = run.wait_path("alice", "relayed", Duration::from_secs(60))?;
+            report.ready_ms = run.started.elapsed().as_millis() as u64;
+            let peer = &status["peers"][0];
+            report.path = "relayed".to_owned();
+            report.remote = peer["remote_addr"].as_str().unwrap_or("").to_owned();
+            report.attempts = u64_at(peer, &["last_punch", "attempts"]);
+            report.punch_ms = u64_at(peer, &["last_punch", "elapsed_ms"]);
+            report.punch_reason = peer["last_punch"]["reason"].as_str().map(str::to_owned);
+            if peer["transport"] != "relay" {
+                bail!("transport is {}, expected relay", peer["transport"]);
+            }
+            if report.punch_reason.is_none() {
+                bail!("a relayed path must say why the punch failed");
+            }
+            run.wait_path("bob", "relayed", Duration::from_secs(10))?;
+            let before = run.topo.rendezvous_bytes()?;
+            let t = run.transfer(s.bytes, s.streams)?;
+            let after = run.topo.rendezvous_bytes()?;
+            report.rendezvous_bytes_during_transfer = after.saturating_sub(before);
+            if !t.ok {
+                bail!("relayed transfer failed: {:?}", t.errors);
+            }
+            // Through the relay, the rendezvous host carries every byte (in and out).
+            if report.rendezvous_bytes_during_transfer < t.bytes {
+                bail!(
+                    "the rendezvous saw only {} bytes of a {}-byte relayed transfer",
+                    report.rendezvous_bytes_during_transfer,
+                    t.bytes
+                );
+            }
+            report.transfer = Some(t);
+            check_relay_sees_ciphertext(run)?;
+        }
         Expect::PunchFails => {
             let status = wait(
                 "alice to report a failed punch",
@@ -490,6 +550,18 @@ fn check(s: &Scenario, run: &Run) -> Result<Report> {
             if report.path != "none" {
                 bail!("path is {} after a failed punch", report.path);
             }
+            if s.punch_extra.contains("direct-only") {
+                let why = report.punch_reason.clone().unwrap_or_default();
+                if !why.contains("direct-only") {
+                    bail!("a direct-only failure must say so; reason was {why:?}");
+                }
+                let relays = metric(&run.rendezvous_metrics()?, "punch_rendezvous_relays_total")
+                    .unwrap_or(-1.0);
+                if relays != 0.0 {
+                    bail!("direct-only daemons used the relay ({relays} relays)");
+                }
+            }
+
             // A connection to the forward must end (refused), not hang.
             let t0 = Instant::now();
             let t = run.transfer(1024, 1)?;
@@ -527,4 +599,111 @@ pub fn cleanup_on_ctrl_c() {
             std::process::exit(130);
         });
     });
+}
+
+/// Runs the sender inside namespace `ns` through alice's forward. A free
+/// function (names only), so it can run on another thread during a test.
+pub fn transfer_in(
+    ns: &str,
+    tool: &Path,
+    bytes: u64,
+    streams: usize,
+    text: Option<&str>,
+) -> Result<SendReport> {
+    let mut args = vec![
+        "netns".to_owned(),
+        "exec".into(),
+        ns.into(),
+        tool.display().to_string(),
+        "send".into(),
+        "--connect".into(),
+        FORWARD_LISTEN.into(),
+    ];
+    args.extend([
+        "--bytes".into(),
+        bytes.to_string(),
+        "--streams".into(),
+        streams.to_string(),
+    ]);
+    if let Some(t) = text {
+        args.extend(["--text".into(), t.to_owned()]);
+    }
+    let out = std::process::Command::new("ip")
+        .args(&args)
+        .output()
+        .context("cannot run the sender")?;
+    serde_json::from_slice(&out.stdout).with_context(|| {
+        format!(
+            "sender output: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })
+}
+
+/// A value from Prometheus text: the first sample whose name and labels
+/// start with `prefix`.
+pub fn metric(text: &str, prefix: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(prefix)?.trim().parse().ok())
+}
+
+/// Plaintext the relay check sends, to look for in a capture.
+pub const MARKER: &str = "PUNCHD-PLAINTEXT-MARKER-";
+
+/// The relayed scenario's extra checks: the relay carried the bytes, and a
+/// capture on the rendezvous host never shows the plaintext.
+fn check_relay_sees_ciphertext(run: &Run) -> Result<u64> {
+    let pcap = run.dir.join("rv.pcap");
+    let mut cap = std::process::Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            run.topo.rv.name(),
+            "tcpdump",
+            "-i",
+            "eth0",
+            "-s",
+            "0",
+            "-U",
+            "-w",
+        ])
+        .arg(&pcap)
+        .arg("tcp port 8080")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .context("cannot start tcpdump (apt-get install tcpdump)")?;
+    std::thread::sleep(Duration::from_millis(500));
+    let sent = transfer_in(
+        run.topo.host_a.name(),
+        &run.bins.tool,
+        2 * 1024 * 1024,
+        1,
+        Some(MARKER),
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    let _ = std::process::Command::new("kill")
+        .args(["-INT", &cap.id().to_string()])
+        .status();
+    let _ = cap.wait();
+    let sent = sent?;
+    if !sent.ok {
+        bail!("marker transfer over the relay failed: {:?}", sent.errors);
+    }
+    let captured = std::fs::read(&pcap).with_context(|| format!("reading {}", pcap.display()))?;
+    if (captured.len() as u64) < sent.bytes {
+        bail!(
+            "the capture holds {} bytes, less than the {} relayed: it did not see the relay",
+            captured.len(),
+            sent.bytes
+        );
+    }
+    if captured
+        .windows(MARKER.len())
+        .any(|w| w == MARKER.as_bytes())
+    {
+        bail!("plaintext seen on the rendezvous host: the relay is not end-to-end encrypted");
+    }
+    Ok(captured.len() as u64)
 }

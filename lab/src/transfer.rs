@@ -80,12 +80,21 @@ async fn one_stream(connect: SocketAddr, data: Vec<u8>) -> Result<()> {
 
 /// Sends `bytes` split over `streams` parallel connections to `connect`,
 /// each checked against the sink's sha256.
-pub async fn send(connect: SocketAddr, bytes: u64, streams: usize) -> SendReport {
+pub async fn send(
+    connect: SocketAddr,
+    bytes: u64,
+    streams: usize,
+    text: Option<&str>,
+) -> SendReport {
     let per = (bytes / streams.max(1) as u64) as usize;
     let t0 = Instant::now();
     let mut set = tokio::task::JoinSet::new();
     for i in 0..streams {
-        let data = pattern(per, i as u64 + 1);
+        let data = match text {
+            // A recognizable plaintext, for checking what a capture can see.
+            Some(t) if !t.is_empty() => t.as_bytes().iter().copied().cycle().take(per).collect(),
+            _ => pattern(per, i as u64 + 1),
+        };
         set.spawn(one_stream(connect, data));
     }
     let mut errors = Vec::new();
@@ -116,7 +125,10 @@ mod tests {
         drop(listener);
         let sink_task = tokio::spawn(sink(addr));
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-        let report = send(addr, 4 * 1024 * 1024, 4).await;
+        let report = send(addr, 4 * 1024 * 1024, 4, None).await;
+        assert!(report.ok, "{:?}", report.errors);
+        let report = send(addr, 100_000, 1, Some("marker")).await;
+
         assert!(report.ok, "{:?}", report.errors);
         assert_eq!(report.bytes, 4 * 1024 * 1024);
         sink_task.abort();
@@ -127,4 +139,21 @@ mod tests {
         assert_ne!(pattern(64, 1), pattern(64, 2));
         assert_eq!(pattern(10, 3).len(), 10);
     }
+}
+
+/// A minimal HTTP/1.0 GET for the lab's own servers: returns the body of a
+/// 200 answer.
+pub async fn http_get(addr: SocketAddr, path: &str) -> Result<String> {
+    let mut s = TcpStream::connect(addr)
+        .await
+        .with_context(|| format!("connect {addr}"))?;
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
+        .await?;
+    let mut raw = String::new();
+    s.read_to_string(&mut raw).await?;
+    let (head, body) = raw.split_once("\r\n\r\n").unwrap_or((raw.as_str(), ""));
+    if !head.starts_with("HTTP/1.1 200") && !head.starts_with("HTTP/1.0 200") {
+        bail!("GET {path}: {}", head.lines().next().unwrap_or(""));
+    }
+    Ok(body.to_owned())
 }

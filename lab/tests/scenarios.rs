@@ -60,6 +60,11 @@ fn double_nat_is_direct() {
 }
 
 #[test]
-fn port_randomizing_nats_fail_clearly_without_hanging() {
+fn port_randomizing_nats_fall_back_to_the_relay_which_sees_only_ciphertext() {
     scenario("random");
+}
+
+#[test]
+fn direct_only_refuses_to_relay_and_says_so() {
+    scenario("direct-only");
 }

@@ -59,6 +59,19 @@ pub(crate) fn set_abortive_close(stream: &TcpStream) {
     let _ = socket2::SockRef::from(stream).set_linger(Some(Duration::ZERO));
 }
 
+/// Tunes a punched connection: abortive close (above), no Nagle delay, and
+/// TCP keepalive so the kernel also notices a dead path and the NAT mapping
+/// sees traffic even when the tunnel is idle.
+pub(crate) fn tune_tunnel_socket(stream: &TcpStream) {
+    set_abortive_close(stream);
+    let _ = stream.set_nodelay(true);
+    let keepalive = socket2::TcpKeepalive::new()
+        .with_time(Duration::from_secs(15))
+        .with_interval(Duration::from_secs(5))
+        .with_retries(3);
+    let _ = socket2::SockRef::from(stream).set_tcp_keepalive(&keepalive);
+}
+
 /// Sleeps until `t` with sub-millisecond precision: the tokio timer wakes
 /// us within ~1 ms, and the last stretch is a short spin. On a LAN the
 /// window for a simultaneous open is a one-way delay, often far below 1 ms.
@@ -119,8 +132,8 @@ pub(crate) async fn run(
                 match result {
                     Ok(stream) => {
                         plan.on_outcome(i, now, Outcome::Connected);
-                        set_abortive_close(&stream);
-                        let _ = stream.set_nodelay(true);
+                                                tune_tunnel_socket(&stream);
+
                         let est = Established { stream, remote: plan.candidate(i), kind: plan.kind(i), attempts: plan.attempts() };
                         tracing::debug!(remote = %est.remote, attempts = est.attempts, "punched");
                         if out.send(est).await.is_err() {

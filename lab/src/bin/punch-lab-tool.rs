@@ -36,6 +36,9 @@ enum Cmd {
         bytes: u64,
         #[arg(long, default_value_t = 8)]
         streams: usize,
+        /// Send this text repeated instead of pseudo-random bytes.
+        #[arg(long)]
+        text: Option<String>,
     },
     /// Build a scenario, punch, and keep it up for inspection.
     Run {
@@ -44,6 +47,13 @@ enum Cmd {
     },
     /// Remove every lab namespace.
     Cleanup,
+    /// HTTP GET on a plain-HTTP address; prints the body.
+    Get {
+        #[arg(long)]
+        addr: SocketAddr,
+        #[arg(long)]
+        path: String,
+    },
 }
 
 fn main() -> ExitCode {
@@ -59,8 +69,15 @@ fn main() -> ExitCode {
             connect,
             bytes,
             streams,
+            text,
         } => {
-            let report = runtime().block_on(punch_lab::transfer::send(connect, bytes, streams));
+            let report = runtime().block_on(punch_lab::transfer::send(
+                connect,
+                bytes,
+                streams,
+                text.as_deref(),
+            ));
+
             println!("{}", serde_json::to_string(&report).unwrap_or_default());
             if report.ok {
                 ExitCode::SUCCESS
@@ -69,6 +86,18 @@ fn main() -> ExitCode {
             }
         }
         Cmd::Run { scenario } => by_hand(&scenario),
+        Cmd::Get { addr, path } => {
+            match runtime().block_on(punch_lab::transfer::http_get(addr, &path)) {
+                Ok(body) => {
+                    print!("{body}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("error: {e:#}");
+                    ExitCode::from(1)
+                }
+            }
+        }
         Cmd::Cleanup => {
             punch_lab::scenario::cleanup();
             ExitCode::SUCCESS

@@ -5,6 +5,8 @@
 //! - one [`connection`] task per daemon: it owns the WebSocket, checks the
 //!   signed hello, then relays between the socket and the [`registry`]
 //!   (punch orders for this daemon arrive on a bounded channel);
+//! - one [`relay`] task per relayed session: it pairs the two sides of a
+//!   punch session and pumps their (end-to-end encrypted) bytes;
 //! - `/healthz` and `/metrics` are plain handlers over shared state.
 //!
 //! Everything stops through one `CancellationToken`: the accept loop stops
@@ -15,6 +17,7 @@ mod connection;
 mod metrics;
 mod ratelimit;
 mod registry;
+mod relay;
 
 use std::net::SocketAddr;
 use std::sync::atomic::AtomicU64;
@@ -74,6 +77,7 @@ pub async fn run(
     });
     let app = Router::new()
         .route("/v1/ws", get(ws_handler))
+        .route("/v1/relay/{session}", get(relay::handler))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/metrics", get(metrics_handler))
         .with_state(shared.clone());

@@ -38,7 +38,6 @@ pub(crate) struct Client {
 pub(crate) struct SessionSide {
     pub(crate) name: String,
     /// The capability this side must present to `/v1/relay/{session}`.
-    #[allow(dead_code)] // read by the relay endpoint
     pub(crate) relay_token: String,
 }
 
@@ -54,6 +53,12 @@ pub(crate) struct Session {
 pub(crate) struct Registry {
     pub(crate) clients: HashMap<String, Client>,
     pub(crate) sessions: HashMap<String, Session>,
+    /// Relay sides waiting for their partner, by session.
+    pub(crate) relays_waiting: HashMap<String, super::relay::Waiting>,
+    /// Relay sockets held, per daemon name.
+    pub(crate) relays_per_daemon: HashMap<String, usize>,
+    /// Relay sockets held in total (two per paired session).
+    pub(crate) relays_total: usize,
 }
 
 /// Why a registration was refused.
