@@ -279,6 +279,11 @@ async fn dispatch(
                 }
             }
         }
+        RvEvent::Aborted { session, peer } => {
+            if let Some((handle, _)) = peers.get(&peer) {
+                handle.send(PeerCmd::Abort(session)).await;
+            }
+        }
         RvEvent::Refused { code, message } => {
             warn!(code = code.as_str(), %message, "rendezvous refused a request")
         }

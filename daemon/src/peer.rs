@@ -101,6 +101,8 @@ pub(crate) enum PeerCmd {
     Open(OpenReply),
     /// Registered with the rendezvous (again): initiators may connect now.
     RendezvousUp,
+    /// The peer left the rendezvous before punching this session.
+    Abort(String),
 }
 
 /// What a peer task needs to know, fixed for its lifetime.
@@ -214,6 +216,8 @@ struct PeerActor {
     generation: u64,
     /// The running punch: its generation and a token to stop it.
     punching: Option<(u64, CancellationToken)>,
+    /// The session id of the running punch.
+    punch_session: Option<String>,
     waiters: VecDeque<(Instant, OpenReply)>,
     rendezvous_up: bool,
     next_connect: Option<Instant>,
@@ -235,6 +239,7 @@ impl PeerActor {
             tunnel: None,
             generation: 0,
             punching: None,
+            punch_session: None,
             waiters: VecDeque::new(),
             rendezvous_up: false,
             next_connect: None,
@@ -299,6 +304,16 @@ impl PeerActor {
                     }
                 }
             },
+            PeerCmd::Abort(session) => {
+                if let Some((_, stop)) = self
+                    .punching
+                    .as_ref()
+                    .filter(|_| self.punch_session.as_deref() == Some(session.as_str()))
+                {
+                    info!(%session, "peer left before punching; abandoning this session");
+                    stop.cancel();
+                }
+            }
             PeerCmd::RendezvousUp => {
                 self.rendezvous_up = true;
                 if self.ctx.initiator && self.tunnel.is_none() && self.next_connect.is_none() {
@@ -380,6 +395,8 @@ impl PeerActor {
                 if self.tunnel.as_ref().is_some_and(|(g, _)| *g == generation) {
                     self.tunnel = None;
                     warn!("tunnel lost; will punch again");
+                    let _ = self.ctx.rendezvous.try_send(RvCmd::Probe);
+
                     self.ctx.status.update(|s| {
                         s.path = PathState::None;
                         s.transport = None;
@@ -401,6 +418,8 @@ impl PeerActor {
         let generation = self.generation;
         let stop = self.cancel.child_token();
         self.punching = Some((generation, stop.clone()));
+        self.punch_session = Some(job.order.session.clone());
+
         // With a relay already up, a punch is an upgrade attempt: no second relay.
         let allow_relay = self.tunnel.is_none();
         let ctx = self.ctx.clone();
@@ -410,7 +429,7 @@ impl PeerActor {
             async move {
                 let outcome = tokio::select! {
                     r = punch_session(&ctx, job, allow_relay) => r,
-                    _ = stop.cancelled() => Err(PunchFailure { reason: "superseded or shutting down".into(), attempts: 0 }),
+                    _ = stop.cancelled() => Err(PunchFailure { reason: "superseded, abandoned (peer left) or shutting down".into(), attempts: 0 }),
                 };
                 let _ = events.send(Internal::PunchDone { generation, outcome }).await;
             }

@@ -50,6 +50,11 @@ pub(crate) enum RvCmd {
     Connect(String),
     /// Report a punch outcome.
     Report(PunchResult),
+    /// Ping now: a tunnel was just lost, and whatever broke it (a NAT that
+    /// forgot its mappings, say) may have broken this connection too.
+    /// Finding out now, not at the next scheduled ping, is what lets the
+    /// next punch order reach us.
+    Probe,
 }
 
 /// What the rendezvous client tells the daemon.
@@ -59,6 +64,8 @@ pub(crate) enum RvEvent {
     Up,
     /// A punch order, converted to our clock.
     Punch(Box<PunchJob>),
+    /// The other side of a session went away before punching.
+    Aborted { session: String, peer: String },
     /// The server refused something we asked.
     Refused { code: ErrorCode, message: String },
 }
@@ -284,7 +291,9 @@ async fn session(
             }
             cmd = cmds.recv() => match cmd {
                 Some(RvCmd::Connect(peer)) => send(&mut ws, &ClientMsg::Connect { peer }).await?,
-                Some(RvCmd::Report(r)) => send(&mut ws, &ClientMsg::Result(r)).await?,
+                                Some(RvCmd::Report(r)) => send(&mut ws, &ClientMsg::Result(r)).await?,
+                Some(RvCmd::Probe) => next_ping = Instant::now(),
+
                 None => return Ok(()),
             },
             msg = recv(&mut ws) => match msg? {
@@ -301,7 +310,11 @@ async fn session(
                     let job = PunchJob { order, fire_at, port: settings.port, received: Instant::now() };
                     let _ = events.send(RvEvent::Punch(Box::new(job))).await;
                 }
+                                ServerMsg::PunchAborted { session, peer } => {
+                    let _ = events.send(RvEvent::Aborted { session, peer }).await;
+                }
                 ServerMsg::Error { code, message } => {
+
                     if matches!(code, ErrorCode::ShuttingDown | ErrorCode::Replaced | ErrorCode::RateLimited | ErrorCode::Timeout | ErrorCode::Malformed) {
                         return Err(RvError::Refused { code, message });
                     }

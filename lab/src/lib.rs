@@ -8,6 +8,8 @@
 //! - [`nat`]: the nftables rule sets for each NAT flavour.
 //! - [`scenario`]: runs the real binaries in a topology, moves a
 //!   checksummed transfer and checks the guarantees from outside.
+//! - [`recovery`]: NAT state flushed, peer and rendezvous restarted,
+//!   SIGTERM, each checked from outside.
 //! - [`transfer`]: the sink and sender used for that transfer (run inside
 //!   namespaces by the `punch-lab-tool` binary).
 //!
@@ -17,6 +19,7 @@
 
 pub mod nat;
 pub mod netns;
+pub mod recovery;
 pub mod scenario;
 pub mod topology;
 pub mod transfer;

@@ -144,10 +144,11 @@ mod tests {
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         let report = send(addr, 4 * 1024 * 1024, 4, None).await;
         assert!(report.ok, "{:?}", report.errors);
-        let report = send(addr, 100_000, 1, Some("marker")).await;
-
-        assert!(report.ok, "{:?}", report.errors);
         assert_eq!(report.bytes, 4 * 1024 * 1024);
+        let report = send(addr, 100_000, 1, Some("marker")).await;
+        assert!(report.ok, "{:?}", report.errors);
+        assert_eq!(report.bytes, 100_000);
+
         sink_task.abort();
     }
 

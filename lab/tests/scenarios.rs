@@ -4,6 +4,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+use std::io::Write as _;
 use std::sync::Mutex;
 
 use punch_lab::scenario::{self, Binaries};
@@ -24,7 +25,9 @@ fn scenario(name: &str) {
         .find(|s| s.name == name)
         .unwrap();
     match scenario::run(&s, &bins) {
-        Ok(report) => println!("LAB {report}"),
+        Ok(report) => {
+            let _ = writeln!(std::io::stderr(), "LAB {report}");
+        }
         Err(e) => panic!("{test} failed: {e:#}"),
     }
 }

@@ -60,6 +60,15 @@ pub enum ServerMsg {
     },
     /// Punch now (at `at_us`) towards this peer.
     Punch(PunchOrder),
+    /// The other side of a fresh session disconnected before it could
+    /// punch (its order may never have arrived): stop waiting for it.
+    PunchAborted {
+        /// The session.
+        session: String,
+        /// The peer that went away.
+        peer: String,
+    },
+
     /// Something was refused; `code` says what.
     Error {
         /// Machine-readable reason.

@@ -437,3 +437,24 @@ async fn shutdown_tells_daemons_and_returns() {
         .unwrap()
         .unwrap();
 }
+
+#[tokio::test]
+async fn a_side_leaving_during_a_punch_aborts_it_for_the_other() {
+    let server = TestServer::start(RendezvousConfig::default()).await;
+    let (mut a, _) = hello(server.addr, "alice", &key(1), None, false).await;
+    let (mut b, _) = hello(server.addr, "bob", &key(2), None, false).await;
+    send(&mut a, &ClientMsg::Connect { peer: "bob".into() }).await;
+    let ServerMsg::Punch(order) = recv(&mut a).await else {
+        panic!("punch order")
+    };
+    let _ = recv(&mut b).await;
+    drop(b);
+    match recv(&mut a).await {
+        ServerMsg::PunchAborted { session, peer } => {
+            assert_eq!(session, order.session);
+            assert_eq!(peer, "bob");
+        }
+        other => panic!("expected punch_aborted, got {other:?}"),
+    }
+    server.stop().await;
+}

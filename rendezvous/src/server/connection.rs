@@ -46,6 +46,7 @@ pub(crate) async fn serve(mut ws: WebSocket, addr: SocketAddr, shared: Arc<Share
                 let reason = registered(&mut ws, &shared, &name, rx, &replaced).await;
                 if shared.registry().unregister(&name, conn_id) {
                     info!(%reason, "unregistered");
+                    abort_sessions_of(&shared, &name);
                 } else {
                     debug!(%reason, "connection closed after being replaced");
                 }
@@ -339,6 +340,22 @@ async fn next_text(ws: &mut WebSocket) -> Option<String> {
             Ok(Message::Ping(_) | Message::Pong(_)) => continue,
             Ok(_) | Err(_) => return None,
         }
+    }
+}
+
+/// Tells the other side of every fresh session of `name` that `name` is
+/// gone, so it stops punching towards a daemon that may never have seen its
+/// order (e.g. a NAT dropped that daemon's connection and the order with it).
+fn abort_sessions_of(shared: &Shared, name: &str) {
+    let others = shared
+        .registry()
+        .take_fresh_sessions_of(name, Instant::now());
+    for (session, tx) in others {
+        info!(%session, "aborting punch session: a side disconnected");
+        let _ = tx.try_send(ServerMsg::PunchAborted {
+            session,
+            peer: name.to_owned(),
+        });
     }
 }
 

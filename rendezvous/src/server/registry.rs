@@ -17,6 +17,10 @@ use crate::protocol::{b64, ErrorCode, PunchOrder, ServerMsg};
 /// How long a punch session stays known for results and relay pairing.
 pub(crate) const SESSION_TTL: Duration = Duration::from_secs(120);
 
+/// How long after its creation a session may still be punching (punch
+/// timeouts are seconds); a side leaving within it aborts the session.
+pub(crate) const PUNCH_WINDOW: Duration = Duration::from_secs(30);
+
 /// A registered daemon.
 #[derive(Debug)]
 pub(crate) struct Client {
@@ -89,6 +93,35 @@ impl Registry {
         }
         self.clients.insert(name.to_owned(), client);
         Ok(())
+    }
+
+    /// Sessions `name` took part in that are young enough to still be
+    /// punching: their other sides and the senders to tell them.
+    pub(crate) fn take_fresh_sessions_of(
+        &mut self,
+        name: &str,
+        now: Instant,
+    ) -> Vec<(String, mpsc::Sender<ServerMsg>)> {
+        let fresh: Vec<String> = self
+            .sessions
+            .iter()
+            .filter(|(_, s)| {
+                now.saturating_duration_since(s.created) < PUNCH_WINDOW
+                    && s.sides.iter().any(|x| x.name == name)
+            })
+            .map(|(id, _)| id.clone())
+            .collect();
+        let mut out = Vec::new();
+        for id in fresh {
+            if let Some(s) = self.sessions.remove(&id) {
+                for side in s.sides.iter().filter(|x| x.name != name) {
+                    if let Some(c) = self.clients.get(&side.name) {
+                        out.push((id.clone(), c.tx.clone()));
+                    }
+                }
+            }
+        }
+        out
     }
 
     /// Removes a client if the entry still belongs to this connection.

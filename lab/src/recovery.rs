@@ -1,0 +1,216 @@
+//! Staying connected, tested from outside the daemons: NAT state flushed in
+//! the middle of a transfer, the peer killed and restarted, the rendezvous
+//! killed and restarted, and a SIGTERM while streams are open. Each returns
+//! a line with what it measured.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Result};
+
+use crate::nat::NatBehaviour;
+use crate::scenario::{transfer_in, Binaries, Expect, Run, Scenario};
+use crate::topology::Layout;
+
+/// Bytes of the long transfer that something is done in the middle of.
+const LONG: u64 = 256 * 1024 * 1024;
+
+fn start(name: &str, bins: &Binaries) -> Result<Run> {
+    let s = Scenario::new(
+        name,
+        Layout::TwoNats(NatBehaviour::Masquerade),
+        Expect::Direct,
+    );
+    let run = Run::start(&s, bins)?;
+    run.wait_path("alice", "direct", Duration::from_secs(30))?;
+    Ok(run)
+}
+
+/// Runs `f` and adds every log's tail to its error.
+fn with_logs(run: &mut Run, f: impl FnOnce(&mut Run) -> Result<String>) -> Result<String> {
+    let result = f(run);
+    result.map_err(|e| anyhow!("{e:#}\n{}", run.log_tails()))
+}
+
+/// Polls a 1 MiB transfer until one succeeds; returns how long that took.
+fn until_transfer_works(run: &Run, since: Instant, timeout: Duration) -> Result<Duration> {
+    loop {
+        if let Ok(t) = run.transfer(1024 * 1024, 1) {
+            if t.ok {
+                return Ok(since.elapsed());
+            }
+        }
+        if since.elapsed() > timeout {
+            bail!("no working tunnel {timeout:?} after the event");
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn punches_ok(run: &Run) -> u64 {
+    run.status("alice")
+        .ok()
+        .and_then(|v| v["peers"][0]["punches_ok"].as_u64())
+        .unwrap_or(0)
+}
+
+fn long_transfer_in_background(
+    run: &Run,
+) -> std::thread::JoinHandle<Result<crate::transfer::SendReport>> {
+    let ns = run.topo.host_a.name().to_owned();
+    let tool = run.bins().tool.clone();
+    std::thread::spawn(move || transfer_in(&ns, &tool, LONG, 4, None))
+}
+
+/// `conntrack -F` on every NAT in the middle of a transfer: the mappings
+/// are gone, and the daemons must end up with a working tunnel again.
+pub fn conntrack_flush(bins: &Binaries) -> Result<String> {
+    let mut run = start("flush", bins)?;
+    with_logs(&mut run, |run| {
+        let before = punches_ok(run);
+        let bg = long_transfer_in_background(run);
+        std::thread::sleep(Duration::from_millis(400));
+        for nat in &run.topo.nats {
+            nat.exec("conntrack", &["-F"])?;
+        }
+        let flushed = Instant::now();
+        let inflight = bg.join().map_err(|_| anyhow!("sender thread panicked"))??;
+        let recovered = until_transfer_works(run, flushed, Duration::from_secs(30))?;
+        let status = run.status("alice")?;
+        if status["peers"][0]["path"] != "direct" {
+            bail!("after the flush the path is {}", status["peers"][0]["path"]);
+        }
+        let repunched = punches_ok(run) > before;
+        Ok(format!(
+            "conntrack -F mid-transfer: in-flight transfer {}, tunnel {}, working again {:.2}s after the flush",
+            if inflight.ok { "completed" } else { "broke" },
+            if repunched { "re-punched" } else { "survived" },
+            recovered.as_secs_f64()
+        ))
+    })
+}
+
+/// SIGKILL bob, restart him: alice's forward works again soon after.
+pub fn peer_restart(bins: &Binaries) -> Result<String> {
+    let mut run = start("peer-restart", bins)?;
+    with_logs(&mut run, |run| {
+        run.topo.host_b.kill(run.bob);
+        std::thread::sleep(Duration::from_secs(1));
+        let up = Instant::now();
+        run.bob = run.start_daemon("bob")?;
+        let back = until_transfer_works(run, up, Duration::from_secs(30))?;
+        if back > Duration::from_secs(5) {
+            bail!(
+                "tunnel back only {:.2}s after the peer came up (want ≤ 5s)",
+                back.as_secs_f64()
+            );
+        }
+        Ok(format!(
+            "peer killed and restarted: forward working {:.2}s after it came up",
+            back.as_secs_f64()
+        ))
+    })
+}
+
+/// SIGKILL the rendezvous mid-transfer and restart it: the direct tunnel
+/// keeps carrying bytes, and both daemons re-register.
+pub fn rendezvous_restart(bins: &Binaries) -> Result<String> {
+    let mut run = start("rv-restart", bins)?;
+    with_logs(&mut run, |run| {
+        let bg = long_transfer_in_background(run);
+        std::thread::sleep(Duration::from_millis(300));
+        run.topo.rv.kill(run.rendezvous);
+        std::thread::sleep(Duration::from_secs(1));
+        let up = Instant::now();
+        run.rendezvous = run.start_rendezvous()?;
+        let mut registered = None;
+        while up.elapsed() < Duration::from_secs(20) {
+            let ok = ["alice", "bob"]
+                .iter()
+                .all(|w| run.status(w).is_ok_and(|v| v["rendezvous"] == "connected"));
+            if ok {
+                registered = Some(up.elapsed());
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let registered =
+            registered.ok_or_else(|| anyhow!("daemons did not re-register within 20s"))?;
+        let t = bg.join().map_err(|_| anyhow!("sender thread panicked"))??;
+        if !t.ok {
+            bail!(
+                "the direct transfer broke while the rendezvous was down: {:?}",
+                t.errors
+            );
+        }
+        if registered > Duration::from_secs(10) {
+            bail!(
+                "re-registered only after {:.2}s (want ≤ 10s)",
+                registered.as_secs_f64()
+            );
+        }
+        Ok(format!(
+            "rendezvous killed mid-transfer: {} MiB direct transfer intact, both daemons re-registered {:.2}s after restart",
+            t.bytes >> 20,
+            registered.as_secs_f64()
+        ))
+    })
+}
+
+/// SIGTERM alice while a transfer runs: the stream drains, she exits 0,
+/// and the forward listener is gone.
+pub fn sigterm_drains(bins: &Binaries) -> Result<String> {
+    let mut run = start("sigterm", bins)?;
+    with_logs(&mut run, |run| {
+        // Size the transfer to ~2 s of this machine's throughput: long
+        // enough to be cut by a SIGTERM, short enough for the 5 s drain.
+        let warmup = run.transfer(64 * 1024 * 1024, 2)?;
+        let rate = warmup.bytes as f64 / warmup.seconds.max(0.01);
+        let bytes = ((rate * 2.0) as u64).clamp(64 << 20, 512 << 20);
+        let ns = run.topo.host_a.name().to_owned();
+        let tool = run.bins().tool.clone();
+        let bg = std::thread::spawn(move || transfer_in(&ns, &tool, bytes, 2, None));
+        // SIGTERM only once both streams are open.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while run
+            .status("alice")
+            .ok()
+            .and_then(|v| v["forwards"][0]["total"].as_u64())
+            .unwrap_or(0)
+            < 4
+        {
+            if Instant::now() > deadline {
+                bail!("the transfer's streams never opened");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+
+        if bg.is_finished() {
+            bail!("the transfer ended before the SIGTERM; nothing was drained");
+        }
+        let t0 = Instant::now();
+        let code = run
+            .topo
+            .host_a
+            .terminate(run.alice, Duration::from_secs(15));
+
+        let exited = t0.elapsed();
+        let t = bg.join().map_err(|_| anyhow!("sender thread panicked"))??;
+        if code != Some(0) {
+            bail!("punchd exited with {code:?} on SIGTERM, want 0");
+        }
+        if !t.ok {
+            bail!(
+                "the open streams were cut instead of drained: {:?}",
+                t.errors
+            );
+        }
+        if crate::scenario::listens_on(run.topo.host_a.name(), 10000) {
+            bail!("the forward still listens after exit");
+        }
+        Ok(format!(
+            "SIGTERM with streams open: {} MiB drained intact, exit 0 after {:.2}s",
+            t.bytes >> 20,
+            exited.as_secs_f64()
+        ))
+    })
+}

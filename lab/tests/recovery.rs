@@ -1,0 +1,50 @@
+//! Staying connected when the network or a process breaks (lab, root).
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::io::Write as _;
+use std::sync::Mutex;
+
+use punch_lab::recovery;
+use punch_lab::scenario::{self, Binaries};
+
+static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+
+fn case(name: &str, f: fn(&Binaries) -> anyhow::Result<String>) {
+    let test = format!("lab recovery {name}");
+    if !punch_lab::available_or_skip(&test) {
+        return;
+    }
+    let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    scenario::cleanup_on_ctrl_c();
+    let bins =
+        Binaries::beside(std::path::Path::new(env!("CARGO_BIN_EXE_punch-lab-tool"))).unwrap();
+    match f(&bins) {
+        // Written straight to stderr so the figure shows even when the
+        // test harness captures output.
+        Ok(line) => {
+            let _ = writeln!(std::io::stderr(), "LAB recovery: {line}");
+        }
+        Err(e) => panic!("{test} failed: {e:#}"),
+    }
+}
+
+#[test]
+fn nat_mappings_flushed_mid_transfer_end_in_a_working_tunnel() {
+    case("conntrack-flush", recovery::conntrack_flush);
+}
+
+#[test]
+fn a_restarted_peer_is_reachable_again_within_5s() {
+    case("peer-restart", recovery::peer_restart);
+}
+
+#[test]
+fn a_restarted_rendezvous_leaves_direct_tunnels_up_and_daemons_re_register() {
+    case("rendezvous-restart", recovery::rendezvous_restart);
+}
+
+#[test]
+fn sigterm_drains_open_streams_and_exits_0() {
+    case("sigterm", recovery::sigterm_drains);
+}
