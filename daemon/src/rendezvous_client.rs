@@ -211,6 +211,9 @@ async fn connect_and_register(settings: &mut RvSettings) -> Result<(Ws, SocketAd
     let sock = bind_punch_socket(addr, settings.port)?;
     let tcp = sock.connect(addr).await?;
     set_abortive_close(&tcp);
+    // Punch orders and pongs are small and time-critical.
+    let _ = tcp.set_nodelay(true);
+
     let local = tcp.local_addr()?;
     if settings.port == 0 {
         settings.port = local.port();

@@ -10,6 +10,7 @@
 //!   checksummed transfer and checks the guarantees from outside.
 //! - [`recovery`]: NAT state flushed, peer and rendezvous restarted,
 //!   SIGTERM, each checked from outside.
+//! - [`loadgen`]: many signed rendezvous clients, for scale benchmarks.
 //! - [`transfer`]: the sink and sender used for that transfer (run inside
 //!   namespaces by the `punch-lab-tool` binary).
 //!
@@ -17,6 +18,7 @@
 //! when the [`topology::Topology`] is dropped (also on panic), on Ctrl-C,
 //! and, after a crash, at the start of the next run with the same prefix.
 
+pub mod loadgen;
 pub mod nat;
 pub mod netns;
 pub mod recovery;

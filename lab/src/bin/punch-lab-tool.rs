@@ -47,6 +47,20 @@ enum Cmd {
     },
     /// Remove every lab namespace.
     Cleanup,
+    /// Register many signed clients with a rendezvous (and optionally have
+    /// pairs of them request punches); prints a JSON report.
+    Loadgen {
+        #[arg(long)]
+        addr: SocketAddr,
+        #[arg(long, default_value_t = 1000)]
+        clients: usize,
+        /// Pairs requesting punches back to back (0: just hold).
+        #[arg(long, default_value_t = 0)]
+        pairs: usize,
+        /// How long to hold / to request punches, in seconds.
+        #[arg(long, default_value_t = 5)]
+        seconds: u64,
+    },
     /// HTTP GET on a plain-HTTP address; prints the body.
     Get {
         #[arg(long)]
@@ -90,6 +104,28 @@ fn main() -> ExitCode {
             match runtime().block_on(punch_lab::transfer::http_get(addr, &path)) {
                 Ok(body) => {
                     print!("{body}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("error: {e:#}");
+                    ExitCode::from(1)
+                }
+            }
+        }
+        Cmd::Loadgen {
+            addr,
+            clients,
+            pairs,
+            seconds,
+        } => {
+            match runtime().block_on(punch_lab::loadgen::run(
+                addr,
+                clients,
+                pairs,
+                std::time::Duration::from_secs(seconds),
+            )) {
+                Ok(r) => {
+                    println!("{}", serde_json::to_string(&r).unwrap_or_default());
                     ExitCode::SUCCESS
                 }
                 Err(e) => {

@@ -174,7 +174,13 @@ fn frame_error(e: axum::Error) -> Option<Refusal> {
     use tungstenite::error::Error as WsError;
     let inner = e.into_inner();
     match inner.downcast_ref::<WsError>() {
-        Some(WsError::Io(_) | WsError::ConnectionClosed | WsError::AlreadyClosed) => None,
+        Some(
+            WsError::Io(_)
+            | WsError::ConnectionClosed
+            | WsError::AlreadyClosed
+            | WsError::Protocol(tungstenite::error::ProtocolError::ResetWithoutClosingHandshake),
+        ) => None,
+
         Some(other) => Some((ErrorCode::Malformed, format!("bad frame: {other}"))),
         None => Some((ErrorCode::Malformed, format!("bad frame: {inner}"))),
     }
@@ -281,9 +287,8 @@ async fn handle(ws: &mut WebSocket, shared: &Shared, name: &str, text: &str) -> 
         ClientMsg::Result(r) => {
             let known = shared
                 .registry()
-                .sessions
-                .get(&r.session)
-                .is_some_and(|s| s.sides.iter().any(|side| side.name == name));
+                .report(&r.session, name, r.path == PathKind::Relayed);
+
             if known {
                 shared.metrics.result(r.path);
                 match r.path {

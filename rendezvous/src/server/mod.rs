@@ -27,6 +27,7 @@ use axum::extract::{ConnectInfo, State, WebSocketUpgrade};
 use axum::http::header;
 use axum::response::IntoResponse;
 use axum::routing::get;
+use axum::serve::ListenerExt as _;
 use axum::Router;
 use punch_config::RendezvousConfig;
 use tokio::net::TcpListener;
@@ -84,6 +85,10 @@ pub async fn run(
     if let Ok(addr) = listener.local_addr() {
         tracing::info!(%addr, "rendezvous listening");
     }
+    // Punch orders are small and time-critical: no Nagle delay.
+    let listener = listener.tap_io(|tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
     let result = axum::serve(
         listener,
         app.into_make_service_with_connect_info::<SocketAddr>(),

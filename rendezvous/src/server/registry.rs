@@ -50,6 +50,10 @@ pub(crate) struct SessionSide {
 pub(crate) struct Session {
     pub(crate) sides: [SessionSide; 2],
     pub(crate) created: Instant,
+    /// Which sides have reported a result.
+    pub(crate) reported: [bool; 2],
+    /// A side reported `relayed`: keep the session for relay pairing.
+    pub(crate) relaying: bool,
 }
 
 /// The registry.
@@ -124,7 +128,27 @@ impl Registry {
         out
     }
 
+    /// Records `name`'s result for `session`. Returns false if `name` is not
+    /// a side of it. A session both sides finished (and that is not being
+    /// relayed) is removed, so it no longer counts against the pending
+    /// limit.
+    pub(crate) fn report(&mut self, session: &str, name: &str, relayed: bool) -> bool {
+        let Some(s) = self.sessions.get_mut(session) else {
+            return false;
+        };
+        let Some(i) = s.sides.iter().position(|x| x.name == name) else {
+            return false;
+        };
+        s.reported[i] = true;
+        s.relaying |= relayed;
+        if s.reported == [true, true] && !s.relaying {
+            self.sessions.remove(session);
+        }
+        true
+    }
+
     /// Removes a client if the entry still belongs to this connection.
+
     pub(crate) fn unregister(&mut self, name: &str, conn_id: u64) -> bool {
         if self.clients.get(name).is_some_and(|c| c.conn_id == conn_id) {
             self.clients.remove(name);
@@ -197,6 +221,8 @@ impl Registry {
                     },
                 ],
                 created: now,
+                reported: [false, false],
+                relaying: false,
             },
         );
         Ok(orders)
@@ -344,6 +370,27 @@ mod tests {
                 1
             )
             .is_ok());
+    }
+
+    #[test]
+    fn finished_sessions_free_their_slot_unless_relaying() {
+        let mut r = Registry::default();
+        let (a, _ra) = client(1, "203.0.113.2:1", &[]);
+        let (b, _rb) = client(2, "203.0.113.3:1", &[]);
+        r.register("alice", a, 10).unwrap();
+        r.register("bob", b, 10).unwrap();
+        let now = Instant::now();
+        let [(_, o), _] = r.coordinate("alice", "bob", now, 0, 1).unwrap();
+        assert!(!r.report(&o.session, "mallory", false));
+        assert!(r.report(&o.session, "alice", false));
+        assert_eq!(r.sessions.len(), 1);
+        assert!(r.report(&o.session, "bob", false));
+        assert!(r.sessions.is_empty());
+        // With the slot free again, the limit of 1 admits another.
+        let [(_, o), _] = r.coordinate("alice", "bob", now, 0, 1).unwrap();
+        r.report(&o.session, "alice", true);
+        r.report(&o.session, "bob", true);
+        assert_eq!(r.sessions.len(), 1, "a relayed session stays for pairing");
     }
 
     #[test]

@@ -173,7 +173,10 @@ async fn join(socket: WebSocket, session: String, side: usize, slot: Slot, share
         info!("the other side never joined the relay");
         return;
     };
+    // Paired: the session has served its purpose.
+    shared.registry().sessions.remove(&session);
     shared.metrics.relays.fetch_add(1, Ordering::Relaxed);
+
     shared.metrics.relays_active.fetch_add(1, Ordering::Relaxed);
     info!("relay paired");
     let started = Instant::now();
