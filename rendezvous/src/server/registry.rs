@@ -148,7 +148,6 @@ impl Registry {
     }
 
     /// Removes a client if the entry still belongs to this connection.
-
     pub(crate) fn unregister(&mut self, name: &str, conn_id: u64) -> bool {
         if self.clients.get(name).is_some_and(|c| c.conn_id == conn_id) {
             self.clients.remove(name);
