@@ -10,6 +10,7 @@
 //!   checksummed transfer and checks the guarantees from outside.
 //! - [`recovery`]: NAT state flushed, peer and rendezvous restarted,
 //!   SIGTERM, each checked from outside.
+//! - [`linkem`]: delay, jitter and loss on a NAT's outside link (NFQUEUE).
 //! - [`loadgen`]: many signed rendezvous clients, for scale benchmarks.
 //! - [`transfer`]: the sink and sender used for that transfer (run inside
 //!   namespaces by the `punch-lab-tool` binary).
@@ -18,6 +19,7 @@
 //! when the [`topology::Topology`] is dropped (also on panic), on Ctrl-C,
 //! and, after a crash, at the start of the next run with the same prefix.
 
+pub mod linkem;
 pub mod loadgen;
 pub mod nat;
 pub mod netns;

@@ -13,8 +13,11 @@
 //! carrier NAT (100.64.0.1 / 203.0.113.2). Only TEST-NET and shared ranges
 //! are used, and nothing is routed out of the namespaces.
 
+use std::path::Path;
+
 use anyhow::Result;
 
+use crate::linkem::{self, Impairment};
 use crate::nat::{ruleset, NatBehaviour};
 use crate::netns::{remove_all, Netns};
 
@@ -52,7 +55,20 @@ pub struct Topology {
     pub bob_seen_from_alice: String,
     /// The address bob should reach alice at.
     pub alice_seen_from_bob: String,
+    /// Index in `nats` of the NAT facing the internet on alice's side.
+    pub outer_nat_a: Option<usize>,
+    /// Index in `nats` of the NAT facing the internet on bob's side.
+    pub outer_nat_b: Option<usize>,
     prefix: String,
+}
+
+/// Which host's uplink.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    /// alice's (hostA).
+    A,
+    /// bob's (hostB).
+    B,
 }
 
 fn veth(a: &Netns, a_if: &str, b: &Netns, b_if: &str) -> Result<()> {
@@ -124,6 +140,12 @@ impl Topology {
         let host_a = Netns::create(&n("hostA"))?;
         let host_b = Netns::create(&n("hostB"))?;
         let mut nats = Vec::new();
+        let (outer_a, outer_b) = match layout {
+            Layout::TwoNats(_) => (Some(0), Some(1)),
+            Layout::SameNat => (Some(0), None),
+            Layout::OnePublic => (Some(0), None),
+            Layout::DoubleNat => (Some(1), Some(2)),
+        };
         let (bob_seen, alice_seen) = match layout {
             Layout::TwoNats(b) => {
                 let nat_a = make_nat(&n("natA"), b)?;
@@ -220,6 +242,8 @@ impl Topology {
             inet,
             bob_seen_from_alice: bob_seen.to_owned(),
             alice_seen_from_bob: alice_seen.to_owned(),
+            outer_nat_a: outer_a,
+            outer_nat_b: outer_b,
             prefix: prefix.to_owned(),
         })
     }
@@ -236,5 +260,123 @@ impl Topology {
         let stats = &v[0]["stats64"];
         let get = |dir: &str| stats[dir]["bytes"].as_u64().unwrap_or(0);
         Ok(get("rx") + get("tx"))
+    }
+}
+
+/// Uplink and downlink impairments of one internet-facing endpoint.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Link {
+    /// Packets it sends into the internet.
+    pub up: Impairment,
+    /// Packets it receives from the internet.
+    pub down: Impairment,
+}
+
+impl Link {
+    /// No impairment.
+    pub const NONE: Link = Link {
+        up: Impairment::NONE,
+        down: Impairment::NONE,
+    };
+
+    /// The same delay each way, in milliseconds.
+    pub fn symmetric_ms(ms: u64) -> Self {
+        Link {
+            up: Impairment::delay_ms(ms),
+            down: Impairment::delay_ms(ms),
+        }
+    }
+
+    /// Adds jitter and loss to both directions.
+    pub fn with(mut self, jitter: std::time::Duration, loss: f64) -> Self {
+        for d in [&mut self.up, &mut self.down] {
+            d.jitter = jitter;
+            d.loss = loss;
+        }
+        self
+    }
+}
+
+/// The links of one scenario: alice's side, bob's side, the rendezvous.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Links {
+    /// alice's outermost NAT to the internet.
+    pub a: Link,
+    /// bob's outermost NAT (or bob himself, when public) to the internet.
+    pub b: Link,
+    /// The rendezvous host to the internet.
+    pub rv: Link,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Endpoint {
+    Rv,
+    Nat(usize),
+    HostB,
+}
+
+impl Topology {
+    fn endpoint_ns(&mut self, e: Endpoint) -> Option<&mut Netns> {
+        match e {
+            Endpoint::Rv => Some(&mut self.rv),
+            Endpoint::Nat(i) => self.nats.get_mut(i),
+            Endpoint::HostB => Some(&mut self.host_b),
+        }
+    }
+
+    /// Emulates `links` on the internet: every internet-facing namespace
+    /// delays (and drops) what it receives from each other endpoint by the
+    /// sender's uplink plus its own downlink. `tool` is `punch-lab-tool`.
+    pub fn emulate(&mut self, links: &Links, tool: &Path, log_dir: &Path) -> Result<()> {
+        let mut endpoints = vec![(Endpoint::Rv, "eth0", RENDEZVOUS_IP, links.rv)];
+        if let Some(a) = self.outer_nat_a {
+            endpoints.push((Endpoint::Nat(a), "wan0", "203.0.113.2", links.a));
+        }
+        match (self.outer_nat_b, self.outer_nat_a) {
+            (Some(b), _) => endpoints.push((Endpoint::Nat(b), "wan0", "203.0.113.3", links.b)),
+            // bob has a public address of his own.
+            (None, _) if self.bob_seen_from_alice == "203.0.113.3" => {
+                endpoints.push((Endpoint::HostB, "eth0", "203.0.113.3", links.b))
+            }
+            // bob shares alice's NAT: his link is hers.
+            (None, _) => {}
+        }
+        for (i, &(receiver, ifname, _, rlink)) in endpoints.iter().enumerate() {
+            let mut specs = Vec::new();
+            for (j, &(_, _, source_ip, slink)) in endpoints.iter().enumerate() {
+                if i == j {
+                    continue;
+                }
+                let queue = 20 + j as u16;
+                let imp = slink.up.then(rlink.down);
+                if imp == Impairment::NONE {
+                    continue;
+                }
+                let ns = self
+                    .endpoint_ns(receiver)
+                    .ok_or_else(|| anyhow::anyhow!("no namespace for {receiver:?}"))?;
+                let args = linkem::rule_args(ifname, source_ip, queue);
+                let args: Vec<&str> = args.iter().map(String::as_str).collect();
+                ns.exec("iptables", &args)?;
+                specs.push(imp.spec(queue));
+            }
+            if specs.is_empty() {
+                continue;
+            }
+            let ns = self
+                .endpoint_ns(receiver)
+                .ok_or_else(|| anyhow::anyhow!("no namespace for {receiver:?}"))?;
+            let mut args = vec!["linkem".to_owned()];
+            for spec in specs {
+                args.extend(["--queue".to_owned(), spec]);
+            }
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            let log = log_dir.join(format!("linkem-{}.log", ns.name()));
+            ns.spawn(tool, &args, &[], &log)?;
+        }
+        // Let the emulators bind their queues (until then `--queue-bypass`
+        // passes packets undelayed).
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        Ok(())
     }
 }

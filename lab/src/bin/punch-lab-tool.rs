@@ -47,6 +47,13 @@ enum Cmd {
     },
     /// Remove every lab namespace.
     Cleanup,
+    /// Emulate a long, lossy link on this namespace's wan0 (run inside a
+    /// NAT namespace after loading `linkem::ruleset()`); runs until killed.
+    Linkem {
+        /// QUEUE:DELAY_MS:JITTER_MS:LOSS_PCT, once per NFQUEUE to serve.
+        #[arg(long = "queue", required = true)]
+        queues: Vec<String>,
+    },
     /// Register many signed clients with a rendezvous (and optionally have
     /// pairs of them request punches); prints a JSON report.
     Loadgen {
@@ -128,6 +135,19 @@ fn main() -> ExitCode {
                     println!("{}", serde_json::to_string(&r).unwrap_or_default());
                     ExitCode::SUCCESS
                 }
+                Err(e) => {
+                    eprintln!("error: {e:#}");
+                    ExitCode::from(1)
+                }
+            }
+        }
+        Cmd::Linkem { queues } => {
+            use punch_lab::linkem::{run, Impairment};
+            let parsed: Result<Vec<_>, _> =
+                queues.iter().map(|q| Impairment::parse_spec(q)).collect();
+            let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+            match parsed.and_then(|q| run(&q, stop)) {
+                Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("error: {e:#}");
                     ExitCode::from(1)
