@@ -101,8 +101,10 @@ pub(crate) enum PeerCmd {
     Open(OpenReply),
     /// Registered with the rendezvous (again): initiators may connect now.
     RendezvousUp,
-    /// The peer left the rendezvous before punching this session.
+        /// The peer left the rendezvous before punching this session.
     Abort(String),
+    /// Drop the current tunnel and punch again now (admin API).
+    Repunch,
 }
 
 /// What a peer task needs to know, fixed for its lifetime.
@@ -314,7 +316,20 @@ impl PeerActor {
                     stop.cancel();
                 }
             }
+                        PeerCmd::Repunch => {
+                info!("re-punch requested");
+                if let Some((_, t)) = self.tunnel.take() {
+                    t.close();
+                    self.ctx.status.update(|s| {
+                        s.path = PathState::None;
+                        s.transport = None;
+                    });
+                }
+                self.backoff.reset();
+                self.next_connect = Some(Instant::now());
+            }
             PeerCmd::RendezvousUp => {
+
                 self.rendezvous_up = true;
                 if self.ctx.initiator && self.tunnel.is_none() && self.next_connect.is_none() {
                     self.next_connect = Some(Instant::now());

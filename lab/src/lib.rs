@@ -8,6 +8,7 @@
 //! - [`nat`]: the nftables rule sets for each NAT flavour.
 //! - [`scenario`]: runs the real binaries in a topology, moves a
 //!   checksummed transfer and checks the guarantees from outside.
+//! - [`realism`]: the matrix on delayed, lossy links; punch timing.
 //! - [`recovery`]: NAT state flushed, peer and rendezvous restarted,
 //!   SIGTERM, each checked from outside.
 //! - [`linkem`]: delay, jitter and loss on a NAT's outside link (NFQUEUE).
@@ -23,6 +24,7 @@ pub mod linkem;
 pub mod loadgen;
 pub mod nat;
 pub mod netns;
+pub mod realism;
 pub mod recovery;
 pub mod scenario;
 pub mod topology;

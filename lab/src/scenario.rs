@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context as _, Result};
 use serde_json::Value;
 
-use crate::topology::{Layout, Topology, RENDEZVOUS_IP};
+use crate::topology::{Layout, Links, Topology, RENDEZVOUS_IP};
 use crate::transfer::SendReport;
 
 /// The punch port both daemons use.
@@ -80,8 +80,10 @@ pub struct Scenario {
     pub streams: usize,
     /// Extra `[punch]` lines for both daemons.
     pub punch_extra: String,
-    /// `[punch] timeout` for both daemons.
+        /// `[punch] timeout` for both daemons.
     pub punch_timeout: String,
+    /// Internet link emulation (delay, jitter, loss), if any.
+    pub links: Option<Links>,
 }
 
 impl Scenario {
@@ -94,7 +96,8 @@ impl Scenario {
             bytes: 64 * 1024 * 1024,
             streams: 8,
             punch_extra: String::new(),
-            punch_timeout: "10s".to_owned(),
+                        punch_timeout: "10s".to_owned(),
+            links: None,
         }
     }
 }
@@ -103,6 +106,12 @@ impl Scenario {
     /// Sets `[punch] timeout`.
     pub fn with_timeout(mut self, t: &str) -> Self {
         t.clone_into(&mut self.punch_timeout);
+        self
+    }
+
+        /// Emulates these internet links.
+    pub fn with_links(mut self, links: Links) -> Self {
+        self.links = Some(links);
         self
     }
 
@@ -222,10 +231,14 @@ pub fn listens_on(ns: &str, port: u16) -> bool {
 impl Run {
     /// Builds the network and starts rendezvous, sink and both daemons.
     pub fn start(s: &Scenario, bins: &Binaries) -> Result<Self> {
-        let topo = Topology::build(&prefix(&s.name), s.layout)?;
+                let mut topo = Topology::build(&prefix(&s.name), s.layout)?;
         let dir = std::env::temp_dir().join(format!("punch-lab-{}", s.name));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir)?;
+        if let Some(links) = &s.links {
+            topo.emulate(links, &bins.tool, &dir)?;
+        }
+
         let alice_key = keygen(bins, &dir.join("alice.key"))?;
         let bob_key = keygen(bins, &dir.join("bob.key"))?;
         let url = format!("http://{RENDEZVOUS_IP}:8080");

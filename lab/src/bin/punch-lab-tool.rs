@@ -74,6 +74,8 @@ enum Cmd {
         addr: SocketAddr,
         #[arg(long)]
         path: String,
+        #[arg(long, default_value = "GET")]
+        method: String,
     },
 }
 
@@ -107,8 +109,8 @@ fn main() -> ExitCode {
             }
         }
         Cmd::Run { scenario } => by_hand(&scenario),
-        Cmd::Get { addr, path } => {
-            match runtime().block_on(punch_lab::transfer::http_get(addr, &path)) {
+        Cmd::Get { addr, path, method } => {
+            match runtime().block_on(punch_lab::transfer::http(addr, &method, &path)) {
                 Ok(body) => {
                     print!("{body}");
                     ExitCode::SUCCESS

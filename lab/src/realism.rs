@@ -1,0 +1,170 @@
+//! The lab on internet-like links: the scenario matrix under delay and
+//! loss, and how well the timed simultaneous open is timed.
+//!
+//! Timing is measured from captures on each *host's* interface: with links
+//! emulated where packets arrive ([`crate::linkem`]), a host's SYN passes its
+//! NAT (and opens the mapping) the moment it leaves the host. The skew is how
+//! far apart the two daemons' first SYNs of a punch leave; a punch succeeds
+//! on the first attempt when each side sent exactly one SYN towards the
+//! other's public endpoint.
+
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{bail, Result};
+
+use crate::scenario::{self, Binaries, Expect, Report, Run, Scenario, PUNCH_PORT};
+
+/// The direct scenarios of [`crate::scenarios`] on `links`, moving `bytes`.
+pub fn matrix(label: &str, links: Links, bytes: u64, bins: &Binaries) -> Result<Vec<Report>> {
+    let mut out = Vec::new();
+    for s in crate::scenarios().into_iter().filter(|s| s.expect == Expect::Direct) {
+        let mut s = s.with_links(links);
+        s.name = format!("{}-{label}", s.name);
+        s.bytes = bytes;
+        out.push(scenario::run(&s, bins)?);
+    }
+    Ok(out)
+}
+
+use crate::topology::Links;
+
+/// What the timing run measured.
+#[derive(Debug, Clone, Default)]
+pub struct Timing {
+    /// Punches made.
+    pub rounds: usize,
+    /// Punches where each side sent exactly one SYN to the other.
+    pub first_attempt: usize,
+    /// Per punch: |first SYN from alice − first SYN from bob|, ms.
+    pub skews_ms: Vec<f64>,
+    /// Host-to-host one-way delay, ms.
+    pub one_way_ms: f64,
+    /// Per punch: order → tunnel ready on alice, ms.
+    pub punch_ms: Vec<f64>,
+}
+
+fn percentile(v: &[f64], p: f64) -> f64 {
+    let mut v = v.to_vec();
+    v.sort_by(f64::total_cmp);
+    v.get(((v.len().max(1) - 1) as f64 * p).round() as usize).copied().unwrap_or(f64::NAN)
+}
+
+impl Timing {
+    /// Median skew, ms.
+    pub fn p50(&self) -> f64 {
+        percentile(&self.skews_ms, 0.5)
+    }
+
+    /// 95th percentile skew, ms.
+    pub fn p95(&self) -> f64 {
+        percentile(&self.skews_ms, 0.95)
+    }
+
+    /// Fraction of punches that worked first time.
+    pub fn first_attempt_rate(&self) -> f64 {
+        self.first_attempt as f64 / self.rounds.max(1) as f64
+    }
+}
+
+impl std::fmt::Display for Timing {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} punches at one-way {:.0} ms: SYN skew p50 {:.3} ms ({:.2}% of one-way), p95 {:.3} ms ({:.2}%); first attempt {}/{} ({:.1}%); punch p50 {:.0} ms",
+            self.rounds,
+            self.one_way_ms,
+            self.p50(),
+            self.p50() / self.one_way_ms * 100.0,
+            self.p95(),
+            self.p95() / self.one_way_ms * 100.0,
+            self.first_attempt,
+            self.rounds,
+            self.first_attempt_rate() * 100.0,
+            percentile(&self.punch_ms, 0.5)
+        )
+    }
+}
+
+fn unix_now() -> f64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64())
+}
+
+/// SYN timestamps (Unix seconds) from a `tcpdump -tt` text capture.
+fn syn_times(path: &std::path::Path) -> Vec<f64> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.contains("Flags [S]"))
+        .filter_map(|l| l.split_whitespace().next()?.parse().ok())
+        .collect()
+}
+
+/// Makes `rounds` punches (each forced by the admin API's re-punch) and
+/// measures their SYN skew and first-attempt rate.
+pub fn timing(name: &str, s: Scenario, rounds: usize, bins: &Binaries) -> Result<Timing> {
+    let mut s = s;
+    s.name = name.to_owned();
+    let links = s.links.unwrap_or(Links { a: crate::topology::Link::NONE, b: crate::topology::Link::NONE, rv: crate::topology::Link::NONE });
+    let mut run = Run::start(&s, bins)?;
+    let result = measure(&mut run, &links, rounds);
+    result.map_err(|e| anyhow::anyhow!("{e:#}\n{}", run.log_tails()))
+}
+
+fn measure(run: &mut Run, links: &Links, rounds: usize) -> Result<Timing> {
+    run.wait_path("alice", "direct", Duration::from_secs(30))?;
+    let (bob_ip, alice_ip) = (run.topo.bob_seen_from_alice.clone(), run.topo.alice_seen_from_bob.clone());
+    let cap_a = run.dir.join("syn-alice.txt");
+    let cap_b = run.dir.join("syn-bob.txt");
+    let filter = |dst: &str| format!("tcp[tcpflags] & (tcp-syn|tcp-ack) == tcp-syn and dst host {dst} and dst port {PUNCH_PORT}");
+    let tcpdump = std::path::Path::new("tcpdump");
+    let (fa, fb) = (filter(&bob_ip), filter(&alice_ip));
+    let ia = run.topo.host_a.spawn(tcpdump, &["-l", "-tt", "-n", "-i", "eth0", &fa], &[], &cap_a)?;
+    let ib = run.topo.host_b.spawn(tcpdump, &["-l", "-tt", "-n", "-i", "eth0", &fb], &[], &cap_b)?;
+    std::thread::sleep(Duration::from_millis(500));
+    let tool = run.bins().tool.display().to_string();
+    let mut marks = Vec::new();
+    let mut punch_ms = Vec::new();
+    for round in 0..rounds {
+        let mark = unix_now();
+        marks.push(mark);
+        run.topo.host_a.exec(&tool, &["get", "--method", "POST", "--addr", "127.0.0.1:7070", "--path", "/v1/peers/bob/repunch"])?;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let st = run.status("alice")?;
+            let peer = &st["peers"][0];
+            let finished = peer["last_punch"]["finished_unix_ms"].as_f64().unwrap_or(0.0) / 1000.0;
+                        let bob = run.status("bob")?;
+            let bob_finished = bob["peers"][0]["last_punch"]["finished_unix_ms"].as_f64().unwrap_or(0.0) / 1000.0;
+            // Both ends up, as after any real punch, before the next one.
+            if peer["path"] == "direct" && finished > mark && bob["peers"][0]["path"] == "direct" && bob_finished > mark {
+                punch_ms.push(peer["last_punch"]["elapsed_ms"].as_f64().unwrap_or(0.0));
+                std::thread::sleep(Duration::from_millis(300));
+                break;
+            }
+
+            if Instant::now() > deadline {
+                bail!("round {round}: no direct path 30s after the re-punch");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    run.topo.host_a.kill(ia);
+    run.topo.host_b.kill(ib);
+    marks.push(f64::MAX);
+    let (sa, sb) = (syn_times(&cap_a), syn_times(&cap_b));
+    let one_way = links.a.up.delay + links.b.down.delay;
+    let mut t = Timing { rounds, one_way_ms: one_way.as_secs_f64() * 1000.0, punch_ms, ..Default::default() };
+    for w in marks.windows(2) {
+        let in_round = |v: &[f64]| v.iter().copied().filter(|x| *x >= w[0] && *x < w[1]).collect::<Vec<_>>();
+        let (a, b) = (in_round(&sa), in_round(&sb));
+        let (Some(ta), Some(tb)) = (a.first(), b.first()) else {
+            bail!("a punch round has no SYN from {}: captures hold {} and {} SYNs", if a.is_empty() { "alice" } else { "bob" }, sa.len(), sb.len());
+        };
+        t.skews_ms.push((ta - tb).abs() * 1000.0);
+        if a.len() == 1 && b.len() == 1 {
+            t.first_attempt += 1;
+        }
+    }
+    Ok(t)
+}

