@@ -24,20 +24,37 @@ struct Admin {
 }
 
 /// Serves the admin API until cancelled.
-pub(crate) async fn serve(listener: TcpListener, board: Arc<StatusBoard>, peers: HashMap<String, PeerHandle>, cancel: CancellationToken) {
+pub(crate) async fn serve(
+    listener: TcpListener,
+    board: Arc<StatusBoard>,
+    peers: HashMap<String, PeerHandle>,
+    cancel: CancellationToken,
+) {
     let app = Router::new()
-        .route("/v1/status", get(|State(a): State<Admin>| async move { Json(a.board.snapshot()) }))
+        .route(
+            "/v1/status",
+            get(|State(a): State<Admin>| async move { Json(a.board.snapshot()) }),
+        )
         .route("/v1/peers/{name}/repunch", post(repunch))
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok\n" }))
-        .with_state(Admin { board, peers: Arc::new(peers) });
-    if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(cancel.cancelled_owned()).await {
+        .with_state(Admin {
+            board,
+            peers: Arc::new(peers),
+        });
+    if let Err(e) = axum::serve(listener, app)
+        .with_graceful_shutdown(cancel.cancelled_owned())
+        .await
+    {
         tracing::warn!(error = %e, "admin API stopped");
     }
 }
 
 async fn metrics(State(a): State<Admin>) -> impl IntoResponse {
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], a.board.render_metrics())
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        a.board.render_metrics(),
+    )
 }
 
 async fn repunch(State(a): State<Admin>, Path(name): Path<String>) -> impl IntoResponse {
@@ -46,6 +63,9 @@ async fn repunch(State(a): State<Admin>, Path(name): Path<String>) -> impl IntoR
             p.send(PeerCmd::Repunch).await;
             (StatusCode::ACCEPTED, "re-punching\n".to_owned())
         }
-        None => (StatusCode::NOT_FOUND, format!("no peer named {name} in [[peers]]\n")),
+        None => (
+            StatusCode::NOT_FOUND,
+            format!("no peer named {name} in [[peers]]\n"),
+        ),
     }
 }

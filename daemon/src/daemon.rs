@@ -229,7 +229,10 @@ pub async fn start(
         rendezvous_client::run(settings, rv_ev_tx, rv_cmd_rx, board.clone(), cancel.clone())
             .instrument(tracing::info_span!("rendezvous")),
     );
-    let admin_peers: HashMap<String, PeerHandle> = peers.iter().map(|(name, (h, _))| (name.clone(), h.clone())).collect();
+    let admin_peers: HashMap<String, PeerHandle> = peers
+        .iter()
+        .map(|(name, (h, _))| (name.clone(), h.clone()))
+        .collect();
     let dispatch_cancel = cancel.clone();
     tracker.spawn(async move {
         loop {
@@ -240,7 +243,12 @@ pub async fn start(
             dispatch(ev, &peers).await;
         }
     });
-    tracker.spawn(admin::serve(admin_listener, board.clone(), admin_peers, cancel.clone()));
+    tracker.spawn(admin::serve(
+        admin_listener,
+        board.clone(),
+        admin_peers,
+        cancel.clone(),
+    ));
     info!(name = %cfg.name, %admin_addr, forwards = forward_addrs.len(), peers = cfg.peers.len(), "punchd started");
     Ok(RunningDaemon {
         admin_addr,

@@ -101,7 +101,7 @@ pub(crate) enum PeerCmd {
     Open(OpenReply),
     /// Registered with the rendezvous (again): initiators may connect now.
     RendezvousUp,
-        /// The peer left the rendezvous before punching this session.
+    /// The peer left the rendezvous before punching this session.
     Abort(String),
     /// Drop the current tunnel and punch again now (admin API).
     Repunch,
@@ -316,7 +316,7 @@ impl PeerActor {
                     stop.cancel();
                 }
             }
-                        PeerCmd::Repunch => {
+            PeerCmd::Repunch => {
                 info!("re-punch requested");
                 if let Some((_, t)) = self.tunnel.take() {
                     t.close();
@@ -329,7 +329,6 @@ impl PeerActor {
                 self.next_connect = Some(Instant::now());
             }
             PeerCmd::RendezvousUp => {
-
                 self.rendezvous_up = true;
                 if self.ctx.initiator && self.tunnel.is_none() && self.next_connect.is_none() {
                     self.next_connect = Some(Instant::now());

@@ -80,7 +80,7 @@ pub struct Scenario {
     pub streams: usize,
     /// Extra `[punch]` lines for both daemons.
     pub punch_extra: String,
-        /// `[punch] timeout` for both daemons.
+    /// `[punch] timeout` for both daemons.
     pub punch_timeout: String,
     /// Internet link emulation (delay, jitter, loss), if any.
     pub links: Option<Links>,
@@ -96,7 +96,7 @@ impl Scenario {
             bytes: 64 * 1024 * 1024,
             streams: 8,
             punch_extra: String::new(),
-                        punch_timeout: "10s".to_owned(),
+            punch_timeout: "10s".to_owned(),
             links: None,
         }
     }
@@ -109,7 +109,7 @@ impl Scenario {
         self
     }
 
-        /// Emulates these internet links.
+    /// Emulates these internet links.
     pub fn with_links(mut self, links: Links) -> Self {
         self.links = Some(links);
         self
@@ -231,7 +231,7 @@ pub fn listens_on(ns: &str, port: u16) -> bool {
 impl Run {
     /// Builds the network and starts rendezvous, sink and both daemons.
     pub fn start(s: &Scenario, bins: &Binaries) -> Result<Self> {
-                let mut topo = Topology::build(&prefix(&s.name), s.layout)?;
+        let mut topo = Topology::build(&prefix(&s.name), s.layout)?;
         let dir = std::env::temp_dir().join(format!("punch-lab-{}", s.name));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir)?;

@@ -117,12 +117,17 @@ pub async fn send(
 /// A minimal HTTP/1.0 request for the lab's own servers: returns the body
 /// of a 2xx answer.
 pub async fn http(addr: SocketAddr, method: &str, path: &str) -> Result<String> {
-    let mut s = TcpStream::connect(addr).await.with_context(|| format!("connect {addr}"))?;
-    s.write_all(format!("{method} {path} HTTP/1.0\r\nHost: {addr}\r\nContent-Length: 0\r\n\r\n").as_bytes()).await?;
+    let mut s = TcpStream::connect(addr)
+        .await
+        .with_context(|| format!("connect {addr}"))?;
+    s.write_all(
+        format!("{method} {path} HTTP/1.0\r\nHost: {addr}\r\nContent-Length: 0\r\n\r\n").as_bytes(),
+    )
+    .await?;
     let mut raw = String::new();
     s.read_to_string(&mut raw).await?;
     let (head, body) = raw.split_once("\r\n\r\n").unwrap_or((raw.as_str(), ""));
-        let status = head.split_whitespace().nth(1).unwrap_or("");
+    let status = head.split_whitespace().nth(1).unwrap_or("");
     if !status.starts_with('2') {
         bail!("{method} {path}: {}", head.lines().next().unwrap_or(""));
     }

