@@ -207,25 +207,9 @@ fn run_daemon(config: &Path) -> Result<(), Failure> {
         let daemon = punchd::start(cfg, id, cancel.clone())
             .await
             .map_err(runtime)?;
-        shutdown_signal().await;
+        punch_rendezvous::server::shutdown_signal().await;
         tracing::info!("shutdown requested; draining streams");
         daemon.shutdown(Duration::from_secs(5)).await;
         Ok(())
     })
-}
-
-/// Ctrl-C or SIGTERM.
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-        Ok(mut term) => {
-            tokio::select! {
-                _ = ctrl_c => {}
-                _ = term.recv() => {}
-            }
-        }
-        Err(_) => {
-            let _ = ctrl_c.await;
-        }
-    }
 }

@@ -83,6 +83,29 @@ fn on_path(tool: &str) -> bool {
         .is_some_and(|p| std::env::split_paths(&p).any(|d| Path::new(&d).join(tool).is_file()))
 }
 
+/// Everything a lab test needs before it starts: the lab available (or a
+/// printed skip), its turn (lab tests in one binary run one at a time:
+/// they share two cores, and timing should not be measured under a
+/// neighbour's transfer), the Ctrl-C cleanup, and the binaries beside
+/// `tool` (`env!("CARGO_BIN_EXE_punch-lab-tool")`).
+pub fn prepare(
+    test: &str,
+    tool: &str,
+) -> Option<(std::sync::MutexGuard<'static, ()>, scenario::Binaries)> {
+    static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    if !available_or_skip(test) {
+        return None;
+    }
+    let guard = ONE_AT_A_TIME
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    scenario::cleanup_on_ctrl_c();
+    match scenario::Binaries::beside(Path::new(tool)) {
+        Ok(bins) => Some((guard, bins)),
+        Err(e) => panic!("{test}: {e:#}"),
+    }
+}
+
 /// Returns true if the lab can run; otherwise prints why and returns false,
 /// or panics when [`REQUIRE_ENV`] is set (so CI cannot silently skip).
 pub fn available_or_skip(test: &str) -> bool {

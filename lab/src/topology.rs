@@ -126,6 +126,54 @@ fn lan_host(
     route_default(host, gateway)
 }
 
+/// The address plan of one side's NAT and host.
+struct SidePlan {
+    nat: &'static str,
+    port: &'static str,
+    public: &'static str,
+    gateway: &'static str,
+    gateway_cidr: &'static str,
+    host: &'static str,
+}
+
+const SIDE_A: SidePlan = SidePlan {
+    nat: "natA",
+    port: "p-natA",
+    public: "203.0.113.2/24",
+    gateway: "192.0.2.1",
+    gateway_cidr: "192.0.2.1/24",
+    host: "192.0.2.2/24",
+};
+const SIDE_B: SidePlan = SidePlan {
+    nat: "natB",
+    port: "p-natB",
+    public: "203.0.113.3/24",
+    gateway: "198.51.100.1",
+    gateway_cidr: "198.51.100.1/24",
+    host: "198.51.100.2/24",
+};
+
+/// A NAT on the internet with `host` on its LAN, per `side`'s address plan.
+fn side_nat(
+    name: &str,
+    behaviour: NatBehaviour,
+    inet: &Netns,
+    host: &Netns,
+    side: &SidePlan,
+) -> Result<Netns> {
+    let nat = make_nat(name, behaviour)?;
+    to_internet(inet, &nat, "wan0", side.port, side.public)?;
+    lan_host(
+        &nat,
+        host,
+        "lan0",
+        side.gateway_cidr,
+        side.host,
+        side.gateway,
+    )?;
+    Ok(nat)
+}
+
 impl Topology {
     /// Builds `layout` with namespace names starting with `prefix`,
     /// first removing anything a crashed run left under that prefix.
@@ -148,26 +196,8 @@ impl Topology {
         };
         let (bob_seen, alice_seen) = match layout {
             Layout::TwoNats(b) => {
-                let nat_a = make_nat(&n("natA"), b)?;
-                to_internet(&inet, &nat_a, "wan0", "p-natA", "203.0.113.2/24")?;
-                lan_host(
-                    &nat_a,
-                    &host_a,
-                    "lan0",
-                    "192.0.2.1/24",
-                    "192.0.2.2/24",
-                    "192.0.2.1",
-                )?;
-                let nat_b = make_nat(&n("natB"), b)?;
-                to_internet(&inet, &nat_b, "wan0", "p-natB", "203.0.113.3/24")?;
-                lan_host(
-                    &nat_b,
-                    &host_b,
-                    "lan0",
-                    "198.51.100.1/24",
-                    "198.51.100.2/24",
-                    "198.51.100.1",
-                )?;
+                let nat_a = side_nat(&n(SIDE_A.nat), b, &inet, &host_a, &SIDE_A)?;
+                let nat_b = side_nat(&n(SIDE_B.nat), b, &inet, &host_b, &SIDE_B)?;
                 nats.extend([nat_a, nat_b]);
                 ("203.0.113.3", "203.0.113.2")
             }
@@ -190,15 +220,12 @@ impl Topology {
                 ("192.0.2.3", "192.0.2.2")
             }
             Layout::OnePublic => {
-                let nat_a = make_nat(&n("natA"), NatBehaviour::Masquerade)?;
-                to_internet(&inet, &nat_a, "wan0", "p-natA", "203.0.113.2/24")?;
-                lan_host(
-                    &nat_a,
+                let nat_a = side_nat(
+                    &n(SIDE_A.nat),
+                    NatBehaviour::Masquerade,
+                    &inet,
                     &host_a,
-                    "lan0",
-                    "192.0.2.1/24",
-                    "192.0.2.2/24",
-                    "192.0.2.1",
+                    &SIDE_A,
                 )?;
                 to_internet(&inet, &host_b, "eth0", "p-hostB", "203.0.113.3/24")?;
                 nats.push(nat_a);
@@ -220,15 +247,12 @@ impl Topology {
                     "192.0.2.2/24",
                     "192.0.2.1",
                 )?;
-                let nat_b = make_nat(&n("natB"), NatBehaviour::Masquerade)?;
-                to_internet(&inet, &nat_b, "wan0", "p-natB", "203.0.113.3/24")?;
-                lan_host(
-                    &nat_b,
+                let nat_b = side_nat(
+                    &n(SIDE_B.nat),
+                    NatBehaviour::Masquerade,
+                    &inet,
                     &host_b,
-                    "lan0",
-                    "198.51.100.1/24",
-                    "198.51.100.2/24",
-                    "198.51.100.1",
+                    &SIDE_B,
                 )?;
                 nats.extend([home, cgn, nat_b]);
                 ("203.0.113.3", "203.0.113.2")

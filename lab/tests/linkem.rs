@@ -4,14 +4,11 @@
 
 use std::io::Write as _;
 use std::path::Path;
-use std::sync::Mutex;
 use std::time::Duration;
 
 use punch_lab::linkem::Impairment;
 use punch_lab::nat::NatBehaviour;
 use punch_lab::topology::{Layout, Link, Links, Topology};
-
-static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
 
 fn tool() -> &'static Path {
     Path::new(env!("CARGO_BIN_EXE_punch-lab-tool"))
@@ -56,11 +53,7 @@ fn ping(topo: &Topology, dst: &str, count: u32, interval: &str) -> (u32, u32, f6
 }
 
 fn lab(name: &str) -> Option<(std::sync::MutexGuard<'static, ()>, Topology)> {
-    if !punch_lab::available_or_skip(name) {
-        return None;
-    }
-    let guard = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
-    punch_lab::scenario::cleanup_on_ctrl_c();
+    let (guard, _bins) = punch_lab::prepare(name, env!("CARGO_BIN_EXE_punch-lab-tool"))?;
     let topo = Topology::build(
         &format!("pl-{name}-"),
         Layout::TwoNats(NatBehaviour::Masquerade),

@@ -5,21 +5,15 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::io::Write as _;
-use std::sync::Mutex;
 
-use punch_lab::scenario::{self, Binaries};
-
-static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+use punch_lab::scenario;
 
 fn scenario(name: &str) {
     let test = format!("lab scenario {name}");
-    if !punch_lab::available_or_skip(&test) {
+    let Some((_serial, bins)) = punch_lab::prepare(&test, env!("CARGO_BIN_EXE_punch-lab-tool"))
+    else {
         return;
-    }
-    let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
-    scenario::cleanup_on_ctrl_c();
-    let bins =
-        Binaries::beside(std::path::Path::new(env!("CARGO_BIN_EXE_punch-lab-tool"))).unwrap();
+    };
     let s = punch_lab::scenarios()
         .into_iter()
         .find(|s| s.name == name)
