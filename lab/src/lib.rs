@@ -11,6 +11,7 @@
 //! - [`realism`]: the matrix on delayed, lossy links; punch timing.
 //! - [`recovery`]: NAT state flushed, peer and rendezvous restarted,
 //!   SIGTERM, each checked from outside.
+//! - [`bench`]: throughput side by side (plain TCP vs punchd), printed.
 //! - [`linkem`]: delay, jitter and loss on a NAT's outside link (NFQUEUE).
 //! - [`loadgen`]: many signed rendezvous clients, for scale benchmarks.
 //! - [`transfer`]: the sink and sender used for that transfer (run inside
@@ -20,6 +21,7 @@
 //! when the [`topology::Topology`] is dropped (also on panic), on Ctrl-C,
 //! and, after a crash, at the start of the next run with the same prefix.
 
+pub mod bench;
 pub mod linkem;
 pub mod loadgen;
 pub mod nat;

@@ -189,6 +189,8 @@ pub struct Run {
     pub bob: usize,
     /// Index of the rendezvous in rv.
     pub rendezvous: usize,
+    /// Index of the sink bob exposes, in hostB.
+    pub sink: usize,
     started: Instant,
 }
 
@@ -263,16 +265,18 @@ impl Run {
             alice: 0,
             bob: 0,
             rendezvous: 0,
+            sink: 0,
             started: Instant::now(),
         };
         run.rendezvous = run.start_rendezvous()?;
         let sink_log = run.dir.join("sink.log");
-        run.topo.host_b.spawn(
+        run.sink = run.topo.host_b.spawn(
             &run.bins.tool,
             &["sink", "--listen", SINK_LISTEN],
             &[],
             &sink_log,
         )?;
+
         run.bob = run.start_daemon("bob")?;
         run.alice = run.start_daemon("alice")?;
         run.started = Instant::now();

@@ -47,6 +47,12 @@ enum Cmd {
     },
     /// Remove every lab namespace.
     Cleanup,
+    /// Throughput side by side in the lab: plain TCP vs punchd (iperf3).
+    Bench {
+        /// Seconds per iperf3 run.
+        #[arg(long, default_value_t = 5)]
+        seconds: u64,
+    },
     /// Emulate a long, lossy link on this namespace's wan0 (run inside a
     /// NAT namespace after loading `linkem::ruleset()`); runs until killed.
     Linkem {
@@ -149,6 +155,24 @@ fn main() -> ExitCode {
                 queues.iter().map(|q| Impairment::parse_spec(q)).collect();
             let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
             match parsed.and_then(|q| run(&q, stop)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("error: {e:#}");
+                    ExitCode::from(1)
+                }
+            }
+        }
+        Cmd::Bench { seconds } => {
+            if let Some(why) = punch_lab::unavailable() {
+                eprintln!("error: {why}");
+                return ExitCode::from(2);
+            }
+            punch_lab::scenario::cleanup_on_ctrl_c();
+            let result = std::env::current_exe()
+                .map_err(anyhow::Error::from)
+                .and_then(|p| punch_lab::scenario::Binaries::beside(&p))
+                .and_then(|bins| punch_lab::bench::run(&bins, seconds));
+            match result {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("error: {e:#}");
