@@ -93,7 +93,8 @@ pub async fn register(addr: SocketAddr, name: &str, seed: u64) -> Result<Ws> {
     }
 }
 
-fn percentile(sorted: &[f64], p: f64) -> f64 {
+/// The `p` quantile (0..=1) of already sorted values (0 when empty).
+pub fn percentile(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {
         return 0.0;
     }

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Result};
 
+use crate::loadgen::percentile;
 use crate::scenario::{self, Binaries, Expect, Report, Run, Scenario, PUNCH_PORT};
 
 /// The direct scenarios of [`crate::scenarios`] on `links`, moving `bytes`.
@@ -48,23 +49,15 @@ pub struct Timing {
     pub punch_ms: Vec<f64>,
 }
 
-fn percentile(v: &[f64], p: f64) -> f64 {
-    let mut v = v.to_vec();
-    v.sort_by(f64::total_cmp);
-    v.get(((v.len().max(1) - 1) as f64 * p).round() as usize)
-        .copied()
-        .unwrap_or(f64::NAN)
-}
-
 impl Timing {
     /// Median skew, ms.
     pub fn p50(&self) -> f64 {
-        percentile(&self.skews_ms, 0.5)
+        percentile(&sorted(&self.skews_ms), 0.5)
     }
 
     /// 95th percentile skew, ms.
     pub fn p95(&self) -> f64 {
-        percentile(&self.skews_ms, 0.95)
+        percentile(&sorted(&self.skews_ms), 0.95)
     }
 
     /// Fraction of punches that worked first time.
@@ -88,9 +81,20 @@ impl std::fmt::Display for Timing {
             self.first_attempt,
             self.rounds,
             self.first_attempt_rate() * 100.0,
-            percentile(&self.punch_ms, 0.5)
+            percentile(&sorted(&self.punch_ms), 0.5)
         )
     }
+}
+
+/// Sorted copy; NaN quantiles for no samples, so a check against them fails
+/// rather than passing on nothing.
+fn sorted(v: &[f64]) -> Vec<f64> {
+    let mut v = v.to_vec();
+    v.sort_by(f64::total_cmp);
+    if v.is_empty() {
+        v.push(f64::NAN);
+    }
+    v
 }
 
 fn unix_now() -> f64 {

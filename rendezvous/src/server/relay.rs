@@ -23,6 +23,7 @@ use serde::Deserialize;
 use tokio::sync::oneshot;
 use tracing::{info, warn, Instrument};
 
+use super::connection::constant_time_eq;
 use super::Shared;
 use crate::protocol::ErrorCode;
 
@@ -127,10 +128,6 @@ pub(crate) async fn handler(
         .on_upgrade(move |socket| {
             tracker.track_future(join(socket, session, side, slot, shared).instrument(span))
         })
-}
-
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 async fn join(socket: WebSocket, session: String, side: usize, slot: Slot, shared: Arc<Shared>) {
