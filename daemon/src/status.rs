@@ -26,6 +26,17 @@ pub enum PathState {
     None,
 }
 
+impl PathState {
+    /// The name used in JSON and metrics labels.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PathState::Direct => "direct",
+            PathState::Relayed => "relayed",
+            PathState::None => "none",
+        }
+    }
+}
+
 /// The transport under the tunnel.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -36,6 +47,17 @@ pub enum Transport {
     Quic,
     /// The rendezvous relay.
     Relay,
+}
+
+impl Transport {
+    /// The name used in JSON and metrics labels.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Transport::Tcp => "tcp",
+            Transport::Quic => "quic",
+            Transport::Relay => "relay",
+        }
+    }
 }
 
 /// The outcome of the most recent punch with a peer.
@@ -329,10 +351,7 @@ impl StatusBoard {
             .iter()
             .flat_map(|p| {
                 ["direct", "relayed", "none"].into_iter().map(move |path| {
-                    let on = serde_json::to_value(p.path)
-                        .ok()
-                        .and_then(|v| v.as_str().map(|s| s == path))
-                        .unwrap_or(false);
+                    let on = p.path.as_str() == path;
                     (
                         format!("peer=\"{}\",path=\"{path}\"", p.name),
                         u8::from(on).to_string(),
@@ -440,6 +459,16 @@ impl StatusBoard {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn names_match_the_json() {
+        for p in [PathState::Direct, PathState::Relayed, PathState::None] {
+            assert_eq!(serde_json::to_value(p).unwrap(), p.as_str());
+        }
+        for t in [Transport::Tcp, Transport::Quic, Transport::Relay] {
+            assert_eq!(serde_json::to_value(t).unwrap(), t.as_str());
+        }
+    }
 
     #[test]
     fn snapshot_matches_the_documented_shape() {

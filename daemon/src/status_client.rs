@@ -7,7 +7,7 @@ use http_body_util::{BodyExt as _, Empty};
 use hyper::body::Bytes;
 use hyper_util::rt::TokioIo;
 
-use crate::status::StatusDoc;
+use crate::status::{StatusDoc, Transport};
 
 /// Why the status could not be fetched.
 #[derive(Debug, thiserror::Error)]
@@ -93,15 +93,8 @@ pub fn render_table(doc: &StatusDoc) -> String {
         "PEER", "PATH", "TRANSPORT", "REMOTE", "RTT", "IN", "OUT", "STREAMS"
     );
     for p in &doc.peers {
-        let path = serde_json::to_value(p.path)
-            .ok()
-            .and_then(|v| v.as_str().map(str::to_owned))
-            .unwrap_or_default();
-        let transport = p
-            .transport
-            .and_then(|t| serde_json::to_value(t).ok())
-            .and_then(|v| v.as_str().map(str::to_owned))
-            .unwrap_or_else(|| "-".into());
+        let path = p.path.as_str();
+        let transport = p.transport.map_or("-", Transport::as_str);
         let rtt = p.rtt_ms.map_or("-".to_owned(), |r| format!("{r:.2}ms"));
         let last = p.last_punch.as_ref().map_or("-".to_owned(), |l| {
             let mut s = format!(

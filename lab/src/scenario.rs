@@ -302,10 +302,19 @@ impl Run {
     /// Starts (or restarts) a daemon; its log is appended per start.
     pub fn start_daemon(&mut self, who: &str) -> Result<usize> {
         let cfg = self.dir.join(format!("{who}.toml"));
-        let log = self.dir.join(format!(
-            "{who}.{}.log",
-            Instant::now().elapsed().as_nanos() % 1_000_000 + std::process::id() as u128 % 7
-        ));
+        // One log per start (alice.1.log, alice.2.log, ...), so a restart
+        // keeps the log of the run before it.
+        let starts = std::fs::read_dir(&self.dir).map_or(0, |d| {
+            d.flatten()
+                .filter(|e| {
+                    e.file_name()
+                        .to_string_lossy()
+                        .starts_with(&format!("{who}."))
+                        && e.file_name().to_string_lossy().ends_with(".log")
+                })
+                .count()
+        });
+        let log = self.dir.join(format!("{who}.{}.log", starts + 1));
         let ns = if who == "alice" {
             &mut self.topo.host_a
         } else {
