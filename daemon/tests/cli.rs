@@ -96,3 +96,66 @@ fn demo_runs_and_reports_a_direct_path() {
     assert!(stdout.contains("Direct via 127.0.0.1:"), "{stdout}");
     assert!(stdout.contains("matches"), "{stdout}");
 }
+
+/// A stand-in for systemd's notify socket: what `Type=notify` units rely on.
+struct ServiceManager {
+    socket: std::os::unix::net::UnixDatagram,
+    path: PathBuf,
+}
+
+impl ServiceManager {
+    fn new(dir: &std::path::Path) -> Self {
+        let path = dir.join("notify.sock");
+        let socket = std::os::unix::net::UnixDatagram::bind(&path).unwrap();
+        socket
+            .set_read_timeout(Some(std::time::Duration::from_secs(15)))
+            .unwrap();
+        Self { socket, path }
+    }
+
+    /// The next notification, or a panic after 15 s.
+    fn next(&self) -> String {
+        let mut buf = [0u8; 1024];
+        let n = self
+            .socket
+            .recv(&mut buf)
+            .expect("no notification within 15 s");
+        text(&buf[..n])
+    }
+}
+
+#[test]
+fn tells_the_service_manager_when_ready_and_when_stopping() {
+    let dir = temp_dir("notify");
+    let key = dir.join("alice.key");
+    assert!(punchd(&["keygen", "--out", key.to_str().unwrap()])
+        .status
+        .success());
+    let cfg = dir.join("alice.toml");
+    // Nothing listens at the rendezvous URL: readiness means "listeners
+    // bound", not "registered", so the unit starts while the server is down.
+    std::fs::write(
+        &cfg,
+        "name = \"alice\"\nkey_file = \"alice.key\"\n[rendezvous]\nurl = \"http://127.0.0.1:9\"\n\
+         [punch]\nport = 0\n[admin]\nlisten = \"127.0.0.1:0\"\n",
+    )
+    .unwrap();
+    let manager = ServiceManager::new(&dir);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_punchd"))
+        .args(["--config", cfg.to_str().unwrap()])
+        .env("RUST_LOG", "warn")
+        .env("NOTIFY_SOCKET", &manager.path)
+        .spawn()
+        .unwrap();
+    let ready = manager.next();
+    assert!(ready.contains("READY=1"), "{ready:?}");
+    let term = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(term.success());
+    let stopping = manager.next();
+    assert!(stopping.contains("STOPPING=1"), "{stopping:?}");
+    assert_eq!(child.wait().unwrap().code(), Some(0));
+    std::fs::remove_dir_all(&dir).unwrap();
+}

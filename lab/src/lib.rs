@@ -22,6 +22,7 @@
 //! and, after a crash, at the start of the next run with the same prefix.
 
 pub mod bench;
+pub mod container;
 pub mod linkem;
 pub mod loadgen;
 pub mod nat;

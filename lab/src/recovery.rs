@@ -125,10 +125,10 @@ pub fn rendezvous_restart(bins: &Binaries) -> Result<String> {
     with_logs(&mut run, |run| {
         let bg = long_transfer_in_background(run);
         std::thread::sleep(Duration::from_millis(300));
-        run.topo.rv.kill(run.rendezvous);
+        run.kill_rendezvous();
         std::thread::sleep(Duration::from_secs(1));
         let up = Instant::now();
-        run.rendezvous = run.start_rendezvous()?;
+        run.start_rendezvous(None)?;
         let mut registered = None;
         while up.elapsed() < Duration::from_secs(20) {
             let ok = ["alice", "bob"]

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context as _, Result};
 use serde_json::Value;
 
+use crate::container::Container;
 use crate::topology::{Layout, Links, Topology, RENDEZVOUS_IP};
 use crate::transfer::SendReport;
 
@@ -84,6 +85,9 @@ pub struct Scenario {
     pub punch_timeout: String,
     /// Internet link emulation (delay, jitter, loss), if any.
     pub links: Option<Links>,
+    /// Run the rendezvous from this container image (as `deploy/` ships
+    /// it) instead of the workspace binary.
+    pub rendezvous_image: Option<String>,
 }
 
 impl Scenario {
@@ -98,6 +102,7 @@ impl Scenario {
             punch_extra: String::new(),
             punch_timeout: "10s".to_owned(),
             links: None,
+            rendezvous_image: None,
         }
     }
 }
@@ -112,6 +117,12 @@ impl Scenario {
     /// Emulates these internet links.
     pub fn with_links(mut self, links: Links) -> Self {
         self.links = Some(links);
+        self
+    }
+
+    /// Runs the rendezvous from a container image.
+    pub fn with_rendezvous_image(mut self, image: &str) -> Self {
+        self.rendezvous_image = Some(image.to_owned());
         self
     }
 
@@ -144,6 +155,9 @@ pub struct Report {
     pub rendezvous_bytes_during_transfer: u64,
     /// The failure reason alice reported, for `PunchFails`.
     pub punch_reason: Option<String>,
+    /// Containerized rendezvous: start → health check passed, and the exit
+    /// code on SIGTERM.
+    pub container: Option<(Duration, i32)>,
 }
 
 impl std::fmt::Display for Report {
@@ -167,6 +181,13 @@ impl std::fmt::Display for Report {
         if let Some(r) = &self.punch_reason {
             write!(f, " reason={r:?}")?;
         }
+        if let Some((healthy, code)) = &self.container {
+            write!(
+                f,
+                " container: healthy after {}ms, exit {code} on SIGTERM",
+                healthy.as_millis()
+            )?;
+        }
         Ok(())
     }
 }
@@ -178,6 +199,9 @@ pub fn prefix(name: &str) -> String {
 
 /// A running lab: topology, working directory, process handles.
 pub struct Run {
+    /// The containerized rendezvous, if the scenario asked for one. First
+    /// field: it is removed before the namespace it lives in.
+    pub container: Option<Container>,
     /// The network.
     pub topo: Topology,
     /// Configs, keys and logs.
@@ -187,8 +211,10 @@ pub struct Run {
     pub alice: usize,
     /// Index of bob's punchd in hostB.
     pub bob: usize,
-    /// Index of the rendezvous in rv.
+    /// Index of the rendezvous process in rv (unused with a container).
     pub rendezvous: usize,
+    /// Container start → its health check passed.
+    pub rendezvous_healthy_after: Option<Duration>,
     /// Index of the sink bob exposes, in hostB.
     pub sink: usize,
     started: Instant,
@@ -259,6 +285,8 @@ impl Run {
         std::fs::write(dir.join("alice.toml"), alice_cfg)?;
         std::fs::write(dir.join("bob.toml"), bob_cfg)?;
         let mut run = Self {
+            container: None,
+            rendezvous_healthy_after: None,
             topo,
             dir,
             bins: bins.clone(),
@@ -268,7 +296,7 @@ impl Run {
             sink: 0,
             started: Instant::now(),
         };
-        run.rendezvous = run.start_rendezvous()?;
+        run.start_rendezvous(s.rendezvous_image.as_deref())?;
         let sink_log = run.dir.join("sink.log");
         run.sink = run.topo.host_b.spawn(
             &run.bins.tool,
@@ -283,20 +311,46 @@ impl Run {
         Ok(run)
     }
 
-    /// Starts punch-rendezvous in rv and waits until it listens.
-    pub fn start_rendezvous(&mut self) -> Result<usize> {
+    /// Starts punch-rendezvous in rv, from the workspace binary or from a
+    /// container image, and waits until it listens (and, for a container,
+    /// until its health check passes and it runs as a non-root user).
+    pub fn start_rendezvous(&mut self, image: Option<&str>) -> Result<()> {
         let log = self.dir.join("rendezvous.log");
-        let i = self.topo.rv.spawn(
-            &self.bins.rendezvous,
-            &["--listen", "0.0.0.0:8080"],
-            &[("RUST_LOG", "info")],
-            &log,
-        )?;
         let rv = self.topo.rv.name().to_owned();
+        match image {
+            None => {
+                self.rendezvous = self.topo.rv.spawn(
+                    &self.bins.rendezvous,
+                    &["--listen", "0.0.0.0:8080"],
+                    &[("RUST_LOG", "info")],
+                    &log,
+                )?;
+            }
+            Some(image) => {
+                let name = format!("{}rendezvous", self.topo.prefix());
+                let mut c = Container::run_in_netns(image, &name, &rv, &log)?;
+                self.rendezvous_healthy_after = Some(c.wait_healthy(Duration::from_secs(60))?);
+                let uid = c.process_uid()?;
+                if uid == 0 {
+                    bail!(
+                        "the rendezvous container runs as root; the image must set a non-root USER"
+                    );
+                }
+                self.container = Some(c);
+            }
+        }
         wait("the rendezvous to listen", Duration::from_secs(10), || {
             listens_on(&rv, 8080).then_some(())
         })?;
-        Ok(i)
+        Ok(())
+    }
+
+    /// Kills the rendezvous (SIGKILL), process or container.
+    pub fn kill_rendezvous(&mut self) {
+        match self.container.take() {
+            Some(c) => drop(c),
+            None => self.topo.rv.kill(self.rendezvous),
+        }
     }
 
     /// Starts (or restarts) a daemon; its log is appended per start.
@@ -454,8 +508,19 @@ fn u64_at(v: &Value, path: &[&str]) -> u64 {
 /// Runs a scenario and checks its guarantees. On failure the error carries
 /// the tails of every log.
 pub fn run(s: &Scenario, bins: &Binaries) -> Result<Report> {
-    let run = Run::start(s, bins)?;
-    let result = check(s, &run);
+    let mut run = Run::start(s, bins)?;
+    let result = check(s, &run).and_then(|mut report| {
+        // A containerized server must also stop the way deploy/ promises:
+        // SIGTERM from the container tool, exit 0 within the grace time.
+        if let Some(c) = run.container.as_mut() {
+            let code = c.stop(Duration::from_secs(10))?;
+            if code != 0 {
+                bail!("the rendezvous container exited {code} on SIGTERM (want 0)");
+            }
+            report.container = run.rendezvous_healthy_after.map(|h| (h, code));
+        }
+        Ok(report)
+    });
     match result {
         Ok(r) => {
             let _ = std::fs::remove_dir_all(&run.dir);

@@ -45,6 +45,16 @@ enum Cmd {
         /// masquerade, drop, rst, same-nat, public, double-nat, random
         scenario: String,
     },
+    /// Run a scenario end to end with all its checks (as the lab tests
+    /// do) and print the report; exit 1 if a check fails.
+    Check {
+        /// masquerade, drop, rst, same-nat, public, double-nat, random
+        scenario: String,
+        /// Run the rendezvous from this container image (podman) inside
+        /// the lab instead of the workspace binary: deploy/test.sh.
+        #[arg(long, value_name = "IMAGE")]
+        rendezvous_image: Option<String>,
+    },
     /// Remove every lab namespace.
     Cleanup,
     /// Throughput side by side in the lab: plain TCP vs punchd (iperf3).
@@ -115,6 +125,10 @@ fn main() -> ExitCode {
             }
         }
         Cmd::Run { scenario } => by_hand(&scenario),
+        Cmd::Check {
+            scenario,
+            rendezvous_image,
+        } => check(&scenario, rendezvous_image.as_deref()),
         Cmd::Get { addr, path, method } => {
             match runtime().block_on(punch_lab::transfer::http(addr, &method, &path)) {
                 Ok(body) => {
@@ -197,8 +211,11 @@ fn runtime() -> tokio::runtime::Runtime {
     }
 }
 
-fn by_hand(name: &str) -> ExitCode {
-    use punch_lab::scenario::{Binaries, Run};
+/// The named scenario and the binaries beside this tool, ready to run in
+/// the lab; or the exit code that says why not.
+fn prepare_scenario(
+    name: &str,
+) -> Result<(punch_lab::scenario::Scenario, punch_lab::scenario::Binaries), ExitCode> {
     let Some(scenario) = punch_lab::scenarios().into_iter().find(|s| s.name == name) else {
         eprintln!(
             "error: unknown scenario {name:?}; one of: {}",
@@ -208,22 +225,50 @@ fn by_hand(name: &str) -> ExitCode {
                 .collect::<Vec<_>>()
                 .join(", ")
         );
-        return ExitCode::from(2);
+        return Err(ExitCode::from(2));
     };
     if let Some(why) = punch_lab::unavailable() {
         eprintln!("error: {why}");
-        return ExitCode::from(2);
+        return Err(ExitCode::from(2));
     }
     punch_lab::scenario::cleanup_on_ctrl_c();
-    let bins = match std::env::current_exe()
+    match std::env::current_exe()
         .map_err(anyhow::Error::from)
-        .and_then(|p| Binaries::beside(&p))
+        .and_then(|p| punch_lab::scenario::Binaries::beside(&p))
     {
-        Ok(b) => b,
+        Ok(bins) => Ok((scenario, bins)),
         Err(e) => {
             eprintln!("error: {e:#}");
-            return ExitCode::from(1);
+            Err(ExitCode::from(1))
         }
+    }
+}
+
+fn check(name: &str, rendezvous_image: Option<&str>) -> ExitCode {
+    let (mut scenario, bins) = match prepare_scenario(name) {
+        Ok(v) => v,
+        Err(code) => return code,
+    };
+    if let Some(image) = rendezvous_image {
+        scenario = scenario.with_rendezvous_image(image);
+    }
+    match punch_lab::scenario::run(&scenario, &bins) {
+        Ok(report) => {
+            println!("{report}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn by_hand(name: &str) -> ExitCode {
+    use punch_lab::scenario::Run;
+    let (scenario, bins) = match prepare_scenario(name) {
+        Ok(v) => v,
+        Err(code) => return code,
     };
     let run = match Run::start(&scenario, &bins) {
         Ok(r) => r,

@@ -14,6 +14,7 @@
 //! and [`run`] returns when all of them have.
 
 mod connection;
+mod lifecycle;
 mod metrics;
 mod ratelimit;
 mod registry;
@@ -34,6 +35,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+pub use lifecycle::{notify_ready, notify_stopping, shutdown_signal};
 pub use metrics::Metrics;
 
 /// State shared by every handler and connection task.
@@ -99,23 +101,6 @@ pub async fn run(
     shared.tracker.wait().await;
     tracing::info!("rendezvous stopped");
     result
-}
-
-/// Resolves on Ctrl-C or SIGTERM: the one shutdown trigger both binaries
-/// (`punch-rendezvous` and `punchd`) use.
-pub async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-        Ok(mut term) => {
-            tokio::select! {
-                _ = ctrl_c => {}
-                _ = term.recv() => {}
-            }
-        }
-        Err(_) => {
-            let _ = ctrl_c.await;
-        }
-    }
 }
 
 async fn ws_handler(

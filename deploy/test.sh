@@ -1,0 +1,150 @@
+#!/usr/bin/env bash
+# Tests deploy/ for real on this machine (CI runs it as root):
+#   1. builds both images from deploy/Containerfile with podman, from a
+#      local base (no registry needed: deploy/build-image.sh);
+#   2. checks the image: non-root user, HEALTHCHECK, port 8080;
+#   3. runs the rendezvous container with the Kubernetes example's
+#      rendezvous.toml mounted, waits for its health check, stops it with
+#      SIGTERM (exit 0);
+#   4. runs the container inside the NAT lab and two punchd daemons behind
+#      two NATs against it: direct path, 64 MiB checksummed transfer
+#      (`punch-lab-tool check masquerade --rendezvous-image …`);
+#   5. `systemd-analyze verify` on the units; parses compose.yaml and the
+#      k8s manifests and checks what they promise.
+# Without root or a needed tool it says why and exits 0, unless
+# PUNCH_LAB_REQUIRE=1 (CI), where that is a failure.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+skip() {
+  if [ "${PUNCH_LAB_REQUIRE:-}" = 1 ]; then
+    echo "deploy test: FAILED: $1 (PUNCH_LAB_REQUIRE=1)" >&2
+    exit 1
+  fi
+  echo "deploy test: skipped: $1"
+  exit 0
+}
+[ "$(id -u)" = 0 ] || skip "needs root (network namespaces, podman)"
+for tool in podman runc ip nft iptables conntrack systemd-analyze strip; do
+  command -v "$tool" >/dev/null || skip "$tool is not installed"
+done
+python=/usr/bin/python3
+"$python" -c 'import yaml' 2>/dev/null || skip "python3-yaml is not installed"
+
+podman=(podman --runtime runc --cgroup-manager cgroupfs)
+# rlimits must be explicit for runc here (the defaults are refused).
+run=("${podman[@]}" run --ulimit nofile=1024:1024 --ulimit nproc=1024:1024)
+tag=test
+image=localhost/punch-rendezvous:$tag
+container=punch-deploy-test
+work=$(mktemp -d)
+cleanup() {
+  "${podman[@]}" rm --force --time 0 "$container" >/dev/null 2>&1 || true
+  rm -rf "$work"
+}
+trap cleanup EXIT
+step() { echo; echo "== $*"; }
+
+step "1. build the images"
+TAG=$tag deploy/build-image.sh
+
+step "2. image metadata"
+user=$("${podman[@]}" inspect --format '{{.Config.User}}' "$image")
+health=$("${podman[@]}" inspect --format '{{json .HealthCheck.Test}}' "$image")
+ports=$("${podman[@]}" inspect --format '{{json .Config.ExposedPorts}}' "$image")
+size=$("${podman[@]}" image inspect --format '{{.Size}}' "$image")
+echo "user=$user healthcheck=$health ports=$ports size=$((size / 1024)) KiB"
+[ "$user" = 65532:65532 ] || { echo "image user is '$user', want 65532:65532" >&2; exit 1; }
+[[ $health == *healthcheck* ]] || { echo "image has no HEALTHCHECK" >&2; exit 1; }
+[[ $ports == *8080/tcp* ]] || { echo "image does not expose 8080" >&2; exit 1; }
+version=$("${run[@]}" --rm --network none localhost/punchd:$tag --version)
+echo "punchd image: $version"
+[[ $version == punchd* ]] || { echo "punchd image does not run punchd" >&2; exit 1; }
+
+step "3. mounted rendezvous.toml (from deploy/k8s), health check, SIGTERM"
+"$python" - "$work/rendezvous.toml" <<'PY'
+import sys, yaml
+docs = list(yaml.safe_load_all(open("deploy/k8s/rendezvous.yaml")))
+cm = next(d for d in docs if d["kind"] == "ConfigMap")
+open(sys.argv[1], "w").write(cm["data"]["rendezvous.toml"])
+PY
+chmod 0644 "$work/rendezvous.toml"
+# Loopback only, on a port the test picks; the image's listen variable is
+# overridden like any other setting.
+port=$("$python" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+"${run[@]}" -d --name "$container" --network host --health-interval disable \
+  -v "$work/rendezvous.toml:/etc/punch-rendezvous/rendezvous.toml:ro" \
+  -e PUNCH_RENDEZVOUS_CONFIG=/etc/punch-rendezvous/rendezvous.toml \
+  -e PUNCH_RENDEZVOUS_LISTEN="127.0.0.1:$port" \
+  "$image" >/dev/null
+start=$(date +%s%N)
+until "${podman[@]}" healthcheck run "$container" >/dev/null 2>&1; do
+  if [ $(( ($(date +%s%N) - start) / 1000000 )) -gt 30000 ]; then
+    "${podman[@]}" logs "$container" >&2 || true
+    echo "container not healthy after 30 s" >&2; exit 1
+  fi
+  sleep 0.2
+done
+echo "healthy after $(( ($(date +%s%N) - start) / 1000000 )) ms: $("${podman[@]}" inspect --format '{{.State.Health.Status}}' "$container")"
+probe_ok=$("${run[@]}" --rm --no-healthcheck --network host --entrypoint /usr/local/bin/punch-rendezvous "$image" healthcheck --addr "127.0.0.1:$port" && echo yes)
+[ "$probe_ok" = yes ] || { echo "the image's probe from a second container failed" >&2; exit 1; }
+"${podman[@]}" logs "$container" 2>&1 | grep -q "127.0.0.1:$port" \
+  || { echo "the server did not report listening on 127.0.0.1:$port" >&2; exit 1; }
+"${podman[@]}" stop --time 10 "$container" >/dev/null
+code=$("${podman[@]}" inspect --format '{{.State.ExitCode}}' "$container")
+echo "exit code on SIGTERM: $code"
+[ "$code" = 0 ] || { "${podman[@]}" logs "$container" >&2; exit 1; }
+"${podman[@]}" rm "$container" >/dev/null
+
+step "4. the container in the NAT lab, two daemons behind two NATs"
+cargo build -q -p punch-lab -p punchd -p punch-rendezvous
+target_dir=$(cargo metadata --format-version 1 --no-deps | "$python" -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')
+"$target_dir/debug/punch-lab-tool" check masquerade --rendezvous-image "$image"
+
+step "5. systemd units, compose and Kubernetes files"
+# verify insists that ExecStart exists: check copies that point at the
+# binaries just built. It exits 0 on unknown keys, so any output fails.
+for unit in deploy/systemd/*.service; do
+  sed "s|/usr/local/bin/|$PWD/deploy/prebuilt/|g" "$unit" > "$work/$(basename "$unit")"
+done
+cp "$work/punchd@.service" "$work/punchd@alice.service"
+out=$(systemd-analyze verify "$work/punch-rendezvous.service" "$work/punchd@alice.service" 2>&1)
+if [ -n "$out" ]; then echo "$out" >&2; exit 1; fi
+echo "systemd-analyze verify: clean"
+for unit in deploy/systemd/*.service; do
+  for key in Type=notify DynamicUser=yes NoNewPrivileges=yes ProtectSystem=strict CapabilityBoundingSet= Restart=on-failure; do
+    grep -qx "$key" "$unit" || { echo "$unit lacks $key" >&2; exit 1; }
+  done
+done
+"$python" - <<'PY'
+import yaml
+compose = yaml.safe_load(open("deploy/compose.yaml"))
+rv = compose["services"]["rendezvous"]
+assert rv["restart"] in ("always", "unless-stopped", "on-failure"), rv["restart"]
+assert "punch-rendezvous" in " ".join(rv["healthcheck"]["test"])
+assert any(v.endswith(":/etc/punch-rendezvous/rendezvous.toml:ro") for v in rv["volumes"])
+assert rv["environment"]["PUNCH_RENDEZVOUS_CONFIG"] == "/etc/punch-rendezvous/rendezvous.toml"
+assert "8080:8080" in rv["ports"]
+assert rv["build"]["dockerfile"] == "deploy/Containerfile"
+print("compose.yaml: service rendezvous, restart", rv["restart"], "healthcheck, config volume")
+
+docs = list(yaml.safe_load_all(open("deploy/k8s/rendezvous.yaml")))
+kinds = sorted(d["kind"] for d in docs)
+assert kinds == ["ConfigMap", "Deployment", "Service"], kinds
+dep = next(d for d in docs if d["kind"] == "Deployment")
+svc = next(d for d in docs if d["kind"] == "Service")
+c = dep["spec"]["template"]["spec"]["containers"][0]
+for probe in ("livenessProbe", "readinessProbe"):
+    assert c[probe]["httpGet"]["path"] == "/healthz", probe
+assert c["ports"][0]["containerPort"] == 8080
+assert dep["spec"]["template"]["spec"]["securityContext"]["runAsNonRoot"] is True
+assert dep["spec"]["selector"]["matchLabels"].items() <= dep["spec"]["template"]["metadata"]["labels"].items()
+assert svc["spec"]["selector"].items() <= dep["spec"]["template"]["metadata"]["labels"].items()
+mount = c["volumeMounts"][0]["mountPath"]
+env = {e["name"]: e for e in c["env"]}
+assert env["PUNCH_RENDEZVOUS_CONFIG"]["value"].startswith(mount + "/")
+print("k8s: ConfigMap + Deployment (liveness/readiness on /healthz, non-root) + Service, selectors match")
+PY
+
+echo
+echo "deploy test: passed"
