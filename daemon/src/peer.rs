@@ -53,6 +53,24 @@ const UPGRADE_MAX: Duration = Duration::from_secs(300);
 /// A replaced tunnel stays open this long at most for its streams to end.
 const DRAIN_MAX: Duration = Duration::from_secs(600);
 
+/// How long the punch 4-tuple must stay quiet after a direct tunnel on it
+/// closed, before a new punch may use it: long enough for the last packets
+/// of the old connection (the peer's FIN, ACKs, a RST) to have crossed both
+/// NATs. A straggler that reaches a NAT after the new SYN has reopened the
+/// mapping is out of window there: Linux conntrack marks it invalid, the
+/// NAT answers it with its own RST, and that RST poisons the peer's fresh
+/// mapping; the resulting CLOSE entries are refreshed by every retry and
+/// can block the tuple for as long as the punch keeps trying (measured in
+/// the lab at 150 ms RTT: re-punches right after a close failed for the
+/// whole 10 s timeout in ~1 of 10 rounds). Two round trips, bounded.
+fn quiet_after_close(rtt: Option<Duration>) -> Duration {
+    match rtt {
+        Some(rtt) => (rtt * 2 + Duration::from_millis(50))
+            .clamp(Duration::from_millis(100), Duration::from_secs(1)),
+        None => Duration::from_millis(500),
+    }
+}
+
 /// Why a stream could not be had.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -223,6 +241,9 @@ struct PeerActor {
     waiters: VecDeque<(Instant, OpenReply)>,
     rendezvous_up: bool,
     next_connect: Option<Instant>,
+    /// No punch starts before this: the last direct tunnel's packets are
+    /// still draining from the punch 4-tuple (see [`quiet_after_close`]).
+    quiet_until: Instant,
     backoff: Backoff,
     /// Spacing of attempts to go direct while relayed.
     upgrade: Backoff,
@@ -245,6 +266,7 @@ impl PeerActor {
             waiters: VecDeque::new(),
             rendezvous_up: false,
             next_connect: None,
+            quiet_until: Instant::now(),
             backoff: Backoff::new(Duration::from_millis(500), Duration::from_secs(30)),
             upgrade: Backoff::new(UPGRADE_FIRST, UPGRADE_MAX),
             last_failure: "none yet".to_owned(),
@@ -284,7 +306,8 @@ impl PeerActor {
         let far = Instant::now() + Duration::from_secs(3600);
         let connect = self
             .next_connect
-            .filter(|_| self.rendezvous_up && self.punching.is_none());
+            .filter(|_| self.rendezvous_up && self.punching.is_none())
+            .map(|t| t.max(self.quiet_until));
         let waiter = self.waiters.front().map(|(deadline, _)| *deadline);
         [connect, waiter].into_iter().flatten().min().unwrap_or(far)
     }
@@ -320,10 +343,7 @@ impl PeerActor {
                 info!("re-punch requested");
                 if let Some((_, t)) = self.tunnel.take() {
                     t.close();
-                    self.ctx.status.update(|s| {
-                        s.path = PathState::None;
-                        s.transport = None;
-                    });
+                    self.tunnel_gone(t.transport);
                 }
                 self.backoff.reset();
                 self.next_connect = Some(Instant::now());
@@ -352,7 +372,9 @@ impl PeerActor {
                 }));
             }
         }
-        if self.next_connect.is_some_and(|t| t <= now)
+        if self
+            .next_connect
+            .is_some_and(|t| t.max(self.quiet_until) <= now)
             && self.rendezvous_up
             && self.punching.is_none()
         {
@@ -407,21 +429,35 @@ impl PeerActor {
             }
             Internal::TunnelClosed { generation } => {
                 if self.tunnel.as_ref().is_some_and(|(g, _)| *g == generation) {
-                    self.tunnel = None;
+                    if let Some((_, t)) = self.tunnel.take() {
+                        self.tunnel_gone(t.transport);
+                    }
                     warn!("tunnel lost; will punch again");
                     let _ = self.ctx.rendezvous.try_send(RvCmd::Probe);
-
-                    self.ctx.status.update(|s| {
-                        s.path = PathState::None;
-                        s.transport = None;
-                        s.rtt_ms = None;
-                    });
                     if self.ctx.initiator {
                         self.next_connect = Some(Instant::now() + self.backoff.next());
                     }
                 }
             }
         }
+    }
+
+    /// Status and timing after the current tunnel went away.
+    fn tunnel_gone(&mut self, transport: Transport) {
+        let rtt = self
+            .ctx
+            .status
+            .state()
+            .rtt_ms
+            .map(|ms| Duration::from_secs_f64(ms.max(0.0) / 1000.0));
+        if transport != Transport::Relay {
+            self.quiet_until = Instant::now() + quiet_after_close(rtt);
+        }
+        self.ctx.status.update(|s| {
+            s.path = PathState::None;
+            s.transport = None;
+            s.rtt_ms = None;
+        });
     }
 
     fn start_punch(&mut self, job: PunchJob) {
@@ -752,4 +788,22 @@ async fn drain(old: Tunnel) {
         "replaced tunnel drained; closing it"
     );
     old.close();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quiet_period_covers_two_round_trips_within_bounds() {
+        let ms = Duration::from_millis;
+        // A 150 ms path: the peer's FIN comes back a round trip after our
+        // close, so the new SYN waits for two.
+        assert_eq!(quiet_after_close(Some(ms(150))), ms(350));
+        // A LAN still gets a floor; a pathological RTT a ceiling.
+        assert_eq!(quiet_after_close(Some(ms(1))), ms(100));
+        assert_eq!(quiet_after_close(Some(ms(5000))), ms(1000));
+        // No measurement yet: assume an internet path.
+        assert_eq!(quiet_after_close(None), ms(500));
+    }
 }

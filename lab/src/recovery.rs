@@ -93,20 +93,22 @@ pub fn conntrack_flush(bins: &Binaries) -> Result<String> {
 pub fn peer_restart(bins: &Binaries) -> Result<String> {
     let mut run = start("peer-restart", bins)?;
     with_logs(&mut run, |run| {
+        // Killed mid-transfer: the harder case, since a socket with unread
+        // data dies with a bare RST rather than a FIN.
+        let bg = long_transfer_in_background(run);
+        std::thread::sleep(Duration::from_millis(300));
         run.topo.host_b.kill(run.bob);
+        let broken = bg.join().map_err(|_| anyhow!("sender thread panicked"))??;
+        if broken.ok {
+            bail!("the transfer through a killed peer claims to have completed");
+        }
         std::thread::sleep(Duration::from_secs(1));
         let up = Instant::now();
         run.bob = run.start_daemon("bob")?;
         let back = until_transfer_works(run, up, Duration::from_secs(30))?;
-        // The goal (issue 6) is 5 s, and most runs take 0.1–2.3 s. After a
-        // SIGKILL, though, the peer's RST can leave the punch 4-tuple's
-        // conntrack entry on a NAT in a CLOSE state that a new SYN does not
-        // reopen, until conntrack's 10 s CLOSE timeout: then recovery takes
-        // ~10 s (seen once in ~8 runs). Until the daemon avoids that (issue
-        // 10's notes), this asserts what holds: back within that window.
-        if back > Duration::from_secs(15) {
+        if back > Duration::from_secs(5) {
             bail!(
-                "tunnel back only {:.2}s after the peer came up (want ≤ 15s; goal 5s)",
+                "tunnel back only {:.2}s after the peer came up (want ≤ 5s)",
                 back.as_secs_f64()
             );
         }

@@ -23,7 +23,7 @@ use plan::{Action, CandidateKind, Outcome, PunchPlan};
 /// A connection the punch produced.
 #[derive(Debug)]
 pub(crate) struct Established {
-    pub(crate) stream: TcpStream,
+    pub(crate) stream: PunchedStream,
     pub(crate) remote: SocketAddr,
     pub(crate) kind: CandidateKind,
     /// Attempts made until this one connected.
@@ -51,19 +51,93 @@ pub(crate) fn bind_punch_socket(family: SocketAddr, port: u16) -> io::Result<Tcp
     Ok(sock)
 }
 
-/// Makes a tunnel socket close with RST rather than FIN: a killed or
-/// restarted daemon then leaves no TIME_WAIT on the punch 4-tuple, which
-/// would otherwise block the next punch between the same ports for a minute.
-/// By the time a tunnel socket closes, TLS and the mux have said goodbye.
+/// Makes a socket close with RST rather than FIN: no TIME_WAIT is left on
+/// its 4-tuple, which would otherwise block reconnecting between the same
+/// ports for a minute.
 pub(crate) fn set_abortive_close(stream: &TcpStream) {
     let _ = socket2::SockRef::from(stream).set_linger(Some(Duration::ZERO));
 }
 
-/// Tunes a punched connection: abortive close (above), no Nagle delay, and
-/// TCP keepalive so the kernel also notices a dead path and the NAT mapping
-/// sees traffic even when the tunnel is idle.
-pub(crate) fn tune_tunnel_socket(stream: &TcpStream) {
-    set_abortive_close(stream);
+/// A punched connection, closed the way NATs on the path need.
+///
+/// When we drop it, the mux and TLS have already said goodbye (their close
+/// shuts the write side down: a FIN), and the socket is then aborted (RST),
+/// so no TIME_WAIT holds the punch 4-tuple against the next punch.
+///
+/// When the process dies instead (SIGKILL, a crash), `Drop` never runs and
+/// the kernel closes the socket normally: the peer's side and both NATs see
+/// a FIN. That matters: Linux conntrack lets a new SYN reopen a closed
+/// entry only if a FIN was seen on it (or the last RST went the same way as
+/// the SYN). After a bare RST from a killed peer, the surviving side's NAT
+/// kept the old entry in CLOSE and answered the restarted peer's SYNs with
+/// its own RSTs for up to conntrack's 10 s CLOSE timeout (measured in the
+/// lab's peer-restart test before this). The FIN's orphaned socket goes
+/// away as soon as the surviving peer aborts its side.
+#[derive(Debug)]
+pub(crate) struct PunchedStream(TcpStream);
+
+impl PunchedStream {
+    fn new(stream: TcpStream) -> Self {
+        Self(stream)
+    }
+}
+
+impl Drop for PunchedStream {
+    fn drop(&mut self) {
+        set_abortive_close(&self.0);
+    }
+}
+
+impl tokio::io::AsyncRead for PunchedStream {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        std::pin::Pin::new(&mut self.0).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for PunchedStream {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<io::Result<usize>> {
+        std::pin::Pin::new(&mut self.0).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> std::task::Poll<io::Result<usize>> {
+        std::pin::Pin::new(&mut self.0).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.0.is_write_vectored()
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        std::pin::Pin::new(&mut self.0).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        std::pin::Pin::new(&mut self.0).poll_shutdown(cx)
+    }
+}
+
+/// Tunes a punched connection: no Nagle delay, and TCP keepalive so the
+/// kernel also notices a dead path and the NAT mapping sees traffic even
+/// when the tunnel is idle.
+fn tune_tunnel_socket(stream: &TcpStream) {
     let _ = stream.set_nodelay(true);
     let keepalive = socket2::TcpKeepalive::new()
         .with_time(Duration::from_secs(15))
@@ -132,9 +206,8 @@ pub(crate) async fn run(
                 match result {
                     Ok(stream) => {
                         plan.on_outcome(i, now, Outcome::Connected);
-                                                tune_tunnel_socket(&stream);
-
-                        let est = Established { stream, remote: plan.candidate(i), kind: plan.kind(i), attempts: plan.attempts() };
+                        tune_tunnel_socket(&stream);
+                        let est = Established { stream: PunchedStream::new(stream), remote: plan.candidate(i), kind: plan.kind(i), attempts: plan.attempts() };
                         tracing::debug!(remote = %est.remote, attempts = est.attempts, "punched");
                         if out.send(est).await.is_err() {
                             break;
