@@ -41,8 +41,22 @@ pub(crate) const SERVER_NAME: &str = "punchd.invalid";
 /// another TLS protocol on the same port.
 pub(crate) const ALPN: &[u8] = b"punchd/1";
 
+/// ring's TLS 1.3 suites, AES-128-GCM first (ring's default puts AES-256
+/// first): with AES-NI it is the fastest AEAD on these machines (one core,
+/// 16 KiB: 3.4–3.5 GB/s, AES-256-GCM 3.3, ChaCha20-Poly1305 2.0), and its
+/// 128-bit key matches the strength of the X25519 key exchange anyway.
 fn provider() -> Arc<CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
+    use rustls::crypto::ring::cipher_suite::{
+        TLS13_AES_128_GCM_SHA256, TLS13_AES_256_GCM_SHA384, TLS13_CHACHA20_POLY1305_SHA256,
+    };
+    Arc::new(CryptoProvider {
+        cipher_suites: vec![
+            TLS13_AES_128_GCM_SHA256,
+            TLS13_AES_256_GCM_SHA384,
+            TLS13_CHACHA20_POLY1305_SHA256,
+        ],
+        ..rustls::crypto::ring::default_provider()
+    })
 }
 
 fn certified_key(

@@ -1,25 +1,76 @@
-//! `punch-lab-tool bench`: tunnel throughput side by side, in one run, on
-//! the same lab path (both hosts behind port-preserving NATs, no added
-//! delay): plain TCP through a port forward on bob's NAT (the ceiling) and
-//! punchd direct through alice's `[[forward]]`, 1 stream and 8, with iperf3.
-//! Also the single-core AEAD rates (`openssl speed`), the ceiling for any
-//! encrypted tunnel on this machine. Figures are printed, never asserted.
+//! `punch-lab-tool bench`: tunnel throughput and latency side by side, in
+//! one run, on the same lab path (both hosts behind port-preserving NATs,
+//! no added delay), with iperf3 (1 stream and 8) and request/response
+//! round trips (64-byte messages, `rr` against an `echo`):
+//!
+//! - plain TCP through a port forward on bob's NAT: the ceiling;
+//! - punchd direct, through alice's `[[forward]]`;
+//! - `ssh -L` to an sshd behind bob's NAT (port forward);
+//! - rathole with its Noise transport (server behind alice's NAT, client
+//!   next to the service on bob's side: the same direction as punchd);
+//! - punchd relayed, in a second network whose NATs randomize ports, with
+//!   the relay's bandwidth cap lifted.
+//!
+//! Then 1,000 concurrent streams of 1 MiB through one punchd tunnel, with
+//! checksums and both daemons' peak RSS, and the single-core AEAD rates
+//! (`openssl speed`), the ceiling for any encrypted tunnel here. Figures
+//! are printed, never asserted. A competitor that is not installed is
+//! skipped with the reason printed.
 
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context as _, Result};
 
 use crate::nat::NatBehaviour;
-use crate::scenario::{Binaries, Expect, Run, Scenario, FORWARD_LISTEN, SINK_LISTEN};
+use crate::netns::Netns;
+use crate::scenario::{Binaries, Expect, Run, Scenario, FORWARD_LISTEN};
 use crate::topology::Layout;
+use crate::transfer::RrReport;
 
-/// One iperf3 run's received rate, Gbit/s.
-fn iperf(run: &Run, target: &str, port: &str, streams: usize, seconds: u64) -> Result<f64> {
-    let out = run.topo.host_a.exec_output(
+/// The service port on bob's host: iperf3, then the echo, then the sink.
+const SERVICE_PORT: u16 = 9000;
+const SSH_LISTEN: &str = "127.0.0.1:10001";
+const RATHOLE_LISTEN: &str = "127.0.0.1:10002";
+const BOB_PUBLIC: &str = "203.0.113.3";
+const BOB_HOST: &str = "198.51.100.2";
+const ALICE_PUBLIC: &str = "203.0.113.2";
+const ALICE_HOST: &str = "192.0.2.2";
+
+/// What one path measured.
+#[derive(Debug, Default)]
+struct Row {
+    path: &'static str,
+    one: Option<f64>,
+    eight: Option<f64>,
+    rr: Option<RrReport>,
+    skipped: Option<String>,
+}
+
+/// One iperf3 run's received rate, Gbit/s. iperf3 serves one test at a
+/// time and may still be finishing the previous one: retried then.
+fn iperf(ns: &Netns, target: &str, streams: usize, seconds: u64) -> Result<f64> {
+    let mut tries = 0;
+    loop {
+        match iperf_once(ns, target, streams, seconds) {
+            Err(e) if tries < 5 && format!("{e:#}").contains("busy") => {
+                tries += 1;
+                std::thread::sleep(Duration::from_secs(1));
+            }
+            other => return other,
+        }
+    }
+}
+
+fn iperf_once(ns: &Netns, target: &str, streams: usize, seconds: u64) -> Result<f64> {
+    let (host, port) = target.rsplit_once(':').context("target without a port")?;
+    let out = ns.exec_output(
         "iperf3",
         &[
             "-c",
-            target,
+            host,
             "-p",
             port,
             "-P",
@@ -33,8 +84,18 @@ fn iperf(run: &Run, target: &str, port: &str, streams: usize, seconds: u64) -> R
         .with_context(|| format!("iperf3 output: {}", String::from_utf8_lossy(&out.stderr)))?;
     match v["end"]["sum_received"]["bits_per_second"].as_f64() {
         Some(bps) => Ok(bps / 1e9),
-        None => bail!("iperf3 failed: {}", v["error"]),
+        None => bail!("iperf3 to {target} failed: {}", v["error"]),
     }
+}
+
+/// `punch-lab-tool rr` inside `ns`.
+fn rr(ns: &Netns, tool: &Path, target: &str, count: usize) -> Result<RrReport> {
+    let out = ns.exec_output(
+        tool.to_str().unwrap_or("punch-lab-tool"),
+        &["rr", "--connect", target, "--count", &count.to_string()],
+    )?;
+    serde_json::from_slice(&out.stdout)
+        .with_context(|| format!("rr to {target}: {}", String::from_utf8_lossy(&out.stderr)))
 }
 
 /// `openssl speed -evp ALG` on one core, 16 KiB blocks, GB/s.
@@ -54,33 +115,17 @@ fn aead_rate(alg: &str) -> Option<f64> {
     Some(kbps * 1000.0 / 1e9)
 }
 
-/// Runs the comparison and prints a table.
-pub fn run(bins: &Binaries, seconds: u64) -> Result<()> {
-    let s = Scenario::new(
-        "bench",
-        Layout::TwoNats(NatBehaviour::Masquerade),
-        Expect::Direct,
-    );
-    let mut run = Run::start(&s, bins)?;
-    run.wait_path("alice", "direct", Duration::from_secs(30))?;
-    // iperf3 takes the sink's place behind bob's exposed service...
-    run.topo.host_b.kill(run.sink);
-    let port = SINK_LISTEN.rsplit(':').next().unwrap_or("9000");
-    run.topo.host_b.spawn(
-        std::path::Path::new("iperf3"),
-        &["-s", "-B", "127.0.0.1", "-p", port],
-        &[],
-        &run.dir.join("iperf-tunnel.log"),
-    )?;
-    // ...and a second one is reached through a port forward on bob's NAT.
-    run.topo.host_b.spawn(
-        std::path::Path::new("iperf3"),
-        &["-s", "-p", "5201"],
-        &[],
-        &run.dir.join("iperf-plain.log"),
-    )?;
-    let nat_b = run.topo.nats.get(1).context("no NAT on bob's side")?;
-    nat_b.exec(
+fn installed(tool: &str) -> bool {
+    std::process::Command::new("sh")
+        .args(["-c", &format!("command -v {tool}")])
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+/// DNAT `port` on a NAT's outside interface to `host:port` behind it.
+fn port_forward(nat: &Netns, port: u16, host: &str) -> Result<()> {
+    let port = port.to_string();
+    nat.exec(
         "iptables",
         &[
             "-t",
@@ -92,36 +137,381 @@ pub fn run(bins: &Binaries, seconds: u64) -> Result<()> {
             "-p",
             "tcp",
             "--dport",
-            "5201",
+            &port,
             "-j",
             "DNAT",
             "--to-destination",
-            "198.51.100.2:5201",
+            &format!("{host}:{port}"),
         ],
     )?;
-    std::thread::sleep(Duration::from_millis(500));
-    let fwd_port = FORWARD_LISTEN.rsplit(':').next().unwrap_or("10000");
-    let mut rows = Vec::new();
-    for streams in [1, 8] {
-        let plain = iperf(&run, "203.0.113.3", "5201", streams, seconds)?;
-        let tunnel = iperf(&run, "127.0.0.1", fwd_port, streams, seconds)?;
-        rows.push((streams, plain, tunnel));
+    Ok(())
+}
+
+fn wait_listening(ns: &Netns, addr: &str) -> Result<()> {
+    let port: u16 = addr
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.parse().ok())
+        .context("address without a port")?;
+    for _ in 0..100 {
+        if crate::scenario::listens_on(ns.name(), port) {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(100));
     }
-    println!("Tunnel throughput, lab both-NATs path, iperf3 {seconds}s per run, Gbit/s:");
-    println!(
-        "{:>8} {:>12} {:>14} {:>8}",
-        "streams", "plain TCP", "punchd direct", "ratio"
-    );
-    for (streams, plain, tunnel) in &rows {
-        println!(
-            "{streams:>8} {plain:>12.2} {tunnel:>14.2} {:>8.2}",
-            tunnel / plain
+    bail!("nothing listens on {addr} in {} after 10 s", ns.name())
+}
+
+/// sshd behind bob's NAT (port forward 2222) and `ssh -L` in alice's host
+/// to bob's service port. Returns the reason when it cannot run.
+fn start_ssh(run: &mut Run) -> Result<()> {
+    for tool in ["ssh", "sshd", "ssh-keygen"] {
+        if !installed(tool) {
+            bail!("{tool} is not installed (apt-get install openssh-client openssh-server)");
+        }
+    }
+    let dir = run.dir.join("ssh");
+    std::fs::create_dir_all(&dir)?;
+    std::fs::create_dir_all("/run/sshd")?;
+    for key in ["hostkey", "userkey"] {
+        let path = dir.join(key);
+        let _ = std::fs::remove_file(&path);
+        crate::netns::run(
+            "ssh-keygen",
+            &[
+                "-q",
+                "-t",
+                "ed25519",
+                "-N",
+                "",
+                "-f",
+                path.to_str().unwrap_or(""),
+            ],
+        )?;
+    }
+    std::fs::copy(dir.join("userkey.pub"), dir.join("authorized_keys"))?;
+    let d = dir.display();
+    std::fs::write(
+        dir.join("sshd_config"),
+        format!(
+            "Port 2222\nListenAddress 0.0.0.0\nHostKey {d}/hostkey\nAuthorizedKeysFile {d}/authorized_keys\n\
+             PidFile none\nStrictModes no\nUsePAM no\nPasswordAuthentication no\nKbdInteractiveAuthentication no\n\
+             PermitRootLogin prohibit-password\nAllowTcpForwarding yes\n"
+        ),
+    )?;
+    let cfg = dir.join("sshd_config");
+    run.topo.host_b.spawn(
+        Path::new("/usr/sbin/sshd"),
+        &["-D", "-e", "-f", cfg.to_str().unwrap_or("")],
+        &[],
+        &dir.join("sshd.log"),
+    )?;
+    port_forward(&run.topo.nats[1], 2222, BOB_HOST)?;
+    wait_listening(&run.topo.host_b, "0.0.0.0:2222")?;
+    let forward = format!("{SSH_LISTEN}:127.0.0.1:{SERVICE_PORT}");
+    let key = dir.join("userkey");
+    run.topo.host_a.spawn(
+        Path::new("ssh"),
+        &[
+            "-N",
+            "-o",
+            "StrictHostKeyChecking=no",
+            "-o",
+            "UserKnownHostsFile=/dev/null",
+            "-o",
+            "BatchMode=yes",
+            "-i",
+            key.to_str().unwrap_or(""),
+            "-p",
+            "2222",
+            "-L",
+            &forward,
+            &format!("root@{BOB_PUBLIC}"),
+        ],
+        &[],
+        &dir.join("ssh.log"),
+    )?;
+    wait_listening(&run.topo.host_a, SSH_LISTEN)
+}
+
+/// rathole (Noise) server in alice's host (port forward 2333 on her NAT),
+/// client in bob's host next to the service.
+fn start_rathole(run: &mut Run) -> Result<()> {
+    if !installed("rathole") {
+        bail!("rathole is not installed (cargo install rathole; see BENCHMARKS.md)");
+    }
+    let out = crate::netns::run("rathole", &["--genkey"])?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let keys: Vec<&str> = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| l.ends_with('=') && !l.contains(' '))
+        .collect();
+    let [private, public] = keys[..] else {
+        bail!("unexpected `rathole --genkey` output: {text}");
+    };
+    let dir = run.dir.join("rathole");
+    std::fs::create_dir_all(&dir)?;
+    let server = dir.join("server.toml");
+    let client = dir.join("client.toml");
+    std::fs::write(
+        &server,
+        format!(
+            "[server]\nbind_addr = \"0.0.0.0:2333\"\n[server.transport]\ntype = \"noise\"\n\
+             [server.transport.noise]\nlocal_private_key = \"{private}\"\n\
+             [server.services.bench]\ntoken = \"bench\"\nbind_addr = \"{RATHOLE_LISTEN}\"\n"
+        ),
+    )?;
+    std::fs::write(
+        &client,
+        format!(
+            "[client]\nremote_addr = \"{ALICE_PUBLIC}:2333\"\n[client.transport]\ntype = \"noise\"\n\
+             [client.transport.noise]\nremote_public_key = \"{public}\"\n\
+             [client.services.bench]\ntoken = \"bench\"\nlocal_addr = \"127.0.0.1:{SERVICE_PORT}\"\n"
+        ),
+    )?;
+    let rathole = Path::new("rathole");
+    run.topo.host_a.spawn(
+        rathole,
+        &["--server", server.to_str().unwrap_or("")],
+        &[],
+        &dir.join("server.log"),
+    )?;
+    port_forward(&run.topo.nats[0], 2333, ALICE_HOST)?;
+    wait_listening(&run.topo.host_a, "0.0.0.0:2333")?;
+    run.topo.host_b.spawn(
+        rathole,
+        &["--client", client.to_str().unwrap_or("")],
+        &[],
+        &dir.join("client.log"),
+    )?;
+    wait_listening(&run.topo.host_a, RATHOLE_LISTEN)?;
+    // The server listens before the client's control channel is up.
+    std::thread::sleep(Duration::from_secs(1));
+    Ok(())
+}
+
+/// Replaces whatever serves bob's service port with `args` (a lab tool
+/// subcommand or iperf3); returns its index in hostB.
+fn serve(run: &mut Run, current: &mut Option<usize>, cmd: &Path, args: &[&str]) -> Result<()> {
+    if let Some(i) = current.take() {
+        run.topo.host_b.kill(i);
+    }
+    let log = run.dir.join(format!(
+        "service-{}.log",
+        cmd.file_name().and_then(|n| n.to_str()).unwrap_or("x")
+    ));
+    *current = Some(run.topo.host_b.spawn(cmd, args, &[], &log)?);
+    wait_listening(&run.topo.host_b, &format!("0.0.0.0:{SERVICE_PORT}"))
+}
+
+/// iperf3 and rr over each available path of `run`.
+fn measure(
+    run: &mut Run,
+    paths: &mut [(Row, String)],
+    seconds: u64,
+    rr_count: usize,
+) -> Result<Option<usize>> {
+    let port = SERVICE_PORT.to_string();
+    let mut server = None;
+    serve(run, &mut server, Path::new("iperf3"), &["-s", "-p", &port])?;
+    for (row, target) in paths.iter_mut().filter(|(r, _)| r.skipped.is_none()) {
+        row.one = Some(iperf(&run.topo.host_a, target, 1, seconds)?);
+        row.eight = Some(iperf(&run.topo.host_a, target, 8, seconds)?);
+    }
+    let tool = run.bins().tool.clone();
+    let listen = format!("0.0.0.0:{SERVICE_PORT}");
+    serve(run, &mut server, &tool, &["echo", "--listen", &listen])?;
+    for (row, target) in paths.iter_mut().filter(|(r, _)| r.skipped.is_none()) {
+        row.rr = Some(rr(&run.topo.host_a, &tool, target, rr_count)?);
+    }
+    Ok(server)
+}
+
+/// A process's resident memory, KiB (0 if it is gone).
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// Peak RSS (KiB) of `pids`, sampled every 50 ms until `stop`.
+fn sample_rss(pids: Vec<u32>, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<Vec<u64>> {
+    std::thread::spawn(move || {
+        let mut peak = vec![0u64; pids.len()];
+        while !stop.load(Ordering::Relaxed) {
+            for (p, pid) in peak.iter_mut().zip(&pids) {
+                *p = (*p).max(rss_kib(*pid));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        peak
+    })
+}
+
+/// 1,000 streams × 1 MiB through alice's forward to bob's sink, at once.
+fn many_streams(run: &mut Run, server: &mut Option<usize>) -> Result<String> {
+    const STREAMS: usize = 1000;
+    let tool = run.bins().tool.clone();
+    let listen = format!("127.0.0.1:{SERVICE_PORT}");
+    if let Some(i) = server.take() {
+        run.topo.host_b.kill(i);
+    }
+    *server = Some(run.topo.host_b.spawn(
+        &tool,
+        &["sink", "--listen", &listen],
+        &[],
+        &run.dir.join("sink-streams.log"),
+    )?);
+    wait_listening(&run.topo.host_b, &listen)?;
+    let pids: Vec<u32> = [run.topo.host_a.pid(run.alice), run.topo.host_b.pid(run.bob)]
+        .into_iter()
+        .flatten()
+        .collect();
+    let before: Vec<u64> = pids.iter().map(|p| rss_kib(*p)).collect();
+    let stop = Arc::new(AtomicBool::new(false));
+    let sampler = sample_rss(pids, stop.clone());
+    let report = crate::scenario::transfer_in(
+        run.topo.host_a.name(),
+        &tool,
+        (STREAMS as u64) << 20,
+        STREAMS,
+        None,
+    )?;
+    stop.store(true, Ordering::Relaxed);
+    let peak = sampler.join().unwrap_or_default();
+    Ok(format!(
+        "{STREAMS} streams x 1 MiB through one tunnel: {} in {:.2}s ({} errors); punchd RSS before/peak: alice {}/{} KiB, bob {}/{} KiB",
+        if report.ok { "all checksums match" } else { "FAILED" },
+        report.seconds,
+        report.errors.len(),
+        before.first().copied().unwrap_or(0),
+        peak.first().copied().unwrap_or(0),
+        before.get(1).copied().unwrap_or(0),
+        peak.get(1).copied().unwrap_or(0),
+    ))
+}
+
+/// Runs every comparison and prints the tables.
+pub fn run(bins: &Binaries, seconds: u64) -> Result<()> {
+    let rr_count = 2000;
+    let path = |name: &'static str, target: String| {
+        let row = Row {
+            path: name,
+            ..Row::default()
+        };
+        (row, target)
+    };
+    let mut paths = vec![
+        path("plain TCP", format!("{BOB_PUBLIC}:{SERVICE_PORT}")),
+        path("punchd direct", FORWARD_LISTEN.to_owned()),
+        path("ssh -L", SSH_LISTEN.to_owned()),
+        path("rathole noise", RATHOLE_LISTEN.to_owned()),
+    ];
+    let streams_line;
+    {
+        let s = Scenario::new(
+            "bench",
+            Layout::TwoNats(NatBehaviour::Masquerade),
+            Expect::Direct,
         );
+        let mut run = Run::start(&s, bins)?;
+        run.wait_path("alice", "direct", Duration::from_secs(30))?;
+        run.topo.host_b.kill(run.sink);
+        port_forward(&run.topo.nats[1], SERVICE_PORT, BOB_HOST)?;
+        if let Err(e) = start_ssh(&mut run) {
+            paths[2].0.skipped = Some(format!("{e:#}"));
+        }
+        if let Err(e) = start_rathole(&mut run) {
+            paths[3].0.skipped = Some(format!("{e:#}"));
+        }
+        let mut server = measure(&mut run, &mut paths, seconds, rr_count)?;
+        streams_line = many_streams(&mut run, &mut server)?;
     }
+    let mut relayed = vec![path("punchd relayed", FORWARD_LISTEN.to_owned())];
+    {
+        // Port-randomizing NATs: no direct path. The relay's per-session
+        // cap (8 MiB/s by default) is lifted to see what the relay path
+        // itself can do.
+        let mut s = Scenario::new(
+            "bench-relay",
+            Layout::TwoNats(NatBehaviour::RandomFully),
+            Expect::Relayed,
+        )
+        .with_timeout("3s");
+        s.rendezvous_config = Some("[limits]\nrelay_bytes_per_second = 10000000000\n".to_owned());
+        let mut run = Run::start(&s, bins)?;
+        run.wait_path("alice", "relayed", Duration::from_secs(30))?;
+        run.topo.host_b.kill(run.sink);
+        measure(&mut run, &mut relayed, seconds, rr_count)?;
+    }
+    paths.extend(relayed);
+    print_tables(&paths, seconds, rr_count);
+    println!("\n{streams_line}");
     for alg in ["aes-128-gcm", "chacha20-poly1305"] {
         if let Some(r) = aead_rate(alg) {
             println!("single-core {alg}: {r:.2} GB/s ({:.1} Gbit/s)", r * 8.0);
         }
     }
     Ok(())
+}
+
+fn print_tables(paths: &[(Row, String)], seconds: u64, rr_count: usize) {
+    let by_name = |name: &str| paths.iter().find(|(r, _)| r.path == name).map(|(r, _)| r);
+    let plain = by_name("plain TCP");
+    let rathole = by_name("rathole noise").filter(|r| r.skipped.is_none());
+    let ratio = |v: Option<f64>, base: Option<f64>| match (v, base) {
+        (Some(v), Some(b)) if b > 0.0 => format!("{:.2}", v / b),
+        _ => "-".to_owned(),
+    };
+    let num = |v: Option<f64>| v.map_or("-".to_owned(), |v| format!("{v:.2}"));
+    println!(
+        "\nThroughput, lab both-NATs path, iperf3 {seconds} s per run, Gbit/s (ratios: to plain TCP / to rathole):"
+    );
+    println!(
+        "{:<16} {:>8} {:>13} {:>8} {:>13}",
+        "path", "1 stream", "ratio", "8 streams", "ratio"
+    );
+    for (row, _) in paths {
+        if let Some(why) = &row.skipped {
+            println!("{:<16} skipped: {why}", row.path);
+            continue;
+        }
+        println!(
+            "{:<16} {:>8} {:>13} {:>8} {:>13}",
+            row.path,
+            num(row.one),
+            format!(
+                "{} / {}",
+                ratio(row.one, plain.and_then(|p| p.one)),
+                ratio(row.one, rathole.and_then(|r| r.one))
+            ),
+            num(row.eight),
+            format!(
+                "{} / {}",
+                ratio(row.eight, plain.and_then(|p| p.eight)),
+                ratio(row.eight, rathole.and_then(|r| r.eight))
+            ),
+        );
+    }
+    println!(
+        "\nRequest/response, 64 B each way, {rr_count} round trips on one connection, microseconds (p50 ratio to plain TCP):"
+    );
+    println!("{:<16} {:>8} {:>8} {:>8}", "path", "p50", "p99", "ratio");
+    let plain_p50 = plain.and_then(|p| p.rr.as_ref()).map(|r| r.p50_us);
+    for (row, _) in paths.iter().filter(|(r, _)| r.skipped.is_none()) {
+        let Some(rr) = &row.rr else { continue };
+        println!(
+            "{:<16} {:>8.0} {:>8.0} {:>8}",
+            row.path,
+            rr.p50_us,
+            rr.p99_us,
+            ratio(Some(rr.p50_us), plain_p50)
+        );
+    }
 }

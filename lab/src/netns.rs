@@ -120,6 +120,12 @@ impl Netns {
         Ok(self.children.len() - 1)
     }
 
+    /// The pid of a spawned process (`ip netns exec` execs the command, so
+    /// it is the command's own pid).
+    pub fn pid(&self, index: usize) -> Option<u32> {
+        self.children.get(index).map(std::process::Child::id)
+    }
+
     /// Kills one spawned process (SIGKILL) and reaps it.
     pub fn kill(&mut self, index: usize) {
         if let Some(c) = self.children.get_mut(index) {

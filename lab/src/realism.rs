@@ -70,7 +70,7 @@ impl std::fmt::Display for Timing {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "{} punches ({} not direct within 30 s) at one-way {:.0} ms: SYN skew p50 {:.3} ms ({:.2}% of one-way), p95 {:.3} ms ({:.2}%); first attempt {}/{} ({:.1}%); punch p50 {:.0} ms",
+            "{} punches ({} not direct within 30 s) at one-way {:.0} ms: SYN skew p50 {:.3} ms ({:.2}% of one-way), p95 {:.3} ms ({:.2}%); first attempt {}/{} ({:.1}%); punch (order to tunnel ready) p50 {:.0} ms, p99 {:.0} ms",
             self.rounds,
             self.failed,
             self.one_way_ms,
@@ -81,7 +81,8 @@ impl std::fmt::Display for Timing {
             self.first_attempt,
             self.rounds,
             self.first_attempt_rate() * 100.0,
-            percentile(&sorted(&self.punch_ms), 0.5)
+            percentile(&sorted(&self.punch_ms), 0.5),
+            percentile(&sorted(&self.punch_ms), 0.99)
         )
     }
 }

@@ -88,6 +88,9 @@ pub struct Scenario {
     /// Run the rendezvous from this container image (as `deploy/` ships
     /// it) instead of the workspace binary.
     pub rendezvous_image: Option<String>,
+    /// `rendezvous.toml` for the workspace server (its listen address is
+    /// overridden), e.g. to raise the relay's bandwidth cap for a benchmark.
+    pub rendezvous_config: Option<String>,
 }
 
 impl Scenario {
@@ -103,6 +106,7 @@ impl Scenario {
             punch_timeout: "10s".to_owned(),
             links: None,
             rendezvous_image: None,
+            rendezvous_config: None,
         }
     }
 }
@@ -296,6 +300,9 @@ impl Run {
             sink: 0,
             started: Instant::now(),
         };
+        if let Some(cfg) = &s.rendezvous_config {
+            std::fs::write(run.dir.join("rendezvous.toml"), cfg)?;
+        }
         run.start_rendezvous(s.rendezvous_image.as_deref())?;
         let sink_log = run.dir.join("sink.log");
         run.sink = run.topo.host_b.spawn(
@@ -319,9 +326,15 @@ impl Run {
         let rv = self.topo.rv.name().to_owned();
         match image {
             None => {
+                let cfg = self.dir.join("rendezvous.toml");
+                let cfg = cfg.to_str().unwrap_or("");
+                let mut args = vec!["--listen", "0.0.0.0:8080"];
+                if std::path::Path::new(cfg).is_file() {
+                    args.extend(["--config", cfg]);
+                }
                 self.rendezvous = self.topo.rv.spawn(
                     &self.bins.rendezvous,
-                    &["--listen", "0.0.0.0:8080"],
+                    &args,
                     &[("RUST_LOG", "info")],
                     &log,
                 )?;

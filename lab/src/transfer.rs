@@ -114,6 +114,67 @@ pub async fn send(
     }
 }
 
+/// Serves until killed: echoes every byte back on each connection (the far
+/// end of a request/response latency run).
+pub async fn echo(listen: SocketAddr) -> Result<()> {
+    let listener = TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("echo cannot listen on {listen}"))?;
+    loop {
+        let (mut s, _) = listener.accept().await?;
+        let _ = s.set_nodelay(true);
+        tokio::spawn(async move {
+            let (mut r, mut w) = s.split();
+            let _ = tokio::io::copy(&mut r, &mut w).await;
+        });
+    }
+}
+
+/// Request/response round trips over one connection, in microseconds.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RrReport {
+    /// Round trips measured (after the warm-up).
+    pub count: usize,
+    /// Message size each way.
+    pub size: usize,
+    /// Median round trip.
+    pub p50_us: f64,
+    /// 99th percentile round trip.
+    pub p99_us: f64,
+}
+
+/// Sends `size` bytes and waits for them to come back, `count` times in a
+/// row on one connection to an [`echo`] server (after 50 unmeasured warm-up
+/// round trips): the latency a small request sees through a path.
+pub async fn rr(connect: SocketAddr, count: usize, size: usize) -> Result<RrReport> {
+    const WARMUP: usize = 50;
+    let mut s = TcpStream::connect(connect)
+        .await
+        .with_context(|| format!("connect {connect}"))?;
+    s.set_nodelay(true)?;
+    let msg = pattern(size.max(1), 7);
+    let mut back = vec![0u8; msg.len()];
+    let mut samples = Vec::with_capacity(count);
+    for i in 0..WARMUP + count {
+        let t0 = Instant::now();
+        s.write_all(&msg).await?;
+        s.read_exact(&mut back).await.context("echo closed early")?;
+        if back != msg {
+            bail!("the echo answered different bytes");
+        }
+        if i >= WARMUP {
+            samples.push(t0.elapsed().as_secs_f64() * 1e6);
+        }
+    }
+    samples.sort_by(f64::total_cmp);
+    Ok(RrReport {
+        count,
+        size: msg.len(),
+        p50_us: crate::loadgen::percentile(&samples, 0.5),
+        p99_us: crate::loadgen::percentile(&samples, 0.99),
+    })
+}
+
 /// A minimal HTTP/1.0 request for the lab's own servers: returns the body
 /// of a 2xx answer.
 pub async fn http(addr: SocketAddr, method: &str, path: &str) -> Result<String> {

@@ -28,6 +28,20 @@ enum Cmd {
         #[arg(long)]
         listen: SocketAddr,
     },
+    /// Echo every byte back (for `rr`).
+    Echo {
+        #[arg(long)]
+        listen: SocketAddr,
+    },
+    /// Request/response latency through a path to an `echo`: prints JSON.
+    Rr {
+        #[arg(long)]
+        connect: SocketAddr,
+        #[arg(long, default_value_t = 2000)]
+        count: usize,
+        #[arg(long, default_value_t = 64)]
+        size: usize,
+    },
     /// Send checksummed streams through a forward.
     Send {
         #[arg(long)]
@@ -62,6 +76,15 @@ enum Cmd {
         /// Seconds per iperf3 run.
         #[arg(long, default_value_t = 5)]
         seconds: u64,
+    },
+    /// Punch timing: ROUNDS back-to-back re-punches between two RST NATs
+    /// with alice 5 ms and bob B_MS from the internet; prints SYN skew,
+    /// first-attempt rate and punch time.
+    Punches {
+        #[arg(long, default_value_t = 200)]
+        rounds: usize,
+        #[arg(long, default_value_t = 15)]
+        b_ms: u64,
     },
     /// Emulate a long, lossy link on this namespace's wan0 (run inside a
     /// NAT namespace after loading `linkem::ruleset()`); runs until killed.
@@ -99,6 +122,27 @@ fn main() -> ExitCode {
     match Cli::parse().cmd {
         Cmd::Sink { listen } => match runtime().block_on(punch_lab::transfer::sink(listen)) {
             Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                ExitCode::from(1)
+            }
+        },
+        Cmd::Echo { listen } => match runtime().block_on(punch_lab::transfer::echo(listen)) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                ExitCode::from(1)
+            }
+        },
+        Cmd::Rr {
+            connect,
+            count,
+            size,
+        } => match runtime().block_on(punch_lab::transfer::rr(connect, count, size)) {
+            Ok(report) => {
+                println!("{}", serde_json::to_string(&report).unwrap_or_default());
+                ExitCode::SUCCESS
+            }
             Err(e) => {
                 eprintln!("error: {e:#}");
                 ExitCode::from(1)
@@ -170,6 +214,31 @@ fn main() -> ExitCode {
             let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
             match parsed.and_then(|q| run(&q, stop)) {
                 Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("error: {e:#}");
+                    ExitCode::from(1)
+                }
+            }
+        }
+        Cmd::Punches { rounds, b_ms } => {
+            let (scenario, bins) = match prepare_scenario("rst") {
+                Ok(v) => v,
+                Err(code) => return code,
+            };
+            let links = punch_lab::topology::Links {
+                a: punch_lab::topology::Link::symmetric_ms(5),
+                b: punch_lab::topology::Link::symmetric_ms(b_ms),
+                rv: punch_lab::topology::Link::NONE,
+            };
+            let scenario = scenario.with_links(links);
+            match punch_lab::realism::timing("punches", scenario, rounds, &bins) {
+                Ok(t) => {
+                    println!(
+                        "punch timing, RTT {} ms (5 ms / {b_ms} ms), RST NATs: {t}",
+                        2 * (5 + b_ms)
+                    );
+                    ExitCode::SUCCESS
+                }
                 Err(e) => {
                     eprintln!("error: {e:#}");
                     ExitCode::from(1)
