@@ -95,6 +95,16 @@ impl AsyncWrite for StreamIo {
     }
 }
 
+/// Buffer between TLS and the transport, each way. Without it every TLS
+/// record (and every 12-byte yamux header, which TLS seals as a record of
+/// its own) was a separate `writev`, and reads came in ~10 KB pieces; with
+/// it a mux frame and its header leave in one system call and one read
+/// drains many records. Measured in the lab bench: one stream 2.3–2.5 →
+/// 3.0–3.1 Gbit/s, 64-byte round trip p50 232–273 → 159–204 µs. Writes
+/// still leave at once: yamux flushes after every batch of frames, and the
+/// flush goes through.
+const IO_BUFFER: usize = 256 * 1024;
+
 /// Most streams one tunnel carries at once (each side).
 pub(crate) const MAX_STREAMS: usize = 1024;
 /// Inbound streams waiting for a handler before new ones are refused.
@@ -209,7 +219,8 @@ pub(crate) async fn handshake<S>(
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let tls_stream: tokio_rustls::TlsStream<S> = tokio::time::timeout(HANDSHAKE_TIMEOUT, async {
+    let io = tokio::io::BufStream::with_capacity(IO_BUFFER, IO_BUFFER, io);
+    let tls_stream: tokio_rustls::TlsStream<_> = tokio::time::timeout(HANDSHAKE_TIMEOUT, async {
         match role {
             Role::Client => {
                 let connector =
