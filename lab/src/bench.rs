@@ -15,7 +15,8 @@
 //! checksums and both daemons' peak RSS, and the single-core AEAD rates
 //! (`openssl speed`), the ceiling for any encrypted tunnel here. Figures
 //! are printed, never asserted. A competitor that is not installed is
-//! skipped with the reason printed.
+//! skipped with the reason printed. Last, the first four paths again with
+//! everything on one host's loopback (no NAT, no veth).
 
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -51,7 +52,7 @@ struct Row {
 
 /// One iperf3 run's received rate, Gbit/s. iperf3 serves one test at a
 /// time and may still be finishing the previous one: retried then.
-fn iperf(ns: &Netns, target: &str, streams: usize, seconds: u64) -> Result<f64> {
+fn iperf(ns: &str, target: &str, streams: usize, seconds: u64) -> Result<f64> {
     let mut tries = 0;
     loop {
         match iperf_once(ns, target, streams, seconds) {
@@ -64,9 +65,19 @@ fn iperf(ns: &Netns, target: &str, streams: usize, seconds: u64) -> Result<f64> 
     }
 }
 
-fn iperf_once(ns: &Netns, target: &str, streams: usize, seconds: u64) -> Result<f64> {
+/// Runs a command in namespace `ns`, whatever its exit code.
+fn exec_in(ns: &str, cmd: &str, args: &[&str]) -> Result<std::process::Output> {
+    std::process::Command::new("ip")
+        .args(["netns", "exec", ns, cmd])
+        .args(args)
+        .output()
+        .with_context(|| format!("cannot run {cmd} in {ns}"))
+}
+
+fn iperf_once(ns: &str, target: &str, streams: usize, seconds: u64) -> Result<f64> {
     let (host, port) = target.rsplit_once(':').context("target without a port")?;
-    let out = ns.exec_output(
+    let out = exec_in(
+        ns,
         "iperf3",
         &[
             "-c",
@@ -89,8 +100,9 @@ fn iperf_once(ns: &Netns, target: &str, streams: usize, seconds: u64) -> Result<
 }
 
 /// `punch-lab-tool rr` inside `ns`.
-fn rr(ns: &Netns, tool: &Path, target: &str, count: usize) -> Result<RrReport> {
-    let out = ns.exec_output(
+fn rr(ns: &str, tool: &Path, target: &str, count: usize) -> Result<RrReport> {
+    let out = exec_in(
+        ns,
         tool.to_str().unwrap_or("punch-lab-tool"),
         &["rr", "--connect", target, "--count", &count.to_string()],
     )?;
@@ -162,17 +174,22 @@ fn wait_listening(ns: &Netns, addr: &str) -> Result<()> {
     bail!("nothing listens on {addr} in {} after 10 s", ns.name())
 }
 
-/// sshd behind bob's NAT (port forward 2222) and `ssh -L` in alice's host
-/// to bob's service port. Returns the reason when it cannot run.
-fn start_ssh(run: &mut Run) -> Result<()> {
+/// Checks that OpenSSH is there and makes `dir` for its files.
+fn ssh_dir(base: &Path) -> Result<std::path::PathBuf> {
     for tool in ["ssh", "sshd", "ssh-keygen"] {
         if !installed(tool) {
             bail!("{tool} is not installed (apt-get install openssh-client openssh-server)");
         }
     }
-    let dir = run.dir.join("ssh");
+    let dir = base.join("ssh");
     std::fs::create_dir_all(&dir)?;
     std::fs::create_dir_all("/run/sshd")?;
+    Ok(dir)
+}
+
+/// An sshd on port 2222 (all addresses) in `ns`, accepting a fresh key;
+/// returns that key.
+fn sshd(dir: &Path, ns: &mut Netns) -> Result<std::path::PathBuf> {
     for key in ["hostkey", "userkey"] {
         let path = dir.join(key);
         let _ = std::fs::remove_file(&path);
@@ -200,17 +217,20 @@ fn start_ssh(run: &mut Run) -> Result<()> {
         ),
     )?;
     let cfg = dir.join("sshd_config");
-    run.topo.host_b.spawn(
+    ns.spawn(
         Path::new("/usr/sbin/sshd"),
         &["-D", "-e", "-f", cfg.to_str().unwrap_or("")],
         &[],
         &dir.join("sshd.log"),
     )?;
-    port_forward(&run.topo.nats[1], 2222, BOB_HOST)?;
-    wait_listening(&run.topo.host_b, "0.0.0.0:2222")?;
+    wait_listening(ns, "0.0.0.0:2222")?;
+    Ok(dir.join("userkey"))
+}
+
+/// `ssh -L SSH_LISTEN:127.0.0.1:SERVICE_PORT` from `ns` to `server_ip`.
+fn ssh_forward(dir: &Path, ns: &mut Netns, server_ip: &str, key: &Path) -> Result<()> {
     let forward = format!("{SSH_LISTEN}:127.0.0.1:{SERVICE_PORT}");
-    let key = dir.join("userkey");
-    run.topo.host_a.spawn(
+    ns.spawn(
         Path::new("ssh"),
         &[
             "-N",
@@ -226,17 +246,27 @@ fn start_ssh(run: &mut Run) -> Result<()> {
             "2222",
             "-L",
             &forward,
-            &format!("root@{BOB_PUBLIC}"),
+            &format!("root@{server_ip}"),
         ],
         &[],
         &dir.join("ssh.log"),
     )?;
-    wait_listening(&run.topo.host_a, SSH_LISTEN)
+    wait_listening(ns, SSH_LISTEN)
 }
 
-/// rathole (Noise) server in alice's host (port forward 2333 on her NAT),
-/// client in bob's host next to the service.
-fn start_rathole(run: &mut Run) -> Result<()> {
+/// sshd behind bob's NAT (port forward 2222) and `ssh -L` in alice's host
+/// to bob's service port.
+fn start_ssh(run: &mut Run) -> Result<()> {
+    let dir = ssh_dir(&run.dir)?;
+    let key = sshd(&dir, &mut run.topo.host_b)?;
+    port_forward(&run.topo.nats[1], 2222, BOB_HOST)?;
+    ssh_forward(&dir, &mut run.topo.host_a, BOB_PUBLIC, &key)
+}
+
+/// Fresh Noise keys and the two rathole configs: the server listens on
+/// 2333 and serves RATHOLE_LISTEN, the client dials `server` and serves
+/// bob's service port. Returns (server config, client config).
+fn rathole_configs(dir: &Path, server: &str) -> Result<(std::path::PathBuf, std::path::PathBuf)> {
     if !installed("rathole") {
         bail!("rathole is not installed (cargo install rathole; see BENCHMARKS.md)");
     }
@@ -250,12 +280,11 @@ fn start_rathole(run: &mut Run) -> Result<()> {
     let [private, public] = keys[..] else {
         bail!("unexpected `rathole --genkey` output: {text}");
     };
-    let dir = run.dir.join("rathole");
-    std::fs::create_dir_all(&dir)?;
-    let server = dir.join("server.toml");
-    let client = dir.join("client.toml");
+    std::fs::create_dir_all(dir)?;
+    let server_cfg = dir.join("server.toml");
+    let client_cfg = dir.join("client.toml");
     std::fs::write(
-        &server,
+        &server_cfg,
         format!(
             "[server]\nbind_addr = \"0.0.0.0:2333\"\n[server.transport]\ntype = \"noise\"\n\
              [server.transport.noise]\nlocal_private_key = \"{private}\"\n\
@@ -263,69 +292,120 @@ fn start_rathole(run: &mut Run) -> Result<()> {
         ),
     )?;
     std::fs::write(
-        &client,
+        &client_cfg,
         format!(
-            "[client]\nremote_addr = \"{ALICE_PUBLIC}:2333\"\n[client.transport]\ntype = \"noise\"\n\
+            "[client]\nremote_addr = \"{server}\"\n[client.transport]\ntype = \"noise\"\n\
              [client.transport.noise]\nremote_public_key = \"{public}\"\n\
              [client.services.bench]\ntoken = \"bench\"\nlocal_addr = \"127.0.0.1:{SERVICE_PORT}\"\n"
         ),
     )?;
-    let rathole = Path::new("rathole");
-    run.topo.host_a.spawn(
-        rathole,
-        &["--server", server.to_str().unwrap_or("")],
+    Ok((server_cfg, client_cfg))
+}
+
+/// Starts one side of rathole in `ns`.
+fn rathole(ns: &mut Netns, side: &str, cfg: &Path) -> Result<()> {
+    let log = cfg.with_extension("log");
+    ns.spawn(
+        Path::new("rathole"),
+        &[side, cfg.to_str().unwrap_or("")],
         &[],
-        &dir.join("server.log"),
+        &log,
     )?;
+    Ok(())
+}
+
+/// rathole (Noise) server in alice's host (port forward 2333 on her NAT),
+/// client in bob's host next to the service.
+fn start_rathole(run: &mut Run) -> Result<()> {
+    let (server, client) =
+        rathole_configs(&run.dir.join("rathole"), &format!("{ALICE_PUBLIC}:2333"))?;
+    rathole(&mut run.topo.host_a, "--server", &server)?;
     port_forward(&run.topo.nats[0], 2333, ALICE_HOST)?;
     wait_listening(&run.topo.host_a, "0.0.0.0:2333")?;
-    run.topo.host_b.spawn(
-        rathole,
-        &["--client", client.to_str().unwrap_or("")],
-        &[],
-        &dir.join("client.log"),
-    )?;
+    rathole(&mut run.topo.host_b, "--client", &client)?;
     wait_listening(&run.topo.host_a, RATHOLE_LISTEN)?;
     // The server listens before the client's control channel is up.
     std::thread::sleep(Duration::from_secs(1));
     Ok(())
 }
 
-/// Replaces whatever serves bob's service port with `args` (a lab tool
-/// subcommand or iperf3); returns its index in hostB.
-fn serve(run: &mut Run, current: &mut Option<usize>, cmd: &Path, args: &[&str]) -> Result<()> {
+/// Replaces whatever serves the service port in `ns` with `cmd args`
+/// (iperf3 or a lab tool subcommand).
+fn serve(
+    ns: &mut Netns,
+    dir: &Path,
+    current: &mut Option<usize>,
+    cmd: &Path,
+    args: &[&str],
+) -> Result<()> {
     if let Some(i) = current.take() {
-        run.topo.host_b.kill(i);
+        ns.kill(i);
     }
-    let log = run.dir.join(format!(
+    let log = dir.join(format!(
         "service-{}.log",
         cmd.file_name().and_then(|n| n.to_str()).unwrap_or("x")
     ));
-    *current = Some(run.topo.host_b.spawn(cmd, args, &[], &log)?);
-    wait_listening(&run.topo.host_b, &format!("0.0.0.0:{SERVICE_PORT}"))
+    *current = Some(ns.spawn(cmd, args, &[], &log)?);
+    wait_listening(ns, &format!("0.0.0.0:{SERVICE_PORT}"))
 }
 
-/// iperf3 and rr over each available path of `run`.
+/// iperf3 and rr from namespace `client` over each available path to the
+/// service in `server`; returns the index of the service left running.
 fn measure(
-    run: &mut Run,
+    server: &mut Netns,
+    client: &str,
+    tool: &Path,
+    dir: &Path,
     paths: &mut [(Row, String)],
     seconds: u64,
     rr_count: usize,
 ) -> Result<Option<usize>> {
     let port = SERVICE_PORT.to_string();
-    let mut server = None;
-    serve(run, &mut server, Path::new("iperf3"), &["-s", "-p", &port])?;
+    let mut current = None;
+    serve(
+        server,
+        dir,
+        &mut current,
+        Path::new("iperf3"),
+        &["-s", "-p", &port],
+    )?;
     for (row, target) in paths.iter_mut().filter(|(r, _)| r.skipped.is_none()) {
-        row.one = Some(iperf(&run.topo.host_a, target, 1, seconds)?);
-        row.eight = Some(iperf(&run.topo.host_a, target, 8, seconds)?);
+        row.one = Some(iperf(client, target, 1, seconds)?);
+        row.eight = Some(iperf(client, target, 8, seconds)?);
     }
-    let tool = run.bins().tool.clone();
     let listen = format!("0.0.0.0:{SERVICE_PORT}");
-    serve(run, &mut server, &tool, &["echo", "--listen", &listen])?;
+    serve(
+        server,
+        dir,
+        &mut current,
+        tool,
+        &["echo", "--listen", &listen],
+    )?;
     for (row, target) in paths.iter_mut().filter(|(r, _)| r.skipped.is_none()) {
-        row.rr = Some(rr(&run.topo.host_a, &tool, target, rr_count)?);
+        row.rr = Some(rr(client, tool, target, rr_count)?);
     }
-    Ok(server)
+    Ok(current)
+}
+
+/// [`measure`] on a lab run: the service on bob's host, clients on alice's. (server) with alice's host as the client.
+fn measure_run(
+    run: &mut Run,
+    paths: &mut [(Row, String)],
+    seconds: u64,
+    rr_count: usize,
+) -> Result<Option<usize>> {
+    let client = run.topo.host_a.name().to_owned();
+    let tool = run.bins().tool.clone();
+    let dir = run.dir.clone();
+    measure(
+        &mut run.topo.host_b,
+        &client,
+        &tool,
+        &dir,
+        paths,
+        seconds,
+        rr_count,
+    )
 }
 
 /// A process's resident memory, KiB (0 if it is gone).
@@ -397,22 +477,124 @@ fn many_streams(run: &mut Run, server: &mut Option<usize>) -> Result<String> {
     ))
 }
 
+fn row(name: &'static str, target: &str) -> (Row, String) {
+    let row = Row {
+        path: name,
+        ..Row::default()
+    };
+    (row, target.to_owned())
+}
+
+/// The four paths compared in one network (skipped ones are marked later),
+/// the first reaching the service without a tunnel at `plain`.
+fn compared_paths(plain: String) -> Vec<(Row, String)> {
+    vec![
+        row("plain TCP", &plain),
+        row("punchd direct", FORWARD_LISTEN),
+        row("ssh -L", SSH_LISTEN),
+        row("rathole noise", RATHOLE_LISTEN),
+    ]
+}
+
+/// The same comparison with everything on one host's loopback (no NAT, no
+/// veth): the rendezvous, both daemons (punch ports 40000 and 40001),
+/// sshd and `ssh -L`, both rathole sides, iperf3 and the echo.
+fn loopback(bins: &Binaries, seconds: u64, rr_count: usize) -> Result<Vec<(Row, String)>> {
+    let dir = std::env::temp_dir().join("punch-lab-bench-loopback");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    let mut ns = Netns::create("pl-loop-host")?;
+    let alice_key = crate::scenario::keygen(bins, &dir.join("alice.key"))?;
+    let bob_key = crate::scenario::keygen(bins, &dir.join("bob.key"))?;
+    let rv = "127.0.0.1:8080";
+    let peer_toml = |me: &str, port: u16, admin: u16, peer: &str, peer_key: &str, tail: String| {
+        format!(
+            "name = \"{me}\"\nkey_file = \"{me}.key\"\n[rendezvous]\nurl = \"http://{rv}\"\n\
+             [punch]\nport = {port}\n[admin]\nlisten = \"127.0.0.1:{admin}\"\n\
+             [[peers]]\nname = \"{peer}\"\npublic_key = \"{peer_key}\"\n{tail}"
+        )
+    };
+    let forward = format!(
+        "[[forward]]\nlisten = \"{FORWARD_LISTEN}\"\npeer = \"bob\"\nservice = \"bench\"\n"
+    );
+    let expose = format!(
+        "[[expose]]\nname = \"bench\"\ntarget = \"127.0.0.1:{SERVICE_PORT}\"\nallow = [\"alice\"]\n"
+    );
+    std::fs::write(
+        dir.join("alice.toml"),
+        peer_toml("alice", 40000, 7070, "bob", &bob_key, forward),
+    )?;
+    std::fs::write(
+        dir.join("bob.toml"),
+        peer_toml("bob", 40001, 7071, "alice", &alice_key, expose),
+    )?;
+    ns.spawn(
+        &bins.rendezvous,
+        &["--listen", rv],
+        &[],
+        &dir.join("rendezvous.log"),
+    )?;
+    wait_listening(&ns, rv)?;
+    for who in ["bob", "alice"] {
+        let cfg = dir.join(format!("{who}.toml"));
+        ns.spawn(
+            &bins.punchd,
+            &["--config", cfg.to_str().unwrap_or("")],
+            &[],
+            &dir.join(format!("{who}.log")),
+        )?;
+    }
+    let punchd = bins.punchd.to_str().unwrap_or("punchd");
+    let mut direct = false;
+    for _ in 0..300 {
+        let out = exec_in(
+            ns.name(),
+            punchd,
+            &["status", "--admin", "127.0.0.1:7070", "--json"],
+        )?;
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        if v["peers"][0]["path"] == "direct" {
+            direct = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    if !direct {
+        bail!(
+            "loopback: alice's tunnel to bob is not direct after 30 s (logs in {})",
+            dir.display()
+        );
+    }
+    let mut paths = compared_paths(format!("127.0.0.1:{SERVICE_PORT}"));
+    let ssh = ssh_dir(&dir).and_then(|d| {
+        let key = sshd(&d, &mut ns)?;
+        ssh_forward(&d, &mut ns, "127.0.0.1", &key)
+    });
+    if let Err(e) = ssh {
+        paths[2].0.skipped = Some(format!("{e:#}"));
+    }
+    let rathole_up = rathole_configs(&dir.join("rathole"), "127.0.0.1:2333").and_then(|(s, c)| {
+        rathole(&mut ns, "--server", &s)?;
+        wait_listening(&ns, "0.0.0.0:2333")?;
+        rathole(&mut ns, "--client", &c)?;
+        wait_listening(&ns, RATHOLE_LISTEN)?;
+        std::thread::sleep(Duration::from_secs(1));
+        Ok(())
+    });
+    if let Err(e) = rathole_up {
+        paths[3].0.skipped = Some(format!("{e:#}"));
+    }
+    let name = ns.name().to_owned();
+    measure(
+        &mut ns, &name, &bins.tool, &dir, &mut paths, seconds, rr_count,
+    )?;
+    Ok(paths)
+}
+
 /// Runs every comparison and prints the tables.
 pub fn run(bins: &Binaries, seconds: u64) -> Result<()> {
     let rr_count = 2000;
-    let path = |name: &'static str, target: String| {
-        let row = Row {
-            path: name,
-            ..Row::default()
-        };
-        (row, target)
-    };
-    let mut paths = vec![
-        path("plain TCP", format!("{BOB_PUBLIC}:{SERVICE_PORT}")),
-        path("punchd direct", FORWARD_LISTEN.to_owned()),
-        path("ssh -L", SSH_LISTEN.to_owned()),
-        path("rathole noise", RATHOLE_LISTEN.to_owned()),
-    ];
+    let mut paths = compared_paths(format!("{BOB_PUBLIC}:{SERVICE_PORT}"));
     let streams_line;
     {
         let s = Scenario::new(
@@ -430,10 +612,10 @@ pub fn run(bins: &Binaries, seconds: u64) -> Result<()> {
         if let Err(e) = start_rathole(&mut run) {
             paths[3].0.skipped = Some(format!("{e:#}"));
         }
-        let mut server = measure(&mut run, &mut paths, seconds, rr_count)?;
+        let mut server = measure_run(&mut run, &mut paths, seconds, rr_count)?;
         streams_line = many_streams(&mut run, &mut server)?;
     }
-    let mut relayed = vec![path("punchd relayed", FORWARD_LISTEN.to_owned())];
+    let mut relayed = vec![row("punchd relayed", FORWARD_LISTEN)];
     {
         // Port-randomizing NATs: no direct path. The relay's per-session
         // cap (8 MiB/s by default) is lifted to see what the relay path
@@ -448,10 +630,14 @@ pub fn run(bins: &Binaries, seconds: u64) -> Result<()> {
         let mut run = Run::start(&s, bins)?;
         run.wait_path("alice", "relayed", Duration::from_secs(30))?;
         run.topo.host_b.kill(run.sink);
-        measure(&mut run, &mut relayed, seconds, rr_count)?;
+        measure_run(&mut run, &mut relayed, seconds, rr_count)?;
     }
     paths.extend(relayed);
-    print_tables(&paths, seconds, rr_count);
+    print_tables("lab both-NATs path", &paths, seconds, rr_count);
+    match loopback(bins, seconds, rr_count) {
+        Ok(paths) => print_tables("loopback, one host", &paths, seconds, rr_count),
+        Err(e) => println!("\nloopback comparison failed: {e:#}"),
+    }
     println!("\n{streams_line}");
     for alg in ["aes-128-gcm", "chacha20-poly1305"] {
         if let Some(r) = aead_rate(alg) {
@@ -461,7 +647,7 @@ pub fn run(bins: &Binaries, seconds: u64) -> Result<()> {
     Ok(())
 }
 
-fn print_tables(paths: &[(Row, String)], seconds: u64, rr_count: usize) {
+fn print_tables(title: &str, paths: &[(Row, String)], seconds: u64, rr_count: usize) {
     let by_name = |name: &str| paths.iter().find(|(r, _)| r.path == name).map(|(r, _)| r);
     let plain = by_name("plain TCP");
     let rathole = by_name("rathole noise").filter(|r| r.skipped.is_none());
@@ -471,7 +657,7 @@ fn print_tables(paths: &[(Row, String)], seconds: u64, rr_count: usize) {
     };
     let num = |v: Option<f64>| v.map_or("-".to_owned(), |v| format!("{v:.2}"));
     println!(
-        "\nThroughput, lab both-NATs path, iperf3 {seconds} s per run, Gbit/s (ratios: to plain TCP / to rathole):"
+        "\nThroughput, {title}, iperf3 {seconds} s per run, Gbit/s (ratios: to plain TCP / to rathole):"
     );
     println!(
         "{:<16} {:>8} {:>13} {:>8} {:>13}",
@@ -500,7 +686,7 @@ fn print_tables(paths: &[(Row, String)], seconds: u64, rr_count: usize) {
         );
     }
     println!(
-        "\nRequest/response, 64 B each way, {rr_count} round trips on one connection, microseconds (p50 ratio to plain TCP):"
+        "\nRequest/response, {title}, 64 B each way, {rr_count} round trips on one connection, microseconds (p50 ratio to plain TCP):"
     );
     println!("{:<16} {:>8} {:>8} {:>8}", "path", "p50", "p99", "ratio");
     let plain_p50 = plain.and_then(|p| p.rr.as_ref()).map(|r| r.p50_us);

@@ -224,7 +224,7 @@ pub struct Run {
     started: Instant,
 }
 
-fn keygen(bins: &Binaries, path: &Path) -> Result<String> {
+pub(crate) fn keygen(bins: &Binaries, path: &Path) -> Result<String> {
     let out = crate::netns::run(
         bins.punchd.to_str().unwrap_or("punchd"),
         &["keygen", "--out", path.to_str().unwrap_or("")],
