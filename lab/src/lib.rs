@@ -11,10 +11,15 @@
 //! - [`realism`]: the matrix on delayed, lossy links; punch timing.
 //! - [`recovery`]: NAT state flushed, peer and rendezvous restarted,
 //!   SIGTERM, each checked from outside.
-//! - [`bench`]: throughput side by side (plain TCP vs punchd), printed.
+//! - [`bench`](mod@bench): throughput and latency side by side (plain TCP, punchd
+//!   direct and relayed, `ssh -L`, rathole), in the lab and on loopback,
+//!   printed.
+//! - [`container`]: the rendezvous run from its container image inside
+//!   the lab (what `deploy/test.sh` checks).
 //! - [`linkem`]: delay, jitter and loss on a NAT's outside link (NFQUEUE).
 //! - [`loadgen`]: many signed rendezvous clients, for scale benchmarks.
-//! - [`transfer`]: the sink and sender used for that transfer (run inside
+//! - [`transfer`]: the sink and sender used for that transfer, and the
+//!   echo and request/response client of the latency benchmark (run inside
 //!   namespaces by the `punch-lab-tool` binary).
 //!
 //! Everything a run creates carries a per-scenario prefix and is removed
