@@ -92,14 +92,20 @@ fn timed_open(name: &str, b_ms: u64) {
     // floor leaves room for one or two such rounds on a loaded machine and
     // fails on anything like the 52–68% seen before re-punches waited for
     // the old connection's packets to drain.
+    assert_punches(&t, 0.9, 0);
+}
+
+/// At least `min_first` of the punches worked first time, and at most
+/// `max_failed` never ended direct.
+fn assert_punches(t: &realism::Timing, min_first: f64, max_failed: usize) {
     assert!(
-        t.first_attempt_rate() >= 0.9,
+        t.first_attempt_rate() >= min_first,
         "only {}/{} punches worked first time",
         t.first_attempt,
         t.rounds
     );
     assert!(
-        t.failed == 0,
+        t.failed <= max_failed,
         "{} of {} punches never ended direct",
         t.failed,
         t.rounds
@@ -137,16 +143,6 @@ fn a_far_rendezvous_still_punches_first_time() {
     say(&format!(
         "timing far rendezvous (alice 100 ms RTT away, bob near): {t}"
     ));
-    assert!(
-        t.failed * 10 <= t.rounds,
-        "{} of {} punches never ended direct",
-        t.failed,
-        t.rounds
-    );
-    assert!(
-        t.first_attempt_rate() >= 0.3,
-        "only {}/{} first time",
-        t.first_attempt,
-        t.rounds
-    );
+    // At most one punch in ten may fail to end direct.
+    assert_punches(&t, 0.3, t.rounds / 10);
 }
