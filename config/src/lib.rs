@@ -20,6 +20,8 @@ pub mod rendezvous;
 pub mod types;
 
 pub use error::ConfigError;
-pub use peer::{AdminSection, Expose, Forward, PeerConfig, PeerEntry, PunchMode, PunchSection};
+pub use peer::{
+    AdminSection, Expose, Forward, PeerConfig, PeerEntry, PunchMode, PunchSection, TransportKind,
+};
 pub use rendezvous::{RendezvousConfig, ServerLimits};
 pub use types::{PeerName, PublicKeyBytes, Secret};

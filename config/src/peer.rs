@@ -62,6 +62,20 @@ pub enum PunchMode {
     DirectOnly,
 }
 
+/// A direct path punchd can punch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TransportKind {
+    /// Timed TCP simultaneous open, TLS 1.3 and yamux on top.
+    Tcp,
+    /// UDP hole punching and QUIC (quinn), one QUIC stream per connection.
+    Quic,
+}
+
+fn default_transports() -> Vec<TransportKind> {
+    vec![TransportKind::Tcp, TransportKind::Quic]
+}
+
 /// `[punch]`.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -91,6 +105,11 @@ pub struct PunchSection {
     /// within 15s.
     #[serde(default = "default_keepalive_timeout", with = "humantime_serde")]
     pub keepalive_timeout: Duration,
+    /// Direct paths to try, raced on every punch; the first to authenticate
+    /// is kept. Default `["tcp", "quic"]`. QUIC needs UDP from the same
+    /// punch port number (or any free one when that is taken).
+    #[serde(default = "default_transports")]
+    pub transports: Vec<TransportKind>,
 }
 
 fn default_keepalive_interval() -> Duration {
@@ -118,6 +137,7 @@ impl Default for PunchSection {
             local_candidates: true,
             keepalive_interval: default_keepalive_interval(),
             keepalive_timeout: default_keepalive_timeout(),
+            transports: default_transports(),
         }
     }
 }
@@ -251,6 +271,15 @@ impl PeerConfig {
             out.push(Violation::new(
                 vec![Key("punch"), Key("timeout")],
                 "a punch needs at least 100ms; 10s is a good value",
+            ));
+        }
+        let mut kinds = HashSet::new();
+        if self.punch.transports.is_empty()
+            || !self.punch.transports.iter().all(|t| kinds.insert(*t))
+        {
+            out.push(Violation::new(
+                vec![Key("punch"), Key("transports")],
+                "list each of \"tcp\" and \"quic\" at most once, and at least one of them",
             ));
         }
         if self.admin.listen_addr().is_none() {

@@ -17,6 +17,12 @@ pub struct RendezvousConfig {
     /// Address to listen on. Default `0.0.0.0:8080`.
     #[serde(default = "default_listen")]
     pub listen: SocketAddr,
+    /// UDP observation endpoint for the daemons' QUIC path. Default: the
+    /// same address and port as `listen`, over UDP. Set it when that port
+    /// is not reachable over UDP (the daemons learn the port from the
+    /// server, the host from their `url`).
+    #[serde(default)]
+    pub udp_listen: Option<SocketAddr>,
     /// When set, every daemon must present this token in its hello.
     #[serde(default)]
     pub token: Option<Secret>,
@@ -33,6 +39,7 @@ impl Default for RendezvousConfig {
     fn default() -> Self {
         Self {
             listen: default_listen(),
+            udp_listen: None,
             token: None,
             limits: ServerLimits::default(),
         }

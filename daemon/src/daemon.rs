@@ -5,7 +5,9 @@
 //!  forward listeners ──open──▶ peer tasks ◀──punch orders── dispatcher ◀── rendezvous client
 //!                                │  ▲                                          ▲
 //!                                ▼  └─────────── connect / report ─────────────┘
-//!                             tunnels (TLS + yamux) ──inbound──▶ exposed services
+//!                             tunnels (TLS + yamux, or QUIC) ──inbound──▶ exposed services
+//!                                ▲
+//!            QUIC accept loop ───┘ (incoming QUIC, matched to a peer by key)
 //! ```
 //!
 //! Every task is spawned on one [`TaskTracker`] and watches one
@@ -16,7 +18,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use punch_config::PeerConfig;
+use punch_config::{PeerConfig, TransportKind};
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -26,6 +28,7 @@ use tracing::{info, warn, Instrument};
 use crate::identity::Identity;
 use crate::peer::{self, PeerCmd, PeerContext, PeerHandle};
 use crate::punch::plan::Role;
+use crate::quic::QuicPath;
 use crate::rendezvous_client::{self, RvEvent, RvSettings};
 use crate::status::{ForwardStatus, PeerStatus, StatusBoard};
 use crate::{admin, relay};
@@ -170,6 +173,8 @@ pub async fn start(
         forward_status.clone(),
     ));
 
+    let quic = bind_quic(&cfg, &identity);
+    let mut quic_routes = HashMap::new();
     let (rv_cmd_tx, rv_cmd_rx) = mpsc::channel(64);
     let (rv_ev_tx, mut rv_ev_rx) = mpsc::channel(64);
     let exposes = Arc::new(cfg.expose.clone());
@@ -178,6 +183,12 @@ pub async fn start(
         let Some(role) = Role::choose(&own_key.0, &p.public_key.0) else {
             return Err(DaemonError::SelfPeer(p.name.to_string()));
         };
+        // Only the higher key accepts QUIC (the lower dials); connections
+        // from this peer reach its task through this channel.
+        let (incoming_tx, incoming_rx) = mpsc::channel(4);
+        if role == Role::Server && quic.is_some() {
+            quic_routes.insert(p.public_key, incoming_tx);
+        }
         let ctx = PeerContext {
             identity: identity.clone(),
             name: p.name.to_string(),
@@ -191,6 +202,9 @@ pub async fn start(
             exposes: exposes.clone(),
             status: status.clone(),
             rendezvous: rv_cmd_tx.clone(),
+            transports: cfg.punch.transports.clone(),
+            quic: quic.clone(),
+            quic_incoming: tokio::sync::Mutex::new(incoming_rx),
         };
         let handle = peer::spawn(ctx, cancel.clone(), &tracker);
         peers.insert(p.name.to_string(), (handle, p.public_key));
@@ -224,7 +238,16 @@ pub async fn start(
         identity: identity.clone(),
         port: cfg.punch.port,
         local_candidates: cfg.punch.local_candidates,
+        quic: quic.clone(),
     };
+    if let Some(q) = &quic {
+        board.set_quic_endpoint(q.endpoint().clone());
+        tracker.spawn(
+            q.clone()
+                .accept_loop(quic_routes, cancel.clone(), tracker.clone())
+                .instrument(tracing::info_span!("quic")),
+        );
+    }
     tracker.spawn(
         rendezvous_client::run(settings, rv_ev_tx, rv_cmd_rx, board.clone(), cancel.clone())
             .instrument(tracing::info_span!("rendezvous")),
@@ -259,6 +282,23 @@ pub async fn start(
 
         tracker,
     })
+}
+
+/// The QUIC endpoint on the punch port number, when `quic` is among the
+/// transports. Failing to bind it costs the QUIC path, not the daemon.
+fn bind_quic(cfg: &PeerConfig, identity: &Identity) -> Option<Arc<QuicPath>> {
+    if !cfg.punch.transports.contains(&TransportKind::Quic) {
+        return None;
+    }
+    let keys: Vec<_> = cfg.peers.iter().map(|p| p.public_key).collect();
+    let keepalive = (cfg.punch.keepalive_interval, cfg.punch.keepalive_timeout);
+    match QuicPath::bind(cfg.punch.port, identity, &keys, keepalive) {
+        Ok(q) => Some(Arc::new(q)),
+        Err(e) => {
+            warn!(error = %e, "QUIC path unavailable; punching over TCP only");
+            None
+        }
+    }
 }
 
 /// Routes one rendezvous event. A punch order must name a configured peer

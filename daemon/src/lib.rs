@@ -9,7 +9,9 @@
 //!    and loss.
 //! 4. [`tunnel`] and [`tls`]: TLS 1.3 with pinned Ed25519 raw public keys,
 //!    yamux on top.
-//! 5. [`relay`]: forwards, exposed services and the per-stream header.
+//! 5. [`quic`]: the second direct path (UDP hole punch, quinn), and
+//!    [`race`]: how both paths are raced and one is agreed on.
+//! 6. [`relay`]: forwards, exposed services and the per-stream header.
 //!
 //! Supporting modules: [`identity`] (keys), [`rendezvous_client`] (the
 //! WebSocket from the punch port), [`clock`] (server time → local instant),
@@ -26,6 +28,8 @@ pub mod loopback;
 pub mod metered;
 pub mod peer;
 pub mod punch;
+pub mod quic;
+pub mod race;
 pub mod relay;
 pub mod relay_transport;
 pub mod rendezvous_client;

@@ -19,9 +19,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use futures::stream::FuturesUnordered;
-use futures::StreamExt as _;
-use punch_config::{Expose, PublicKeyBytes, PunchMode};
+use punch_config::{Expose, PublicKeyBytes, PunchMode, TransportKind};
 use punch_rendezvous::protocol::{PathKind, PunchOrder, PunchResult};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{mpsc, oneshot};
@@ -32,8 +30,9 @@ use tracing::{debug, info, warn, Instrument};
 use crate::backoff::Backoff;
 use crate::identity::Identity;
 use crate::metered::Metered;
-use crate::punch::plan::{PunchPlan, Role};
-use crate::punch::{self, Established};
+use crate::punch::plan::Role;
+use crate::quic::QuicPath;
+use crate::race;
 use crate::relay::{self, PING_SERVICE};
 use crate::relay_transport;
 use crate::rendezvous_client::RvCmd;
@@ -144,6 +143,13 @@ pub(crate) struct PeerContext {
     pub(crate) exposes: Arc<Vec<Expose>>,
     pub(crate) status: Arc<PeerStatus>,
     pub(crate) rendezvous: mpsc::Sender<RvCmd>,
+    /// Direct transports to race.
+    pub(crate) transports: Vec<TransportKind>,
+    /// The daemon's QUIC endpoint, when QUIC is on and its socket bound.
+    pub(crate) quic: Option<Arc<QuicPath>>,
+    /// QUIC connections this peer made to us, authenticated by the accept
+    /// loop (server role; a punch session holds the lock while it runs).
+    pub(crate) quic_incoming: tokio::sync::Mutex<mpsc::Receiver<quinn::Connection>>,
 }
 
 /// A cloneable way to reach a peer task.
@@ -561,18 +567,9 @@ impl PeerActor {
     }
 }
 
-/// How long the TLS client waits after the first connection for a better
-/// one (a LAN candidate) before choosing.
-const CHOOSE_GRACE: Duration = Duration::from_millis(20);
-
-/// Punches, then authenticates one connection with the pinned key, and
-/// reports the result to the rendezvous either way.
-///
-/// Several candidates may connect (LAN and hairpin, say). Both ends must
-/// end up on the same one, so the TLS client chooses: after a short grace
-/// it takes the best kind (LAN first), handshakes it, and falls back to the
-/// next only if that fails (a third party racing the port). The TLS server
-/// handshakes every connection it gets; only the client's choice completes.
+/// Punches (every allowed transport, raced: see [`crate::race`]), falls
+/// back to the relay if allowed, and reports the result to the rendezvous
+/// either way.
 async fn punch_session(
     ctx: &PeerContext,
     job: PunchJob,
@@ -585,71 +582,21 @@ async fn punch_session(
         received,
     } = job;
     let deadline = fire_at + ctx.punch_timeout;
-    let plan = PunchPlan::new(order.candidates.clone(), fire_at, deadline);
-    info!(candidates = ?order.candidates, in_ms = fire_at.saturating_duration_since(Instant::now()).as_millis() as u64, "punching");
-    let (tx, mut rx) = mpsc::channel::<Established>(4);
-    let engine = punch::run(port, plan, fire_at, tx);
-    tokio::pin!(engine);
-    let mut stats = None;
-    let mut waiting: Vec<Established> = Vec::new();
-    let mut choose_at: Option<Instant> = None;
-    let mut handshakes = FuturesUnordered::new();
-    let mut last_error = String::from("no connection established");
-    let handshake = |est: Established| {
-        let Established {
-            stream,
-            remote,
-            attempts,
-            ..
-        } = est;
-        let io = Metered::new(stream, ctx.status.clone());
-        async move {
-            (
-                remote,
-                attempts,
-                tunnel::handshake(io, ctx.role, &ctx.identity, &ctx.key, Transport::Tcp).await,
-            )
-        }
-    };
-    let result = loop {
-        let grace = choose_at.unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
-        tokio::select! {
-            s = &mut engine, if stats.is_none() => {
-                if let Some(e) = &s.last_error { last_error = format!("no candidate connected (last error: {e})"); }
-                stats = Some(s);
-            }
-            Some(est) = rx.recv() => match ctx.role {
-                Role::Server => handshakes.push(handshake(est)),
-                Role::Client => {
-                    waiting.push(est);
-                    choose_at.get_or_insert_with(|| Instant::now() + CHOOSE_GRACE);
-                }
-            },
-            _ = tokio::time::sleep_until(grace.into()), if choose_at.is_some() => {}
-            Some((remote, attempts, r)) = handshakes.next() => match r {
-                Ok(parts) => break Ok(Box::new(Punched { parts, remote, attempts, path: PathState::Direct, relay_reason: None })),
-                Err(e) => {
-                    warn!(%remote, error = %e, "connection punched but not authenticated; ignoring it");
-                    last_error = format!("TLS with {remote} failed: {e}");
-                }
-            },
-        }
-        // The client handshakes one connection at a time, best kind first.
-        let chosen = ctx.role == Role::Client
-            && handshakes.is_empty()
-            && choose_at.is_some_and(|t| Instant::now() >= t || stats.is_some());
-        if chosen && !waiting.is_empty() {
-            waiting.sort_by_key(|e| e.kind);
-            handshakes.push(handshake(waiting.remove(0)));
-        }
-        if stats.is_some() && handshakes.is_empty() && waiting.is_empty() && rx.is_empty() {
-            let attempts = stats.as_ref().map_or(0, |s| s.attempts);
-            break Err(PunchFailure {
-                reason: last_error,
-                attempts,
-            });
-        }
-    };
+    let result = race::punch_direct(ctx, &order, fire_at, deadline, port)
+        .await
+        .map(|d| {
+            Box::new(Punched {
+                parts: d.parts,
+                remote: d.remote,
+                attempts: d.attempts,
+                path: PathState::Direct,
+                relay_reason: None,
+            })
+        })
+        .map_err(|f| PunchFailure {
+            reason: f.reason,
+            attempts: f.attempts,
+        });
     let result = match result {
         Err(f) if allow_relay && ctx.mode == PunchMode::Auto => {
             warn!(reason = %f.reason, "no direct path; falling back to the relay (end-to-end encrypted)");

@@ -31,6 +31,8 @@ use crate::clock::ClockSync;
 use crate::identity::Identity;
 use crate::peer::PunchJob;
 use crate::punch::{bind_punch_socket, set_abortive_close};
+use crate::quic::probe::Prober;
+use crate::quic::QuicPath;
 use crate::status::StatusBoard;
 
 /// Steady-state ping interval (also the NAT keepalive for the punch port).
@@ -40,6 +42,8 @@ const PING_INTERVAL: Duration = Duration::from_secs(10);
 const QUICK_PINGS: u32 = 4;
 /// No pong for this long means the connection is dead.
 const PONG_TIMEOUT: Duration = Duration::from_secs(35);
+/// How long registration waits for the first UDP probe's ack.
+const UDP_WAIT: Duration = Duration::from_secs(1);
 /// Time allowed to connect and register.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -106,6 +110,17 @@ pub(crate) struct RvSettings {
     /// 0 until the first connection picks one.
     pub(crate) port: u16,
     pub(crate) local_candidates: bool,
+    /// The QUIC path's UDP socket, to announce and probe from.
+    pub(crate) quic: Option<Arc<QuicPath>>,
+}
+
+/// What registration returned.
+struct Registered {
+    ws: Ws,
+    observed: SocketAddr,
+    /// The server's UDP observation endpoint, if it runs one.
+    udp_server: Option<SocketAddr>,
+    nonce: [u8; 32],
 }
 
 /// `http://host:port/...` → (`host:port`, websocket URL).
@@ -202,7 +217,7 @@ async fn send(ws: &mut Ws, msg: &ClientMsg) -> Result<(), RvError> {
     Ok(())
 }
 
-async fn connect_and_register(settings: &mut RvSettings) -> Result<(Ws, SocketAddr), RvError> {
+async fn connect_and_register(settings: &mut RvSettings) -> Result<Registered, RvError> {
     let (host_port, ws_url) = ws_target(&settings.url)?;
     let addr = tokio::net::lookup_host(&host_port)
         .await?
@@ -239,12 +254,22 @@ async fn connect_and_register(settings: &mut RvSettings) -> Result<(Ws, SocketAd
         } else {
             vec![]
         },
+        udp_port: settings.quic.as_ref().map(|q| q.port()),
         token: settings.token.as_ref().map(|t| t.expose().to_owned()),
         signature: sign_challenge(settings.identity.signing_key(), &nonce),
     };
     send(&mut ws, &ClientMsg::Hello(hello)).await?;
     match recv(&mut ws).await? {
-        ServerMsg::Welcome { observed_addr, .. } => Ok((ws, observed_addr)),
+        ServerMsg::Welcome {
+            observed_addr,
+            udp_port,
+            ..
+        } => Ok(Registered {
+            ws,
+            observed: observed_addr,
+            udp_server: udp_port.map(|p| SocketAddr::new(addr.ip(), p)),
+            nonce,
+        }),
         ServerMsg::Error { code, message } => Err(RvError::Refused { code, message }),
         other => Err(RvError::Protocol(format!(
             "expected welcome, got {other:?}"
@@ -261,21 +286,62 @@ async fn session(
     backoff: &mut Backoff,
     cancel: &CancellationToken,
 ) -> Result<(), RvError> {
-    let (mut ws, observed) = tokio::select! {
+    let Registered {
+        mut ws,
+        observed,
+        udp_server,
+        nonce,
+    } = tokio::select! {
         r = tokio::time::timeout(CONNECT_TIMEOUT, connect_and_register(settings)) => r.map_err(|_| RvError::Protocol("no welcome within 10s".into()))??,
         _ = cancel.cancelled() => return Ok(()),
     };
     info!(public = %observed, port = settings.port, "registered with rendezvous");
     backoff.reset();
     status.set_rendezvous(true, Some(observed), settings.port);
-    let _ = events.send(RvEvent::Up).await;
+    let mut prober = match (&settings.quic, udp_server) {
+        (Some(q), Some(server)) => Some(Prober::new(
+            q.clone(),
+            server,
+            nonce,
+            &settings.name,
+            &settings.identity,
+        )),
+        (Some(_), None) => {
+            warn!("the rendezvous has no UDP observation endpoint; peers cannot reach us over QUIC (upgrade the server or set its udp_listen)");
+            None
+        }
+        _ => None,
+    };
+    // Peers learn our UDP endpoint from the first probe the server sees, so
+    // initiators wait for its ack (briefly) before asking for punches.
+    let mut up_at = prober.as_ref().map(|_| Instant::now() + UDP_WAIT);
+    if up_at.is_none() {
+        let _ = events.send(RvEvent::Up).await;
+    }
     let mut clock = ClockSync::default();
     let mut sent: VecDeque<(u64, u64)> = VecDeque::new();
     let mut next_id = 0u64;
     let mut last_pong = Instant::now();
     let mut next_ping = Instant::now();
     loop {
+        let probe_due = prober.as_ref().map(Prober::next_due);
         tokio::select! {
+            _ = tokio::time::sleep_until(probe_due.unwrap_or_else(Instant::now).into()), if probe_due.is_some() => {
+                if let Some(p) = prober.as_mut() { p.send().await; }
+            }
+            Some(udp) = async { match prober.as_mut() { Some(p) => p.ack().await, None => None } } => {
+                if status.set_public_udp(udp) {
+                    info!(public_udp = %udp, "UDP endpoint observed by the rendezvous");
+                }
+                if up_at.take().is_some() {
+                    let _ = events.send(RvEvent::Up).await;
+                }
+            }
+            _ = tokio::time::sleep_until(up_at.unwrap_or_else(Instant::now).into()), if up_at.is_some() => {
+                warn!("no answer to UDP probes yet (UDP blocked on the way to the rendezvous?); punching over TCP until one arrives");
+                up_at = None;
+                let _ = events.send(RvEvent::Up).await;
+            }
             _ = cancel.cancelled() => {
                 // Say goodbye so the server unregisters us at once.
                 let _ = tokio::time::timeout(Duration::from_secs(1), ws.close(None)).await;

@@ -133,6 +133,13 @@ pub struct StatusDoc {
     /// The local punch port.
     #[serde(default)]
     pub punch_port: u16,
+    /// Our UDP endpoint (the QUIC path) as the rendezvous sees it.
+    #[serde(default)]
+    pub public_udp_addr: Option<String>,
+    /// QUIC connections open on our endpoint, including ones still closing
+    /// (absent when QUIC is off).
+    #[serde(default)]
+    pub quic_connections: Option<usize>,
     /// Every configured peer.
     pub peers: Vec<PeerDoc>,
     /// Every configured forward.
@@ -258,6 +265,7 @@ impl ForwardStatus {
 struct RendezvousState {
     connected: bool,
     public_addr: Option<SocketAddr>,
+    public_udp_addr: Option<SocketAddr>,
     punch_port: u16,
 }
 
@@ -266,6 +274,8 @@ struct RendezvousState {
 pub struct StatusBoard {
     name: String,
     rendezvous: Mutex<RendezvousState>,
+    /// The QUIC endpoint, for its connection count.
+    quic: Mutex<Option<quinn::Endpoint>>,
     pub(crate) peers: Vec<Arc<PeerStatus>>,
     pub(crate) forwards: Vec<Arc<ForwardStatus>>,
 }
@@ -279,6 +289,7 @@ impl StatusBoard {
         Self {
             name: name.to_owned(),
             rendezvous: Mutex::default(),
+            quic: Mutex::default(),
             peers,
             forwards,
         }
@@ -300,6 +311,16 @@ impl StatusBoard {
         }
     }
 
+    pub(crate) fn set_quic_endpoint(&self, endpoint: quinn::Endpoint) {
+        *lock(&self.quic) = Some(endpoint);
+    }
+
+    /// Records our UDP endpoint; true if it changed.
+    pub(crate) fn set_public_udp(&self, addr: SocketAddr) -> bool {
+        let mut r = lock(&self.rendezvous);
+        r.public_udp_addr.replace(addr) != Some(addr)
+    }
+
     /// The status document.
     pub fn snapshot(&self) -> StatusDoc {
         let r = lock(&self.rendezvous);
@@ -313,6 +334,10 @@ impl StatusBoard {
             }
             .to_owned(),
             punch_port: r.punch_port,
+            public_udp_addr: r.public_udp_addr.map(|a| a.to_string()),
+            quic_connections: lock(&self.quic)
+                .as_ref()
+                .map(quinn::Endpoint::open_connections),
             peers: self.peers.iter().map(|p| p.doc()).collect(),
             forwards: self.forwards.iter().map(|f| f.doc()).collect(),
         }
@@ -365,6 +390,33 @@ impl StatusBoard {
             "1 for the path each peer's tunnel takes now.",
             paths,
         );
+        let transports = doc
+            .peers
+            .iter()
+            .flat_map(|p| {
+                ["tcp", "quic", "relay"].into_iter().map(move |t| {
+                    let on = p.transport.is_some_and(|x| x.as_str() == t);
+                    (
+                        format!("peer=\"{}\",transport=\"{t}\"", p.name),
+                        u8::from(on).to_string(),
+                    )
+                })
+            })
+            .collect();
+        family(
+            "peer_transport",
+            "gauge",
+            "1 for the transport under each peer's tunnel now (tcp, quic or relay).",
+            transports,
+        );
+        if let Some(n) = doc.quic_connections {
+            family(
+                "quic_connections",
+                "gauge",
+                "QUIC connections open on the endpoint (including closing ones).",
+                vec![(String::new(), n.to_string())],
+            );
+        }
         family(
             "peer_rtt_seconds",
             "gauge",

@@ -2,8 +2,11 @@
 //!
 //! There is no CA: each side presents its raw public key and accepts exactly
 //! one key, the one configured in `[[peers]]` for the peer it punched to.
-//! The same configs serve TCP (via tokio-rustls) and, later, QUIC, so one
-//! identity model covers every path.
+//! The same configs serve TCP (via tokio-rustls) and QUIC (quinn), so one
+//! identity model covers every path. The one difference: a QUIC endpoint
+//! is shared by all peers, so its server side accepts any key in
+//! `[[peers]]` ([`server_config_any`]) and the connection is matched to a
+//! peer by the key it presented.
 
 use std::sync::Arc;
 
@@ -104,8 +107,17 @@ pub fn server_config(
     identity: &Identity,
     peer: &PublicKeyBytes,
 ) -> Result<Arc<rustls::ServerConfig>, TlsSetupError> {
+    server_config_any(identity, std::slice::from_ref(peer))
+}
+
+/// Server config that presents `identity` and accepts any of `peers` as
+/// client (the shared QUIC endpoint). An empty list accepts nobody.
+pub fn server_config_any(
+    identity: &Identity,
+    peers: &[PublicKeyBytes],
+) -> Result<Arc<rustls::ServerConfig>, TlsSetupError> {
     let provider = provider();
-    let verifier = Arc::new(PinnedKey::new(peer, &provider)?);
+    let verifier = Arc::new(PinnedKey::any_of(peers, &provider)?);
     let mut cfg = rustls::ServerConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(verifier)
@@ -118,26 +130,49 @@ pub fn server_config(
     Ok(Arc::new(cfg))
 }
 
-/// Accepts exactly one raw public key, in either role.
+/// Which of `peers` presented `spki` (the raw public key a TLS session
+/// authenticated, as rustls reports it).
+pub(crate) fn presented_key(spki: &[u8], peers: &[PublicKeyBytes]) -> Option<PublicKeyBytes> {
+    peers
+        .iter()
+        .find(|k| spki_der(k).is_some_and(|d| d == spki))
+        .copied()
+}
+
+/// Accepts exactly the pinned raw public keys (one, except on the shared
+/// QUIC endpoint), in either role.
 #[derive(Debug)]
 struct PinnedKey {
-    spki: Vec<u8>,
+    spkis: Vec<Vec<u8>>,
     algorithms: WebPkiSupportedAlgorithms,
 }
 
 impl PinnedKey {
     fn new(key: &PublicKeyBytes, provider: &CryptoProvider) -> Result<Self, TlsSetupError> {
-        let spki = spki_der(key).ok_or_else(|| {
-            TlsSetupError::Key("peer public key is not a valid Ed25519 point".into())
-        })?;
+        Self::any_of(std::slice::from_ref(key), provider)
+    }
+
+    fn any_of(keys: &[PublicKeyBytes], provider: &CryptoProvider) -> Result<Self, TlsSetupError> {
+        let spkis = keys
+            .iter()
+            .map(|k| {
+                spki_der(k).ok_or_else(|| {
+                    TlsSetupError::Key("peer public key is not a valid Ed25519 point".into())
+                })
+            })
+            .collect::<Result<_, _>>()?;
         Ok(Self {
-            spki,
+            spkis,
             algorithms: provider.signature_verification_algorithms,
         })
     }
 
     fn check(&self, presented: &CertificateDer<'_>) -> Result<(), rustls::Error> {
-        if presented.as_ref() == self.spki.as_slice() {
+        if self
+            .spkis
+            .iter()
+            .any(|k| presented.as_ref() == k.as_slice())
+        {
             Ok(())
         } else {
             Err(rustls::Error::InvalidCertificate(

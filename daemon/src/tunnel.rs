@@ -1,12 +1,16 @@
-//! A tunnel: mutual TLS 1.3 over one transport connection, and a yamux
-//! multiplexer over that, so every relayed local connection is one stream
-//! with its own flow control.
+//! A tunnel: an authenticated, encrypted connection to one peer that
+//! carries many streams, each with its own flow control. Two kinds, one
+//! interface (open a stream, receive inbound streams, close):
 //!
-//! [`handshake`] takes any byte transport (a punched TCP connection or the
-//! rendezvous relay) and returns a [`Tunnel`] handle plus the driver future
-//! that owns the yamux connection. The driver is the only code that touches
-//! the connection: opening a stream is a request on a channel, inbound
-//! streams come out of another, and the handle's token closes it.
+//! - over a byte transport (a punched TCP connection or the rendezvous
+//!   relay): [`handshake`] runs mutual TLS 1.3 and starts yamux on top. The
+//!   driver future owns the yamux connection and is the only code that
+//!   touches it: opening a stream is a request on a channel, inbound
+//!   streams come out of another;
+//! - over QUIC: [`from_quic`] wraps an authenticated quinn connection;
+//!   streams map one-to-one onto QUIC streams, and the driver accepts them.
+//!
+//! The port relay only sees [`StreamIo`] and never knows which it runs on.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -22,9 +26,11 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::compat::{Compat, FuturesAsyncReadCompatExt as _, TokioAsyncReadCompatExt as _};
 use tokio_util::sync::CancellationToken;
 
+use quinn::VarInt;
+
 use crate::identity::Identity;
 use crate::punch::plan::Role;
-use crate::status::Transport;
+use crate::status::{PeerStatus, Transport};
 use crate::tls;
 
 /// One multiplexed stream, as tokio I/O. While it lives it counts as an
@@ -32,8 +38,19 @@ use crate::tls;
 /// streams to finish before it closes.
 #[derive(Debug)]
 pub(crate) struct StreamIo {
-    inner: Compat<yamux::Stream>,
+    inner: StreamKind,
     active: Option<ActiveGuard>,
+}
+
+/// Dropping a stream ends it the same way on both kinds: yamux sends its
+/// FIN, quinn finishes the send side and stops the receive side.
+#[derive(Debug)]
+enum StreamKind {
+    Mux(Compat<yamux::Stream>),
+    Quic {
+        send: quinn::SendStream,
+        recv: quinn::RecvStream,
+    },
 }
 
 #[derive(Debug)]
@@ -55,7 +72,14 @@ impl Drop for ActiveGuard {
 impl StreamIo {
     fn new(stream: yamux::Stream, active: &Arc<AtomicUsize>) -> Self {
         Self {
-            inner: stream.compat(),
+            inner: StreamKind::Mux(stream.compat()),
+            active: Some(ActiveGuard::new(active)),
+        }
+    }
+
+    fn quic(send: quinn::SendStream, recv: quinn::RecvStream, active: &Arc<AtomicUsize>) -> Self {
+        Self {
+            inner: StreamKind::Quic { send, recv },
             active: Some(ActiveGuard::new(active)),
         }
     }
@@ -73,7 +97,10 @@ impl AsyncRead for StreamIo {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_read(cx, buf)
+        match &mut self.inner {
+            StreamKind::Mux(s) => Pin::new(s).poll_read(cx, buf),
+            StreamKind::Quic { recv, .. } => Pin::new(recv).poll_read(cx, buf),
+        }
     }
 }
 
@@ -83,15 +110,24 @@ impl AsyncWrite for StreamIo {
         cx: &mut Context<'_>,
         data: &[u8],
     ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, data)
+        match &mut self.inner {
+            StreamKind::Mux(s) => Pin::new(s).poll_write(cx, data),
+            StreamKind::Quic { send, .. } => AsyncWrite::poll_write(Pin::new(send), cx, data),
+        }
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
+        match &mut self.inner {
+            StreamKind::Mux(s) => Pin::new(s).poll_flush(cx),
+            StreamKind::Quic { send, .. } => AsyncWrite::poll_flush(Pin::new(send), cx),
+        }
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
+        match &mut self.inner {
+            StreamKind::Mux(s) => Pin::new(s).poll_shutdown(cx),
+            StreamKind::Quic { send, .. } => AsyncWrite::poll_shutdown(Pin::new(send), cx),
+        }
     }
 }
 
@@ -136,14 +172,26 @@ pub enum TunnelError {
     /// Too many stream-open requests are queued.
     #[error("tunnel busy: too many streams being opened")]
     Busy,
+    /// The QUIC connection failed.
+    #[error("QUIC: {0}")]
+    Quic(String),
 }
 
 type OpenReply = oneshot::Sender<Result<StreamIo, TunnelError>>;
 
+/// How a tunnel opens streams.
+#[derive(Debug, Clone)]
+enum Opener {
+    /// Ask the yamux driver.
+    Mux(mpsc::Sender<OpenReply>),
+    /// quinn connections are shared handles: open directly.
+    Quic(quinn::Connection),
+}
+
 /// A handle to a live tunnel. Cheap to clone.
 #[derive(Debug, Clone)]
 pub(crate) struct Tunnel {
-    open_tx: mpsc::Sender<OpenReply>,
+    opener: Opener,
     closed: CancellationToken,
     /// Streams in use (not counting keepalive).
     active: Arc<AtomicUsize>,
@@ -154,14 +202,26 @@ pub(crate) struct Tunnel {
 impl Tunnel {
     /// Opens a new stream.
     pub(crate) async fn open(&self) -> Result<StreamIo, TunnelError> {
-        let (tx, rx) = oneshot::channel();
-        self.open_tx.try_send(tx).map_err(|e| match e {
-            mpsc::error::TrySendError::Full(_) => TunnelError::Busy,
-            mpsc::error::TrySendError::Closed(_) => TunnelError::Closed,
-        })?;
-        tokio::select! {
-            r = rx => r.unwrap_or(Err(TunnelError::Closed)),
-            _ = self.closed.cancelled() => Err(TunnelError::Closed),
+        match &self.opener {
+            Opener::Mux(open_tx) => {
+                let (tx, rx) = oneshot::channel();
+                open_tx.try_send(tx).map_err(|e| match e {
+                    mpsc::error::TrySendError::Full(_) => TunnelError::Busy,
+                    mpsc::error::TrySendError::Closed(_) => TunnelError::Closed,
+                })?;
+                tokio::select! {
+                    r = rx => r.unwrap_or(Err(TunnelError::Closed)),
+                    _ = self.closed.cancelled() => Err(TunnelError::Closed),
+                }
+            }
+            Opener::Quic(conn) => tokio::select! {
+                // Waits for stream credit when MAX_STREAMS are open, like
+                // yamux; the peer raises it as streams end.
+                r = conn.open_bi() => r
+                    .map(|(send, recv)| StreamIo::quic(send, recv, &self.active))
+                    .map_err(|e| TunnelError::Quic(e.to_string())),
+                _ = self.closed.cancelled() => Err(TunnelError::Closed),
+            },
         }
     }
 
@@ -263,7 +323,7 @@ where
     ));
     Ok(TunnelParts {
         tunnel: Tunnel {
-            open_tx,
+            opener: Opener::Mux(open_tx),
             closed,
             active,
             transport,
@@ -330,5 +390,77 @@ async fn drive<T>(
     for reply in pending.drain(..) {
         let _ = reply.send(Err(TunnelError::Closed));
     }
+    closed.cancel();
+}
+
+/// A tunnel over an authenticated QUIC connection. The driver accepts the
+/// peer's streams, keeps the status byte counters current (QUIC has no
+/// byte stream to meter, so they come from quinn's UDP counters, every
+/// 250 ms) and
+/// closes the connection when the tunnel is closed.
+pub(crate) fn from_quic(conn: quinn::Connection, status: Arc<PeerStatus>) -> TunnelParts {
+    let (inbound_tx, inbound) = mpsc::channel(INBOUND_QUEUE);
+    let closed = CancellationToken::new();
+    let active = Arc::new(AtomicUsize::new(0));
+    let driver = Box::pin(drive_quic(
+        conn.clone(),
+        inbound_tx,
+        closed.clone(),
+        active.clone(),
+        status,
+    ));
+    TunnelParts {
+        tunnel: Tunnel {
+            opener: Opener::Quic(conn),
+            closed,
+            active,
+            transport: Transport::Quic,
+        },
+        inbound,
+        driver,
+    }
+}
+
+async fn drive_quic(
+    conn: quinn::Connection,
+    inbound_tx: mpsc::Sender<StreamIo>,
+    closed: CancellationToken,
+    active: Arc<AtomicUsize>,
+    status: Arc<PeerStatus>,
+) {
+    let mut metered = (0u64, 0u64);
+    let mut meter = || {
+        let s = conn.stats();
+        let (rx, tx) = (s.udp_rx.bytes, s.udp_tx.bytes);
+        status
+            .bytes_in
+            .fetch_add(rx.saturating_sub(metered.0), Ordering::Relaxed);
+        status
+            .bytes_out
+            .fetch_add(tx.saturating_sub(metered.1), Ordering::Relaxed);
+        metered = (rx, tx);
+    };
+    let mut tick = tokio::time::interval(Duration::from_millis(250));
+    loop {
+        tokio::select! {
+            _ = closed.cancelled() => {
+                conn.close(VarInt::from_u32(0), b"closed");
+                break;
+            }
+            r = conn.accept_bi() => match r {
+                Ok((send, recv)) => {
+                    if inbound_tx.try_send(StreamIo::quic(send, recv, &active)).is_err() {
+                        tracing::warn!("inbound stream refused: handler queue full");
+                    }
+                }
+                Err(e) => {
+                    tracing::info!(error = %e, "QUIC tunnel ended");
+                    break;
+                }
+            },
+            _ = tick.tick() => meter(),
+        }
+    }
+    meter();
     closed.cancel();
 }

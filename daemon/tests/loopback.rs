@@ -145,7 +145,11 @@ fn listening_ports() -> Vec<u16> {
 async fn simultaneous_open_never_listens_on_the_punch_port() {
     let lab = Lab::new().await;
     let (alice, bob) = lab
-        .pair(&["echo"], vec![lab.expose("echo", &["alice"])], "")
+        .pair(
+            &["echo"],
+            vec![lab.expose("echo", &["alice"])],
+            "transports = [\"tcp\"]",
+        )
         .await;
     let ports = wait_for("both punch ports", Duration::from_secs(10), || {
         let (a, b) = (
@@ -218,11 +222,16 @@ async fn simultaneous_open_never_listens_on_the_punch_port() {
     lab.stop(vec![alice, bob]).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sixteen_mib_arrive_intact_through_a_forward() {
+/// 16 MiB echoed through a forward over one transport; status must name it
+/// and count the bytes.
+async fn sixteen_mib_over(transport: &str) {
     let lab = Lab::new().await;
     let (alice, bob) = lab
-        .pair(&["echo"], vec![lab.expose("echo", &["alice"])], "")
+        .pair(
+            &["echo"],
+            vec![lab.expose("echo", &["alice"])],
+            &format!("transports = [\"{transport}\"]"),
+        )
         .await;
     let data = pattern(16 * 1024 * 1024, 42);
     let expected = hex(&Sha256::digest(&data));
@@ -234,13 +243,88 @@ async fn sixteen_mib_arrive_intact_through_a_forward() {
         .unwrap();
     assert_eq!(got, expected);
     let doc = alice.status.snapshot();
-    assert!(
-        doc.peers[0].bytes_out > 16 * 1024 * 1024,
-        "bytes_out {}",
-        doc.peers[0].bytes_out
+    assert_eq!(doc.peers[0].path, PathState::Direct);
+    assert_eq!(doc.peers[0].transport.map(|t| t.as_str()), Some(transport));
+    // Wire bytes (QUIC's are sampled every 250 ms).
+    let counted = wait_for("bytes counted", Duration::from_secs(2), || {
+        let p = alice.status.snapshot().peers.remove(0);
+        (p.bytes_out > 16 * 1024 * 1024 && p.bytes_in > 16 * 1024 * 1024).then_some(p)
+    })
+    .await;
+    println!(
+        "{transport}: {} bytes out, {} in",
+        counted.bytes_out, counted.bytes_in
     );
-    assert!(doc.peers[0].bytes_in > 16 * 1024 * 1024);
     assert_eq!(doc.forwards[0].total, 1);
+    lab.stop(vec![alice, bob]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sixteen_mib_arrive_intact_over_tcp() {
+    sixteen_mib_over("tcp").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sixteen_mib_arrive_intact_over_quic() {
+    sixteen_mib_over("quic").await;
+}
+
+/// An established TCP connection between these two local ports.
+fn tcp_established_between(a: u16, b: u16) -> bool {
+    let tcp = std::fs::read_to_string("/proc/net/tcp").unwrap_or_default();
+    tcp.lines().any(|l| {
+        l.contains(&format!(":{a:04X} "))
+            && l.contains(&format!(":{b:04X} "))
+            && l.split_whitespace().nth(3) == Some("01")
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn racing_tcp_and_quic_keeps_one_path_and_closes_the_other() {
+    let lab = Lab::new().await;
+    let (alice, bob) = lab
+        .pair(&["echo"], vec![lab.expose("echo", &["alice"])], "")
+        .await;
+    for _ in 0..3 {
+        let stream = TcpStream::connect(alice.forward_addrs[0]).await.unwrap();
+        echo_roundtrip(stream, &pattern(64 * 1024, 1))
+            .await
+            .unwrap();
+    }
+    let ports = (
+        alice.status.snapshot().punch_port,
+        bob.status.snapshot().punch_port,
+    );
+    // Both ends name the same transport, and the loser is gone: no TCP
+    // connection between the punch ports if QUIC won; no QUIC connection
+    // left on either endpoint if TCP won.
+    let kept = wait_for(
+        "one path, the other closed",
+        Duration::from_secs(10),
+        || {
+            let (a, b) = (alice.status.snapshot(), bob.status.snapshot());
+            let ta = a.peers[0].transport?;
+            let tb = b.peers[0].transport?;
+            assert_eq!(ta, tb, "the two ends kept different paths");
+            let closed = match ta.as_str() {
+                "quic" => !tcp_established_between(ports.0, ports.1),
+                "tcp" => a.quic_connections == Some(0) && b.quic_connections == Some(0),
+                other => panic!("unexpected transport {other}"),
+            };
+            closed.then_some(ta)
+        },
+    )
+    .await;
+    println!("kept {}", kept.as_str());
+    let stream = TcpStream::connect(alice.forward_addrs[0]).await.unwrap();
+    echo_roundtrip(stream, &pattern(1024 * 1024, 2))
+        .await
+        .unwrap();
+    assert_eq!(
+        alice.status.snapshot().peers[0].transport,
+        Some(kept),
+        "the kept path carries the traffic"
+    );
     lab.stop(vec![alice, bob]).await;
 }
 

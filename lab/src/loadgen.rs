@@ -83,6 +83,7 @@ pub async fn register(addr: SocketAddr, name: &str, seed: u64) -> Result<Ws> {
         name: name.to_owned(),
         public_key: b64(key.verifying_key().as_bytes()),
         local_addrs: vec![],
+        udp_port: None,
         token: None,
         signature: sign_challenge(&key, &nonce),
     };

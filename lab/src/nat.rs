@@ -9,6 +9,9 @@
 //! - `RejectRst`: an explicit `reject with tcp reset`.
 //! - `RandomFully`: ports are randomized for every mapping, which defeats
 //!   simultaneous open (the peer cannot know the port).
+//! - `TcpBlocked`: a firewall that passes TCP only to and from the
+//!   rendezvous server, and UDP freely: no TCP path can be punched, the
+//!   QUIC path can.
 
 /// How a NAT treats traffic.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -21,6 +24,8 @@ pub enum NatBehaviour {
     RejectRst,
     /// Masquerade with fully random source ports.
     RandomFully,
+    /// Masquerade; TCP forwarded only to and from the rendezvous.
+    TcpBlocked,
 }
 
 /// The rule set for a NAT namespace.
@@ -36,9 +41,17 @@ pub fn ruleset(b: NatBehaviour) -> String {
         }
         _ => "",
     };
+    let forward = match b {
+        NatBehaviour::TcpBlocked => format!(
+            "meta l4proto tcp ip daddr != {rv} ip saddr != {rv} drop",
+            rv = crate::topology::RENDEZVOUS_IP
+        ),
+        _ => String::new(),
+    };
     format!(
         "table ip lab_nat {{\n  chain post {{ type nat hook postrouting priority 100; oifname \"wan0\" {masq}; }}\n}}\n\
-         table inet lab_filter {{\n  chain input {{ type filter hook input priority 0; policy accept; {unsolicited}; }}\n}}\n"
+         table inet lab_filter {{\n  chain input {{ type filter hook input priority 0; policy accept; {unsolicited}; }}\n\
+         \x20 chain forward {{ type filter hook forward priority 0; policy accept; {forward}; }}\n}}\n"
     )
 }
 
@@ -52,5 +65,7 @@ mod tests {
         assert!(ruleset(NatBehaviour::DropUnsolicited).contains("drop"));
         assert!(ruleset(NatBehaviour::RejectRst).contains("tcp reset"));
         assert!(!ruleset(NatBehaviour::Masquerade).contains("drop"));
+        let blocked = ruleset(NatBehaviour::TcpBlocked);
+        assert!(blocked.contains("meta l4proto tcp ip daddr != 203.0.113.1"));
     }
 }

@@ -81,6 +81,11 @@ pub struct Scenario {
     pub streams: usize,
     /// Extra `[punch]` lines for both daemons.
     pub punch_extra: String,
+    /// `[punch] transports` for both daemons. With one, a direct path must
+    /// use it; with both, the race must keep one and close the other.
+    pub transports: Vec<&'static str>,
+    /// The transport a direct path must end on (`None`: either).
+    pub expect_transport: Option<&'static str>,
     /// `[punch] timeout` for both daemons.
     pub punch_timeout: String,
     /// Internet link emulation (delay, jitter, loss), if any.
@@ -103,6 +108,8 @@ impl Scenario {
             bytes: 64 * 1024 * 1024,
             streams: 8,
             punch_extra: String::new(),
+            transports: vec!["tcp"],
+            expect_transport: Some("tcp"),
             punch_timeout: "10s".to_owned(),
             links: None,
             rendezvous_image: None,
@@ -130,6 +137,23 @@ impl Scenario {
         self
     }
 
+    /// Sets `[punch] transports` (the default here is TCP alone: most
+    /// scenarios are about the timed simultaneous open).
+    pub fn with_transports(mut self, t: &[&'static str]) -> Self {
+        self.transports = t.to_vec();
+        self.expect_transport = match t {
+            [only] => Some(only),
+            _ => None,
+        };
+        self
+    }
+
+    /// The transport a direct path must end on, when several are raced.
+    pub fn expecting_transport(mut self, t: &'static str) -> Self {
+        self.expect_transport = Some(t);
+        self
+    }
+
     /// Adds `[punch]` lines.
     pub fn with_punch(mut self, lines: &str) -> Self {
         self.punch_extra.push_str(lines);
@@ -147,6 +171,8 @@ pub struct Report {
     pub path: String,
     /// alice's remote endpoint for bob.
     pub remote: String,
+    /// tcp, quic or relay, as alice's status says.
+    pub transport: String,
     /// Punch order → tunnel ready, from alice's status.
     pub punch_ms: u64,
     /// connect() attempts alice made.
@@ -168,8 +194,14 @@ impl std::fmt::Display for Report {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "{:<12} path={:<7} remote={:<20} punch={}ms attempts={} ready={}ms",
-            self.name, self.path, self.remote, self.punch_ms, self.attempts, self.ready_ms
+            "{:<12} path={:<7} transport={:<5} remote={:<20} punch={}ms attempts={} ready={}ms",
+            self.name,
+            self.path,
+            self.transport,
+            self.remote,
+            self.punch_ms,
+            self.attempts,
+            self.ready_ms
         )?;
         if let Some(t) = &self.transfer {
             let mbit = t.bytes as f64 * 8.0 / t.seconds.max(1e-9) / 1e6;
@@ -274,9 +306,12 @@ impl Run {
         let alice_key = keygen(bins, &dir.join("alice.key"))?;
         let bob_key = keygen(bins, &dir.join("bob.key"))?;
         let url = format!("http://{RENDEZVOUS_IP}:8080");
+        let transports: Vec<String> = s.transports.iter().map(|t| format!("\"{t}\"")).collect();
         let punch = format!(
-            "port = {PUNCH_PORT}\ntimeout = \"{}\"\n{}",
-            s.punch_timeout, s.punch_extra
+            "port = {PUNCH_PORT}\ntimeout = \"{}\"\ntransports = [{}]\n{}",
+            s.punch_timeout,
+            transports.join(", "),
+            s.punch_extra
         );
         let alice_cfg = format!(
             "name = \"alice\"\nkey_file = \"alice.key\"\n[rendezvous]\nurl = \"{url}\"\n[punch]\n{punch}\n[admin]\nlisten = \"{ADMIN}\"\n\
@@ -564,8 +599,11 @@ fn check(s: &Scenario, run: &Run) -> Result<Report> {
             report.remote = peer["remote_addr"].as_str().unwrap_or("").to_owned();
             report.punch_ms = u64_at(peer, &["last_punch", "elapsed_ms"]);
             report.attempts = u64_at(peer, &["last_punch", "attempts"]);
-            if peer["transport"] != "tcp" {
-                bail!("transport is {}, expected tcp", peer["transport"]);
+            report.transport = peer["transport"].as_str().unwrap_or("").to_owned();
+            if let Some(want) = s.expect_transport {
+                if report.transport != want {
+                    bail!("transport is {}, expected {want}", report.transport);
+                }
             }
             let expected_remote = format!("{}:", run.topo.bob_seen_from_alice);
             if !report.remote.starts_with(&expected_remote) {
@@ -581,6 +619,9 @@ fn check(s: &Scenario, run: &Run) -> Result<Report> {
                     "bob reaches alice at {bob_remote}, expected {}*",
                     run.topo.alice_seen_from_bob
                 );
+            }
+            if s.transports.len() > 1 {
+                check_one_path_kept(run, &report.transport)?;
             }
             let before = run.topo.rendezvous_bytes()?;
             let t = run.transfer(s.bytes, s.streams)?;
@@ -682,6 +723,52 @@ fn check(s: &Scenario, run: &Run) -> Result<Report> {
         bail!("the punch port {PUNCH_PORT} was in LISTEN state in {seen:?}");
     }
     Ok(report)
+}
+
+/// After a race, both ends must name the same transport and the losing
+/// path must be gone: no TCP connection between the hosts if QUIC was kept,
+/// no QUIC connection left on either endpoint if TCP was.
+fn check_one_path_kept(run: &Run, kept: &str) -> Result<()> {
+    let bob_ip = &run.topo.bob_seen_from_alice;
+    let tcp_to_bob = || -> Result<bool> {
+        let out = run.topo.host_a.exec_output(
+            "ss",
+            &[
+                "-Htn",
+                "state",
+                "established",
+                &format!("( sport = :{PUNCH_PORT} )"),
+            ],
+        )?;
+        Ok(String::from_utf8_lossy(&out.stdout).contains(&format!("{bob_ip}:")))
+    };
+    let quic_open = |who: &str| -> Result<u64> {
+        Ok(run.status(who)?["quic_connections"]
+            .as_u64()
+            .unwrap_or(u64::MAX))
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let bob = run.status("bob")?["peers"][0]["transport"].clone();
+        let done = bob == kept
+            && match kept {
+                "quic" => !tcp_to_bob()?,
+                "tcp" => quic_open("alice")? == 0 && quic_open("bob")? == 0,
+                other => bail!("unexpected transport {other} after a race"),
+            };
+        if done {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "after the race alice kept {kept}, bob {bob}; TCP to bob open: {}, QUIC connections: alice {}, bob {}",
+                tcp_to_bob()?,
+                quic_open("alice")?,
+                quic_open("bob")?
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 /// Namespaces removed by [`cleanup`]: every lab prefix.

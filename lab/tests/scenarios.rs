@@ -65,3 +65,18 @@ fn port_randomizing_nats_fall_back_to_the_relay_which_sees_only_ciphertext() {
 fn direct_only_refuses_to_relay_and_says_so() {
     scenario("direct-only");
 }
+
+#[test]
+fn quic_alone_through_port_preserving_nats_is_direct() {
+    scenario("quic");
+}
+
+#[test]
+fn racing_tcp_and_quic_keeps_one_path_and_closes_the_other() {
+    scenario("race");
+}
+
+#[test]
+fn nats_passing_no_tcp_but_udp_are_direct_over_quic() {
+    scenario("tcp-blocked");
+}

@@ -7,8 +7,11 @@
 //! With the `server` feature (default), [`server`] is the axum application:
 //! `server::run` serves `/v1/ws` (registration and punch coordination),
 //! `/v1/relay/{session}` (the encrypted fallback relay), `/healthz` and
-//! `/metrics` until its cancellation token fires.
+//! `/metrics` until its cancellation token fires, plus a UDP observation
+//! endpoint on the same port for the QUIC path ([`datagram`] is its wire
+//! format).
 
+pub mod datagram;
 pub mod protocol;
 
 #[cfg(feature = "server")]

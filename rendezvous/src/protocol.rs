@@ -3,11 +3,11 @@
 //!
 //! ```text
 //! server → challenge {version, nonce}
-//! daemon → hello {version, name, public_key, local_addrs, token, signature}
-//! server → welcome {observed_addr, server_time_us}
+//! daemon → hello {version, name, public_key, local_addrs, udp_port, token, signature}
+//! server → welcome {observed_addr, server_time_us, udp_port}
 //! daemon ⇄ ping {id, rtt_us} / pong {id, server_time_us}   (RTT, clock offset)
 //! daemon → connect {peer}
-//! server → punch {session, peer, public_key, candidates, at_us, ...} (to both)
+//! server → punch {session, peer, public_key, candidates, udp_candidates, at_us, ...} (to both)
 //! daemon → result {session, path, elapsed_ms, attempts, reason}
 //! server → error {code, message}
 //! ```
@@ -50,6 +50,11 @@ pub enum ServerMsg {
         observed_addr: SocketAddr,
         /// Server clock, microseconds since the Unix epoch.
         server_time_us: u64,
+        /// The server's UDP observation port (same host as the WebSocket),
+        /// when it runs one: where to send [`crate::datagram`] probes so
+        /// peers learn this daemon's UDP endpoint for the QUIC path.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        udp_port: Option<u16>,
     },
     /// Answer to [`ClientMsg::Ping`].
     Pong {
@@ -90,6 +95,10 @@ pub struct PunchOrder {
     /// Where to connect: the peer's observed public endpoint first, then the
     /// local addresses it reported (same-LAN and hairpin cases).
     pub candidates: Vec<SocketAddr>,
+    /// The peer's UDP endpoints for the QUIC path, in the same order
+    /// (observed first, then local); empty when the peer has none.
+    #[serde(default)]
+    pub udp_candidates: Vec<SocketAddr>,
     /// When both sides fire their first SYN, in server-clock microseconds.
     pub at_us: u64,
     /// True for the side that asked (`connect`).
@@ -134,6 +143,10 @@ pub struct Hello {
     /// Addresses of this host for same-LAN peers.
     #[serde(default)]
     pub local_addrs: Vec<SocketAddr>,
+    /// The local UDP punch port, when the daemon offers the QUIC path
+    /// (local UDP candidates are `local_addrs` with this port).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub udp_port: Option<u16>,
     /// Network token, when the server requires one.
     #[serde(default)]
     pub token: Option<String>,

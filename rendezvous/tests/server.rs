@@ -96,6 +96,20 @@ async fn hello(
     token: Option<&str>,
     forge: bool,
 ) -> (Ws, ServerMsg) {
+    let (ws, answer, _) = hello_udp(addr, name, key, token, forge, None).await;
+    (ws, answer)
+}
+
+/// The handshake offering a UDP port; also returns the challenge nonce
+/// (what UDP probes are signed over).
+async fn hello_udp(
+    addr: SocketAddr,
+    name: &str,
+    key: &SigningKey,
+    token: Option<&str>,
+    forge: bool,
+    udp_port: Option<u16>,
+) -> (Ws, ServerMsg, [u8; 32]) {
     let mut ws = open(addr).await;
     let ServerMsg::Challenge { version, nonce } = recv(&mut ws).await else {
         panic!("expected challenge")
@@ -112,12 +126,13 @@ async fn hello(
         name: name.to_owned(),
         public_key: b64(key.verifying_key().as_bytes()),
         local_addrs: vec!["192.0.2.10:40000".parse().unwrap()],
+        udp_port,
         token: token.map(str::to_owned),
         signature: sign_challenge(&signer, &nonce),
     });
     send(&mut ws, &msg).await;
     let answer = recv(&mut ws).await;
-    (ws, answer)
+    (ws, answer, nonce)
 }
 
 fn key(seed: u8) -> SigningKey {
@@ -143,6 +158,7 @@ async fn good_signature_registers_and_reports_observed_address() {
     let ServerMsg::Welcome {
         observed_addr,
         server_time_us,
+        ..
     } = welcome
     else {
         panic!("expected welcome, got {welcome:?}")
@@ -456,5 +472,92 @@ async fn a_side_leaving_during_a_punch_aborts_it_for_the_other() {
         }
         other => panic!("expected punch_aborted, got {other:?}"),
     }
+    server.stop().await;
+}
+
+/// Sends `datagram` from `sock` to the server and returns the ack, if any
+/// arrives within a short wait.
+async fn probe(sock: &tokio::net::UdpSocket, to: SocketAddr, datagram: &[u8]) -> Option<Vec<u8>> {
+    sock.send_to(datagram, to).await.unwrap();
+    let mut buf = [0u8; 256];
+    match tokio::time::timeout(Duration::from_millis(300), sock.recv_from(&mut buf)).await {
+        Ok(Ok((n, _))) => Some(buf[..n].to_vec()),
+        _ => None,
+    }
+}
+
+#[tokio::test]
+async fn signed_udp_probes_reveal_the_udp_endpoint_and_reach_punch_orders() {
+    use punch_rendezvous::datagram::{self, Datagram};
+    let server = TestServer::start(RendezvousConfig::default()).await;
+    let udp = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let udp_local = udp.local_addr().unwrap();
+    let (mut a, wa, nonce) = hello_udp(
+        server.addr,
+        "alice",
+        &key(1),
+        None,
+        false,
+        Some(udp_local.port()),
+    )
+    .await;
+    let ServerMsg::Welcome {
+        udp_port: Some(udp_port),
+        ..
+    } = wa
+    else {
+        panic!("welcome names the UDP observation port: {wa:?}")
+    };
+    let server_udp = SocketAddr::new(server.addr.ip(), udp_port);
+
+    // A good probe is acknowledged with the address the server saw.
+    let ack = probe(
+        &udp,
+        server_udp,
+        &datagram::probe(&key(1), &nonce, "alice", 1),
+    )
+    .await
+    .expect("a signed probe is acknowledged");
+    assert_eq!(
+        datagram::parse(&ack),
+        Some(Datagram::Ack {
+            counter: 1,
+            observed: udp_local
+        })
+    );
+    // Replayed, forged (other key), bound to another registration's nonce,
+    // for an unknown name, or garbage: no answer, counted as dropped.
+    let bad = [
+        datagram::probe(&key(1), &nonce, "alice", 1),
+        datagram::probe(&key(9), &nonce, "alice", 2),
+        datagram::probe(&key(1), &[0u8; 32], "alice", 3),
+        datagram::probe(&key(1), &nonce, "nobody", 4),
+        b"GET / HTTP/1.0".to_vec(),
+    ];
+    for d in &bad {
+        assert_eq!(probe(&udp, server_udp, d).await, None, "{d:?} answered");
+    }
+    assert_eq!(server.metric("punch_rendezvous_udp_dropped_total").await, 5);
+    assert_eq!(server.metric("punch_rendezvous_udp_probes_total").await, 1);
+
+    // The peer's punch order carries alice's UDP endpoint first, then her
+    // local address with her UDP port; alice's order has no UDP candidates
+    // for bob, who never probed.
+    let (mut b, _) = hello(server.addr, "bob", &key(2), None, false).await;
+    send(
+        &mut b,
+        &ClientMsg::Connect {
+            peer: "alice".into(),
+        },
+    )
+    .await;
+    let (ServerMsg::Punch(pa), ServerMsg::Punch(pb)) = (recv(&mut a).await, recv(&mut b).await)
+    else {
+        panic!("both get punch orders")
+    };
+    let local: SocketAddr = format!("192.0.2.10:{}", udp_local.port()).parse().unwrap();
+    assert_eq!(pb.udp_candidates, vec![udp_local, local]);
+    assert!(pa.udp_candidates.is_empty());
+    drop((a, b));
     server.stop().await;
 }

@@ -113,6 +113,10 @@ async fn handshake(
         public_key,
         observed,
         local_addrs,
+        nonce,
+        udp_port: hello.udp_port.filter(|p| *p != 0),
+        udp_observed: None,
+        probe_counter: 0,
         rtt_us: 0,
         tx,
         replaced,
@@ -123,6 +127,7 @@ async fn handshake(
     let welcome = ServerMsg::Welcome {
         observed_addr: observed,
         server_time_us: unix_time_us(),
+        udp_port: shared.udp_port,
     };
     if send(ws, &welcome).await.is_err() {
         shared.registry().unregister(&hello.name, conn_id);

@@ -25,6 +25,11 @@ pub struct Metrics {
     pub(crate) relays: AtomicU64,
     /// Bytes carried by the relay, both directions.
     pub(crate) relay_bytes: AtomicU64,
+    /// Valid UDP probes (each one acknowledged).
+    pub(crate) udp_probes: AtomicU64,
+    /// UDP datagrams dropped: not a probe, unknown name, replayed, bad
+    /// signature or over the rate limit.
+    pub(crate) udp_dropped: AtomicU64,
 }
 
 impl Metrics {
@@ -117,6 +122,18 @@ impl Metrics {
             "counter",
             "Ciphertext bytes carried by the relay.",
             &one(c(&self.relay_bytes).to_string()),
+        );
+        metric(
+            "punch_rendezvous_udp_probes_total",
+            "counter",
+            "Valid UDP probes acknowledged (QUIC path endpoint observations).",
+            &one(c(&self.udp_probes).to_string()),
+        );
+        metric(
+            "punch_rendezvous_udp_dropped_total",
+            "counter",
+            "UDP datagrams dropped: malformed, unknown daemon, replayed, bad signature or rate-limited.",
+            &one(c(&self.udp_dropped).to_string()),
         );
         out
     }

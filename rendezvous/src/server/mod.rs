@@ -19,6 +19,7 @@ mod metrics;
 mod ratelimit;
 mod registry;
 mod relay;
+mod udp;
 
 use std::net::SocketAddr;
 use std::sync::atomic::AtomicU64;
@@ -49,6 +50,8 @@ pub(crate) struct Shared {
     /// Tracks connection tasks so shutdown can wait for them.
     pub(crate) tracker: TaskTracker,
     pub(crate) next_conn_id: AtomicU64,
+    /// The UDP observation port daemons are told about, if one is bound.
+    pub(crate) udp_port: Option<u16>,
 }
 
 use registry::Registry;
@@ -70,7 +73,12 @@ pub async fn run(
     cfg: RendezvousConfig,
     cancel: CancellationToken,
 ) -> std::io::Result<()> {
+    let udp = bind_udp(&listener, &cfg).await?;
     let shared = Arc::new(Shared {
+        udp_port: udp
+            .as_ref()
+            .and_then(|s| s.local_addr().ok())
+            .map(|a| a.port()),
         cfg,
         registry: Mutex::default(),
         metrics: Metrics::default(),
@@ -87,6 +95,9 @@ pub async fn run(
     if let Ok(addr) = listener.local_addr() {
         tracing::info!(%addr, "rendezvous listening");
     }
+    if let Some(socket) = udp {
+        shared.tracker.spawn(udp::serve(socket, shared.clone()));
+    }
     // Punch orders are small and time-critical: no Nagle delay.
     let listener = listener.tap_io(|tcp| {
         let _ = tcp.set_nodelay(true);
@@ -101,6 +112,26 @@ pub async fn run(
     shared.tracker.wait().await;
     tracing::info!("rendezvous stopped");
     result
+}
+
+/// The UDP observation socket: `udp_listen` if configured (failing to bind
+/// it is an error), else the TCP listener's own address over UDP, and if
+/// that port is taken over UDP, a warning and no QUIC candidates.
+async fn bind_udp(
+    listener: &TcpListener,
+    cfg: &RendezvousConfig,
+) -> std::io::Result<Option<tokio::net::UdpSocket>> {
+    if let Some(addr) = cfg.udp_listen {
+        return tokio::net::UdpSocket::bind(addr).await.map(Some);
+    }
+    let addr = listener.local_addr()?;
+    match tokio::net::UdpSocket::bind(addr).await {
+        Ok(s) => Ok(Some(s)),
+        Err(e) => {
+            tracing::warn!(%addr, error = %e, "cannot bind the UDP observation endpoint; daemons will have no QUIC path (set udp_listen to another port)");
+            Ok(None)
+        }
+    }
 }
 
 async fn ws_handler(

@@ -29,6 +29,15 @@ pub(crate) struct Client {
     pub(crate) public_key: [u8; 32],
     pub(crate) observed: SocketAddr,
     pub(crate) local_addrs: Vec<SocketAddr>,
+    /// The challenge nonce of this registration: UDP probes are signed
+    /// over it, so they cannot be replayed into a later registration.
+    pub(crate) nonce: [u8; 32],
+    /// The daemon's local UDP punch port, if it offers the QUIC path.
+    pub(crate) udp_port: Option<u16>,
+    /// Its UDP endpoint as the observation socket saw it.
+    pub(crate) udp_observed: Option<SocketAddr>,
+    /// Highest probe counter accepted (replay protection).
+    pub(crate) probe_counter: u64,
     /// Last RTT the daemon reported, for timing its punches.
     pub(crate) rtt_us: u64,
     /// Messages to the connection task (bounded).
@@ -196,6 +205,7 @@ impl Registry {
                 peer: other_name.to_owned(),
                 public_key: b64(&other.public_key),
                 candidates: candidates(other),
+                udp_candidates: udp_candidates(other),
                 at_us,
                 initiator,
                 relay_token: token.to_owned(),
@@ -235,6 +245,23 @@ fn candidates(c: &Client) -> Vec<SocketAddr> {
     for a in &c.local_addrs {
         if !out.contains(a) && out.len() < 8 {
             out.push(*a);
+        }
+    }
+    out
+}
+
+/// The observed UDP endpoint first, then the daemon's own addresses with
+/// its UDP port. Empty until a probe was seen: no UDP mapping is known, so
+/// there is nothing to punch to.
+fn udp_candidates(c: &Client) -> Vec<SocketAddr> {
+    let (Some(observed), Some(port)) = (c.udp_observed, c.udp_port) else {
+        return Vec::new();
+    };
+    let mut out = vec![observed];
+    for a in &c.local_addrs {
+        let a = SocketAddr::new(a.ip(), port);
+        if !out.contains(&a) && out.len() < 8 {
+            out.push(a);
         }
     }
     out
@@ -280,12 +307,30 @@ mod tests {
                 public_key: [key; 32],
                 observed: observed.parse().unwrap(),
                 local_addrs: locals.iter().map(|a| a.parse().unwrap()).collect(),
+                nonce: [key; 32],
+                udp_port: None,
+                udp_observed: None,
+                probe_counter: 0,
                 rtt_us: 0,
                 tx,
                 replaced: CancellationToken::new(),
             },
             rx,
         )
+    }
+
+    #[test]
+    fn udp_candidates_need_an_observed_udp_endpoint() {
+        let (mut c, _rx) = client(1, "203.0.113.2:40000", &["192.0.2.2:40000"]);
+        // Offering QUIC is not enough: without a probe there is no mapping.
+        c.udp_port = Some(41000);
+        assert!(udp_candidates(&c).is_empty());
+        c.udp_observed = Some("203.0.113.2:41000".parse().unwrap());
+        let want: Vec<SocketAddr> = vec![
+            "203.0.113.2:41000".parse().unwrap(),
+            "192.0.2.2:41000".parse().unwrap(),
+        ];
+        assert_eq!(udp_candidates(&c), want);
     }
 
     #[test]

@@ -1,0 +1,237 @@
+//! The QUIC path: UDP hole punching, then quinn with the same pinned
+//! Ed25519 identities as the TCP path.
+//!
+//! Pieces, in reading order:
+//! - [`socket`]: one UDP socket per daemon, bound to the punch port number,
+//!   shared by quinn and punchd's own datagrams (rendezvous probes, punch
+//!   datagrams). One socket is one NAT mapping.
+//! - [`QuicPath`] (here): the quinn endpoint on that socket, its TLS and
+//!   transport settings, and the accept loop that matches each incoming
+//!   connection to a peer by the key it authenticated with.
+//! - [`probe`]: signed probes that tell the rendezvous our UDP endpoint
+//!   and keep that mapping alive.
+//! - [`punch`]: one session's UDP hole punch, timed like the TCP one.
+//!
+//! Roles follow the TCP path: the lower key is the QUIC client, the other
+//! side only accepts, and only from keys in `[[peers]]`.
+
+pub(crate) mod probe;
+pub(crate) mod punch;
+pub(crate) mod socket;
+
+use std::collections::HashMap;
+use std::io;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use punch_config::PublicKeyBytes;
+use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
+use quinn::{IdleTimeout, TransportConfig, VarInt};
+use tokio::sync::{mpsc, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, info, warn};
+
+use crate::identity::Identity;
+use crate::tls;
+use crate::tunnel::{HANDSHAKE_TIMEOUT, MAX_STREAMS};
+use socket::{Demux, PunchSocket};
+
+/// Flow-control window per stream: a bulk stream can keep ~16 Mbit in
+/// flight (1 Gbit/s at 16 ms RTT) before it waits for the reader.
+const STREAM_WINDOW: u32 = 2 * 1024 * 1024;
+/// Window for the whole connection: the most a peer can make us buffer,
+/// whatever the number of streams.
+const CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;
+/// QUIC handshakes in progress at once on the accept side.
+const MAX_HANDSHAKES: usize = 16;
+
+/// Why the QUIC path could not be set up.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum QuicError {
+    /// The UDP socket could not be bound or wrapped.
+    #[error("cannot bind the UDP punch socket: {0}")]
+    Bind(#[from] io::Error),
+    /// TLS configuration failed.
+    #[error(transparent)]
+    Tls(#[from] tls::TlsSetupError),
+    /// rustls and quinn disagree (no QUIC-capable cipher suite).
+    #[error("TLS configuration unusable for QUIC: {0}")]
+    Crypto(String),
+}
+
+/// The daemon's QUIC endpoint and UDP punch socket.
+#[derive(Debug)]
+pub(crate) struct QuicPath {
+    endpoint: quinn::Endpoint,
+    socket: Arc<PunchSocket>,
+    pub(crate) demux: Arc<Demux>,
+    port: u16,
+    transport: Arc<TransportConfig>,
+    identity: Identity,
+}
+
+/// Stream limits as the TCP path's, windows sized for bulk transfers, and
+/// the tunnel keepalive doubling as the QUIC keepalive (it also keeps the
+/// NAT mappings along the path alive).
+fn transport_config(keepalive: (Duration, Duration)) -> TransportConfig {
+    let mut t = TransportConfig::default();
+    t.max_concurrent_bidi_streams(VarInt::from_u32(MAX_STREAMS as u32))
+        .max_concurrent_uni_streams(VarInt::from_u32(0))
+        .stream_receive_window(VarInt::from_u32(STREAM_WINDOW))
+        .receive_window(VarInt::from_u32(CONNECTION_WINDOW))
+        .send_window(u64::from(CONNECTION_WINDOW))
+        .keep_alive_interval(Some(keepalive.0))
+        .max_idle_timeout(IdleTimeout::try_from(keepalive.0 + keepalive.1).ok())
+        // quinn's default (333 ms) delays the first retransmission by ~1 s;
+        // the punch has just measured that the path is open.
+        .initial_rtt(Duration::from_millis(100));
+    t
+}
+
+impl QuicPath {
+    /// Binds UDP `port` (any free port if it is 0 or taken) and starts the
+    /// endpoint, accepting connections from `accept_from` only.
+    pub(crate) fn bind(
+        port: u16,
+        identity: &Identity,
+        accept_from: &[PublicKeyBytes],
+        keepalive: (Duration, Duration),
+    ) -> Result<Self, QuicError> {
+        let std_socket = match std::net::UdpSocket::bind((Ipv4Addr::UNSPECIFIED, port)) {
+            Ok(s) => s,
+            Err(e) if port != 0 => {
+                warn!(port, error = %e, "UDP punch port taken; using any free port for QUIC");
+                std::net::UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))?
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let local = std_socket.local_addr()?;
+        let runtime: Arc<dyn quinn::Runtime> = Arc::new(quinn::TokioRuntime);
+        let demux = Arc::new(Demux::default());
+        let socket = Arc::new(PunchSocket::new(
+            runtime.wrap_udp_socket(std_socket)?,
+            demux.clone(),
+        ));
+        let transport = Arc::new(transport_config(keepalive));
+        let crypto = QuicServerConfig::try_from(tls::server_config_any(identity, accept_from)?)
+            .map_err(|e| QuicError::Crypto(e.to_string()))?;
+        let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+        server.transport_config(transport.clone());
+        let mut endpoint_cfg = quinn::EndpointConfig::default();
+        // Never let a peer clear the fixed bit: a zero first byte is how
+        // the socket tells punchd's datagrams from QUIC.
+        endpoint_cfg.grease_quic_bit(false);
+        let endpoint = quinn::Endpoint::new_with_abstract_socket(
+            endpoint_cfg,
+            Some(server),
+            socket.clone(),
+            runtime,
+        )?;
+        info!(
+            port = local.port(),
+            "QUIC path ready (UDP punch socket bound)"
+        );
+        Ok(Self {
+            endpoint,
+            socket,
+            demux,
+            port: local.port(),
+            transport,
+            identity: identity.clone(),
+        })
+    }
+
+    /// The endpoint handle (status reads its connection count).
+    pub(crate) fn endpoint(&self) -> &quinn::Endpoint {
+        &self.endpoint
+    }
+
+    /// The local UDP port (what the rendezvous is told).
+    pub(crate) fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// Sends one of punchd's own datagrams from the punch socket.
+    pub(crate) async fn send_to(&self, datagram: &[u8], to: SocketAddr) -> io::Result<()> {
+        self.socket.send_to(datagram, to).await
+    }
+
+    /// Starts a QUIC connection to `to` that accepts only `peer`'s key.
+    pub(crate) fn connect(
+        &self,
+        to: SocketAddr,
+        peer: &PublicKeyBytes,
+    ) -> Result<quinn::Connecting, String> {
+        let tls = tls::client_config(&self.identity, peer).map_err(|e| e.to_string())?;
+        let crypto = QuicClientConfig::try_from(tls).map_err(|e| e.to_string())?;
+        let mut cfg = quinn::ClientConfig::new(Arc::new(crypto));
+        cfg.transport_config(self.transport.clone());
+        self.endpoint
+            .connect_with(cfg, to, tls::SERVER_NAME)
+            .map_err(|e| e.to_string())
+    }
+
+    /// Accepts connections until `cancel`, each handshaked (bounded in
+    /// number and time) and handed to the peer whose key it presented.
+    /// Keys missing from `routes` (peers for which we are the QUIC client)
+    /// are closed: only the lower key dials.
+    pub(crate) async fn accept_loop(
+        self: Arc<Self>,
+        routes: HashMap<PublicKeyBytes, mpsc::Sender<quinn::Connection>>,
+        cancel: CancellationToken,
+        tracker: TaskTracker,
+    ) {
+        let keys: Arc<Vec<PublicKeyBytes>> = Arc::new(routes.keys().copied().collect());
+        let routes = Arc::new(routes);
+        let slots = Arc::new(Semaphore::new(MAX_HANDSHAKES));
+        loop {
+            let incoming = tokio::select! {
+                _ = cancel.cancelled() => break,
+                i = self.endpoint.accept() => match i { Some(i) => i, None => break },
+            };
+            let Ok(permit) = slots.clone().try_acquire_owned() else {
+                debug!(remote = %incoming.remote_address(), "QUIC handshakes saturated; refusing");
+                incoming.refuse();
+                continue;
+            };
+            let (routes, keys) = (routes.clone(), keys.clone());
+            tracker.spawn(async move {
+                let _permit = permit;
+                let remote = incoming.remote_address();
+                let conn = match tokio::time::timeout(HANDSHAKE_TIMEOUT, incoming).await {
+                    Ok(Ok(c)) => c,
+                    Ok(Err(e)) => {
+                        debug!(%remote, error = %e, "QUIC handshake failed (not a listed peer, or lost)");
+                        return;
+                    }
+                    Err(_) => {
+                        debug!(%remote, "QUIC handshake timed out");
+                        return;
+                    }
+                };
+                let key = peer_key(&conn, &keys);
+                match key.and_then(|k| routes.get(&k)) {
+                    Some(tx) => {
+                        if let Err(mpsc::error::TrySendError::Full(c)) = tx.try_send(conn) {
+                            c.close(VarInt::from_u32(1), b"busy");
+                        }
+                    }
+                    None => conn.close(VarInt::from_u32(1), b"dial the other way"),
+                }
+            });
+        }
+        self.endpoint.close(VarInt::from_u32(0), b"shutting down");
+    }
+}
+
+/// The `[[peers]]` key a connection authenticated with.
+fn peer_key(conn: &quinn::Connection, keys: &[PublicKeyBytes]) -> Option<PublicKeyBytes> {
+    let identity = conn.peer_identity()?;
+    let certs = identity
+        .downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>()
+        .ok()?;
+    tls::presented_key(certs.first()?.as_ref(), keys)
+}

@@ -1,0 +1,186 @@
+//! The UDP punch socket, shared by quinn and punchd's own datagrams.
+//!
+//! quinn owns the receive loop of its socket, so punchd's probes, acks and
+//! punch datagrams ([`punch_rendezvous::datagram`]) cannot be read from it
+//! directly. [`PunchSocket`] wraps quinn's tokio socket: every datagram
+//! quinn receives passes through [`PunchSocket::poll_recv`], which hands
+//! ours to the [`Demux`] and blanks them out (length 0) so quinn skips
+//! them. One socket means one NAT mapping: the rendezvous observes, and the
+//! peer punches to, exactly the mapping QUIC then runs on.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::io::{self, IoSliceMut};
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use punch_rendezvous::datagram::{self, Datagram};
+use quinn::udp::{RecvMeta, Transmit};
+use quinn::{AsyncUdpSocket, UdpPoller};
+use tokio::sync::mpsc;
+
+/// A rendezvous ack: the probe counter and the address the server saw.
+pub(crate) type Ack = (u64, SocketAddr);
+
+/// Where punchd's own datagrams go. Senders are bounded and used with
+/// `try_send`: a flood of datagrams is dropped, never queued.
+#[derive(Default)]
+pub(crate) struct Demux {
+    acks: Mutex<Option<(SocketAddr, mpsc::Sender<Ack>)>>,
+    sessions: Mutex<HashMap<String, mpsc::Sender<SocketAddr>>>,
+}
+
+impl fmt::Debug for Demux {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Demux").finish_non_exhaustive()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+impl Demux {
+    /// Acks from `server` (and only from it) go to the returned receiver.
+    pub(crate) fn acks_from(&self, server: SocketAddr) -> mpsc::Receiver<Ack> {
+        let (tx, rx) = mpsc::channel(4);
+        *lock(&self.acks) = Some((server, tx));
+        rx
+    }
+
+    /// Punch datagrams for `session` go to the returned receiver (the
+    /// sender's address) until the guard is dropped.
+    pub(crate) fn session(
+        self: &Arc<Self>,
+        session: &str,
+    ) -> (SessionGuard, mpsc::Receiver<SocketAddr>) {
+        let (tx, rx) = mpsc::channel(16);
+        lock(&self.sessions).insert(session.to_owned(), tx);
+        let guard = SessionGuard {
+            demux: self.clone(),
+            session: session.to_owned(),
+        };
+        (guard, rx)
+    }
+
+    fn deliver(&self, buf: &[u8], from: SocketAddr) {
+        match datagram::parse(buf) {
+            Some(Datagram::Ack { counter, observed }) => {
+                if let Some((server, tx)) = lock(&self.acks).as_ref() {
+                    if *server == from {
+                        let _ = tx.try_send((counter, observed));
+                    }
+                }
+            }
+            Some(Datagram::Punch { session }) => {
+                if let Some(tx) = lock(&self.sessions).get(session) {
+                    let _ = tx.try_send(from);
+                }
+            }
+            // Probes are for the server; anything else is noise.
+            Some(Datagram::Probe { .. }) | None => {}
+        }
+    }
+}
+
+/// Unregisters a punch session from the demux when dropped.
+#[derive(Debug)]
+pub(crate) struct SessionGuard {
+    demux: Arc<Demux>,
+    session: String,
+}
+
+impl Drop for SessionGuard {
+    fn drop(&mut self) {
+        lock(&self.demux.sessions).remove(&self.session);
+    }
+}
+
+/// quinn's socket with punchd's datagrams taken out on the way in.
+#[derive(Debug)]
+pub(crate) struct PunchSocket {
+    inner: Arc<dyn AsyncUdpSocket>,
+    demux: Arc<Demux>,
+}
+
+impl PunchSocket {
+    pub(crate) fn new(inner: Arc<dyn AsyncUdpSocket>, demux: Arc<Demux>) -> Self {
+        Self { inner, demux }
+    }
+
+    /// Sends one of our datagrams. A full socket buffer is waited out
+    /// (briefly: these are a few small datagrams), other errors returned.
+    pub(crate) async fn send_to(&self, contents: &[u8], destination: SocketAddr) -> io::Result<()> {
+        let transmit = Transmit {
+            destination,
+            ecn: None,
+            contents,
+            segment_size: None,
+            src_ip: None,
+        };
+        let mut poller = self.inner.clone().create_io_poller();
+        for _ in 0..20 {
+            match self.inner.try_send(&transmit) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    let ready = std::future::poll_fn(|cx| poller.as_mut().poll_writable(cx));
+                    let _ = tokio::time::timeout(Duration::from_millis(50), ready).await;
+                }
+                other => return other,
+            }
+        }
+        Err(io::Error::new(
+            io::ErrorKind::WouldBlock,
+            "UDP socket stayed full",
+        ))
+    }
+}
+
+impl AsyncUdpSocket for PunchSocket {
+    fn create_io_poller(self: Arc<Self>) -> Pin<Box<dyn UdpPoller>> {
+        self.inner.clone().create_io_poller()
+    }
+
+    fn try_send(&self, transmit: &Transmit) -> io::Result<()> {
+        self.inner.try_send(transmit)
+    }
+
+    fn poll_recv(
+        &self,
+        cx: &mut Context,
+        bufs: &mut [IoSliceMut<'_>],
+        meta: &mut [RecvMeta],
+    ) -> Poll<io::Result<usize>> {
+        let n = match self.inner.poll_recv(cx, bufs, meta) {
+            Poll::Ready(Ok(n)) => n,
+            other => return other,
+        };
+        for (m, buf) in meta.iter_mut().zip(bufs.iter()).take(n) {
+            // Ours are single small datagrams; a GRO batch (len > stride)
+            // is QUIC from one flow. Length 0 makes quinn skip the slot.
+            if m.len == m.stride && datagram::is_ours(&buf[..m.len]) {
+                self.demux.deliver(&buf[..m.len], m.addr);
+                m.len = 0;
+            }
+        }
+        Poll::Ready(Ok(n))
+    }
+
+    fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.inner.local_addr()
+    }
+
+    fn max_transmit_segments(&self) -> usize {
+        self.inner.max_transmit_segments()
+    }
+
+    fn max_receive_segments(&self) -> usize {
+        self.inner.max_receive_segments()
+    }
+
+    fn may_fragment(&self) -> bool {
+        self.inner.may_fragment()
+    }
+}

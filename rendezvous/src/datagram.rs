@@ -1,0 +1,256 @@
+//! The few UDP datagrams punchd sends that are not QUIC.
+//!
+//! A daemon's UDP punch port carries QUIC once a path is up, but before
+//! that it needs three small messages of its own:
+//!
+//! ```text
+//! daemon → server  probe {name, counter, signature}   "this is my UDP mapping"
+//! server → daemon  ack   {counter, observed}          (keeps the mapping two-way)
+//! daemon ⇄ daemon  punch {session}                    (opens each NAT for the other)
+//! ```
+//!
+//! Every one starts with [`MAGIC`], whose first byte is zero. A QUIC v1
+//! packet always has its "fixed bit" (0x40) set unless both ends agreed to
+//! grease it, which punchd never offers, so one byte tells the two apart
+//! on a shared socket.
+//!
+//! The probe is signed with the daemon's Ed25519 key over the nonce of its
+//! current WebSocket registration and a counter that must grow: a probe
+//! cannot be forged, moved to another registration, or replayed from
+//! another address to redirect the daemon's UDP candidate.
+
+use std::net::{IpAddr, SocketAddr};
+
+use ed25519_dalek::{Signature, Signer as _, SigningKey, Verifier as _, VerifyingKey};
+
+/// First bytes of every non-QUIC datagram.
+pub const MAGIC: [u8; 4] = [0x00, b'p', b'n', b'd'];
+
+/// Domain separation for probe signatures.
+pub const PROBE_CONTEXT: &[u8] = b"punchd-udp-probe-v1:";
+
+const KIND_PROBE: u8 = 1;
+const KIND_ACK: u8 = 2;
+const KIND_PUNCH: u8 = 3;
+
+/// Longest datagram of ours (a probe with a 63-byte name).
+pub const MAX_LEN: usize = 4 + 1 + 1 + 63 + 8 + 64;
+
+/// A parsed datagram. Borrowed from the receive buffer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Datagram<'a> {
+    /// A daemon announcing its UDP mapping to the server.
+    Probe {
+        /// The registered name.
+        name: &'a str,
+        /// Strictly increasing per registration.
+        counter: u64,
+        /// Over [`PROBE_CONTEXT`], the registration nonce, name and counter.
+        signature: [u8; 64],
+    },
+    /// The server's answer: what it saw.
+    Ack {
+        /// The probe's counter.
+        counter: u64,
+        /// The source address of the probe, as the server saw it.
+        observed: SocketAddr,
+    },
+    /// A hole-punching datagram between two daemons.
+    Punch {
+        /// The punch session (from the order).
+        session: &'a str,
+    },
+}
+
+/// True if `buf` is one of ours (not QUIC).
+pub fn is_ours(buf: &[u8]) -> bool {
+    buf.len() > MAGIC.len() && buf[..MAGIC.len()] == MAGIC
+}
+
+fn probe_message(nonce: &[u8], name: &str, counter: u64) -> Vec<u8> {
+    let mut m = PROBE_CONTEXT.to_vec();
+    m.extend_from_slice(nonce);
+    m.extend_from_slice(name.as_bytes());
+    m.extend_from_slice(&counter.to_be_bytes());
+    m
+}
+
+/// A signed probe for registration `nonce`. Names longer than 63 bytes are
+/// not valid punchd names and are cut.
+pub fn probe(key: &SigningKey, nonce: &[u8], name: &str, counter: u64) -> Vec<u8> {
+    let name = &name[..name.len().min(63)];
+    let sig = key.sign(&probe_message(nonce, name, counter));
+    let mut d = MAGIC.to_vec();
+    d.push(KIND_PROBE);
+    d.push(name.len() as u8);
+    d.extend_from_slice(name.as_bytes());
+    d.extend_from_slice(&counter.to_be_bytes());
+    d.extend_from_slice(&sig.to_bytes());
+    d
+}
+
+/// Checks a probe's signature against the registration it names.
+pub fn verify_probe(
+    key: &VerifyingKey,
+    nonce: &[u8],
+    name: &str,
+    counter: u64,
+    signature: &[u8; 64],
+) -> bool {
+    key.verify(
+        &probe_message(nonce, name, counter),
+        &Signature::from_bytes(signature),
+    )
+    .is_ok()
+}
+
+/// The server's answer to a probe.
+pub fn ack(counter: u64, observed: SocketAddr) -> Vec<u8> {
+    let mut d = MAGIC.to_vec();
+    d.push(KIND_ACK);
+    d.extend_from_slice(&counter.to_be_bytes());
+    match observed.ip() {
+        IpAddr::V4(ip) => {
+            d.push(4);
+            d.extend_from_slice(&ip.octets());
+        }
+        IpAddr::V6(ip) => {
+            d.push(6);
+            d.extend_from_slice(&ip.octets());
+        }
+    }
+    d.extend_from_slice(&observed.port().to_be_bytes());
+    d
+}
+
+/// A punch datagram for `session` (ids are short ASCII; longer are cut).
+pub fn punch(session: &str) -> Vec<u8> {
+    let session = &session.as_bytes()[..session.len().min(64)];
+    let mut d = MAGIC.to_vec();
+    d.push(KIND_PUNCH);
+    d.push(session.len() as u8);
+    d.extend_from_slice(session);
+    d
+}
+
+/// Parses one of ours; `None` for anything else or anything malformed.
+pub fn parse(buf: &[u8]) -> Option<Datagram<'_>> {
+    if !is_ours(buf) || buf.len() > MAX_LEN {
+        return None;
+    }
+    let mut r = Reader(&buf[MAGIC.len()..]);
+    let d = match r.u8()? {
+        KIND_PROBE => {
+            let len = r.u8()? as usize;
+            let name = std::str::from_utf8(r.take(len)?).ok()?;
+            let counter = u64::from_be_bytes(r.array()?);
+            let signature = r.array()?;
+            Datagram::Probe {
+                name,
+                counter,
+                signature,
+            }
+        }
+        KIND_ACK => {
+            let counter = u64::from_be_bytes(r.array()?);
+            let ip = match r.u8()? {
+                4 => IpAddr::from(r.array::<4>()?),
+                6 => IpAddr::from(r.array::<16>()?),
+                _ => return None,
+            };
+            let port = u16::from_be_bytes(r.array()?);
+            Datagram::Ack {
+                counter,
+                observed: SocketAddr::new(ip, port),
+            }
+        }
+        KIND_PUNCH => {
+            let len = r.u8()? as usize;
+            let session = std::str::from_utf8(r.take(len)?).ok()?;
+            Datagram::Punch { session }
+        }
+        _ => return None,
+    };
+    r.0.is_empty().then_some(d)
+}
+
+struct Reader<'a>(&'a [u8]);
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
+        if self.0.len() < n {
+            return None;
+        }
+        let (head, tail) = self.0.split_at(n);
+        self.0 = tail;
+        Some(head)
+    }
+
+    fn u8(&mut self) -> Option<u8> {
+        self.take(1).map(|b| b[0])
+    }
+
+    fn array<const N: usize>(&mut self) -> Option<[u8; N]> {
+        self.take(N)?.try_into().ok()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn probes_round_trip_and_bind_nonce_name_and_counter() {
+        let key = SigningKey::from_bytes(&[7; 32]);
+        let nonce = [1u8; 32];
+        let d = probe(&key, &nonce, "alice", 3);
+        let Some(Datagram::Probe {
+            name,
+            counter,
+            signature,
+        }) = parse(&d)
+        else {
+            panic!("not a probe: {d:?}");
+        };
+        assert_eq!((name, counter), ("alice", 3));
+        let vk = key.verifying_key();
+        assert!(verify_probe(&vk, &nonce, name, counter, &signature));
+        assert!(!verify_probe(&vk, &[2u8; 32], name, counter, &signature));
+        assert!(!verify_probe(&vk, &nonce, "mallory", counter, &signature));
+        assert!(!verify_probe(&vk, &nonce, name, 4, &signature));
+    }
+
+    #[test]
+    fn acks_and_punches_round_trip() {
+        for addr in ["203.0.113.2:40000", "[2001:db8::1]:9"] {
+            let addr: SocketAddr = addr.parse().unwrap();
+            assert_eq!(
+                parse(&ack(9, addr)),
+                Some(Datagram::Ack {
+                    counter: 9,
+                    observed: addr
+                })
+            );
+        }
+        assert_eq!(
+            parse(&punch("abc123")),
+            Some(Datagram::Punch { session: "abc123" })
+        );
+    }
+
+    #[test]
+    fn quic_and_garbage_are_not_ours() {
+        // A QUIC long header (Initial) and short header both set 0x40.
+        assert!(!is_ours(&[0xc3, 0, 0, 0, 1]));
+        assert!(!is_ours(&[0x41, 1, 2, 3, 4]));
+        assert_eq!(parse(&[0xc3, 0, 0, 0, 1]), None);
+        // Truncated, trailing bytes, unknown kind, bad UTF-8.
+        let mut p = punch("s");
+        p.push(0);
+        assert_eq!(parse(&p), None);
+        assert_eq!(parse(&punch("s")[..6]), None);
+        assert_eq!(parse(&[0, b'p', b'n', b'd', 9]), None);
+        assert_eq!(parse(&[0, b'p', b'n', b'd', KIND_PUNCH, 1, 0xff]), None);
+        assert_eq!(parse(&[0u8; 400]), None);
+    }
+}
