@@ -2,7 +2,7 @@
 # Tests deploy/ for real on this machine (CI runs it as root):
 #   1. builds both images from deploy/Containerfile with podman, from a
 #      local base (no registry needed: deploy/build-image.sh);
-#   2. checks the image: non-root user, HEALTHCHECK, port 8080;
+#   2. checks the image: non-root user, HEALTHCHECK, port 8080 (tcp and udp);
 #   3. runs the rendezvous container with the Kubernetes example's
 #      rendezvous.toml mounted, waits for its health check, stops it with
 #      SIGTERM (exit 0);
@@ -57,6 +57,7 @@ echo "user=$user healthcheck=$health ports=$ports size=$((size / 1024)) KiB"
 [ "$user" = 65532:65532 ] || { echo "image user is '$user', want 65532:65532" >&2; exit 1; }
 [[ $health == *healthcheck* ]] || { echo "image has no HEALTHCHECK" >&2; exit 1; }
 [[ $ports == *8080/tcp* ]] || { echo "image does not expose 8080" >&2; exit 1; }
+[[ $ports == *8080/udp* ]] || { echo "image does not expose 8080/udp (QUIC observation)" >&2; exit 1; }
 version=$("${run[@]}" --rm --network none localhost/punchd:$tag --version)
 echo "punchd image: $version"
 [[ $version == punchd* ]] || { echo "punchd image does not run punchd" >&2; exit 1; }
@@ -124,7 +125,7 @@ assert rv["restart"] in ("always", "unless-stopped", "on-failure"), rv["restart"
 assert "punch-rendezvous" in " ".join(rv["healthcheck"]["test"])
 assert any(v.endswith(":/etc/punch-rendezvous/rendezvous.toml:ro") for v in rv["volumes"])
 assert rv["environment"]["PUNCH_RENDEZVOUS_CONFIG"] == "/etc/punch-rendezvous/rendezvous.toml"
-assert "8080:8080" in rv["ports"]
+assert "8080:8080" in rv["ports"] and "8080:8080/udp" in rv["ports"]
 assert rv["build"]["dockerfile"] == "deploy/Containerfile"
 print("compose.yaml: service rendezvous, restart", rv["restart"], "healthcheck, config volume")
 
@@ -137,6 +138,8 @@ c = dep["spec"]["template"]["spec"]["containers"][0]
 for probe in ("livenessProbe", "readinessProbe"):
     assert c[probe]["httpGet"]["path"] == "/healthz", probe
 assert c["ports"][0]["containerPort"] == 8080
+assert {(p["containerPort"], p["protocol"]) for p in c["ports"]} == {(8080, "TCP"), (8080, "UDP")}
+assert {p["protocol"] for p in svc["spec"]["ports"]} == {"TCP", "UDP"}
 assert dep["spec"]["template"]["spec"]["securityContext"]["runAsNonRoot"] is True
 assert dep["spec"]["selector"]["matchLabels"].items() <= dep["spec"]["template"]["metadata"]["labels"].items()
 assert svc["spec"]["selector"].items() <= dep["spec"]["template"]["metadata"]["labels"].items()

@@ -143,6 +143,9 @@ pub(crate) async fn punch_direct(
                 if let Some(s) = s {
                     attempts = attempts.max(s.rounds);
                     if let Some(e) = s.last_error { errors.push(format!("quic: {e}")); }
+                    if s.heard == 0 {
+                        if let Some(path) = quic { path.rebind_if_idle(); }
+                    }
                 }
             }
             Some(est) = tcp_rx.recv() => match ctx.role {

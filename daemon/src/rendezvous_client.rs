@@ -312,6 +312,7 @@ async fn session(
         }
         _ => None,
     };
+    let rebound_on = prober.as_ref().map(|p| p.path().clone());
     // Peers learn our UDP endpoint from the first probe the server sees, so
     // initiators wait for its ack (briefly) before asking for punches.
     let mut up_at = prober.as_ref().map(|_| Instant::now() + UDP_WAIT);
@@ -328,6 +329,9 @@ async fn session(
         tokio::select! {
             _ = tokio::time::sleep_until(probe_due.unwrap_or_else(Instant::now).into()), if probe_due.is_some() => {
                 if let Some(p) = prober.as_mut() { p.send().await; }
+            }
+            Some(()) = async { match &rebound_on { Some(q) => { q.rebound().await; Some(()) } None => None } } => {
+                if let Some(p) = prober.as_mut() { p.restart(); }
             }
             Some(udp) = async { match prober.as_mut() { Some(p) => p.ack().await, None => None } } => {
                 if status.set_public_udp(udp) {

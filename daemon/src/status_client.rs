@@ -79,7 +79,7 @@ fn human_bytes(n: u64) -> String {
 /// The status as a table.
 pub fn render_table(doc: &StatusDoc) -> String {
     let mut out = String::new();
-    let _ = writeln!(
+    let _ = write!(
         out,
         "{}  public {}  rendezvous {}  punch port {}",
         doc.name,
@@ -87,6 +87,10 @@ pub fn render_table(doc: &StatusDoc) -> String {
         doc.rendezvous,
         doc.punch_port
     );
+    if let Some(udp) = &doc.public_udp_addr {
+        let _ = write!(out, "  public udp {udp}");
+    }
+    let _ = writeln!(out);
     let _ = writeln!(
         out,
         "\n{:<16} {:<8} {:<9} {:<22} {:>9} {:>10} {:>10} {:>7}  LAST PUNCH",

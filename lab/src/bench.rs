@@ -4,7 +4,11 @@
 //! round trips (64-byte messages, `rr` against an `echo`):
 //!
 //! - plain TCP through a port forward on bob's NAT: the ceiling;
-//! - punchd direct, through alice's `[[forward]]`;
+//! - punchd direct over TCP, through alice's `[[forward]]`;
+//! - punchd direct over QUIC, in a second network whose NATs drop
+//!   unsolicited packets (a home router's firewall; at the lab's raw speed a
+//!   plain Linux NAT keeps state for an early UDP datagram that spoils the
+//!   punch, see lab/README.md);
 //! - `ssh -L` to an sshd behind bob's NAT (port forward);
 //! - rathole with its Noise transport (server behind alice's NAT, client
 //!   next to the service on bob's side: the same direction as punchd);
@@ -490,7 +494,7 @@ fn row(name: &'static str, target: &str) -> (Row, String) {
 fn compared_paths(plain: String) -> Vec<(Row, String)> {
     vec![
         row("plain TCP", &plain),
-        row("punchd direct", FORWARD_LISTEN),
+        row("punchd TCP", FORWARD_LISTEN),
         row("ssh -L", SSH_LISTEN),
         row("rathole noise", RATHOLE_LISTEN),
     ]
@@ -510,7 +514,7 @@ fn loopback(bins: &Binaries, seconds: u64, rr_count: usize) -> Result<Vec<(Row, 
     let peer_toml = |me: &str, port: u16, admin: u16, peer: &str, peer_key: &str, tail: String| {
         format!(
             "name = \"{me}\"\nkey_file = \"{me}.key\"\n[rendezvous]\nurl = \"http://{rv}\"\n\
-             [punch]\nport = {port}\n[admin]\nlisten = \"127.0.0.1:{admin}\"\n\
+             [punch]\nport = {port}\ntransports = [\"tcp\"]\n[admin]\nlisten = \"127.0.0.1:{admin}\"\n\
              [[peers]]\nname = \"{peer}\"\npublic_key = \"{peer_key}\"\n{tail}"
         )
     };
@@ -615,6 +619,26 @@ pub fn run(bins: &Binaries, seconds: u64) -> Result<()> {
         let mut server = measure_run(&mut run, &mut paths, seconds, rr_count)?;
         streams_line = many_streams(&mut run, &mut server)?;
     }
+    let mut quic = vec![row("punchd QUIC", FORWARD_LISTEN)];
+    {
+        let s = Scenario::new(
+            "bench-quic",
+            Layout::TwoNats(NatBehaviour::Firewall),
+            Expect::Direct,
+        )
+        .with_transports(&["quic"]);
+        let mut run = Run::start(&s, bins)?;
+        let status = run.wait_path("alice", "direct", Duration::from_secs(30))?;
+        if status["peers"][0]["transport"] != "quic" {
+            bail!(
+                "bench-quic: the tunnel is not on QUIC: {}",
+                status["peers"][0]
+            );
+        }
+        run.topo.host_b.kill(run.sink);
+        measure_run(&mut run, &mut quic, seconds, rr_count)?;
+    }
+    paths.extend(quic);
     let mut relayed = vec![row("punchd relayed", FORWARD_LISTEN)];
     {
         // Port-randomizing NATs: no direct path. The relay's per-session

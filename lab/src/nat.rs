@@ -9,6 +9,10 @@
 //! - `RejectRst`: an explicit `reject with tcp reset`.
 //! - `RandomFully`: ports are randomized for every mapping, which defeats
 //!   simultaneous open (the peer cannot know the port).
+//! - `Firewall`: drops every unsolicited inbound packet to the NAT itself,
+//!   like a home router's WAN firewall. The drop happens before conntrack
+//!   confirms an entry, so an early punch (SYN or UDP datagram) leaves no
+//!   state behind.
 //! - `TcpBlocked`: a firewall that passes TCP only to and from the
 //!   rendezvous server, and UDP freely: no TCP path can be punched, the
 //!   QUIC path can.
@@ -24,6 +28,8 @@ pub enum NatBehaviour {
     RejectRst,
     /// Masquerade with fully random source ports.
     RandomFully,
+    /// Masquerade; unsolicited inbound packets of any kind are dropped.
+    Firewall,
     /// Masquerade; TCP forwarded only to and from the rendezvous.
     TcpBlocked,
 }
@@ -39,6 +45,7 @@ pub fn ruleset(b: NatBehaviour) -> String {
         NatBehaviour::RejectRst => {
             "iifname \"wan0\" tcp flags & (syn | ack) == syn reject with tcp reset"
         }
+        NatBehaviour::Firewall => "iifname \"wan0\" ct state new drop",
         _ => "",
     };
     let forward = match b {
@@ -65,6 +72,7 @@ mod tests {
         assert!(ruleset(NatBehaviour::DropUnsolicited).contains("drop"));
         assert!(ruleset(NatBehaviour::RejectRst).contains("tcp reset"));
         assert!(!ruleset(NatBehaviour::Masquerade).contains("drop"));
+        assert!(ruleset(NatBehaviour::Firewall).contains("ct state new drop"));
         let blocked = ruleset(NatBehaviour::TcpBlocked);
         assert!(blocked.contains("meta l4proto tcp ip daddr != 203.0.113.1"));
     }

@@ -4,7 +4,7 @@
 //! that it needs three small messages of its own:
 //!
 //! ```text
-//! daemon → server  probe {name, counter, signature}   "this is my UDP mapping"
+//! daemon → server  probe {name, counter, local_port, signature}   "this is my UDP mapping"
 //! server → daemon  ack   {counter, observed}          (keeps the mapping two-way)
 //! daemon ⇄ daemon  punch {session}                    (opens each NAT for the other)
 //! ```
@@ -34,7 +34,7 @@ const KIND_ACK: u8 = 2;
 const KIND_PUNCH: u8 = 3;
 
 /// Longest datagram of ours (a probe with a 63-byte name).
-pub const MAX_LEN: usize = 4 + 1 + 1 + 63 + 8 + 64;
+pub const MAX_LEN: usize = 4 + 1 + 1 + 63 + 8 + 2 + 64;
 
 /// A parsed datagram. Borrowed from the receive buffer.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -45,7 +45,11 @@ pub enum Datagram<'a> {
         name: &'a str,
         /// Strictly increasing per registration.
         counter: u64,
-        /// Over [`PROBE_CONTEXT`], the registration nonce, name and counter.
+        /// The UDP port the probe was sent from, before any NAT (for
+        /// same-LAN candidates; it changes when the daemon re-binds).
+        local_port: u16,
+        /// Over [`PROBE_CONTEXT`], the registration nonce, name, counter
+        /// and local port.
         signature: [u8; 64],
     },
     /// The server's answer: what it saw.
@@ -67,24 +71,40 @@ pub fn is_ours(buf: &[u8]) -> bool {
     buf.len() > MAGIC.len() && buf[..MAGIC.len()] == MAGIC
 }
 
-fn probe_message(nonce: &[u8], name: &str, counter: u64) -> Vec<u8> {
+/// What a probe says, apart from its signature.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProbeBody<'a> {
+    /// The registered name.
+    pub name: &'a str,
+    /// Strictly increasing per registration.
+    pub counter: u64,
+    /// The daemon's local UDP port.
+    pub local_port: u16,
+}
+
+fn probe_message(nonce: &[u8], p: &ProbeBody<'_>) -> Vec<u8> {
     let mut m = PROBE_CONTEXT.to_vec();
     m.extend_from_slice(nonce);
-    m.extend_from_slice(name.as_bytes());
-    m.extend_from_slice(&counter.to_be_bytes());
+    m.extend_from_slice(p.name.as_bytes());
+    m.extend_from_slice(&p.counter.to_be_bytes());
+    m.extend_from_slice(&p.local_port.to_be_bytes());
     m
 }
 
 /// A signed probe for registration `nonce`. Names longer than 63 bytes are
 /// not valid punchd names and are cut.
-pub fn probe(key: &SigningKey, nonce: &[u8], name: &str, counter: u64) -> Vec<u8> {
-    let name = &name[..name.len().min(63)];
-    let sig = key.sign(&probe_message(nonce, name, counter));
+pub fn probe(key: &SigningKey, nonce: &[u8], p: &ProbeBody<'_>) -> Vec<u8> {
+    let p = ProbeBody {
+        name: &p.name[..p.name.len().min(63)],
+        ..*p
+    };
+    let sig = key.sign(&probe_message(nonce, &p));
     let mut d = MAGIC.to_vec();
     d.push(KIND_PROBE);
-    d.push(name.len() as u8);
-    d.extend_from_slice(name.as_bytes());
-    d.extend_from_slice(&counter.to_be_bytes());
+    d.push(p.name.len() as u8);
+    d.extend_from_slice(p.name.as_bytes());
+    d.extend_from_slice(&p.counter.to_be_bytes());
+    d.extend_from_slice(&p.local_port.to_be_bytes());
     d.extend_from_slice(&sig.to_bytes());
     d
 }
@@ -93,15 +113,11 @@ pub fn probe(key: &SigningKey, nonce: &[u8], name: &str, counter: u64) -> Vec<u8
 pub fn verify_probe(
     key: &VerifyingKey,
     nonce: &[u8],
-    name: &str,
-    counter: u64,
+    p: &ProbeBody<'_>,
     signature: &[u8; 64],
 ) -> bool {
-    key.verify(
-        &probe_message(nonce, name, counter),
-        &Signature::from_bytes(signature),
-    )
-    .is_ok()
+    key.verify(&probe_message(nonce, p), &Signature::from_bytes(signature))
+        .is_ok()
 }
 
 /// The server's answer to a probe.
@@ -144,10 +160,12 @@ pub fn parse(buf: &[u8]) -> Option<Datagram<'_>> {
             let len = r.u8()? as usize;
             let name = std::str::from_utf8(r.take(len)?).ok()?;
             let counter = u64::from_be_bytes(r.array()?);
+            let local_port = u16::from_be_bytes(r.array()?);
             let signature = r.array()?;
             Datagram::Probe {
                 name,
                 counter,
+                local_port,
                 signature,
             }
         }
@@ -203,21 +221,43 @@ mod tests {
     fn probes_round_trip_and_bind_nonce_name_and_counter() {
         let key = SigningKey::from_bytes(&[7; 32]);
         let nonce = [1u8; 32];
-        let d = probe(&key, &nonce, "alice", 3);
+        let body = ProbeBody {
+            name: "alice",
+            counter: 3,
+            local_port: 40000,
+        };
+        let d = probe(&key, &nonce, &body);
         let Some(Datagram::Probe {
             name,
             counter,
+            local_port,
             signature,
         }) = parse(&d)
         else {
             panic!("not a probe: {d:?}");
         };
-        assert_eq!((name, counter), ("alice", 3));
+        let got = ProbeBody {
+            name,
+            counter,
+            local_port,
+        };
+        assert_eq!(got, body);
         let vk = key.verifying_key();
-        assert!(verify_probe(&vk, &nonce, name, counter, &signature));
-        assert!(!verify_probe(&vk, &[2u8; 32], name, counter, &signature));
-        assert!(!verify_probe(&vk, &nonce, "mallory", counter, &signature));
-        assert!(!verify_probe(&vk, &nonce, name, 4, &signature));
+        assert!(verify_probe(&vk, &nonce, &got, &signature));
+        assert!(!verify_probe(&vk, &[2u8; 32], &got, &signature));
+        for forged in [
+            ProbeBody {
+                name: "mallory",
+                ..got
+            },
+            ProbeBody { counter: 4, ..got },
+            ProbeBody {
+                local_port: 1,
+                ..got
+            },
+        ] {
+            assert!(!verify_probe(&vk, &nonce, &forged, &signature));
+        }
     }
 
     #[test]

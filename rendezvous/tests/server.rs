@@ -488,7 +488,12 @@ async fn probe(sock: &tokio::net::UdpSocket, to: SocketAddr, datagram: &[u8]) ->
 
 #[tokio::test]
 async fn signed_udp_probes_reveal_the_udp_endpoint_and_reach_punch_orders() {
-    use punch_rendezvous::datagram::{self, Datagram};
+    use punch_rendezvous::datagram::{self, Datagram, ProbeBody};
+    let body = |name, counter| ProbeBody {
+        name,
+        counter,
+        local_port: 0,
+    };
     let server = TestServer::start(RendezvousConfig::default()).await;
     let udp = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
     let udp_local = udp.local_addr().unwrap();
@@ -514,7 +519,7 @@ async fn signed_udp_probes_reveal_the_udp_endpoint_and_reach_punch_orders() {
     let ack = probe(
         &udp,
         server_udp,
-        &datagram::probe(&key(1), &nonce, "alice", 1),
+        &datagram::probe(&key(1), &nonce, &body("alice", 1)),
     )
     .await
     .expect("a signed probe is acknowledged");
@@ -528,10 +533,10 @@ async fn signed_udp_probes_reveal_the_udp_endpoint_and_reach_punch_orders() {
     // Replayed, forged (other key), bound to another registration's nonce,
     // for an unknown name, or garbage: no answer, counted as dropped.
     let bad = [
-        datagram::probe(&key(1), &nonce, "alice", 1),
-        datagram::probe(&key(9), &nonce, "alice", 2),
-        datagram::probe(&key(1), &[0u8; 32], "alice", 3),
-        datagram::probe(&key(1), &nonce, "nobody", 4),
+        datagram::probe(&key(1), &nonce, &body("alice", 1)),
+        datagram::probe(&key(9), &nonce, &body("alice", 2)),
+        datagram::probe(&key(1), &[0u8; 32], &body("alice", 3)),
+        datagram::probe(&key(1), &nonce, &body("nobody", 4)),
         b"GET / HTTP/1.0".to_vec(),
     ];
     for d in &bad {
@@ -539,6 +544,16 @@ async fn signed_udp_probes_reveal_the_udp_endpoint_and_reach_punch_orders() {
     }
     assert_eq!(server.metric("punch_rendezvous_udp_dropped_total").await, 5);
     assert_eq!(server.metric("punch_rendezvous_udp_probes_total").await, 1);
+    // A daemon that re-binds its UDP socket says so in the probe.
+    let moved = ProbeBody {
+        local_port: 41234,
+        ..body("alice", 6)
+    };
+    assert!(
+        probe(&udp, server_udp, &datagram::probe(&key(1), &nonce, &moved))
+            .await
+            .is_some()
+    );
 
     // The peer's punch order carries alice's UDP endpoint first, then her
     // local address with her UDP port; alice's order has no UDP candidates
@@ -555,7 +570,7 @@ async fn signed_udp_probes_reveal_the_udp_endpoint_and_reach_punch_orders() {
     else {
         panic!("both get punch orders")
     };
-    let local: SocketAddr = format!("192.0.2.10:{}", udp_local.port()).parse().unwrap();
+    let local: SocketAddr = "192.0.2.10:41234".parse().unwrap();
     assert_eq!(pb.udp_candidates, vec![udp_local, local]);
     assert!(pa.udp_candidates.is_empty());
     drop((a, b));

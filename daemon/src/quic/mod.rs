@@ -22,13 +22,14 @@ pub(crate) mod socket;
 use std::collections::HashMap;
 use std::io;
 use std::net::{Ipv4Addr, SocketAddr};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU16, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use punch_config::PublicKeyBytes;
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
 use quinn::{IdleTimeout, TransportConfig, VarInt};
-use tokio::sync::{mpsc, Semaphore};
+use tokio::sync::{mpsc, Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
@@ -66,9 +67,13 @@ pub enum QuicError {
 #[derive(Debug)]
 pub(crate) struct QuicPath {
     endpoint: quinn::Endpoint,
-    socket: Arc<PunchSocket>,
+    /// The current socket (replaced by [`QuicPath::rebind_if_idle`]).
+    socket: Mutex<Arc<PunchSocket>>,
     pub(crate) demux: Arc<Demux>,
-    port: u16,
+    port: AtomicU16,
+    /// Fired after a re-bind: the rendezvous must learn the new mapping.
+    rebound: Notify,
+    runtime: Arc<dyn quinn::Runtime>,
     transport: Arc<TransportConfig>,
     identity: Identity,
 }
@@ -128,7 +133,7 @@ impl QuicPath {
             endpoint_cfg,
             Some(server),
             socket.clone(),
-            runtime,
+            runtime.clone(),
         )?;
         info!(
             port = local.port(),
@@ -136,12 +141,65 @@ impl QuicPath {
         );
         Ok(Self {
             endpoint,
-            socket,
+            socket: Mutex::new(socket),
             demux,
-            port: local.port(),
+            port: AtomicU16::new(local.port()),
+            rebound: Notify::new(),
+            runtime,
             transport,
             identity: identity.clone(),
         })
+    }
+
+    fn current_socket(&self) -> Arc<PunchSocket> {
+        self.socket
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Moves the endpoint to a fresh UDP port, unless connections are open
+    /// on it (they would be lost). Called after a UDP punch in which
+    /// neither side heard the other: a Linux NAT may then hold a conntrack
+    /// entry for the early datagram that re-maps our port for this peer
+    /// for as long as punches keep coming (lab/README.md, "UDP and
+    /// conntrack"); a new port is a new mapping, and the next punch starts
+    /// clean. Returns the new port.
+    pub(crate) fn rebind_if_idle(&self) -> Option<u16> {
+        if self.endpoint.open_connections() > 0 {
+            return None;
+        }
+        let fresh = std::net::UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))
+            .and_then(|s| Ok((s.local_addr()?.port(), self.runtime.wrap_udp_socket(s)?)));
+        let (port, inner) = match fresh {
+            Ok(x) => x,
+            Err(e) => {
+                warn!(error = %e, "cannot bind a fresh UDP port; keeping the old one");
+                return None;
+            }
+        };
+        let socket = Arc::new(PunchSocket::new(inner, self.demux.clone()));
+        if let Err(e) = self.endpoint.rebind_abstract(socket.clone()) {
+            warn!(error = %e, "cannot move QUIC to a fresh UDP port");
+            return None;
+        }
+        *self
+            .socket
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = socket;
+        let old = self.port.swap(port, Ordering::Relaxed);
+        info!(
+            old,
+            new = port,
+            "UDP punch heard nothing; moved QUIC to a fresh port for the next punch"
+        );
+        self.rebound.notify_one();
+        Some(port)
+    }
+
+    /// Resolves after the next re-bind.
+    pub(crate) async fn rebound(&self) {
+        self.rebound.notified().await;
     }
 
     /// The endpoint handle (status reads its connection count).
@@ -151,12 +209,12 @@ impl QuicPath {
 
     /// The local UDP port (what the rendezvous is told).
     pub(crate) fn port(&self) -> u16 {
-        self.port
+        self.port.load(Ordering::Relaxed)
     }
 
     /// Sends one of punchd's own datagrams from the punch socket.
     pub(crate) async fn send_to(&self, datagram: &[u8], to: SocketAddr) -> io::Result<()> {
-        self.socket.send_to(datagram, to).await
+        self.current_socket().send_to(datagram, to).await
     }
 
     /// Starts a QUIC connection to `to` that accepts only `peer`'s key.
@@ -234,4 +292,83 @@ fn peer_key(conn: &quinn::Connection, keys: &[PublicKeyBytes]) -> Option<PublicK
         .downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>()
         .ok()?;
     tls::presented_key(certs.first()?.as_ref(), keys)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use punch_rendezvous::datagram;
+    use tokio::net::UdpSocket;
+
+    fn within<F: std::future::Future>(f: F) -> tokio::time::Timeout<F> {
+        tokio::time::timeout(Duration::from_secs(2), f)
+    }
+
+    #[tokio::test]
+    async fn punchd_datagrams_are_taken_off_the_quic_socket_and_routed() {
+        let id = Identity::generate().unwrap();
+        let path = QuicPath::bind(
+            0,
+            &id,
+            &[],
+            (Duration::from_secs(5), Duration::from_secs(10)),
+        )
+        .unwrap();
+        let to = SocketAddr::from(([127, 0, 0, 1], path.port()));
+        let server = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let stranger = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let (server_addr, stranger_addr) =
+            (server.local_addr().unwrap(), stranger.local_addr().unwrap());
+
+        // Punch datagrams reach the session they name, and only that one.
+        let (guard, mut heard) = path.demux.session("s1");
+        stranger
+            .send_to(&datagram::punch("other"), to)
+            .await
+            .unwrap();
+        stranger.send_to(&datagram::punch("s1"), to).await.unwrap();
+        assert_eq!(within(heard.recv()).await.unwrap(), Some(stranger_addr));
+        assert!(
+            heard.try_recv().is_err(),
+            "the other session's punch leaked"
+        );
+        drop(guard);
+        stranger.send_to(&datagram::punch("s1"), to).await.unwrap();
+        // Unregistered: the route (the channel's only sender) is gone.
+        assert_eq!(within(heard.recv()).await.unwrap(), None);
+
+        // Acks count only from the rendezvous they were asked of.
+        let mut acks = path.demux.acks_from(server_addr);
+        let seen: SocketAddr = "203.0.113.2:40000".parse().unwrap();
+        stranger.send_to(&datagram::ack(7, seen), to).await.unwrap();
+        server.send_to(&datagram::ack(8, seen), to).await.unwrap();
+        assert_eq!(within(acks.recv()).await.unwrap(), Some((8, seen)));
+
+        // And we send from the same socket: the server sees our port.
+        path.send_to(&datagram::punch("x"), server_addr)
+            .await
+            .unwrap();
+        let mut buf = [0u8; 64];
+        let (n, from) = within(server.recv_from(&mut buf)).await.unwrap().unwrap();
+        assert_eq!(from.port(), path.port());
+        assert_eq!(
+            datagram::parse(&buf[..n]),
+            Some(datagram::Datagram::Punch { session: "x" })
+        );
+
+        // After a re-bind (no connections open) all of this moves to a
+        // fresh port, and the rendezvous client is told.
+        let old = path.port();
+        let new = path.rebind_if_idle().expect("idle endpoint re-binds");
+        assert_ne!(new, old);
+        assert_eq!(path.port(), new);
+        within(path.rebound()).await.expect("re-bind is announced");
+        path.send_to(&datagram::punch("y"), server_addr).await.unwrap();
+        let (_, from) = within(server.recv_from(&mut buf)).await.unwrap().unwrap();
+        assert_eq!(from.port(), new);
+        let (_guard, mut heard) = path.demux.session("s2");
+        let to_new = SocketAddr::from(([127, 0, 0, 1], new));
+        stranger.send_to(&datagram::punch("s2"), to_new).await.unwrap();
+        assert_eq!(within(heard.recv()).await.unwrap(), Some(stranger_addr));
+    }
 }

@@ -11,7 +11,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use punch_rendezvous::datagram;
+use punch_rendezvous::datagram::{self, ProbeBody};
 use tokio::sync::mpsc;
 use tracing::debug;
 
@@ -69,12 +69,12 @@ impl Prober {
     /// Sends the next probe and schedules the one after.
     pub(crate) async fn send(&mut self) {
         self.counter += 1;
-        let d = datagram::probe(
-            self.identity.signing_key(),
-            &self.nonce,
-            &self.name,
-            self.counter,
-        );
+        let body = ProbeBody {
+            name: &self.name,
+            counter: self.counter,
+            local_port: self.path.port(),
+        };
+        let d = datagram::probe(self.identity.signing_key(), &self.nonce, &body);
         if let Err(e) = self.path.send_to(&d, self.server).await {
             debug!(server = %self.server, error = %e, "UDP probe not sent");
         }
@@ -84,6 +84,17 @@ impl Prober {
             (FIRST_RETRY * 2u32.saturating_pow(self.counter.min(6) as u32 - 1)).min(PROBE_INTERVAL)
         };
         self.next = Instant::now() + wait;
+    }
+
+    /// Probe again at once, as if never acknowledged (after a re-bind).
+    pub(crate) fn restart(&mut self) {
+        self.acked = false;
+        self.next = Instant::now();
+    }
+
+    /// The path probed for (its re-binds restart the probing).
+    pub(crate) fn path(&self) -> &Arc<QuicPath> {
+        &self.path
     }
 
     /// The next acknowledgement: the UDP endpoint the server saw.

@@ -18,7 +18,7 @@ use tracing::{debug, info};
 
 use super::ratelimit::TokenBucket;
 use super::Shared;
-use crate::datagram::{self, Datagram};
+use crate::datagram::{self, Datagram, ProbeBody};
 use crate::protocol::decode_public_key;
 
 /// Probes verified per second, server-wide (a probe costs one Ed25519
@@ -62,10 +62,16 @@ fn observe(shared: &Shared, bucket: &mut TokenBucket, buf: &[u8], from: SocketAd
     let Some(Datagram::Probe {
         name,
         counter,
+        local_port,
         signature,
     }) = datagram::parse(buf)
     else {
         return None;
+    };
+    let body = ProbeBody {
+        name,
+        counter,
+        local_port,
     };
     if !bucket.allow(Instant::now()) {
         return None;
@@ -79,7 +85,7 @@ fn observe(shared: &Shared, bucket: &mut TokenBucket, buf: &[u8], from: SocketAd
         (c.public_key, c.nonce)
     };
     let vk = decode_public_key(&crate::protocol::b64(&key)).ok()?;
-    if !datagram::verify_probe(&vk, &nonce, name, counter, &signature) {
+    if !datagram::verify_probe(&vk, &nonce, &body, &signature) {
         return None;
     }
     let mut reg = shared.registry();
@@ -89,6 +95,9 @@ fn observe(shared: &Shared, bucket: &mut TokenBucket, buf: &[u8], from: SocketAd
         return None;
     }
     c.probe_counter = counter;
+    if local_port != 0 {
+        c.udp_port = Some(local_port);
+    }
     if c.udp_observed != Some(from) {
         info!(daemon = name, udp = %from, "UDP endpoint observed");
         c.udp_observed = Some(from);
