@@ -363,12 +363,17 @@ mod tests {
         assert_ne!(new, old);
         assert_eq!(path.port(), new);
         within(path.rebound()).await.expect("re-bind is announced");
-        path.send_to(&datagram::punch("y"), server_addr).await.unwrap();
+        path.send_to(&datagram::punch("y"), server_addr)
+            .await
+            .unwrap();
         let (_, from) = within(server.recv_from(&mut buf)).await.unwrap().unwrap();
         assert_eq!(from.port(), new);
         let (_guard, mut heard) = path.demux.session("s2");
         let to_new = SocketAddr::from(([127, 0, 0, 1], new));
-        stranger.send_to(&datagram::punch("s2"), to_new).await.unwrap();
+        stranger
+            .send_to(&datagram::punch("s2"), to_new)
+            .await
+            .unwrap();
         assert_eq!(within(heard.recv()).await.unwrap(), Some(stranger_addr));
     }
 }
