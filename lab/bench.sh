@@ -2,8 +2,9 @@
 # Every punchd benchmark in one go, printing figures (nothing is asserted):
 #   1. tunnel throughput (iperf3, 1 and 8 streams) and request/response
 #      latency in the NAT lab: plain TCP, punchd direct, ssh -L, rathole
-#      (Noise), punchd relayed, side by side in one run; 1,000 streams x
-#      1 MiB through one tunnel with daemon RSS; single-core AEAD rates;
+#      (Noise), punchd over QUIC, punchd relayed, side by side in one run;
+#      1,000 streams x 1 MiB through one tunnel with daemon RSS; single-core
+#      AEAD rates;
 #   2. punch timing: 200 punches at 40 ms RTT (first-attempt rate, skew,
 #      order -> tunnel ready);
 #   3. rendezvous scale: 10,000 signed WebSocket clients (RSS per client)

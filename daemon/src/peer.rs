@@ -459,6 +459,7 @@ impl PeerActor {
         if transport != Transport::Relay {
             self.quiet_until = Instant::now() + quiet_after_close(rtt);
         }
+
         self.ctx.status.update(|s| {
             s.path = PathState::None;
             s.transport = None;

@@ -156,11 +156,13 @@ pub(crate) async fn punch_direct(
                 }
             },
             Some(q) = quic_rx.recv() => {
-                authenticated = Some(Direct {
-                    remote: q.conn.remote_address(),
-                    parts: tunnel::from_quic(q.conn, ctx.status.clone()),
-                    attempts: q.rounds,
-                });
+                if let Some(path) = quic {
+                    authenticated = Some(Direct {
+                        remote: q.conn.remote_address(),
+                        parts: tunnel::from_quic(q.conn, ctx.status.clone(), path.live_tunnel()),
+                        attempts: q.rounds,
+                    });
+                }
             }
             _ = tokio::time::sleep_until(grace.into()), if choose_at.is_some() => {}
             Some((remote, attempts, r)) = handshakes.next() => match r {

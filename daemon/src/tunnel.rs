@@ -398,7 +398,11 @@ async fn drive<T>(
 /// byte stream to meter, so they come from quinn's UDP counters, every
 /// 250 ms) and
 /// closes the connection when the tunnel is closed.
-pub(crate) fn from_quic(conn: quinn::Connection, status: Arc<PeerStatus>) -> TunnelParts {
+pub(crate) fn from_quic(
+    conn: quinn::Connection,
+    status: Arc<PeerStatus>,
+    live: crate::quic::LiveTunnel,
+) -> TunnelParts {
     let (inbound_tx, inbound) = mpsc::channel(INBOUND_QUEUE);
     let closed = CancellationToken::new();
     let active = Arc::new(AtomicUsize::new(0));
@@ -408,6 +412,7 @@ pub(crate) fn from_quic(conn: quinn::Connection, status: Arc<PeerStatus>) -> Tun
         closed.clone(),
         active.clone(),
         status,
+        live,
     ));
     TunnelParts {
         tunnel: Tunnel {
@@ -427,6 +432,7 @@ async fn drive_quic(
     closed: CancellationToken,
     active: Arc<AtomicUsize>,
     status: Arc<PeerStatus>,
+    _live: crate::quic::LiveTunnel,
 ) {
     let mut metered = (0u64, 0u64);
     let mut meter = || {

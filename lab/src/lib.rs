@@ -95,25 +95,15 @@ pub fn scenarios() -> Vec<scenario::Scenario> {
         // re-map the local side's port (lab/README.md, "UDP and conntrack").
         Scenario::new("quic", L::TwoNats(N::Masquerade), Expect::Direct)
             .with_transports(&["quic"])
-            .with_links(near()),
+            .with_links(topology::Links::near()),
         Scenario::new("race", L::TwoNats(N::Masquerade), Expect::Direct)
             .with_transports(&["tcp", "quic"])
-            .with_links(near()),
+            .with_links(topology::Links::near()),
         Scenario::new("tcp-blocked", L::TwoNats(N::TcpBlocked), Expect::Direct)
             .with_transports(&["tcp", "quic"])
             .expecting_transport("quic")
-            .with_links(near()),
+            .with_links(topology::Links::near()),
     ]
-}
-
-/// 5 ms each way on both NATs' internet links, none on the rendezvous's.
-fn near() -> topology::Links {
-    use topology::{Link, Links};
-    Links {
-        a: Link::symmetric_ms(5),
-        b: Link::symmetric_ms(5),
-        rv: Link::NONE,
-    }
 }
 
 fn on_path(tool: &str) -> bool {

@@ -332,6 +332,19 @@ pub struct Links {
     pub rv: Link,
 }
 
+impl Links {
+    /// 5 ms each way on both NATs' internet links (10 ms host to host),
+    /// none on the rendezvous's: enough for the two sides' first UDP
+    /// datagrams to cross in flight (lab/README.md, "UDP and conntrack").
+    pub fn near() -> Self {
+        Links {
+            a: Link::symmetric_ms(5),
+            b: Link::symmetric_ms(5),
+            rv: Link::NONE,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Endpoint {
     Rv,

@@ -4,10 +4,10 @@
 
 use std::io::Write as _;
 
-use punch_lab::recovery;
+use punch_lab::recovery::{self, Over};
 use punch_lab::scenario::Binaries;
 
-fn case(name: &str, f: fn(&Binaries) -> anyhow::Result<String>) {
+fn case(name: &str, f: impl FnOnce(&Binaries) -> anyhow::Result<String>) {
     let test = format!("lab recovery {name}");
     let Some((_serial, bins)) = punch_lab::prepare(&test, env!("CARGO_BIN_EXE_punch-lab-tool"))
     else {
@@ -25,12 +25,28 @@ fn case(name: &str, f: fn(&Binaries) -> anyhow::Result<String>) {
 
 #[test]
 fn nat_mappings_flushed_mid_transfer_end_in_a_working_tunnel() {
-    case("conntrack-flush", recovery::conntrack_flush);
+    case("conntrack-flush", |b| {
+        recovery::conntrack_flush(b, Over::Tcp)
+    });
+}
+
+#[test]
+fn nat_mappings_flushed_under_quic_end_in_a_working_tunnel() {
+    case("conntrack-flush-quic", |b| {
+        recovery::conntrack_flush(b, Over::Quic)
+    });
 }
 
 #[test]
 fn a_restarted_peer_is_reachable_again_soon() {
-    case("peer-restart", recovery::peer_restart);
+    case("peer-restart", |b| recovery::peer_restart(b, Over::Tcp));
+}
+
+#[test]
+fn a_restarted_peer_is_reachable_again_soon_over_quic() {
+    case("peer-restart-quic", |b| {
+        recovery::peer_restart(b, Over::Quic)
+    });
 }
 
 #[test]

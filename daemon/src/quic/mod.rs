@@ -22,7 +22,7 @@ pub(crate) mod socket;
 use std::collections::HashMap;
 use std::io;
 use std::net::{Ipv4Addr, SocketAddr};
-use std::sync::atomic::{AtomicU16, Ordering};
+use std::sync::atomic::{AtomicU16, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -73,9 +73,27 @@ pub(crate) struct QuicPath {
     port: AtomicU16,
     /// Fired after a re-bind: the rendezvous must learn the new mapping.
     rebound: Notify,
+    /// QUIC tunnels in service (a re-bind would move them off their
+    /// punched mappings).
+    live: Arc<AtomicUsize>,
     runtime: Arc<dyn quinn::Runtime>,
     transport: Arc<TransportConfig>,
     identity: Identity,
+}
+
+/// The key for QUIC stateless resets, derived from the identity so it
+/// survives a restart. A daemon that was killed and restarted has lost its
+/// connections; when its old peer's next packet arrives it answers with a
+/// stateless reset the peer can verify (the token is an HMAC under this
+/// key of the connection id), so the peer drops the dead tunnel at once and
+/// punches again, instead of waiting out the keepalive timeout. The TCP
+/// path gets the same from the kernel's FIN.
+fn reset_key(identity: &Identity) -> Arc<dyn quinn::crypto::HmacKey> {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    h.update(b"punchd-quic-stateless-reset-v1:");
+    h.update(identity.signing_key().to_bytes());
+    Arc::new(ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &h.finalize()))
 }
 
 /// Stream limits as the TCP path's, windows sized for bulk transfers, and
@@ -88,7 +106,9 @@ fn transport_config(keepalive: (Duration, Duration)) -> TransportConfig {
         .stream_receive_window(VarInt::from_u32(STREAM_WINDOW))
         .receive_window(VarInt::from_u32(CONNECTION_WINDOW))
         .send_window(u64::from(CONNECTION_WINDOW))
-        .keep_alive_interval(Some(keepalive.0))
+        // Half the tunnel keepalive: cheap PINGs that keep NAT mappings
+        // warm and, after a peer restart, draw its stateless reset soon.
+        .keep_alive_interval(Some(keepalive.0 / 2))
         .max_idle_timeout(IdleTimeout::try_from(keepalive.0 + keepalive.1).ok())
         // quinn's default (333 ms) delays the first retransmission by ~1 s;
         // the punch has just measured that the path is open.
@@ -125,7 +145,7 @@ impl QuicPath {
             .map_err(|e| QuicError::Crypto(e.to_string()))?;
         let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
         server.transport_config(transport.clone());
-        let mut endpoint_cfg = quinn::EndpointConfig::default();
+        let mut endpoint_cfg = quinn::EndpointConfig::new(reset_key(identity));
         // Never let a peer clear the fixed bit: a zero first byte is how
         // the socket tells punchd's datagrams from QUIC.
         endpoint_cfg.grease_quic_bit(false);
@@ -145,6 +165,7 @@ impl QuicPath {
             demux,
             port: AtomicU16::new(local.port()),
             rebound: Notify::new(),
+            live: Arc::new(AtomicUsize::new(0)),
             runtime,
             transport,
             identity: identity.clone(),
@@ -158,15 +179,23 @@ impl QuicPath {
             .clone()
     }
 
-    /// Moves the endpoint to a fresh UDP port, unless connections are open
-    /// on it (they would be lost). Called after a UDP punch in which
-    /// neither side heard the other: a Linux NAT may then hold a conntrack
-    /// entry for the early datagram that re-maps our port for this peer
-    /// for as long as punches keep coming (lab/README.md, "UDP and
-    /// conntrack"); a new port is a new mapping, and the next punch starts
-    /// clean. Returns the new port.
+    /// Counts a QUIC tunnel as in service while the guard lives.
+    pub(crate) fn live_tunnel(&self) -> LiveTunnel {
+        self.live.fetch_add(1, Ordering::Relaxed);
+        LiveTunnel(self.live.clone())
+    }
+
+    /// Moves the endpoint to a fresh UDP port, unless a QUIC tunnel is in
+    /// service (it would lose its punched mapping) or any connection is
+    /// still open or closing (its last packets would leave from the new
+    /// port, reach the peer's NAT unsolicited and spoil the next punch).
+    /// Called after a UDP punch in which neither side heard the other: a
+    /// Linux NAT may then hold a conntrack entry for an early datagram that
+    /// re-maps our port for this peer for as long as packets keep coming
+    /// (lab/README.md, "UDP and conntrack"); a new port is a new mapping,
+    /// and the next punch starts clean. Returns the new port.
     pub(crate) fn rebind_if_idle(&self) -> Option<u16> {
-        if self.endpoint.open_connections() > 0 {
+        if self.live.load(Ordering::Relaxed) > 0 || self.endpoint.open_connections() > 0 {
             return None;
         }
         let fresh = std::net::UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))
@@ -285,6 +314,16 @@ impl QuicPath {
     }
 }
 
+/// A QUIC tunnel in service; see [`QuicPath::live_tunnel`].
+#[derive(Debug)]
+pub(crate) struct LiveTunnel(Arc<AtomicUsize>);
+
+impl Drop for LiveTunnel {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 /// The `[[peers]]` key a connection authenticated with.
 fn peer_key(conn: &quinn::Connection, keys: &[PublicKeyBytes]) -> Option<PublicKeyBytes> {
     let identity = conn.peer_identity()?;
@@ -356,8 +395,12 @@ mod tests {
             Some(datagram::Datagram::Punch { session: "x" })
         );
 
-        // After a re-bind (no connections open) all of this moves to a
-        // fresh port, and the rendezvous client is told.
+        // A tunnel in service pins the port...
+        let live = path.live_tunnel();
+        assert_eq!(path.rebind_if_idle(), None);
+        drop(live);
+        // ...without one, all of this moves to a fresh port, and the
+        // rendezvous client is told.
         let old = path.port();
         let new = path.rebind_if_idle().expect("idle endpoint re-binds");
         assert_ne!(new, old);
