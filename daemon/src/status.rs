@@ -371,38 +371,29 @@ impl StatusBoard {
                 u8::from(doc.rendezvous == "connected").to_string(),
             )],
         );
-        let paths = doc
-            .peers
-            .iter()
-            .flat_map(|p| {
-                ["direct", "relayed", "none"].into_iter().map(move |path| {
-                    let on = p.path.as_str() == path;
-                    (
-                        format!("peer=\"{}\",path=\"{path}\"", p.name),
-                        u8::from(on).to_string(),
-                    )
+        // One sample per peer and possible value, 1 for the current one.
+        let one_hot = |label: &str, values: [&str; 3], current: &dyn Fn(&PeerDoc) -> &str| {
+            doc.peers
+                .iter()
+                .flat_map(|p| {
+                    values.map(|v| {
+                        (
+                            format!("peer=\"{}\",{label}=\"{v}\"", p.name),
+                            u8::from(current(p) == v).to_string(),
+                        )
+                    })
                 })
-            })
-            .collect();
+                .collect::<Vec<_>>()
+        };
         family(
             "peer_path",
             "gauge",
             "1 for the path each peer's tunnel takes now.",
-            paths,
+            one_hot("path", ["direct", "relayed", "none"], &|p| p.path.as_str()),
         );
-        let transports = doc
-            .peers
-            .iter()
-            .flat_map(|p| {
-                ["tcp", "quic", "relay"].into_iter().map(move |t| {
-                    let on = p.transport.is_some_and(|x| x.as_str() == t);
-                    (
-                        format!("peer=\"{}\",transport=\"{t}\"", p.name),
-                        u8::from(on).to_string(),
-                    )
-                })
-            })
-            .collect();
+        let transports = one_hot("transport", ["tcp", "quic", "relay"], &|p| {
+            p.transport.map_or("", Transport::as_str)
+        });
         family(
             "peer_transport",
             "gauge",
@@ -566,5 +557,14 @@ mod tests {
             "{m}"
         );
         assert!(m.contains("punchd_rendezvous_connected{} 1"), "{m}");
+        for (transport, on) in [("tcp", 1), ("quic", 0), ("relay", 0)] {
+            let line =
+                format!("punchd_peer_transport{{peer=\"bob\",transport=\"{transport}\"}} {on}");
+            assert!(m.contains(&line), "{line} not in {m}");
+        }
+        assert!(
+            m.contains("punchd_peer_path{peer=\"bob\",path=\"none\"} 0"),
+            "{m}"
+        );
     }
 }
