@@ -576,3 +576,50 @@ async fn signed_udp_probes_reveal_the_udp_endpoint_and_reach_punch_orders() {
     drop((a, b));
     server.stop().await;
 }
+
+#[tokio::test]
+async fn forged_probes_naming_one_daemon_do_not_stop_anothers() {
+    use punch_rendezvous::datagram::{self, ProbeBody};
+    let server = TestServer::start(RendezvousConfig::default()).await;
+    let (_a, wa, _) = hello_udp(server.addr, "alice", &key(1), None, false, Some(1)).await;
+    let (_b, _, bob_nonce) = hello_udp(server.addr, "bob", &key(2), None, false, Some(1)).await;
+    let ServerMsg::Welcome {
+        udp_port: Some(udp_port),
+        ..
+    } = wa
+    else {
+        panic!("no UDP port in {wa:?}")
+    };
+    let server_udp = SocketAddr::new(server.addr.ip(), udp_port);
+    let attacker = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    for counter in 1..=200 {
+        let forged = ProbeBody {
+            name: "alice",
+            counter,
+            local_port: 0,
+        };
+        let d = datagram::probe(&key(9), &[0u8; 32], &forged);
+        attacker.send_to(&d, server_udp).await.unwrap();
+    }
+    let bob_sock = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let body = ProbeBody {
+        name: "bob",
+        counter: 1,
+        local_port: 0,
+    };
+    assert!(
+        probe(
+            &bob_sock,
+            server_udp,
+            &datagram::probe(&key(2), &bob_nonce, &body)
+        )
+        .await
+        .is_some(),
+        "bob's probe went unanswered during a flood naming alice"
+    );
+    assert_eq!(
+        server.metric("punch_rendezvous_udp_dropped_total").await,
+        200
+    );
+    server.stop().await;
+}

@@ -117,6 +117,11 @@ async fn handshake(
         udp_port: hello.udp_port.filter(|p| *p != 0),
         udp_observed: None,
         probe_counter: 0,
+        probe_bucket: TokenBucket::new(
+            super::udp::PROBES_PER_DAEMON_PER_SECOND,
+            super::udp::PROBE_BURST_PER_DAEMON,
+            Instant::now(),
+        ),
         rtt_us: 0,
         tx,
         replaced,

@@ -38,6 +38,9 @@ pub(crate) struct Client {
     pub(crate) udp_observed: Option<SocketAddr>,
     /// Highest probe counter accepted (replay protection).
     pub(crate) probe_counter: u64,
+    /// Probe signature checks allowed for this daemon: a flood of forged
+    /// probes naming it costs the server little and other daemons nothing.
+    pub(crate) probe_bucket: super::ratelimit::TokenBucket,
     /// Last RTT the daemon reported, for timing its punches.
     pub(crate) rtt_us: u64,
     /// Messages to the connection task (bounded).
@@ -311,6 +314,7 @@ mod tests {
                 udp_port: None,
                 udp_observed: None,
                 probe_counter: 0,
+                probe_bucket: super::super::ratelimit::TokenBucket::new(1, 8, Instant::now()),
                 rtt_us: 0,
                 tx,
                 replaced: CancellationToken::new(),
