@@ -21,7 +21,8 @@ pub mod types;
 
 pub use error::ConfigError;
 pub use peer::{
-    AdminSection, Expose, Forward, PeerConfig, PeerEntry, PunchMode, PunchSection, TransportKind,
+    AdminSection, Expose, Forward, PeerConfig, PeerEntry, PunchMode, PunchSection, QuicCongestion,
+    TransportKind,
 };
 pub use rendezvous::{RendezvousConfig, ServerLimits};
 pub use types::{PeerName, PublicKeyBytes, Secret};

@@ -72,6 +72,18 @@ pub enum TransportKind {
     Quic,
 }
 
+/// Congestion control for the QUIC path.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum QuicCongestion {
+    /// CUBIC, quinn's default and the usual choice.
+    #[default]
+    Cubic,
+    /// BBR: far better on paths with random loss (Wi-Fi, mobile); quinn
+    /// still calls its implementation experimental.
+    Bbr,
+}
+
 fn default_transports() -> Vec<TransportKind> {
     vec![TransportKind::Tcp, TransportKind::Quic]
 }
@@ -110,6 +122,9 @@ pub struct PunchSection {
     /// punch port number (or any free one when that is taken).
     #[serde(default = "default_transports")]
     pub transports: Vec<TransportKind>,
+    /// Congestion control on the QUIC path: `cubic` (default) or `bbr`.
+    #[serde(default)]
+    pub quic_congestion: QuicCongestion,
 }
 
 fn default_keepalive_interval() -> Duration {
@@ -138,6 +153,7 @@ impl Default for PunchSection {
             keepalive_interval: default_keepalive_interval(),
             keepalive_timeout: default_keepalive_timeout(),
             transports: default_transports(),
+            quic_congestion: QuicCongestion::default(),
         }
     }
 }

@@ -292,7 +292,13 @@ fn bind_quic(cfg: &PeerConfig, identity: &Identity) -> Option<Arc<QuicPath>> {
     }
     let keys: Vec<_> = cfg.peers.iter().map(|p| p.public_key).collect();
     let keepalive = (cfg.punch.keepalive_interval, cfg.punch.keepalive_timeout);
-    match QuicPath::bind(cfg.punch.port, identity, &keys, keepalive) {
+    match QuicPath::bind(
+        cfg.punch.port,
+        identity,
+        &keys,
+        keepalive,
+        cfg.punch.quic_congestion,
+    ) {
         Ok(q) => Some(Arc::new(q)),
         Err(e) => {
             warn!(error = %e, "QUIC path unavailable; punching over TCP only");

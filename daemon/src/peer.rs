@@ -211,6 +211,8 @@ struct Punched {
 struct PunchFailure {
     reason: String,
     attempts: u32,
+    /// Nothing could be tried this time (see [`race::NoDirect`]).
+    nothing_to_try: bool,
 }
 
 /// Starts a peer task; returns its handle.
@@ -254,6 +256,8 @@ struct PeerActor {
     /// Spacing of attempts to go direct while relayed.
     upgrade: Backoff,
     last_failure: String,
+    /// Punches in a row that had nothing to try (see [`race::NoDirect`]).
+    nothing_to_try: u32,
 }
 
 impl PeerActor {
@@ -276,6 +280,7 @@ impl PeerActor {
             backoff: Backoff::new(Duration::from_millis(500), Duration::from_secs(30)),
             upgrade: Backoff::new(UPGRADE_FIRST, UPGRADE_MAX),
             last_failure: "none yet".to_owned(),
+            nothing_to_try: 0,
         }
     }
 
@@ -418,9 +423,17 @@ impl PeerActor {
                 }
                 self.punching = None;
                 match outcome {
-                    Ok(p) => self.install(generation, *p),
+                    Ok(p) => {
+                        self.nothing_to_try = 0;
+                        self.install(generation, *p);
+                    }
                     Err(f) => {
                         self.last_failure = f.reason.clone();
+                        self.nothing_to_try = if f.nothing_to_try {
+                            self.nothing_to_try + 1
+                        } else {
+                            0
+                        };
                         let relayed = self.tunnel.is_some();
                         if self.ctx.initiator || !self.waiters.is_empty() {
                             let wait = if relayed {
@@ -478,7 +491,10 @@ impl PeerActor {
         self.punch_session = Some(job.order.session.clone());
 
         // With a relay already up, a punch is an upgrade attempt: no second relay.
-        let allow_relay = self.tunnel.is_none();
+        // A punch that had nothing to try is asked again (the peer's UDP
+        // endpoint is usually known a moment later); after three in a row
+        // the relay is allowed as usual.
+        let allow_relay = self.tunnel.is_none() && self.nothing_to_try < 3;
         let ctx = self.ctx.clone();
         let events = self.events_tx.clone();
         let span = tracing::info_span!("punch", session = %job.order.session);
@@ -486,7 +502,7 @@ impl PeerActor {
             async move {
                 let outcome = tokio::select! {
                     r = punch_session(&ctx, job, allow_relay) => r,
-                    _ = stop.cancelled() => Err(PunchFailure { reason: "superseded, abandoned (peer left) or shutting down".into(), attempts: 0 }),
+                    _ = stop.cancelled() => Err(PunchFailure { reason: "superseded, abandoned (peer left) or shutting down".into(), attempts: 0, nothing_to_try: false }),
                 };
                 let _ = events.send(Internal::PunchDone { generation, outcome }).await;
             }
@@ -597,6 +613,7 @@ async fn punch_session(
         .map_err(|f| PunchFailure {
             reason: f.reason,
             attempts: f.attempts,
+            nothing_to_try: f.nothing_to_try,
         });
     let result = match result {
         Err(f) if allow_relay && ctx.mode == PunchMode::Auto => {
@@ -606,6 +623,7 @@ async fn punch_session(
         Err(f) if ctx.mode == PunchMode::DirectOnly => Err(PunchFailure {
             reason: format!("{}; no relay fallback (mode = \"direct-only\")", f.reason),
             attempts: f.attempts,
+            nothing_to_try: f.nothing_to_try,
         }),
         other => other,
     };
@@ -704,6 +722,7 @@ async fn relay_fallback(
     let fail = |why: String| PunchFailure {
         reason: format!("{}; relay: {why}", failed.reason),
         attempts: failed.attempts,
+        nothing_to_try: false,
     };
     let (io, remote) =
         relay_transport::connect(&ctx.rendezvous_url, &order.session, &order.relay_token)

@@ -56,6 +56,10 @@ pub(crate) struct Direct {
 pub(crate) struct NoDirect {
     pub(crate) reason: String,
     pub(crate) attempts: u32,
+    /// No allowed transport could even start (QUIC alone, and the peer's
+    /// UDP endpoint not yet known): worth asking again soon rather than
+    /// relaying at once.
+    pub(crate) nothing_to_try: bool,
 }
 
 /// Punches every allowed transport and returns the path both ends keep.
@@ -74,6 +78,13 @@ pub(crate) async fn punch_direct(
         .filter(|_| !order.udp_candidates.is_empty());
     if ctx.transports.contains(&TransportKind::Quic) && quic.is_none() {
         info!("no QUIC this time: the peer has no UDP endpoint (QUIC off there, or its probes did not reach the rendezvous)");
+    }
+    if !use_tcp && quic.is_none() {
+        return Err(NoDirect {
+            reason: "nothing to punch with: transports allow QUIC only, and the peer has no UDP endpoint yet".to_owned(),
+            attempts: 0,
+            nothing_to_try: true,
+        });
     }
     info!(tcp = ?use_tcp.then_some(&order.candidates), quic = ?quic.map(|_| &order.udp_candidates), in_ms = fire_at.saturating_duration_since(Instant::now()).as_millis() as u64, "punching");
 
@@ -209,7 +220,11 @@ pub(crate) async fn punch_direct(
             } else {
                 errors.join("; ")
             };
-            return Err(NoDirect { reason, attempts });
+            return Err(NoDirect {
+                reason,
+                attempts,
+                nothing_to_try: false,
+            });
         }
     }
 }

@@ -619,26 +619,24 @@ pub fn run(bins: &Binaries, seconds: u64) -> Result<()> {
         let mut server = measure_run(&mut run, &mut paths, seconds, rr_count)?;
         streams_line = many_streams(&mut run, &mut server)?;
     }
-    let mut quic = vec![row("punchd QUIC", FORWARD_LISTEN)];
-    {
+    for (name, congestion) in [("punchd QUIC", "cubic"), ("punchd QUIC bbr", "bbr")] {
+        let mut quic = vec![row(name, FORWARD_LISTEN)];
         let s = Scenario::new(
-            "bench-quic",
+            &format!("bench-quic-{congestion}"),
             Layout::TwoNats(NatBehaviour::Firewall),
             Expect::Direct,
         )
-        .with_transports(&["quic"]);
+        .with_transports(&["quic"])
+        .with_punch(&format!("quic_congestion = \"{congestion}\""));
         let mut run = Run::start(&s, bins)?;
         let status = run.wait_path("alice", "direct", Duration::from_secs(30))?;
         if status["peers"][0]["transport"] != "quic" {
-            bail!(
-                "bench-quic: the tunnel is not on QUIC: {}",
-                status["peers"][0]
-            );
+            bail!("{name}: the tunnel is not on QUIC: {}", status["peers"][0]);
         }
         run.topo.host_b.kill(run.sink);
         measure_run(&mut run, &mut quic, seconds, rr_count)?;
+        paths.extend(quic);
     }
-    paths.extend(quic);
     let mut relayed = vec![row("punchd relayed", FORWARD_LISTEN)];
     {
         // Port-randomizing NATs: no direct path. The relay's per-session

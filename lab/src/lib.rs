@@ -96,6 +96,10 @@ pub fn scenarios() -> Vec<scenario::Scenario> {
         Scenario::new("quic", L::TwoNats(N::Masquerade), Expect::Direct)
             .with_transports(&["quic"])
             .with_links(topology::Links::near()),
+        Scenario::new("quic-bbr", L::TwoNats(N::Masquerade), Expect::Direct)
+            .with_transports(&["quic"])
+            .with_punch("quic_congestion = \"bbr\"")
+            .with_links(topology::Links::near()),
         Scenario::new("race", L::TwoNats(N::Masquerade), Expect::Direct)
             .with_transports(&["tcp", "quic"])
             .with_links(topology::Links::near()),

@@ -72,6 +72,11 @@ fn quic_alone_through_port_preserving_nats_is_direct() {
 }
 
 #[test]
+fn quic_with_bbr_is_direct() {
+    scenario("quic-bbr");
+}
+
+#[test]
 fn racing_tcp_and_quic_keeps_one_path_and_closes_the_other() {
     scenario("race");
 }

@@ -26,7 +26,7 @@ use std::sync::atomic::{AtomicU16, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use punch_config::PublicKeyBytes;
+use punch_config::{PublicKeyBytes, QuicCongestion};
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
 use quinn::{IdleTimeout, TransportConfig, VarInt};
 use tokio::sync::{mpsc, Notify, Semaphore};
@@ -99,7 +99,10 @@ fn reset_key(identity: &Identity) -> Arc<dyn quinn::crypto::HmacKey> {
 /// Stream limits as the TCP path's, windows sized for bulk transfers, and
 /// the tunnel keepalive doubling as the QUIC keepalive (it also keeps the
 /// NAT mappings along the path alive).
-fn transport_config(keepalive: (Duration, Duration)) -> TransportConfig {
+fn transport_config(
+    keepalive: (Duration, Duration),
+    congestion: QuicCongestion,
+) -> TransportConfig {
     let mut t = TransportConfig::default();
     t.max_concurrent_bidi_streams(VarInt::from_u32(MAX_STREAMS as u32))
         .max_concurrent_uni_streams(VarInt::from_u32(0))
@@ -113,6 +116,9 @@ fn transport_config(keepalive: (Duration, Duration)) -> TransportConfig {
         // quinn's default (333 ms) delays the first retransmission by ~1 s;
         // the punch has just measured that the path is open.
         .initial_rtt(Duration::from_millis(100));
+    if congestion == QuicCongestion::Bbr {
+        t.congestion_controller_factory(Arc::new(quinn::congestion::BbrConfig::default()));
+    }
     t
 }
 
@@ -124,6 +130,7 @@ impl QuicPath {
         identity: &Identity,
         accept_from: &[PublicKeyBytes],
         keepalive: (Duration, Duration),
+        congestion: QuicCongestion,
     ) -> Result<Self, QuicError> {
         let std_socket = match std::net::UdpSocket::bind((Ipv4Addr::UNSPECIFIED, port)) {
             Ok(s) => s,
@@ -140,7 +147,7 @@ impl QuicPath {
             runtime.wrap_udp_socket(std_socket)?,
             demux.clone(),
         ));
-        let transport = Arc::new(transport_config(keepalive));
+        let transport = Arc::new(transport_config(keepalive, congestion));
         let crypto = QuicServerConfig::try_from(tls::server_config_any(identity, accept_from)?)
             .map_err(|e| QuicError::Crypto(e.to_string()))?;
         let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
@@ -351,6 +358,7 @@ mod tests {
             &id,
             &[],
             (Duration::from_secs(5), Duration::from_secs(10)),
+            QuicCongestion::Cubic,
         )
         .unwrap();
         let to = SocketAddr::from(([127, 0, 0, 1], path.port()));
