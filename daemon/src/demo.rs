@@ -45,6 +45,8 @@ fn step<E: fmt::Display>(step: &'static str) -> impl FnOnce(E) -> DemoError {
 pub struct DemoReport {
     /// direct, relayed or none.
     pub path: PathState,
+    /// tcp, quic or relay (the path the race kept).
+    pub transport: Option<crate::status::Transport>,
     /// The remote endpoint alice reached bob at.
     pub remote: String,
     /// Order → tunnel ready.
@@ -66,10 +68,16 @@ impl fmt::Display for DemoReport {
         let mib = self.bytes as f64 / (1024.0 * 1024.0);
         let secs = self.transfer.as_secs_f64().max(1e-9);
         writeln!(f, "punchd demo: alice ⇄ bob on loopback")?;
-        writeln!(f, "  path        {:?} via {}", self.path, self.remote)?;
         writeln!(
             f,
-            "  punch       {} ms, {} connect attempt(s)",
+            "  path        {} over {} via {}",
+            self.path.as_str(),
+            self.transport.map_or("-", |t| t.as_str()),
+            self.remote
+        )?;
+        writeln!(
+            f,
+            "  punch       {} ms, {} attempt(s)",
             self.punch_ms, self.attempts
         )?;
         writeln!(f, "  transfer    {mib:.0} MiB echoed through the forward in {:.0} ms ({:.0} MiB/s each way)", secs * 1000.0, mib / secs)?;
@@ -213,6 +221,7 @@ async fn run_with(
     bob.shutdown(Duration::from_secs(2)).await;
     Ok(DemoReport {
         path: peer.path,
+        transport: peer.transport,
         remote: peer.remote_addr.unwrap_or_default(),
         punch_ms: punch.as_ref().map_or(0, |p| p.elapsed_ms),
         attempts: punch.as_ref().map_or(0, |p| p.attempts),
