@@ -54,6 +54,18 @@ impl TestServer {
         out
     }
 
+    /// The UDP observation endpoint a welcome names (on the server's host).
+    fn udp_endpoint(&self, welcome: &ServerMsg) -> SocketAddr {
+        let ServerMsg::Welcome {
+            udp_port: Some(port),
+            ..
+        } = welcome
+        else {
+            panic!("welcome names the UDP observation port: {welcome:?}")
+        };
+        SocketAddr::new(self.addr.ip(), *port)
+    }
+
     async fn metric(&self, line_prefix: &str) -> u64 {
         let text = self.get("/metrics").await;
         text.lines()
@@ -506,14 +518,7 @@ async fn signed_udp_probes_reveal_the_udp_endpoint_and_reach_punch_orders() {
         Some(udp_local.port()),
     )
     .await;
-    let ServerMsg::Welcome {
-        udp_port: Some(udp_port),
-        ..
-    } = wa
-    else {
-        panic!("welcome names the UDP observation port: {wa:?}")
-    };
-    let server_udp = SocketAddr::new(server.addr.ip(), udp_port);
+    let server_udp = server.udp_endpoint(&wa);
 
     // A good probe is acknowledged with the address the server saw.
     let ack = probe(
@@ -583,14 +588,7 @@ async fn forged_probes_naming_one_daemon_do_not_stop_anothers() {
     let server = TestServer::start(RendezvousConfig::default()).await;
     let (_a, wa, _) = hello_udp(server.addr, "alice", &key(1), None, false, Some(1)).await;
     let (_b, _, bob_nonce) = hello_udp(server.addr, "bob", &key(2), None, false, Some(1)).await;
-    let ServerMsg::Welcome {
-        udp_port: Some(udp_port),
-        ..
-    } = wa
-    else {
-        panic!("no UDP port in {wa:?}")
-    };
-    let server_udp = SocketAddr::new(server.addr.ip(), udp_port);
+    let server_udp = server.udp_endpoint(&wa);
     let attacker = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
     for counter in 1..=200 {
         let forged = ProbeBody {
