@@ -192,12 +192,8 @@ async fn simultaneous_open_never_listens_on_the_punch_port() {
         punch.elapsed_ms, punch.attempts
     );
     // The connection is between the two punch ports, seen from the OS.
-    let tcp = std::fs::read_to_string("/proc/net/tcp").unwrap();
-    let hex_port = |p: u16| format!(":{p:04X} ");
     assert!(
-        tcp.lines().any(|l| l.contains(&hex_port(ports.0))
-            && l.contains(&format!(":{:04X}", ports.1))
-            && l.split_whitespace().nth(3) == Some("01")),
+        tcp_established_between(ports.0, ports.1),
         "no established connection between the punch ports"
     );
     let bob_doc = wait_for("bob direct", Duration::from_secs(5), || {
