@@ -143,6 +143,7 @@ fn a_far_rendezvous_still_punches_first_time() {
     say(&format!(
         "timing far rendezvous (alice 100 ms RTT away, bob near): {t}"
     ));
-    // At most one punch in ten may fail to end direct.
-    assert_punches(&t, 0.3, t.rounds / 10);
+    // The same goal as the timing tests (measured 10/10 in every run since
+    // tunnels close with a FIN that reaches the NATs).
+    assert_punches(&t, 0.9, 0);
 }

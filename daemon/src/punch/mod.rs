@@ -8,6 +8,9 @@
 //! `listen()`, so the punch port never appears in `ss -ltn`.
 
 pub(crate) mod plan;
+mod stream;
+
+pub(crate) use stream::{set_abortive_close, PunchedStream};
 
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -49,89 +52,6 @@ pub(crate) fn bind_punch_socket(family: SocketAddr, port: u16) -> io::Result<Tcp
     sock.set_reuseport(true)?;
     sock.bind(SocketAddr::new(ip, port))?;
     Ok(sock)
-}
-
-/// Makes a socket close with RST rather than FIN: no TIME_WAIT is left on
-/// its 4-tuple, which would otherwise block reconnecting between the same
-/// ports for a minute.
-pub(crate) fn set_abortive_close(stream: &TcpStream) {
-    let _ = socket2::SockRef::from(stream).set_linger(Some(Duration::ZERO));
-}
-
-/// A punched connection, closed the way NATs on the path need.
-///
-/// When we drop it, the mux and TLS have already said goodbye (their close
-/// shuts the write side down: a FIN), and the socket is then aborted (RST),
-/// so no TIME_WAIT holds the punch 4-tuple against the next punch.
-///
-/// When the process dies instead (SIGKILL, a crash), `Drop` never runs and
-/// the kernel closes the socket normally: the peer's side and both NATs see
-/// a FIN. That matters: Linux conntrack lets a new SYN reopen a closed
-/// entry only if a FIN was seen on it (or the last RST went the same way as
-/// the SYN). After a bare RST from a killed peer, the surviving side's NAT
-/// kept the old entry in CLOSE and answered the restarted peer's SYNs with
-/// its own RSTs for up to conntrack's 10 s CLOSE timeout (measured in the
-/// lab's peer-restart test before this). The FIN's orphaned socket goes
-/// away as soon as the surviving peer aborts its side.
-#[derive(Debug)]
-pub(crate) struct PunchedStream(TcpStream);
-
-impl PunchedStream {
-    fn new(stream: TcpStream) -> Self {
-        Self(stream)
-    }
-}
-
-impl Drop for PunchedStream {
-    fn drop(&mut self) {
-        set_abortive_close(&self.0);
-    }
-}
-
-impl tokio::io::AsyncRead for PunchedStream {
-    fn poll_read(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &mut tokio::io::ReadBuf<'_>,
-    ) -> std::task::Poll<io::Result<()>> {
-        std::pin::Pin::new(&mut self.0).poll_read(cx, buf)
-    }
-}
-
-impl tokio::io::AsyncWrite for PunchedStream {
-    fn poll_write(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &[u8],
-    ) -> std::task::Poll<io::Result<usize>> {
-        std::pin::Pin::new(&mut self.0).poll_write(cx, buf)
-    }
-
-    fn poll_write_vectored(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> std::task::Poll<io::Result<usize>> {
-        std::pin::Pin::new(&mut self.0).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.0.is_write_vectored()
-    }
-
-    fn poll_flush(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<io::Result<()>> {
-        std::pin::Pin::new(&mut self.0).poll_flush(cx)
-    }
-
-    fn poll_shutdown(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<io::Result<()>> {
-        std::pin::Pin::new(&mut self.0).poll_shutdown(cx)
-    }
 }
 
 /// Tunes a punched connection: no Nagle delay, and TCP keepalive so the

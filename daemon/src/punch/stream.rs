@@ -1,0 +1,195 @@
+//! A punched connection, closed the way the NATs on its path need.
+//!
+//! Closing a direct tunnel leaves a conntrack entry for the punch 4-tuple
+//! in each NAT, and the next punch reuses that 4-tuple. Linux conntrack
+//! lets a new SYN reopen a closed entry only if a FIN was seen on it, or if
+//! the last RST it saw went the same way as the SYN. After a bare RST the
+//! peer's own last packets (an ACK, its RST) usually arrive after ours, so
+//! neither side's SYN may reopen the entry: the NAT drops them as invalid
+//! and answers with RSTs until conntrack's 10 s CLOSE timeout, which every
+//! retry refreshes. A FIN seen first makes any later SYN welcome.
+//!
+//! So a tunnel socket closes in two steps: `shutdown()` queues the FIN and
+//! waits until the kernel has actually sent it, then dropping the socket
+//! aborts it (RST), so no TIME_WAIT holds the 4-tuple for a minute.
+
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+use tokio::time::{Instant, Sleep};
+
+/// The longest a shutdown waits for the kernel to send the FIN. Normally
+/// it leaves at once; it is held back while earlier segments are still
+/// queued below the socket (TCP small queues), or the window is closed.
+const FIN_SEND_MAX: Duration = Duration::from_millis(500);
+/// How often a waiting shutdown looks again: the kernel offers no
+/// readiness event for "everything sent" once the write side is shut.
+const FIN_SEND_POLL: Duration = Duration::from_millis(2);
+
+/// Makes a socket close with RST rather than FIN: no TIME_WAIT is left on
+/// its 4-tuple, which would otherwise block reconnecting between the same
+/// ports for a minute.
+pub(crate) fn set_abortive_close(stream: &TcpStream) {
+    let _ = socket2::SockRef::from(stream).set_linger(Some(Duration::ZERO));
+}
+
+/// A punched connection.
+///
+/// When we drop it, the mux and TLS have already said goodbye and shut the
+/// write side down (see [`PunchedStream::poll_shutdown`]: the FIN is on the
+/// wire), and the socket is then aborted (RST).
+///
+/// When the process dies instead (SIGKILL, a crash), `Drop` never runs and
+/// the kernel closes the socket normally: the peer's side and both NATs see
+/// a FIN, which is what lets the restarted peer punch again at once. The
+/// orphaned socket goes away as soon as the surviving peer aborts its side.
+#[derive(Debug)]
+pub(crate) struct PunchedStream {
+    stream: TcpStream,
+    /// Set once our FIN is queued: until when to wait for it to leave, and
+    /// the timer for the next look.
+    closing: Option<(Instant, Pin<Box<Sleep>>)>,
+}
+
+impl PunchedStream {
+    pub(super) fn new(stream: TcpStream) -> Self {
+        Self {
+            stream,
+            closing: None,
+        }
+    }
+}
+
+impl Drop for PunchedStream {
+    fn drop(&mut self) {
+        set_abortive_close(&self.stream);
+    }
+}
+
+/// Bytes queued on `stream` that the kernel has not sent yet, our FIN
+/// counting as one; `None` when it cannot tell.
+#[allow(unsafe_code)]
+fn unsent(stream: &TcpStream) -> Option<u32> {
+    use std::os::fd::AsRawFd as _;
+    // linux/sockios.h; not in the libc crate.
+    const SIOCOUTQNSD: u32 = 0x894B;
+    let mut n: libc::c_int = 0;
+    // SAFETY: SIOCOUTQNSD writes one int through the pointer, which points
+    // at `n` for the duration of the call; the descriptor stays open while
+    // `stream` is borrowed.
+    let rc = unsafe { libc::ioctl(stream.as_raw_fd(), SIOCOUTQNSD as _, &mut n) };
+    (rc == 0).then(|| u32::try_from(n).unwrap_or(0))
+}
+
+impl AsyncRead for PunchedStream {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for PunchedStream {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    /// Shuts the write side down and completes once the FIN has been sent
+    /// (or after [`FIN_SEND_MAX`]), so that the abort on drop cannot
+    /// discard it.
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        if this.closing.is_none() {
+            ready!(Pin::new(&mut this.stream).poll_shutdown(cx))?;
+            let now = Instant::now();
+            this.closing = Some((now + FIN_SEND_MAX, Box::pin(tokio::time::sleep_until(now))));
+        }
+        let Some((give_up, tick)) = this.closing.as_mut() else {
+            return Poll::Ready(Ok(()));
+        };
+        loop {
+            let now = Instant::now();
+            if unsent(&this.stream).is_none_or(|n| n == 0) || now >= *give_up {
+                return Poll::Ready(Ok(()));
+            }
+            ready!(tick.as_mut().poll(cx));
+            tick.as_mut().reset(now + FIN_SEND_POLL);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use super::*;
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+    /// A closing tunnel must put everything it wrote, and then its FIN, on
+    /// the wire before it aborts. Here the reader is slow, so at shutdown
+    /// the data and the FIN are still queued in the kernel (the window is
+    /// closed): an abort right after `shutdown()` would discard both and
+    /// the reader would see a reset instead of the end of the stream.
+    #[tokio::test]
+    async fn shutdown_sends_queued_data_and_fin_before_the_abort() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (client, server) = tokio::join!(TcpStream::connect(addr), listener.accept());
+        let (mut reader, _) = server.unwrap();
+        let mut writer = PunchedStream::new(client.unwrap());
+
+        // Fill the reader's window and our send buffer until a write blocks.
+        let chunk = vec![7u8; 64 * 1024];
+        let mut written = 0usize;
+        while let Ok(Ok(n)) =
+            tokio::time::timeout(Duration::from_millis(50), writer.write(&chunk)).await
+        {
+            written += n;
+        }
+        assert!(unsent(&writer.stream).unwrap() > 0, "nothing left queued");
+
+        let read_all = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let mut got = Vec::new();
+            let r = reader.read_to_end(&mut got).await;
+            (r.map(|_| got.len()), reader)
+        });
+        writer.shutdown().await.unwrap();
+        assert_eq!(unsent(&writer.stream), Some(0), "the FIN has not left");
+        drop(writer); // the abort
+
+        let (read, _reader) = read_all.await.unwrap();
+        assert_eq!(
+            read.unwrap(),
+            written,
+            "the reader saw a reset, not our FIN"
+        );
+    }
+}
