@@ -707,7 +707,7 @@ async fn keepalive(tunnel: Tunnel, ctx: Arc<PeerContext>, cancel: CancellationTo
     if let Err(why) = result {
         if !tunnel.is_closed() {
             warn!(reason = %why, "path looks dead; closing the tunnel");
-            tunnel.close();
+            tunnel.close_lost();
         }
     }
 }

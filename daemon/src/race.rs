@@ -155,7 +155,7 @@ pub(crate) async fn punch_direct(
                     attempts = attempts.max(s.rounds);
                     if let Some(e) = s.last_error { errors.push(format!("quic: {e}")); }
                     if s.heard == 0 {
-                        if let Some(path) = quic { path.rebind_if_idle(); }
+                        if let Some(path) = quic { path.rebind_if_idle("UDP punch heard nothing"); }
                     }
                 }
             }
@@ -170,7 +170,7 @@ pub(crate) async fn punch_direct(
                 if let Some(path) = quic {
                     authenticated = Some(Direct {
                         remote: q.conn.remote_address(),
-                        parts: tunnel::from_quic(q.conn, ctx.status.clone(), path.live_tunnel()),
+                        parts: tunnel::from_quic(q.conn, ctx.status.clone(), path.clone()),
                         attempts: q.rounds,
                     });
                 }

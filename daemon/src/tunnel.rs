@@ -14,7 +14,7 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -195,6 +195,9 @@ pub(crate) struct Tunnel {
     closed: CancellationToken,
     /// Streams in use (not counting keepalive).
     active: Arc<AtomicUsize>,
+    /// Set when the tunnel is closed because its path stopped carrying
+    /// packets (see [`Tunnel::close_lost`]).
+    lost: Arc<AtomicBool>,
     /// What carries it.
     pub(crate) transport: Transport,
 }
@@ -227,6 +230,15 @@ impl Tunnel {
 
     /// Closes the tunnel (the driver says goodbye and ends).
     pub(crate) fn close(&self) {
+        self.closed.cancel();
+    }
+
+    /// Closes the tunnel because its path is dead (no keepalive answer).
+    /// A QUIC tunnel's driver then also moves the UDP endpoint to a fresh
+    /// port, as the old one's NAT mappings are suspect; TCP punches use
+    /// fresh sockets anyway.
+    pub(crate) fn close_lost(&self) {
+        self.lost.store(true, Ordering::Relaxed);
         self.closed.cancel();
     }
 
@@ -326,6 +338,7 @@ where
             opener: Opener::Mux(open_tx),
             closed,
             active,
+            lost: Arc::default(),
             transport,
         },
         inbound,
@@ -393,32 +406,37 @@ async fn drive<T>(
     closed.cancel();
 }
 
-/// A tunnel over an authenticated QUIC connection. The driver accepts the
-/// peer's streams, keeps the status byte counters current (QUIC has no
-/// byte stream to meter, so they come from quinn's UDP counters, every
-/// 250 ms) and
-/// closes the connection when the tunnel is closed.
+/// A tunnel over an authenticated QUIC connection on `path`'s endpoint.
+/// The driver accepts the peer's streams, keeps the status byte counters
+/// current (QUIC has no byte stream to meter, so they come from quinn's
+/// UDP counters, every 250 ms), closes the connection when the tunnel is
+/// closed, and moves the endpoint to a fresh port if the path was lost.
 pub(crate) fn from_quic(
     conn: quinn::Connection,
     status: Arc<PeerStatus>,
-    live: crate::quic::LiveTunnel,
+    path: Arc<crate::quic::QuicPath>,
 ) -> TunnelParts {
     let (inbound_tx, inbound) = mpsc::channel(INBOUND_QUEUE);
     let closed = CancellationToken::new();
     let active = Arc::new(AtomicUsize::new(0));
+    let lost = Arc::new(AtomicBool::new(false));
     let driver = Box::pin(drive_quic(
-        conn.clone(),
+        QuicTunnel {
+            conn: conn.clone(),
+            closed: closed.clone(),
+            active: active.clone(),
+            lost: lost.clone(),
+        },
         inbound_tx,
-        closed.clone(),
-        active.clone(),
         status,
-        live,
+        path,
     ));
     TunnelParts {
         tunnel: Tunnel {
             opener: Opener::Quic(conn),
             closed,
             active,
+            lost,
             transport: Transport::Quic,
         },
         inbound,
@@ -426,14 +444,27 @@ pub(crate) fn from_quic(
     }
 }
 
-async fn drive_quic(
+/// The driver's share of a QUIC tunnel.
+struct QuicTunnel {
     conn: quinn::Connection,
-    inbound_tx: mpsc::Sender<StreamIo>,
     closed: CancellationToken,
     active: Arc<AtomicUsize>,
+    lost: Arc<AtomicBool>,
+}
+
+async fn drive_quic(
+    t: QuicTunnel,
+    inbound_tx: mpsc::Sender<StreamIo>,
     status: Arc<PeerStatus>,
-    _live: crate::quic::LiveTunnel,
+    path: Arc<crate::quic::QuicPath>,
 ) {
+    let QuicTunnel {
+        conn,
+        closed,
+        active,
+        lost,
+    } = t;
+    let live = path.live_tunnel();
     let mut metered = (0u64, 0u64);
     let mut meter = || {
         let s = conn.stats();
@@ -461,6 +492,9 @@ async fn drive_quic(
                 }
                 Err(e) => {
                     tracing::info!(error = %e, "QUIC tunnel ended");
+                    if matches!(e, quinn::ConnectionError::TimedOut) {
+                        lost.store(true, Ordering::Relaxed);
+                    }
                     break;
                 }
             },
@@ -468,5 +502,9 @@ async fn drive_quic(
         }
     }
     meter();
+    drop(live);
+    if lost.load(Ordering::Relaxed) {
+        path.rebind_after_lost_path().await;
+    }
     closed.cancel();
 }

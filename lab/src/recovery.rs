@@ -101,14 +101,16 @@ pub fn conntrack_flush(bins: &Binaries, over: Over) -> Result<String> {
         let flushed = Instant::now();
         let inflight = bg.join().map_err(|_| anyhow!("sender thread panicked"))??;
         let recovered = until_transfer_works(run, flushed, Duration::from_secs(30))?;
-        // Over QUIC the flush can leave the NATs holding conntrack entries
-        // for each side's in-flight packets that re-map the other's port
-        // (lab/README.md, "UDP and conntrack"): the first re-punch may
-        // fail and relay; the daemons then move to fresh UDP ports and the
-        // next upgrade attempt (15 s later) goes direct again.
+        // Over QUIC nothing tells the daemons at once (no NAT answers a
+        // UDP packet with a RST): the keepalive notices within its 10 s
+        // timeout, and both sides move to fresh UDP ports before punching
+        // again, because the flush left the NATs holding entries for each
+        // side's in-flight packets that re-map the other's old port
+        // (lab/README.md, "UDP and conntrack"). Direct again within 25 s of
+        // the flush (before fresh ports: relayed at 25 s, direct at 38–43).
         let wait_direct = match over {
             Over::Tcp => Duration::ZERO,
-            Over::Quic => Duration::from_secs(45),
+            Over::Quic => Duration::from_secs(25).saturating_sub(flushed.elapsed()),
         };
         run.wait_path("alice", "direct", wait_direct)
             .map_err(|e| anyhow!("after the flush the path is not direct: {e}"))?;

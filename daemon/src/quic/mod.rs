@@ -200,8 +200,9 @@ impl QuicPath {
     /// Linux NAT may then hold a conntrack entry for an early datagram that
     /// re-maps our port for this peer for as long as packets keep coming
     /// (lab/README.md, "UDP and conntrack"); a new port is a new mapping,
-    /// and the next punch starts clean. Returns the new port.
-    pub(crate) fn rebind_if_idle(&self) -> Option<u16> {
+    /// and the next punch starts clean. `why` is for the log. Returns the
+    /// new port.
+    pub(crate) fn rebind_if_idle(&self, why: &str) -> Option<u16> {
         if self.live.load(Ordering::Relaxed) > 0 || self.endpoint.open_connections() > 0 {
             return None;
         }
@@ -227,10 +228,27 @@ impl QuicPath {
         info!(
             old,
             new = port,
-            "UDP punch heard nothing; moved QUIC to a fresh port for the next punch"
+            "{why}; moved QUIC to a fresh port for the next punch"
         );
         self.rebound.notify_one();
         Some(port)
+    }
+
+    /// After a QUIC tunnel's path died (no keepalive answer, idle timeout).
+    /// Whatever killed it (a NAT that rebooted or flushed its conntrack
+    /// table, a new uplink) left the old port's mappings suspect: both
+    /// sides' last packets to them may have created the clashing entries
+    /// described at [`Self::rebind_if_idle`], which would spoil a re-punch
+    /// on the same port until they time out (measured in the lab's
+    /// `conntrack -F` case: 25 s until a relayed tunnel, 38–43 s until
+    /// direct). So once the dead connection has drained (at most 1 s), the
+    /// endpoint moves to a fresh port, unless other QUIC tunnels use it.
+    pub(crate) async fn rebind_after_lost_path(&self) {
+        if self.live.load(Ordering::Relaxed) > 0 {
+            return;
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(1), self.endpoint.wait_idle()).await;
+        self.rebind_if_idle("the QUIC path was lost");
     }
 
     /// Resolves after the next re-bind.
@@ -405,12 +423,12 @@ mod tests {
 
         // A tunnel in service pins the port...
         let live = path.live_tunnel();
-        assert_eq!(path.rebind_if_idle(), None);
+        assert_eq!(path.rebind_if_idle("test"), None);
         drop(live);
         // ...without one, all of this moves to a fresh port, and the
         // rendezvous client is told.
         let old = path.port();
-        let new = path.rebind_if_idle().expect("idle endpoint re-binds");
+        let new = path.rebind_if_idle("test").expect("idle endpoint re-binds");
         assert_ne!(new, old);
         assert_eq!(path.port(), new);
         within(path.rebound()).await.expect("re-bind is announced");
