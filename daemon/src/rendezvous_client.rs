@@ -364,9 +364,8 @@ async fn session(
             }
             cmd = cmds.recv() => match cmd {
                 Some(RvCmd::Connect(peer)) => send(&mut ws, &ClientMsg::Connect { peer }).await?,
-                                Some(RvCmd::Report(r)) => send(&mut ws, &ClientMsg::Result(r)).await?,
+                Some(RvCmd::Report(r)) => send(&mut ws, &ClientMsg::Result(r)).await?,
                 Some(RvCmd::Probe) => next_ping = Instant::now(),
-
                 None => return Ok(()),
             },
             msg = recv(&mut ws) => match msg? {
@@ -383,11 +382,10 @@ async fn session(
                     let job = PunchJob { order, fire_at, port: settings.port, received: Instant::now() };
                     let _ = events.send(RvEvent::Punch(Box::new(job))).await;
                 }
-                                ServerMsg::PunchAborted { session, peer } => {
+                ServerMsg::PunchAborted { session, peer } => {
                     let _ = events.send(RvEvent::Aborted { session, peer }).await;
                 }
                 ServerMsg::Error { code, message } => {
-
                     if matches!(code, ErrorCode::ShuttingDown | ErrorCode::Replaced | ErrorCode::RateLimited | ErrorCode::Timeout | ErrorCode::Malformed) {
                         return Err(RvError::Refused { code, message });
                     }
