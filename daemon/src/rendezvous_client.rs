@@ -40,6 +40,10 @@ const PING_INTERVAL: Duration = Duration::from_secs(10);
 /// Quick pings right after registering, for a clock estimate before the
 /// first punch.
 const QUICK_PINGS: u32 = 4;
+/// After a [`RvCmd::Probe`], pings this often for [`WATCHFUL_FOR`].
+const WATCHFUL_PING: Duration = Duration::from_secs(1);
+/// How long pings stay frequent after a tunnel was lost.
+const WATCHFUL_FOR: Duration = Duration::from_secs(10);
 /// No pong for this long means the connection is dead.
 const PONG_TIMEOUT: Duration = Duration::from_secs(35);
 /// How long registration waits for the first UDP probe's ack.
@@ -54,10 +58,16 @@ pub(crate) enum RvCmd {
     Connect(String),
     /// Report a punch outcome.
     Report(PunchResult),
-    /// Ping now: a tunnel was just lost, and whatever broke it (a NAT that
-    /// forgot its mappings, say) may have broken this connection too.
-    /// Finding out now, not at the next scheduled ping, is what lets the
-    /// next punch order reach us.
+    /// Ping now, and every second for a while: a tunnel was just lost, and
+    /// whatever broke it (a NAT that forgot its mappings, say) may have
+    /// broken this connection too. Finding out soon, not at the next
+    /// scheduled ping, is what lets the next punch order reach us. One ping
+    /// is not enough: after a NAT lost its state, the server's next packet
+    /// to us meets no mapping and the NAT resets the server's side, while
+    /// ours learns of it only when it next sends (measured in the lab's
+    /// `conntrack -F` test: our ping right after the tunnel broke still
+    /// got its pong, the server dropped us 0.4 s later, and we noticed at
+    /// the next regular ping, 10 s on).
     Probe,
 }
 
@@ -324,6 +334,7 @@ async fn session(
     let mut next_id = 0u64;
     let mut last_pong = Instant::now();
     let mut next_ping = Instant::now();
+    let mut watchful_until = Instant::now();
     loop {
         let probe_due = prober.as_ref().map(Prober::next_due);
         tokio::select! {
@@ -360,12 +371,21 @@ async fn session(
                 sent.push_back((next_id, unix_time_us()));
                 send(&mut ws, &ClientMsg::Ping { id: next_id, rtt_us: clock.rtt_us() }).await?;
                 let quick = next_id <= u64::from(QUICK_PINGS);
-                next_ping = Instant::now() + if quick { Duration::from_millis(100) } else { PING_INTERVAL };
+                next_ping = Instant::now() + if quick {
+                    Duration::from_millis(100)
+                } else if Instant::now() < watchful_until {
+                    WATCHFUL_PING
+                } else {
+                    PING_INTERVAL
+                };
             }
             cmd = cmds.recv() => match cmd {
                 Some(RvCmd::Connect(peer)) => send(&mut ws, &ClientMsg::Connect { peer }).await?,
                 Some(RvCmd::Report(r)) => send(&mut ws, &ClientMsg::Result(r)).await?,
-                Some(RvCmd::Probe) => next_ping = Instant::now(),
+                Some(RvCmd::Probe) => {
+                    next_ping = Instant::now();
+                    watchful_until = Instant::now() + WATCHFUL_FOR;
+                }
                 None => return Ok(()),
             },
             msg = recv(&mut ws) => match msg? {
