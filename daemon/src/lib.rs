@@ -4,7 +4,9 @@
 //! Where to start reading:
 //! 1. [`daemon`]: how the pieces are wired, with a picture of the tasks.
 //! 2. [`punch`] and [`punch::plan`]: the timed TCP simultaneous open; the
-//!    plan is sans-IO and carries the reasoning about early SYNs and RSTs.
+//!    plan is sans-IO and carries the reasoning about early SYNs and RSTs;
+//!    `punch/stream.rs` is how a punched connection closes so the NATs let
+//!    the next punch reuse its ports.
 //! 3. [`peer`]: one task per peer, owning its tunnel through punch, use
 //!    and loss.
 //! 4. [`tunnel`] and [`tls`]: TLS 1.3 with pinned Ed25519 raw public keys,
