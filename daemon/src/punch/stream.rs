@@ -128,12 +128,11 @@ impl AsyncWrite for PunchedStream {
         let this = &mut *self;
         if this.closing.is_none() {
             ready!(Pin::new(&mut this.stream).poll_shutdown(cx))?;
-            let now = Instant::now();
-            this.closing = Some((now + FIN_SEND_MAX, Box::pin(tokio::time::sleep_until(now))));
         }
-        let Some((give_up, tick)) = this.closing.as_mut() else {
-            return Poll::Ready(Ok(()));
-        };
+        let (give_up, tick) = this.closing.get_or_insert_with(|| {
+            let now = Instant::now();
+            (now + FIN_SEND_MAX, Box::pin(tokio::time::sleep_until(now)))
+        });
         loop {
             let now = Instant::now();
             if unsent(&this.stream).is_none_or(|n| n == 0) || now >= *give_up {
