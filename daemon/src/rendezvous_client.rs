@@ -371,9 +371,10 @@ async fn session(
                 sent.push_back((next_id, unix_time_us()));
                 send(&mut ws, &ClientMsg::Ping { id: next_id, rtt_us: clock.rtt_us() }).await?;
                 let quick = next_id <= u64::from(QUICK_PINGS);
-                next_ping = Instant::now() + if quick {
+                let now = Instant::now();
+                next_ping = now + if quick {
                     Duration::from_millis(100)
-                } else if Instant::now() < watchful_until {
+                } else if now < watchful_until {
                     WATCHFUL_PING
                 } else {
                     PING_INTERVAL
@@ -384,7 +385,7 @@ async fn session(
                 Some(RvCmd::Report(r)) => send(&mut ws, &ClientMsg::Result(r)).await?,
                 Some(RvCmd::Probe) => {
                     next_ping = Instant::now();
-                    watchful_until = Instant::now() + WATCHFUL_FOR;
+                    watchful_until = next_ping + WATCHFUL_FOR;
                 }
                 None => return Ok(()),
             },

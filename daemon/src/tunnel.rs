@@ -421,13 +421,11 @@ pub(crate) fn from_quic(
     let active = Arc::new(AtomicUsize::new(0));
     let lost = Arc::new(AtomicBool::new(false));
     let driver = Box::pin(drive_quic(
-        QuicTunnel {
-            conn: conn.clone(),
-            closed: closed.clone(),
-            active: active.clone(),
-            lost: lost.clone(),
-        },
+        conn.clone(),
         inbound_tx,
+        closed.clone(),
+        active.clone(),
+        lost.clone(),
         status,
         path,
     ));
@@ -444,26 +442,15 @@ pub(crate) fn from_quic(
     }
 }
 
-/// The driver's share of a QUIC tunnel.
-struct QuicTunnel {
+async fn drive_quic(
     conn: quinn::Connection,
+    inbound_tx: mpsc::Sender<StreamIo>,
     closed: CancellationToken,
     active: Arc<AtomicUsize>,
     lost: Arc<AtomicBool>,
-}
-
-async fn drive_quic(
-    t: QuicTunnel,
-    inbound_tx: mpsc::Sender<StreamIo>,
     status: Arc<PeerStatus>,
     path: Arc<crate::quic::QuicPath>,
 ) {
-    let QuicTunnel {
-        conn,
-        closed,
-        active,
-        lost,
-    } = t;
     let live = path.live_tunnel();
     let mut metered = (0u64, 0u64);
     let mut meter = || {
