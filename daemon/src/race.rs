@@ -89,9 +89,10 @@ pub(crate) async fn punch_direct(
     info!(tcp = ?use_tcp.then_some(&order.candidates), quic = ?quic.map(|_| &order.udp_candidates), in_ms = fire_at.saturating_duration_since(Instant::now()).as_millis() as u64, "punching");
 
     let (tcp_tx, mut tcp_rx) = mpsc::channel::<Established>(4);
+    let (repunch_tx, repunch_rx) = mpsc::channel::<SocketAddr>(4);
     let tcp_engine = async {
         let plan = PunchPlan::new(order.candidates.clone(), fire_at, deadline);
-        punch::run(port, plan, fire_at, tcp_tx).await
+        punch::run(port, plan, fire_at, tcp_tx, repunch_rx).await
     };
     let mut tcp_engine = std::pin::pin!(tcp_engine);
     let mut tcp_done = !use_tcp;
@@ -179,8 +180,13 @@ pub(crate) async fn punch_direct(
             Some((remote, attempts, r)) = handshakes.next() => match r {
                 Ok(parts) => authenticated = Some(Direct { parts, remote, attempts }),
                 Err(e) => {
-                    warn!(%remote, error = %e, "connection punched but not authenticated; ignoring it");
+                    // A wrong key fails at once; a connection whose bytes
+                    // stopped somewhere after the SYNs got through (a NAT
+                    // that mistracked it) times out. Either way both ends
+                    // see it fail within a round trip and punch again.
+                    warn!(%remote, error = %e, "connection punched but not authenticated; punching it again");
                     errors.push(format!("tcp: TLS with {remote} failed: {e}"));
+                    let _ = repunch_tx.try_send(remote);
                 }
             },
             Some(r) = selecting.next() => match r {

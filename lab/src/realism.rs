@@ -68,16 +68,24 @@ impl Timing {
 
 impl std::fmt::Display for Timing {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Without added delay there is no one-way delay to compare with.
+        let share = |ms: f64| {
+            if self.one_way_ms > 0.0 {
+                format!(" ({:.2}% of one-way)", ms / self.one_way_ms * 100.0)
+            } else {
+                String::new()
+            }
+        };
         write!(
             f,
-            "{} punches ({} not direct within 30 s) at one-way {:.0} ms: SYN skew p50 {:.3} ms ({:.2}% of one-way), p95 {:.3} ms ({:.2}%); first attempt {}/{} ({:.1}%); punch (order to tunnel ready) p50 {:.0} ms, p99 {:.0} ms",
+            "{} punches ({} not direct within 30 s) at one-way {:.0} ms: SYN skew p50 {:.3} ms{}, p95 {:.3} ms{}; first attempt {}/{} ({:.1}%); punch (order to tunnel ready) p50 {:.0} ms, p99 {:.0} ms",
             self.rounds,
             self.failed,
             self.one_way_ms,
             self.p50(),
-            self.p50() / self.one_way_ms * 100.0,
+            share(self.p50()),
             self.p95(),
-            self.p95() / self.one_way_ms * 100.0,
+            share(self.p95()),
             self.first_attempt,
             self.rounds,
             self.first_attempt_rate() * 100.0,

@@ -1,7 +1,8 @@
 //! Staying connected, tested from outside the daemons: NAT state flushed in
 //! the middle of a transfer, the peer killed and restarted, the rendezvous
-//! killed and restarted, and a SIGTERM while streams are open. Each returns
-//! a line with what it measured.
+//! killed and restarted, a SIGTERM while streams are open, and a punched
+//! connection that carries nothing. Each returns a line with what it
+//! measured.
 
 use std::time::{Duration, Instant};
 
@@ -122,6 +123,53 @@ pub fn conntrack_flush(bins: &Binaries, over: Over) -> Result<String> {
             if repunched { "re-punched" } else { "survived" },
             recovered.as_secs_f64(),
             direct_again.as_secs_f64()
+        ))
+    })
+}
+
+/// A punched connection whose SYNs got through but whose data does not:
+/// bob's host drops every segment alice sends on the first connection that
+/// carries data (what a NAT that mistracks a simultaneous open does to the
+/// connection: its packets leave untranslated). Both TLS handshakes fail,
+/// and the same punch session must punch again and end direct, not wait
+/// for the relay and a later upgrade.
+pub fn dead_connection_is_punched_again(bins: &Binaries) -> Result<String> {
+    // The first data segment from alice to the punch port marks its
+    // connection, once (the set remembers that it was done); every later
+    // segment of that connection but SYNs and RSTs is dropped. A new
+    // connection on the same ports is a new conntrack entry, unmarked.
+    let rules = format!(
+        "table inet lab_break {{\n  set done {{ type inet_service; flags dynamic; }}\n\
+         \x20 chain input {{\n    type filter hook input priority -10; policy accept;\n\
+         \x20   ip saddr {alice} tcp dport {port} meta length > 120 ct mark 0 tcp dport != @done ct mark set 1 add @done {{ tcp dport }}\n\
+         \x20   ip saddr {alice} tcp dport {port} ct mark 1 tcp flags & (syn | rst) == 0 drop\n  }}\n}}\n",
+        alice = "203.0.113.2",
+        port = crate::scenario::PUNCH_PORT,
+    );
+    let s = Scenario::new(
+        "dead-conn",
+        Layout::TwoNats(NatBehaviour::Masquerade),
+        Expect::Direct,
+    )
+    .with_host_b_rules(&rules);
+    let mut run = Run::start(&s, bins)?;
+    with_logs(&mut run, |run| {
+        let st = run.wait_path("alice", "direct", Duration::from_secs(30))?;
+        let punch = &st["peers"][0]["last_punch"];
+        let elapsed = punch["elapsed_ms"].as_u64().unwrap_or(0);
+        // The TLS handshake timeout (5 s) passed inside this punch: the
+        // direct path came from the same session, punched again.
+        if elapsed < 5_000 {
+            bail!("the direct path came from a punch of {elapsed} ms: the dead connection was not what was punched again (was the rule hit? see the logs)");
+        }
+        let t = run.transfer(8 * 1024 * 1024, 2)?;
+        if !t.ok {
+            bail!("transfer over the re-punched path failed: {t:?}");
+        }
+        Ok(format!(
+            "dead punched connection: direct after punching again, {:.2}s from the order, {} attempts, 8 MiB intact",
+            elapsed as f64 / 1000.0,
+            punch["attempts"].as_u64().unwrap_or(0)
         ))
     })
 }

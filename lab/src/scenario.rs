@@ -23,6 +23,10 @@ pub const FORWARD_LISTEN: &str = "127.0.0.1:10000";
 /// The sink bob exposes, inside hostB.
 pub const SINK_LISTEN: &str = "127.0.0.1:9000";
 const ADMIN: &str = "127.0.0.1:7070";
+/// Set to record every namespace's packets (`<ns>.pcap`) and each NAT's
+/// conntrack events (`<ns>.conntrack.log`) in the run's folder: for
+/// finding out why a punch missed.
+pub const CAPTURE_ENV: &str = "PUNCH_LAB_CAPTURE";
 
 /// Where the binaries are.
 #[derive(Debug, Clone)]
@@ -96,6 +100,9 @@ pub struct Scenario {
     /// `rendezvous.toml` for the workspace server (its listen address is
     /// overridden), e.g. to raise the relay's bandwidth cap for a benchmark.
     pub rendezvous_config: Option<String>,
+    /// An nftables rule set loaded in bob's host before the daemons start
+    /// (a misbehaving network on his side).
+    pub host_b_rules: Option<String>,
 }
 
 impl Scenario {
@@ -114,6 +121,7 @@ impl Scenario {
             links: None,
             rendezvous_image: None,
             rendezvous_config: None,
+            host_b_rules: None,
         }
     }
 }
@@ -151,6 +159,12 @@ impl Scenario {
     /// The transport a direct path must end on, when several are raced.
     pub fn expecting_transport(mut self, t: &'static str) -> Self {
         self.expect_transport = Some(t);
+        self
+    }
+
+    /// Loads this nftables rule set in bob's host before anything starts.
+    pub fn with_host_b_rules(mut self, nft: &str) -> Self {
+        self.host_b_rules = Some(nft.to_owned());
         self
     }
 
@@ -277,6 +291,34 @@ fn wait<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> R
     }
 }
 
+/// Starts a packet capture in every namespace and a conntrack event log in
+/// every NAT; they stop with their namespace. `-U` writes each packet as it
+/// comes, so nothing is lost when the capture is killed.
+fn capture(topo: &mut Topology, dir: &Path) -> Result<()> {
+    let tcpdump = Path::new("tcpdump");
+    let conntrack = Path::new("conntrack");
+    for ns in [
+        &mut topo.host_a,
+        &mut topo.host_b,
+        &mut topo.rv,
+        &mut topo.inet,
+    ]
+    .into_iter()
+    .chain(topo.nats.iter_mut())
+    {
+        let pcap = dir.join(format!("{}.pcap", ns.name()));
+        let pcap = pcap.to_str().unwrap_or("capture.pcap").to_owned();
+        let log = dir.join(format!("{}.tcpdump.txt", ns.name()));
+        ns.spawn(tcpdump, &["-U", "-n", "-i", "any", "-w", &pcap], &[], &log)?;
+    }
+    for nat in &mut topo.nats {
+        let log = dir.join(format!("{}.conntrack.txt", nat.name()));
+        nat.spawn(conntrack, &["-E", "-o", "timestamp"], &[], &log)?;
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    Ok(())
+}
+
 /// Whether `ns` has a TCP listener on `port`.
 pub fn listens_on(ns: &str, port: u16) -> bool {
     std::process::Command::new("ip")
@@ -301,6 +343,12 @@ impl Run {
         std::fs::create_dir_all(&dir)?;
         if let Some(links) = &s.links {
             topo.emulate(links, &bins.tool, &dir)?;
+        }
+        if let Some(rules) = &s.host_b_rules {
+            topo.host_b.nft(rules)?;
+        }
+        if std::env::var_os(CAPTURE_ENV).is_some() {
+            capture(&mut topo, &dir)?;
         }
 
         let alice_key = keygen(bins, &dir.join("alice.key"))?;
@@ -506,8 +554,65 @@ impl Run {
                 }
             }
         }
+        out.push_str(&self.network_state());
         out
     }
+
+    /// What the network looks like now, for a failure message: each
+    /// host's punch-port sockets with their TCP internals (state,
+    /// retransmits, unacknowledged bytes) and each NAT's punch-port
+    /// conntrack entries and conntrack counters (`invalid` packets are not
+    /// translated, `insert_failed`/`drop` are lost ones).
+    pub fn network_state(&self) -> String {
+        let port = PUNCH_PORT.to_string();
+        let mut out = String::new();
+        for host in [&self.topo.host_a, &self.topo.host_b] {
+            out.push_str(&format!("--- {}: ss -tnoi (port {port})\n", host.name()));
+            if let Ok(o) = host.exec_output("ss", &["-tanoi", "sport", "=", &format!(":{port}")]) {
+                out.push_str(&String::from_utf8_lossy(&o.stdout));
+            }
+        }
+        for nat in &self.topo.nats {
+            out.push_str(&format!("--- {}: conntrack (port {port})\n", nat.name()));
+            if let Ok(o) = nat.exec_output("conntrack", &["-L", "-p", "tcp"]) {
+                for l in String::from_utf8_lossy(&o.stdout).lines() {
+                    if l.contains(&format!("port={port}")) {
+                        out.push_str(l);
+                        out.push('\n');
+                    }
+                }
+            }
+            if let Ok(o) = nat.exec_output("conntrack", &["-S"]) {
+                out.push_str(&conntrack_totals(&String::from_utf8_lossy(&o.stdout)));
+                out.push('\n');
+            }
+        }
+        out
+    }
+}
+
+/// Sums `conntrack -S`'s per-CPU counters into one line of the non-zero
+/// ones.
+fn conntrack_totals(text: &str) -> String {
+    let mut totals: Vec<(String, u64)> = Vec::new();
+    for field in text.split_whitespace() {
+        let Some((k, v)) = field.split_once('=') else {
+            continue;
+        };
+        let (Ok(v), false) = (v.parse::<u64>(), k == "cpu") else {
+            continue;
+        };
+        match totals.iter_mut().find(|(name, _)| name == k) {
+            Some((_, t)) => *t += v,
+            None => totals.push((k.to_owned(), v)),
+        }
+    }
+    let parts: Vec<String> = totals
+        .iter()
+        .filter(|(_, v)| *v > 0)
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect();
+    format!("conntrack counters: {}", parts.join(" "))
 }
 
 /// Watches both hosts for a listener on the punch port until stopped.
@@ -571,7 +676,9 @@ pub fn run(s: &Scenario, bins: &Binaries) -> Result<Report> {
     });
     match result {
         Ok(r) => {
-            let _ = std::fs::remove_dir_all(&run.dir);
+            if std::env::var_os(CAPTURE_ENV).is_none() {
+                let _ = std::fs::remove_dir_all(&run.dir);
+            }
             Ok(r)
         }
         Err(e) => Err(anyhow!("{e:#}\n{}", run.log_tails())),
@@ -897,4 +1004,16 @@ fn check_relay_sees_ciphertext(run: &Run) -> Result<u64> {
         bail!("plaintext seen on the rendezvous host: the relay is not end-to-end encrypted");
     }
     Ok(captured.len() as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn conntrack_counters_are_summed_over_cpus() {
+        let text = "cpu=0   \tfound=0 invalid=3 insert=0 drop=1\ncpu=1   \tfound=0 invalid=4 insert=0 drop=0\n";
+        assert_eq!(
+            super::conntrack_totals(text),
+            "conntrack counters: invalid=7 drop=1"
+        );
+    }
 }

@@ -38,6 +38,14 @@ fn nat_mappings_flushed_under_quic_end_in_a_working_tunnel() {
 }
 
 #[test]
+fn a_punched_connection_that_carries_nothing_is_punched_again() {
+    case(
+        "dead-connection",
+        recovery::dead_connection_is_punched_again,
+    );
+}
+
+#[test]
 fn a_restarted_peer_is_reachable_again_soon() {
     case("peer-restart", |b| recovery::peer_restart(b, Over::Tcp));
 }

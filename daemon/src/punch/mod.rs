@@ -98,13 +98,15 @@ async fn attempt(i: usize, port: u16, addr: SocketAddr) -> (usize, io::Result<Tc
 }
 
 /// Runs the plan, sending each established connection on `out`, until the
-/// deadline, until every candidate connected, or until `out` is closed (the
-/// caller has its tunnel).
+/// deadline, until every candidate connected for good, or until `out` is
+/// closed (the caller has its tunnel). An address sent on `repunch` is a
+/// connection the caller could not use: its candidate is punched again.
 pub(crate) async fn run(
     port: u16,
     mut plan: PunchPlan,
     fire_at: Instant,
     out: mpsc::Sender<Established>,
+    mut repunch: mpsc::Receiver<SocketAddr>,
 ) -> PunchStats {
     let mut stats = PunchStats::default();
     let mut inflight = FuturesUnordered::new();
@@ -121,6 +123,11 @@ pub(crate) async fn run(
         tokio::select! {
             _ = out.closed() => break,
             _ = tokio::time::sleep_until(wake.into()) => {}
+            Some(addr) = repunch.recv() => {
+                if plan.repunch(addr, Instant::now()) {
+                    tracing::info!(remote = %addr, "punching that candidate again");
+                }
+            }
             Some((i, result)) = inflight.next() => {
                 let now = Instant::now();
                 match result {

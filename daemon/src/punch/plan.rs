@@ -23,6 +23,10 @@ use std::time::{Duration, Instant};
 pub(crate) const FAST_RETRIES: u32 = 2_000;
 /// Spacing after the fast retries, and after local errors.
 pub(crate) const SLOW_GAP: Duration = Duration::from_millis(10);
+/// How often a candidate whose connection failed its TLS handshake is
+/// punched again within one session (a wrong key fails every time; a
+/// connection a NAT broke after the handshake of SYNs gets another go).
+pub(crate) const MAX_REPUNCHES: u32 = 3;
 
 /// What the driver should do next.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -72,6 +76,7 @@ pub(crate) struct PunchPlan {
     candidates: Vec<SocketAddr>,
     slots: Vec<Slot>,
     attempts: Vec<u32>,
+    repunches: Vec<u32>,
     deadline: Instant,
 }
 
@@ -83,6 +88,7 @@ impl PunchPlan {
             candidates,
             slots: vec![Slot::Ready(fire_at); n],
             attempts: vec![0; n],
+            repunches: vec![0; n],
             deadline,
         }
     }
@@ -127,9 +133,33 @@ impl PunchPlan {
         }
         match next {
             Some(t) => Action::WaitUntil(t.min(self.deadline)),
-            None if in_flight => Action::WaitUntil(self.deadline),
+            // Connected candidates may still come back (`repunch`) until
+            // the deadline.
+            None if in_flight || self.repunchable() => Action::WaitUntil(self.deadline),
             None => Action::Exhausted,
         }
+    }
+
+    fn repunchable(&self) -> bool {
+        self.slots
+            .iter()
+            .zip(&self.repunches)
+            .any(|(s, n)| *s == Slot::Done && *n < MAX_REPUNCHES)
+    }
+
+    /// The connection to `addr` was punched but is of no use (its TLS
+    /// handshake failed): punch that candidate again at `now`, at most
+    /// [`MAX_REPUNCHES`] times. Returns whether it will.
+    pub(crate) fn repunch(&mut self, addr: SocketAddr, now: Instant) -> bool {
+        let Some(i) = self.candidates.iter().position(|c| *c == addr) else {
+            return false;
+        };
+        if self.slots[i] != Slot::Done || self.repunches[i] >= MAX_REPUNCHES {
+            return false;
+        }
+        self.repunches[i] += 1;
+        self.slots[i] = Slot::Ready(now);
+        true
     }
 
     /// Records how candidate `i`'s attempt ended.
@@ -229,11 +259,36 @@ mod tests {
     }
 
     #[test]
-    fn connected_candidates_are_finished() {
+    fn connected_candidates_wait_for_a_repunch_until_the_deadline() {
         let t0 = Instant::now();
-        let mut p = PunchPlan::new(addrs(1), t0, t0 + Duration::from_secs(1));
+        let deadline = t0 + Duration::from_secs(1);
+        let mut p = PunchPlan::new(addrs(1), t0, deadline);
         assert_eq!(p.poll(t0), Action::Start(0));
         p.on_outcome(0, t0, Outcome::Connected);
+        assert_eq!(p.poll(t0), Action::WaitUntil(deadline));
+        assert_eq!(p.poll(deadline), Action::Exhausted);
+    }
+
+    #[test]
+    fn a_connection_that_failed_tls_is_punched_again_a_bounded_number_of_times() {
+        let t0 = Instant::now();
+        let mut p = PunchPlan::new(addrs(2), t0, t0 + Duration::from_secs(10));
+        let unknown = SocketAddr::from(([192, 0, 2, 9], 1));
+        assert!(!p.repunch(unknown, t0));
+        // Not connected yet: nothing to punch again.
+        assert_eq!(p.poll(t0), Action::Start(0));
+        assert!(!p.repunch(addrs(2)[0], t0));
+        for _ in 0..MAX_REPUNCHES {
+            p.on_outcome(0, t0, Outcome::Connected);
+            assert!(p.repunch(addrs(2)[0], t0));
+            assert_eq!(p.poll(t0), Action::Start(0));
+        }
+        p.on_outcome(0, t0, Outcome::Connected);
+        assert!(!p.repunch(addrs(2)[0], t0));
+        // Candidate 1 was never started; candidate 0 is finished for good.
+        assert_eq!(p.poll(t0), Action::Start(1));
+        p.on_outcome(1, t0, Outcome::Connected);
+        p.repunches[1] = MAX_REPUNCHES;
         assert_eq!(p.poll(t0), Action::Exhausted);
     }
 

@@ -77,14 +77,19 @@ enum Cmd {
         #[arg(long, default_value_t = 5)]
         seconds: u64,
     },
-    /// Punch timing: ROUNDS back-to-back re-punches between two RST NATs
-    /// with alice 5 ms and bob B_MS from the internet; prints SYN skew,
-    /// first-attempt rate and punch time.
+    /// Punch timing: ROUNDS back-to-back re-punches in SCENARIO (two RST
+    /// NATs by default) with alice A_MS and bob B_MS from the internet;
+    /// prints SYN skew, first-attempt rate and punch time. Both delays 0:
+    /// no link emulation at all.
     Punches {
         #[arg(long, default_value_t = 200)]
         rounds: usize,
+        #[arg(long, default_value_t = 5)]
+        a_ms: u64,
         #[arg(long, default_value_t = 15)]
         b_ms: u64,
+        #[arg(long, default_value = "rst")]
+        scenario: String,
     },
     /// Emulate a long, lossy link on this namespace's wan0 (run inside a
     /// NAT namespace after loading `linkem::ruleset()`); runs until killed.
@@ -220,22 +225,28 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Cmd::Punches { rounds, b_ms } => {
-            let (scenario, bins) = match prepare_scenario("rst") {
+        Cmd::Punches {
+            rounds,
+            a_ms,
+            b_ms,
+            scenario,
+        } => {
+            let (mut s, bins) = match prepare_scenario(&scenario) {
                 Ok(v) => v,
                 Err(code) => return code,
             };
-            let links = punch_lab::topology::Links {
-                a: punch_lab::topology::Link::symmetric_ms(5),
-                b: punch_lab::topology::Link::symmetric_ms(b_ms),
-                rv: punch_lab::topology::Link::NONE,
-            };
-            let scenario = scenario.with_links(links);
-            match punch_lab::realism::timing("punches", scenario, rounds, &bins) {
+            if a_ms + b_ms > 0 {
+                s = s.with_links(punch_lab::topology::Links {
+                    a: punch_lab::topology::Link::symmetric_ms(a_ms),
+                    b: punch_lab::topology::Link::symmetric_ms(b_ms),
+                    rv: punch_lab::topology::Link::NONE,
+                });
+            }
+            match punch_lab::realism::timing("punches", s, rounds, &bins) {
                 Ok(t) => {
                     println!(
-                        "punch timing, RTT {} ms (5 ms / {b_ms} ms), RST NATs: {t}",
-                        2 * (5 + b_ms)
+                        "punch timing, RTT {} ms ({a_ms} ms / {b_ms} ms), {scenario}: {t}",
+                        2 * (a_ms + b_ms)
                     );
                     ExitCode::SUCCESS
                 }
