@@ -135,9 +135,17 @@ pub(crate) async fn punch_direct(
             attempts,
             ..
         } = est;
+        let closer = stream.fin_closer();
         let io = Metered::new(stream, ctx.status.clone());
         async move {
             let r = tunnel::handshake(io, ctx.role, &ctx.identity, &ctx.key, Transport::Tcp).await;
+            if r.is_err() {
+                // Punched again on the same ports next: close with a FIN
+                // so that the NATs let the new SYNs reopen their entries.
+                if let Some(c) = closer {
+                    c.close().await;
+                }
+            }
             (remote, attempts, r)
         }
     };
@@ -183,8 +191,9 @@ pub(crate) async fn punch_direct(
                     // A wrong key fails at once; a connection whose bytes
                     // stopped somewhere after the SYNs got through (a NAT
                     // that mistracked it) times out. Either way both ends
-                    // see it fail within a round trip and punch again.
-                    warn!(%remote, error = %e, "connection punched but not authenticated; punching it again");
+                    // see it fail within a round trip, and the engine
+                    // punches that candidate again if it may.
+                    warn!(%remote, error = %e, "connection punched but not authenticated; dropping it");
                     errors.push(format!("tcp: TLS with {remote} failed: {e}"));
                     let _ = repunch_tx.try_send(remote);
                 }

@@ -136,13 +136,17 @@ pub fn conntrack_flush(bins: &Binaries, over: Over) -> Result<String> {
 pub fn dead_connection_is_punched_again(bins: &Binaries) -> Result<String> {
     // The first data segment from alice to the punch port marks its
     // connection, once (the set remembers that it was done); every later
-    // segment of that connection but SYNs and RSTs is dropped. A new
-    // connection on the same ports is a new conntrack entry, unmarked.
+    // segment of that connection but SYNs and RSTs is dropped. The reset
+    // that ends it (either way) clears the mark, because the next
+    // connection on the same ports may reuse the conntrack entry.
     let rules = format!(
         "table inet lab_break {{\n  set done {{ type inet_service; flags dynamic; }}\n\
          \x20 chain input {{\n    type filter hook input priority -10; policy accept;\n\
          \x20   ip saddr {alice} tcp dport {port} meta length > 120 ct mark 0 tcp dport != @done ct mark set 1 add @done {{ tcp dport }}\n\
-         \x20   ip saddr {alice} tcp dport {port} ct mark 1 tcp flags & (syn | rst) == 0 drop\n  }}\n}}\n",
+         \x20   ip saddr {alice} tcp dport {port} tcp flags & rst != 0 ct mark set 0\n\
+         \x20   ip saddr {alice} tcp dport {port} ct mark 1 tcp flags & (syn | rst) == 0 drop\n  }}\n\
+         \x20 chain output {{\n    type filter hook output priority -10; policy accept;\n\
+         \x20   ip daddr {alice} tcp sport {port} tcp flags & rst != 0 ct mark set 0\n  }}\n}}\n",
         alice = "203.0.113.2",
         port = crate::scenario::PUNCH_PORT,
     );

@@ -24,8 +24,8 @@ pub const FORWARD_LISTEN: &str = "127.0.0.1:10000";
 pub const SINK_LISTEN: &str = "127.0.0.1:9000";
 const ADMIN: &str = "127.0.0.1:7070";
 /// Set to record every namespace's packets (`<ns>.pcap`) and each NAT's
-/// conntrack events (`<ns>.conntrack.log`) in the run's folder: for
-/// finding out why a punch missed.
+/// conntrack events (`<ns>.conntrack.txt`) in the run's folder, kept after
+/// a passing run too: for finding out why a punch missed.
 pub const CAPTURE_ENV: &str = "PUNCH_LAB_CAPTURE";
 
 /// Where the binaries are.

@@ -63,6 +63,41 @@ impl PunchedStream {
             closing: None,
         }
     }
+
+    /// A second handle on the socket for closing it with a FIN after
+    /// whoever owns the stream has dropped it: a TLS handshake that fails
+    /// drops its stream inside the handshake, with no chance to shut it
+    /// down first, and the punch about to be retried on the same ports
+    /// needs the NATs to have seen that FIN (module docs). `None` if the
+    /// descriptor cannot be duplicated.
+    pub(crate) fn fin_closer(&self) -> Option<FinCloser> {
+        socket2::SockRef::from(&self.stream)
+            .try_clone()
+            .ok()
+            .map(|socket| FinCloser { socket })
+    }
+}
+
+/// See [`PunchedStream::fin_closer`]. Dropping it without calling
+/// [`FinCloser::close`] only closes the duplicate descriptor.
+#[derive(Debug)]
+pub(crate) struct FinCloser {
+    socket: socket2::Socket,
+}
+
+impl FinCloser {
+    /// Sends our FIN and waits (at most [`FIN_SEND_MAX`]) until the kernel
+    /// has put it on the wire; the socket is then closed, with a RST when
+    /// the stream was dropped first (it set the abortive close).
+    pub(crate) async fn close(self) {
+        if self.socket.shutdown(std::net::Shutdown::Write).is_err() {
+            return; // reset already, or never connected: nothing to send
+        }
+        let give_up = Instant::now() + FIN_SEND_MAX;
+        while unsent(&self.socket).is_some_and(|n| n > 0) && Instant::now() < give_up {
+            tokio::time::sleep(FIN_SEND_POLL).await;
+        }
+    }
 }
 
 impl Drop for PunchedStream {
@@ -74,8 +109,7 @@ impl Drop for PunchedStream {
 /// Bytes queued on `stream` that the kernel has not sent yet, our FIN
 /// counting as one; `None` when it cannot tell.
 #[allow(unsafe_code)]
-fn unsent(stream: &TcpStream) -> Option<u32> {
-    use std::os::fd::AsRawFd as _;
+fn unsent(stream: &impl std::os::fd::AsRawFd) -> Option<u32> {
     // linux/sockios.h; not in the libc crate.
     const SIOCOUTQNSD: u32 = 0x894B;
     let mut n: libc::c_int = 0;
@@ -190,5 +224,27 @@ mod tests {
             written,
             "the reader saw a reset, not our FIN"
         );
+    }
+
+    /// A stream dropped without a shutdown (a failed TLS handshake drops
+    /// it inside the handshake) still ends with our FIN before the abort
+    /// when its `fin_closer` closes it: the peer reads the end of the
+    /// stream, not a reset. Without the closer it would read a reset.
+    #[tokio::test]
+    async fn fin_closer_sends_the_fin_of_a_dropped_stream_before_the_abort() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (client, server) = tokio::join!(TcpStream::connect(addr), listener.accept());
+        let (mut reader, _) = server.unwrap();
+        let mut stream = PunchedStream::new(client.unwrap());
+        stream.write_all(b"hello").await.unwrap();
+        let closer = stream.fin_closer().unwrap();
+        drop(stream); // sets the abortive close; the socket stays open
+        closer.close().await;
+
+        let mut got = Vec::new();
+        let read = reader.read_to_end(&mut got).await;
+        assert_eq!(read.unwrap(), 5, "the reader saw a reset, not our FIN");
+        assert_eq!(got, b"hello");
     }
 }
