@@ -40,6 +40,12 @@ use crate::tunnel::{self, TunnelParts};
 const CHOOSE_GRACE: Duration = Duration::from_millis(20);
 /// How long the chosen side waits for the other's verdict, at least.
 const SELECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a punched connection that failed its TLS handshake may take to
+/// send its FIN before it is aborted and punched again. Short: when our
+/// direction is the dead one the FIN never leaves (it waits behind the
+/// unacknowledged handshake), and the peer, which saw the failure at the
+/// same moment, is already punching again.
+const FAILED_FIN_WAIT: Duration = Duration::from_millis(50);
 /// Prefix of the selection request (a reserved service name: `_` cannot
 /// start a configured one).
 const SELECT_PREFIX: &str = "_select:";
@@ -143,7 +149,7 @@ pub(crate) async fn punch_direct(
                 // Punched again on the same ports next: close with a FIN
                 // so that the NATs let the new SYNs reopen their entries.
                 if let Some(c) = closer {
-                    c.close().await;
+                    c.close(FAILED_FIN_WAIT).await;
                 }
             }
             (remote, attempts, r)

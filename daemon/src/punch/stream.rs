@@ -86,14 +86,14 @@ pub(crate) struct FinCloser {
 }
 
 impl FinCloser {
-    /// Sends our FIN and waits (at most [`FIN_SEND_MAX`]) until the kernel
-    /// has put it on the wire; the socket is then closed, with a RST when
-    /// the stream was dropped first (it set the abortive close).
-    pub(crate) async fn close(self) {
+    /// Sends our FIN and waits (at most `max_wait`) until the kernel has
+    /// put it on the wire; the socket is then closed, with a RST when the
+    /// stream was dropped first (it set the abortive close).
+    pub(crate) async fn close(self, max_wait: Duration) {
         if self.socket.shutdown(std::net::Shutdown::Write).is_err() {
             return; // reset already, or never connected: nothing to send
         }
-        let give_up = Instant::now() + FIN_SEND_MAX;
+        let give_up = Instant::now() + max_wait;
         while unsent(&self.socket).is_some_and(|n| n > 0) && Instant::now() < give_up {
             tokio::time::sleep(FIN_SEND_POLL).await;
         }
@@ -240,7 +240,7 @@ mod tests {
         stream.write_all(b"hello").await.unwrap();
         let closer = stream.fin_closer().unwrap();
         drop(stream); // sets the abortive close; the socket stays open
-        closer.close().await;
+        closer.close(FIN_SEND_MAX).await;
 
         let mut got = Vec::new();
         let read = reader.read_to_end(&mut got).await;
