@@ -185,6 +185,14 @@ mod tests {
     use super::*;
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
+    /// A loopback connection: our punched end and the peer's plain end.
+    async fn connected_pair() -> (PunchedStream, TcpStream) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (client, server) = tokio::join!(TcpStream::connect(addr), listener.accept());
+        (PunchedStream::new(client.unwrap()), server.unwrap().0)
+    }
+
     /// A closing tunnel must put everything it wrote, and then its FIN, on
     /// the wire before it aborts. Here the reader is slow, so at shutdown
     /// the data and the FIN are still queued in the kernel (the window is
@@ -192,11 +200,7 @@ mod tests {
     /// the reader would see a reset instead of the end of the stream.
     #[tokio::test]
     async fn shutdown_sends_queued_data_and_fin_before_the_abort() {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let (client, server) = tokio::join!(TcpStream::connect(addr), listener.accept());
-        let (mut reader, _) = server.unwrap();
-        let mut writer = PunchedStream::new(client.unwrap());
+        let (mut writer, mut reader) = connected_pair().await;
 
         // Fill the reader's window and our send buffer until a write blocks.
         let chunk = vec![7u8; 64 * 1024];
@@ -232,11 +236,7 @@ mod tests {
     /// stream, not a reset. Without the closer it would read a reset.
     #[tokio::test]
     async fn fin_closer_sends_the_fin_of_a_dropped_stream_before_the_abort() {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let (client, server) = tokio::join!(TcpStream::connect(addr), listener.accept());
-        let (mut reader, _) = server.unwrap();
-        let mut stream = PunchedStream::new(client.unwrap());
+        let (mut stream, mut reader) = connected_pair().await;
         stream.write_all(b"hello").await.unwrap();
         let closer = stream.fin_closer().unwrap();
         drop(stream); // sets the abortive close; the socket stays open
