@@ -207,10 +207,10 @@ fn run_daemon(config: &Path) -> Result<(), Failure> {
         let daemon = punchd::start(cfg, id, cancel.clone())
             .await
             .map_err(runtime)?;
-        punch_rendezvous::server::notify_ready("running");
-        punch_rendezvous::server::shutdown_signal().await;
+        punch_service::notify_ready("running");
+        punch_service::shutdown_signal().await;
         tracing::info!("shutdown requested; draining streams");
-        punch_rendezvous::server::notify_stopping("draining streams");
+        punch_service::notify_stopping("draining streams");
         daemon.shutdown(Duration::from_secs(5)).await;
         Ok(())
     })

@@ -104,12 +104,12 @@ async fn serve(cfg: RendezvousConfig) -> anyhow::Result<()> {
     let cancel = CancellationToken::new();
     let on_signal = cancel.clone();
     tokio::spawn(async move {
-        punch_rendezvous::server::shutdown_signal().await;
+        punch_service::shutdown_signal().await;
         tracing::info!("shutdown requested");
-        punch_rendezvous::server::notify_stopping("shutting down");
+        punch_service::notify_stopping("shutting down");
         on_signal.cancel();
     });
-    punch_rendezvous::server::notify_ready(&format!("listening on {}", cfg.listen));
+    punch_service::notify_ready(&format!("listening on {}", cfg.listen));
     punch_rendezvous::server::run(listener, cfg, cancel)
         .await
         .context("rendezvous server failed")

@@ -14,7 +14,6 @@
 //! and [`run`] returns when all of them have.
 
 mod connection;
-mod lifecycle;
 mod metrics;
 mod ratelimit;
 mod registry;
@@ -36,7 +35,6 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-pub use lifecycle::{notify_ready, notify_stopping, shutdown_signal};
 pub use metrics::Metrics;
 
 /// State shared by every handler and connection task.

@@ -1,0 +1,13 @@
+//! punch-service: the few things both binaries (`punchd` and
+//! `punch-rendezvous`) need to run as a service, kept apart from either so
+//! the daemon links no rendezvous server code.
+//!
+//! - [`lifecycle`]: the one shutdown trigger (Ctrl-C / SIGTERM) and
+//!   readiness reports to systemd (`Type=notify`).
+//! - [`prometheus`]: the one writer of the Prometheus text exposition format
+//!   behind both `/metrics` endpoints.
+
+pub mod lifecycle;
+pub mod prometheus;
+
+pub use lifecycle::{notify_ready, notify_stopping, shutdown_signal};
