@@ -3,24 +3,24 @@
 //! Tasks and what flows between them:
 //! - the axum accept loop (one), which upgrades `/v1/ws` and
 //!   `/v1/relay/{session}` requests and answers `/healthz` and `/metrics`;
-//! - one [`connection`] task per daemon: it owns the WebSocket, checks the
-//!   signed hello, registers the daemon in the [`store`] and its outbox in
-//!   [`local`]; then it turns the daemon's messages into store operations
+//! - one `connection` task per daemon: it owns the WebSocket, checks the
+//!   signed hello, registers the daemon in the `store` and its outbox in
+//!   `local`; then it turns the daemon's messages into store operations
 //!   (connect → a session and two punch orders addressed by name, result →
 //!   a report) and writes what arrives in its outbox (punch orders, aborts)
 //!   to the socket;
-//! - one [`relay`] task per relayed side: the store checks its token and
+//! - one `relay` task per relayed side: the store checks its token and
 //!   pairs it with the other side of the session; the first side waits for
-//!   the second's socket (a oneshot in [`local`]), then pumps their
+//!   the second's socket (a oneshot in `local`), then pumps their
 //!   (end-to-end encrypted) bytes;
-//! - one [`udp`] task owns the observation socket: a signed probe, checked
+//! - one `udp` task owns the observation socket: a signed probe, checked
 //!   against the store, records the daemon's UDP endpoint there.
 //!
-//! The store seam: [`store::Store`] holds what could be shared between
+//! The store seam: `store::Store` holds what could be shared between
 //! instances (registrations, sessions, relay pairing), as async, fallible
-//! data-only operations; [`store::MemoryStore`] is the default. What only
+//! data-only operations; `store::MemoryStore` is the default. What only
 //! this process can hold (outboxes, replacement signals, rate buckets,
-//! waiting relay sockets, relay slots) is in [`local::Local`], keyed by
+//! waiting relay sockets, relay slots) is in `local::Local`, keyed by
 //! connection id. Connection code never touches either's fields.
 //!
 //! Everything stops through one `CancellationToken`: the accept loop stops
