@@ -15,6 +15,7 @@ use axum::extract::ws::WebSocket;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
+use super::lock::unpoisoned;
 use super::ratelimit::TokenBucket;
 use super::store::Recipient;
 use crate::protocol::ServerMsg;
@@ -65,12 +66,8 @@ pub(crate) struct Local {
 }
 
 impl Local {
-    /// A panic while holding the lock would poison it; the tables are still
-    /// consistent map operations, so keep serving.
     fn lock(&self) -> MutexGuard<'_, Tables> {
-        self.tables
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+        unpoisoned(&self.tables)
     }
 
     /// Makes connection `conn_id` reachable (before it is registered, so an

@@ -29,12 +29,13 @@
 //!
 //! Imports run one way (`tests/layering.rs` checks it): the handlers
 //! (`connection`, `relay`, `udp`) use `store`, `local`, `metrics`, `auth`
-//! and `ratelimit`; `store` uses only `auth`, `local` only `store`'s types
-//! and `ratelimit`.
+//! and `ratelimit`; `store` uses only `auth` and `lock`, `local` only
+//! `store`'s types, `lock` and `ratelimit`.
 
 mod auth;
 mod connection;
 mod local;
+mod lock;
 mod metrics;
 mod ratelimit;
 mod relay;

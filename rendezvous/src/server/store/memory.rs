@@ -14,6 +14,7 @@ use super::{
 };
 use crate::protocol::ErrorCode;
 use crate::server::auth::{constant_time_eq, random_id};
+use crate::server::lock::unpoisoned;
 
 /// One side of a session as the relay needs it.
 #[derive(Debug, Clone)]
@@ -273,12 +274,8 @@ pub(crate) struct MemoryStore {
 }
 
 impl MemoryStore {
-    /// The lock. A panic while holding it would poison it; the data is
-    /// still consistent map operations, so keep serving.
     fn lock(&self) -> MutexGuard<'_, Registry> {
-        self.registry
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+        unpoisoned(&self.registry)
     }
 }
 
