@@ -572,12 +572,23 @@ mod tests {
         );
     }
 
-    #[test]
-    fn relay_pairs_the_two_sides_once() {
+    /// A session alice and bob punched, with alice (joiner 100) waiting at
+    /// the relay.
+    fn alice_waiting() -> (Registry, String) {
         let mut r = pair();
         let [a, _] = r.coordinate("alice", "bob", 0, 10).unwrap();
-        let s = &a.order.session;
-        assert_eq!(r.relay_join(s, 0, 100), RelayJoin::Wait { displaced: None });
+        let s = a.order.session;
+        assert_eq!(
+            r.relay_join(&s, 0, 100),
+            RelayJoin::Wait { displaced: None }
+        );
+        (r, s)
+    }
+
+    #[test]
+    fn relay_pairs_the_two_sides_once() {
+        let (mut r, s) = alice_waiting();
+        let s = &s;
         // The same side again: the newer one waits, and the older one
         // giving up does not undo that.
         assert_eq!(
@@ -597,12 +608,12 @@ mod tests {
 
     #[test]
     fn a_relay_side_that_left_is_not_paired_with() {
-        let mut r = pair();
-        let [a, _] = r.coordinate("alice", "bob", 0, 10).unwrap();
-        let s = &a.order.session;
-        assert_eq!(r.relay_join(s, 0, 100), RelayJoin::Wait { displaced: None });
-        r.relay_leave(s, 100);
-        assert_eq!(r.relay_join(s, 1, 101), RelayJoin::Wait { displaced: None });
+        let (mut r, s) = alice_waiting();
+        r.relay_leave(&s, 100);
+        assert_eq!(
+            r.relay_join(&s, 1, 101),
+            RelayJoin::Wait { displaced: None }
+        );
     }
 
     #[tokio::test]
