@@ -10,6 +10,17 @@
 //! `/metrics` until its cancellation token fires, plus a UDP observation
 //! endpoint on the same port for the QUIC path ([`datagram`] is its wire
 //! format).
+//!
+//! Where to start reading:
+//! 1. [`protocol`] — what a daemon and the server say to each other;
+//! 2. `server/mod.rs` — the tasks and what flows between them, and `run`;
+//! 3. `server/store/` — the rules, as data-only operations behind the
+//!    `Store` trait (registration, punch sessions and their orders, results,
+//!    relay pairing); `store/memory.rs` is the default, in-memory store and
+//!    its unit tests are the clearest statement of the rules;
+//! 4. `server/connection.rs` — one daemon's WebSocket around those rules,
+//!    with `server/local.rs` delivering what they decide to the right
+//!    connection; then `server/relay.rs` and `server/udp.rs`.
 
 pub mod datagram;
 pub mod protocol;

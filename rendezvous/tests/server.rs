@@ -621,3 +621,59 @@ async fn forged_probes_naming_one_daemon_do_not_stop_anothers() {
     );
     server.stop().await;
 }
+
+/// Opens `/v1/relay/{session}?token=…`; the HTTP status if refused.
+async fn relay(addr: SocketAddr, session: &str, token: &str) -> Result<Ws, u16> {
+    let url = format!("ws://{addr}/v1/relay/{session}?token={token}");
+    match tokio_tungstenite::connect_async(url).await {
+        Ok((ws, _)) => Ok(ws),
+        Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => Err(resp.status().as_u16()),
+        Err(e) => panic!("relay request failed: {e}"),
+    }
+}
+
+async fn recv_binary(ws: &mut Ws) -> Vec<u8> {
+    loop {
+        let msg = tokio::time::timeout(Duration::from_secs(5), ws.next())
+            .await
+            .expect("frame in time")
+            .expect("stream open")
+            .expect("no error");
+        if let Message::Binary(b) = msg {
+            return b.to_vec();
+        }
+    }
+}
+
+#[tokio::test]
+async fn relay_admits_only_the_two_sides_and_carries_their_bytes() {
+    let server = TestServer::start(RendezvousConfig::default()).await;
+    let (mut a, _) = hello(server.addr, "alice", &key(1), None, false).await;
+    let (mut b, _) = hello(server.addr, "bob", &key(2), None, false).await;
+    send(&mut a, &ClientMsg::Connect { peer: "bob".into() }).await;
+    let (ServerMsg::Punch(to_a), ServerMsg::Punch(to_b)) = (recv(&mut a).await, recv(&mut b).await)
+    else {
+        panic!("punch orders")
+    };
+    let addr = server.addr;
+    assert_eq!(relay(addr, &to_a.session, "guess").await.err(), Some(403));
+    assert_eq!(
+        relay(addr, "nosuch", &to_a.relay_token).await.err(),
+        Some(404)
+    );
+    let mut ra = relay(addr, &to_a.session, &to_a.relay_token).await.unwrap();
+    let mut rb = relay(addr, &to_b.session, &to_b.relay_token).await.unwrap();
+    ra.send(Message::binary(b"ciphertext".to_vec()))
+        .await
+        .unwrap();
+    assert_eq!(recv_binary(&mut rb).await, b"ciphertext");
+    rb.send(Message::binary(b"reply".to_vec())).await.unwrap();
+    assert_eq!(recv_binary(&mut ra).await, b"reply");
+    assert_eq!(server.metric("punch_rendezvous_relays_total").await, 1);
+    // Paired, the session is spent: a third socket is not let in.
+    assert_eq!(
+        relay(addr, &to_a.session, &to_a.relay_token).await.err(),
+        Some(404)
+    );
+    server.stop().await;
+}

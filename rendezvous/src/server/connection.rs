@@ -1,5 +1,8 @@
 //! One daemon's WebSocket: challenge, signed hello, then the registered
 //! loop that answers pings, coordinates punches and forwards orders.
+//!
+//! The rules (names, sessions, limits) are the [`super::store`]'s; this
+//! module is the socket around them and the delivery of what they decide.
 
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
@@ -12,8 +15,9 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn, Instrument};
 
+use super::auth::constant_time_eq;
 use super::ratelimit::TokenBucket;
-use super::registry::Client;
+use super::store::{Registration, StoreError};
 use super::Shared;
 use crate::protocol::{
     b64, decode_public_key, unix_time_us, verify_challenge, ClientMsg, ErrorCode, Hello, PathKind,
@@ -44,11 +48,13 @@ pub(crate) async fn serve(mut ws: WebSocket, addr: SocketAddr, shared: Arc<Share
                 shared.metrics.connected.fetch_add(1, Ordering::Relaxed);
                 info!("registered");
                 let reason = registered(&mut ws, &shared, &name, rx, &replaced).await;
-                if shared.registry().unregister(&name, conn_id) {
-                    info!(%reason, "unregistered");
-                    abort_sessions_of(&shared, &name);
-                } else {
-                    debug!(%reason, "connection closed after being replaced");
+                match shared.store.unregister(&name, conn_id).await {
+                    Ok(true) => {
+                        info!(%reason, "unregistered");
+                        abort_sessions_of(&shared, &name).await;
+                    }
+                    Ok(false) => debug!(%reason, "connection closed after being replaced"),
+                    Err(e) => warn!(%reason, error = %e, "could not unregister"),
                 }
                 shared.metrics.connected.fetch_sub(1, Ordering::Relaxed);
             }
@@ -58,6 +64,7 @@ pub(crate) async fn serve(mut ws: WebSocket, addr: SocketAddr, shared: Arc<Share
                 let _ = send(&mut ws, &ServerMsg::Error { code, message }).await;
             }
         }
+        shared.local.detach(conn_id);
         let _ = tokio::time::timeout(SEND_TIMEOUT, ws.send(Message::Close(None))).await;
     }
     .instrument(span)
@@ -108,7 +115,7 @@ async fn handshake(
     let public_key = check_hello(&shared.cfg, &hello, &nonce)?;
     let mut local_addrs = hello.local_addrs;
     local_addrs.truncate(MAX_LOCAL_ADDRS);
-    let client = Client {
+    let registration = Registration {
         conn_id,
         public_key,
         observed,
@@ -117,25 +124,26 @@ async fn handshake(
         udp_port: hello.udp_port.filter(|p| *p != 0),
         udp_observed: None,
         probe_counter: 0,
-        probe_bucket: TokenBucket::new(
-            super::udp::PROBES_PER_DAEMON_PER_SECOND,
-            super::udp::PROBE_BURST_PER_DAEMON,
-            Instant::now(),
-        ),
         rtt_us: 0,
-        tx,
-        replaced,
     };
-    shared
-        .registry()
-        .register(&hello.name, client, shared.cfg.limits.max_clients)?;
+    // Reachable before registered, so no order finds a name without an
+    // outbox; `serve` detaches it whatever happens.
+    shared.local.attach(conn_id, tx, replaced, Instant::now());
+    let registered = shared
+        .store
+        .register(&hello.name, registration, shared.cfg.limits.max_clients)
+        .await
+        .map_err(StoreError::into_refusal)?;
+    if let Some(old) = registered.replaced {
+        shared.local.replace(old);
+    }
     let welcome = ServerMsg::Welcome {
         observed_addr: observed,
         server_time_us: unix_time_us(),
         udp_port: shared.udp_port,
     };
     if send(ws, &welcome).await.is_err() {
-        shared.registry().unregister(&hello.name, conn_id);
+        let _ = shared.store.unregister(&hello.name, conn_id).await;
         return Err((ErrorCode::Timeout, "could not send welcome".to_owned()));
     }
     Ok(hello.name)
@@ -194,12 +202,6 @@ fn frame_error(e: axum::Error) -> Option<Refusal> {
         Some(other) => Some((ErrorCode::Malformed, format!("bad frame: {other}"))),
         None => Some((ErrorCode::Malformed, format!("bad frame: {inner}"))),
     }
-}
-
-/// Compares secrets without an early exit, so timing does not reveal how
-/// much of a guess was right.
-pub(crate) fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 /// The registered loop. Returns why it ended, for the log.
@@ -272,8 +274,8 @@ async fn handle(ws: &mut WebSocket, shared: &Shared, name: &str, text: &str) -> 
     match msg {
         ClientMsg::Ping { id, rtt_us } => {
             if let Some(rtt) = rtt_us {
-                if let Some(c) = shared.registry().clients.get_mut(name) {
-                    c.rtt_us = rtt;
+                if let Err(e) = shared.store.set_rtt(name, rtt).await {
+                    debug!(error = %e, "RTT not recorded");
                 }
             }
             let pong = ServerMsg::Pong {
@@ -286,7 +288,7 @@ async fn handle(ws: &mut WebSocket, shared: &Shared, name: &str, text: &str) -> 
                 .map(|_| (ErrorCode::Timeout, "pong not sent".to_owned()))
         }
         ClientMsg::Connect { peer } => {
-            if let Err((code, message)) = coordinate(shared, name, &peer) {
+            if let Err((code, message)) = coordinate(shared, name, &peer).await {
                 shared.metrics.refused(code);
                 info!(%peer, code = code.as_str(), "punch refused");
                 let err = ServerMsg::Error { code, message };
@@ -297,9 +299,17 @@ async fn handle(ws: &mut WebSocket, shared: &Shared, name: &str, text: &str) -> 
             None
         }
         ClientMsg::Result(r) => {
-            let known = shared
-                .registry()
-                .report(&r.session, name, r.path == PathKind::Relayed);
+            let known = match shared
+                .store
+                .report(&r.session, name, r.path == PathKind::Relayed)
+                .await
+            {
+                Ok(known) => known,
+                Err(e) => {
+                    warn!(session = %r.session, error = %e, "result not recorded");
+                    false
+                }
+            };
 
             if known {
                 shared.metrics.result(r.path);
@@ -319,22 +329,28 @@ async fn handle(ws: &mut WebSocket, shared: &Shared, name: &str, text: &str) -> 
 }
 
 /// Creates a punch session and delivers both orders.
-fn coordinate(shared: &Shared, name: &str, peer: &str) -> Result<(), Refusal> {
-    let orders = shared.registry().coordinate(
-        name,
-        peer,
-        Instant::now(),
-        unix_time_us(),
-        shared.cfg.limits.max_pending_punches,
-    )?;
-    let session = orders[0].1.session.clone();
-    for (tx, order) in orders {
-        tx.try_send(ServerMsg::Punch(order)).map_err(|_| {
-            (
-                ErrorCode::Busy,
-                "the peer's connection is backed up; retry shortly".to_owned(),
-            )
-        })?;
+async fn coordinate(shared: &Shared, name: &str, peer: &str) -> Result<(), Refusal> {
+    let orders = shared
+        .store
+        .coordinate(
+            name,
+            peer,
+            unix_time_us(),
+            shared.cfg.limits.max_pending_punches,
+        )
+        .await
+        .map_err(StoreError::into_refusal)?;
+    let session = orders[0].order.session.clone();
+    for addressed in orders {
+        shared
+            .local
+            .deliver(&addressed.to, ServerMsg::Punch(addressed.order))
+            .map_err(|_| {
+                (
+                    ErrorCode::Busy,
+                    "the peer's connection is backed up; retry shortly".to_owned(),
+                )
+            })?;
     }
     shared.metrics.punches.fetch_add(1, Ordering::Relaxed);
     info!(%peer, %session, "punch coordinated");
@@ -363,27 +379,26 @@ async fn next_text(ws: &mut WebSocket) -> Option<String> {
 /// Tells the other side of every fresh session of `name` that `name` is
 /// gone, so it stops punching towards a daemon that may never have seen its
 /// order (e.g. a NAT dropped that daemon's connection and the order with it).
-fn abort_sessions_of(shared: &Shared, name: &str) {
-    let others = shared
-        .registry()
-        .take_fresh_sessions_of(name, Instant::now());
-    for (session, tx) in others {
+async fn abort_sessions_of(shared: &Shared, name: &str) {
+    let others = match shared
+        .store
+        .take_fresh_sessions_of(name, unix_time_us())
+        .await
+    {
+        Ok(others) => others,
+        Err(e) => {
+            warn!(error = %e, "cannot abort this daemon's punch sessions");
+            return;
+        }
+    };
+    for (session, to) in others {
         info!(%session, "aborting punch session: a side disconnected");
-        let _ = tx.try_send(ServerMsg::PunchAborted {
-            session,
-            peer: name.to_owned(),
-        });
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn token_comparison() {
-        assert!(constant_time_eq(b"abc", b"abc"));
-        assert!(!constant_time_eq(b"abc", b"abd"));
-        assert!(!constant_time_eq(b"abc", b"ab"));
+        let _ = shared.local.deliver(
+            &to,
+            ServerMsg::PunchAborted {
+                session,
+                peer: name.to_owned(),
+            },
+        );
     }
 }

@@ -1,8 +1,10 @@
-//! Counters behind `GET /metrics`, rendered in the Prometheus text format.
+//! Counters behind `GET /metrics`, rendered in the Prometheus text format
+//! by the writer both binaries share ([`punch_service::prometheus`]).
 //! Plain atomics: the server's hot paths only ever add to them.
 
-use std::fmt::Write as _;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+
+use punch_service::prometheus::{Exposition, Kind};
 
 use crate::protocol::{ErrorCode, PathKind};
 
@@ -50,91 +52,139 @@ impl Metrics {
 
     /// The Prometheus exposition text.
     pub fn render(&self) -> String {
-        let mut out = String::with_capacity(2048);
         let g = |v: &AtomicI64| v.load(Ordering::Relaxed);
         let c = |v: &AtomicU64| v.load(Ordering::Relaxed);
-        let mut metric = |name: &str, kind: &str, help: &str, samples: &[(String, String)]| {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
-            for (labels, value) in samples {
-                let _ = writeln!(out, "{name}{labels} {value}");
-            }
-        };
-        let one = |v: String| vec![(String::new(), v)];
-        metric(
+        let mut out = Exposition::new();
+        out.family(
             "punch_rendezvous_connected_daemons",
-            "gauge",
+            Kind::Gauge,
             "Daemons registered right now.",
-            &one(g(&self.connected).to_string()),
-        );
-        metric(
+        )
+        .sample(&[], g(&self.connected));
+        out.family(
             "punch_rendezvous_connections_total",
-            "counter",
+            Kind::Counter,
             "WebSocket connections accepted.",
-            &one(c(&self.connections).to_string()),
-        );
-        metric(
+        )
+        .sample(&[], c(&self.connections));
+        out.family(
             "punch_rendezvous_punches_coordinated_total",
-            "counter",
+            Kind::Counter,
             "Punch orders sent to a pair of daemons.",
-            &one(c(&self.punches).to_string()),
-        );
-        let results: Vec<_> = ["direct", "relayed", "none"]
-            .iter()
-            .zip(&self.results)
-            .map(|(p, v)| (format!("{{path=\"{p}\"}}"), c(v).to_string()))
-            .collect();
-        metric(
+        )
+        .sample(&[], c(&self.punches));
+        let mut results = out.family(
             "punch_rendezvous_punch_results_total",
-            "counter",
+            Kind::Counter,
             "Punch results reported by daemons, by resulting path.",
-            &results,
         );
-        let refusals: Vec<_> = ErrorCode::ALL
-            .iter()
-            .zip(&self.refusals)
-            .map(|(code, v)| {
-                (
-                    format!("{{reason=\"{}\"}}", code.as_str()),
-                    c(v).to_string(),
-                )
-            })
-            .collect();
-        metric(
+        for (path, v) in ["direct", "relayed", "none"].iter().zip(&self.results) {
+            results.sample(&[("path", path)], c(v));
+        }
+        let mut refusals = out.family(
             "punch_rendezvous_refusals_total",
-            "counter",
+            Kind::Counter,
             "Requests or connections refused, by reason.",
-            &refusals,
         );
-        metric(
+        for (code, v) in ErrorCode::ALL.iter().zip(&self.refusals) {
+            refusals.sample(&[("reason", code.as_str())], c(v));
+        }
+        out.family(
             "punch_rendezvous_relays_active",
-            "gauge",
+            Kind::Gauge,
             "Relayed sessions carrying bytes now.",
-            &one(g(&self.relays_active).to_string()),
-        );
-        metric(
+        )
+        .sample(&[], g(&self.relays_active));
+        out.family(
             "punch_rendezvous_relays_total",
-            "counter",
+            Kind::Counter,
             "Relayed sessions paired.",
-            &one(c(&self.relays).to_string()),
-        );
-        metric(
+        )
+        .sample(&[], c(&self.relays));
+        out.family(
             "punch_rendezvous_relay_bytes_total",
-            "counter",
+            Kind::Counter,
             "Ciphertext bytes carried by the relay.",
-            &one(c(&self.relay_bytes).to_string()),
-        );
-        metric(
+        )
+        .sample(&[], c(&self.relay_bytes));
+        out.family(
             "punch_rendezvous_udp_probes_total",
-            "counter",
+            Kind::Counter,
             "Valid UDP probes acknowledged (QUIC path endpoint observations).",
-            &one(c(&self.udp_probes).to_string()),
-        );
-        metric(
+        )
+        .sample(&[], c(&self.udp_probes));
+        out.family(
             "punch_rendezvous_udp_dropped_total",
-            "counter",
+            Kind::Counter,
             "UDP datagrams dropped: malformed, unknown daemon, replayed, bad signature or rate-limited.",
-            &one(c(&self.udp_dropped).to_string()),
-        );
-        out
+        )
+        .sample(&[], c(&self.udp_dropped));
+        out.finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The text the hand-written renderer produced before it moved onto the
+    /// shared writer: names, labels, HELP texts and values are a contract.
+    const BEFORE: &str = r#"# HELP punch_rendezvous_connected_daemons Daemons registered right now.
+# TYPE punch_rendezvous_connected_daemons gauge
+punch_rendezvous_connected_daemons 3
+# HELP punch_rendezvous_connections_total WebSocket connections accepted.
+# TYPE punch_rendezvous_connections_total counter
+punch_rendezvous_connections_total 7
+# HELP punch_rendezvous_punches_coordinated_total Punch orders sent to a pair of daemons.
+# TYPE punch_rendezvous_punches_coordinated_total counter
+punch_rendezvous_punches_coordinated_total 0
+# HELP punch_rendezvous_punch_results_total Punch results reported by daemons, by resulting path.
+# TYPE punch_rendezvous_punch_results_total counter
+punch_rendezvous_punch_results_total{path="direct"} 0
+punch_rendezvous_punch_results_total{path="relayed"} 1
+punch_rendezvous_punch_results_total{path="none"} 0
+# HELP punch_rendezvous_refusals_total Requests or connections refused, by reason.
+# TYPE punch_rendezvous_refusals_total counter
+punch_rendezvous_refusals_total{reason="bad_token"} 0
+punch_rendezvous_refusals_total{reason="bad_signature"} 0
+punch_rendezvous_refusals_total{reason="name_taken"} 0
+punch_rendezvous_refusals_total{reason="version_mismatch"} 0
+punch_rendezvous_refusals_total{reason="unknown_peer"} 0
+punch_rendezvous_refusals_total{reason="self_connect"} 0
+punch_rendezvous_refusals_total{reason="rate_limited"} 0
+punch_rendezvous_refusals_total{reason="malformed"} 0
+punch_rendezvous_refusals_total{reason="too_many_clients"} 0
+punch_rendezvous_refusals_total{reason="busy"} 1
+punch_rendezvous_refusals_total{reason="not_registered"} 0
+punch_rendezvous_refusals_total{reason="replaced"} 0
+punch_rendezvous_refusals_total{reason="shutting_down"} 0
+punch_rendezvous_refusals_total{reason="timeout"} 0
+punch_rendezvous_refusals_total{reason="relay_refused"} 0
+# HELP punch_rendezvous_relays_active Relayed sessions carrying bytes now.
+# TYPE punch_rendezvous_relays_active gauge
+punch_rendezvous_relays_active 0
+# HELP punch_rendezvous_relays_total Relayed sessions paired.
+# TYPE punch_rendezvous_relays_total counter
+punch_rendezvous_relays_total 0
+# HELP punch_rendezvous_relay_bytes_total Ciphertext bytes carried by the relay.
+# TYPE punch_rendezvous_relay_bytes_total counter
+punch_rendezvous_relay_bytes_total 1234
+# HELP punch_rendezvous_udp_probes_total Valid UDP probes acknowledged (QUIC path endpoint observations).
+# TYPE punch_rendezvous_udp_probes_total counter
+punch_rendezvous_udp_probes_total 0
+# HELP punch_rendezvous_udp_dropped_total UDP datagrams dropped: malformed, unknown daemon, replayed, bad signature or rate-limited.
+# TYPE punch_rendezvous_udp_dropped_total counter
+punch_rendezvous_udp_dropped_total 0
+"#;
+
+    #[test]
+    fn exposition_is_unchanged() {
+        let m = Metrics::default();
+        m.connected.store(3, Ordering::Relaxed);
+        m.connections.store(7, Ordering::Relaxed);
+        m.result(PathKind::Relayed);
+        m.refused(ErrorCode::Busy);
+        m.relay_bytes.store(1234, Ordering::Relaxed);
+        assert_eq!(m.render(), BEFORE);
     }
 }

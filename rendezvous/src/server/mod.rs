@@ -1,28 +1,50 @@
 //! The axum rendezvous server.
 //!
 //! Tasks and what flows between them:
-//! - the axum accept loop (one), which upgrades `/v1/ws` requests;
-//! - one [`connection`] task per daemon: it owns the WebSocket, checks the
-//!   signed hello, then relays between the socket and the [`registry`]
-//!   (punch orders for this daemon arrive on a bounded channel);
-//! - one [`relay`] task per relayed session: it pairs the two sides of a
-//!   punch session and pumps their (end-to-end encrypted) bytes;
-//! - `/healthz` and `/metrics` are plain handlers over shared state.
+//! - the axum accept loop (one), which upgrades `/v1/ws` and
+//!   `/v1/relay/{session}` requests and answers `/healthz` and `/metrics`;
+//! - one `connection` task per daemon: it owns the WebSocket, checks the
+//!   signed hello, registers the daemon in the `store` and its outbox in
+//!   `local`; then it turns the daemon's messages into store operations
+//!   (connect → a session and two punch orders addressed by name, result →
+//!   a report) and writes what arrives in its outbox (punch orders, aborts)
+//!   to the socket;
+//! - one `relay` task per relayed side: the store checks its token and
+//!   pairs it with the other side of the session; the first side waits for
+//!   the second's socket (a oneshot in `local`), then pumps their
+//!   (end-to-end encrypted) bytes;
+//! - one `udp` task owns the observation socket: a signed probe, checked
+//!   against the store, records the daemon's UDP endpoint there.
+//!
+//! The store seam: `store::Store` holds what could be shared between
+//! instances (registrations, sessions, relay pairing), as async, fallible
+//! data-only operations; `store::MemoryStore` is the default. What only
+//! this process can hold (outboxes, replacement signals, rate buckets,
+//! waiting relay sockets, relay slots) is in `local::Local`, keyed by
+//! connection id. Connection code never touches either's fields.
 //!
 //! Everything stops through one `CancellationToken`: the accept loop stops
 //! accepting, each connection tells its daemon `shutting_down` and closes,
 //! and [`run`] returns when all of them have.
+//!
+//! Imports run one way (`tests/layering.rs` checks it): the handlers
+//! (`connection`, `relay`, `udp`) use `store`, `local`, `metrics`, `auth`
+//! and `ratelimit`; `store` uses only `auth` and `lock`, `local` only
+//! `store`'s types, `lock` and `ratelimit`.
 
+mod auth;
 mod connection;
+mod local;
+mod lock;
 mod metrics;
 mod ratelimit;
-mod registry;
 mod relay;
+mod store;
 mod udp;
 
 use std::net::SocketAddr;
 use std::sync::atomic::AtomicU64;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
 
 use axum::extract::{ConnectInfo, State, WebSocketUpgrade};
 use axum::http::header;
@@ -41,28 +63,23 @@ pub use metrics::Metrics;
 #[derive(Debug)]
 pub(crate) struct Shared {
     pub(crate) cfg: RendezvousConfig,
-    pub(crate) registry: Mutex<Registry>,
+    /// Registrations, sessions and relay pairing (data only).
+    pub(crate) store: Box<dyn Store>,
+    /// This process's handles: outboxes, rate buckets, relay sockets.
+    pub(crate) local: Local,
     pub(crate) metrics: Metrics,
     /// Server-wide shutdown.
     pub(crate) cancel: CancellationToken,
     /// Tracks connection tasks so shutdown can wait for them.
     pub(crate) tracker: TaskTracker,
+    /// Ids for daemon connections and relay joiners, unique in this process.
     pub(crate) next_conn_id: AtomicU64,
     /// The UDP observation port daemons are told about, if one is bound.
     pub(crate) udp_port: Option<u16>,
 }
 
-use registry::Registry;
-
-impl Shared {
-    /// The registry lock. A panic while holding it would poison it; the data
-    /// is still consistent map operations, so keep serving.
-    pub(crate) fn registry(&self) -> MutexGuard<'_, Registry> {
-        self.registry
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-}
+use local::Local;
+use store::{MemoryStore, Store};
 
 /// Serves the rendezvous on `listener` until `cancel` fires, then waits for
 /// every connection task to finish.
@@ -78,7 +95,8 @@ pub async fn run(
             .and_then(|s| s.local_addr().ok())
             .map(|a| a.port()),
         cfg,
-        registry: Mutex::default(),
+        store: Box::new(MemoryStore::default()),
+        local: Local::default(),
         metrics: Metrics::default(),
         cancel: cancel.clone(),
         tracker: TaskTracker::new(),
@@ -151,7 +169,10 @@ async fn ws_handler(
 
 async fn metrics_handler(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
     (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        [(
+            header::CONTENT_TYPE,
+            punch_service::prometheus::CONTENT_TYPE,
+        )],
         shared.metrics.render(),
     )
 }

@@ -20,10 +20,9 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use futures::{SinkExt as _, StreamExt as _};
 use serde::Deserialize;
-use tokio::sync::oneshot;
 use tracing::{info, warn, Instrument};
 
-use super::connection::constant_time_eq;
+use super::store::{RelayAuth, RelayJoin};
 use super::Shared;
 use crate::protocol::ErrorCode;
 
@@ -31,15 +30,6 @@ use crate::protocol::ErrorCode;
 const PAIR_TIMEOUT: Duration = Duration::from_secs(30);
 /// Largest relayed frame.
 pub(crate) const MAX_RELAY_FRAME: usize = 256 * 1024;
-
-/// A side waiting for its partner.
-#[derive(Debug)]
-pub(crate) struct Waiting {
-    /// Which side (0 or 1) is waiting.
-    pub(crate) side: usize,
-    /// Where the partner's socket goes.
-    pub(crate) partner: oneshot::Sender<WebSocket>,
-}
 
 /// Query string of a relay request.
 #[derive(Debug, Deserialize)]
@@ -55,14 +45,7 @@ struct Slot {
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        let mut reg = self.shared.registry();
-        if let Some(n) = reg.relays_per_daemon.get_mut(&self.name) {
-            *n = n.saturating_sub(1);
-            if *n == 0 {
-                reg.relays_per_daemon.remove(&self.name);
-            }
-        }
-        reg.relays_total = reg.relays_total.saturating_sub(1);
+        self.shared.local.release_relay(&self.name);
     }
 }
 
@@ -78,45 +61,43 @@ pub(crate) async fn handler(
     Query(q): Query<RelayQuery>,
     State(shared): State<Arc<Shared>>,
 ) -> Response {
-    let limits = shared.cfg.limits.clone();
+    let limits = &shared.cfg.limits;
     // Authorize and take a slot before upgrading.
-    let claim = {
-        let mut reg = shared.registry();
-        let Some(s) = reg.sessions.get(&session) else {
-            drop(reg);
+    let (side, name) = match shared.store.relay_auth(&session, &q.token).await {
+        Ok(RelayAuth::Side { side, name }) => (side, name),
+        Ok(RelayAuth::Unknown) => {
             return refuse(
                 &shared,
                 StatusCode::NOT_FOUND,
                 "no such punch session (expired?)",
-            );
-        };
-        let Some(side) = s
-            .sides
-            .iter()
-            .position(|x| constant_time_eq(x.relay_token.as_bytes(), q.token.as_bytes()))
-        else {
-            drop(reg);
+            )
+        }
+        Ok(RelayAuth::WrongToken) => {
             return refuse(
                 &shared,
                 StatusCode::FORBIDDEN,
                 "wrong relay token for this session",
-            );
-        };
-        let name = s.sides[side].name.clone();
-        let used = reg.relays_per_daemon.get(&name).copied().unwrap_or(0);
-        if reg.relays_total >= limits.max_relays * 2 || used >= limits.max_relays_per_daemon {
-            drop(reg);
+            )
+        }
+        Err(e) => {
+            warn!(error = %e, "relay not authorized");
             return refuse(
                 &shared,
-                StatusCode::TOO_MANY_REQUESTS,
-                "relay capacity reached",
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the rendezvous registry is unavailable; retry shortly",
             );
         }
-        *reg.relays_per_daemon.entry(name.clone()).or_default() += 1;
-        reg.relays_total += 1;
-        (side, name)
     };
-    let (side, name) = claim;
+    if !shared
+        .local
+        .claim_relay(&name, limits.max_relays * 2, limits.max_relays_per_daemon)
+    {
+        return refuse(
+            &shared,
+            StatusCode::TOO_MANY_REQUESTS,
+            "relay capacity reached",
+        );
+    }
     let slot = Slot {
         shared: shared.clone(),
         name: name.clone(),
@@ -131,47 +112,47 @@ pub(crate) async fn handler(
 }
 
 async fn join(socket: WebSocket, session: String, side: usize, slot: Slot, shared: Arc<Shared>) {
-    // Second side: hand our socket to the waiting first side.
-    let waiting = shared.registry().relays_waiting.remove(&session);
-    match waiting {
-        Some(w) if w.side != side => {
-            if w.partner.send(socket).is_err() {
+    let joiner = shared.next_conn_id.fetch_add(1, Ordering::Relaxed);
+    // Ready to receive before the store can name us to the other side.
+    let partner = shared.local.await_partner(joiner);
+    match shared.store.relay_join(&session, side, joiner).await {
+        // Second side: hand our socket to the waiting first side.
+        Ok(RelayJoin::Pair { partner }) => {
+            shared.local.forget_partner(joiner);
+            if !shared.local.hand_to_partner(partner, socket) {
                 warn!("partner gave up just now");
             }
-            // Our slot stays held until the pump (in the partner's task) ends.
-            let _ = slot;
             return;
         }
-        Some(w) => {
+        Ok(RelayJoin::Wait { displaced }) => {
             // The same side twice: keep the newer socket waiting.
-            drop(w);
+            if let Some(older) = displaced {
+                shared.local.forget_partner(older);
+            }
         }
-        None => {}
+        Ok(RelayJoin::Gone) => {
+            shared.local.forget_partner(joiner);
+            info!("the punch session is gone (expired or already paired)");
+            return;
+        }
+        Err(e) => {
+            shared.local.forget_partner(joiner);
+            warn!(error = %e, "cannot join the relay");
+            return;
+        }
     }
-    let (tx, rx) = oneshot::channel();
-    shared
-        .registry()
-        .relays_waiting
-        .insert(session.clone(), Waiting { side, partner: tx });
     let partner = tokio::select! {
-        r = tokio::time::timeout(PAIR_TIMEOUT, rx) => r.ok().and_then(Result::ok),
+        r = tokio::time::timeout(PAIR_TIMEOUT, partner) => r.ok().and_then(Result::ok),
         _ = shared.cancel.cancelled() => None,
     };
     let Some(partner) = partner else {
-        let mut reg = shared.registry();
-        if reg
-            .relays_waiting
-            .get(&session)
-            .is_some_and(|w| w.side == side)
-        {
-            reg.relays_waiting.remove(&session);
+        shared.local.forget_partner(joiner);
+        if let Err(e) = shared.store.relay_leave(&session, joiner).await {
+            warn!(error = %e, "relay wait not cleared");
         }
-        drop(reg);
         info!("the other side never joined the relay");
         return;
     };
-    // Paired: the session has served its purpose.
-    shared.registry().sessions.remove(&session);
     shared.metrics.relays.fetch_add(1, Ordering::Relaxed);
 
     shared.metrics.relays_active.fetch_add(1, Ordering::Relaxed);

@@ -3,7 +3,7 @@
 //! QUIC path's counterpart of the WebSocket's observed address.
 //!
 //! One task owns the socket. Work per datagram is bounded and cheap checks
-//! come first: parse, a registry lookup, the counter, a per-daemon and a
+//! come first: parse, a store lookup, the counter, a per-daemon and a
 //! server-wide rate limit; only then the signature. The ack goes back to the address the
 //! probe came from, so the NAT sees traffic both ways and keeps the
 //! mapping.
@@ -17,6 +17,7 @@ use tokio::net::UdpSocket;
 use tracing::{debug, info};
 
 use super::ratelimit::TokenBucket;
+use super::store::{Probe, ProbeRecorded};
 use super::Shared;
 use crate::datagram::{self, Datagram, ProbeBody};
 use crate::protocol::decode_public_key;
@@ -26,11 +27,6 @@ use crate::protocol::decode_public_key;
 /// thousands of them while a flood costs at most a fraction of a core.
 const PROBES_PER_SECOND: u32 = 2_000;
 const PROBE_BURST: u32 = 4_000;
-/// Probes verified per second for one daemon: it sends one every 15 s
-/// (five in its first 4 s), so forged probes naming it are mostly dropped
-/// unchecked and never eat into the server-wide budget.
-pub(crate) const PROBES_PER_DAEMON_PER_SECOND: u32 = 1;
-pub(crate) const PROBE_BURST_PER_DAEMON: u32 = 8;
 
 /// Serves probes until the server shuts down.
 pub(crate) async fn serve(socket: UdpSocket, shared: Arc<Shared>) {
@@ -49,7 +45,7 @@ pub(crate) async fn serve(socket: UdpSocket, shared: Arc<Shared>) {
             },
         };
         let from = SocketAddr::new(from.ip().to_canonical(), from.port());
-        match observe(&shared, &mut bucket, &buf[..n], from) {
+        match observe(&shared, &mut bucket, &buf[..n], from).await {
             Some(counter) => {
                 shared.metrics.udp_probes.fetch_add(1, Ordering::Relaxed);
                 let _ = socket.send_to(&datagram::ack(counter, from), from).await;
@@ -63,7 +59,12 @@ pub(crate) async fn serve(socket: UdpSocket, shared: Arc<Shared>) {
 
 /// Checks one datagram; on a valid probe records `from` as the daemon's
 /// UDP endpoint and returns the counter to acknowledge.
-fn observe(shared: &Shared, bucket: &mut TokenBucket, buf: &[u8], from: SocketAddr) -> Option<u64> {
+async fn observe(
+    shared: &Shared,
+    bucket: &mut TokenBucket,
+    buf: &[u8],
+    from: SocketAddr,
+) -> Option<u64> {
     let Some(Datagram::Probe {
         name,
         counter,
@@ -79,37 +80,33 @@ fn observe(shared: &Shared, bucket: &mut TokenBucket, buf: &[u8], from: SocketAd
         local_port,
     };
     let now = Instant::now();
-    let (key, nonce) = {
-        let mut reg = shared.registry();
-        let c = reg.clients.get_mut(name)?;
-        if counter <= c.probe_counter {
-            return None; // a replay, or reordered
-        }
-        if !c.probe_bucket.allow(now) {
-            return None;
-        }
-        (c.public_key, c.nonce)
-    };
+    let key = shared.store.probe_key(name).await.ok()??;
+    if counter <= key.counter {
+        return None; // a replay, or reordered
+    }
+    if !shared.local.allow_probe(key.conn_id, now) {
+        return None;
+    }
     if !bucket.allow(now) {
         return None;
     }
-    let vk = decode_public_key(&crate::protocol::b64(&key)).ok()?;
-    if !datagram::verify_probe(&vk, &nonce, &body, &signature) {
+    let vk = decode_public_key(&crate::protocol::b64(&key.public_key)).ok()?;
+    if !datagram::verify_probe(&vk, &key.nonce, &body, &signature) {
         return None;
     }
-    let mut reg = shared.registry();
-    let c = reg.clients.get_mut(name)?;
-    // The registration may have been replaced while we verified.
-    if c.nonce != nonce || counter <= c.probe_counter {
-        return None;
+    let probe = Probe {
+        nonce: key.nonce,
+        counter,
+        local_port,
+        from,
+    };
+    match shared.store.record_probe(name, probe).await.ok()? {
+        ProbeRecorded::Stale => None,
+        ProbeRecorded::Current { moved } => {
+            if moved {
+                info!(daemon = name, udp = %from, "UDP endpoint observed");
+            }
+            Some(counter)
+        }
     }
-    c.probe_counter = counter;
-    if local_port != 0 {
-        c.udp_port = Some(local_port);
-    }
-    if c.udp_observed != Some(from) {
-        info!(daemon = name, udp = %from, "UDP endpoint observed");
-        c.udp_observed = Some(from);
-    }
-    Some(counter)
 }

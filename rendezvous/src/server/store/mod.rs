@@ -1,0 +1,392 @@
+//! The store seam: what the rendezvous knows that another instance could
+//! share — who is registered (name, key, observed endpoints, RTT), the punch
+//! sessions in flight, their results, and relay pairing (session tokens,
+//! which side is waiting).
+//!
+//! It holds data only. The handles that mean something only in this process
+//! (each connection's outbox, its replacement signal, rate buckets, the
+//! relay partner's socket) live in [`super::local`], keyed by connection id;
+//! the store names connections by [`Recipient`] and the caller delivers.
+//!
+//! # Why the methods are async and fallible
+//!
+//! The in-memory store ([`memory::MemoryStore`], the default) never waits
+//! and never fails, but a store shared between instances (Redis, next) does
+//! both: every operation is a network round trip that can time out or find
+//! the server gone. So [`Store`] methods return a boxed future of
+//! `Result<_, StoreError>` now, and callers already `.await` them and turn
+//! [`StoreError::Unavailable`] into a refusal the daemon retries. Boxed,
+//! because the server holds `Arc<dyn Store>`: connection handling does not
+//! change (nor become generic) when a second implementation is added. One
+//! allocation per registry operation is nothing next to a WebSocket frame.
+//!
+//! Each method is one atomic step, so a shared implementation can map it to
+//! one transaction or script; no caller holds a lock across two of them.
+//! Time is passed in as server Unix time in microseconds, a clock instances
+//! can agree on (an `Instant` means nothing to another process), which also
+//! keeps the in-memory store testable without a clock.
+
+mod memory;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+
+use crate::protocol::{b64, ErrorCode, PunchOrder};
+
+pub(crate) use memory::MemoryStore;
+
+/// How long a punch session stays known for results and relay pairing.
+pub(crate) const SESSION_TTL: Duration = Duration::from_secs(120);
+
+/// How long after its creation a session may still be punching (punch
+/// timeouts are seconds); a side leaving within it aborts the session.
+pub(crate) const PUNCH_WINDOW: Duration = Duration::from_secs(30);
+
+/// What every store operation returns.
+pub(crate) type StoreFuture<'a, T> = BoxFuture<'a, Result<T, StoreError>>;
+
+/// Why a store operation did not do what was asked.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub(crate) enum StoreError {
+    /// The request is refused by the registry's rules (name taken, server
+    /// full, unknown peer, too many punches); the daemon is told why.
+    #[error("{message}")]
+    Refused {
+        /// What the daemon is told, as a code.
+        code: ErrorCode,
+        /// And as a sentence that says what to do.
+        message: String,
+    },
+    /// The store could not be reached or answered nonsense (a shared
+    /// store's network failure); the request may succeed if retried.
+    #[allow(
+        dead_code,
+        reason = "the in-memory store never fails; a shared store will"
+    )]
+    #[error("the rendezvous registry is unavailable: {0}")]
+    Unavailable(String),
+}
+
+impl StoreError {
+    pub(crate) fn refused(code: ErrorCode, message: impl Into<String>) -> Self {
+        StoreError::Refused {
+            code,
+            message: message.into(),
+        }
+    }
+
+    /// The code and sentence a daemon gets: a store outage is `Busy`, which
+    /// daemons already retry.
+    pub(crate) fn into_refusal(self) -> (ErrorCode, String) {
+        match self {
+            StoreError::Refused { code, message } => (code, message),
+            e @ StoreError::Unavailable(_) => (ErrorCode::Busy, format!("{e}; retry shortly")),
+        }
+    }
+}
+
+/// A registered daemon, as any instance may need to know it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Registration {
+    /// Distinguishes this connection from an earlier one with the same
+    /// name, and says which connection's outbox delivers to it.
+    pub(crate) conn_id: u64,
+    pub(crate) public_key: [u8; 32],
+    pub(crate) observed: SocketAddr,
+    pub(crate) local_addrs: Vec<SocketAddr>,
+    /// The challenge nonce of this registration: UDP probes are signed
+    /// over it, so they cannot be replayed into a later registration.
+    pub(crate) nonce: [u8; 32],
+    /// The daemon's local UDP punch port, if it offers the QUIC path.
+    pub(crate) udp_port: Option<u16>,
+    /// Its UDP endpoint as the observation socket saw it.
+    pub(crate) udp_observed: Option<SocketAddr>,
+    /// Highest probe counter accepted (replay protection).
+    pub(crate) probe_counter: u64,
+    /// Last RTT the daemon reported, for timing its punches.
+    pub(crate) rtt_us: u64,
+}
+
+/// Where a message for a daemon goes: its name, and the connection that
+/// registered it (whose outbox is in [`super::local::Local`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Recipient {
+    pub(crate) name: String,
+    pub(crate) conn_id: u64,
+}
+
+/// A punch order and whom it is for.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct Addressed {
+    pub(crate) to: Recipient,
+    pub(crate) order: PunchOrder,
+}
+
+/// What a registration displaced.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Registered {
+    /// The connection that held the name with the same key until now: it
+    /// must be told it was replaced.
+    pub(crate) replaced: Option<u64>,
+}
+
+/// What the UDP observer needs to check a probe before its signature.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct ProbeKey {
+    pub(crate) conn_id: u64,
+    pub(crate) public_key: [u8; 32],
+    pub(crate) nonce: [u8; 32],
+    pub(crate) counter: u64,
+}
+
+/// A verified probe, to record if it is still current.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Probe {
+    /// The registration it was signed for.
+    pub(crate) nonce: [u8; 32],
+    pub(crate) counter: u64,
+    /// The daemon's UDP punch port (0: unchanged).
+    pub(crate) local_port: u16,
+    /// Where it came from: the daemon's UDP mapping.
+    pub(crate) from: SocketAddr,
+}
+
+/// What recording a probe did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ProbeRecorded {
+    /// Replayed, reordered, or for a registration replaced meanwhile.
+    Stale,
+    /// Recorded; `moved` if the UDP endpoint is new.
+    Current { moved: bool },
+}
+
+/// Who may join a relay session with a given token.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum RelayAuth {
+    /// No such session (never created, or expired).
+    Unknown,
+    /// The session exists, the token is neither side's.
+    WrongToken,
+    /// Side `side` (0 or 1), the daemon `name`.
+    Side { side: usize, name: String },
+}
+
+/// What joining a relay session found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum RelayJoin {
+    /// Nobody (or this same side, earlier) is waiting: wait for the other.
+    /// The same side's earlier joiner, if any, is `displaced`: the newer
+    /// socket waits, the older one is let go.
+    Wait { displaced: Option<u64> },
+    /// The other side is waiting, as joiner `partner`: hand it the socket.
+    /// The session is paired and gone from the store.
+    Pair { partner: u64 },
+    /// The session is gone (expired, or already paired).
+    Gone,
+}
+
+/// The registry operations, data only. See the module doc for why they are
+/// async and fallible.
+pub(crate) trait Store: Send + Sync + std::fmt::Debug {
+    /// Adds `name`. The same name with the same key replaces the old
+    /// connection (a daemon reconnecting); with another key it is refused,
+    /// and so is a new name beyond `max_clients`.
+    fn register<'a>(
+        &'a self,
+        name: &'a str,
+        registration: Registration,
+        max_clients: usize,
+    ) -> StoreFuture<'a, Registered>;
+
+    /// Removes `name` if the entry still belongs to `conn_id` (a replaced
+    /// connection's cleanup must not remove its successor). True if removed.
+    fn unregister<'a>(&'a self, name: &'a str, conn_id: u64) -> StoreFuture<'a, bool>;
+
+    /// Records the RTT `name` measured, for timing its punches.
+    fn set_rtt<'a>(&'a self, name: &'a str, rtt_us: u64) -> StoreFuture<'a, ()>;
+
+    /// What a probe naming `name` must be checked against, if registered.
+    fn probe_key<'a>(&'a self, name: &'a str) -> StoreFuture<'a, Option<ProbeKey>>;
+
+    /// Records a verified probe as `name`'s UDP endpoint, unless it is stale.
+    fn record_probe<'a>(&'a self, name: &'a str, probe: Probe) -> StoreFuture<'a, ProbeRecorded>;
+
+    /// Creates a punch session between `from` and `peer`: both orders,
+    /// addressed. Expired sessions are dropped first; more than
+    /// `max_pending` live ones is `Busy`.
+    fn coordinate<'a>(
+        &'a self,
+        from: &'a str,
+        peer: &'a str,
+        now_us: u64,
+        max_pending: usize,
+    ) -> StoreFuture<'a, [Addressed; 2]>;
+
+    /// Records `name`'s result for `session`. False if `name` is not a side
+    /// of it. A session both sides finished (and that is not being relayed)
+    /// is removed, so it no longer counts against the pending limit.
+    fn report<'a>(
+        &'a self,
+        session: &'a str,
+        name: &'a str,
+        relayed: bool,
+    ) -> StoreFuture<'a, bool>;
+
+    /// Removes the sessions `name` took part in that are young enough to
+    /// still be punching, and returns each with its other side, to be told.
+    fn take_fresh_sessions_of<'a>(
+        &'a self,
+        name: &'a str,
+        now_us: u64,
+    ) -> StoreFuture<'a, Vec<(String, Recipient)>>;
+
+    /// Which side of `session` presents `token`.
+    fn relay_auth<'a>(&'a self, session: &'a str, token: &'a str) -> StoreFuture<'a, RelayAuth>;
+
+    /// Side `side` of `session` joins the relay as `joiner` (an id unique
+    /// in this process), waiting or pairing.
+    fn relay_join<'a>(
+        &'a self,
+        session: &'a str,
+        side: usize,
+        joiner: u64,
+    ) -> StoreFuture<'a, RelayJoin>;
+
+    /// `joiner` stopped waiting (timeout, shutdown); a later join of the
+    /// same side is not undone by it.
+    fn relay_leave<'a>(&'a self, session: &'a str, joiner: u64) -> StoreFuture<'a, ()>;
+}
+
+/// Both punch orders of a new session, `a` initiating. Any store builds
+/// them the same way from the two registrations.
+pub(crate) fn punch_orders(
+    session: &str,
+    tokens: &[String; 2],
+    (a_name, a): (&str, &Registration),
+    (b_name, b): (&str, &Registration),
+    now_us: u64,
+) -> [Addressed; 2] {
+    let at_us = punch_start_us(now_us, a.rtt_us, b.rtt_us);
+    let order =
+        |me: (&str, &Registration), other: (&str, &Registration), initiator, token: &str| {
+            Addressed {
+                to: Recipient {
+                    name: me.0.to_owned(),
+                    conn_id: me.1.conn_id,
+                },
+                order: PunchOrder {
+                    session: session.to_owned(),
+                    peer: other.0.to_owned(),
+                    public_key: b64(&other.1.public_key),
+                    candidates: candidates(other.1),
+                    udp_candidates: udp_candidates(other.1),
+                    at_us,
+                    initiator,
+                    relay_token: token.to_owned(),
+                },
+            }
+        };
+    [
+        order((a_name, a), (b_name, b), true, &tokens[0]),
+        order((b_name, b), (a_name, a), false, &tokens[1]),
+    ]
+}
+
+/// The observed endpoint first, then the daemon's own addresses, without
+/// repeats (a host with no NAT reports its observed address as local too).
+fn candidates(c: &Registration) -> Vec<SocketAddr> {
+    let mut out = vec![c.observed];
+    for a in &c.local_addrs {
+        if !out.contains(a) && out.len() < 8 {
+            out.push(*a);
+        }
+    }
+    out
+}
+
+/// The observed UDP endpoint first, then the daemon's own addresses with
+/// its UDP port. Empty until a probe was seen: no UDP mapping is known, so
+/// there is nothing to punch to.
+fn udp_candidates(c: &Registration) -> Vec<SocketAddr> {
+    let (Some(observed), Some(port)) = (c.udp_observed, c.udp_port) else {
+        return Vec::new();
+    };
+    let mut out = vec![observed];
+    for a in &c.local_addrs {
+        let a = SocketAddr::new(a.ip(), port);
+        if !out.contains(&a) && out.len() < 8 {
+            out.push(a);
+        }
+    }
+    out
+}
+
+/// When both sides should fire, in server microseconds.
+///
+/// The order reaches each daemon about half its RTT after we send it, so
+/// `at` must lie beyond the farther daemon's one-way delay, plus slack for
+/// processing and jitter that grows with distance. Both daemons then convert
+/// `at` to their own clocks with the offset they measured, so their SYNs
+/// leave together whatever their distances to us.
+pub(crate) fn punch_start_us(now_us: u64, rtt_a_us: u64, rtt_b_us: u64) -> u64 {
+    const MAX_RTT_US: u64 = 3_000_000;
+    const BASE_SLACK_US: u64 = 25_000;
+    let owd = rtt_a_us.max(rtt_b_us).min(MAX_RTT_US) / 2;
+    now_us + owd + owd / 2 + BASE_SLACK_US
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    /// A registration for tests: key, conn id and nonce all `key`.
+    pub(crate) fn registration(key: u8, observed: &str, locals: &[&str]) -> Registration {
+        Registration {
+            conn_id: u64::from(key),
+            public_key: [key; 32],
+            observed: observed.parse().unwrap(),
+            local_addrs: locals.iter().map(|a| a.parse().unwrap()).collect(),
+            nonce: [key; 32],
+            udp_port: None,
+            udp_observed: None,
+            probe_counter: 0,
+            rtt_us: 0,
+        }
+    }
+
+    #[test]
+    fn udp_candidates_need_an_observed_udp_endpoint() {
+        let mut c = registration(1, "203.0.113.2:40000", &["192.0.2.2:40000"]);
+        // Offering QUIC is not enough: without a probe there is no mapping.
+        c.udp_port = Some(41000);
+        assert!(udp_candidates(&c).is_empty());
+        c.udp_observed = Some("203.0.113.2:41000".parse().unwrap());
+        let want: Vec<SocketAddr> = vec![
+            "203.0.113.2:41000".parse().unwrap(),
+            "192.0.2.2:41000".parse().unwrap(),
+        ];
+        assert_eq!(udp_candidates(&c), want);
+    }
+
+    #[test]
+    fn start_time_covers_the_farther_side() {
+        // Both near: only the base slack.
+        assert_eq!(punch_start_us(0, 0, 0), 25_000);
+        // One side 150 ms away: its order needs 75 ms to arrive, plus jitter slack.
+        let at = punch_start_us(0, 1_000, 150_000);
+        assert!(at > 75_000 && at < 150_000, "{at}");
+        // Absurd RTT reports are clamped.
+        assert!(punch_start_us(0, u64::MAX / 4, 0) <= 3_000_000);
+    }
+
+    #[test]
+    fn an_outage_is_a_retryable_refusal() {
+        let (code, msg) = StoreError::Unavailable("connection reset".into()).into_refusal();
+        assert_eq!(code, ErrorCode::Busy);
+        assert!(msg.contains("connection reset"), "{msg}");
+        let (code, _) = StoreError::refused(ErrorCode::NameTaken, "x").into_refusal();
+        assert_eq!(code, ErrorCode::NameTaken);
+    }
+}
