@@ -125,25 +125,29 @@ enum Cmd {
 
 fn main() -> ExitCode {
     match Cli::parse().cmd {
-        Cmd::Sink { listen } => match runtime().block_on(punch_lab::transfer::sink(listen)) {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                eprintln!("error: {e:#}");
-                ExitCode::from(1)
+        Cmd::Sink { listen } => {
+            match runtime().block_on(punch_lab::harness::transfer::sink(listen)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("error: {e:#}");
+                    ExitCode::from(1)
+                }
             }
-        },
-        Cmd::Echo { listen } => match runtime().block_on(punch_lab::transfer::echo(listen)) {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                eprintln!("error: {e:#}");
-                ExitCode::from(1)
+        }
+        Cmd::Echo { listen } => {
+            match runtime().block_on(punch_lab::harness::transfer::echo(listen)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("error: {e:#}");
+                    ExitCode::from(1)
+                }
             }
-        },
+        }
         Cmd::Rr {
             connect,
             count,
             size,
-        } => match runtime().block_on(punch_lab::transfer::rr(connect, count, size)) {
+        } => match runtime().block_on(punch_lab::harness::transfer::rr(connect, count, size)) {
             Ok(report) => {
                 println!("{}", serde_json::to_string(&report).unwrap_or_default());
                 ExitCode::SUCCESS
@@ -159,7 +163,7 @@ fn main() -> ExitCode {
             streams,
             text,
         } => {
-            let report = runtime().block_on(punch_lab::transfer::send(
+            let report = runtime().block_on(punch_lab::harness::transfer::send(
                 connect,
                 bytes,
                 streams,
@@ -179,7 +183,7 @@ fn main() -> ExitCode {
             rendezvous_image,
         } => check(&scenario, rendezvous_image.as_deref()),
         Cmd::Get { addr, path, method } => {
-            match runtime().block_on(punch_lab::transfer::http(addr, &method, &path)) {
+            match runtime().block_on(punch_lab::harness::transfer::http(addr, &method, &path)) {
                 Ok(body) => {
                     print!("{body}");
                     ExitCode::SUCCESS
@@ -196,7 +200,7 @@ fn main() -> ExitCode {
             pairs,
             seconds,
         } => {
-            match runtime().block_on(punch_lab::loadgen::run(
+            match runtime().block_on(punch_lab::suites::loadgen::run(
                 addr,
                 clients,
                 pairs,
@@ -213,7 +217,7 @@ fn main() -> ExitCode {
             }
         }
         Cmd::Linkem { queues } => {
-            use punch_lab::linkem::{run, Impairment};
+            use punch_lab::net::linkem::{run, Impairment};
             let parsed: Result<Vec<_>, _> =
                 queues.iter().map(|q| Impairment::parse_spec(q)).collect();
             let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -236,13 +240,13 @@ fn main() -> ExitCode {
                 Err(code) => return code,
             };
             if a_ms + b_ms > 0 {
-                s = s.with_links(punch_lab::topology::Links {
-                    a: punch_lab::topology::Link::symmetric_ms(a_ms),
-                    b: punch_lab::topology::Link::symmetric_ms(b_ms),
-                    rv: punch_lab::topology::Link::NONE,
+                s = s.with_links(punch_lab::net::topology::Links {
+                    a: punch_lab::net::topology::Link::symmetric_ms(a_ms),
+                    b: punch_lab::net::topology::Link::symmetric_ms(b_ms),
+                    rv: punch_lab::net::topology::Link::NONE,
                 });
             }
-            match punch_lab::realism::timing("punches", s, rounds, &bins) {
+            match punch_lab::suites::realism::timing("punches", s, rounds, &bins) {
                 Ok(t) => {
                     println!(
                         "punch timing, RTT {} ms ({a_ms} ms / {b_ms} ms), {scenario}: {t}",
@@ -257,15 +261,15 @@ fn main() -> ExitCode {
             }
         }
         Cmd::Bench { seconds } => {
-            if let Some(why) = punch_lab::unavailable() {
+            if let Some(why) = punch_lab::harness::preflight::unavailable() {
                 eprintln!("error: {why}");
                 return ExitCode::from(2);
             }
-            punch_lab::scenario::cleanup_on_ctrl_c();
+            punch_lab::harness::preflight::cleanup_on_ctrl_c();
             let result = std::env::current_exe()
                 .map_err(anyhow::Error::from)
-                .and_then(|p| punch_lab::scenario::Binaries::beside(&p))
-                .and_then(|bins| punch_lab::bench::run(&bins, seconds));
+                .and_then(|p| punch_lab::harness::Binaries::beside(&p))
+                .and_then(|bins| punch_lab::suites::bench::run(&bins, seconds));
             match result {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
@@ -275,7 +279,7 @@ fn main() -> ExitCode {
             }
         }
         Cmd::Cleanup => {
-            punch_lab::scenario::cleanup();
+            punch_lab::net::netns::cleanup();
             ExitCode::SUCCESS
         }
     }
@@ -295,11 +299,11 @@ fn runtime() -> tokio::runtime::Runtime {
 /// the lab; or the exit code that says why not.
 fn prepare_scenario(
     name: &str,
-) -> Result<(punch_lab::scenario::Scenario, punch_lab::scenario::Binaries), ExitCode> {
-    let Some(scenario) = punch_lab::scenarios().into_iter().find(|s| s.name == name) else {
+) -> Result<(punch_lab::harness::Scenario, punch_lab::harness::Binaries), ExitCode> {
+    let Some(scenario) = punch_lab::harness::matrix::by_name(name) else {
         eprintln!(
             "error: unknown scenario {name:?}; one of: {}",
-            punch_lab::scenarios()
+            punch_lab::harness::matrix::scenarios()
                 .iter()
                 .map(|s| s.name.clone())
                 .collect::<Vec<_>>()
@@ -307,14 +311,14 @@ fn prepare_scenario(
         );
         return Err(ExitCode::from(2));
     };
-    if let Some(why) = punch_lab::unavailable() {
+    if let Some(why) = punch_lab::harness::preflight::unavailable() {
         eprintln!("error: {why}");
         return Err(ExitCode::from(2));
     }
-    punch_lab::scenario::cleanup_on_ctrl_c();
+    punch_lab::harness::preflight::cleanup_on_ctrl_c();
     match std::env::current_exe()
         .map_err(anyhow::Error::from)
-        .and_then(|p| punch_lab::scenario::Binaries::beside(&p))
+        .and_then(|p| punch_lab::harness::Binaries::beside(&p))
     {
         Ok(bins) => Ok((scenario, bins)),
         Err(e) => {
@@ -332,7 +336,7 @@ fn check(name: &str, rendezvous_image: Option<&str>) -> ExitCode {
     if let Some(image) = rendezvous_image {
         scenario = scenario.with_rendezvous_image(image);
     }
-    match punch_lab::scenario::run(&scenario, &bins) {
+    match punch_lab::suites::scenarios::run(&scenario, &bins) {
         Ok(report) => {
             println!("{report}");
             ExitCode::SUCCESS
@@ -345,7 +349,7 @@ fn check(name: &str, rendezvous_image: Option<&str>) -> ExitCode {
 }
 
 fn by_hand(name: &str) -> ExitCode {
-    use punch_lab::scenario::Run;
+    use punch_lab::harness::Run;
     let (scenario, bins) = match prepare_scenario(name) {
         Ok(v) => v,
         Err(code) => return code,
