@@ -8,6 +8,7 @@
 //! on the first attempt when each side sent exactly one SYN towards the
 //! other's public endpoint.
 
+use std::path::Path;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Result};
@@ -19,6 +20,7 @@ use crate::harness::spec::PUNCH_PORT;
 use crate::harness::stats::percentile;
 use crate::harness::status::path;
 use crate::harness::{Binaries, Expect, Report, Run, Scenario};
+use crate::net::netns::Netns;
 use crate::net::topology::{Link, Links};
 
 /// The direct scenarios of the matrix on `links`, moving `bytes`, each
@@ -135,7 +137,7 @@ fn last_punch_ms(doc: &StatusDoc) -> f64 {
 }
 
 /// SYN timestamps (Unix seconds) from a `tcpdump -tt` text capture.
-fn syn_times(path: &std::path::Path) -> Vec<f64> {
+fn syn_times(path: &Path) -> Vec<f64> {
     std::fs::read_to_string(path)
         .unwrap_or_default()
         .lines()
@@ -167,23 +169,20 @@ fn measure(run: &mut Run, links: &Links, rounds: usize) -> Result<Timing> {
     );
     let cap_a = run.dir.join("syn-alice.txt");
     let cap_b = run.dir.join("syn-bob.txt");
-    let filter = |dst: &str| {
-        format!("tcp[tcpflags] & (tcp-syn|tcp-ack) == tcp-syn and dst host {dst} and dst port {PUNCH_PORT}")
+    // Each host's SYNs towards the other's public endpoint, timestamped.
+    let syn_capture = |host: &mut Netns, dst: &str, file: &Path| {
+        let filter = format!(
+            "tcp[tcpflags] & (tcp-syn|tcp-ack) == tcp-syn and dst host {dst} and dst port {PUNCH_PORT}"
+        );
+        host.spawn(
+            Path::new("tcpdump"),
+            &["-l", "-tt", "-n", "-i", "eth0", &filter],
+            &[],
+            file,
+        )
     };
-    let tcpdump = std::path::Path::new("tcpdump");
-    let (fa, fb) = (filter(&bob_ip), filter(&alice_ip));
-    let ia = run.topo.host_a.spawn(
-        tcpdump,
-        &["-l", "-tt", "-n", "-i", "eth0", &fa],
-        &[],
-        &cap_a,
-    )?;
-    let ib = run.topo.host_b.spawn(
-        tcpdump,
-        &["-l", "-tt", "-n", "-i", "eth0", &fb],
-        &[],
-        &cap_b,
-    )?;
+    let ia = syn_capture(&mut run.topo.host_a, &bob_ip, &cap_a)?;
+    let ib = syn_capture(&mut run.topo.host_b, &alice_ip, &cap_b)?;
     std::thread::sleep(Duration::from_millis(500));
     let tool = run.bins().tool.display().to_string();
     let mut marks = Vec::new();
