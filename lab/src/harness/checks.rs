@@ -50,7 +50,7 @@ pub fn run(
             }
             Ok(r)
         }
-        Err(e) => Err(anyhow!("{e:#}\n{}", run.log_tails())),
+        Err(e) => Err(run.explain(e)),
     }
 }
 

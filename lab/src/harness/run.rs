@@ -2,7 +2,7 @@
 //! binary or container image), bob's sink and both daemons started with
 //! generated keys and configs, and what a test does to it while it runs
 //! (status, transfers, restarts). Dropping it removes everything; on a
-//! failure [`Run::log_tails`] says what happened.
+//! failure [`Run::explain`] says what happened.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -296,6 +296,12 @@ impl Run {
     /// The binaries this run uses.
     pub fn bins(&self) -> &Binaries {
         &self.bins
+    }
+
+    /// `e` with the last lines of every log and the network's state
+    /// after it: what a failed check reports.
+    pub fn explain(&self, e: anyhow::Error) -> anyhow::Error {
+        anyhow::anyhow!("{e:#}\n{}", self.log_tails())
     }
 
     /// The last lines of every log, for a failure message.

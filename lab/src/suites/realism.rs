@@ -158,7 +158,7 @@ pub fn timing(name: &str, s: Scenario, rounds: usize, bins: &Binaries) -> Result
     });
     let mut run = Run::start(&s, bins)?;
     let result = measure(&mut run, &links, rounds);
-    result.map_err(|e| anyhow::anyhow!("{e:#}\n{}", run.log_tails()))
+    result.map_err(|e| run.explain(e))
 }
 
 fn measure(run: &mut Run, links: &Links, rounds: usize) -> Result<Timing> {

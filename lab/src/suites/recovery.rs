@@ -65,7 +65,7 @@ fn start(name: &str, bins: &Binaries, over: Over) -> Result<Run> {
 /// Runs `f` and adds every log's tail to its error.
 fn with_logs(run: &mut Run, f: impl FnOnce(&mut Run) -> Result<String>) -> Result<String> {
     let result = f(run);
-    result.map_err(|e| anyhow!("{e:#}\n{}", run.log_tails()))
+    result.map_err(|e| run.explain(e))
 }
 
 /// Polls a 1 MiB transfer until one succeeds; returns how long that took.
