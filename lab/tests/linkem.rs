@@ -6,9 +6,9 @@ use std::io::Write as _;
 use std::path::Path;
 use std::time::Duration;
 
-use punch_lab::linkem::Impairment;
-use punch_lab::nat::NatBehaviour;
-use punch_lab::topology::{Layout, Link, Links, Topology};
+use punch_lab::net::linkem::Impairment;
+use punch_lab::net::nat::NatBehaviour;
+use punch_lab::net::topology::{Layout, Link, Links, Topology};
 
 fn tool() -> &'static Path {
     Path::new(env!("CARGO_BIN_EXE_punch-lab-tool"))
@@ -53,7 +53,7 @@ fn ping(topo: &Topology, dst: &str, count: u32, interval: &str) -> (u32, u32, f6
 }
 
 fn lab(name: &str) -> Option<(std::sync::MutexGuard<'static, ()>, Topology)> {
-    let (guard, _bins) = punch_lab::prepare(name, env!("CARGO_BIN_EXE_punch-lab-tool"))?;
+    let (guard, _bins) = punch_lab::harness::prepare(name, env!("CARGO_BIN_EXE_punch-lab-tool"))?;
     let topo = Topology::build(
         &format!("pl-{name}-"),
         Layout::TwoNats(NatBehaviour::Masquerade),

@@ -6,13 +6,13 @@
 use std::io::Write as _;
 use std::time::Duration;
 
-use punch_lab::nat::NatBehaviour;
-use punch_lab::realism;
-use punch_lab::scenario::{Binaries, Expect, Scenario};
-use punch_lab::topology::{Layout, Link, Links};
+use punch_lab::harness::{Binaries, Expect, Scenario};
+use punch_lab::net::nat::NatBehaviour;
+use punch_lab::net::topology::{Layout, Link, Links};
+use punch_lab::suites::realism;
 
 fn setup(test: &str) -> Option<(std::sync::MutexGuard<'static, ()>, Binaries)> {
-    punch_lab::prepare(test, env!("CARGO_BIN_EXE_punch-lab-tool"))
+    punch_lab::harness::prepare(test, env!("CARGO_BIN_EXE_punch-lab-tool"))
 }
 
 fn say(line: &str) {

@@ -4,12 +4,13 @@
 
 use std::io::Write as _;
 
-use punch_lab::recovery::{self, Over};
-use punch_lab::scenario::Binaries;
+use punch_lab::harness::Binaries;
+use punch_lab::suites::recovery::{self, Over};
 
 fn case(name: &str, f: impl FnOnce(&Binaries) -> anyhow::Result<String>) {
     let test = format!("lab recovery {name}");
-    let Some((_serial, bins)) = punch_lab::prepare(&test, env!("CARGO_BIN_EXE_punch-lab-tool"))
+    let Some((_serial, bins)) =
+        punch_lab::harness::prepare(&test, env!("CARGO_BIN_EXE_punch-lab-tool"))
     else {
         return;
     };

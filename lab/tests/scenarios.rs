@@ -6,19 +6,16 @@
 
 use std::io::Write as _;
 
-use punch_lab::scenario;
+use punch_lab::suites::scenarios;
 
 fn scenario(name: &str) {
     let test = format!("lab scenario {name}");
-    let Some((_serial, bins)) = punch_lab::prepare(&test, env!("CARGO_BIN_EXE_punch-lab-tool"))
+    let Some((_serial, bins)) =
+        punch_lab::harness::prepare(&test, env!("CARGO_BIN_EXE_punch-lab-tool"))
     else {
         return;
     };
-    let s = punch_lab::scenarios()
-        .into_iter()
-        .find(|s| s.name == name)
-        .unwrap();
-    match scenario::run(&s, &bins) {
+    match scenarios::run_named(name, &bins) {
         Ok(report) => {
             let _ = writeln!(std::io::stderr(), "LAB {report}");
         }

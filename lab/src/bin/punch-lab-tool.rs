@@ -124,49 +124,28 @@ enum Cmd {
 }
 
 fn main() -> ExitCode {
+    use punch_lab::harness::transfer;
     match Cli::parse().cmd {
-        Cmd::Sink { listen } => match runtime().block_on(punch_lab::transfer::sink(listen)) {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                eprintln!("error: {e:#}");
-                ExitCode::from(1)
-            }
-        },
-        Cmd::Echo { listen } => match runtime().block_on(punch_lab::transfer::echo(listen)) {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                eprintln!("error: {e:#}");
-                ExitCode::from(1)
-            }
-        },
+        Cmd::Sink { listen } => finish(runtime().block_on(transfer::sink(listen)), |()| ()),
+        Cmd::Echo { listen } => finish(runtime().block_on(transfer::echo(listen)), |()| ()),
         Cmd::Rr {
             connect,
             count,
             size,
-        } => match runtime().block_on(punch_lab::transfer::rr(connect, count, size)) {
-            Ok(report) => {
-                println!("{}", serde_json::to_string(&report).unwrap_or_default());
-                ExitCode::SUCCESS
-            }
-            Err(e) => {
-                eprintln!("error: {e:#}");
-                ExitCode::from(1)
-            }
-        },
+        } => finish(
+            runtime().block_on(transfer::rr(connect, count, size)),
+            print_json,
+        ),
         Cmd::Send {
             connect,
             bytes,
             streams,
             text,
         } => {
-            let report = runtime().block_on(punch_lab::transfer::send(
-                connect,
-                bytes,
-                streams,
-                text.as_deref(),
-            ));
+            let report =
+                runtime().block_on(transfer::send(connect, bytes, streams, text.as_deref()));
 
-            println!("{}", serde_json::to_string(&report).unwrap_or_default());
+            print_json(&report);
             if report.ok {
                 ExitCode::SUCCESS
             } else {
@@ -178,52 +157,30 @@ fn main() -> ExitCode {
             scenario,
             rendezvous_image,
         } => check(&scenario, rendezvous_image.as_deref()),
-        Cmd::Get { addr, path, method } => {
-            match runtime().block_on(punch_lab::transfer::http(addr, &method, &path)) {
-                Ok(body) => {
-                    print!("{body}");
-                    ExitCode::SUCCESS
-                }
-                Err(e) => {
-                    eprintln!("error: {e:#}");
-                    ExitCode::from(1)
-                }
-            }
-        }
+        Cmd::Get { addr, path, method } => finish(
+            runtime().block_on(transfer::http(addr, &method, &path)),
+            |body| print!("{body}"),
+        ),
         Cmd::Loadgen {
             addr,
             clients,
             pairs,
             seconds,
-        } => {
-            match runtime().block_on(punch_lab::loadgen::run(
+        } => finish(
+            runtime().block_on(punch_lab::suites::loadgen::run(
                 addr,
                 clients,
                 pairs,
                 std::time::Duration::from_secs(seconds),
-            )) {
-                Ok(r) => {
-                    println!("{}", serde_json::to_string(&r).unwrap_or_default());
-                    ExitCode::SUCCESS
-                }
-                Err(e) => {
-                    eprintln!("error: {e:#}");
-                    ExitCode::from(1)
-                }
-            }
-        }
+            )),
+            print_json,
+        ),
         Cmd::Linkem { queues } => {
-            use punch_lab::linkem::{run, Impairment};
+            use punch_lab::net::linkem::{run, Impairment};
             let parsed: Result<Vec<_>, _> =
                 queues.iter().map(|q| Impairment::parse_spec(q)).collect();
             let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-            match parsed.and_then(|q| run(&q, stop)) {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    eprintln!("error: {e:#}");
-                    ExitCode::from(1)
-                }
-            }
+            finish(parsed.and_then(|q| run(&q, stop)), |()| ())
         }
         Cmd::Punches {
             rounds,
@@ -231,54 +188,64 @@ fn main() -> ExitCode {
             b_ms,
             scenario,
         } => {
+            use punch_lab::net::topology::{Link, Links};
             let (mut s, bins) = match prepare_scenario(&scenario) {
                 Ok(v) => v,
                 Err(code) => return code,
             };
             if a_ms + b_ms > 0 {
-                s = s.with_links(punch_lab::topology::Links {
-                    a: punch_lab::topology::Link::symmetric_ms(a_ms),
-                    b: punch_lab::topology::Link::symmetric_ms(b_ms),
-                    rv: punch_lab::topology::Link::NONE,
+                s = s.with_links(Links {
+                    a: Link::symmetric_ms(a_ms),
+                    b: Link::symmetric_ms(b_ms),
+                    rv: Link::NONE,
                 });
             }
-            match punch_lab::realism::timing("punches", s, rounds, &bins) {
-                Ok(t) => {
+            finish(
+                punch_lab::suites::realism::timing("punches", s, rounds, &bins),
+                |t| {
                     println!(
                         "punch timing, RTT {} ms ({a_ms} ms / {b_ms} ms), {scenario}: {t}",
                         2 * (a_ms + b_ms)
                     );
-                    ExitCode::SUCCESS
-                }
-                Err(e) => {
-                    eprintln!("error: {e:#}");
-                    ExitCode::from(1)
-                }
-            }
+                },
+            )
         }
         Cmd::Bench { seconds } => {
-            if let Some(why) = punch_lab::unavailable() {
+            if let Some(why) = punch_lab::harness::preflight::unavailable() {
                 eprintln!("error: {why}");
                 return ExitCode::from(2);
             }
-            punch_lab::scenario::cleanup_on_ctrl_c();
+            punch_lab::harness::preflight::cleanup_on_ctrl_c();
             let result = std::env::current_exe()
                 .map_err(anyhow::Error::from)
-                .and_then(|p| punch_lab::scenario::Binaries::beside(&p))
-                .and_then(|bins| punch_lab::bench::run(&bins, seconds));
-            match result {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    eprintln!("error: {e:#}");
-                    ExitCode::from(1)
-                }
-            }
+                .and_then(|p| punch_lab::harness::Binaries::beside(&p))
+                .and_then(|bins| punch_lab::suites::bench::run(&bins, seconds));
+            finish(result, |()| ())
         }
         Cmd::Cleanup => {
-            punch_lab::scenario::cleanup();
+            punch_lab::net::netns::cleanup();
             ExitCode::SUCCESS
         }
     }
+}
+
+/// Exit 0 after `ok` has printed the result, or print the error and exit 1.
+fn finish<T>(result: anyhow::Result<T>, ok: impl FnOnce(T)) -> ExitCode {
+    match result {
+        Ok(v) => {
+            ok(v);
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// A report as one line of JSON on stdout (what bench.sh and the lab read).
+fn print_json<T: serde::Serialize>(report: T) {
+    println!("{}", serde_json::to_string(&report).unwrap_or_default());
 }
 
 fn runtime() -> tokio::runtime::Runtime {
@@ -295,11 +262,11 @@ fn runtime() -> tokio::runtime::Runtime {
 /// the lab; or the exit code that says why not.
 fn prepare_scenario(
     name: &str,
-) -> Result<(punch_lab::scenario::Scenario, punch_lab::scenario::Binaries), ExitCode> {
-    let Some(scenario) = punch_lab::scenarios().into_iter().find(|s| s.name == name) else {
+) -> Result<(punch_lab::harness::Scenario, punch_lab::harness::Binaries), ExitCode> {
+    let Some(scenario) = punch_lab::harness::matrix::by_name(name) else {
         eprintln!(
             "error: unknown scenario {name:?}; one of: {}",
-            punch_lab::scenarios()
+            punch_lab::harness::matrix::scenarios()
                 .iter()
                 .map(|s| s.name.clone())
                 .collect::<Vec<_>>()
@@ -307,14 +274,14 @@ fn prepare_scenario(
         );
         return Err(ExitCode::from(2));
     };
-    if let Some(why) = punch_lab::unavailable() {
+    if let Some(why) = punch_lab::harness::preflight::unavailable() {
         eprintln!("error: {why}");
         return Err(ExitCode::from(2));
     }
-    punch_lab::scenario::cleanup_on_ctrl_c();
+    punch_lab::harness::preflight::cleanup_on_ctrl_c();
     match std::env::current_exe()
         .map_err(anyhow::Error::from)
-        .and_then(|p| punch_lab::scenario::Binaries::beside(&p))
+        .and_then(|p| punch_lab::harness::Binaries::beside(&p))
     {
         Ok(bins) => Ok((scenario, bins)),
         Err(e) => {
@@ -332,20 +299,14 @@ fn check(name: &str, rendezvous_image: Option<&str>) -> ExitCode {
     if let Some(image) = rendezvous_image {
         scenario = scenario.with_rendezvous_image(image);
     }
-    match punch_lab::scenario::run(&scenario, &bins) {
-        Ok(report) => {
-            println!("{report}");
-            ExitCode::SUCCESS
-        }
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            ExitCode::from(1)
-        }
-    }
+    finish(
+        punch_lab::suites::scenarios::run(&scenario, &bins),
+        |report| println!("{report}"),
+    )
 }
 
 fn by_hand(name: &str) -> ExitCode {
-    use punch_lab::scenario::Run;
+    use punch_lab::harness::Run;
     let (scenario, bins) = match prepare_scenario(name) {
         Ok(v) => v,
         Err(code) => return code,

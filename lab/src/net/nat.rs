@@ -51,7 +51,7 @@ pub fn ruleset(b: NatBehaviour) -> String {
     let forward = match b {
         NatBehaviour::TcpBlocked => format!(
             "meta l4proto tcp ip daddr != {rv} ip saddr != {rv} drop",
-            rv = crate::topology::RENDEZVOUS_IP
+            rv = crate::net::topology::RENDEZVOUS_IP
         ),
         _ => String::new(),
     };

@@ -29,11 +29,14 @@ use std::time::Duration;
 
 use anyhow::{bail, Context as _, Result};
 
-use crate::nat::NatBehaviour;
-use crate::netns::Netns;
-use crate::scenario::{Binaries, Expect, Run, Scenario, FORWARD_LISTEN};
-use crate::topology::Layout;
-use crate::transfer::RrReport;
+use crate::harness::punchd_types::{PathState, Transport};
+use crate::harness::spec::FORWARD_LISTEN;
+use crate::harness::status::{self, first_peer};
+use crate::harness::transfer::{transfer_in, RrReport};
+use crate::harness::{Binaries, Expect, Run, Scenario};
+use crate::net::nat::NatBehaviour;
+use crate::net::netns::{self, listens_on, Netns};
+use crate::net::topology::Layout;
 
 /// The service port on bob's host: iperf3, then the echo, then the sink.
 const SERVICE_PORT: u16 = 9000;
@@ -170,7 +173,7 @@ fn wait_listening(ns: &Netns, addr: &str) -> Result<()> {
         .and_then(|p| p.parse().ok())
         .context("address without a port")?;
     for _ in 0..100 {
-        if crate::scenario::listens_on(ns.name(), port) {
+        if listens_on(ns.name(), port) {
             return Ok(());
         }
         std::thread::sleep(Duration::from_millis(100));
@@ -197,7 +200,7 @@ fn sshd(dir: &Path, ns: &mut Netns) -> Result<std::path::PathBuf> {
     for key in ["hostkey", "userkey"] {
         let path = dir.join(key);
         let _ = std::fs::remove_file(&path);
-        crate::netns::run(
+        netns::run(
             "ssh-keygen",
             &[
                 "-q",
@@ -274,7 +277,7 @@ fn rathole_configs(dir: &Path, server: &str) -> Result<(std::path::PathBuf, std:
     if !installed("rathole") {
         bail!("rathole is not installed (cargo install rathole; see BENCHMARKS.md)");
     }
-    let out = crate::netns::run("rathole", &["--genkey"])?;
+    let out = netns::run("rathole", &["--genkey"])?;
     let text = String::from_utf8_lossy(&out.stdout);
     let keys: Vec<&str> = text
         .lines()
@@ -460,7 +463,7 @@ fn many_streams(run: &mut Run, server: &mut Option<usize>) -> Result<String> {
     let before: Vec<u64> = pids.iter().map(|p| rss_kib(*p)).collect();
     let stop = Arc::new(AtomicBool::new(false));
     let sampler = sample_rss(pids, stop.clone());
-    let report = crate::scenario::transfer_in(
+    let report = transfer_in(
         run.topo.host_a.name(),
         &tool,
         (STREAMS as u64) << 20,
@@ -508,8 +511,8 @@ fn loopback(bins: &Binaries, seconds: u64, rr_count: usize) -> Result<Vec<(Row, 
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir)?;
     let mut ns = Netns::create("pl-loop-host")?;
-    let alice_key = crate::scenario::keygen(bins, &dir.join("alice.key"))?;
-    let bob_key = crate::scenario::keygen(bins, &dir.join("bob.key"))?;
+    let alice_key = bins.keygen(&dir.join("alice.key"))?;
+    let bob_key = bins.keygen(&dir.join("bob.key"))?;
     let rv = "127.0.0.1:8080";
     let peer_toml = |me: &str, port: u16, admin: u16, peer: &str, peer_key: &str, tail: String| {
         format!(
@@ -548,16 +551,11 @@ fn loopback(bins: &Binaries, seconds: u64, rr_count: usize) -> Result<Vec<(Row, 
             &dir.join(format!("{who}.log")),
         )?;
     }
-    let punchd = bins.punchd.to_str().unwrap_or("punchd");
     let mut direct = false;
     for _ in 0..300 {
-        let out = exec_in(
-            ns.name(),
-            punchd,
-            &["status", "--admin", "127.0.0.1:7070", "--json"],
-        )?;
-        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
-        if v["peers"][0]["path"] == "direct" {
+        // Not up yet reads as not direct: keep polling.
+        let doc = status::read(&ns, &bins.punchd, "127.0.0.1:7070").ok();
+        if doc.is_some_and(|d| status::path(&d) == PathState::Direct) {
             direct = true;
             break;
         }
@@ -607,7 +605,7 @@ pub fn run(bins: &Binaries, seconds: u64) -> Result<()> {
             Expect::Direct,
         );
         let mut run = Run::start(&s, bins)?;
-        run.wait_path("alice", "direct", Duration::from_secs(30))?;
+        run.wait_path("alice", PathState::Direct, Duration::from_secs(30))?;
         run.topo.host_b.kill(run.sink);
         port_forward(&run.topo.nats[1], SERVICE_PORT, BOB_HOST)?;
         if let Err(e) = start_ssh(&mut run) {
@@ -626,12 +624,13 @@ pub fn run(bins: &Binaries, seconds: u64) -> Result<()> {
             Layout::TwoNats(NatBehaviour::Firewall),
             Expect::Direct,
         )
-        .with_transports(&["quic"])
+        .with_transports(&[Transport::Quic])
         .with_punch(&format!("quic_congestion = \"{congestion}\""));
         let mut run = Run::start(&s, bins)?;
-        let status = run.wait_path("alice", "direct", Duration::from_secs(30))?;
-        if status["peers"][0]["transport"] != "quic" {
-            bail!("{name}: the tunnel is not on QUIC: {}", status["peers"][0]);
+        let status = run.wait_path("alice", PathState::Direct, Duration::from_secs(30))?;
+        let peer = first_peer(&status)?;
+        if peer.transport != Some(Transport::Quic) {
+            bail!("{name}: the tunnel is not on QUIC: {peer:?}");
         }
         run.topo.host_b.kill(run.sink);
         measure_run(&mut run, &mut quic, seconds, rr_count)?;
@@ -650,7 +649,7 @@ pub fn run(bins: &Binaries, seconds: u64) -> Result<()> {
         .with_timeout("3s");
         s.rendezvous_config = Some("[limits]\nrelay_bytes_per_second = 10000000000\n".to_owned());
         let mut run = Run::start(&s, bins)?;
-        run.wait_path("alice", "relayed", Duration::from_secs(30))?;
+        run.wait_path("alice", PathState::Relayed, Duration::from_secs(30))?;
         run.topo.host_b.kill(run.sink);
         measure_run(&mut run, &mut relayed, seconds, rr_count)?;
     }

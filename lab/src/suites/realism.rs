@@ -2,35 +2,42 @@
 //! loss, and how well the timed simultaneous open is timed.
 //!
 //! Timing is measured from captures on each *host's* interface: with links
-//! emulated where packets arrive ([`crate::linkem`]), a host's SYN passes its
+//! emulated where packets arrive ([`crate::net::linkem`]), a host's SYN passes its
 //! NAT (and opens the mapping) the moment it leaves the host. The skew is how
 //! far apart the two daemons' first SYNs of a punch leave; a punch succeeds
 //! on the first attempt when each side sent exactly one SYN towards the
 //! other's public endpoint.
 
+use std::path::Path;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Result};
 
-use crate::loadgen::percentile;
-use crate::scenario::{self, Binaries, Expect, Report, Run, Scenario, PUNCH_PORT};
+use crate::harness::checks;
+use crate::harness::matrix::scenarios;
+use crate::harness::punchd_types::{PathState, StatusDoc};
+use crate::harness::spec::PUNCH_PORT;
+use crate::harness::stats::percentile;
+use crate::harness::status::path;
+use crate::harness::{Binaries, Expect, Report, Run, Scenario};
+use crate::net::netns::Netns;
+use crate::net::topology::{Link, Links};
 
-/// The direct scenarios of [`crate::scenarios`] on `links`, moving `bytes`.
+/// The direct scenarios of the matrix on `links`, moving `bytes`, each
+/// with the checks a direct scenario gets.
 pub fn matrix(label: &str, links: Links, bytes: u64, bins: &Binaries) -> Result<Vec<Report>> {
     let mut out = Vec::new();
-    for s in crate::scenarios()
+    for s in scenarios()
         .into_iter()
         .filter(|s| s.expect == Expect::Direct)
     {
         let mut s = s.with_links(links);
         s.name = format!("{}-{label}", s.name);
         s.bytes = bytes;
-        out.push(scenario::run(&s, bins)?);
+        out.push(checks::run(&s, bins, checks::direct)?);
     }
     Ok(out)
 }
-
-use crate::topology::Links;
 
 /// What the timing run measured.
 #[derive(Debug, Clone, Default)]
@@ -112,8 +119,25 @@ fn unix_now() -> f64 {
         .map_or(0.0, |d| d.as_secs_f64())
 }
 
+/// Whether the first peer's latest punch finished after `mark` (Unix
+/// seconds).
+fn finished_after(doc: &StatusDoc, mark: f64) -> bool {
+    doc.peers
+        .first()
+        .and_then(|p| p.last_punch.as_ref())
+        .is_some_and(|p| p.finished_unix_ms as f64 / 1000.0 > mark)
+}
+
+/// The first peer's latest punch, order to tunnel ready, ms.
+fn last_punch_ms(doc: &StatusDoc) -> f64 {
+    doc.peers
+        .first()
+        .and_then(|p| p.last_punch.as_ref())
+        .map_or(0.0, |p| p.elapsed_ms as f64)
+}
+
 /// SYN timestamps (Unix seconds) from a `tcpdump -tt` text capture.
-fn syn_times(path: &std::path::Path) -> Vec<f64> {
+fn syn_times(path: &Path) -> Vec<f64> {
     std::fs::read_to_string(path)
         .unwrap_or_default()
         .lines()
@@ -128,40 +152,37 @@ pub fn timing(name: &str, s: Scenario, rounds: usize, bins: &Binaries) -> Result
     let mut s = s;
     s.name = name.to_owned();
     let links = s.links.unwrap_or(Links {
-        a: crate::topology::Link::NONE,
-        b: crate::topology::Link::NONE,
-        rv: crate::topology::Link::NONE,
+        a: Link::NONE,
+        b: Link::NONE,
+        rv: Link::NONE,
     });
     let mut run = Run::start(&s, bins)?;
     let result = measure(&mut run, &links, rounds);
-    result.map_err(|e| anyhow::anyhow!("{e:#}\n{}", run.log_tails()))
+    result.map_err(|e| run.explain(e))
 }
 
 fn measure(run: &mut Run, links: &Links, rounds: usize) -> Result<Timing> {
-    run.wait_path("alice", "direct", Duration::from_secs(30))?;
+    run.wait_path("alice", PathState::Direct, Duration::from_secs(30))?;
     let (bob_ip, alice_ip) = (
         run.topo.bob_seen_from_alice.clone(),
         run.topo.alice_seen_from_bob.clone(),
     );
     let cap_a = run.dir.join("syn-alice.txt");
     let cap_b = run.dir.join("syn-bob.txt");
-    let filter = |dst: &str| {
-        format!("tcp[tcpflags] & (tcp-syn|tcp-ack) == tcp-syn and dst host {dst} and dst port {PUNCH_PORT}")
+    // Each host's SYNs towards the other's public endpoint, timestamped.
+    let syn_capture = |host: &mut Netns, dst: &str, file: &Path| {
+        let filter = format!(
+            "tcp[tcpflags] & (tcp-syn|tcp-ack) == tcp-syn and dst host {dst} and dst port {PUNCH_PORT}"
+        );
+        host.spawn(
+            Path::new("tcpdump"),
+            &["-l", "-tt", "-n", "-i", "eth0", &filter],
+            &[],
+            file,
+        )
     };
-    let tcpdump = std::path::Path::new("tcpdump");
-    let (fa, fb) = (filter(&bob_ip), filter(&alice_ip));
-    let ia = run.topo.host_a.spawn(
-        tcpdump,
-        &["-l", "-tt", "-n", "-i", "eth0", &fa],
-        &[],
-        &cap_a,
-    )?;
-    let ib = run.topo.host_b.spawn(
-        tcpdump,
-        &["-l", "-tt", "-n", "-i", "eth0", &fb],
-        &[],
-        &cap_b,
-    )?;
+    let ia = syn_capture(&mut run.topo.host_a, &bob_ip, &cap_a)?;
+    let ib = syn_capture(&mut run.topo.host_b, &alice_ip, &cap_b)?;
     std::thread::sleep(Duration::from_millis(500));
     let tool = run.bins().tool.display().to_string();
     let mut marks = Vec::new();
@@ -190,24 +211,15 @@ fn measure(run: &mut Run, links: &Links, rounds: usize) -> Result<Timing> {
         let deadline = Instant::now() + Duration::from_secs(30);
         let mut stuck = false;
         loop {
-            let st = run.status("alice")?;
-            let peer = &st["peers"][0];
-            let finished = peer["last_punch"]["finished_unix_ms"]
-                .as_f64()
-                .unwrap_or(0.0)
-                / 1000.0;
+            let alice = run.status("alice")?;
             let bob = run.status("bob")?;
-            let bob_finished = bob["peers"][0]["last_punch"]["finished_unix_ms"]
-                .as_f64()
-                .unwrap_or(0.0)
-                / 1000.0;
             // Both ends up, as after any real punch, before the next one.
-            if peer["path"] == "direct"
-                && finished > mark
-                && bob["peers"][0]["path"] == "direct"
-                && bob_finished > mark
+            if path(&alice) == PathState::Direct
+                && finished_after(&alice, mark)
+                && path(&bob) == PathState::Direct
+                && finished_after(&bob, mark)
             {
-                punch_ms.push(peer["last_punch"]["elapsed_ms"].as_f64().unwrap_or(0.0));
+                punch_ms.push(last_punch_ms(&alice));
                 std::thread::sleep(Duration::from_millis(300));
                 break;
             }

@@ -23,6 +23,8 @@ use tokio::sync::Semaphore;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
 
+use crate::harness::stats::percentile;
+
 type Ws = WebSocketStream<TcpStream>;
 
 /// What a load run measured.
@@ -92,14 +94,6 @@ pub async fn register(addr: SocketAddr, name: &str, seed: u64) -> Result<Ws> {
         ServerMsg::Welcome { .. } => Ok(ws),
         other => bail!("registration refused: {other:?}"),
     }
-}
-
-/// The `p` quantile (0..=1) of already sorted values (0 when empty).
-pub fn percentile(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return 0.0;
-    }
-    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
 }
 
 /// Registers `clients` clients, holds them for `hold`, and if `pairs` > 0

@@ -3,6 +3,7 @@
 //! forward. Both run inside namespaces via `punch-lab-tool`.
 
 use std::net::SocketAddr;
+use std::path::Path;
 use std::time::Instant;
 
 use anyhow::{bail, Context as _, Result};
@@ -11,7 +12,8 @@ use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-pub use punchd::demo::{hex, pattern};
+use crate::harness::punchd_types::{hex, pattern};
+use crate::harness::spec::FORWARD_LISTEN;
 
 /// Serves until killed: reads each connection to EOF, replies with the
 /// sha256 of everything read and a newline.
@@ -170,8 +172,8 @@ pub async fn rr(connect: SocketAddr, count: usize, size: usize) -> Result<RrRepo
     Ok(RrReport {
         count,
         size: msg.len(),
-        p50_us: crate::loadgen::percentile(&samples, 0.5),
-        p99_us: crate::loadgen::percentile(&samples, 0.99),
+        p50_us: crate::harness::stats::percentile(&samples, 0.5),
+        p99_us: crate::harness::stats::percentile(&samples, 0.99),
     })
 }
 
@@ -194,6 +196,46 @@ pub async fn http(addr: SocketAddr, method: &str, path: &str) -> Result<String> 
     }
 
     Ok(body.to_owned())
+}
+
+/// Runs the sender inside namespace `ns` through alice's forward. A free
+/// function (names only), so it can run on another thread during a test.
+pub fn transfer_in(
+    ns: &str,
+    tool: &Path,
+    bytes: u64,
+    streams: usize,
+    text: Option<&str>,
+) -> Result<SendReport> {
+    let mut args = vec![
+        "netns".to_owned(),
+        "exec".into(),
+        ns.into(),
+        tool.display().to_string(),
+        "send".into(),
+        "--connect".into(),
+        FORWARD_LISTEN.into(),
+    ];
+    args.extend([
+        "--bytes".into(),
+        bytes.to_string(),
+        "--streams".into(),
+        streams.to_string(),
+    ]);
+    if let Some(t) = text {
+        args.extend(["--text".into(), t.to_owned()]);
+    }
+    let out = std::process::Command::new("ip")
+        .args(&args)
+        .output()
+        .context("cannot run the sender")?;
+    serde_json::from_slice(&out.stdout).with_context(|| {
+        format!(
+            "sender output: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })
 }
 
 #[cfg(test)]

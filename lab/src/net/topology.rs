@@ -17,9 +17,9 @@ use std::path::Path;
 
 use anyhow::Result;
 
-use crate::linkem::{self, Impairment};
-use crate::nat::{ruleset, NatBehaviour};
-use crate::netns::{remove_all, Netns};
+use crate::net::linkem::{self, Impairment};
+use crate::net::nat::{ruleset, NatBehaviour};
+use crate::net::netns::{remove_all, Netns};
 
 /// The rendezvous host's address.
 pub const RENDEZVOUS_IP: &str = "203.0.113.1";

@@ -8,9 +8,15 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Result};
 
-use crate::nat::NatBehaviour;
-use crate::scenario::{transfer_in, Binaries, Expect, Run, Scenario};
-use crate::topology::{Layout, Links};
+use crate::harness::checks::intact;
+use crate::harness::punchd_types::{PathState, Transport};
+use crate::harness::spec::{FORWARD_PORT, PUNCH_PORT};
+use crate::harness::status::first_peer;
+use crate::harness::transfer::{transfer_in, SendReport};
+use crate::harness::{Binaries, Expect, Run, Scenario};
+use crate::net::nat::NatBehaviour;
+use crate::net::netns::listens_on;
+use crate::net::topology::{Layout, Links};
 
 /// Bytes of the long transfer that something is done in the middle of.
 const LONG: u64 = 256 * 1024 * 1024;
@@ -32,19 +38,23 @@ fn start(name: &str, bins: &Binaries, over: Over) -> Result<Run> {
     );
     let s = match over {
         Over::Tcp => s,
-        Over::Quic => s.with_transports(&["quic"]).with_links(Links::near()),
+        Over::Quic => s
+            .with_transports(&[Transport::Quic])
+            .with_links(Links::near()),
     };
     let mut run = Run::start(&s, bins)?;
     with_logs(&mut run, |run| {
-        let st = run.wait_path("alice", "direct", Duration::from_secs(30))?;
+        let st = run.wait_path("alice", PathState::Direct, Duration::from_secs(30))?;
         let want = match over {
-            Over::Tcp => "tcp",
-            Over::Quic => "quic",
+            Over::Tcp => Transport::Tcp,
+            Over::Quic => Transport::Quic,
         };
-        if st["peers"][0]["transport"] != want {
+        let got = first_peer(&st)?.transport;
+        if got != Some(want) {
             bail!(
-                "direct over {}, expected {want}",
-                st["peers"][0]["transport"]
+                "direct over {}, expected {}",
+                got.map_or("none", Transport::as_str),
+                want.as_str()
             );
         }
         Ok(String::new())
@@ -55,7 +65,7 @@ fn start(name: &str, bins: &Binaries, over: Over) -> Result<Run> {
 /// Runs `f` and adds every log's tail to its error.
 fn with_logs(run: &mut Run, f: impl FnOnce(&mut Run) -> Result<String>) -> Result<String> {
     let result = f(run);
-    result.map_err(|e| anyhow!("{e:#}\n{}", run.log_tails()))
+    result.map_err(|e| run.explain(e))
 }
 
 /// Polls a 1 MiB transfer until one succeeds; returns how long that took.
@@ -73,19 +83,36 @@ fn until_transfer_works(run: &Run, since: Instant, timeout: Duration) -> Result<
     }
 }
 
+/// alice's punches that ended in a tunnel; 0 while her status is
+/// unreadable (a count that grew is what the caller asks about).
 fn punches_ok(run: &Run) -> u64 {
     run.status("alice")
         .ok()
-        .and_then(|v| v["peers"][0]["punches_ok"].as_u64())
+        .and_then(|doc| doc.peers.first().map(|p| p.punches_ok))
         .unwrap_or(0)
 }
 
-fn long_transfer_in_background(
+/// Connections alice's forward has accepted; 0 while unreadable.
+fn forward_connections(run: &Run) -> u64 {
+    run.status("alice")
+        .ok()
+        .and_then(|doc| doc.forwards.first().map(|f| f.total))
+        .unwrap_or(0)
+}
+
+/// A transfer of `bytes` through alice's forward on its own thread.
+fn transfer_in_background(
     run: &Run,
-) -> std::thread::JoinHandle<Result<crate::transfer::SendReport>> {
+    bytes: u64,
+    streams: usize,
+) -> std::thread::JoinHandle<Result<SendReport>> {
     let ns = run.topo.host_a.name().to_owned();
     let tool = run.bins().tool.clone();
-    std::thread::spawn(move || transfer_in(&ns, &tool, LONG, 4, None))
+    std::thread::spawn(move || transfer_in(&ns, &tool, bytes, streams, None))
+}
+
+fn long_transfer_in_background(run: &Run) -> std::thread::JoinHandle<Result<SendReport>> {
+    transfer_in_background(run, LONG, 4)
 }
 
 /// `conntrack -F` on every NAT in the middle of a transfer: the mappings
@@ -113,7 +140,7 @@ pub fn conntrack_flush(bins: &Binaries, over: Over) -> Result<String> {
             Over::Tcp => Duration::ZERO,
             Over::Quic => Duration::from_secs(25).saturating_sub(flushed.elapsed()),
         };
-        run.wait_path("alice", "direct", wait_direct)
+        run.wait_path("alice", PathState::Direct, wait_direct)
             .map_err(|e| anyhow!("after the flush the path is not direct: {e}"))?;
         let direct_again = flushed.elapsed();
         let repunched = punches_ok(run) > before;
@@ -148,7 +175,7 @@ pub fn dead_connection_is_punched_again(bins: &Binaries) -> Result<String> {
          \x20 chain output {{\n    type filter hook output priority -10; policy accept;\n\
          \x20   ip daddr {alice} tcp sport {port} tcp flags & rst != 0 ct mark set 0\n  }}\n}}\n",
         alice = "203.0.113.2",
-        port = crate::scenario::PUNCH_PORT,
+        port = PUNCH_PORT,
     );
     // NATs that drop unsolicited SYNs, and a 40 s session: between two
     // RST-answering NATs at the lab's zero delay a punch usually connects
@@ -164,9 +191,11 @@ pub fn dead_connection_is_punched_again(bins: &Binaries) -> Result<String> {
     .with_host_b_rules(&rules);
     let mut run = Run::start(&s, bins)?;
     with_logs(&mut run, |run| {
-        let st = run.wait_path("alice", "direct", Duration::from_secs(60))?;
-        let punch = &st["peers"][0]["last_punch"];
-        let elapsed = punch["elapsed_ms"].as_u64().unwrap_or(0);
+        let st = run.wait_path("alice", PathState::Direct, Duration::from_secs(60))?;
+        let (elapsed, attempts) = first_peer(&st)?
+            .last_punch
+            .as_ref()
+            .map_or((0, 0), |p| (p.elapsed_ms, p.attempts));
         // The TLS handshake timeout (5 s) passed inside this punch: the
         // direct path came from the same session, punched again (without
         // that, the session ends relayed at 40 s and goes direct only by
@@ -175,13 +204,11 @@ pub fn dead_connection_is_punched_again(bins: &Binaries) -> Result<String> {
             bail!("the direct path came from a punch of {elapsed} ms: the dead connection was not what was punched again (was the rule hit? see the logs)");
         }
         let t = run.transfer(8 * 1024 * 1024, 2)?;
-        if !t.ok {
-            bail!("transfer over the re-punched path failed: {t:?}");
-        }
+        intact(&t, "transfer over the re-punched path failed")?;
         Ok(format!(
             "dead punched connection: direct after punching again, {:.2}s from the order, {} attempts, 8 MiB intact",
             elapsed as f64 / 1000.0,
-            punch["attempts"].as_u64().unwrap_or(0)
+            attempts
         ))
     })
 }
@@ -240,7 +267,7 @@ pub fn rendezvous_restart(bins: &Binaries) -> Result<String> {
         while up.elapsed() < Duration::from_secs(20) {
             let ok = ["alice", "bob"]
                 .iter()
-                .all(|w| run.status(w).is_ok_and(|v| v["rendezvous"] == "connected"));
+                .all(|w| run.status(w).is_ok_and(|doc| doc.rendezvous == "connected"));
             if ok {
                 registered = Some(up.elapsed());
                 break;
@@ -250,12 +277,10 @@ pub fn rendezvous_restart(bins: &Binaries) -> Result<String> {
         let registered =
             registered.ok_or_else(|| anyhow!("daemons did not re-register within 20s"))?;
         let t = bg.join().map_err(|_| anyhow!("sender thread panicked"))??;
-        if !t.ok {
-            bail!(
-                "the direct transfer broke while the rendezvous was down: {:?}",
-                t.errors
-            );
-        }
+        intact(
+            &t,
+            "the direct transfer broke while the rendezvous was down",
+        )?;
         if registered > Duration::from_secs(10) {
             bail!(
                 "re-registered only after {:.2}s (want ≤ 10s)",
@@ -280,18 +305,10 @@ pub fn sigterm_drains(bins: &Binaries) -> Result<String> {
         let warmup = run.transfer(64 * 1024 * 1024, 2)?;
         let rate = warmup.bytes as f64 / warmup.seconds.max(0.01);
         let bytes = ((rate * 2.0) as u64).clamp(64 << 20, 512 << 20);
-        let ns = run.topo.host_a.name().to_owned();
-        let tool = run.bins().tool.clone();
-        let bg = std::thread::spawn(move || transfer_in(&ns, &tool, bytes, 2, None));
+        let bg = transfer_in_background(run, bytes, 2);
         // SIGTERM only once both streams are open.
         let deadline = Instant::now() + Duration::from_secs(10);
-        while run
-            .status("alice")
-            .ok()
-            .and_then(|v| v["forwards"][0]["total"].as_u64())
-            .unwrap_or(0)
-            < 4
-        {
+        while forward_connections(run) < 4 {
             if Instant::now() > deadline {
                 bail!("the transfer's streams never opened");
             }
@@ -312,13 +329,8 @@ pub fn sigterm_drains(bins: &Binaries) -> Result<String> {
         if code != Some(0) {
             bail!("punchd exited with {code:?} on SIGTERM, want 0");
         }
-        if !t.ok {
-            bail!(
-                "the open streams were cut instead of drained: {:?}",
-                t.errors
-            );
-        }
-        if crate::scenario::listens_on(run.topo.host_a.name(), 10000) {
+        intact(&t, "the open streams were cut instead of drained")?;
+        if listens_on(run.topo.host_a.name(), FORWARD_PORT) {
             bail!("the forward still listens after exit");
         }
         Ok(format!(

@@ -198,3 +198,31 @@ pub fn remove_all(prefix: &str) {
         }
     }
 }
+
+/// Namespaces removed by [`cleanup`]: every lab prefix.
+pub const ALL_PREFIX: &str = "pl-";
+
+/// Removes every lab namespace (after a crash or Ctrl-C).
+pub fn cleanup() {
+    remove_all(ALL_PREFIX);
+}
+
+/// Whether `ns` has a TCP listener on `port`.
+pub fn listens_on(ns: &str, port: u16) -> bool {
+    Command::new("ip")
+        .args(["netns", "exec", ns, "ss", "-ltnH"])
+        .output()
+        .map(|o| {
+            String::from_utf8_lossy(&o.stdout).lines().any(|l| {
+                l.split_whitespace()
+                    .nth(3)
+                    .is_some_and(|a| a.ends_with(&format!(":{port}")))
+            })
+        })
+        .unwrap_or(false)
+}
+
+/// The lab's namespace prefix for a scenario name.
+pub fn prefix(name: &str) -> String {
+    format!("{ALL_PREFIX}{name}-")
+}

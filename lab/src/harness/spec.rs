@@ -1,0 +1,132 @@
+//! What a lab run is: the network, what both daemons are configured with,
+//! and what it must end in. [`Run`](crate::harness::run::Run) builds and
+//! starts one; the suites say what to check.
+
+use crate::harness::punchd_types::Transport;
+use crate::net::topology::{Layout, Links};
+
+/// The punch port both daemons use.
+pub const PUNCH_PORT: u16 = 40000;
+/// alice's forward listener, inside hostA.
+pub const FORWARD_LISTEN: &str = "127.0.0.1:10000";
+/// The port of [`FORWARD_LISTEN`].
+pub const FORWARD_PORT: u16 = 10000;
+/// The sink bob exposes, inside hostB.
+pub const SINK_LISTEN: &str = "127.0.0.1:9000";
+
+/// What a scenario should end in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Expect {
+    /// A direct path.
+    Direct,
+    /// No direct path; the relay carries the tunnel (still end-to-end TLS).
+    Relayed,
+    /// No direct path, reported as a failed punch (no relay fallback).
+    PunchFails,
+}
+
+/// A scenario to run.
+#[derive(Debug, Clone)]
+pub struct Scenario {
+    /// Short name; also the namespace prefix.
+    pub name: String,
+    /// The network.
+    pub layout: Layout,
+    /// The expected outcome.
+    pub expect: Expect,
+    /// Bytes to move (split over `streams`).
+    pub bytes: u64,
+    /// Parallel streams.
+    pub streams: usize,
+    /// Extra `[punch]` lines for both daemons.
+    pub punch_extra: String,
+    /// `[punch] transports` for both daemons. With one, a direct path must
+    /// use it; with both, the race must keep one and close the other.
+    pub transports: Vec<Transport>,
+    /// The transport a direct path must end on (`None`: either).
+    pub expect_transport: Option<Transport>,
+    /// `[punch] timeout` for both daemons.
+    pub punch_timeout: String,
+    /// Internet link emulation (delay, jitter, loss), if any.
+    pub links: Option<Links>,
+    /// Run the rendezvous from this container image (as `deploy/` ships
+    /// it) instead of the workspace binary.
+    pub rendezvous_image: Option<String>,
+    /// `rendezvous.toml` for the workspace server (its listen address is
+    /// overridden), e.g. to raise the relay's bandwidth cap for a benchmark.
+    pub rendezvous_config: Option<String>,
+    /// An nftables rule set loaded in bob's host before the daemons start
+    /// (a misbehaving network on his side).
+    pub host_b_rules: Option<String>,
+}
+
+impl Scenario {
+    /// The standard scenario: 64 MiB over 8 streams.
+    pub fn new(name: &str, layout: Layout, expect: Expect) -> Self {
+        Self {
+            name: name.to_owned(),
+            layout,
+            expect,
+            bytes: 64 * 1024 * 1024,
+            streams: 8,
+            punch_extra: String::new(),
+            transports: vec![Transport::Tcp],
+            expect_transport: Some(Transport::Tcp),
+            punch_timeout: "10s".to_owned(),
+            links: None,
+            rendezvous_image: None,
+            rendezvous_config: None,
+            host_b_rules: None,
+        }
+    }
+}
+
+impl Scenario {
+    /// Sets `[punch] timeout`.
+    pub fn with_timeout(mut self, t: &str) -> Self {
+        t.clone_into(&mut self.punch_timeout);
+        self
+    }
+
+    /// Emulates these internet links.
+    pub fn with_links(mut self, links: Links) -> Self {
+        self.links = Some(links);
+        self
+    }
+
+    /// Runs the rendezvous from a container image.
+    pub fn with_rendezvous_image(mut self, image: &str) -> Self {
+        self.rendezvous_image = Some(image.to_owned());
+        self
+    }
+
+    /// Sets `[punch] transports` (the default here is TCP alone: most
+    /// scenarios are about the timed simultaneous open).
+    pub fn with_transports(mut self, t: &[Transport]) -> Self {
+        self.transports = t.to_vec();
+        self.expect_transport = match t {
+            [only] => Some(*only),
+            _ => None,
+        };
+        self
+    }
+
+    /// The transport a direct path must end on, when several are raced.
+    pub fn expecting_transport(mut self, t: Transport) -> Self {
+        self.expect_transport = Some(t);
+        self
+    }
+
+    /// Loads this nftables rule set in bob's host before anything starts.
+    pub fn with_host_b_rules(mut self, nft: &str) -> Self {
+        self.host_b_rules = Some(nft.to_owned());
+        self
+    }
+
+    /// Adds `[punch]` lines.
+    pub fn with_punch(mut self, lines: &str) -> Self {
+        self.punch_extra.push_str(lines);
+        self.punch_extra.push('\n');
+        self
+    }
+}
