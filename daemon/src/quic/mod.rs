@@ -18,6 +18,7 @@
 pub(crate) mod probe;
 pub(crate) mod punch;
 pub(crate) mod socket;
+pub(crate) mod tunnel;
 
 use std::collections::HashMap;
 use std::io;
@@ -35,7 +36,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
 use crate::identity::Identity;
-use crate::tls;
+use crate::tunnel::tls;
 use crate::tunnel::{HANDSHAKE_TIMEOUT, MAX_STREAMS};
 use socket::{Demux, PunchSocket};
 

@@ -6,7 +6,11 @@
 //! the punch will reuse, and the pings keep it from expiring.
 //!
 //! In: [`RvCmd`] (connect to a peer, report a result). Out: [`RvEvent`]
-//! (registered, punch orders, refusals).
+//! (registered, punch orders as [`PunchJob`]s, refusals).
+//!
+//! Also here: [`clock`] (server time → local instant, for the punch's `at`)
+//! and [`url`] (the rendezvous URL → where to connect, shared with the
+//! relayed fallback, which imports it from here).
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
@@ -26,14 +30,19 @@ use tokio_tungstenite::WebSocketStream;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
+pub(crate) mod clock;
+pub(crate) mod url;
+
+use clock::ClockSync;
+use punch_rendezvous::protocol::PunchOrder;
+use url::{ws_target, UrlError};
+
+use crate::admin::status::StatusBoard;
 use crate::backoff::Backoff;
-use crate::clock::ClockSync;
 use crate::identity::Identity;
-use crate::peer::PunchJob;
 use crate::punch::{bind_punch_socket, set_abortive_close};
 use crate::quic::probe::Prober;
 use crate::quic::QuicPath;
-use crate::status::StatusBoard;
 
 /// Steady-state ping interval (also the NAT keepalive for the punch port).
 const PING_INTERVAL: Duration = Duration::from_secs(10);
@@ -50,6 +59,18 @@ const PONG_TIMEOUT: Duration = Duration::from_secs(35);
 const UDP_WAIT: Duration = Duration::from_secs(1);
 /// Time allowed to connect and register.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A punch to perform, as the rendezvous client hands it to a peer task.
+#[derive(Debug)]
+pub(crate) struct PunchJob {
+    pub(crate) order: PunchOrder,
+    /// `order.at_us` on our clock.
+    pub(crate) fire_at: Instant,
+    /// Local punch port.
+    pub(crate) port: u16,
+    /// When the order arrived, for the elapsed time.
+    pub(crate) received: Instant,
+}
 
 /// Commands for the rendezvous client.
 #[derive(Debug)]
@@ -89,8 +110,11 @@ pub(crate) enum RvEvent {
 #[non_exhaustive]
 pub enum RvError {
     /// The URL is not usable.
-    #[error("rendezvous url {0:?}: {1}")]
-    Url(String, &'static str),
+    #[error(transparent)]
+    Url(#[from] UrlError),
+    /// The host name does not resolve.
+    #[error("rendezvous url {0:?}: host does not resolve")]
+    Unresolved(String),
     /// Network trouble.
     #[error("{0}")]
     Io(#[from] std::io::Error),
@@ -131,32 +155,6 @@ struct Registered {
     /// The server's UDP observation endpoint, if it runs one.
     udp_server: Option<SocketAddr>,
     nonce: [u8; 32],
-}
-
-/// `http://host:port/...` → (`host:port`, websocket URL).
-pub(crate) fn ws_target(url: &str) -> Result<(String, String), RvError> {
-    let (rest, scheme) = if let Some(r) = url.strip_prefix("http://") {
-        (r, "ws")
-    } else if let Some(r) = url.strip_prefix("https://") {
-        let _ = r;
-        return Err(RvError::Url(url.to_owned(), "https is not supported by this build; put the server behind a TLS proxy only for browsers, and point daemons at its http:// address (their traffic is signed, and tunnels are end-to-end encrypted)"));
-    } else {
-        return Err(RvError::Url(url.to_owned(), "must start with http://"));
-    };
-    let authority = rest.split('/').next().unwrap_or("");
-    if authority.is_empty() {
-        return Err(RvError::Url(url.to_owned(), "has no host"));
-    }
-    let host_port = if authority
-        .rsplit_once(':')
-        .is_some_and(|(_, p)| p.parse::<u16>().is_ok())
-        && !authority.ends_with(']')
-    {
-        authority.to_owned()
-    } else {
-        format!("{authority}:80")
-    };
-    Ok((host_port, format!("{scheme}://{authority}/v1/ws")))
 }
 
 /// Runs until cancelled: connect, register, serve, reconnect.
@@ -232,7 +230,7 @@ async fn connect_and_register(settings: &mut RvSettings) -> Result<Registered, R
     let addr = tokio::net::lookup_host(&host_port)
         .await?
         .next()
-        .ok_or_else(|| RvError::Url(settings.url.clone(), "host does not resolve"))?;
+        .ok_or_else(|| RvError::Unresolved(settings.url.clone()))?;
     let sock = bind_punch_socket(addr, settings.port)?;
     let tcp = sock.connect(addr).await?;
     set_abortive_close(&tcp);
@@ -415,21 +413,5 @@ async fn session(
                 other => debug!(?other, "ignoring unexpected message"),
             },
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn urls_map_to_websocket_targets() {
-        let (hp, ws) = ws_target("http://203.0.113.1:8080").unwrap();
-        assert_eq!(hp, "203.0.113.1:8080");
-        assert_eq!(ws, "ws://203.0.113.1:8080/v1/ws");
-        let (hp, _) = ws_target("http://example.invalid/").unwrap();
-        assert_eq!(hp, "example.invalid:80");
-        assert!(ws_target("ftp://x").is_err());
-        assert!(ws_target("http://").is_err());
     }
 }

@@ -1,0 +1,409 @@
+//! Racing the direct paths of one punch session (timed TCP simultaneous
+//! open, UDP hole punch + QUIC) and agreeing with the peer on one.
+//!
+//! Both engines run at once, from the same `at`. Every connection that
+//! authenticates with the pinned key becomes a candidate tunnel. The two
+//! ends must keep the *same* one, and they may see candidates in different
+//! orders, so one side decides and says so in-band:
+//!
+//! - the client (lower key) keeps the first candidate that authenticates
+//!   (TCP: the best kind after a short grace, LAN before public), opens a
+//!   stream on it asking for `_select:<session>`, and waits for the yes;
+//! - the server keeps every candidate open until one carries that request,
+//!   answers it, and drops the rest.
+//!
+//! Whatever is not chosen is dropped when this returns: losing TCP
+//! connections are closed, losing QUIC connections closed with the
+//! endpoint's goodbye.
+//!
+//! The decisions (which connection to handshake and when, what to do with
+//! an authenticated path, when to give up) are in [`select`], sans-IO;
+//! this file runs the engines, the handshakes and the selection streams.
+
+pub(crate) mod select;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::stream::FuturesUnordered;
+use futures::{Future, StreamExt as _};
+use punch_config::{PublicKeyBytes, TransportKind};
+use punch_rendezvous::protocol::PunchOrder;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tracing::{info, warn};
+
+use crate::admin::status::PeerStatus;
+use crate::identity::Identity;
+use crate::path::{Role, Transport};
+use crate::punch::plan::PunchPlan;
+use crate::punch::{self, Established};
+use crate::quic::punch::{QuicEstablished, QuicPunch};
+use crate::quic::QuicPath;
+use crate::tunnel::header::{read_request, reply, request_service, SELECT_PREFIX};
+use crate::tunnel::metered::Metered;
+use crate::tunnel::{self, mux, TunnelParts};
+use select::{Keep, Next, Selector};
+
+/// How long the chosen side waits for the other's verdict, at least.
+const SELECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a punched connection that failed its TLS handshake may take to
+/// send its FIN before it is aborted and punched again. Short: when our
+/// direction is the dead one the FIN never leaves (it waits behind the
+/// unacknowledged handshake), and the peer, which saw the failure at the
+/// same moment, is already punching again.
+const FAILED_FIN_WAIT: Duration = Duration::from_millis(50);
+
+/// What a race needs from its peer task, borrowed for one session.
+pub(crate) struct Race<'a> {
+    pub(crate) identity: &'a Identity,
+    /// The peer's pinned key.
+    pub(crate) key: &'a PublicKeyBytes,
+    pub(crate) role: Role,
+    /// Direct transports allowed.
+    pub(crate) transports: &'a [TransportKind],
+    /// The daemon's QUIC endpoint, when QUIC is on and its socket bound.
+    pub(crate) quic: Option<&'a Arc<QuicPath>>,
+    /// QUIC connections this peer made to us (server role).
+    pub(crate) quic_incoming: &'a tokio::sync::Mutex<mpsc::Receiver<quinn::Connection>>,
+    pub(crate) status: &'a Arc<PeerStatus>,
+}
+
+/// The kept direct path.
+pub(crate) struct Direct {
+    pub(crate) parts: TunnelParts,
+    pub(crate) remote: SocketAddr,
+    pub(crate) attempts: u32,
+}
+
+/// One reason a direct path was not had.
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub enum Cause {
+    /// The TCP engine ended with nothing connected.
+    TcpNoConnection(String),
+    /// The UDP punch / QUIC handshake failed.
+    Quic(String),
+    /// A punched TCP connection failed TLS: a wrong key fails at once, a
+    /// path whose bytes stopped after the SYNs times out.
+    Tls {
+        /// Where the connection went.
+        remote: SocketAddr,
+        /// The handshake's error.
+        error: String,
+    },
+    /// An authenticated path was not agreed on.
+    NotSelected(String),
+}
+
+impl std::fmt::Display for Cause {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Cause::TcpNoConnection(e) => write!(f, "tcp: no candidate connected (last error: {e})"),
+            Cause::Quic(e) => write!(f, "quic: {e}"),
+            Cause::Tls { remote, error } => write!(f, "tcp: TLS with {remote} failed: {error}"),
+            Cause::NotSelected(e) => f.write_str(e),
+        }
+    }
+}
+
+/// Why a punch session ended without a tunnel. The `Display` text is the
+/// status `reason` and the report to the rendezvous; the variants are what
+/// the peer task's retry policy looks at.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum PunchError {
+    /// No allowed transport could even start (QUIC alone, and the peer's
+    /// UDP endpoint not yet known): worth asking again soon rather than
+    /// relaying at once.
+    #[error(
+        "nothing to punch with: transports allow QUIC only, and the peer has no UDP endpoint yet"
+    )]
+    NothingToTry,
+    /// Every engine ran and nothing was kept.
+    #[error("{}", join(causes))]
+    Failed {
+        /// What went wrong, in the order it happened.
+        causes: Vec<Cause>,
+        /// Attempts made.
+        attempts: u32,
+    },
+    /// Superseded by a newer order, abandoned, or the daemon stopping.
+    #[error("superseded, abandoned (peer left) or shutting down")]
+    Cancelled,
+    /// The direct punch failed and so did the relayed fallback.
+    #[error("{direct}; relay: {relay}")]
+    Relay {
+        /// Why direct failed.
+        direct: Box<PunchError>,
+        /// Why the relay failed.
+        relay: crate::fallback::FallbackError,
+    },
+    /// The direct punch failed, and the mode forbids the relay.
+    #[error("{0}; no relay fallback (mode = \"direct-only\")")]
+    DirectOnly(Box<PunchError>),
+}
+
+fn join(causes: &[Cause]) -> String {
+    if causes.is_empty() {
+        return "no connection established".to_owned();
+    }
+    causes
+        .iter()
+        .map(Cause::to_string)
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+impl PunchError {
+    /// Attempts made before giving up.
+    pub fn attempts(&self) -> u32 {
+        match self {
+            PunchError::Failed { attempts, .. } => *attempts,
+            PunchError::Relay { direct, .. } | PunchError::DirectOnly(direct) => direct.attempts(),
+            PunchError::NothingToTry | PunchError::Cancelled => 0,
+        }
+    }
+
+    /// Nothing could be tried this time (see [`PunchError::NothingToTry`]).
+    pub fn nothing_to_try(&self) -> bool {
+        match self {
+            PunchError::NothingToTry => true,
+            PunchError::DirectOnly(direct) => direct.nothing_to_try(),
+            _ => false,
+        }
+    }
+}
+
+/// Punches every allowed transport and returns the path both ends keep.
+pub(crate) async fn punch_direct(
+    race: &Race<'_>,
+    order: &PunchOrder,
+    fire_at: Instant,
+    deadline: Instant,
+    port: u16,
+) -> Result<Direct, PunchError> {
+    let quic_wanted = race.transports.contains(&TransportKind::Quic);
+    let quic = race
+        .quic
+        .filter(|_| quic_wanted)
+        .filter(|_| !order.udp_candidates.is_empty());
+    if quic_wanted && quic.is_none() {
+        info!("no QUIC this time: the peer has no UDP endpoint (QUIC off there, or its probes did not reach the rendezvous)");
+    }
+    let (use_tcp, _) = select::engines(
+        race.transports.contains(&TransportKind::Tcp),
+        quic.is_some(),
+    )?;
+    info!(tcp = ?use_tcp.then_some(&order.candidates), quic = ?quic.map(|_| &order.udp_candidates), in_ms = fire_at.saturating_duration_since(Instant::now()).as_millis() as u64, "punching");
+
+    let (tcp_tx, mut tcp_rx) = mpsc::channel::<Established>(4);
+    let (repunch_tx, repunch_rx) = mpsc::channel::<SocketAddr>(4);
+    let tcp_engine = async {
+        let plan = PunchPlan::new(
+            order.candidates.clone(),
+            fire_at.into_std(),
+            deadline.into_std(),
+        );
+        punch::run(port, plan, fire_at.into_std(), tcp_tx, repunch_rx).await
+    };
+    let mut tcp_engine = std::pin::pin!(tcp_engine);
+    let mut tcp_running = use_tcp;
+
+    let (quic_tx, mut quic_rx) = mpsc::channel::<QuicEstablished>(4);
+    let mut incoming = match (quic, race.role) {
+        (Some(_), Role::Server) => Some(race.quic_incoming.lock().await),
+        _ => None,
+    };
+    let quic_engine = async {
+        match quic {
+            Some(path) => {
+                let p = QuicPunch {
+                    path,
+                    session: &order.session,
+                    peer: race.key,
+                    role: race.role,
+                    candidates: &order.udp_candidates,
+                    fire_at: fire_at.into_std(),
+                    deadline: deadline.into_std(),
+                };
+                Some(crate::quic::punch::run(p, incoming.as_deref_mut(), quic_tx).await)
+            }
+            None => None,
+        }
+    };
+    let mut quic_engine = std::pin::pin!(quic_engine);
+    let mut quic_running = quic.is_some();
+
+    let mut sel = Selector::new(race.role, use_tcp, quic.is_some());
+    let mut next_id = 0u32;
+    let mut connected: Vec<(u32, Established)> = Vec::new();
+    let mut handshakes = FuturesUnordered::new();
+    let mut selecting = FuturesUnordered::new();
+    let tls = |est: Established| {
+        let Established {
+            stream,
+            remote,
+            attempts,
+            ..
+        } = est;
+        let closer = stream.fin_closer();
+        let io = Metered::new(stream, race.status.clone());
+        async move {
+            let r = mux::handshake(io, race.role, race.identity, race.key, Transport::Tcp).await;
+            if r.is_err() {
+                // Punched again on the same ports next: close with a FIN
+                // so that the NATs let the new SYNs reopen their entries.
+                if let Some(c) = closer {
+                    c.close(FAILED_FIN_WAIT).await;
+                }
+            }
+            (remote, attempts, r)
+        }
+    };
+    let mut wake = None;
+    loop {
+        let mut authenticated: Option<(Direct, bool)> = None;
+        tokio::select! {
+            s = &mut tcp_engine, if tcp_running => {
+                tcp_running = false;
+                sel.tcp_done(s.attempts, s.last_error);
+            }
+            s = &mut quic_engine, if quic_running => {
+                quic_running = false;
+                if let Some(s) = s {
+                    if s.heard == 0 {
+                        if let Some(path) = quic { path.rebind_if_idle("UDP punch heard nothing"); }
+                    }
+                    sel.quic_done(s.rounds, s.last_error);
+                } else {
+                    sel.quic_done(0, None);
+                }
+            }
+            Some(est) = tcp_rx.recv() => {
+                next_id += 1;
+                sel.tcp_connected(Instant::now(), next_id, est.kind);
+                connected.push((next_id, est));
+            }
+            Some(q) = quic_rx.recv() => {
+                if let Some(path) = quic {
+                    authenticated = Some((Direct {
+                        remote: q.conn.remote_address(),
+                        parts: crate::quic::tunnel::from_quic(q.conn, race.status.clone(), path.clone()),
+                        attempts: q.rounds,
+                    }, false));
+                }
+            }
+            _ = tokio::time::sleep_until(wake.unwrap_or_else(Instant::now)), if wake.is_some() => {}
+            Some((remote, attempts, r)) = handshakes.next() => match r as Result<TunnelParts, tunnel::TunnelError> {
+                Ok(parts) => authenticated = Some((Direct { parts, remote, attempts }, true)),
+                Err(e) => {
+                    // A wrong key fails at once; a connection whose bytes
+                    // stopped somewhere after the SYNs got through (a NAT
+                    // that mistracked it) times out. Either way both ends
+                    // see it fail within a round trip, and the engine
+                    // punches that candidate again if it may.
+                    warn!(%remote, error = %e, "connection punched but not authenticated; dropping it");
+                    sel.handshake_failed(remote, e.to_string());
+                    let _ = repunch_tx.try_send(remote);
+                }
+            },
+            Some(r) = selecting.next() => match r {
+                Ok(d) => return Ok(d),
+                Err(e) => sel.selection_failed(e),
+            },
+        }
+        if let Some((mut d, tcp)) = authenticated {
+            match sel.on_authenticated(tcp) {
+                Keep::Select => match select_path(&mut d, &order.session).await {
+                    Ok(()) => return Ok(d),
+                    Err(e) => {
+                        warn!(remote = %d.remote, error = %e, "peer did not take the path we chose; trying others");
+                        sel.selection_failed(e);
+                    }
+                },
+                Keep::AwaitSelection => {
+                    selecting.push(await_selection(d, &order.session, deadline))
+                }
+            }
+        }
+        loop {
+            match sel.next(Instant::now(), !tcp_rx.is_empty() || !quic_rx.is_empty()) {
+                Next::Handshake(id) => {
+                    if let Some(at) = connected.iter().position(|(i, _)| *i == id) {
+                        handshakes.push(tls(connected.remove(at).1));
+                    }
+                }
+                Next::Wait(until) => {
+                    wake = until;
+                    break;
+                }
+                Next::GiveUp(e) => return Err(e),
+            }
+        }
+    }
+}
+
+/// Runs `f` on a fresh tunnel while keeping its driver polled (streams
+/// move only while it runs); the tunnel closing first is an error.
+async fn with_driver<T>(
+    parts: &mut TunnelParts,
+    f: impl AsyncFnOnce(&tunnel::Tunnel, &mut mpsc::Receiver<tunnel::StreamIo>) -> Result<T, String>,
+) -> Result<T, String> {
+    let TunnelParts {
+        tunnel,
+        inbound,
+        driver,
+    } = parts;
+    tokio::select! {
+        r = f(tunnel, inbound) => r,
+        () = driver => Err("tunnel closed before the path was chosen".to_owned()),
+    }
+}
+
+/// Client: tells the server this is the path, and waits for its yes.
+async fn select_path(d: &mut Direct, session: &str) -> Result<(), String> {
+    let ask = format!("{SELECT_PREFIX}{session}");
+    let choose = with_driver(&mut d.parts, async |tunnel, _| {
+        let mut s = tunnel.open().await.map_err(|e| e.to_string())?;
+        s.uncount();
+        request_service(&mut s, &ask)
+            .await
+            .map_err(|e| format!("selecting the path: {e}"))
+    });
+    tokio::time::timeout(SELECT_TIMEOUT, choose)
+        .await
+        .map_err(|_| "no answer to the path selection".to_owned())?
+}
+
+/// Server: waits (until the punch deadline, at least [`SELECT_TIMEOUT`])
+/// for the client to choose this path.
+fn await_selection(
+    mut d: Direct,
+    session: &str,
+    deadline: Instant,
+) -> impl Future<Output = Result<Direct, String>> + '_ {
+    let until = deadline.max(Instant::now() + SELECT_TIMEOUT);
+    async move {
+        let expected = format!("{SELECT_PREFIX}{session}");
+        let wait = with_driver(&mut d.parts, async |_, inbound| {
+            let mut s = inbound
+                .recv()
+                .await
+                .ok_or_else(|| "tunnel closed".to_owned())?;
+            s.uncount();
+            let asked = read_request(&mut s).await.map_err(|e| e.to_string())?;
+            if asked != expected {
+                let _ = reply(&mut s, Err("not the path of this session")).await;
+                return Err(format!("peer asked for {asked:?} on a fresh path"));
+            }
+            reply(&mut s, Ok(())).await.map_err(|e| e.to_string())
+        });
+        match tokio::time::timeout_at(until, wait).await {
+            Ok(Ok(())) => Ok(d),
+            Ok(Err(e)) => Err(format!("path at {} not chosen: {e}", d.remote)),
+            Err(_) => Err(format!("path at {} not chosen in time", d.remote)),
+        }
+    }
+}
