@@ -7,7 +7,7 @@ use std::sync::atomic::Ordering;
 
 use punch_service::prometheus::{Exposition, Kind};
 
-use super::status::{ForwardDoc, PeerDoc, StatusBoard, Transport};
+use super::status::{ForwardDoc, PeerDoc, StatusBoard, StatusDoc, Transport};
 
 /// Renders every family from one snapshot of `board`.
 pub(crate) fn render(board: &StatusBoard) -> String {
@@ -20,6 +20,23 @@ pub(crate) fn render(board: &StatusBoard) -> String {
     )
     .sample(&[], u8::from(doc.rendezvous == "connected"));
 
+    paths(&mut out, &doc);
+    if let Some(n) = doc.quic_connections {
+        out.family(
+            "punchd_quic_connections",
+            Kind::Gauge,
+            "QUIC connections open on the endpoint (including closing ones).",
+        )
+        .sample(&[], n);
+    }
+    traffic(&mut out, &doc);
+    punches(&mut out, &doc, board);
+    forwards(&mut out, &doc);
+    out.finish()
+}
+
+/// The path and transport of each peer's tunnel, one-hot.
+fn paths(out: &mut Exposition, doc: &StatusDoc) {
     // One sample per peer and possible value, 1 for the current one.
     let one_hot = |out: &mut Exposition,
                    name: &str,
@@ -35,7 +52,7 @@ pub(crate) fn render(board: &StatusBoard) -> String {
         }
     };
     one_hot(
-        &mut out,
+        out,
         "punchd_peer_path",
         "1 for the path each peer's tunnel takes now.",
         "path",
@@ -43,21 +60,17 @@ pub(crate) fn render(board: &StatusBoard) -> String {
         &|p| p.path.as_str(),
     );
     one_hot(
-        &mut out,
+        out,
         "punchd_peer_transport",
         "1 for the transport under each peer's tunnel now (tcp, quic or relay).",
         "transport",
         ["tcp", "quic", "relay"],
         &|p| p.transport.map_or("", Transport::as_str),
     );
-    if let Some(n) = doc.quic_connections {
-        out.family(
-            "punchd_quic_connections",
-            Kind::Gauge,
-            "QUIC connections open on the endpoint (including closing ones).",
-        )
-        .sample(&[], n);
-    }
+}
+
+/// RTT, bytes and streams per peer.
+fn traffic(out: &mut Exposition, doc: &StatusDoc) {
     {
         let mut f = out.family(
             "punchd_peer_rtt_seconds",
@@ -93,6 +106,10 @@ pub(crate) fn render(board: &StatusBoard) -> String {
             f.sample(&[("peer", &p.name)], p.streams);
         }
     }
+}
+
+/// Punch sessions and attempts per peer (counters kept beside the doc).
+fn punches(out: &mut Exposition, doc: &StatusDoc, board: &StatusBoard) {
     let peer_status = |name: &str| board.peers.iter().find(|s| s.name == name);
     {
         let mut f = out.family(
@@ -120,6 +137,10 @@ pub(crate) fn render(board: &StatusBoard) -> String {
             f.sample(&[("peer", &p.name)], v);
         }
     }
+}
+
+/// Active and total connections per forward.
+fn forwards(out: &mut Exposition, doc: &StatusDoc) {
     let per_forward = |out: &mut Exposition,
                        name: &str,
                        kind: Kind,
@@ -138,18 +159,17 @@ pub(crate) fn render(board: &StatusBoard) -> String {
         }
     };
     per_forward(
-        &mut out,
+        out,
         "punchd_forward_active",
         Kind::Gauge,
-        "Connections being relayed per forward.",
+        "Connections being forwarded per forward.",
         &|f| f.active.to_string(),
     );
     per_forward(
-        &mut out,
+        out,
         "punchd_forward_connections_total",
         Kind::Counter,
         "Connections accepted per forward.",
         &|f| f.total.to_string(),
     );
-    out.finish()
 }

@@ -26,6 +26,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures::future::BoxFuture;
 use futures::stream::FuturesUnordered;
 use futures::{Future, StreamExt as _};
 use punch_config::{PublicKeyBytes, TransportKind};
@@ -43,7 +44,7 @@ use crate::quic::punch::{QuicEstablished, QuicPunch};
 use crate::quic::QuicPath;
 use crate::tunnel::header::{read_request, reply, request_service, SELECT_PREFIX};
 use crate::tunnel::metered::Metered;
-use crate::tunnel::{self, mux, TunnelParts};
+use crate::tunnel::{self, mux, TunnelError, TunnelParts};
 use select::{Keep, Next, Selector};
 
 /// How long the chosen side waits for the other's verdict, at least.
@@ -176,6 +177,108 @@ impl PunchError {
     }
 }
 
+/// The QUIC endpoint to punch with this session, if QUIC is allowed, bound,
+/// and the peer has a UDP endpoint.
+fn quic_path<'a>(race: &Race<'a>, order: &PunchOrder) -> Option<&'a Arc<QuicPath>> {
+    let wanted = race.transports.contains(&TransportKind::Quic);
+    let quic = race
+        .quic
+        .filter(|_| wanted)
+        .filter(|_| !order.udp_candidates.is_empty());
+    if wanted && quic.is_none() {
+        info!("no QUIC this time: the peer has no UDP endpoint (QUIC off there, or its probes did not reach the rendezvous)");
+    }
+    quic
+}
+
+/// A TLS handshake on a punched TCP connection: where it went, the
+/// attempts it took, and the tunnel or why not.
+type Handshake<'a> = BoxFuture<'a, (SocketAddr, u32, Result<TunnelParts, TunnelError>)>;
+/// A kept path waiting for the client's choice (server).
+type Selection<'a> = BoxFuture<'a, Result<Direct, String>>;
+
+/// Runs TLS on a punched connection.
+fn authenticate<'a>(race: &'a Race<'_>, est: Established) -> Handshake<'a> {
+    let Established {
+        stream,
+        remote,
+        attempts,
+        ..
+    } = est;
+    let closer = stream.fin_closer();
+    let io = Metered::new(stream, race.status.clone());
+    Box::pin(async move {
+        let r = mux::handshake(io, race.role, race.identity, race.key, Transport::Tcp).await;
+        if r.is_err() {
+            // Punched again on the same ports next: close with a FIN
+            // so that the NATs let the new SYNs reopen their entries.
+            if let Some(c) = closer {
+                c.close(FAILED_FIN_WAIT).await;
+            }
+        }
+        (remote, attempts, r)
+    })
+}
+
+/// The race's IO around its [`Selector`]: the connections it reported,
+/// the handshakes and selections running.
+struct Candidates<'a> {
+    race: &'a Race<'a>,
+    session: &'a str,
+    deadline: Instant,
+    sel: Selector,
+    next_id: u32,
+    connected: Vec<(u32, Established)>,
+    handshakes: FuturesUnordered<Handshake<'a>>,
+    selecting: FuturesUnordered<Selection<'a>>,
+}
+
+impl<'a> Candidates<'a> {
+    fn tcp_connected(&mut self, est: Established) {
+        self.next_id += 1;
+        self.sel
+            .tcp_connected(Instant::now(), self.next_id, est.kind);
+        self.connected.push((self.next_id, est));
+    }
+
+    /// A path authenticated: the client asks for it now (and returns it if
+    /// the server agrees), the server keeps it until asked.
+    async fn authenticated(&mut self, mut d: Direct, tcp: bool) -> Option<Direct> {
+        match self.sel.on_authenticated(tcp) {
+            Keep::Select => match select_path(&mut d, self.session).await {
+                Ok(()) => return Some(d),
+                Err(e) => {
+                    warn!(remote = %d.remote, error = %e, "peer did not take the path we chose; trying others");
+                    self.sel.selection_failed(e);
+                }
+            },
+            Keep::AwaitSelection => {
+                let (session, deadline) = (self.session, self.deadline);
+                self.selecting
+                    .push(Box::pin(await_selection(d, session, deadline)));
+            }
+        }
+        None
+    }
+
+    /// Starts what the selector says to; returns when to wake, or why the
+    /// race is lost.
+    fn advance(&mut self, queued: bool) -> Result<Option<Instant>, PunchError> {
+        loop {
+            match self.sel.next(Instant::now(), queued) {
+                Next::Handshake(id) => {
+                    if let Some(at) = self.connected.iter().position(|(i, _)| *i == id) {
+                        let est = self.connected.remove(at).1;
+                        self.handshakes.push(authenticate(self.race, est));
+                    }
+                }
+                Next::Wait(until) => return Ok(until),
+                Next::GiveUp(e) => return Err(e),
+            }
+        }
+    }
+}
+
 /// Punches every allowed transport and returns the path both ends keep.
 pub(crate) async fn punch_direct(
     race: &Race<'_>,
@@ -184,14 +287,7 @@ pub(crate) async fn punch_direct(
     deadline: Instant,
     port: u16,
 ) -> Result<Direct, PunchError> {
-    let quic_wanted = race.transports.contains(&TransportKind::Quic);
-    let quic = race
-        .quic
-        .filter(|_| quic_wanted)
-        .filter(|_| !order.udp_candidates.is_empty());
-    if quic_wanted && quic.is_none() {
-        info!("no QUIC this time: the peer has no UDP endpoint (QUIC off there, or its probes did not reach the rendezvous)");
-    }
+    let quic = quic_path(race, order);
     let (use_tcp, _) = select::engines(
         race.transports.contains(&TransportKind::Tcp),
         quic.is_some(),
@@ -217,50 +313,30 @@ pub(crate) async fn punch_direct(
         _ => None,
     };
     let quic_engine = async {
-        match quic {
-            Some(path) => {
-                let p = QuicPunch {
-                    path,
-                    session: &order.session,
-                    peer: race.key,
-                    role: race.role,
-                    candidates: &order.udp_candidates,
-                    fire_at: fire_at.into_std(),
-                    deadline: deadline.into_std(),
-                };
-                Some(crate::quic::punch::run(p, incoming.as_deref_mut(), quic_tx).await)
-            }
-            None => None,
-        }
+        let path = quic?;
+        let p = QuicPunch {
+            path,
+            session: &order.session,
+            peer: race.key,
+            role: race.role,
+            candidates: &order.udp_candidates,
+            fire_at: fire_at.into_std(),
+            deadline: deadline.into_std(),
+        };
+        Some(crate::quic::punch::run(p, incoming.as_deref_mut(), quic_tx).await)
     };
     let mut quic_engine = std::pin::pin!(quic_engine);
     let mut quic_running = quic.is_some();
 
-    let mut sel = Selector::new(race.role, use_tcp, quic.is_some());
-    let mut next_id = 0u32;
-    let mut connected: Vec<(u32, Established)> = Vec::new();
-    let mut handshakes = FuturesUnordered::new();
-    let mut selecting = FuturesUnordered::new();
-    let tls = |est: Established| {
-        let Established {
-            stream,
-            remote,
-            attempts,
-            ..
-        } = est;
-        let closer = stream.fin_closer();
-        let io = Metered::new(stream, race.status.clone());
-        async move {
-            let r = mux::handshake(io, race.role, race.identity, race.key, Transport::Tcp).await;
-            if r.is_err() {
-                // Punched again on the same ports next: close with a FIN
-                // so that the NATs let the new SYNs reopen their entries.
-                if let Some(c) = closer {
-                    c.close(FAILED_FIN_WAIT).await;
-                }
-            }
-            (remote, attempts, r)
-        }
+    let mut c = Candidates {
+        race,
+        session: &order.session,
+        deadline,
+        sel: Selector::new(race.role, use_tcp, quic.is_some()),
+        next_id: 0,
+        connected: Vec::new(),
+        handshakes: FuturesUnordered::new(),
+        selecting: FuturesUnordered::new(),
     };
     let mut wake = None;
     loop {
@@ -268,24 +344,17 @@ pub(crate) async fn punch_direct(
         tokio::select! {
             s = &mut tcp_engine, if tcp_running => {
                 tcp_running = false;
-                sel.tcp_done(s.attempts, s.last_error);
+                c.sel.tcp_done(s.attempts, s.last_error);
             }
             s = &mut quic_engine, if quic_running => {
                 quic_running = false;
-                if let Some(s) = s {
-                    if s.heard == 0 {
-                        if let Some(path) = quic { path.rebind_if_idle("UDP punch heard nothing"); }
-                    }
-                    sel.quic_done(s.rounds, s.last_error);
-                } else {
-                    sel.quic_done(0, None);
+                let s = s.unwrap_or_default();
+                if s.heard == 0 {
+                    if let Some(path) = quic { path.rebind_if_idle("UDP punch heard nothing"); }
                 }
+                c.sel.quic_done(s.rounds, s.last_error);
             }
-            Some(est) = tcp_rx.recv() => {
-                next_id += 1;
-                sel.tcp_connected(Instant::now(), next_id, est.kind);
-                connected.push((next_id, est));
-            }
+            Some(est) = tcp_rx.recv() => c.tcp_connected(est),
             Some(q) = quic_rx.recv() => {
                 if let Some(path) = quic {
                     authenticated = Some((Direct {
@@ -296,7 +365,7 @@ pub(crate) async fn punch_direct(
                 }
             }
             _ = tokio::time::sleep_until(wake.unwrap_or_else(Instant::now)), if wake.is_some() => {}
-            Some((remote, attempts, r)) = handshakes.next() => match r as Result<TunnelParts, tunnel::TunnelError> {
+            Some((remote, attempts, r)) = c.handshakes.next() => match r {
                 Ok(parts) => authenticated = Some((Direct { parts, remote, attempts }, true)),
                 Err(e) => {
                     // A wrong key fails at once; a connection whose bytes
@@ -305,43 +374,21 @@ pub(crate) async fn punch_direct(
                     // see it fail within a round trip, and the engine
                     // punches that candidate again if it may.
                     warn!(%remote, error = %e, "connection punched but not authenticated; dropping it");
-                    sel.handshake_failed(remote, e.to_string());
+                    c.sel.handshake_failed(remote, e.to_string());
                     let _ = repunch_tx.try_send(remote);
                 }
             },
-            Some(r) = selecting.next() => match r {
+            Some(r) = c.selecting.next() => match r {
                 Ok(d) => return Ok(d),
-                Err(e) => sel.selection_failed(e),
+                Err(e) => c.sel.selection_failed(e),
             },
         }
-        if let Some((mut d, tcp)) = authenticated {
-            match sel.on_authenticated(tcp) {
-                Keep::Select => match select_path(&mut d, &order.session).await {
-                    Ok(()) => return Ok(d),
-                    Err(e) => {
-                        warn!(remote = %d.remote, error = %e, "peer did not take the path we chose; trying others");
-                        sel.selection_failed(e);
-                    }
-                },
-                Keep::AwaitSelection => {
-                    selecting.push(await_selection(d, &order.session, deadline))
-                }
+        if let Some((d, tcp)) = authenticated {
+            if let Some(kept) = c.authenticated(d, tcp).await {
+                return Ok(kept);
             }
         }
-        loop {
-            match sel.next(Instant::now(), !tcp_rx.is_empty() || !quic_rx.is_empty()) {
-                Next::Handshake(id) => {
-                    if let Some(at) = connected.iter().position(|(i, _)| *i == id) {
-                        handshakes.push(tls(connected.remove(at).1));
-                    }
-                }
-                Next::Wait(until) => {
-                    wake = until;
-                    break;
-                }
-                Next::GiveUp(e) => return Err(e),
-            }
-        }
+        wake = c.advance(!tcp_rx.is_empty() || !quic_rx.is_empty())?;
     }
 }
 
