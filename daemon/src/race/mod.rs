@@ -42,7 +42,7 @@ use crate::punch::plan::PunchPlan;
 use crate::punch::{self, Established};
 use crate::quic::punch::{QuicEstablished, QuicPunch};
 use crate::quic::QuicPath;
-use crate::tunnel::header::{read_request, reply, request_service, SELECT_PREFIX};
+use crate::tunnel::header::{read_request, reply, request_service, HeaderError, SELECT_PREFIX};
 use crate::tunnel::metered::Metered;
 use crate::tunnel::{self, mux, TunnelError, TunnelParts};
 use select::{Keep, Next, Selector};
@@ -79,7 +79,7 @@ pub(crate) struct Direct {
 }
 
 /// One reason a direct path was not had.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug)]
 #[non_exhaustive]
 pub enum Cause {
     /// The TCP engine ended with nothing connected.
@@ -95,7 +95,7 @@ pub enum Cause {
         error: String,
     },
     /// An authenticated path was not agreed on.
-    NotSelected(String),
+    NotSelected(SelectError),
 }
 
 impl std::fmt::Display for Cause {
@@ -104,7 +104,7 @@ impl std::fmt::Display for Cause {
             Cause::TcpNoConnection(e) => write!(f, "tcp: no candidate connected (last error: {e})"),
             Cause::Quic(e) => write!(f, "quic: {e}"),
             Cause::Tls { remote, error } => write!(f, "tcp: TLS with {remote} failed: {error}"),
-            Cause::NotSelected(e) => f.write_str(e),
+            Cause::NotSelected(e) => e.fmt(f),
         }
     }
 }
@@ -195,7 +195,7 @@ fn quic_path<'a>(race: &Race<'a>, order: &PunchOrder) -> Option<&'a Arc<QuicPath
 /// attempts it took, and the tunnel or why not.
 type Handshake<'a> = BoxFuture<'a, (SocketAddr, u32, Result<TunnelParts, TunnelError>)>;
 /// A kept path waiting for the client's choice (server).
-type Selection<'a> = BoxFuture<'a, Result<Direct, String>>;
+type Selection<'a> = BoxFuture<'a, Result<Direct, SelectError>>;
 
 /// Runs TLS on a punched connection.
 fn authenticate<'a>(race: &'a Race<'_>, est: Established) -> Handshake<'a> {
@@ -392,12 +392,56 @@ pub(crate) async fn punch_direct(
     }
 }
 
+/// Why a path was not agreed on (the `_select` exchange).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SelectError {
+    /// The selection stream could not be opened.
+    #[error("{0}")]
+    Open(#[from] tunnel::TunnelError),
+    /// The client's request was refused or garbled.
+    #[error("selecting the path: {0}")]
+    Refused(#[source] HeaderError),
+    /// The stream header could not be read or answered.
+    #[error("{0}")]
+    Header(#[from] HeaderError),
+    /// The answer could not be sent.
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    /// The tunnel closed before the path was chosen.
+    #[error("tunnel closed before the path was chosen")]
+    DriverEnded,
+    /// The tunnel closed while waiting for the request.
+    #[error("tunnel closed")]
+    Closed,
+    /// The server did not answer the client's request.
+    #[error("no answer to the path selection")]
+    NoAnswer,
+    /// The client asked for another session on this path.
+    #[error("peer asked for {0:?} on a fresh path")]
+    WrongSession(String),
+    /// Server: this path failed while waiting.
+    #[error("path at {remote} not chosen: {source}")]
+    NotChosen {
+        /// The path's remote end.
+        remote: SocketAddr,
+        /// Why.
+        source: Box<SelectError>,
+    },
+    /// Server: the client chose another path, or none, in time.
+    #[error("path at {0} not chosen in time")]
+    NotChosenInTime(SocketAddr),
+}
+
 /// Runs `f` on a fresh tunnel while keeping its driver polled (streams
 /// move only while it runs); the tunnel closing first is an error.
 async fn with_driver<T>(
     parts: &mut TunnelParts,
-    f: impl AsyncFnOnce(&tunnel::Tunnel, &mut mpsc::Receiver<tunnel::StreamIo>) -> Result<T, String>,
-) -> Result<T, String> {
+    f: impl AsyncFnOnce(
+        &tunnel::Tunnel,
+        &mut mpsc::Receiver<tunnel::StreamIo>,
+    ) -> Result<T, SelectError>,
+) -> Result<T, SelectError> {
     let TunnelParts {
         tunnel,
         inbound,
@@ -405,23 +449,23 @@ async fn with_driver<T>(
     } = parts;
     tokio::select! {
         r = f(tunnel, inbound) => r,
-        () = driver => Err("tunnel closed before the path was chosen".to_owned()),
+        () = driver => Err(SelectError::DriverEnded),
     }
 }
 
 /// Client: tells the server this is the path, and waits for its yes.
-async fn select_path(d: &mut Direct, session: &str) -> Result<(), String> {
+async fn select_path(d: &mut Direct, session: &str) -> Result<(), SelectError> {
     let ask = format!("{SELECT_PREFIX}{session}");
     let choose = with_driver(&mut d.parts, async |tunnel, _| {
-        let mut s = tunnel.open().await.map_err(|e| e.to_string())?;
+        let mut s = tunnel.open().await?;
         s.uncount();
         request_service(&mut s, &ask)
             .await
-            .map_err(|e| format!("selecting the path: {e}"))
+            .map_err(SelectError::Refused)
     });
     tokio::time::timeout(SELECT_TIMEOUT, choose)
         .await
-        .map_err(|_| "no answer to the path selection".to_owned())?
+        .map_err(|_| SelectError::NoAnswer)?
 }
 
 /// Server: waits (until the punch deadline, at least [`SELECT_TIMEOUT`])
@@ -430,27 +474,27 @@ fn await_selection(
     mut d: Direct,
     session: &str,
     deadline: Instant,
-) -> impl Future<Output = Result<Direct, String>> + '_ {
+) -> impl Future<Output = Result<Direct, SelectError>> + '_ {
     let until = deadline.max(Instant::now() + SELECT_TIMEOUT);
     async move {
         let expected = format!("{SELECT_PREFIX}{session}");
         let wait = with_driver(&mut d.parts, async |_, inbound| {
-            let mut s = inbound
-                .recv()
-                .await
-                .ok_or_else(|| "tunnel closed".to_owned())?;
+            let mut s = inbound.recv().await.ok_or(SelectError::Closed)?;
             s.uncount();
-            let asked = read_request(&mut s).await.map_err(|e| e.to_string())?;
+            let asked = read_request(&mut s).await?;
             if asked != expected {
                 let _ = reply(&mut s, Err("not the path of this session")).await;
-                return Err(format!("peer asked for {asked:?} on a fresh path"));
+                return Err(SelectError::WrongSession(asked));
             }
-            reply(&mut s, Ok(())).await.map_err(|e| e.to_string())
+            Ok(reply(&mut s, Ok(())).await?)
         });
         match tokio::time::timeout_at(until, wait).await {
             Ok(Ok(())) => Ok(d),
-            Ok(Err(e)) => Err(format!("path at {} not chosen: {e}", d.remote)),
-            Err(_) => Err(format!("path at {} not chosen in time", d.remote)),
+            Ok(Err(e)) => Err(SelectError::NotChosen {
+                remote: d.remote,
+                source: Box::new(e),
+            }),
+            Err(_) => Err(SelectError::NotChosenInTime(d.remote)),
         }
     }
 }

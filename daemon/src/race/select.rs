@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use super::{Cause, PunchError};
+use super::{Cause, PunchError, SelectError};
 use crate::path::Role;
 use crate::punch::plan::CandidateKind;
 
@@ -146,7 +146,7 @@ impl Selector {
 
     /// A selection failed: the client's request was not taken, or (server)
     /// a kept path was not chosen.
-    pub(crate) fn selection_failed(&mut self, error: String) {
+    pub(crate) fn selection_failed(&mut self, error: SelectError) {
         if self.role == Role::Server {
             self.selecting = self.selecting.saturating_sub(1);
         }
@@ -259,9 +259,9 @@ mod tests {
         s.handshake_failed(addr(), "timed out".into());
         // Two paths kept, waiting for `_select`: not over yet.
         assert_eq!(s.next(t0, false), Next::Wait(None));
-        s.selection_failed("path at x not chosen in time".into());
+        s.selection_failed(SelectError::NotChosenInTime(addr()));
         assert_eq!(s.next(t0, false), Next::Wait(None));
-        s.selection_failed("path at y not chosen in time".into());
+        s.selection_failed(SelectError::NotChosenInTime(addr()));
         assert!(matches!(s.next(t0, false), Next::GiveUp(_)));
     }
 
@@ -273,7 +273,7 @@ mod tests {
         // QUIC authenticated during the TCP grace: it is asked for at once.
         assert_eq!(s.on_authenticated(false), Keep::Select);
         // Not taken: the TCP candidate still gets its turn.
-        s.selection_failed("no answer to the path selection".into());
+        s.selection_failed(SelectError::NoAnswer);
         assert_eq!(s.next(t0 + CHOOSE_GRACE, false), Next::Handshake(1));
         assert_eq!(s.on_authenticated(true), Keep::Select);
     }

@@ -28,7 +28,7 @@ const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 /// Errors in the stream header exchange.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
-pub(crate) enum HeaderError {
+pub enum HeaderError {
     /// The stream failed or closed early.
     #[error("stream closed during header: {0}")]
     Io(#[from] std::io::Error),

@@ -20,7 +20,7 @@
 //!
 //! The port forwarder only sees [`StreamIo`] and never knows which it runs on.
 
-pub(crate) mod header;
+pub mod header;
 pub(crate) mod keepalive;
 pub(crate) mod metered;
 pub(crate) mod mux;
