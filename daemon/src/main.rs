@@ -13,7 +13,7 @@ use punch_config::PeerConfig;
 use punchd::Identity;
 use tokio_util::sync::CancellationToken;
 
-/// Peer-to-peer NAT hole punching with an authenticated, multiplexed port relay.
+/// Peer-to-peer NAT hole punching with authenticated, multiplexed port forwarding.
 #[derive(Debug, Parser)]
 #[command(version, about, args_conflicts_with_subcommands = true)]
 struct Cli {

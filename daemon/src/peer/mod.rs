@@ -2,7 +2,7 @@
 //!
 //! What flows in and out:
 //! - [`PeerCmd::Punch`] from the rendezvous client: punch now. A punch runs
-//!   as its own task ([`punch_session`]) and reports back on the internal
+//!   as its own task ([`session::run`]) and reports back on the internal
 //!   event channel; a newer order supersedes an older one.
 //! - [`PeerCmd::Open`] from forward listeners: a stream, please. With a
 //!   tunnel it is opened at once; without one the request waits (bounded in
