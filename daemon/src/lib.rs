@@ -14,11 +14,11 @@
 //! | [`control`] | the control plane: rendezvous client, punch jobs, clock sync, URL |
 //! | [`forward`] | port forwarding: local listeners, exposed services and their ACL |
 //! | [`quic`] | the QUIC direct path: UDP socket, hole punch, quinn, its tunnel driver |
-//! | [`tunnel`] | TLS, yamux, stream header, keepalive, metering, [`StreamIo`](tunnel) |
+//! | [`tunnel`] | TLS, yamux, stream header, keepalive, metering; what every path yields |
 //! | [`punch`] | the TCP direct path: timed simultaneous open (`punch/plan.rs`, sans-IO) |
 //! | [`admin`] | HTTP admin API, status model, `/metrics`, the `punchd status` client |
 //! | [`path`] | shared words: `Role`, `PathState`, `Transport` |
-//! | [`identity`], [`backoff`], [`testdata`] | keys; retry spacing; test bytes |
+//! | [`identity`], `backoff`, [`testdata`] | keys; retry spacing; test bytes |
 //! | `demo` | `punchd demo` and loopback helpers (feature `demo`: embeds the server) |
 //!
 //! # One forwarded connection

@@ -4,7 +4,7 @@
 //! measurements). It listens on loopback unless the config says otherwise.
 //!
 //! Also the status model ([`status`]: what every task reports into and
-//! `/v1/status` serves), its Prometheus rendering ([`metrics`]) and the
+//! `/v1/status` serves), its Prometheus rendering ([`metrics`](mod@metrics)) and the
 //! CLI side of `punchd status` ([`client`]). The admin API reads the status
 //! board and asks for re-punches over a channel; it never holds a peer
 //! task's handle, so everything above can report into [`status`] without

@@ -297,7 +297,7 @@ impl StatusBoard {
         }
     }
 
-    /// Prometheus text for `/metrics` (see [`super::metrics`]).
+    /// Prometheus text for `/metrics` (written in `admin/metrics.rs`).
     pub fn render_metrics(&self) -> String {
         super::metrics::render(self)
     }
