@@ -14,7 +14,7 @@ use tracing::{debug, warn, Instrument};
 
 use super::splice::{splice, StreamGuard};
 use crate::admin::status::{ForwardStatus, PeerStatus};
-use crate::tunnel::header::request_service;
+use crate::tunnel::header::{request_service, HeaderError};
 use crate::tunnel::StreamIo;
 
 /// Where a forward's connections go: a peer that hands out streams to
@@ -29,6 +29,23 @@ pub(crate) trait StreamSource: Clone + Send + Sync + 'static {
     fn status(&self) -> &Arc<PeerStatus>;
     /// A new stream to the peer, waiting for a tunnel if need be.
     fn open_stream(&self) -> impl Future<Output = Result<StreamIo, Self::Error>> + Send;
+}
+
+/// Why a forwarded connection ended badly (for the log).
+#[derive(Debug, thiserror::Error)]
+enum ForwardError<E: Display> {
+    /// No stream to the peer.
+    #[error("{0}")]
+    Open(E),
+    /// The peer refused the service, or the header failed.
+    #[error(transparent)]
+    Header(#[from] HeaderError),
+    /// The copy failed.
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    /// The daemon is stopping.
+    #[error("daemon shutting down")]
+    ShuttingDown,
 }
 
 /// Accepts local connections for one `[[forward]]` until cancelled.
@@ -81,15 +98,13 @@ async fn forward_one<P: StreamSource>(
 ) {
     status.active.fetch_add(1, Ordering::Relaxed);
     let started = Instant::now();
-    let result = async {
-        let mut stream = peer.open_stream().await.map_err(|e| e.to_string())?;
+    let result: Result<_, ForwardError<P::Error>> = async {
+        let mut stream = peer.open_stream().await.map_err(ForwardError::Open)?;
         let _guard = StreamGuard::new(peer.status());
-        request_service(&mut stream, &service)
-            .await
-            .map_err(|e| e.to_string())?;
+        request_service(&mut stream, &service).await?;
         tokio::select! {
-            r = splice(&mut local, &mut stream) => r.map_err(|e| e.to_string()),
-            _ = cancel.cancelled() => Err("daemon shutting down".to_owned()),
+            r = splice(&mut local, &mut stream) => Ok(r?),
+            _ = cancel.cancelled() => Err(ForwardError::ShuttingDown),
         }
     }
     .await;
