@@ -92,7 +92,7 @@ pub enum Cause {
         /// Where the connection went.
         remote: SocketAddr,
         /// The handshake's error.
-        error: String,
+        error: TunnelError,
     },
     /// An authenticated path was not agreed on.
     NotSelected(SelectError),
@@ -220,6 +220,15 @@ fn authenticate<'a>(race: &'a Race<'_>, est: Established) -> Handshake<'a> {
     })
 }
 
+/// An authenticated QUIC connection as a candidate path.
+fn quic_direct(q: QuicEstablished, path: &Arc<QuicPath>, status: &Arc<PeerStatus>) -> Direct {
+    Direct {
+        remote: q.conn.remote_address(),
+        parts: crate::quic::tunnel::from_quic(q.conn, status.clone(), path.clone()),
+        attempts: q.rounds,
+    }
+}
+
 /// The race's IO around its [`Selector`]: the connections it reported,
 /// the handshakes and selections running.
 struct Candidates<'a> {
@@ -239,6 +248,33 @@ impl<'a> Candidates<'a> {
         self.sel
             .tcp_connected(Instant::now(), self.next_id, est.kind);
         self.connected.push((self.next_id, est));
+    }
+
+    /// A TLS handshake ended: the path, or the candidate back to the
+    /// engine to punch again.
+    fn handshake_done(
+        &mut self,
+        (remote, attempts, r): (SocketAddr, u32, Result<TunnelParts, TunnelError>),
+        repunch: &mpsc::Sender<SocketAddr>,
+    ) -> Option<Direct> {
+        match r {
+            Ok(parts) => Some(Direct {
+                parts,
+                remote,
+                attempts,
+            }),
+            Err(e) => {
+                // A wrong key fails at once; a connection whose bytes
+                // stopped somewhere after the SYNs got through (a NAT
+                // that mistracked it) times out. Either way both ends
+                // see it fail within a round trip, and the engine
+                // punches that candidate again if it may.
+                warn!(%remote, error = %e, "connection punched but not authenticated; dropping it");
+                self.sel.handshake_failed(remote, e);
+                let _ = repunch.try_send(remote);
+                None
+            }
+        }
     }
 
     /// A path authenticated: the client asks for it now (and returns it if
@@ -356,28 +392,12 @@ pub(crate) async fn punch_direct(
             }
             Some(est) = tcp_rx.recv() => c.tcp_connected(est),
             Some(q) = quic_rx.recv() => {
-                if let Some(path) = quic {
-                    authenticated = Some((Direct {
-                        remote: q.conn.remote_address(),
-                        parts: crate::quic::tunnel::from_quic(q.conn, race.status.clone(), path.clone()),
-                        attempts: q.rounds,
-                    }, false));
-                }
+                authenticated = quic.map(|path| (quic_direct(q, path, race.status), false));
             }
             _ = tokio::time::sleep_until(wake.unwrap_or_else(Instant::now)), if wake.is_some() => {}
-            Some((remote, attempts, r)) = c.handshakes.next() => match r {
-                Ok(parts) => authenticated = Some((Direct { parts, remote, attempts }, true)),
-                Err(e) => {
-                    // A wrong key fails at once; a connection whose bytes
-                    // stopped somewhere after the SYNs got through (a NAT
-                    // that mistracked it) times out. Either way both ends
-                    // see it fail within a round trip, and the engine
-                    // punches that candidate again if it may.
-                    warn!(%remote, error = %e, "connection punched but not authenticated; dropping it");
-                    c.sel.handshake_failed(remote, e.to_string());
-                    let _ = repunch_tx.try_send(remote);
-                }
-            },
+            Some(done) = c.handshakes.next() => {
+                authenticated = c.handshake_done(done, &repunch_tx).map(|d| (d, true));
+            }
             Some(r) = c.selecting.next() => match r {
                 Ok(d) => return Ok(d),
                 Err(e) => c.sel.selection_failed(e),

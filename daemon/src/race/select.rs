@@ -16,6 +16,7 @@ use tokio::time::Instant;
 use super::{Cause, PunchError, SelectError};
 use crate::path::Role;
 use crate::punch::plan::CandidateKind;
+use crate::tunnel::TunnelError;
 
 /// How long the TLS client waits after the first TCP connection for a
 /// better one (a LAN candidate) before choosing.
@@ -125,7 +126,7 @@ impl Selector {
     }
 
     /// A TLS handshake failed; the engine may punch that candidate again.
-    pub(crate) fn handshake_failed(&mut self, remote: SocketAddr, error: String) {
+    pub(crate) fn handshake_failed(&mut self, remote: SocketAddr, error: TunnelError) {
         self.handshakes = self.handshakes.saturating_sub(1);
         self.causes.push(Cause::Tls { remote, error });
     }
@@ -231,7 +232,7 @@ mod tests {
         assert_eq!(s.next(t0 + CHOOSE_GRACE, false), Next::Handshake(2));
         assert_eq!(s.next(t0 + CHOOSE_GRACE, false), Next::Wait(None));
         // That one failed: the next one goes.
-        s.handshake_failed(addr(), "key mismatch".into());
+        s.handshake_failed(addr(), TunnelError::Closed);
         assert_eq!(s.next(t0 + CHOOSE_GRACE, false), Next::Handshake(1));
     }
 
@@ -256,7 +257,7 @@ mod tests {
         assert_eq!(s.on_authenticated(false), Keep::AwaitSelection); // QUIC
         s.tcp_done(4, None);
         s.quic_done(2, None);
-        s.handshake_failed(addr(), "timed out".into());
+        s.handshake_failed(addr(), TunnelError::HandshakeTimeout);
         // Two paths kept, waiting for `_select`: not over yet.
         assert_eq!(s.next(t0, false), Next::Wait(None));
         s.selection_failed(SelectError::NotChosenInTime(addr()));
