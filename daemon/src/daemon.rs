@@ -25,13 +25,14 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn, Instrument};
 
+use crate::admin::status::{ForwardStatus, PeerStatus, StatusBoard};
+use crate::admin::{self, AdminCmd};
+use crate::control::{self, RvEvent, RvSettings};
+use crate::forward;
 use crate::identity::Identity;
+use crate::path::Role;
 use crate::peer::{self, PeerCmd, PeerContext, PeerHandle};
-use crate::punch::plan::Role;
 use crate::quic::QuicPath;
-use crate::rendezvous_client::{self, RvEvent, RvSettings};
-use crate::status::{ForwardStatus, PeerStatus, StatusBoard};
-use crate::{admin, relay};
 
 /// Why the daemon could not start.
 #[derive(Debug, thiserror::Error)]
@@ -121,6 +122,16 @@ async fn bind(what: &str, addr: &str) -> Result<TcpListener, DaemonError> {
         })
 }
 
+/// Peers by name, with the key pinned for each.
+type Peers = HashMap<String, (PeerHandle, punch_config::PublicKeyBytes)>;
+
+/// The bound forward listeners, in config order.
+struct Forwards {
+    listeners: Vec<TcpListener>,
+    addrs: Vec<SocketAddr>,
+    status: Vec<Arc<ForwardStatus>>,
+}
+
 /// Starts a daemon for `cfg` with `identity`. Listeners are bound before
 /// this returns, so their addresses are known and errors are immediate.
 pub async fn start(
@@ -135,33 +146,8 @@ pub async fn start(
     let tracker = TaskTracker::new();
     let accepting = cancel.child_token();
     let admin_listener = bind("the admin API", &cfg.admin.listen).await?;
-    let admin_addr = admin_listener
-        .local_addr()
-        .map_err(|source| DaemonError::Bind {
-            what: "the admin API".into(),
-            addr: cfg.admin.listen.clone(),
-            source,
-        })?;
-
-    let mut forward_listeners = Vec::new();
-    let mut forward_addrs = Vec::new();
-    let mut forward_status = Vec::new();
-    for f in &cfg.forward {
-        let what = format!("forward to {}/{}", f.peer, f.service);
-        let l = bind(&what, &f.listen).await?;
-        let addr = l.local_addr().map_err(|source| DaemonError::Bind {
-            what,
-            addr: f.listen.clone(),
-            source,
-        })?;
-        forward_addrs.push(addr);
-        forward_status.push(Arc::new(ForwardStatus::new(
-            &addr.to_string(),
-            f.peer.as_str(),
-            f.service.as_str(),
-        )));
-        forward_listeners.push(l);
-    }
+    let admin_addr = local_addr(&admin_listener, "the admin API", &cfg.admin.listen)?;
+    let forwards = bind_forwards(&cfg).await?;
     let peer_status: Vec<_> = cfg
         .peers
         .iter()
@@ -170,16 +156,115 @@ pub async fn start(
     let board = Arc::new(StatusBoard::new(
         cfg.name.as_str(),
         peer_status.clone(),
-        forward_status.clone(),
+        forwards.status.clone(),
     ));
 
     let quic = bind_quic(&cfg, &identity);
-    let mut quic_routes = HashMap::new();
     let (rv_cmd_tx, rv_cmd_rx) = mpsc::channel(64);
-    let (rv_ev_tx, mut rv_ev_rx) = mpsc::channel(64);
+    let (rv_ev_tx, rv_ev_rx) = mpsc::channel(64);
+    let (peers, quic_routes) = spawn_peers(
+        &cfg,
+        &identity,
+        &peer_status,
+        quic.as_ref(),
+        &rv_cmd_tx,
+        &cancel,
+        &tracker,
+    )?;
+    let forward_addrs = forwards.addrs.clone();
+    spawn_forwards(&cfg, forwards, &peers, &accepting, &cancel, &tracker);
+    if let Some(q) = &quic {
+        board.set_quic_endpoint(q.endpoint().clone());
+        tracker.spawn(
+            q.clone()
+                .accept_loop(quic_routes, cancel.clone(), tracker.clone())
+                .instrument(tracing::info_span!("quic")),
+        );
+    }
+    let settings = RvSettings {
+        url: cfg.rendezvous.url.clone(),
+        token: cfg.rendezvous.token.clone(),
+        name: cfg.name.to_string(),
+        identity: identity.clone(),
+        port: cfg.punch.port,
+        local_candidates: cfg.punch.local_candidates,
+        quic: quic.clone(),
+    };
+    tracker.spawn(
+        control::run(settings, rv_ev_tx, rv_cmd_rx, board.clone(), cancel.clone())
+            .instrument(tracing::info_span!("rendezvous")),
+    );
+    let (admin_tx, admin_rx) = mpsc::channel(16);
+    tracker.spawn(route(rv_ev_rx, admin_rx, peers, cancel.clone()));
+    tracker.spawn(admin::serve(
+        admin_listener,
+        board.clone(),
+        admin_tx,
+        cancel.clone(),
+    ));
+    info!(name = %cfg.name, %admin_addr, forwards = forward_addrs.len(), peers = cfg.peers.len(), "punchd started");
+    Ok(RunningDaemon {
+        admin_addr,
+        forward_addrs,
+        status: board,
+        accepting,
+        cancel,
+        tracker,
+    })
+}
+
+fn local_addr(l: &TcpListener, what: &str, addr: &str) -> Result<SocketAddr, DaemonError> {
+    l.local_addr().map_err(|source| DaemonError::Bind {
+        what: what.to_owned(),
+        addr: addr.to_owned(),
+        source,
+    })
+}
+
+/// Binds every `[[forward]]` listener, so a busy port fails the start.
+async fn bind_forwards(cfg: &PeerConfig) -> Result<Forwards, DaemonError> {
+    let mut out = Forwards {
+        listeners: Vec::new(),
+        addrs: Vec::new(),
+        status: Vec::new(),
+    };
+    for f in &cfg.forward {
+        let what = format!("forward to {}/{}", f.peer, f.service);
+        let l = bind(&what, &f.listen).await?;
+        let addr = local_addr(&l, &what, &f.listen)?;
+        out.addrs.push(addr);
+        out.status.push(Arc::new(ForwardStatus::new(
+            &addr.to_string(),
+            f.peer.as_str(),
+            f.service.as_str(),
+        )));
+        out.listeners.push(l);
+    }
+    Ok(out)
+}
+
+/// One task per `[[peers]]` entry; also the routes that hand incoming
+/// QUIC connections to the peer that made them.
+fn spawn_peers(
+    cfg: &PeerConfig,
+    identity: &Identity,
+    peer_status: &[Arc<PeerStatus>],
+    quic: Option<&Arc<QuicPath>>,
+    rendezvous: &mpsc::Sender<control::RvCmd>,
+    cancel: &CancellationToken,
+    tracker: &TaskTracker,
+) -> Result<
+    (
+        Peers,
+        HashMap<punch_config::PublicKeyBytes, mpsc::Sender<quinn::Connection>>,
+    ),
+    DaemonError,
+> {
+    let own_key = identity.public_key();
     let exposes = Arc::new(cfg.expose.clone());
-    let mut peers: HashMap<String, (PeerHandle, punch_config::PublicKeyBytes)> = HashMap::new();
-    for (p, status) in cfg.peers.iter().zip(&peer_status) {
+    let mut quic_routes = HashMap::new();
+    let mut peers = Peers::new();
+    for (p, status) in cfg.peers.iter().zip(peer_status) {
         let Some(role) = Role::choose(&own_key.0, &p.public_key.0) else {
             return Err(DaemonError::SelfPeer(p.name.to_string()));
         };
@@ -201,24 +286,36 @@ pub async fn start(
             keepalive: (cfg.punch.keepalive_interval, cfg.punch.keepalive_timeout),
             exposes: exposes.clone(),
             status: status.clone(),
-            rendezvous: rv_cmd_tx.clone(),
+            rendezvous: rendezvous.clone(),
             transports: cfg.punch.transports.clone(),
-            quic: quic.clone(),
+            quic: quic.cloned(),
             quic_incoming: tokio::sync::Mutex::new(incoming_rx),
         };
-        let handle = peer::spawn(ctx, cancel.clone(), &tracker);
+        let handle = peer::spawn(ctx, cancel.clone(), tracker);
         peers.insert(p.name.to_string(), (handle, p.public_key));
     }
+    Ok((peers, quic_routes))
+}
+
+/// One accept loop per `[[forward]]`, into its peer's task.
+fn spawn_forwards(
+    cfg: &PeerConfig,
+    forwards: Forwards,
+    peers: &Peers,
+    accepting: &CancellationToken,
+    cancel: &CancellationToken,
+    tracker: &TaskTracker,
+) {
     for ((f, listener), status) in cfg
         .forward
         .iter()
-        .zip(forward_listeners)
-        .zip(&forward_status)
+        .zip(forwards.listeners)
+        .zip(&forwards.status)
     {
         if let Some((handle, _)) = peers.get(f.peer.as_str()) {
             let span = tracing::info_span!("forward", listen = %status.listen.lock().map(|l| l.clone()).unwrap_or_default(), peer = %f.peer, service = %f.service);
             tracker.spawn(
-                relay::run_forward(
+                forward::run_forward(
                     listener,
                     handle.clone(),
                     f.service.to_string(),
@@ -231,57 +328,29 @@ pub async fn start(
             );
         }
     }
-    let settings = RvSettings {
-        url: cfg.rendezvous.url.clone(),
-        token: cfg.rendezvous.token.clone(),
-        name: cfg.name.to_string(),
-        identity: identity.clone(),
-        port: cfg.punch.port,
-        local_candidates: cfg.punch.local_candidates,
-        quic: quic.clone(),
-    };
-    if let Some(q) = &quic {
-        board.set_quic_endpoint(q.endpoint().clone());
-        tracker.spawn(
-            q.clone()
-                .accept_loop(quic_routes, cancel.clone(), tracker.clone())
-                .instrument(tracing::info_span!("quic")),
-        );
-    }
-    tracker.spawn(
-        rendezvous_client::run(settings, rv_ev_tx, rv_cmd_rx, board.clone(), cancel.clone())
-            .instrument(tracing::info_span!("rendezvous")),
-    );
-    let admin_peers: HashMap<String, PeerHandle> = peers
-        .iter()
-        .map(|(name, (h, _))| (name.clone(), h.clone()))
-        .collect();
-    let dispatch_cancel = cancel.clone();
-    tracker.spawn(async move {
-        loop {
-            let ev = tokio::select! {
-                _ = dispatch_cancel.cancelled() => break,
-                ev = rv_ev_rx.recv() => match ev { Some(ev) => ev, None => break },
-            };
-            dispatch(ev, &peers).await;
-        }
-    });
-    tracker.spawn(admin::serve(
-        admin_listener,
-        board.clone(),
-        admin_peers,
-        cancel.clone(),
-    ));
-    info!(name = %cfg.name, %admin_addr, forwards = forward_addrs.len(), peers = cfg.peers.len(), "punchd started");
-    Ok(RunningDaemon {
-        admin_addr,
-        forward_addrs,
-        status: board,
-        accepting,
-        cancel,
+}
 
-        tracker,
-    })
+/// Routes rendezvous events and admin requests to the peer tasks.
+async fn route(
+    mut rendezvous: mpsc::Receiver<RvEvent>,
+    mut admin: mpsc::Receiver<AdminCmd>,
+    peers: Peers,
+    cancel: CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => break,
+            ev = rendezvous.recv() => match ev {
+                Some(ev) => dispatch(ev, &peers).await,
+                None => break,
+            },
+            Some(AdminCmd::Repunch(name)) = admin.recv() => {
+                if let Some((handle, _)) = peers.get(&name) {
+                    handle.send(PeerCmd::Repunch).await;
+                }
+            }
+        }
+    }
 }
 
 /// The QUIC endpoint on the punch port number, when `quic` is among the
@@ -310,10 +379,7 @@ fn bind_quic(cfg: &PeerConfig, identity: &Identity) -> Option<Arc<QuicPath>> {
 /// Routes one rendezvous event. A punch order must name a configured peer
 /// *and* carry the key we pinned for it; anything else is refused here,
 /// before a single packet is sent.
-async fn dispatch(
-    ev: RvEvent,
-    peers: &HashMap<String, (PeerHandle, punch_config::PublicKeyBytes)>,
-) {
+async fn dispatch(ev: RvEvent, peers: &Peers) {
     match ev {
         RvEvent::Up => {
             for (handle, _) in peers.values() {

@@ -1,44 +1,70 @@
-//! punchd: a peer-to-peer NAT hole-punching daemon that relays local TCP
+//! punchd: a peer-to-peer NAT hole-punching daemon that forwards local TCP
 //! ports between hosts over direct, mutually authenticated tunnels.
 //!
-//! Where to start reading:
-//! 1. [`daemon`]: how the pieces are wired, with a picture of the tasks.
-//! 2. [`punch`] and [`punch::plan`]: the timed TCP simultaneous open; the
-//!    plan is sans-IO and carries the reasoning about early SYNs and RSTs;
-//!    `punch/stream.rs` is how a punched connection closes so the NATs let
-//!    the next punch reuse its ports.
-//! 3. [`peer`]: one task per peer, owning its tunnel through punch, use
-//!    and loss.
-//! 4. [`tunnel`] and [`tls`]: TLS 1.3 with pinned Ed25519 raw public keys,
-//!    yamux on top.
-//! 5. [`quic`]: the second direct path (UDP hole punch, quinn), and
-//!    [`race`]: how both paths are raced and one is agreed on.
-//! 6. [`relay`]: forwards, exposed services and the per-stream header.
+//! # Map
 //!
-//! Supporting modules: [`identity`] (keys), [`rendezvous_client`] (the
-//! WebSocket from the punch port), [`clock`] (server time → local instant),
-//! [`status`] and [`admin`] (what `punchd status` shows), [`loopback`] and
-//! [`demo`] (everything on 127.0.0.1, for `punchd demo` and tests).
+//! Imports run one way, top to bottom (`tests/layering.rs` checks it):
+//!
+//! | module | concern |
+//! |---|---|
+//! | [`daemon`] | wiring: binds listeners, starts one task per concern, routes events |
+//! | [`peer`] | one task per peer: a sans-IO state machine (`peer/state.rs`) and its shell |
+//! | [`race`] | path selection: TCP and QUIC raced, one kept (`race/select.rs`, sans-IO) |
+//! | [`fallback`] | the relayed path through the rendezvous, the only "relay" |
+//! | [`control`] | the control plane: rendezvous client, punch jobs, clock sync, URL |
+//! | [`forward`] | port forwarding: local listeners, exposed services and their ACL |
+//! | [`quic`] | the QUIC direct path: UDP socket, hole punch, quinn, its tunnel driver |
+//! | [`tunnel`] | TLS, yamux, stream header, keepalive, metering; what every path yields |
+//! | [`punch`] | the TCP direct path: timed simultaneous open (`punch/plan.rs`, sans-IO) |
+//! | [`admin`] | HTTP admin API, status model, `/metrics`, the `punchd status` client |
+//! | [`path`] | shared words: `Role`, `PathState`, `Transport` |
+//! | [`identity`], `backoff`, [`testdata`] | keys; retry spacing; test bytes |
+//! | `demo` | `punchd demo` and loopback helpers (feature `demo`: embeds the server) |
+//!
+//! # One forwarded connection
+//!
+//! 1. `forward/listen.rs`: `run_forward` accepts on `127.0.0.1:2222` and
+//!    asks the peer's handle for a stream (`StreamSource::open_stream`).
+//! 2. `peer/mod.rs`: the peer task gets `PeerCmd::Open`; `peer/state.rs`
+//!    decides: open on the tunnel now, or wait (bounded) while the
+//!    initiator asks `control/` for a punch. The punch order comes back as
+//!    a `control::PunchJob`, `peer/session.rs` runs `race::punch_direct`
+//!    (`punch/` and `quic/` at once, `race/select.rs` keeps one) or, failing
+//!    that, `fallback::connect`.
+//! 3. `tunnel/mux.rs` (TLS from `tunnel/tls.rs`, then yamux) or
+//!    `quic/tunnel.rs` turns the kept connection into a `tunnel::Tunnel`;
+//!    `Tunnel::open` gives a `StreamIo`.
+//! 4. `tunnel/header.rs`: the opener writes the service name
+//!    (`request_service`); on the other host the peer task hands each
+//!    inbound stream to `forward/expose.rs`.
+//! 5. `forward/expose.rs`: `serve_inbound` reads the header
+//!    (`read_request`), checks the `[[expose]]` table and its `allow` list,
+//!    connects to the `target`, answers (`reply`), and `forward/splice.rs`
+//!    copies bytes both ways until each side half-closes.
+//!
+//! Keepalive (`tunnel/keepalive.rs`) runs on a reserved stream of the same
+//! tunnel; status (`admin/status.rs`) is updated by every layer and read by
+//! the admin API.
 
 pub mod admin;
-pub mod backoff;
-pub mod clock;
+pub(crate) mod backoff;
+pub mod control;
 pub mod daemon;
+#[cfg(feature = "demo")]
 pub mod demo;
+pub mod fallback;
+pub mod forward;
 pub mod identity;
-pub mod loopback;
-pub mod metered;
+pub mod path;
 pub mod peer;
 pub mod punch;
 pub mod quic;
 pub mod race;
-pub mod relay;
-pub mod relay_transport;
-pub mod rendezvous_client;
-pub mod status;
-pub mod status_client;
-pub mod tls;
+pub mod testdata;
 pub mod tunnel;
 
+pub use admin::status::{ForwardDoc, LastPunch, PeerDoc, StatusBoard, StatusDoc};
 pub use daemon::{start, DaemonError, RunningDaemon};
 pub use identity::{Identity, IdentityError};
+pub use path::{PathState, Transport};
+pub use testdata::{hex, pattern};

@@ -13,7 +13,7 @@ use punch_config::PeerConfig;
 use punchd::Identity;
 use tokio_util::sync::CancellationToken;
 
-/// Peer-to-peer NAT hole punching with an authenticated, multiplexed port relay.
+/// Peer-to-peer NAT hole punching with authenticated, multiplexed port forwarding.
 #[derive(Debug, Parser)]
 #[command(version, about, args_conflicts_with_subcommands = true)]
 struct Cli {
@@ -176,16 +176,26 @@ fn status(admin: Option<SocketAddr>, config: Option<&Path>, json: bool) -> Resul
             .map_err(usage)?,
     };
     let doc = tokio_runtime()?
-        .block_on(punchd::status_client::fetch(addr))
+        .block_on(punchd::admin::client::fetch(addr))
         .map_err(runtime)?;
     if json {
         println!("{}", serde_json::to_string_pretty(&doc).map_err(runtime)?);
     } else {
-        print!("{}", punchd::status_client::render_table(&doc));
+        print!("{}", punchd::admin::client::render_table(&doc));
     }
     Ok(())
 }
 
+/// Without the `demo` feature the binary links no rendezvous server, so
+/// there is nothing to embed.
+#[cfg(not(feature = "demo"))]
+fn demo() -> Result<(), Failure> {
+    Err(usage(anyhow::anyhow!(
+        "this punchd was built without the `demo` feature; rebuild with default features to run the demo"
+    )))
+}
+
+#[cfg(feature = "demo")]
 fn demo() -> Result<(), Failure> {
     let report = tokio_runtime()?
         .block_on(punchd::demo::run())

@@ -89,6 +89,7 @@ fn status_without_a_daemon_is_a_clear_runtime_error() {
 }
 
 #[test]
+#[cfg(feature = "demo")]
 fn demo_runs_and_reports_a_direct_path() {
     let out = punchd(&["demo"]);
     let stdout = text(&out.stdout);

@@ -9,10 +9,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use punch_config::{PeerConfig, RendezvousConfig};
-use punchd::demo::{echo_roundtrip, hex, pattern};
-use punchd::loopback::{echo_server, peer_config, ExposeSpec, Rendezvous};
-use punchd::status::{PathState, StatusDoc};
-use punchd::{Identity, RunningDaemon};
+use punchd::demo::echo_roundtrip;
+use punchd::demo::loopback::{echo_server, peer_config, ExposeSpec, Rendezvous};
+use punchd::{hex, pattern, Identity, PathState, RunningDaemon, StatusDoc};
 use sha2::{Digest, Sha256};
 use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;

@@ -172,28 +172,6 @@ impl PunchPlan {
     }
 }
 
-/// Which end plays TLS client and mux client: the lower public key, so both
-/// ends agree without a handshake of their own. Equal keys mean we punched
-/// ourselves, which is refused.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Role {
-    /// TLS client, yamux client.
-    Client,
-    /// TLS server, yamux server.
-    Server,
-}
-
-impl Role {
-    /// Our role against `peer`; `None` for a self-connect.
-    pub(crate) fn choose(own: &[u8; 32], peer: &[u8; 32]) -> Option<Self> {
-        match own.cmp(peer) {
-            std::cmp::Ordering::Less => Some(Role::Client),
-            std::cmp::Ordering::Greater => Some(Role::Server),
-            std::cmp::Ordering::Equal => None,
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -290,12 +268,5 @@ mod tests {
         p.on_outcome(1, t0, Outcome::Connected);
         p.repunches[1] = MAX_REPUNCHES;
         assert_eq!(p.poll(t0), Action::Exhausted);
-    }
-
-    #[test]
-    fn lower_key_is_client_and_self_is_refused() {
-        assert_eq!(Role::choose(&[1; 32], &[2; 32]), Some(Role::Client));
-        assert_eq!(Role::choose(&[2; 32], &[1; 32]), Some(Role::Server));
-        assert_eq!(Role::choose(&[2; 32], &[2; 32]), None);
     }
 }

@@ -18,6 +18,7 @@
 pub(crate) mod probe;
 pub(crate) mod punch;
 pub(crate) mod socket;
+pub(crate) mod tunnel;
 
 use std::collections::HashMap;
 use std::io;
@@ -35,7 +36,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
 use crate::identity::Identity;
-use crate::tls;
+use crate::tunnel::tls;
 use crate::tunnel::{HANDSHAKE_TIMEOUT, MAX_STREAMS};
 use socket::{Demux, PunchSocket};
 
@@ -61,6 +62,9 @@ pub enum QuicError {
     /// rustls and quinn disagree (no QUIC-capable cipher suite).
     #[error("TLS configuration unusable for QUIC: {0}")]
     Crypto(String),
+    /// quinn refused to start the connection.
+    #[error(transparent)]
+    Connect(#[from] quinn::ConnectError),
 }
 
 /// The daemon's QUIC endpoint and UDP punch socket.
@@ -276,14 +280,15 @@ impl QuicPath {
         &self,
         to: SocketAddr,
         peer: &PublicKeyBytes,
-    ) -> Result<quinn::Connecting, String> {
-        let tls = tls::client_config(&self.identity, peer).map_err(|e| e.to_string())?;
-        let crypto = QuicClientConfig::try_from(tls).map_err(|e| e.to_string())?;
+    ) -> Result<quinn::Connecting, QuicError> {
+        let tls = tls::client_config(&self.identity, peer)?;
+        let crypto =
+            QuicClientConfig::try_from(tls).map_err(|e| QuicError::Crypto(e.to_string()))?;
         let mut cfg = quinn::ClientConfig::new(Arc::new(crypto));
         cfg.transport_config(self.transport.clone());
         self.endpoint
             .connect_with(cfg, to, tls::SERVER_NAME)
-            .map_err(|e| e.to_string())
+            .map_err(QuicError::from)
     }
 
     /// Accepts connections until `cancel`, each handshaked (bounded in

@@ -25,7 +25,7 @@ use tokio::sync::mpsc;
 use tracing::{debug, info};
 
 use super::QuicPath;
-use crate::punch::plan::Role;
+use crate::path::Role;
 use crate::punch::sleep_precise;
 
 /// Punch datagram rounds: right at `at`, then backing off to this spacing.

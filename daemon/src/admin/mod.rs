@@ -2,8 +2,18 @@
 //! (Prometheus), `GET /healthz`, and `POST /v1/peers/{name}/repunch` to drop
 //! a peer's tunnel and punch again (for operators and the lab's timing
 //! measurements). It listens on loopback unless the config says otherwise.
+//!
+//! Also the status model ([`status`]: what every task reports into and
+//! `/v1/status` serves), its Prometheus rendering ([`metrics`](mod@metrics)) and the
+//! CLI side of `punchd status` ([`client`]). The admin API reads the status
+//! board and asks for re-punches over a channel; it never holds a peer
+//! task's handle, so everything above can report into [`status`] without
+//! an import cycle.
 
-use std::collections::HashMap;
+pub mod client;
+pub(crate) mod metrics;
+pub mod status;
+
 use std::sync::Arc;
 
 use axum::extract::{Path, State};
@@ -11,23 +21,31 @@ use axum::http::{header, StatusCode};
 use axum::response::IntoResponse;
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use punch_service::prometheus::CONTENT_TYPE;
 use tokio::net::TcpListener;
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::peer::{PeerCmd, PeerHandle};
-use crate::status::StatusBoard;
+use status::StatusBoard;
+
+/// A request from the admin API to the rest of the daemon.
+#[derive(Debug)]
+pub(crate) enum AdminCmd {
+    /// Drop this peer's tunnel and punch again.
+    Repunch(String),
+}
 
 #[derive(Clone)]
 struct Admin {
     board: Arc<StatusBoard>,
-    peers: Arc<HashMap<String, PeerHandle>>,
+    cmds: mpsc::Sender<AdminCmd>,
 }
 
 /// Serves the admin API until cancelled.
 pub(crate) async fn serve(
     listener: TcpListener,
     board: Arc<StatusBoard>,
-    peers: HashMap<String, PeerHandle>,
+    cmds: mpsc::Sender<AdminCmd>,
     cancel: CancellationToken,
 ) {
     let app = Router::new()
@@ -38,10 +56,7 @@ pub(crate) async fn serve(
         .route("/v1/peers/{name}/repunch", post(repunch))
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok\n" }))
-        .with_state(Admin {
-            board,
-            peers: Arc::new(peers),
-        });
+        .with_state(Admin { board, cmds });
     if let Err(e) = axum::serve(listener, app)
         .with_graceful_shutdown(cancel.cancelled_owned())
         .await
@@ -52,20 +67,19 @@ pub(crate) async fn serve(
 
 async fn metrics(State(a): State<Admin>) -> impl IntoResponse {
     (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        [(header::CONTENT_TYPE, CONTENT_TYPE)],
         a.board.render_metrics(),
     )
 }
 
 async fn repunch(State(a): State<Admin>, Path(name): Path<String>) -> impl IntoResponse {
-    match a.peers.get(&name) {
-        Some(p) => {
-            p.send(PeerCmd::Repunch).await;
-            (StatusCode::ACCEPTED, "re-punching\n".to_owned())
-        }
-        None => (
+    if a.board.peers.iter().any(|p| p.name == name) {
+        let _ = a.cmds.send(AdminCmd::Repunch(name)).await;
+        (StatusCode::ACCEPTED, "re-punching\n".to_owned())
+    } else {
+        (
             StatusCode::NOT_FOUND,
             format!("no peer named {name} in [[peers]]\n"),
-        ),
+        )
     }
 }

@@ -1,6 +1,9 @@
 //! `punchd demo`: the whole system in one process on loopback: an embedded
 //! rendezvous, two daemons with fresh keys, a forward from one to an echo
 //! service the other exposes, and a checksummed transfer through it.
+//!
+//! Behind the default-on `demo` feature: it (and [`loopback`]) embed the
+//! rendezvous *server*, which the daemon itself never links.
 
 use std::fmt;
 use std::time::{Duration, Instant};
@@ -12,9 +15,13 @@ use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+pub mod loopback;
+
+pub use crate::testdata::{hex, pattern};
+
+use crate::admin::status::{PathState, Transport};
 use crate::identity::Identity;
-use crate::loopback::{echo_server, peer_config, ExposeSpec, Rendezvous};
-use crate::status::PathState;
+use loopback::{echo_server, peer_config, ExposeSpec, Rendezvous};
 
 /// Bytes pushed through the tunnel.
 pub const DEMO_BYTES: usize = 16 * 1024 * 1024;
@@ -46,7 +53,7 @@ pub struct DemoReport {
     /// direct, relayed or none.
     pub path: PathState,
     /// tcp, quic or relay (the path the race kept).
-    pub transport: Option<crate::status::Transport>,
+    pub transport: Option<Transport>,
     /// The remote endpoint alice reached bob at.
     pub remote: String,
     /// Order → tunnel ready.
@@ -94,21 +101,6 @@ impl fmt::Display for DemoReport {
     }
 }
 
-/// Deterministic pseudo-random bytes (xorshift), so the data is not
-/// trivially compressible and needs no randomness source.
-pub fn pattern(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed | 1;
-    let mut out = Vec::with_capacity(len + 8);
-    while out.len() < len {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        out.extend_from_slice(&x.to_le_bytes());
-    }
-    out.truncate(len);
-    out
-}
-
 /// Writes `data` to `stream` while reading the same amount back; returns
 /// the sha256 of what came back.
 pub async fn echo_roundtrip(stream: TcpStream, data: &[u8]) -> std::io::Result<String> {
@@ -136,11 +128,6 @@ pub async fn echo_roundtrip(stream: TcpStream, data: &[u8]) -> std::io::Result<S
     };
     let ((), digest) = tokio::try_join!(writer, reader)?;
     Ok(digest)
-}
-
-/// Lower-case hex.
-pub fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// Runs the demo.

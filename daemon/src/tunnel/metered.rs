@@ -9,7 +9,7 @@ use std::task::{Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-use crate::status::PeerStatus;
+use crate::admin::status::PeerStatus;
 
 /// Counts bytes read into `bytes_in` and written into `bytes_out`.
 #[derive(Debug)]

@@ -1,4 +1,4 @@
-//! The fallback transport: a WebSocket to `punch-rendezvous`'s
+//! The relayed transport: a WebSocket to `punch-rendezvous`'s
 //! `/v1/relay/{session}`, presented as a plain byte stream so the same
 //! TLS + mux tunnel runs over it as over a punched TCP connection. The
 //! server pairs the two sides and sees only TLS records.
@@ -14,7 +14,8 @@ use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
 
-use crate::rendezvous_client::{ws_target, RvError};
+use super::FallbackError;
+use crate::control::url::ws_target;
 
 /// Largest frame we send; the server accepts up to 256 KiB.
 const MAX_FRAME: usize = 64 * 1024;
@@ -24,7 +25,7 @@ pub(crate) async fn connect(
     rendezvous_url: &str,
     session: &str,
     token: &str,
-) -> Result<(WsBytes, std::net::SocketAddr), RvError> {
+) -> Result<(WsBytes, std::net::SocketAddr), FallbackError> {
     let (host_port, ws_url) = ws_target(rendezvous_url)?;
     let url = ws_url.replace("/v1/ws", &format!("/v1/relay/{session}?token={token}"));
     let tcp = TcpStream::connect(&host_port).await?;

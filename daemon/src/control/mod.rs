@@ -6,7 +6,11 @@
 //! the punch will reuse, and the pings keep it from expiring.
 //!
 //! In: [`RvCmd`] (connect to a peer, report a result). Out: [`RvEvent`]
-//! (registered, punch orders, refusals).
+//! (registered, punch orders as [`PunchJob`]s, refusals).
+//!
+//! Also here: [`clock`] (server time → local instant, for the punch's `at`)
+//! and [`url`] (the rendezvous URL → where to connect, shared with the
+//! relayed fallback, which imports it from here).
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
@@ -26,14 +30,19 @@ use tokio_tungstenite::WebSocketStream;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
+pub(crate) mod clock;
+pub(crate) mod url;
+
+use clock::ClockSync;
+use punch_rendezvous::protocol::PunchOrder;
+use url::{ws_target, UrlError};
+
+use crate::admin::status::StatusBoard;
 use crate::backoff::Backoff;
-use crate::clock::ClockSync;
 use crate::identity::Identity;
-use crate::peer::PunchJob;
 use crate::punch::{bind_punch_socket, set_abortive_close};
 use crate::quic::probe::Prober;
 use crate::quic::QuicPath;
-use crate::status::StatusBoard;
 
 /// Steady-state ping interval (also the NAT keepalive for the punch port).
 const PING_INTERVAL: Duration = Duration::from_secs(10);
@@ -50,6 +59,18 @@ const PONG_TIMEOUT: Duration = Duration::from_secs(35);
 const UDP_WAIT: Duration = Duration::from_secs(1);
 /// Time allowed to connect and register.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A punch to perform, as the rendezvous client hands it to a peer task.
+#[derive(Debug)]
+pub(crate) struct PunchJob {
+    pub(crate) order: PunchOrder,
+    /// `order.at_us` on our clock.
+    pub(crate) fire_at: Instant,
+    /// Local punch port.
+    pub(crate) port: u16,
+    /// When the order arrived, for the elapsed time.
+    pub(crate) received: Instant,
+}
 
 /// Commands for the rendezvous client.
 #[derive(Debug)]
@@ -89,8 +110,11 @@ pub(crate) enum RvEvent {
 #[non_exhaustive]
 pub enum RvError {
     /// The URL is not usable.
-    #[error("rendezvous url {0:?}: {1}")]
-    Url(String, &'static str),
+    #[error(transparent)]
+    Url(#[from] UrlError),
+    /// The host name does not resolve.
+    #[error("rendezvous url {0:?}: host does not resolve")]
+    Unresolved(String),
     /// Network trouble.
     #[error("{0}")]
     Io(#[from] std::io::Error),
@@ -131,32 +155,6 @@ struct Registered {
     /// The server's UDP observation endpoint, if it runs one.
     udp_server: Option<SocketAddr>,
     nonce: [u8; 32],
-}
-
-/// `http://host:port/...` → (`host:port`, websocket URL).
-pub(crate) fn ws_target(url: &str) -> Result<(String, String), RvError> {
-    let (rest, scheme) = if let Some(r) = url.strip_prefix("http://") {
-        (r, "ws")
-    } else if let Some(r) = url.strip_prefix("https://") {
-        let _ = r;
-        return Err(RvError::Url(url.to_owned(), "https is not supported by this build; put the server behind a TLS proxy only for browsers, and point daemons at its http:// address (their traffic is signed, and tunnels are end-to-end encrypted)"));
-    } else {
-        return Err(RvError::Url(url.to_owned(), "must start with http://"));
-    };
-    let authority = rest.split('/').next().unwrap_or("");
-    if authority.is_empty() {
-        return Err(RvError::Url(url.to_owned(), "has no host"));
-    }
-    let host_port = if authority
-        .rsplit_once(':')
-        .is_some_and(|(_, p)| p.parse::<u16>().is_ok())
-        && !authority.ends_with(']')
-    {
-        authority.to_owned()
-    } else {
-        format!("{authority}:80")
-    };
-    Ok((host_port, format!("{scheme}://{authority}/v1/ws")))
 }
 
 /// Runs until cancelled: connect, register, serve, reconnect.
@@ -232,7 +230,7 @@ async fn connect_and_register(settings: &mut RvSettings) -> Result<Registered, R
     let addr = tokio::net::lookup_host(&host_port)
         .await?
         .next()
-        .ok_or_else(|| RvError::Url(settings.url.clone(), "host does not resolve"))?;
+        .ok_or_else(|| RvError::Unresolved(settings.url.clone()))?;
     let sock = bind_punch_socket(addr, settings.port)?;
     let tcp = sock.connect(addr).await?;
     set_abortive_close(&tcp);
@@ -329,12 +327,7 @@ async fn session(
     if up_at.is_none() {
         let _ = events.send(RvEvent::Up).await;
     }
-    let mut clock = ClockSync::default();
-    let mut sent: VecDeque<(u64, u64)> = VecDeque::new();
-    let mut next_id = 0u64;
-    let mut last_pong = Instant::now();
-    let mut next_ping = Instant::now();
-    let mut watchful_until = Instant::now();
+    let mut pings = Pings::new(Instant::now());
     loop {
         let probe_due = prober.as_ref().map(Prober::next_due);
         tokio::select! {
@@ -362,59 +355,131 @@ async fn session(
                 let _ = tokio::time::timeout(Duration::from_secs(1), ws.close(None)).await;
                 return Ok(());
             }
-            _ = tokio::time::sleep_until(next_ping.into()) => {
-                if last_pong.elapsed() > PONG_TIMEOUT {
-                    return Err(RvError::Protocol(format!("no pong for {PONG_TIMEOUT:?}")));
-                }
-                next_id += 1;
-                if sent.len() >= 8 { sent.pop_front(); }
-                sent.push_back((next_id, unix_time_us()));
-                send(&mut ws, &ClientMsg::Ping { id: next_id, rtt_us: clock.rtt_us() }).await?;
-                let quick = next_id <= u64::from(QUICK_PINGS);
-                let now = Instant::now();
-                next_ping = now + if quick {
-                    Duration::from_millis(100)
-                } else if now < watchful_until {
-                    WATCHFUL_PING
-                } else {
-                    PING_INTERVAL
-                };
+            _ = tokio::time::sleep_until(pings.next_ping.into()) => {
+                let ping = pings.ping(Instant::now(), unix_time_us())?;
+                send(&mut ws, &ping).await?;
             }
             cmd = cmds.recv() => match cmd {
                 Some(RvCmd::Connect(peer)) => send(&mut ws, &ClientMsg::Connect { peer }).await?,
                 Some(RvCmd::Report(r)) => send(&mut ws, &ClientMsg::Result(r)).await?,
-                Some(RvCmd::Probe) => {
-                    next_ping = Instant::now();
-                    watchful_until = next_ping + WATCHFUL_FOR;
-                }
+                Some(RvCmd::Probe) => pings.watchful(Instant::now()),
                 None => return Ok(()),
             },
-            msg = recv(&mut ws) => match msg? {
-                ServerMsg::Pong { id, server_time_us } => {
-                    if let Some(pos) = sent.iter().position(|(i, _)| *i == id) {
-                        let (_, t0) = sent.remove(pos).unwrap_or((id, 0));
-                        clock.add(t0, server_time_us, unix_time_us());
-                        last_pong = Instant::now();
-                    }
-                }
-                ServerMsg::Punch(order) => {
-                    let fire_at = clock.local_instant(order.at_us, Instant::now(), unix_time_us());
-                    debug!(session = %order.session, peer = %order.peer, synced = clock.is_synced(), "punch order");
-                    let job = PunchJob { order, fire_at, port: settings.port, received: Instant::now() };
-                    let _ = events.send(RvEvent::Punch(Box::new(job))).await;
-                }
-                ServerMsg::PunchAborted { session, peer } => {
-                    let _ = events.send(RvEvent::Aborted { session, peer }).await;
-                }
-                ServerMsg::Error { code, message } => {
-                    if matches!(code, ErrorCode::ShuttingDown | ErrorCode::Replaced | ErrorCode::RateLimited | ErrorCode::Timeout | ErrorCode::Malformed) {
-                        return Err(RvError::Refused { code, message });
-                    }
-                    let _ = events.send(RvEvent::Refused { code, message }).await;
-                }
-                other => debug!(?other, "ignoring unexpected message"),
-            },
+            msg = recv(&mut ws) => on_message(msg?, &mut pings, settings.port, events).await?,
         }
+    }
+}
+
+/// Acts on one message from the server; an error ends the session.
+async fn on_message(
+    msg: ServerMsg,
+    pings: &mut Pings,
+    port: u16,
+    events: &mpsc::Sender<RvEvent>,
+) -> Result<(), RvError> {
+    match msg {
+        ServerMsg::Pong { id, server_time_us } => {
+            pings.pong(id, server_time_us, unix_time_us(), Instant::now());
+        }
+        ServerMsg::Punch(order) => {
+            let fire_at = pings
+                .clock
+                .local_instant(order.at_us, Instant::now(), unix_time_us());
+            debug!(session = %order.session, peer = %order.peer, synced = pings.clock.is_synced(), "punch order");
+            let job = PunchJob {
+                order,
+                fire_at,
+                port,
+                received: Instant::now(),
+            };
+            let _ = events.send(RvEvent::Punch(Box::new(job))).await;
+        }
+        ServerMsg::PunchAborted { session, peer } => {
+            let _ = events.send(RvEvent::Aborted { session, peer }).await;
+        }
+        ServerMsg::Error { code, message } => {
+            if matches!(
+                code,
+                ErrorCode::ShuttingDown
+                    | ErrorCode::Replaced
+                    | ErrorCode::RateLimited
+                    | ErrorCode::Timeout
+                    | ErrorCode::Malformed
+            ) {
+                return Err(RvError::Refused { code, message });
+            }
+            let _ = events.send(RvEvent::Refused { code, message }).await;
+        }
+        other => debug!(?other, "ignoring unexpected message"),
+    }
+    Ok(())
+}
+
+/// The ping schedule and the clock estimate the pongs feed: no IO, the
+/// caller sends what [`Pings::ping`] returns and passes every instant in.
+#[derive(Debug)]
+struct Pings {
+    clock: ClockSync,
+    /// Pings awaiting their pong: (id, sent at, Unix µs).
+    sent: VecDeque<(u64, u64)>,
+    next_id: u64,
+    last_pong: Instant,
+    next_ping: Instant,
+    /// Pings stay frequent until this (see [`RvCmd::Probe`]).
+    watchful_until: Instant,
+}
+
+impl Pings {
+    fn new(now: Instant) -> Self {
+        Self {
+            clock: ClockSync::default(),
+            sent: VecDeque::new(),
+            next_id: 0,
+            last_pong: now,
+            next_ping: now,
+            watchful_until: now,
+        }
+    }
+
+    /// The ping due now, and when the next one is; an error if the server
+    /// has been silent for [`PONG_TIMEOUT`].
+    fn ping(&mut self, now: Instant, unix_us: u64) -> Result<ClientMsg, RvError> {
+        if now.saturating_duration_since(self.last_pong) > PONG_TIMEOUT {
+            return Err(RvError::Protocol(format!("no pong for {PONG_TIMEOUT:?}")));
+        }
+        self.next_id += 1;
+        if self.sent.len() >= 8 {
+            self.sent.pop_front();
+        }
+        self.sent.push_back((self.next_id, unix_us));
+        let quick = self.next_id <= u64::from(QUICK_PINGS);
+        self.next_ping = now
+            + if quick {
+                Duration::from_millis(100)
+            } else if now < self.watchful_until {
+                WATCHFUL_PING
+            } else {
+                PING_INTERVAL
+            };
+        Ok(ClientMsg::Ping {
+            id: self.next_id,
+            rtt_us: self.clock.rtt_us(),
+        })
+    }
+
+    /// A pong: feeds the clock estimate if it answers a ping we sent.
+    fn pong(&mut self, id: u64, server_time_us: u64, unix_us: u64, now: Instant) {
+        if let Some(pos) = self.sent.iter().position(|(i, _)| *i == id) {
+            let (_, t0) = self.sent.remove(pos).unwrap_or((id, 0));
+            self.clock.add(t0, server_time_us, unix_us);
+            self.last_pong = now;
+        }
+    }
+
+    /// Ping now, and every [`WATCHFUL_PING`] for [`WATCHFUL_FOR`].
+    fn watchful(&mut self, now: Instant) {
+        self.next_ping = now;
+        self.watchful_until = now + WATCHFUL_FOR;
     }
 }
 
@@ -422,14 +487,45 @@ async fn session(
 mod tests {
     use super::*;
 
+    fn id(msg: &ClientMsg) -> u64 {
+        match msg {
+            ClientMsg::Ping { id, .. } => *id,
+            other => panic!("{other:?}"),
+        }
+    }
+
     #[test]
-    fn urls_map_to_websocket_targets() {
-        let (hp, ws) = ws_target("http://203.0.113.1:8080").unwrap();
-        assert_eq!(hp, "203.0.113.1:8080");
-        assert_eq!(ws, "ws://203.0.113.1:8080/v1/ws");
-        let (hp, _) = ws_target("http://example.invalid/").unwrap();
-        assert_eq!(hp, "example.invalid:80");
-        assert!(ws_target("ftp://x").is_err());
-        assert!(ws_target("http://").is_err());
+    fn quick_pings_then_the_steady_interval_and_watchful_after_a_probe() {
+        let t0 = Instant::now();
+        let mut p = Pings::new(t0);
+        for n in 1..=u64::from(QUICK_PINGS) {
+            let now = p.next_ping;
+            assert_eq!(id(&p.ping(now, 0).unwrap()), n);
+            assert_eq!(p.next_ping, now + Duration::from_millis(100));
+            p.pong(n, 1, 2, now);
+        }
+        let now = p.next_ping;
+        p.ping(now, 0).unwrap();
+        assert_eq!(p.next_ping, now + PING_INTERVAL);
+        // A lost tunnel: ping now, then every second for a while.
+        p.watchful(now);
+        assert_eq!(p.next_ping, now);
+        p.ping(now, 0).unwrap();
+        assert_eq!(p.next_ping, now + WATCHFUL_PING);
+        let later = now + WATCHFUL_FOR;
+        p.pong(p.next_id, 1, 2, later);
+        p.ping(later, 0).unwrap();
+        assert_eq!(p.next_ping, later + PING_INTERVAL);
+    }
+
+    #[test]
+    fn a_silent_server_ends_the_session_and_unknown_pongs_do_not_count() {
+        let t0 = Instant::now();
+        let mut p = Pings::new(t0);
+        p.ping(t0, 0).unwrap();
+        p.pong(99, 1, 2, t0 + PONG_TIMEOUT); // not ours
+        assert!(p.ping(t0 + PONG_TIMEOUT, 0).is_ok());
+        let err = p.ping(t0 + PONG_TIMEOUT + Duration::from_millis(1), 0);
+        assert!(matches!(err, Err(RvError::Protocol(_))), "{err:?}");
     }
 }

@@ -83,7 +83,7 @@ fn certified_key(
 }
 
 /// Client config that presents `identity` and accepts only `peer`.
-pub fn client_config(
+pub(crate) fn client_config(
     identity: &Identity,
     peer: &PublicKeyBytes,
 ) -> Result<Arc<rustls::ClientConfig>, TlsSetupError> {
@@ -103,7 +103,7 @@ pub fn client_config(
 }
 
 /// Server config that presents `identity` and requires `peer` as client.
-pub fn server_config(
+pub(crate) fn server_config(
     identity: &Identity,
     peer: &PublicKeyBytes,
 ) -> Result<Arc<rustls::ServerConfig>, TlsSetupError> {
@@ -112,7 +112,7 @@ pub fn server_config(
 
 /// Server config that presents `identity` and accepts any of `peers` as
 /// client (the shared QUIC endpoint). An empty list accepts nobody.
-pub fn server_config_any(
+pub(crate) fn server_config_any(
     identity: &Identity,
     peers: &[PublicKeyBytes],
 ) -> Result<Arc<rustls::ServerConfig>, TlsSetupError> {

@@ -7,7 +7,7 @@ use http_body_util::{BodyExt as _, Empty};
 use hyper::body::Bytes;
 use hyper_util::rt::TokioIo;
 
-use crate::status::{StatusDoc, Transport};
+use crate::admin::status::{StatusDoc, Transport};
 
 /// Why the status could not be fetched.
 #[derive(Debug, thiserror::Error)]

@@ -1,0 +1,175 @@
+//! `/metrics`: the status snapshot as Prometheus text, written with the
+//! one text writer both binaries share (`punch_service::prometheus`). The
+//! names, labels and values are what dashboards and the lab read: add
+//! families, never rename them.
+
+use std::sync::atomic::Ordering;
+
+use punch_service::prometheus::{Exposition, Kind};
+
+use super::status::{ForwardDoc, PeerDoc, StatusBoard, StatusDoc, Transport};
+
+/// Renders every family from one snapshot of `board`.
+pub(crate) fn render(board: &StatusBoard) -> String {
+    let doc = board.snapshot();
+    let mut out = Exposition::new();
+    out.family(
+        "punchd_rendezvous_connected",
+        Kind::Gauge,
+        "1 when registered with the rendezvous server.",
+    )
+    .sample(&[], u8::from(doc.rendezvous == "connected"));
+
+    paths(&mut out, &doc);
+    if let Some(n) = doc.quic_connections {
+        out.family(
+            "punchd_quic_connections",
+            Kind::Gauge,
+            "QUIC connections open on the endpoint (including closing ones).",
+        )
+        .sample(&[], n);
+    }
+    traffic(&mut out, &doc);
+    punches(&mut out, &doc, board);
+    forwards(&mut out, &doc);
+    out.finish()
+}
+
+/// The path and transport of each peer's tunnel, one-hot.
+fn paths(out: &mut Exposition, doc: &StatusDoc) {
+    // One sample per peer and possible value, 1 for the current one.
+    let one_hot = |out: &mut Exposition,
+                   name: &str,
+                   help: &str,
+                   label: &str,
+                   values: [&str; 3],
+                   current: &dyn Fn(&PeerDoc) -> &str| {
+        let mut f = out.family(name, Kind::Gauge, help);
+        for p in &doc.peers {
+            for v in values {
+                f.sample(&[("peer", &p.name), (label, v)], u8::from(current(p) == v));
+            }
+        }
+    };
+    one_hot(
+        out,
+        "punchd_peer_path",
+        "1 for the path each peer's tunnel takes now.",
+        "path",
+        ["direct", "relayed", "none"],
+        &|p| p.path.as_str(),
+    );
+    one_hot(
+        out,
+        "punchd_peer_transport",
+        "1 for the transport under each peer's tunnel now (tcp, quic or relay).",
+        "transport",
+        ["tcp", "quic", "relay"],
+        &|p| p.transport.map_or("", Transport::as_str),
+    );
+}
+
+/// RTT, bytes and streams per peer.
+fn traffic(out: &mut Exposition, doc: &StatusDoc) {
+    {
+        let mut f = out.family(
+            "punchd_peer_rtt_seconds",
+            Kind::Gauge,
+            "Tunnel RTT from keepalive pings.",
+        );
+        for p in &doc.peers {
+            f.sample(
+                &[("peer", &p.name)],
+                p.rtt_ms.map_or(f64::NAN, |r| r / 1000.0),
+            );
+        }
+    }
+    {
+        let mut f = out.family(
+            "punchd_peer_bytes_total",
+            Kind::Counter,
+            "Tunnel bytes on the wire.",
+        );
+        for p in &doc.peers {
+            for (d, v) in [("in", p.bytes_in), ("out", p.bytes_out)] {
+                f.sample(&[("peer", &p.name), ("direction", d)], v);
+            }
+        }
+    }
+    {
+        let mut f = out.family(
+            "punchd_peer_streams",
+            Kind::Gauge,
+            "Streams open in the tunnel.",
+        );
+        for p in &doc.peers {
+            f.sample(&[("peer", &p.name)], p.streams);
+        }
+    }
+}
+
+/// Punch sessions and attempts per peer (counters kept beside the doc).
+fn punches(out: &mut Exposition, doc: &StatusDoc, board: &StatusBoard) {
+    let peer_status = |name: &str| board.peers.iter().find(|s| s.name == name);
+    {
+        let mut f = out.family(
+            "punchd_punches_total",
+            Kind::Counter,
+            "Punch sessions by result.",
+        );
+        for p in &doc.peers {
+            let s = peer_status(&p.name);
+            let ok = s.map_or(0, |s| s.punches_ok.load(Ordering::Relaxed));
+            let failed = s.map_or(0, |s| s.punches_failed.load(Ordering::Relaxed));
+            for (r, v) in [("ok", ok), ("failed", failed)] {
+                f.sample(&[("peer", &p.name), ("result", r)], v);
+            }
+        }
+    }
+    {
+        let mut f = out.family(
+            "punchd_punch_attempts_total",
+            Kind::Counter,
+            "connect() attempts made while punching.",
+        );
+        for p in &doc.peers {
+            let v = peer_status(&p.name).map_or(0, |s| s.punch_attempts.load(Ordering::Relaxed));
+            f.sample(&[("peer", &p.name)], v);
+        }
+    }
+}
+
+/// Active and total connections per forward.
+fn forwards(out: &mut Exposition, doc: &StatusDoc) {
+    let per_forward = |out: &mut Exposition,
+                       name: &str,
+                       kind: Kind,
+                       help: &str,
+                       value: &dyn Fn(&ForwardDoc) -> String| {
+        let mut f = out.family(name, kind, help);
+        for x in &doc.forwards {
+            f.sample(
+                &[
+                    ("listen", &x.listen),
+                    ("peer", &x.peer),
+                    ("service", &x.service),
+                ],
+                value(x),
+            );
+        }
+    };
+    per_forward(
+        out,
+        "punchd_forward_active",
+        Kind::Gauge,
+        "Connections being forwarded per forward.",
+        &|f| f.active.to_string(),
+    );
+    per_forward(
+        out,
+        "punchd_forward_connections_total",
+        Kind::Counter,
+        "Connections accepted per forward.",
+        &|f| f.total.to_string(),
+    );
+}

@@ -1,0 +1,107 @@
+//! Exposed services: a stream the peer opened asks for a service by name;
+//! it is served only if that service is in our `[[expose]]` table and the
+//! peer is in its `allow` list, and then only ever to its `target`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use punch_config::Expose;
+use tokio::io::AsyncWrite;
+use tokio::net::TcpStream;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use super::splice::{splice, StreamGuard};
+use crate::admin::status::PeerStatus;
+use crate::tunnel::header::{read_request, reply, PING_SERVICE};
+use crate::tunnel::keepalive::echo_pings;
+use crate::tunnel::StreamIo;
+
+/// Time allowed to reach an exposed target.
+const TARGET_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Handles one stream the peer opened: the ping service, or an exposed
+/// service the peer is allowed to use.
+pub(crate) async fn serve_inbound(
+    mut stream: StreamIo,
+    peer_name: String,
+    exposes: Arc<Vec<Expose>>,
+    status: Arc<PeerStatus>,
+    cancel: CancellationToken,
+) {
+    let service = match read_request(&mut stream).await {
+        Ok(s) => s,
+        Err(e) => {
+            warn!(peer = %peer_name, error = %e, "bad stream from peer");
+            return;
+        }
+    };
+    if service == PING_SERVICE {
+        stream.uncount();
+        if reply(&mut stream, Ok(())).await.is_ok() {
+            echo_pings(&mut stream, &cancel).await;
+        }
+        return;
+    }
+    let Some(expose) = exposes.iter().find(|e| e.name.as_str() == service) else {
+        warn!(peer = %peer_name, %service, "refused: no such service exposed");
+        let _ = reply(
+            &mut stream,
+            Err(&format!("service {service} is not exposed here")),
+        )
+        .await;
+        return;
+    };
+    if !expose.allow.iter().any(|a| a.as_str() == peer_name) {
+        warn!(peer = %peer_name, %service, "refused: peer not in allow list");
+        let _ = reply(
+            &mut stream,
+            Err(&format!(
+                "peer {peer_name} is not allowed to use service {service}"
+            )),
+        )
+        .await;
+        return;
+    }
+    let target = match tokio::time::timeout(
+        TARGET_CONNECT_TIMEOUT,
+        TcpStream::connect(&expose.target),
+    )
+    .await
+    {
+        Ok(Ok(t)) => t,
+        Ok(Err(e)) => {
+            return refuse_target(&mut stream, &peer_name, &service, &e.to_string()).await
+        }
+        Err(_) => return refuse_target(&mut stream, &peer_name, &service, "timed out").await,
+    };
+    let _ = target.set_nodelay(true);
+    if reply(&mut stream, Ok(())).await.is_err() {
+        return;
+    }
+    let _guard = StreamGuard::new(&status);
+    let mut target = target;
+    tokio::select! {
+        r = splice(&mut stream, &mut target) => match r {
+            Ok((down, up)) => debug!(peer = %peer_name, %service, down, up, "stream done"),
+            Err(e) => info!(peer = %peer_name, %service, error = %e, "stream ended with error"),
+        },
+        _ = cancel.cancelled() => {}
+    }
+}
+
+async fn refuse_target<S: AsyncWrite + Unpin>(
+    stream: &mut S,
+    peer: &str,
+    service: &str,
+    why: &str,
+) {
+    warn!(%peer, %service, error = %why, "cannot reach exposed target; is the service running?");
+    let _ = reply(
+        stream,
+        Err(&format!(
+            "service {service} is unavailable on the peer: {why}"
+        )),
+    )
+    .await;
+}

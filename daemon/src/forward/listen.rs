@@ -1,0 +1,121 @@
+//! Local listeners: each `[[forward]]` accepts connections and carries
+//! each one over a new stream to its peer's service.
+
+use std::fmt::Display;
+use std::future::Future;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, warn, Instrument};
+
+use super::splice::{splice, StreamGuard};
+use crate::admin::status::{ForwardStatus, PeerStatus};
+use crate::tunnel::header::{request_service, HeaderError};
+use crate::tunnel::StreamIo;
+
+/// Where a forward's connections go: a peer that hands out streams to
+/// itself (the peer task's handle). A trait so the forwarder sits below
+/// the peer actor and never imports it.
+pub(crate) trait StreamSource: Clone + Send + Sync + 'static {
+    /// Why no stream could be had (logged).
+    type Error: Display + Send;
+    /// The peer's name, for logs.
+    fn name(&self) -> &str;
+    /// The peer's status, for the stream count.
+    fn status(&self) -> &Arc<PeerStatus>;
+    /// A new stream to the peer, waiting for a tunnel if need be.
+    fn open_stream(&self) -> impl Future<Output = Result<StreamIo, Self::Error>> + Send;
+}
+
+/// Why a forwarded connection ended badly (for the log).
+#[derive(Debug, thiserror::Error)]
+enum ForwardError<E: Display> {
+    /// No stream to the peer.
+    #[error("{0}")]
+    Open(E),
+    /// The peer refused the service, or the header failed.
+    #[error(transparent)]
+    Header(#[from] HeaderError),
+    /// The copy failed.
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    /// The daemon is stopping.
+    #[error("daemon shutting down")]
+    ShuttingDown,
+}
+
+/// Accepts local connections for one `[[forward]]` until cancelled.
+pub(crate) async fn run_forward<P: StreamSource>(
+    listener: TcpListener,
+    peer: P,
+    service: String,
+    status: Arc<ForwardStatus>,
+    accepting: CancellationToken,
+    cancel: CancellationToken,
+    tracker: TaskTracker,
+) {
+    loop {
+        let (local, from) = tokio::select! {
+            _ = accepting.cancelled() => break,
+
+            r = listener.accept() => match r {
+                Ok(c) => c,
+                Err(e) => {
+                    // Out of file descriptors and similar: wait a little
+                    // rather than spin, and keep the listener.
+                    warn!(error = %e, "accept failed; retrying");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = local.set_nodelay(true);
+        status.total.fetch_add(1, Ordering::Relaxed);
+        let span = tracing::info_span!("conn", %from);
+        tracker.spawn(
+            forward_one(
+                local,
+                peer.clone(),
+                service.clone(),
+                status.clone(),
+                cancel.clone(),
+            )
+            .instrument(span),
+        );
+    }
+}
+
+async fn forward_one<P: StreamSource>(
+    mut local: TcpStream,
+    peer: P,
+    service: String,
+    status: Arc<ForwardStatus>,
+    cancel: CancellationToken,
+) {
+    status.active.fetch_add(1, Ordering::Relaxed);
+    let started = Instant::now();
+    let result: Result<_, ForwardError<P::Error>> = async {
+        let mut stream = peer.open_stream().await.map_err(ForwardError::Open)?;
+        let _guard = StreamGuard::new(peer.status());
+        request_service(&mut stream, &service).await?;
+        tokio::select! {
+            r = splice(&mut local, &mut stream) => Ok(r?),
+            _ = cancel.cancelled() => Err(ForwardError::ShuttingDown),
+        }
+    }
+    .await;
+    match result {
+        Ok((up, down)) => debug!(
+            up,
+            down,
+            ms = started.elapsed().as_millis() as u64,
+            "connection done"
+        ),
+        Err(e) => warn!(peer = %peer.name(), %service, error = %e, "forwarded connection closed"),
+    }
+    status.active.fetch_sub(1, Ordering::Relaxed);
+}

@@ -1,0 +1,143 @@
+//! One punch session of a peer: race the direct paths, fall back to the
+//! relay if allowed, and report the result to the rendezvous either way.
+
+use std::net::SocketAddr;
+
+use punch_config::PunchMode;
+use punch_rendezvous::protocol::{PathKind, PunchResult};
+use tokio::time::Instant;
+use tracing::{info, warn};
+
+use super::PeerContext;
+use crate::admin::status::{LastPunch, PathState};
+use crate::control::{PunchJob, RvCmd};
+use crate::fallback::{self, Relayed};
+use crate::race::{self, PunchError, Race};
+use crate::tunnel::TunnelParts;
+
+/// A successful punch.
+pub(crate) struct Punched {
+    pub(crate) parts: TunnelParts,
+    pub(crate) remote: SocketAddr,
+    pub(crate) attempts: u32,
+    /// Direct, or relayed after the punch failed.
+    pub(crate) path: PathState,
+    /// When relayed: why the direct punch failed.
+    pub(crate) relay_reason: Option<String>,
+}
+
+/// Punches (every allowed transport, raced: see [`crate::race`]), falls
+/// back to the relay if allowed, and reports the result to the rendezvous
+/// either way.
+pub(crate) async fn run(
+    ctx: &PeerContext,
+    job: PunchJob,
+    allow_relay: bool,
+) -> Result<Box<Punched>, PunchError> {
+    let PunchJob {
+        order,
+        fire_at,
+        port,
+        received,
+    } = job;
+    let fire_at = Instant::from_std(fire_at);
+    let received = Instant::from_std(received);
+    let deadline = fire_at + ctx.punch_timeout;
+    let race = Race {
+        identity: &ctx.identity,
+        key: &ctx.key,
+        role: ctx.role,
+        transports: &ctx.transports,
+        quic: ctx.quic.as_ref(),
+        quic_incoming: &ctx.quic_incoming,
+        status: &ctx.status,
+    };
+    let result = race::punch_direct(&race, &order, fire_at, deadline, port)
+        .await
+        .map(|d| {
+            Box::new(Punched {
+                parts: d.parts,
+                remote: d.remote,
+                attempts: d.attempts,
+                path: PathState::Direct,
+                relay_reason: None,
+            })
+        });
+    let result = match result {
+        Err(direct) if allow_relay && ctx.mode == PunchMode::Auto => {
+            warn!(reason = %direct, "no direct path; falling back to the relay (end-to-end encrypted)");
+            let relayed = Relayed {
+                rendezvous_url: &ctx.rendezvous_url,
+                role: ctx.role,
+                identity: &ctx.identity,
+                peer: &ctx.key,
+                status: &ctx.status,
+            };
+            match fallback::connect(relayed, &order).await {
+                Ok((parts, remote)) => Ok(Box::new(Punched {
+                    parts,
+                    remote,
+                    attempts: direct.attempts(),
+                    path: PathState::Relayed,
+                    relay_reason: Some(direct.to_string()),
+                })),
+                Err(relay) => Err(PunchError::Relay {
+                    direct: Box::new(direct),
+                    relay,
+                }),
+            }
+        }
+        Err(direct) if ctx.mode == PunchMode::DirectOnly => {
+            Err(PunchError::DirectOnly(Box::new(direct)))
+        }
+        other => other,
+    };
+    report(ctx, order.session, received, &result);
+    result
+}
+
+/// Logs the outcome, records it in status and reports it to the rendezvous.
+fn report(
+    ctx: &PeerContext,
+    session: String,
+    received: Instant,
+    result: &Result<Box<Punched>, PunchError>,
+) {
+    let elapsed = received.elapsed();
+    let (path, attempts, reason) = match result {
+        Ok(p) if p.path == PathState::Relayed => {
+            (PathKind::Relayed, p.attempts, p.relay_reason.clone())
+        }
+        Ok(p) => (PathKind::Direct, p.attempts, None),
+        Err(e) => (PathKind::None, e.attempts(), Some(e.to_string())),
+    };
+    match &reason {
+        None => info!(
+            elapsed_ms = elapsed.as_millis() as u64,
+            attempts, "punch succeeded"
+        ),
+        Some(why) => {
+            warn!(elapsed_ms = elapsed.as_millis() as u64, attempts, reason = %why, "punch failed; the peer may be offline or behind a NAT that cannot be punched")
+        }
+    }
+    ctx.status.record_punch(LastPunch {
+        result: if path == PathKind::Direct {
+            "ok"
+        } else {
+            "failed"
+        }
+        .to_owned(),
+        elapsed_ms: elapsed.as_millis() as u64,
+        attempts,
+        reason: reason.clone(),
+        finished_unix_ms: punch_rendezvous::protocol::unix_time_us() / 1000,
+    });
+    let report = PunchResult {
+        session,
+        path,
+        elapsed_ms: elapsed.as_millis() as u64,
+        attempts,
+        reason,
+    };
+    let _ = ctx.rendezvous.try_send(RvCmd::Report(report));
+}

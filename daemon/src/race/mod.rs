@@ -1,0 +1,520 @@
+//! Racing the direct paths of one punch session (timed TCP simultaneous
+//! open, UDP hole punch + QUIC) and agreeing with the peer on one.
+//!
+//! Both engines run at once, from the same `at`. Every connection that
+//! authenticates with the pinned key becomes a candidate tunnel. The two
+//! ends must keep the *same* one, and they may see candidates in different
+//! orders, so one side decides and says so in-band:
+//!
+//! - the client (lower key) keeps the first candidate that authenticates
+//!   (TCP: the best kind after a short grace, LAN before public), opens a
+//!   stream on it asking for `_select:<session>`, and waits for the yes;
+//! - the server keeps every candidate open until one carries that request,
+//!   answers it, and drops the rest.
+//!
+//! Whatever is not chosen is dropped when this returns: losing TCP
+//! connections are closed, losing QUIC connections closed with the
+//! endpoint's goodbye.
+//!
+//! The decisions (which connection to handshake and when, what to do with
+//! an authenticated path, when to give up) are in [`select`], sans-IO;
+//! this file runs the engines, the handshakes and the selection streams.
+
+pub(crate) mod select;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use futures::stream::FuturesUnordered;
+use futures::{Future, StreamExt as _};
+use punch_config::{PublicKeyBytes, TransportKind};
+use punch_rendezvous::protocol::PunchOrder;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tracing::{info, warn};
+
+use crate::admin::status::PeerStatus;
+use crate::identity::Identity;
+use crate::path::{Role, Transport};
+use crate::punch::plan::PunchPlan;
+use crate::punch::{self, Established};
+use crate::quic::punch::{QuicEstablished, QuicPunch};
+use crate::quic::QuicPath;
+use crate::tunnel::header::{read_request, reply, request_service, HeaderError, SELECT_PREFIX};
+use crate::tunnel::metered::Metered;
+use crate::tunnel::{self, mux, TunnelError, TunnelParts};
+use select::{Keep, Next, Selector};
+
+/// How long the chosen side waits for the other's verdict, at least.
+const SELECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a punched connection that failed its TLS handshake may take to
+/// send its FIN before it is aborted and punched again. Short: when our
+/// direction is the dead one the FIN never leaves (it waits behind the
+/// unacknowledged handshake), and the peer, which saw the failure at the
+/// same moment, is already punching again.
+const FAILED_FIN_WAIT: Duration = Duration::from_millis(50);
+
+/// What a race needs from its peer task, borrowed for one session.
+pub(crate) struct Race<'a> {
+    pub(crate) identity: &'a Identity,
+    /// The peer's pinned key.
+    pub(crate) key: &'a PublicKeyBytes,
+    pub(crate) role: Role,
+    /// Direct transports allowed.
+    pub(crate) transports: &'a [TransportKind],
+    /// The daemon's QUIC endpoint, when QUIC is on and its socket bound.
+    pub(crate) quic: Option<&'a Arc<QuicPath>>,
+    /// QUIC connections this peer made to us (server role).
+    pub(crate) quic_incoming: &'a tokio::sync::Mutex<mpsc::Receiver<quinn::Connection>>,
+    pub(crate) status: &'a Arc<PeerStatus>,
+}
+
+/// The kept direct path.
+pub(crate) struct Direct {
+    pub(crate) parts: TunnelParts,
+    pub(crate) remote: SocketAddr,
+    pub(crate) attempts: u32,
+}
+
+/// One reason a direct path was not had.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum Cause {
+    /// The TCP engine ended with nothing connected.
+    TcpNoConnection(String),
+    /// The UDP punch / QUIC handshake failed.
+    Quic(String),
+    /// A punched TCP connection failed TLS: a wrong key fails at once, a
+    /// path whose bytes stopped after the SYNs times out.
+    Tls {
+        /// Where the connection went.
+        remote: SocketAddr,
+        /// The handshake's error.
+        error: TunnelError,
+    },
+    /// An authenticated path was not agreed on.
+    NotSelected(SelectError),
+}
+
+impl std::fmt::Display for Cause {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Cause::TcpNoConnection(e) => write!(f, "tcp: no candidate connected (last error: {e})"),
+            Cause::Quic(e) => write!(f, "quic: {e}"),
+            Cause::Tls { remote, error } => write!(f, "tcp: TLS with {remote} failed: {error}"),
+            Cause::NotSelected(e) => e.fmt(f),
+        }
+    }
+}
+
+/// Why a punch session ended without a tunnel. The `Display` text is the
+/// status `reason` and the report to the rendezvous; the variants are what
+/// the peer task's retry policy looks at.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum PunchError {
+    /// No allowed transport could even start (QUIC alone, and the peer's
+    /// UDP endpoint not yet known): worth asking again soon rather than
+    /// relaying at once.
+    #[error(
+        "nothing to punch with: transports allow QUIC only, and the peer has no UDP endpoint yet"
+    )]
+    NothingToTry,
+    /// Every engine ran and nothing was kept.
+    #[error("{}", join(causes))]
+    Failed {
+        /// What went wrong, in the order it happened.
+        causes: Vec<Cause>,
+        /// Attempts made.
+        attempts: u32,
+    },
+    /// Superseded by a newer order, abandoned, or the daemon stopping.
+    #[error("superseded, abandoned (peer left) or shutting down")]
+    Cancelled,
+    /// The direct punch failed and so did the relayed fallback.
+    #[error("{direct}; relay: {relay}")]
+    Relay {
+        /// Why direct failed.
+        direct: Box<PunchError>,
+        /// Why the relay failed.
+        relay: crate::fallback::FallbackError,
+    },
+    /// The direct punch failed, and the mode forbids the relay.
+    #[error("{0}; no relay fallback (mode = \"direct-only\")")]
+    DirectOnly(Box<PunchError>),
+}
+
+fn join(causes: &[Cause]) -> String {
+    if causes.is_empty() {
+        return "no connection established".to_owned();
+    }
+    causes
+        .iter()
+        .map(Cause::to_string)
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+impl PunchError {
+    /// Attempts made before giving up.
+    pub fn attempts(&self) -> u32 {
+        match self {
+            PunchError::Failed { attempts, .. } => *attempts,
+            PunchError::Relay { direct, .. } | PunchError::DirectOnly(direct) => direct.attempts(),
+            PunchError::NothingToTry | PunchError::Cancelled => 0,
+        }
+    }
+
+    /// Nothing could be tried this time (see [`PunchError::NothingToTry`]).
+    pub fn nothing_to_try(&self) -> bool {
+        match self {
+            PunchError::NothingToTry => true,
+            PunchError::DirectOnly(direct) => direct.nothing_to_try(),
+            _ => false,
+        }
+    }
+}
+
+/// The QUIC endpoint to punch with this session, if QUIC is allowed, bound,
+/// and the peer has a UDP endpoint.
+fn quic_path<'a>(race: &Race<'a>, order: &PunchOrder) -> Option<&'a Arc<QuicPath>> {
+    let wanted = race.transports.contains(&TransportKind::Quic);
+    let quic = race
+        .quic
+        .filter(|_| wanted)
+        .filter(|_| !order.udp_candidates.is_empty());
+    if wanted && quic.is_none() {
+        info!("no QUIC this time: the peer has no UDP endpoint (QUIC off there, or its probes did not reach the rendezvous)");
+    }
+    quic
+}
+
+/// A TLS handshake on a punched TCP connection: where it went, the
+/// attempts it took, and the tunnel or why not.
+type Handshake<'a> = BoxFuture<'a, (SocketAddr, u32, Result<TunnelParts, TunnelError>)>;
+/// A kept path waiting for the client's choice (server).
+type Selection<'a> = BoxFuture<'a, Result<Direct, SelectError>>;
+
+/// Runs TLS on a punched connection.
+fn authenticate<'a>(race: &'a Race<'_>, est: Established) -> Handshake<'a> {
+    let Established {
+        stream,
+        remote,
+        attempts,
+        ..
+    } = est;
+    let closer = stream.fin_closer();
+    let io = Metered::new(stream, race.status.clone());
+    Box::pin(async move {
+        let r = mux::handshake(io, race.role, race.identity, race.key, Transport::Tcp).await;
+        if r.is_err() {
+            // Punched again on the same ports next: close with a FIN
+            // so that the NATs let the new SYNs reopen their entries.
+            if let Some(c) = closer {
+                c.close(FAILED_FIN_WAIT).await;
+            }
+        }
+        (remote, attempts, r)
+    })
+}
+
+/// An authenticated QUIC connection as a candidate path.
+fn quic_direct(q: QuicEstablished, path: &Arc<QuicPath>, status: &Arc<PeerStatus>) -> Direct {
+    Direct {
+        remote: q.conn.remote_address(),
+        parts: crate::quic::tunnel::from_quic(q.conn, status.clone(), path.clone()),
+        attempts: q.rounds,
+    }
+}
+
+/// The race's IO around its [`Selector`]: the connections it reported,
+/// the handshakes and selections running.
+struct Candidates<'a> {
+    race: &'a Race<'a>,
+    session: &'a str,
+    deadline: Instant,
+    sel: Selector,
+    next_id: u32,
+    connected: Vec<(u32, Established)>,
+    handshakes: FuturesUnordered<Handshake<'a>>,
+    selecting: FuturesUnordered<Selection<'a>>,
+}
+
+impl<'a> Candidates<'a> {
+    fn tcp_connected(&mut self, est: Established) {
+        self.next_id += 1;
+        self.sel
+            .tcp_connected(Instant::now(), self.next_id, est.kind);
+        self.connected.push((self.next_id, est));
+    }
+
+    /// A TLS handshake ended: the path, or the candidate back to the
+    /// engine to punch again.
+    fn handshake_done(
+        &mut self,
+        (remote, attempts, r): (SocketAddr, u32, Result<TunnelParts, TunnelError>),
+        repunch: &mpsc::Sender<SocketAddr>,
+    ) -> Option<Direct> {
+        match r {
+            Ok(parts) => Some(Direct {
+                parts,
+                remote,
+                attempts,
+            }),
+            Err(e) => {
+                // A wrong key fails at once; a connection whose bytes
+                // stopped somewhere after the SYNs got through (a NAT
+                // that mistracked it) times out. Either way both ends
+                // see it fail within a round trip, and the engine
+                // punches that candidate again if it may.
+                warn!(%remote, error = %e, "connection punched but not authenticated; dropping it");
+                self.sel.handshake_failed(remote, e);
+                let _ = repunch.try_send(remote);
+                None
+            }
+        }
+    }
+
+    /// A path authenticated: the client asks for it now (and returns it if
+    /// the server agrees), the server keeps it until asked.
+    async fn authenticated(&mut self, mut d: Direct, tcp: bool) -> Option<Direct> {
+        match self.sel.on_authenticated(tcp) {
+            Keep::Select => match select_path(&mut d, self.session).await {
+                Ok(()) => return Some(d),
+                Err(e) => {
+                    warn!(remote = %d.remote, error = %e, "peer did not take the path we chose; trying others");
+                    self.sel.selection_failed(e);
+                }
+            },
+            Keep::AwaitSelection => {
+                let (session, deadline) = (self.session, self.deadline);
+                self.selecting
+                    .push(Box::pin(await_selection(d, session, deadline)));
+            }
+        }
+        None
+    }
+
+    /// Starts what the selector says to; returns when to wake, or why the
+    /// race is lost.
+    fn advance(&mut self, queued: bool) -> Result<Option<Instant>, PunchError> {
+        loop {
+            match self.sel.next(Instant::now(), queued) {
+                Next::Handshake(id) => {
+                    if let Some(at) = self.connected.iter().position(|(i, _)| *i == id) {
+                        let est = self.connected.remove(at).1;
+                        self.handshakes.push(authenticate(self.race, est));
+                    }
+                }
+                Next::Wait(until) => return Ok(until),
+                Next::GiveUp(e) => return Err(e),
+            }
+        }
+    }
+}
+
+/// Punches every allowed transport and returns the path both ends keep.
+pub(crate) async fn punch_direct(
+    race: &Race<'_>,
+    order: &PunchOrder,
+    fire_at: Instant,
+    deadline: Instant,
+    port: u16,
+) -> Result<Direct, PunchError> {
+    let quic = quic_path(race, order);
+    let (use_tcp, _) = select::engines(
+        race.transports.contains(&TransportKind::Tcp),
+        quic.is_some(),
+    )?;
+    info!(tcp = ?use_tcp.then_some(&order.candidates), quic = ?quic.map(|_| &order.udp_candidates), in_ms = fire_at.saturating_duration_since(Instant::now()).as_millis() as u64, "punching");
+
+    let (tcp_tx, mut tcp_rx) = mpsc::channel::<Established>(4);
+    let (repunch_tx, repunch_rx) = mpsc::channel::<SocketAddr>(4);
+    let tcp_engine = async {
+        let plan = PunchPlan::new(
+            order.candidates.clone(),
+            fire_at.into_std(),
+            deadline.into_std(),
+        );
+        punch::run(port, plan, fire_at.into_std(), tcp_tx, repunch_rx).await
+    };
+    let mut tcp_engine = std::pin::pin!(tcp_engine);
+    let mut tcp_running = use_tcp;
+
+    let (quic_tx, mut quic_rx) = mpsc::channel::<QuicEstablished>(4);
+    let mut incoming = match (quic, race.role) {
+        (Some(_), Role::Server) => Some(race.quic_incoming.lock().await),
+        _ => None,
+    };
+    let quic_engine = async {
+        let path = quic?;
+        let p = QuicPunch {
+            path,
+            session: &order.session,
+            peer: race.key,
+            role: race.role,
+            candidates: &order.udp_candidates,
+            fire_at: fire_at.into_std(),
+            deadline: deadline.into_std(),
+        };
+        Some(crate::quic::punch::run(p, incoming.as_deref_mut(), quic_tx).await)
+    };
+    let mut quic_engine = std::pin::pin!(quic_engine);
+    let mut quic_running = quic.is_some();
+
+    let mut c = Candidates {
+        race,
+        session: &order.session,
+        deadline,
+        sel: Selector::new(race.role, use_tcp, quic.is_some()),
+        next_id: 0,
+        connected: Vec::new(),
+        handshakes: FuturesUnordered::new(),
+        selecting: FuturesUnordered::new(),
+    };
+    let mut wake = None;
+    loop {
+        let mut authenticated: Option<(Direct, bool)> = None;
+        tokio::select! {
+            s = &mut tcp_engine, if tcp_running => {
+                tcp_running = false;
+                c.sel.tcp_done(s.attempts, s.last_error);
+            }
+            s = &mut quic_engine, if quic_running => {
+                quic_running = false;
+                let s = s.unwrap_or_default();
+                if s.heard == 0 {
+                    if let Some(path) = quic { path.rebind_if_idle("UDP punch heard nothing"); }
+                }
+                c.sel.quic_done(s.rounds, s.last_error);
+            }
+            Some(est) = tcp_rx.recv() => c.tcp_connected(est),
+            Some(q) = quic_rx.recv() => {
+                authenticated = quic.map(|path| (quic_direct(q, path, race.status), false));
+            }
+            _ = tokio::time::sleep_until(wake.unwrap_or_else(Instant::now)), if wake.is_some() => {}
+            Some(done) = c.handshakes.next() => {
+                authenticated = c.handshake_done(done, &repunch_tx).map(|d| (d, true));
+            }
+            Some(r) = c.selecting.next() => match r {
+                Ok(d) => return Ok(d),
+                Err(e) => c.sel.selection_failed(e),
+            },
+        }
+        if let Some((d, tcp)) = authenticated {
+            if let Some(kept) = c.authenticated(d, tcp).await {
+                return Ok(kept);
+            }
+        }
+        wake = c.advance(!tcp_rx.is_empty() || !quic_rx.is_empty())?;
+    }
+}
+
+/// Why a path was not agreed on (the `_select` exchange).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SelectError {
+    /// The selection stream could not be opened.
+    #[error("{0}")]
+    Open(#[from] tunnel::TunnelError),
+    /// The client's request was refused or garbled.
+    #[error("selecting the path: {0}")]
+    Refused(#[source] HeaderError),
+    /// The stream header could not be read or answered.
+    #[error("{0}")]
+    Header(#[from] HeaderError),
+    /// The answer could not be sent.
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    /// The tunnel closed before the path was chosen.
+    #[error("tunnel closed before the path was chosen")]
+    DriverEnded,
+    /// The tunnel closed while waiting for the request.
+    #[error("tunnel closed")]
+    Closed,
+    /// The server did not answer the client's request.
+    #[error("no answer to the path selection")]
+    NoAnswer,
+    /// The client asked for another session on this path.
+    #[error("peer asked for {0:?} on a fresh path")]
+    WrongSession(String),
+    /// Server: this path failed while waiting.
+    #[error("path at {remote} not chosen: {source}")]
+    NotChosen {
+        /// The path's remote end.
+        remote: SocketAddr,
+        /// Why.
+        source: Box<SelectError>,
+    },
+    /// Server: the client chose another path, or none, in time.
+    #[error("path at {0} not chosen in time")]
+    NotChosenInTime(SocketAddr),
+}
+
+/// Runs `f` on a fresh tunnel while keeping its driver polled (streams
+/// move only while it runs); the tunnel closing first is an error.
+async fn with_driver<T>(
+    parts: &mut TunnelParts,
+    f: impl AsyncFnOnce(
+        &tunnel::Tunnel,
+        &mut mpsc::Receiver<tunnel::StreamIo>,
+    ) -> Result<T, SelectError>,
+) -> Result<T, SelectError> {
+    let TunnelParts {
+        tunnel,
+        inbound,
+        driver,
+    } = parts;
+    tokio::select! {
+        r = f(tunnel, inbound) => r,
+        () = driver => Err(SelectError::DriverEnded),
+    }
+}
+
+/// Client: tells the server this is the path, and waits for its yes.
+async fn select_path(d: &mut Direct, session: &str) -> Result<(), SelectError> {
+    let ask = format!("{SELECT_PREFIX}{session}");
+    let choose = with_driver(&mut d.parts, async |tunnel, _| {
+        let mut s = tunnel.open().await?;
+        s.uncount();
+        request_service(&mut s, &ask)
+            .await
+            .map_err(SelectError::Refused)
+    });
+    tokio::time::timeout(SELECT_TIMEOUT, choose)
+        .await
+        .map_err(|_| SelectError::NoAnswer)?
+}
+
+/// Server: waits (until the punch deadline, at least [`SELECT_TIMEOUT`])
+/// for the client to choose this path.
+fn await_selection(
+    mut d: Direct,
+    session: &str,
+    deadline: Instant,
+) -> impl Future<Output = Result<Direct, SelectError>> + '_ {
+    let until = deadline.max(Instant::now() + SELECT_TIMEOUT);
+    async move {
+        let expected = format!("{SELECT_PREFIX}{session}");
+        let wait = with_driver(&mut d.parts, async |_, inbound| {
+            let mut s = inbound.recv().await.ok_or(SelectError::Closed)?;
+            s.uncount();
+            let asked = read_request(&mut s).await?;
+            if asked != expected {
+                let _ = reply(&mut s, Err("not the path of this session")).await;
+                return Err(SelectError::WrongSession(asked));
+            }
+            Ok(reply(&mut s, Ok(())).await?)
+        });
+        match tokio::time::timeout_at(until, wait).await {
+            Ok(Ok(())) => Ok(d),
+            Ok(Err(e)) => Err(SelectError::NotChosen {
+                remote: d.remote,
+                source: Box::new(e),
+            }),
+            Err(_) => Err(SelectError::NotChosenInTime(d.remote)),
+        }
+    }
+}

@@ -1,0 +1,294 @@
+//! A tunnel: an authenticated, encrypted connection to one peer that
+//! carries many streams, each with its own flow control. Two kinds, one
+//! interface (open a stream, receive inbound streams, close):
+//!
+//! - over a byte transport (a punched TCP connection or the rendezvous
+//!   relay): [`mux::handshake`] runs mutual TLS 1.3 ([`tls`]) and starts
+//!   yamux on top. The
+//!   driver future owns the yamux connection and is the only code that
+//!   touches it: opening a stream is a request on a channel, inbound
+//!   streams come out of another;
+//! - over QUIC: `quic::tunnel::from_quic` wraps an authenticated quinn
+//!   connection; streams map one-to-one onto QUIC streams, and the driver
+//!   accepts them. It lives with the QUIC path, so this module never
+//!   imports `quic` (the QUIC path imports the tunnel, one way).
+//!
+//! Also here, because every path's tunnel needs them: the stream header
+//! that opens each stream ([`header`]), the keepalive that measures RTT
+//! and declares a path dead ([`keepalive`]), and byte metering
+//! ([`metered`]).
+//!
+//! The port forwarder only sees [`StreamIo`] and never knows which it runs on.
+
+pub mod header;
+pub(crate) mod keepalive;
+pub(crate) mod metered;
+pub(crate) mod mux;
+pub(crate) mod tls;
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::compat::{Compat, FuturesAsyncReadCompatExt as _};
+use tokio_util::sync::CancellationToken;
+
+use crate::path::Transport;
+
+/// One multiplexed stream, as tokio I/O. While it lives it counts as an
+/// active stream of its tunnel, so a tunnel being replaced can wait for its
+/// streams to finish before it closes.
+#[derive(Debug)]
+pub(crate) struct StreamIo {
+    inner: StreamKind,
+    active: Option<ActiveGuard>,
+}
+
+/// Dropping a stream ends it the same way on both kinds: yamux sends its
+/// FIN, quinn finishes the send side and stops the receive side.
+#[derive(Debug)]
+enum StreamKind {
+    Mux(Compat<yamux::Stream>),
+    Quic {
+        send: quinn::SendStream,
+        recv: quinn::RecvStream,
+    },
+}
+
+#[derive(Debug)]
+struct ActiveGuard(Arc<AtomicUsize>);
+
+impl ActiveGuard {
+    fn new(counter: &Arc<AtomicUsize>) -> Self {
+        counter.fetch_add(1, Ordering::Relaxed);
+        Self(counter.clone())
+    }
+}
+
+impl Drop for ActiveGuard {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl StreamIo {
+    pub(super) fn new(stream: yamux::Stream, active: &Arc<AtomicUsize>) -> Self {
+        Self {
+            inner: StreamKind::Mux(stream.compat()),
+            active: Some(ActiveGuard::new(active)),
+        }
+    }
+
+    pub(crate) fn quic(
+        send: quinn::SendStream,
+        recv: quinn::RecvStream,
+        active: &Arc<AtomicUsize>,
+    ) -> Self {
+        Self {
+            inner: StreamKind::Quic { send, recv },
+            active: Some(ActiveGuard::new(active)),
+        }
+    }
+
+    /// Stops counting this stream as user traffic (keepalive streams), so
+    /// it does not hold a draining tunnel open.
+    pub(crate) fn uncount(&mut self) {
+        self.active = None;
+    }
+}
+
+impl AsyncRead for StreamIo {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        match &mut self.inner {
+            StreamKind::Mux(s) => Pin::new(s).poll_read(cx, buf),
+            StreamKind::Quic { recv, .. } => Pin::new(recv).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for StreamIo {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        match &mut self.inner {
+            StreamKind::Mux(s) => Pin::new(s).poll_write(cx, data),
+            StreamKind::Quic { send, .. } => AsyncWrite::poll_write(Pin::new(send), cx, data),
+        }
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match &mut self.inner {
+            StreamKind::Mux(s) => Pin::new(s).poll_flush(cx),
+            StreamKind::Quic { send, .. } => AsyncWrite::poll_flush(Pin::new(send), cx),
+        }
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match &mut self.inner {
+            StreamKind::Mux(s) => Pin::new(s).poll_shutdown(cx),
+            StreamKind::Quic { send, .. } => AsyncWrite::poll_shutdown(Pin::new(send), cx),
+        }
+    }
+}
+
+/// Most streams one tunnel carries at once (each side).
+pub(crate) const MAX_STREAMS: usize = 1024;
+/// Inbound streams waiting for a handler before new ones are refused.
+pub(crate) const INBOUND_QUEUE: usize = 256;
+/// Stream-open requests waiting for the driver.
+pub(super) const OPEN_QUEUE: usize = 256;
+/// How long the TLS handshake may take.
+pub(crate) const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Why a tunnel could not be set up or used.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum TunnelError {
+    /// TLS failed: wrong key, not punchd, or the connection broke.
+    #[error("TLS handshake failed: {0}")]
+    Tls(#[source] std::io::Error),
+    /// TLS did not finish in time.
+    #[error("TLS handshake timed out")]
+    HandshakeTimeout,
+    /// The TLS configuration could not be built.
+    #[error(transparent)]
+    Setup(#[from] tls::TlsSetupError),
+    /// The multiplexer failed.
+    #[error("multiplexer: {0}")]
+    Mux(#[from] yamux::ConnectionError),
+    /// The tunnel is closed.
+    #[error("tunnel closed")]
+    Closed,
+    /// Too many stream-open requests are queued.
+    #[error("tunnel busy: too many streams being opened")]
+    Busy,
+    /// The QUIC connection failed.
+    #[error("QUIC: {0}")]
+    Quic(String),
+}
+
+pub(super) type OpenReply = oneshot::Sender<Result<StreamIo, TunnelError>>;
+
+/// How a tunnel opens streams.
+#[derive(Debug, Clone)]
+pub(super) enum Opener {
+    /// Ask the yamux driver.
+    Mux(mpsc::Sender<OpenReply>),
+    /// quinn connections are shared handles: open directly.
+    Quic(quinn::Connection),
+}
+
+/// A handle to a live tunnel. Cheap to clone.
+#[derive(Debug, Clone)]
+pub(crate) struct Tunnel {
+    opener: Opener,
+    closed: CancellationToken,
+    /// Streams in use (not counting keepalive).
+    active: Arc<AtomicUsize>,
+    /// Set when the tunnel is closed because its path stopped carrying
+    /// packets (see [`Tunnel::close_lost`]).
+    lost: Arc<AtomicBool>,
+    /// What carries it.
+    pub(crate) transport: Transport,
+}
+
+impl Tunnel {
+    /// Opens a new stream.
+    pub(crate) async fn open(&self) -> Result<StreamIo, TunnelError> {
+        match &self.opener {
+            Opener::Mux(open_tx) => {
+                let (tx, rx) = oneshot::channel();
+                open_tx.try_send(tx).map_err(|e| match e {
+                    mpsc::error::TrySendError::Full(_) => TunnelError::Busy,
+                    mpsc::error::TrySendError::Closed(_) => TunnelError::Closed,
+                })?;
+                tokio::select! {
+                    r = rx => r.unwrap_or(Err(TunnelError::Closed)),
+                    _ = self.closed.cancelled() => Err(TunnelError::Closed),
+                }
+            }
+            Opener::Quic(conn) => tokio::select! {
+                // Waits for stream credit when MAX_STREAMS are open, like
+                // yamux; the peer raises it as streams end.
+                r = conn.open_bi() => r
+                    .map(|(send, recv)| StreamIo::quic(send, recv, &self.active))
+                    .map_err(|e| TunnelError::Quic(e.to_string())),
+                _ = self.closed.cancelled() => Err(TunnelError::Closed),
+            },
+        }
+    }
+
+    /// Closes the tunnel (the driver says goodbye and ends).
+    pub(crate) fn close(&self) {
+        self.closed.cancel();
+    }
+
+    /// Closes the tunnel because its path is dead (no keepalive answer).
+    /// A QUIC tunnel's driver then also moves the UDP endpoint to a fresh
+    /// port, as the old one's NAT mappings are suspect; TCP punches use
+    /// fresh sockets anyway.
+    pub(crate) fn close_lost(&self) {
+        self.lost.store(true, Ordering::Relaxed);
+        self.closed.cancel();
+    }
+
+    /// Resolves when the tunnel has closed, for whatever reason.
+    pub(crate) async fn closed(&self) {
+        self.closed.cancelled().await;
+    }
+
+    pub(crate) fn is_closed(&self) -> bool {
+        self.closed.is_cancelled()
+    }
+
+    /// Streams in use right now.
+    pub(crate) fn active_streams(&self) -> usize {
+        self.active.load(Ordering::Relaxed)
+    }
+
+    /// A handle for a QUIC connection; its driver lives with the QUIC
+    /// path (`quic::tunnel`) and shares this handle's state.
+    pub(crate) fn over_quic(conn: quinn::Connection) -> Self {
+        Self {
+            opener: Opener::Quic(conn),
+            closed: CancellationToken::new(),
+            active: Arc::default(),
+            lost: Arc::default(),
+            transport: Transport::Quic,
+        }
+    }
+
+    /// The active-stream counter, for streams a driver accepts.
+    pub(crate) fn counter(&self) -> &Arc<AtomicUsize> {
+        &self.active
+    }
+
+    /// Marks the path as lost (the driver saw it time out).
+    pub(crate) fn mark_lost(&self) {
+        self.lost.store(true, Ordering::Relaxed);
+    }
+
+    /// Whether the path was declared lost.
+    pub(crate) fn is_lost(&self) -> bool {
+        self.lost.load(Ordering::Relaxed)
+    }
+}
+
+/// A fresh tunnel: its handle, its inbound streams and the driver that must
+/// be polled (spawned) for anything to move.
+pub(crate) struct TunnelParts {
+    pub(crate) tunnel: Tunnel,
+    pub(crate) inbound: mpsc::Receiver<StreamIo>,
+    pub(crate) driver: Pin<Box<dyn Future<Output = ()> + Send>>,
+}
