@@ -14,7 +14,7 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::MaybeTlsStream;
 
 use support::{
-    error_code, expect_refused, hello, hello_udp, key, open, recv, recv_binary, relay, send,
+    error_code, expect_refused, hello, hello_udp, key, open, probe, recv, recv_binary, relay, send,
     TestServer,
 };
 
@@ -340,17 +340,6 @@ async fn a_side_leaving_during_a_punch_aborts_it_for_the_other() {
         other => panic!("expected punch_aborted, got {other:?}"),
     }
     server.stop().await;
-}
-
-/// Sends `datagram` from `sock` to the server and returns the ack, if any
-/// arrives within a short wait.
-async fn probe(sock: &tokio::net::UdpSocket, to: SocketAddr, datagram: &[u8]) -> Option<Vec<u8>> {
-    sock.send_to(datagram, to).await.unwrap();
-    let mut buf = [0u8; 256];
-    match tokio::time::timeout(Duration::from_millis(300), sock.recv_from(&mut buf)).await {
-        Ok(Ok((n, _))) => Some(buf[..n].to_vec()),
-        _ => None,
-    }
 }
 
 #[tokio::test]

@@ -227,3 +227,18 @@ pub(crate) async fn relay_refusal(addr: SocketAddr, session: &str, token: &str) 
         Err(e) => panic!("relay request failed: {e}"),
     }
 }
+
+/// Sends `datagram` from `sock` to the server and returns the ack, if any
+/// arrives within a short wait.
+pub(crate) async fn probe(
+    sock: &tokio::net::UdpSocket,
+    to: SocketAddr,
+    datagram: &[u8],
+) -> Option<Vec<u8>> {
+    sock.send_to(datagram, to).await.unwrap();
+    let mut buf = [0u8; 256];
+    match tokio::time::timeout(Duration::from_millis(300), sock.recv_from(&mut buf)).await {
+        Ok(Ok((n, _))) => Some(buf[..n].to_vec()),
+        _ => None,
+    }
+}
