@@ -13,11 +13,12 @@ use futures::SinkExt;
 use prometheus_parse::{Scrape, Value};
 use punch_config::RendezvousConfig;
 use punch_rendezvous::datagram::{self, ProbeBody};
-use punch_rendezvous::protocol::{ClientMsg, ErrorCode, PathKind, PunchResult, ServerMsg};
+use punch_rendezvous::protocol::{ClientMsg, ErrorCode, PathKind, PunchResult};
 use tokio_tungstenite::tungstenite::Message;
 
 use support::{
-    hello, hello_udp, key, probe, punch, recv, recv_binary, relay, relay_refusal, send, TestServer,
+    hello, hello_udp, key, probe, punch, recv_binary, relay, relay_refusal, round_trip, send,
+    TestServer,
 };
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -121,15 +122,7 @@ async fn metrics_parse_and_carry_every_documented_family_after_real_activity() {
         reason: Some("timeout".into()),
     };
     send(&mut a, &ClientMsg::Result(result)).await;
-    send(
-        &mut a,
-        &ClientMsg::Ping {
-            id: 1,
-            rtt_us: None,
-        },
-    )
-    .await;
-    assert!(matches!(recv(&mut a).await, ServerMsg::Pong { id: 1, .. }));
+    round_trip(&mut a, 1).await;
     // A refused relay join, then the relay itself.
     assert_eq!(relay_refusal(addr, &to_a.session, "guess").await.0, 403);
     let mut ra = relay(addr, &to_a.session, &to_a.relay_token).await.unwrap();

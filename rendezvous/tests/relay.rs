@@ -100,16 +100,25 @@ async fn relay_refuses_a_wrong_token_and_another_sessions_token() {
     server.stop().await;
 }
 
+/// A server on `cfg` with alice, bob, carol and dave registered.
+async fn four_daemons(cfg: RendezvousConfig) -> (TestServer, [Ws; 4]) {
+    let server = TestServer::start(cfg).await;
+    let mut daemons = Vec::new();
+    for (seed, name) in (1..).zip(["alice", "bob", "carol", "dave"]) {
+        daemons.push(hello(server.addr, name, &key(seed), None, false).await.0);
+    }
+    let Ok(daemons) = daemons.try_into() else {
+        unreachable!("four names, four daemons")
+    };
+    (server, daemons)
+}
+
 #[tokio::test]
 async fn the_per_daemon_cap_counts_both_sides_of_a_relay() {
     let mut cfg = RendezvousConfig::default();
     cfg.limits.max_relays_per_daemon = 1;
-    let server = TestServer::start(cfg).await;
+    let (server, [mut a, mut b, mut c, mut d]) = four_daemons(cfg).await;
     let addr = server.addr;
-    let (mut a, _) = hello(addr, "alice", &key(1), None, false).await;
-    let (mut b, _) = hello(addr, "bob", &key(2), None, false).await;
-    let (mut c, _) = hello(addr, "carol", &key(3), None, false).await;
-    let (mut d, _) = hello(addr, "dave", &key(4), None, false).await;
     let (to_a, to_b) = punch(&mut a, &mut b, "bob").await;
     let (to_c, to_b2) = punch(&mut c, &mut b, "bob").await;
     let (to_d, to_a2) = punch(&mut d, &mut a, "alice").await;
@@ -148,12 +157,8 @@ async fn the_per_daemon_cap_counts_both_sides_of_a_relay() {
 async fn the_server_cap_counts_both_sides_of_a_relay() {
     let mut cfg = RendezvousConfig::default();
     cfg.limits.max_relays = 1;
-    let server = TestServer::start(cfg).await;
+    let (server, [mut a, mut b, mut c, mut d]) = four_daemons(cfg).await;
     let addr = server.addr;
-    let (mut a, _) = hello(addr, "alice", &key(1), None, false).await;
-    let (mut b, _) = hello(addr, "bob", &key(2), None, false).await;
-    let (mut c, _) = hello(addr, "carol", &key(3), None, false).await;
-    let (mut d, _) = hello(addr, "dave", &key(4), None, false).await;
     let (to_a, to_b) = punch(&mut a, &mut b, "bob").await;
     let (to_c, to_d) = punch(&mut c, &mut d, "dave").await;
 

@@ -158,14 +158,13 @@ impl Metrics {
         for (path, v) in ["direct", "relayed", "none"].iter().zip(&self.results) {
             results.sample(&[("path", path)], c(v));
         }
-        let mut refusals = out.family(
+        by_reason(
+            &mut out,
             "punch_rendezvous_refusals_total",
-            Kind::Counter,
             "Requests or connections refused, by reason.",
+            ErrorCode::ALL.iter().map(|code| code.as_str()),
+            &self.refusals,
         );
-        for (code, v) in ErrorCode::ALL.iter().zip(&self.refusals) {
-            refusals.sample(&[("reason", code.as_str())], c(v));
-        }
         out.family(
             "punch_rendezvous_relays_active",
             Kind::Gauge,
@@ -196,15 +195,28 @@ impl Metrics {
             "UDP datagrams dropped: malformed, unknown daemon, replayed, bad signature or rate-limited.",
         )
         .sample(&[], c(&self.udp_dropped));
-        let mut relay_refusals = out.family(
+        by_reason(
+            &mut out,
             "punch_rendezvous_relay_refusals_total",
-            Kind::Counter,
             "Relay joins refused or closed unpaired, by reason.",
+            RelayRefusal::ALL.iter().map(|why| why.as_str()),
+            &self.relay_refusals,
         );
-        for (why, v) in RelayRefusal::ALL.iter().zip(&self.relay_refusals) {
-            relay_refusals.sample(&[("reason", why.as_str())], c(v));
-        }
         out.finish()
+    }
+}
+
+/// A counter family with one sample per reason, in the reasons' order.
+fn by_reason<'a>(
+    out: &mut Exposition,
+    name: &str,
+    help: &str,
+    reasons: impl Iterator<Item = &'a str>,
+    counts: &[AtomicU64],
+) {
+    let mut family = out.family(name, Kind::Counter, help);
+    for (reason, v) in reasons.zip(counts) {
+        family.sample(&[("reason", reason)], v.load(Ordering::Relaxed));
     }
 }
 

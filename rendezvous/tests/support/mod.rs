@@ -242,3 +242,9 @@ pub(crate) async fn probe(
         _ => None,
     }
 }
+
+/// A ping and its pong: everything `ws` sent before has been handled.
+pub(crate) async fn round_trip(ws: &mut Ws, id: u64) {
+    send(ws, &ClientMsg::Ping { id, rtt_us: None }).await;
+    assert!(matches!(recv(ws).await, ServerMsg::Pong { id: got, .. } if got == id));
+}
