@@ -2,166 +2,21 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod support;
+
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use ed25519_dalek::SigningKey;
 use futures::{SinkExt, StreamExt};
 use punch_config::{RendezvousConfig, Secret};
-use punch_rendezvous::protocol::{
-    b64, decode_nonce, sign_challenge, ClientMsg, ErrorCode, Hello, PathKind, PunchResult,
-    ServerMsg, PROTOCOL_VERSION,
-};
-use tokio::net::TcpStream;
+use punch_rendezvous::protocol::{b64, ClientMsg, ErrorCode, PathKind, PunchResult, ServerMsg};
 use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
-use tokio_util::sync::CancellationToken;
+use tokio_tungstenite::MaybeTlsStream;
 
-type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
-
-struct TestServer {
-    addr: SocketAddr,
-    cancel: CancellationToken,
-    task: tokio::task::JoinHandle<std::io::Result<()>>,
-}
-
-impl TestServer {
-    async fn start(cfg: RendezvousConfig) -> Self {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let cancel = CancellationToken::new();
-        let task = tokio::spawn(punch_rendezvous::server::run(listener, cfg, cancel.clone()));
-        Self { addr, cancel, task }
-    }
-
-    async fn stop(self) {
-        self.cancel.cancel();
-        tokio::time::timeout(Duration::from_secs(10), self.task)
-            .await
-            .expect("server stops in time")
-            .unwrap()
-            .unwrap();
-    }
-
-    async fn get(&self, path: &str) -> String {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let mut s = TcpStream::connect(self.addr).await.unwrap();
-        s.write_all(format!("GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").as_bytes())
-            .await
-            .unwrap();
-        let mut out = String::new();
-        s.read_to_string(&mut out).await.unwrap();
-        out
-    }
-
-    /// The UDP observation endpoint a welcome names (on the server's host).
-    fn udp_endpoint(&self, welcome: &ServerMsg) -> SocketAddr {
-        let ServerMsg::Welcome {
-            udp_port: Some(port),
-            ..
-        } = welcome
-        else {
-            panic!("welcome names the UDP observation port: {welcome:?}")
-        };
-        SocketAddr::new(self.addr.ip(), *port)
-    }
-
-    async fn metric(&self, line_prefix: &str) -> u64 {
-        let text = self.get("/metrics").await;
-        text.lines()
-            .find_map(|l| l.strip_prefix(line_prefix)?.trim().parse().ok())
-            .unwrap_or_else(|| panic!("no metric {line_prefix} in\n{text}"))
-    }
-}
-
-async fn open(addr: SocketAddr) -> Ws {
-    let (ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/v1/ws"))
-        .await
-        .unwrap();
-    ws
-}
-
-async fn recv(ws: &mut Ws) -> ServerMsg {
-    loop {
-        let msg = tokio::time::timeout(Duration::from_secs(5), ws.next())
-            .await
-            .expect("message in time")
-            .expect("stream open")
-            .expect("no error");
-        if let Message::Text(t) = msg {
-            return serde_json::from_str(t.as_str()).unwrap();
-        }
-    }
-}
-
-async fn send(ws: &mut Ws, msg: &ClientMsg) {
-    ws.send(Message::text(serde_json::to_string(msg).unwrap()))
-        .await
-        .unwrap();
-}
-
-/// Runs the handshake; `forge` signs with another key than the one claimed.
-async fn hello(
-    addr: SocketAddr,
-    name: &str,
-    key: &SigningKey,
-    token: Option<&str>,
-    forge: bool,
-) -> (Ws, ServerMsg) {
-    let (ws, answer, _) = hello_udp(addr, name, key, token, forge, None).await;
-    (ws, answer)
-}
-
-/// The handshake offering a UDP port; also returns the challenge nonce
-/// (what UDP probes are signed over).
-async fn hello_udp(
-    addr: SocketAddr,
-    name: &str,
-    key: &SigningKey,
-    token: Option<&str>,
-    forge: bool,
-    udp_port: Option<u16>,
-) -> (Ws, ServerMsg, [u8; 32]) {
-    let mut ws = open(addr).await;
-    let ServerMsg::Challenge { version, nonce } = recv(&mut ws).await else {
-        panic!("expected challenge")
-    };
-    assert_eq!(version, PROTOCOL_VERSION);
-    let nonce = decode_nonce(&nonce).unwrap();
-    let signer = if forge {
-        SigningKey::from_bytes(&[0xEE; 32])
-    } else {
-        key.clone()
-    };
-    let msg = ClientMsg::Hello(Hello {
-        version: PROTOCOL_VERSION,
-        name: name.to_owned(),
-        public_key: b64(key.verifying_key().as_bytes()),
-        local_addrs: vec!["192.0.2.10:40000".parse().unwrap()],
-        udp_port,
-        token: token.map(str::to_owned),
-        signature: sign_challenge(&signer, &nonce),
-    });
-    send(&mut ws, &msg).await;
-    let answer = recv(&mut ws).await;
-    (ws, answer, nonce)
-}
-
-fn key(seed: u8) -> SigningKey {
-    SigningKey::from_bytes(&[seed; 32])
-}
-
-fn error_code(msg: &ServerMsg) -> ErrorCode {
-    match msg {
-        ServerMsg::Error { code, .. } => *code,
-        other => panic!("expected error, got {other:?}"),
-    }
-}
-
-/// The next message must be an error with `code` (or the socket closes).
-async fn expect_refused(ws: &mut Ws, code: ErrorCode) {
-    assert_eq!(error_code(&recv(ws).await), code);
-}
+use support::{
+    error_code, expect_refused, hello, hello_udp, key, open, probe, recv, recv_binary, relay, send,
+    TestServer,
+};
 
 #[tokio::test]
 async fn good_signature_registers_and_reports_observed_address() {
@@ -487,17 +342,6 @@ async fn a_side_leaving_during_a_punch_aborts_it_for_the_other() {
     server.stop().await;
 }
 
-/// Sends `datagram` from `sock` to the server and returns the ack, if any
-/// arrives within a short wait.
-async fn probe(sock: &tokio::net::UdpSocket, to: SocketAddr, datagram: &[u8]) -> Option<Vec<u8>> {
-    sock.send_to(datagram, to).await.unwrap();
-    let mut buf = [0u8; 256];
-    match tokio::time::timeout(Duration::from_millis(300), sock.recv_from(&mut buf)).await {
-        Ok(Ok((n, _))) => Some(buf[..n].to_vec()),
-        _ => None,
-    }
-}
-
 #[tokio::test]
 async fn signed_udp_probes_reveal_the_udp_endpoint_and_reach_punch_orders() {
     use punch_rendezvous::datagram::{self, Datagram, ProbeBody};
@@ -620,29 +464,6 @@ async fn forged_probes_naming_one_daemon_do_not_stop_anothers() {
         200
     );
     server.stop().await;
-}
-
-/// Opens `/v1/relay/{session}?token=…`; the HTTP status if refused.
-async fn relay(addr: SocketAddr, session: &str, token: &str) -> Result<Ws, u16> {
-    let url = format!("ws://{addr}/v1/relay/{session}?token={token}");
-    match tokio_tungstenite::connect_async(url).await {
-        Ok((ws, _)) => Ok(ws),
-        Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => Err(resp.status().as_u16()),
-        Err(e) => panic!("relay request failed: {e}"),
-    }
-}
-
-async fn recv_binary(ws: &mut Ws) -> Vec<u8> {
-    loop {
-        let msg = tokio::time::timeout(Duration::from_secs(5), ws.next())
-            .await
-            .expect("frame in time")
-            .expect("stream open")
-            .expect("no error");
-        if let Message::Binary(b) = msg {
-            return b.to_vec();
-        }
-    }
 }
 
 #[tokio::test]

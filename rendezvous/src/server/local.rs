@@ -42,7 +42,7 @@ struct Attached {
 struct Tables {
     attached: HashMap<u64, Attached>,
     /// Relay sides waiting for their partner's socket, by joiner id.
-    relay_partners: HashMap<u64, oneshot::Sender<WebSocket>>,
+    relay_partners: HashMap<u64, oneshot::Sender<Handoff>>,
     /// Relay sockets held, per daemon name.
     relays_per_daemon: HashMap<String, usize>,
     /// Relay sockets held in total (two per paired session).
@@ -56,6 +56,40 @@ pub(crate) enum Undelivered {
     Gone,
     /// Its outbox is full: the daemon is not reading.
     Full,
+}
+
+/// What a waiting relay side is sent.
+pub(crate) enum Handoff {
+    /// The other side's socket, with what that side holds for the relay
+    /// (its capacity slot): the waiting side keeps both until the relay
+    /// ends, so the second side counts against the caps as long as the
+    /// first does.
+    Partner {
+        /// Boxed: a socket is large, and most handoffs are `Displaced`
+        /// or never sent.
+        socket: Box<WebSocket>,
+        held: Box<dyn Send>,
+    },
+    /// A newer join of the same side took this one's place.
+    Displaced,
+}
+
+impl std::fmt::Debug for Handoff {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Handoff::Partner { .. } => f.write_str("Partner"),
+            Handoff::Displaced => f.write_str("Displaced"),
+        }
+    }
+}
+
+/// Which relay bound a claim ran into.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum RelayCap {
+    /// `max_relays`: the server holds as many relay sockets as it may.
+    Server,
+    /// `max_relays_per_daemon`: this daemon holds as many as it may.
+    Daemon,
 }
 
 /// The table. One short lock per call, never held across an await nor
@@ -123,16 +157,26 @@ impl Local {
     }
 
     /// Takes a relay socket slot for `name` if under both limits; release
-    /// it with [`Local::release_relay`].
-    pub(crate) fn claim_relay(&self, name: &str, max_total: usize, max_per_daemon: usize) -> bool {
+    /// it with [`Local::release_relay`]. The daemon's own bound is checked
+    /// first: a daemon over its share is told so even when the server is
+    /// full too.
+    pub(crate) fn claim_relay(
+        &self,
+        name: &str,
+        max_total: usize,
+        max_per_daemon: usize,
+    ) -> Result<(), RelayCap> {
         let mut t = self.lock();
         let used = t.relays_per_daemon.get(name).copied().unwrap_or(0);
-        if t.relays_total >= max_total || used >= max_per_daemon {
-            return false;
+        if used >= max_per_daemon {
+            return Err(RelayCap::Daemon);
+        }
+        if t.relays_total >= max_total {
+            return Err(RelayCap::Server);
         }
         *t.relays_per_daemon.entry(name.to_owned()).or_default() += 1;
         t.relays_total += 1;
-        true
+        Ok(())
     }
 
     pub(crate) fn release_relay(&self, name: &str) {
@@ -147,7 +191,7 @@ impl Local {
     }
 
     /// Joiner `joiner` waits for its partner's socket on the receiver.
-    pub(crate) fn await_partner(&self, joiner: u64) -> oneshot::Receiver<WebSocket> {
+    pub(crate) fn await_partner(&self, joiner: u64) -> oneshot::Receiver<Handoff> {
         let (tx, rx) = oneshot::channel();
         self.lock().relay_partners.insert(joiner, tx);
         rx
@@ -158,11 +202,31 @@ impl Local {
         self.lock().relay_partners.remove(&joiner);
     }
 
-    /// Hands `socket` to the waiting `joiner`. False (and the socket
-    /// closed) if that side gave up just now.
-    pub(crate) fn hand_to_partner(&self, joiner: u64, socket: WebSocket) -> bool {
+    /// Tells the waiting `joiner` a newer join of its side replaced it, so
+    /// it can close with that reason rather than look like a timeout.
+    pub(crate) fn displace(&self, joiner: u64) {
+        if let Some(tx) = self.lock().relay_partners.remove(&joiner) {
+            let _ = tx.send(Handoff::Displaced);
+        }
+    }
+
+    /// Hands `socket` (and `held`, kept for the relay's lifetime) to the
+    /// waiting `joiner`. False (and both dropped, the socket closed) if
+    /// that side gave up just now.
+    pub(crate) fn hand_to_partner(
+        &self,
+        joiner: u64,
+        socket: WebSocket,
+        held: Box<dyn Send>,
+    ) -> bool {
         let partner = self.lock().relay_partners.remove(&joiner);
-        partner.is_some_and(|tx| tx.send(socket).is_ok())
+        partner.is_some_and(|tx| {
+            tx.send(Handoff::Partner {
+                socket: Box::new(socket),
+                held,
+            })
+            .is_ok()
+        })
     }
 }
 
@@ -210,12 +274,20 @@ mod tests {
     #[test]
     fn relay_slots_are_bounded_in_total_and_per_daemon() {
         let local = Local::default();
-        assert!(local.claim_relay("alice", 3, 2));
-        assert!(local.claim_relay("alice", 3, 2));
-        assert!(!local.claim_relay("alice", 3, 2), "per daemon");
-        assert!(local.claim_relay("bob", 3, 2));
-        assert!(!local.claim_relay("carol", 3, 2), "in total");
+        assert!(local.claim_relay("alice", 3, 2).is_ok());
+        assert!(local.claim_relay("alice", 3, 2).is_ok());
+        assert_eq!(
+            local.claim_relay("alice", 3, 2),
+            Err(RelayCap::Daemon),
+            "per daemon"
+        );
+        assert!(local.claim_relay("bob", 3, 2).is_ok());
+        assert_eq!(
+            local.claim_relay("carol", 3, 2),
+            Err(RelayCap::Server),
+            "in total"
+        );
         local.release_relay("alice");
-        assert!(local.claim_relay("carol", 3, 2));
+        assert!(local.claim_relay("carol", 3, 2).is_ok());
     }
 }

@@ -7,29 +7,55 @@
 //! whose task then pumps binary frames both ways. The daemons run their
 //! end-to-end TLS inside, so this code only ever sees ciphertext.
 //!
-//! Bounds: relays in total and per daemon, bytes per second per session
-//! and direction, frame size, and how long a lonely side waits.
+//! Bounds, each refusing with a logged reason and a count in
+//! `punch_rendezvous_relay_refusals_total{reason}`:
+//! - relay sockets held: `max_relays` sessions' worth in total (503,
+//!   `server_cap`) and `max_relays_per_daemon` per daemon (429,
+//!   `daemon_cap`); both sides of a paired session hold their slot until
+//!   the relay ends;
+//! - a lone side waits [`PAIR_TIMEOUT`] for the other, then is closed
+//!   (1013, `pair_timeout`);
+//! - the same side joining twice: the newer socket waits, the older is
+//!   closed (1008, `replaced`);
+//! - `relay_bytes_per_second` per session and direction, with a one-second
+//!   burst; every frame a side sends is charged (binary, text, ping and
+//!   pong, plus its header), so no kind of frame is free;
+//! - [`MAX_RELAY_FRAME`] per frame.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use axum::extract::ws::{Message, WebSocket};
+use axum::extract::ws::{CloseFrame, Message, WebSocket};
 use axum::extract::{Path, Query, State, WebSocketUpgrade};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use futures::{SinkExt as _, StreamExt as _};
 use serde::Deserialize;
+use tokio::sync::oneshot;
+use tokio_util::sync::CancellationToken;
 use tracing::{info, warn, Instrument};
 
+use super::local::{Handoff, RelayCap};
+use super::metrics::RelayRefusal;
 use super::store::{RelayAuth, RelayJoin};
 use super::Shared;
-use crate::protocol::ErrorCode;
 
-/// How long the first side waits for the second.
-const PAIR_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long the first side waits for the second. Both sides fall back to
+/// the relay at the same deadline, so a partner that is not here within
+/// seconds is not coming; the bound keeps a lone waiter from holding its
+/// slot for long.
+pub(crate) const PAIR_TIMEOUT: Duration = Duration::from_secs(30);
 /// Largest relayed frame.
 pub(crate) const MAX_RELAY_FRAME: usize = 256 * 1024;
+/// What a frame costs beyond its payload: the smallest header a client
+/// frame has (2 bytes, plus its 4-byte mask), so even empty frames spend
+/// budget.
+const FRAME_COST: u64 = 6;
+/// Close code for "try again later" (RFC 6455 §7.4.1 / IANA registry).
+const CLOSE_TRY_AGAIN: u16 = 1013;
+/// Close code for a policy violation (RFC 6455 §7.4.1).
+const CLOSE_POLICY: u16 = 1008;
 
 /// Query string of a relay request.
 #[derive(Debug, Deserialize)]
@@ -49,10 +75,28 @@ impl Drop for Slot {
     }
 }
 
-fn refuse(shared: &Shared, status: StatusCode, why: &str) -> Response {
-    shared.metrics.refused(ErrorCode::RelayRefused);
-    info!(reason = why, "relay refused");
-    (status, format!("{why}\n")).into_response()
+/// Refuses a request before the upgrade, with a reason in the body.
+fn refuse(shared: &Shared, status: StatusCode, why: RelayRefusal, message: &str) -> Response {
+    shared.metrics.relay_refused(why);
+    info!(reason = why.as_str(), message, "relay refused");
+    (status, format!("{message}\n")).into_response()
+}
+
+/// Closes an upgraded socket that will not be relayed, saying why.
+async fn close(
+    mut socket: WebSocket,
+    shared: &Shared,
+    code: u16,
+    why: RelayRefusal,
+    message: &str,
+) {
+    shared.metrics.relay_refused(why);
+    info!(reason = why.as_str(), message, "relay closed unpaired");
+    let frame = CloseFrame {
+        code,
+        reason: message.into(),
+    };
+    let _ = socket.send(Message::Close(Some(frame))).await;
 }
 
 pub(crate) async fn handler(
@@ -69,6 +113,7 @@ pub(crate) async fn handler(
             return refuse(
                 &shared,
                 StatusCode::NOT_FOUND,
+                RelayRefusal::UnknownSession,
                 "no such punch session (expired?)",
             )
         }
@@ -76,6 +121,7 @@ pub(crate) async fn handler(
             return refuse(
                 &shared,
                 StatusCode::FORBIDDEN,
+                RelayRefusal::WrongToken,
                 "wrong relay token for this session",
             )
         }
@@ -84,19 +130,40 @@ pub(crate) async fn handler(
             return refuse(
                 &shared,
                 StatusCode::SERVICE_UNAVAILABLE,
+                RelayRefusal::StoreUnavailable,
                 "the rendezvous registry is unavailable; retry shortly",
             );
         }
     };
-    if !shared
+    match shared
         .local
         .claim_relay(&name, limits.max_relays * 2, limits.max_relays_per_daemon)
     {
-        return refuse(
-            &shared,
-            StatusCode::TOO_MANY_REQUESTS,
-            "relay capacity reached",
-        );
+        Ok(()) => {}
+        Err(RelayCap::Daemon) => {
+            let message = format!(
+                "relay capacity reached for this daemon ({} relays at once)",
+                limits.max_relays_per_daemon
+            );
+            return refuse(
+                &shared,
+                StatusCode::TOO_MANY_REQUESTS,
+                RelayRefusal::DaemonCap,
+                &message,
+            );
+        }
+        Err(RelayCap::Server) => {
+            let message = format!(
+                "relay capacity of this server reached ({} relays at once); retry shortly",
+                limits.max_relays
+            );
+            return refuse(
+                &shared,
+                StatusCode::SERVICE_UNAVAILABLE,
+                RelayRefusal::ServerCap,
+                &message,
+            );
+        }
     }
     let slot = Slot {
         shared: shared.clone(),
@@ -116,10 +183,14 @@ async fn join(socket: WebSocket, session: String, side: usize, slot: Slot, share
     // Ready to receive before the store can name us to the other side.
     let partner = shared.local.await_partner(joiner);
     match shared.store.relay_join(&session, side, joiner).await {
-        // Second side: hand our socket to the waiting first side.
+        // Second side: hand our socket, and our slot with it, to the
+        // waiting first side, whose task runs the relay.
         Ok(RelayJoin::Pair { partner }) => {
             shared.local.forget_partner(joiner);
-            if !shared.local.hand_to_partner(partner, socket) {
+            if !shared
+                .local
+                .hand_to_partner(partner, socket, Box::new(slot))
+            {
                 warn!("partner gave up just now");
             }
             return;
@@ -127,45 +198,137 @@ async fn join(socket: WebSocket, session: String, side: usize, slot: Slot, share
         Ok(RelayJoin::Wait { displaced }) => {
             // The same side twice: keep the newer socket waiting.
             if let Some(older) = displaced {
-                shared.local.forget_partner(older);
+                shared.local.displace(older);
             }
         }
         Ok(RelayJoin::Gone) => {
             shared.local.forget_partner(joiner);
-            info!("the punch session is gone (expired or already paired)");
+            let message = "the punch session is gone (expired or already paired)";
+            close(
+                socket,
+                &shared,
+                CLOSE_POLICY,
+                RelayRefusal::UnknownSession,
+                message,
+            )
+            .await;
             return;
         }
         Err(e) => {
             shared.local.forget_partner(joiner);
             warn!(error = %e, "cannot join the relay");
+            let message = "the rendezvous registry is unavailable; retry shortly";
+            close(
+                socket,
+                &shared,
+                CLOSE_TRY_AGAIN,
+                RelayRefusal::StoreUnavailable,
+                message,
+            )
+            .await;
             return;
         }
     }
-    let partner = tokio::select! {
-        r = tokio::time::timeout(PAIR_TIMEOUT, partner) => r.ok().and_then(Result::ok),
-        _ = shared.cancel.cancelled() => None,
-    };
-    let Some(partner) = partner else {
-        shared.local.forget_partner(joiner);
-        if let Err(e) = shared.store.relay_leave(&session, joiner).await {
-            warn!(error = %e, "relay wait not cleared");
+    let (partner, held) = match wait_for_partner(partner, PAIR_TIMEOUT, &shared.cancel).await {
+        Waited::Paired { socket, held } => (socket, held),
+        Waited::Displaced => {
+            let message = "replaced by a newer join of the same side";
+            close(
+                socket,
+                &shared,
+                CLOSE_POLICY,
+                RelayRefusal::Replaced,
+                message,
+            )
+            .await;
+            return;
         }
-        info!("the other side never joined the relay");
-        return;
+        Waited::TimedOut => {
+            shared.local.forget_partner(joiner);
+            if let Err(e) = shared.store.relay_leave(&session, joiner).await {
+                warn!(error = %e, "relay wait not cleared");
+            }
+            let message = format!(
+                "the other side did not join within {}s",
+                PAIR_TIMEOUT.as_secs()
+            );
+            close(
+                socket,
+                &shared,
+                CLOSE_TRY_AGAIN,
+                RelayRefusal::PairTimeout,
+                &message,
+            )
+            .await;
+            return;
+        }
+        Waited::Stopped => {
+            shared.local.forget_partner(joiner);
+            return;
+        }
     };
     shared.metrics.relays.fetch_add(1, Ordering::Relaxed);
 
     shared.metrics.relays_active.fetch_add(1, Ordering::Relaxed);
     info!("relay paired");
     let started = Instant::now();
-    let bytes = pump(socket, partner, &shared).await;
+    let bytes = pump(socket, *partner, &shared).await;
     shared.metrics.relays_active.fetch_sub(1, Ordering::Relaxed);
     info!(bytes, secs = started.elapsed().as_secs(), "relay ended");
-    drop(slot);
+    drop((slot, held));
+}
+
+/// How a lone side's wait for the other ended.
+enum Waited {
+    /// The other side's socket, and its slot to keep while relaying.
+    Paired {
+        socket: Box<WebSocket>,
+        held: Box<dyn Send>,
+    },
+    /// A newer join of this side took over.
+    Displaced,
+    /// Nobody came within the bound.
+    TimedOut,
+    /// The server is stopping.
+    Stopped,
+}
+
+/// Waits up to `within` for the handoff; pure timing, no store or socket,
+/// so its bound is unit-tested with paused time.
+async fn wait_for_partner(
+    handoff: oneshot::Receiver<Handoff>,
+    within: Duration,
+    cancel: &CancellationToken,
+) -> Waited {
+    tokio::select! {
+        r = tokio::time::timeout(within, handoff) => match r {
+            Ok(Ok(Handoff::Partner { socket, held })) => Waited::Paired { socket, held },
+            Ok(Ok(Handoff::Displaced)) => Waited::Displaced,
+            // Our sender went away without a word: only our own task
+            // forgets it, so this is the server letting go.
+            Ok(Err(_)) => Waited::Stopped,
+            Err(_) => Waited::TimedOut,
+        },
+        _ = cancel.cancelled() => Waited::Stopped,
+    }
+}
+
+/// What a received frame costs against the byte budget.
+fn frame_cost(msg: &Message) -> u64 {
+    let payload = match msg {
+        Message::Binary(d) => d.len(),
+        Message::Text(t) => t.len(),
+        Message::Ping(d) | Message::Pong(d) => d.len(),
+        Message::Close(_) => 0,
+    };
+    payload as u64 + FRAME_COST
 }
 
 /// Copies binary frames both ways until either side closes or the server
-/// stops. Returns the bytes carried.
+/// stops. Returns the bytes carried. Every frame received is paid for
+/// before the next is read: the daemons only send binary frames, and a
+/// side that sends text or pings instead still gets no more than its rate
+/// of the server's attention.
 async fn pump(a: WebSocket, b: WebSocket, shared: &Shared) -> u64 {
     let rate = shared.cfg.limits.relay_bytes_per_second;
     let (a_tx, a_rx) = a.split();
@@ -175,20 +338,19 @@ async fn pump(a: WebSocket, b: WebSocket, shared: &Shared) -> u64 {
         let mut limiter = ByteBudget::new(rate);
         let mut total = 0u64;
         while let Some(Ok(msg)) = rx.next().await {
-            match msg {
-                Message::Binary(data) => {
-                    let n = data.len() as u64;
-                    if let Some(wait) = limiter.take(n, Instant::now()) {
-                        tokio::time::sleep(wait).await;
-                    }
-                    total += n;
-                    shared.metrics.relay_bytes.fetch_add(n, Ordering::Relaxed);
-                    if tx.send(Message::Binary(data)).await.is_err() {
-                        break;
-                    }
+            if matches!(msg, Message::Close(_)) {
+                break;
+            }
+            if let Some(wait) = limiter.take(frame_cost(&msg), Instant::now()) {
+                tokio::time::sleep(wait).await;
+            }
+            if let Message::Binary(data) = msg {
+                let n = data.len() as u64;
+                total += n;
+                shared.metrics.relay_bytes.fetch_add(n, Ordering::Relaxed);
+                if tx.send(Message::Binary(data)).await.is_err() {
+                    break;
                 }
-                Message::Close(_) => break,
-                _ => {}
             }
         }
         let _ = tx.close().await;
@@ -242,5 +404,52 @@ mod tests {
         assert_eq!(b.take(1000, t0), None);
         let wait = b.take(500, t0).unwrap();
         assert_eq!(wait, Duration::from_millis(500));
+    }
+
+    #[test]
+    fn every_kind_of_frame_costs_its_payload_and_header() {
+        let cost = |m: Message| frame_cost(&m);
+        assert_eq!(cost(Message::Binary(vec![0; 100].into())), 100 + FRAME_COST);
+        assert_eq!(
+            cost(Message::Text("x".repeat(100).into())),
+            100 + FRAME_COST
+        );
+        assert_eq!(cost(Message::Ping(vec![0; 100].into())), 100 + FRAME_COST);
+        assert_eq!(cost(Message::Pong(Vec::new().into())), FRAME_COST);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_lone_side_waits_exactly_the_pairing_bound() {
+        let cancel = CancellationToken::new();
+        let (_tx, rx) = oneshot::channel::<Handoff>();
+        let t0 = tokio::time::Instant::now();
+        let waited = wait_for_partner(rx, PAIR_TIMEOUT, &cancel).await;
+        assert!(matches!(waited, Waited::TimedOut));
+        assert_eq!(t0.elapsed(), PAIR_TIMEOUT);
+
+        // And not a moment before.
+        let (_tx, rx) = oneshot::channel::<Handoff>();
+        let early = PAIR_TIMEOUT - Duration::from_millis(1);
+        assert!(
+            tokio::time::timeout(early, wait_for_partner(rx, PAIR_TIMEOUT, &cancel))
+                .await
+                .is_err()
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_displaced_or_stopped_wait_ends_at_once() {
+        let cancel = CancellationToken::new();
+        let t0 = tokio::time::Instant::now();
+        let (tx, rx) = oneshot::channel();
+        tx.send(Handoff::Displaced).unwrap();
+        let waited = wait_for_partner(rx, PAIR_TIMEOUT, &cancel).await;
+        assert!(matches!(waited, Waited::Displaced));
+
+        let (_tx, rx) = oneshot::channel::<Handoff>();
+        cancel.cancel();
+        let waited = wait_for_partner(rx, PAIR_TIMEOUT, &cancel).await;
+        assert!(matches!(waited, Waited::Stopped));
+        assert_eq!(t0.elapsed(), Duration::ZERO);
     }
 }
