@@ -19,6 +19,7 @@ use crate::harness::spec::{Scenario, PUNCH_PORT};
 use crate::harness::status::first_peer;
 use crate::harness::transfer::SendReport;
 use crate::net::netns::listens_on;
+use crate::net::topology::{Links, Topology};
 
 /// Runs a scenario through `check` with the guarantees every checked run
 /// has: the punch port never listens in either host, and a containerized
@@ -262,4 +263,70 @@ impl Drop for ListenerWatch {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
     }
+}
+
+/// Probes per lossy round trip: enough that the 4σ binomial band around
+/// the expected count excludes zero on the host-to-host path of the lossy
+/// realism case (≈ 3.9 % of 500: 19.7 ± 17.4), ~2.5 s at 5 ms apart.
+const LOSS_PROBES: u32 = 500;
+/// Probes per lossless round trip (the RTT only).
+const RTT_PROBES: u32 = 20;
+
+/// The link emulation is really applied, measured with `ping` from alice's
+/// host on every emulated round trip (to the rendezvous, to bob's public
+/// address): no reply faster than the configured delay (less jitter, less
+/// 0.5 ms: a packet the emulator let through unheld, as `--queue-bypass`
+/// does before it binds, comes back in ~0.1 ms), a mean no more than 10 %
+/// + 3 ms above it (plus jitter; the emulator's own test measures within
+/// 10 %, and the machine is shared), and, where loss is set, a lost count
+/// within 4σ of the binomial mean (a false alarm ~1 in 15,000). Returns
+/// what was measured, for the report.
+pub fn link_emulation_applied(topo: &Topology, links: &Links) -> Result<String> {
+    let mut seen = Vec::new();
+    for (dst, imp) in topo.emulated_round_trips(links) {
+        let want = imp.delay.as_secs_f64() * 1e3;
+        let jitter = imp.jitter.as_secs_f64() * 1e3;
+        let lossy = imp.loss > 0.0;
+        let (count, interval) = if lossy {
+            (LOSS_PROBES, "0.005")
+        } else {
+            (RTT_PROBES, "0.02")
+        };
+        let p = topo.ping(&dst, count, interval)?;
+        if p.received == 0 {
+            bail!("no ping reply from {dst} through the emulated links: {p:?}");
+        }
+        let (low, high) = (want - jitter - 0.5, want * 1.1 + jitter + 3.0);
+        if p.min_ms < low || p.avg_ms > high {
+            bail!(
+                "ping to {dst}: min {:.2} ms, mean {:.2} ms; the emulated links should give {want:.1} ms (± {jitter:.1}), so min ≥ {low:.1} and mean ≤ {high:.1}: the emulator is not delaying",
+                p.min_ms,
+                p.avg_ms
+            );
+        }
+        let mut line = format!(
+            "{dst} rtt min/avg {:.1}/{:.1} ms (want {want:.0})",
+            p.min_ms, p.avg_ms
+        );
+        if lossy {
+            let n = f64::from(p.sent);
+            let (mean, sd) = (n * imp.loss, (n * imp.loss * (1.0 - imp.loss)).sqrt());
+            let lost = f64::from(p.sent - p.received);
+            if (lost - mean).abs() > 4.0 * sd {
+                bail!(
+                    "ping to {dst}: {lost} of {} lost; the emulated links drop {:.2} %, so {mean:.1} ± {:.1} (4σ)",
+                    p.sent,
+                    imp.loss * 100.0,
+                    4.0 * sd
+                );
+            }
+            line.push_str(&format!(
+                ", lost {lost}/{} (want {mean:.1} ± {:.1})",
+                p.sent,
+                4.0 * sd
+            ));
+        }
+        seen.push(line);
+    }
+    Ok(seen.join("; "))
 }
