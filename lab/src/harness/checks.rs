@@ -17,7 +17,7 @@ use crate::harness::report::Report;
 use crate::harness::run::{Run, CAPTURE_ENV};
 use crate::harness::spec::{Scenario, PUNCH_PORT};
 use crate::harness::status::first_peer;
-use crate::harness::transfer::SendReport;
+use crate::harness::transfer::{sink_endings, SendReport, CLEAN_EOF};
 use crate::net::netns::listens_on;
 use crate::net::topology::{Links, Topology};
 
@@ -329,4 +329,31 @@ pub fn link_emulation_applied(topo: &Topology, links: &Links) -> Result<String> 
         seen.push(line);
     }
     Ok(seen.join("; "))
+}
+
+/// No silent truncation (DESIGN.md: bytes arrive complete and in order or
+/// the stream errors): every connection bob's sink saw end in a clean EOF
+/// carried one of the sizes that were sent (`sizes`, per stream), and no
+/// sender stream got a clean EOF in place of the sink's answer. A stream
+/// that a broken tunnel cuts must end in an error (a reset) on both local
+/// sockets, never a FIN.
+pub fn no_silent_truncation(run: &Run, sizes: &[u64], sent: &[&SendReport]) -> Result<()> {
+    let short: Vec<u64> = sink_endings(&run.dir.join("sink.log"))
+        .into_iter()
+        .filter(|e| e.clean && !sizes.contains(&e.bytes))
+        .map(|e| e.bytes)
+        .collect();
+    if !short.is_empty() {
+        bail!(
+            "silent truncation: bob's sink saw a clean EOF after {short:?} bytes (streams were {sizes:?}): a cut stream must end in a reset"
+        );
+    }
+    let clean: usize = sent
+        .iter()
+        .map(|t| t.errors.iter().filter(|e| e.contains(CLEAN_EOF)).count())
+        .sum();
+    if clean > 0 {
+        bail!("silent truncation: {clean} sender stream(s) got a clean EOF from alice's forward instead of an error");
+    }
+    Ok(())
 }

@@ -277,6 +277,13 @@ impl Topology {
         &self.prefix
     }
 
+    /// Bytes received on bob's host interface (what reached him).
+    pub fn host_b_rx_bytes(&self) -> Result<u64> {
+        let out = self.host_b.ip(&["-s", "-j", "link", "show", "eth0"])?;
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+        Ok(v[0]["stats64"]["rx"]["bytes"].as_u64().unwrap_or(0))
+    }
+
     /// Bytes received + sent on the rendezvous host's interface.
     pub fn rendezvous_bytes(&self) -> Result<u64> {
         let out = self.rv.ip(&["-s", "-j", "link", "show", "eth0"])?;
