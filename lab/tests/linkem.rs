@@ -14,10 +14,10 @@ fn tool() -> &'static Path {
     Path::new(env!("CARGO_BIN_EXE_punch-lab-tool"))
 }
 
-/// (sent, received, average RTT ms) from `ping` inside hostA.
+/// (sent, received, median RTT ms) from `ping` inside hostA.
 fn ping(topo: &Topology, dst: &str, count: u32, interval: &str) -> (u32, u32, f64) {
     let p = topo.ping(dst, count, interval).unwrap();
-    (p.sent, p.received, p.avg_ms)
+    (p.sent, p.received, p.median_ms)
 }
 
 fn lab(name: &str) -> Option<(std::sync::MutexGuard<'static, ()>, Topology)> {

@@ -276,9 +276,11 @@ const RTT_PROBES: u32 = 20;
 /// host on every emulated round trip (to the rendezvous, to bob's public
 /// address): no reply faster than the configured delay (less jitter, less
 /// 0.5 ms: a packet the emulator let through unheld, as `--queue-bypass`
-/// does before it binds, comes back in ~0.1 ms), a mean no more than 10 %
-/// + 3 ms above it (plus jitter; the emulator's own test measures within
-/// 10 %, and the machine is shared), and, where loss is set, a lost count
+/// does before it binds, comes back in ~0.1 ms), a median no more than
+/// 10 % + 3 ms above it (plus jitter; the emulator's own test measures
+/// within 10 %; the median, because on this shared machine one probe in
+/// twenty can wait for a CPU: a mean of 15.2 ms, min 10.27 ms, was seen
+/// on a 10 ms path), and, where loss is set, a lost count
 /// within 4σ of the binomial mean (a false alarm ~1 in 15,000). Returns
 /// what was measured, for the report.
 pub fn link_emulation_applied(topo: &Topology, links: &Links) -> Result<String> {
@@ -297,16 +299,16 @@ pub fn link_emulation_applied(topo: &Topology, links: &Links) -> Result<String> 
             bail!("no ping reply from {dst} through the emulated links: {p:?}");
         }
         let (low, high) = (want - jitter - 0.5, want * 1.1 + jitter + 3.0);
-        if p.min_ms < low || p.avg_ms > high {
+        if p.min_ms < low || p.median_ms > high {
             bail!(
-                "ping to {dst}: min {:.2} ms, mean {:.2} ms; the emulated links should give {want:.1} ms (± {jitter:.1}), so min ≥ {low:.1} and mean ≤ {high:.1}: the emulator is not delaying",
+                "ping to {dst}: min {:.2} ms, median {:.2} ms; the emulated links should give {want:.1} ms (± {jitter:.1}), so min ≥ {low:.1} and median ≤ {high:.1}: the emulator is not delaying as asked",
                 p.min_ms,
-                p.avg_ms
+                p.median_ms
             );
         }
         let mut line = format!(
-            "{dst} rtt min/avg {:.1}/{:.1} ms (want {want:.0})",
-            p.min_ms, p.avg_ms
+            "{dst} rtt min/median {:.1}/{:.1} ms (want {want:.0})",
+            p.min_ms, p.median_ms
         );
         if lossy {
             let n = f64::from(p.sent);

@@ -38,7 +38,10 @@ pub fn scenarios() -> Vec<Scenario> {
     // through two NATs in a row, and between two hosts of one LAN (5 ms
     // links, as for every QUIC scenario: lab/README.md, "UDP and
     // conntrack").
-    for (name, layout) in [("double-nat-quic", L::DoubleNat), ("same-nat-quic", L::SameNat)] {
+    for (name, layout) in [
+        ("double-nat-quic", L::DoubleNat),
+        ("same-nat-quic", L::SameNat),
+    ] {
         all.push(
             Scenario::new(name, layout, Expect::Direct)
                 .with_transports(&[Quic])

@@ -305,6 +305,35 @@ mod tests {
     }
 
     #[test]
+    fn sink_endings_are_read_from_its_log() {
+        let dir = std::env::temp_dir().join(format!("sink-endings-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let log = dir.join("sink.log");
+        std::fs::write(
+            &log,
+            format!(
+                "{SINK_LINE} 1048576 eof\nnoise\n{SINK_LINE} 17 error Connection reset by peer\n"
+            ),
+        )
+        .unwrap();
+        let e = sink_endings(&log);
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert_eq!(
+            e,
+            vec![
+                SinkEnding {
+                    bytes: 1_048_576,
+                    clean: true
+                },
+                SinkEnding {
+                    bytes: 17,
+                    clean: false
+                }
+            ]
+        );
+    }
+
+    #[test]
     fn patterns_differ_by_seed() {
         assert_ne!(pattern(64, 1), pattern(64, 2));
         assert_eq!(pattern(10, 3).len(), 10);

@@ -439,7 +439,7 @@ impl Topology {
         let count_s = count.to_string();
         let out = self.host_a.exec_output(
             "ping",
-            &["-n", "-q", "-c", &count_s, "-i", interval, "-W", "2", dst],
+            &["-n", "-c", &count_s, "-i", interval, "-W", "2", dst],
         )?;
         let text = String::from_utf8_lossy(&out.stdout).into_owned();
         Ping::parse(&text).ok_or_else(|| anyhow::anyhow!("no ping summary from {dst}: {text}"))
@@ -462,7 +462,7 @@ impl Topology {
     }
 }
 
-/// A `ping -q` summary.
+/// What `ping` measured.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Ping {
     /// Probes sent.
@@ -471,13 +471,14 @@ pub struct Ping {
     pub received: u32,
     /// Fastest round trip, ms (NaN with no reply).
     pub min_ms: f64,
-    /// Mean round trip, ms (NaN with no reply).
-    pub avg_ms: f64,
+    /// Median round trip, ms (NaN with no reply): unlike the mean, not
+    /// moved by one probe that waited for a CPU on a loaded machine.
+    pub median_ms: f64,
 }
 
 impl Ping {
-    /// Reads `N packets transmitted, M received` and `rtt min/avg/max/mdev
-    /// = a/b/c/d ms`.
+    /// Reads each reply's `time=X ms` and the `N packets transmitted, M
+    /// received` summary.
     pub fn parse(text: &str) -> Option<Ping> {
         let counts: Vec<u32> = text
             .lines()
@@ -485,23 +486,23 @@ impl Ping {
             .split(|c: char| !c.is_ascii_digit())
             .filter_map(|n| n.parse().ok())
             .collect();
-        let rtt: Vec<f64> = text
+        let mut rtts: Vec<f64> = text
             .lines()
-            .find(|l| l.starts_with("rtt") || l.starts_with("round-trip"))
-            .and_then(|l| l.split('=').nth(1))
-            .map(|v| {
-                v.trim()
-                    .trim_end_matches("ms")
-                    .split('/')
-                    .filter_map(|x| x.trim().parse().ok())
-                    .collect()
+            .filter_map(|l| {
+                l.split("time=")
+                    .nth(1)?
+                    .split_whitespace()
+                    .next()?
+                    .parse()
+                    .ok()
             })
-            .unwrap_or_default();
+            .collect();
+        rtts.sort_by(f64::total_cmp);
         Some(Ping {
             sent: *counts.first()?,
             received: *counts.get(1)?,
-            min_ms: rtt.first().copied().unwrap_or(f64::NAN),
-            avg_ms: rtt.get(1).copied().unwrap_or(f64::NAN),
+            min_ms: rtts.first().copied().unwrap_or(f64::NAN),
+            median_ms: rtts.get(rtts.len() / 2).copied().unwrap_or(f64::NAN),
         })
     }
 }
@@ -536,5 +537,26 @@ fn wait_queues_bound(ns: &str, queues: &[u16], log: &Path) -> Result<()> {
             );
         }
         std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ping_summary_is_read() {
+        let text = "64 bytes from 203.0.113.1: icmp_seq=1 ttl=63 time=40.6 ms\n\
+                    64 bytes from 203.0.113.1: icmp_seq=2 ttl=63 time=90.2 ms\n\
+                    64 bytes from 203.0.113.1: icmp_seq=3 ttl=63 time=40.1 ms\n\
+                    --- 203.0.113.1 ping statistics ---\n\
+                    4 packets transmitted, 3 received, 25% packet loss, time 60ms\n\
+                    rtt min/avg/max/mdev = 40.1/57.0/90.2/23.5 ms\n";
+        let p = Ping::parse(text).unwrap();
+        assert_eq!((p.sent, p.received), (4, 3));
+        assert!((p.min_ms - 40.1).abs() < 1e-9 && (p.median_ms - 40.6).abs() < 1e-9);
+        let none = Ping::parse("3 packets transmitted, 0 received, 100% packet loss\n").unwrap();
+        assert!(none.received == 0 && none.min_ms.is_nan());
+        assert!(Ping::parse("ping: unknown host").is_none());
     }
 }

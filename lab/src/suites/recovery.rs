@@ -155,7 +155,9 @@ impl Long {
     }
 
     fn join(self) -> Result<SendReport> {
-        self.bg.join().map_err(|_| anyhow!("sender thread panicked"))?
+        self.bg
+            .join()
+            .map_err(|_| anyhow!("sender thread panicked"))?
     }
 }
 
@@ -260,13 +262,9 @@ pub fn dead_connection_is_punched_again(bins: &Binaries, nat: NatBehaviour) -> R
         NatBehaviour::DropUnsolicited => "dead-conn".to_owned(),
         other => format!("dead-conn-{other:?}").to_lowercase(),
     };
-    let s = Scenario::new(
-        &name,
-        Layout::TwoNats(nat),
-        Expect::Direct,
-    )
-    .with_timeout("40s")
-    .with_host_b_rules(&rules);
+    let s = Scenario::new(&name, Layout::TwoNats(nat), Expect::Direct)
+        .with_timeout("40s")
+        .with_host_b_rules(&rules);
     let mut run = Run::start(&s, bins)?;
     with_logs(&mut run, |run| {
         let st = run.wait_path("alice", PathState::Direct, Duration::from_secs(60))?;
