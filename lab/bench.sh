@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Every punchd benchmark in one go, printing figures (nothing is asserted):
+# Every punchd benchmark in one go, printing figures (no thresholds; a
+# measured failure, e.g. a checksum mismatch, exits non-zero):
 #   1. tunnel throughput (iperf3, 1 and 8 streams) and request/response
 #      latency in the NAT lab: plain TCP, punchd direct, ssh -L, rathole
 #      (Noise), punchd over QUIC, punchd relayed, side by side in one run;

@@ -14,42 +14,10 @@ fn tool() -> &'static Path {
     Path::new(env!("CARGO_BIN_EXE_punch-lab-tool"))
 }
 
-/// (sent, received, average RTT ms) from `ping` inside hostA.
+/// (sent, received, median RTT ms) from `ping` inside hostA.
 fn ping(topo: &Topology, dst: &str, count: u32, interval: &str) -> (u32, u32, f64) {
-    let out = topo
-        .host_a
-        .exec_output(
-            "ping",
-            &[
-                "-n",
-                "-q",
-                "-c",
-                &count.to_string(),
-                "-i",
-                interval,
-                "-W",
-                "2",
-                dst,
-            ],
-        )
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    let stats = text
-        .lines()
-        .find(|l| l.contains("packets transmitted"))
-        .unwrap_or_else(|| panic!("no ping summary: {text}"));
-    let nums: Vec<u32> = stats
-        .split(|c: char| !c.is_ascii_digit())
-        .filter_map(|n| n.parse().ok())
-        .collect();
-    let avg = text
-        .lines()
-        .find(|l| l.starts_with("rtt") || l.starts_with("round-trip"))
-        .and_then(|l| l.split('=').nth(1))
-        .and_then(|v| v.trim().split('/').nth(1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(f64::NAN);
-    (nums[0], nums[1], avg)
+    let p = topo.ping(dst, count, interval).unwrap();
+    (p.sent, p.received, p.median_ms)
 }
 
 fn lab(name: &str) -> Option<(std::sync::MutexGuard<'static, ()>, Topology)> {

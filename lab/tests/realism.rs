@@ -81,18 +81,30 @@ fn timed_open(name: &str, b_ms: u64) {
         "{name} (5 ms / {b_ms} ms, RTT {} ms, RST NATs): {t}",
         2 * (5 + b_ms)
     ));
-    assert!(
-        t.p95() < t.one_way_ms * 0.10,
-        "p95 skew {:.3} ms is not under 10% of the {:.0} ms one-way delay",
-        t.p95(),
-        t.one_way_ms
-    );
+    assert_skew(&t);
     // The goal is ≥ 99% first time; measured 96–100% (BENCHMARKS.md). A
     // round that needs a second SYN still ends direct in ~0.5 s, so the
     // floor leaves room for one or two such rounds on a loaded machine and
     // fails on anything like the 52–68% seen before re-punches waited for
     // the old connection's packets to drain.
     assert_punches(&t, 0.9, 0);
+}
+
+/// What README.md advertises: SYN skew p95 under 2.5 % of the one-way
+/// delay. Measured 0.4–2.3 % at 40 and 150 ms RTT and 0.8 % with a far
+/// rendezvous (BENCHMARKS.md), so the claim itself is the threshold: the
+/// margin is the 0.2 points between the worst run measured and the claim,
+/// and a run above it means the README must change, not the check.
+const ADVERTISED_SKEW: f64 = 0.025;
+
+fn assert_skew(t: &realism::Timing) {
+    assert!(
+        t.p95() < t.one_way_ms * ADVERTISED_SKEW,
+        "p95 skew {:.3} ms is not under {:.1} % of the {:.0} ms one-way delay (the README's claim)",
+        t.p95(),
+        ADVERTISED_SKEW * 100.0,
+        t.one_way_ms
+    );
 }
 
 /// At least `min_first` of the punches worked first time, and at most
@@ -143,7 +155,10 @@ fn a_far_rendezvous_still_punches_first_time() {
     say(&format!(
         "timing far rendezvous (alice 100 ms RTT away, bob near): {t}"
     ));
-    // The same goal as the timing tests (measured 10/10 in every run since
-    // tunnels close with a FIN that reaches the NATs).
+    // The same goals as the timing tests (measured 10/10 first time in
+    // every run since tunnels close with a FIN that reaches the NATs, skew
+    // p95 0.41–0.42 ms of 50 ms): this is where the clock-offset estimate
+    // matters most, alice's orders arriving 50 ms after bob's.
+    assert_skew(&t);
     assert_punches(&t, 0.9, 0);
 }

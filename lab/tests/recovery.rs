@@ -5,6 +5,7 @@
 use std::io::Write as _;
 
 use punch_lab::harness::Binaries;
+use punch_lab::net::nat::NatBehaviour;
 use punch_lab::suites::recovery::{self, Over};
 
 fn case(name: &str, f: impl FnOnce(&Binaries) -> anyhow::Result<String>) {
@@ -40,10 +41,16 @@ fn nat_mappings_flushed_under_quic_end_in_a_working_tunnel() {
 
 #[test]
 fn a_punched_connection_that_carries_nothing_is_punched_again() {
-    case(
-        "dead-connection",
-        recovery::dead_connection_is_punched_again,
-    );
+    case("dead-connection", |b| {
+        recovery::dead_connection_is_punched_again(b, NatBehaviour::DropUnsolicited)
+    });
+}
+
+#[test]
+fn a_punched_connection_that_carries_nothing_is_punched_again_through_rst_nats() {
+    case("dead-connection-rst", |b| {
+        recovery::dead_connection_is_punched_again(b, NatBehaviour::RejectRst)
+    });
 }
 
 #[test]

@@ -82,3 +82,46 @@ fn racing_tcp_and_quic_keeps_one_path_and_closes_the_other() {
 fn nats_passing_no_tcp_but_udp_are_direct_over_quic() {
     scenario("tcp-blocked");
 }
+
+// The shipped default (`transports` unset: TCP raced with QUIC) through
+// every direct network.
+
+#[test]
+fn default_transports_through_port_preserving_masquerade_is_direct() {
+    scenario("masquerade-default");
+}
+
+#[test]
+fn default_transports_through_nats_dropping_unsolicited_syns_is_direct() {
+    scenario("drop-default");
+}
+
+#[test]
+fn default_transports_through_rst_nats_is_direct() {
+    scenario("rst-default");
+}
+
+#[test]
+fn default_transports_behind_the_same_nat_is_direct() {
+    scenario("same-nat-default");
+}
+
+#[test]
+fn default_transports_with_one_public_host_is_direct() {
+    scenario("public-default");
+}
+
+#[test]
+fn default_transports_through_double_nat_is_direct() {
+    scenario("double-nat-default");
+}
+
+#[test]
+fn quic_alone_through_double_nat_is_direct() {
+    scenario("double-nat-quic");
+}
+
+#[test]
+fn quic_alone_behind_the_same_nat_is_direct() {
+    scenario("same-nat-quic");
+}

@@ -200,15 +200,26 @@ fn main() -> ExitCode {
                     rv: Link::NONE,
                 });
             }
-            finish(
-                punch_lab::suites::realism::timing("punches", s, rounds, &bins),
-                |t| {
-                    println!(
-                        "punch timing, RTT {} ms ({a_ms} ms / {b_ms} ms), {scenario}: {t}",
-                        2 * (a_ms + b_ms)
-                    );
-                },
-            )
+            // A punch that never ended direct is a measured failure: the
+            // figures are printed and the run exits non-zero.
+            let timing = punch_lab::suites::realism::timing("punches", s, rounds, &bins);
+            if let Some(t) = timing.as_ref().ok().filter(|t| t.failed > 0) {
+                println!(
+                    "punch timing, RTT {} ms ({a_ms} ms / {b_ms} ms), {scenario}: {t}",
+                    2 * (a_ms + b_ms)
+                );
+                eprintln!(
+                    "error: {} of {} punches never ended direct",
+                    t.failed, t.rounds
+                );
+                return ExitCode::from(1);
+            }
+            finish(timing, |t| {
+                println!(
+                    "punch timing, RTT {} ms ({a_ms} ms / {b_ms} ms), {scenario}: {t}",
+                    2 * (a_ms + b_ms)
+                );
+            })
         }
         Cmd::Bench { seconds } => {
             if let Some(why) = punch_lab::harness::preflight::unavailable() {

@@ -17,8 +17,9 @@ use crate::harness::report::Report;
 use crate::harness::run::{Run, CAPTURE_ENV};
 use crate::harness::spec::{Scenario, PUNCH_PORT};
 use crate::harness::status::first_peer;
-use crate::harness::transfer::SendReport;
+use crate::harness::transfer::{sink_endings, SendReport, CLEAN_EOF};
 use crate::net::netns::listens_on;
+use crate::net::topology::{Links, Topology};
 
 /// Runs a scenario through `check` with the guarantees every checked run
 /// has: the punch port never listens in either host, and a containerized
@@ -262,4 +263,99 @@ impl Drop for ListenerWatch {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
     }
+}
+
+/// Probes per lossy round trip: enough that the 4σ binomial band around
+/// the expected count excludes zero on the host-to-host path of the lossy
+/// realism case (≈ 3.9 % of 500: 19.7 ± 17.4), ~2.5 s at 5 ms apart.
+const LOSS_PROBES: u32 = 500;
+/// Probes per lossless round trip (the RTT only).
+const RTT_PROBES: u32 = 20;
+
+/// The link emulation is really applied, measured with `ping` from alice's
+/// host on every emulated round trip (to the rendezvous, to bob's public
+/// address): no reply faster than the configured delay (less jitter, less
+/// 0.5 ms: a packet the emulator let through unheld, as `--queue-bypass`
+/// does before it binds, comes back in ~0.1 ms), a median no more than
+/// 10 % + 3 ms above it (plus jitter; the emulator's own test measures
+/// within 10 %; the median, because on this shared machine one probe in
+/// twenty can wait for a CPU: a mean of 15.2 ms, min 10.27 ms, was seen
+/// on a 10 ms path), and, where loss is set, a lost count
+/// within 4σ of the binomial mean (a false alarm ~1 in 15,000). Returns
+/// what was measured, for the report.
+pub fn link_emulation_applied(topo: &Topology, links: &Links) -> Result<String> {
+    let mut seen = Vec::new();
+    for (dst, imp) in topo.emulated_round_trips(links) {
+        let want = imp.delay.as_secs_f64() * 1e3;
+        let jitter = imp.jitter.as_secs_f64() * 1e3;
+        let lossy = imp.loss > 0.0;
+        let (count, interval) = if lossy {
+            (LOSS_PROBES, "0.005")
+        } else {
+            (RTT_PROBES, "0.02")
+        };
+        let p = topo.ping(&dst, count, interval)?;
+        if p.received == 0 {
+            bail!("no ping reply from {dst} through the emulated links: {p:?}");
+        }
+        let (low, high) = (want - jitter - 0.5, want * 1.1 + jitter + 3.0);
+        if p.min_ms < low || p.median_ms > high {
+            bail!(
+                "ping to {dst}: min {:.2} ms, median {:.2} ms; the emulated links should give {want:.1} ms (± {jitter:.1}), so min ≥ {low:.1} and median ≤ {high:.1}: the emulator is not delaying as asked",
+                p.min_ms,
+                p.median_ms
+            );
+        }
+        let mut line = format!(
+            "{dst} rtt min/median {:.1}/{:.1} ms (want {want:.0})",
+            p.min_ms, p.median_ms
+        );
+        if lossy {
+            let n = f64::from(p.sent);
+            let (mean, sd) = (n * imp.loss, (n * imp.loss * (1.0 - imp.loss)).sqrt());
+            let lost = f64::from(p.sent - p.received);
+            if (lost - mean).abs() > 4.0 * sd {
+                bail!(
+                    "ping to {dst}: {lost} of {} lost; the emulated links drop {:.2} %, so {mean:.1} ± {:.1} (4σ)",
+                    p.sent,
+                    imp.loss * 100.0,
+                    4.0 * sd
+                );
+            }
+            line.push_str(&format!(
+                ", lost {lost}/{} (want {mean:.1} ± {:.1})",
+                p.sent,
+                4.0 * sd
+            ));
+        }
+        seen.push(line);
+    }
+    Ok(seen.join("; "))
+}
+
+/// No silent truncation (DESIGN.md: bytes arrive complete and in order or
+/// the stream errors): every connection bob's sink saw end in a clean EOF
+/// carried one of the sizes that were sent (`sizes`, per stream), and no
+/// sender stream got a clean EOF in place of the sink's answer. A stream
+/// that a broken tunnel cuts must end in an error (a reset) on both local
+/// sockets, never a FIN.
+pub fn no_silent_truncation(run: &Run, sizes: &[u64], sent: &[&SendReport]) -> Result<()> {
+    let short: Vec<u64> = sink_endings(&run.dir.join("sink.log"))
+        .into_iter()
+        .filter(|e| e.clean && !sizes.contains(&e.bytes))
+        .map(|e| e.bytes)
+        .collect();
+    if !short.is_empty() {
+        bail!(
+            "silent truncation: bob's sink saw a clean EOF after {short:?} bytes (streams were {sizes:?}): a cut stream must end in a reset"
+        );
+    }
+    let clean: usize = sent
+        .iter()
+        .map(|t| t.errors.iter().filter(|e| e.contains(CLEAN_EOF)).count())
+        .sum();
+    if clean > 0 {
+        bail!("silent truncation: {clean} sender stream(s) got a clean EOF from alice's forward instead of an error");
+    }
+    Ok(())
 }

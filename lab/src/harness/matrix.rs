@@ -8,8 +8,52 @@ use crate::harness::spec::{Expect, Scenario};
 use crate::net::nat::NatBehaviour as N;
 use crate::net::topology::{Layout as L, Links};
 
+/// The networks every transport setting runs through, all expected direct.
+fn direct_networks() -> Vec<(&'static str, L)> {
+    vec![
+        ("masquerade", L::TwoNats(N::Masquerade)),
+        ("drop", L::TwoNats(N::DropUnsolicited)),
+        ("rst", L::TwoNats(N::RejectRst)),
+        ("same-nat", L::SameNat),
+        ("public", L::OnePublic),
+        ("double-nat", L::DoubleNat),
+    ]
+}
+
 /// Every named scenario.
 pub fn scenarios() -> Vec<Scenario> {
+    use Transport::{Quic, Tcp};
+    let mut all = named();
+    // What ships: `transports` unset races TCP against QUIC. Each direct
+    // network again with the default, at the same zero delay as its
+    // TCP-only run: either may win, both ends must name the same one and
+    // the loser must be closed (`checks::one_path_kept`).
+    for (name, layout) in direct_networks() {
+        all.push(
+            Scenario::new(&format!("{name}-default"), layout, Expect::Direct)
+                .with_transports(&[Tcp, Quic]),
+        );
+    }
+    // QUIC alone where its UDP mapping differs from the masquerade case:
+    // through two NATs in a row, and between two hosts of one LAN (5 ms
+    // links, as for every QUIC scenario: lab/README.md, "UDP and
+    // conntrack").
+    for (name, layout) in [
+        ("double-nat-quic", L::DoubleNat),
+        ("same-nat-quic", L::SameNat),
+    ] {
+        all.push(
+            Scenario::new(name, layout, Expect::Direct)
+                .with_transports(&[Quic])
+                .with_links(Links::near()),
+        );
+    }
+    all
+}
+
+/// The scenarios named one by one, without the transport variants of
+/// [`scenarios`]: what the realism suite runs again on emulated links.
+pub fn named() -> Vec<Scenario> {
     use Transport::{Quic, Tcp};
     vec![
         Scenario::new("masquerade", L::TwoNats(N::Masquerade), Expect::Direct),

@@ -66,7 +66,12 @@ pub fn available_or_skip(test: &str) -> bool {
             )
         }
         Some(reason) => {
-            eprintln!("SKIP {test}: {reason}");
+            // Written to the process's stderr, not with `eprintln!`: libtest
+            // captures the print macros of a passing test, which made a
+            // skipped lab test look like a plain `ok`. A direct write to
+            // fd 2 shows in every `cargo test` run.
+            use std::io::Write as _;
+            let _ = writeln!(std::io::stderr(), "SKIP {test}: {reason}");
             false
         }
     }

@@ -31,6 +31,8 @@ pub struct Report {
     /// Containerized rendezvous: start → health check passed, and the exit
     /// code on SIGTERM.
     pub container: Option<(Duration, i32)>,
+    /// With no path: connect to the forward → the connection refused.
+    pub refused_after: Option<Duration>,
 }
 
 impl std::fmt::Display for Report {
@@ -59,6 +61,9 @@ impl std::fmt::Display for Report {
         }
         if let Some(r) = &self.punch_reason {
             write!(f, " reason={r:?}")?;
+        }
+        if let Some(d) = &self.refused_after {
+            write!(f, " forward refused after {}ms", d.as_millis())?;
         }
         if let Some((healthy, code)) = &self.container {
             write!(

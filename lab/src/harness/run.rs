@@ -98,6 +98,10 @@ impl Run {
         std::fs::create_dir_all(&dir)?;
         if let Some(links) = &s.links {
             topo.emulate(links, &bins.tool, &dir)?;
+            // Measured before anything starts: a late or dead emulator
+            // would otherwise leave a plain network under a delayed name.
+            let seen = crate::harness::checks::link_emulation_applied(&topo, links)?;
+            std::fs::write(dir.join("links.txt"), seen)?;
         }
         if let Some(rules) = &s.host_b_rules {
             topo.host_b.nft(rules)?;

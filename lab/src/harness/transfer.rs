@@ -26,13 +26,23 @@ pub async fn sink(listen: SocketAddr) -> Result<()> {
         tokio::spawn(async move {
             let mut hasher = Sha256::new();
             let mut buf = vec![0u8; 128 * 1024];
+            let mut got = 0u64;
+            // One line per connection, how it ended (what an exposed
+            // service saw): read by `sink_endings`.
             loop {
                 match s.read(&mut buf).await {
                     Ok(0) => break,
-                    Ok(n) => hasher.update(&buf[..n]),
-                    Err(_) => return,
+                    Ok(n) => {
+                        got += n as u64;
+                        hasher.update(&buf[..n]);
+                    }
+                    Err(e) => {
+                        println!("{SINK_LINE} {got} error {e}");
+                        return;
+                    }
                 }
             }
+            println!("{SINK_LINE} {got} eof");
             let _ = s
                 .write_all(format!("{}\n", hex(&hasher.finalize())).as_bytes())
                 .await;
@@ -40,6 +50,38 @@ pub async fn sink(listen: SocketAddr) -> Result<()> {
         });
     }
 }
+
+/// How the sink's log lines about a connection's end start.
+const SINK_LINE: &str = "sink connection ended after";
+
+/// How one connection to the sink ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SinkEnding {
+    /// Bytes it read.
+    pub bytes: u64,
+    /// A clean EOF (FIN) rather than an error (reset).
+    pub clean: bool,
+}
+
+/// Every connection end the sink logged, in order.
+pub fn sink_endings(log: &Path) -> Vec<SinkEnding> {
+    std::fs::read_to_string(log)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| {
+            let mut w = l.strip_prefix(SINK_LINE)?.split_whitespace();
+            let bytes = w.next()?.parse().ok()?;
+            Some(SinkEnding {
+                bytes,
+                clean: w.next()? == "eof",
+            })
+        })
+        .collect()
+}
+
+/// Marks a sender stream that got a clean EOF (a FIN) instead of the
+/// sink's answer: the truncation an application would take as complete.
+pub const CLEAN_EOF: &str = "clean EOF without the sink's answer";
 
 /// What one sender run measured.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -74,6 +116,9 @@ async fn one_stream(connect: SocketAddr, data: Vec<u8>) -> Result<()> {
     };
     let ((), answer) = tokio::try_join!(send, recv)?;
     let answer = answer.trim();
+    if answer.is_empty() {
+        bail!("{CLEAN_EOF}");
+    }
     if answer != expected {
         bail!("sha256 mismatch: sent {expected}, sink saw {answer:?}");
     }
@@ -257,6 +302,35 @@ mod tests {
         assert_eq!(report.bytes, 100_000);
 
         sink_task.abort();
+    }
+
+    #[test]
+    fn sink_endings_are_read_from_its_log() {
+        let dir = std::env::temp_dir().join(format!("sink-endings-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let log = dir.join("sink.log");
+        std::fs::write(
+            &log,
+            format!(
+                "{SINK_LINE} 1048576 eof\nnoise\n{SINK_LINE} 17 error Connection reset by peer\n"
+            ),
+        )
+        .unwrap();
+        let e = sink_endings(&log);
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert_eq!(
+            e,
+            vec![
+                SinkEnding {
+                    bytes: 1_048_576,
+                    clean: true
+                },
+                SinkEnding {
+                    bytes: 17,
+                    clean: false
+                }
+            ]
+        );
     }
 
     #[test]

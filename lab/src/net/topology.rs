@@ -277,6 +277,13 @@ impl Topology {
         &self.prefix
     }
 
+    /// Bytes received on bob's host interface (what reached him).
+    pub fn host_b_rx_bytes(&self) -> Result<u64> {
+        let out = self.host_b.ip(&["-s", "-j", "link", "show", "eth0"])?;
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+        Ok(v[0]["stats64"]["rx"]["bytes"].as_u64().unwrap_or(0))
+    }
+
     /// Bytes received + sent on the rendezvous host's interface.
     pub fn rendezvous_bytes(&self) -> Result<u64> {
         let out = self.rv.ip(&["-s", "-j", "link", "show", "eth0"])?;
@@ -366,6 +373,7 @@ impl Topology {
     /// sender's uplink plus its own downlink. `tool` is `punch-lab-tool`.
     pub fn emulate(&mut self, links: &Links, tool: &Path, log_dir: &Path) -> Result<()> {
         let mut endpoints = vec![(Endpoint::Rv, "eth0", RENDEZVOUS_IP, links.rv)];
+        let mut bound = Vec::new();
         if let Some(a) = self.outer_nat_a {
             endpoints.push((Endpoint::Nat(a), "wan0", "203.0.113.2", links.a));
         }
@@ -407,13 +415,148 @@ impl Topology {
             for spec in specs {
                 args.extend(["--queue".to_owned(), spec]);
             }
+            let queues: Vec<u16> = args
+                .iter()
+                .skip(1)
+                .filter_map(|a| a.split(':').next()?.parse().ok())
+                .collect();
             let args: Vec<&str> = args.iter().map(String::as_str).collect();
             let log = log_dir.join(format!("linkem-{}.log", ns.name()));
             ns.spawn(tool, &args, &[], &log)?;
+            bound.push((ns.name().to_owned(), queues, log));
         }
-        // Let the emulators bind their queues (until then `--queue-bypass`
-        // passes packets undelayed).
-        std::thread::sleep(std::time::Duration::from_millis(300));
+        // Until an emulator has bound its queues, `--queue-bypass` passes
+        // packets undelayed: wait until the kernel lists every queue as
+        // bound (it takes ~10 ms; a fixed 300 ms sleep used to stand in).
+        for (ns, queues, log) in &bound {
+            wait_queues_bound(ns, queues, log)?;
+        }
         Ok(())
+    }
+
+    /// `ping` from alice's host: `count` probes `interval` seconds apart.
+    pub fn ping(&self, dst: &str, count: u32, interval: &str) -> Result<Ping> {
+        let count_s = count.to_string();
+        let out = self.host_a.exec_output(
+            "ping",
+            &["-n", "-c", &count_s, "-i", interval, "-W", "2", dst],
+        )?;
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        Ping::parse(&text).ok_or_else(|| anyhow::anyhow!("no ping summary from {dst}: {text}"))
+    }
+
+    /// The round trips from alice's host whose emulation can be measured
+    /// with `ping`, and what each should add: to the rendezvous (alice's
+    /// link both ways and the rendezvous's), and to bob's public address
+    /// when he has one of his own (his NAT or himself answers the ping).
+    pub fn emulated_round_trips(&self, links: &Links) -> Vec<(String, Impairment)> {
+        let round = |far: Link| links.a.up.then(far.down).then(far.up).then(links.a.down);
+        let mut out = vec![(RENDEZVOUS_IP.to_owned(), round(links.rv))];
+        // bob's public address (his NAT's, or his own); a bob behind
+        // alice's NAT has no link of his own.
+        if self.bob_seen_from_alice == "203.0.113.3" {
+            out.push((self.bob_seen_from_alice.clone(), round(links.b)));
+        }
+        out.retain(|(_, imp)| *imp != Impairment::NONE);
+        out
+    }
+}
+
+/// What `ping` measured.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Ping {
+    /// Probes sent.
+    pub sent: u32,
+    /// Replies received.
+    pub received: u32,
+    /// Fastest round trip, ms (NaN with no reply).
+    pub min_ms: f64,
+    /// Median round trip, ms (NaN with no reply): unlike the mean, not
+    /// moved by one probe that waited for a CPU on a loaded machine.
+    pub median_ms: f64,
+}
+
+impl Ping {
+    /// Reads each reply's `time=X ms` and the `N packets transmitted, M
+    /// received` summary.
+    pub fn parse(text: &str) -> Option<Ping> {
+        let counts: Vec<u32> = text
+            .lines()
+            .find(|l| l.contains("packets transmitted"))?
+            .split(|c: char| !c.is_ascii_digit())
+            .filter_map(|n| n.parse().ok())
+            .collect();
+        let mut rtts: Vec<f64> = text
+            .lines()
+            .filter_map(|l| {
+                l.split("time=")
+                    .nth(1)?
+                    .split_whitespace()
+                    .next()?
+                    .parse()
+                    .ok()
+            })
+            .collect();
+        rtts.sort_by(f64::total_cmp);
+        Some(Ping {
+            sent: *counts.first()?,
+            received: *counts.get(1)?,
+            min_ms: rtts.first().copied().unwrap_or(f64::NAN),
+            median_ms: rtts.get(rtts.len() / 2).copied().unwrap_or(f64::NAN),
+        })
+    }
+}
+
+/// Waits until `/proc/net/netfilter/nfnetlink_queue` in `ns` lists every
+/// one of `queues` (the emulator bound them), or fails with its log.
+fn wait_queues_bound(ns: &str, queues: &[u16], log: &Path) -> Result<()> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let out = crate::net::netns::run(
+            "ip",
+            &[
+                "netns",
+                "exec",
+                ns,
+                "cat",
+                "/proc/net/netfilter/nfnetlink_queue",
+            ],
+        )?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        let listed: Vec<u16> = text
+            .lines()
+            .filter_map(|l| l.split_whitespace().next()?.parse().ok())
+            .collect();
+        if queues.iter().all(|q| listed.contains(q)) {
+            return Ok(());
+        }
+        if std::time::Instant::now() > deadline {
+            anyhow::bail!(
+                "the link emulator in {ns} did not bind queues {queues:?} within 10 s (bound: {listed:?}); its log: {}",
+                std::fs::read_to_string(log).unwrap_or_default()
+            );
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ping_summary_is_read() {
+        let text = "64 bytes from 203.0.113.1: icmp_seq=1 ttl=63 time=40.6 ms\n\
+                    64 bytes from 203.0.113.1: icmp_seq=2 ttl=63 time=90.2 ms\n\
+                    64 bytes from 203.0.113.1: icmp_seq=3 ttl=63 time=40.1 ms\n\
+                    --- 203.0.113.1 ping statistics ---\n\
+                    4 packets transmitted, 3 received, 25% packet loss, time 60ms\n\
+                    rtt min/avg/max/mdev = 40.1/57.0/90.2/23.5 ms\n";
+        let p = Ping::parse(text).unwrap();
+        assert_eq!((p.sent, p.received), (4, 3));
+        assert!((p.min_ms - 40.1).abs() < 1e-9 && (p.median_ms - 40.6).abs() < 1e-9);
+        let none = Ping::parse("3 packets transmitted, 0 received, 100% packet loss\n").unwrap();
+        assert!(none.received == 0 && none.min_ms.is_nan());
+        assert!(Ping::parse("ping: unknown host").is_none());
     }
 }

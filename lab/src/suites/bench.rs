@@ -18,8 +18,10 @@
 //! Then 1,000 concurrent streams of 1 MiB through one punchd tunnel, with
 //! checksums and both daemons' peak RSS, and the single-core AEAD rates
 //! (`openssl speed`), the ceiling for any encrypted tunnel here. Figures
-//! are printed, never asserted. A competitor that is not installed is
-//! skipped with the reason printed. Last, the first four paths again with
+//! are printed with no thresholds, but an arm that measured a failure (a
+//! checksum mismatch, a path that would not start, the loopback run)
+//! fails the benchmark after everything is printed. A competitor that is
+//! not installed is skipped with the reason printed. Last, the first four paths again with
 //! everything on one host's loopback (no NAT, no veth).
 
 use std::path::Path;
@@ -54,7 +56,35 @@ struct Row {
     one: Option<f64>,
     eight: Option<f64>,
     rr: Option<RrReport>,
+    /// Not measured, and why (printed in place of the figures).
     skipped: Option<String>,
+    /// Not measured because it broke, not because a tool is missing: the
+    /// benchmark fails (after printing the others).
+    failed: bool,
+}
+
+/// A competitor's tool is not installed: its row is skipped, and that
+/// alone does not fail the benchmark.
+#[derive(Debug)]
+struct NotInstalled(String);
+
+impl std::fmt::Display for NotInstalled {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} is not installed", self.0)
+    }
+}
+
+impl std::error::Error for NotInstalled {}
+
+/// Marks a competitor's row as not measured: skipped if its tool is
+/// missing, failed if it is there and would not start.
+fn not_measured(row: &mut Row, e: &anyhow::Error) {
+    row.failed = e.downcast_ref::<NotInstalled>().is_none();
+    row.skipped = Some(if row.failed {
+        format!("FAILED: {e:#}")
+    } else {
+        format!("{e:#}")
+    });
 }
 
 /// One iperf3 run's received rate, Gbit/s. iperf3 serves one test at a
@@ -185,7 +215,10 @@ fn wait_listening(ns: &Netns, addr: &str) -> Result<()> {
 fn ssh_dir(base: &Path) -> Result<std::path::PathBuf> {
     for tool in ["ssh", "sshd", "ssh-keygen"] {
         if !installed(tool) {
-            bail!("{tool} is not installed (apt-get install openssh-client openssh-server)");
+            return Err(NotInstalled(format!(
+                "{tool} (apt-get install openssh-client openssh-server)"
+            ))
+            .into());
         }
     }
     let dir = base.join("ssh");
@@ -275,7 +308,9 @@ fn start_ssh(run: &mut Run) -> Result<()> {
 /// bob's service port. Returns (server config, client config).
 fn rathole_configs(dir: &Path, server: &str) -> Result<(std::path::PathBuf, std::path::PathBuf)> {
     if !installed("rathole") {
-        bail!("rathole is not installed (cargo install rathole; see BENCHMARKS.md)");
+        return Err(
+            NotInstalled("rathole (cargo install rathole; see BENCHMARKS.md)".into()).into(),
+        );
     }
     let out = netns::run("rathole", &["--genkey"])?;
     let text = String::from_utf8_lossy(&out.stdout);
@@ -472,7 +507,7 @@ fn many_streams(run: &mut Run, server: &mut Option<usize>) -> Result<String> {
     )?;
     stop.store(true, Ordering::Relaxed);
     let peak = sampler.join().unwrap_or_default();
-    Ok(format!(
+    let line = format!(
         "{STREAMS} streams x 1 MiB through one tunnel: {} in {:.2}s ({} errors); punchd RSS before/peak: alice {}/{} KiB, bob {}/{} KiB",
         if report.ok { "all checksums match" } else { "FAILED" },
         report.seconds,
@@ -481,7 +516,14 @@ fn many_streams(run: &mut Run, server: &mut Option<usize>) -> Result<String> {
         peak.first().copied().unwrap_or(0),
         before.get(1).copied().unwrap_or(0),
         peak.get(1).copied().unwrap_or(0),
-    ))
+    );
+    // A benchmark that measured a failure must not exit 0: the figure is
+    // printed, and the run fails.
+    if !report.ok {
+        let first = report.errors.first().map_or("", String::as_str);
+        bail!("{line}; first error: {first}");
+    }
+    Ok(line)
 }
 
 fn row(name: &'static str, target: &str) -> (Row, String) {
@@ -573,7 +615,7 @@ fn loopback(bins: &Binaries, seconds: u64, rr_count: usize) -> Result<Vec<(Row, 
         ssh_forward(&d, &mut ns, "127.0.0.1", &key)
     });
     if let Err(e) = ssh {
-        paths[2].0.skipped = Some(format!("{e:#}"));
+        not_measured(&mut paths[2].0, &e);
     }
     let rathole_up = rathole_configs(&dir.join("rathole"), "127.0.0.1:2333").and_then(|(s, c)| {
         rathole(&mut ns, "--server", &s)?;
@@ -584,7 +626,7 @@ fn loopback(bins: &Binaries, seconds: u64, rr_count: usize) -> Result<Vec<(Row, 
         Ok(())
     });
     if let Err(e) = rathole_up {
-        paths[3].0.skipped = Some(format!("{e:#}"));
+        not_measured(&mut paths[3].0, &e);
     }
     let name = ns.name().to_owned();
     measure(
@@ -609,13 +651,13 @@ pub fn run(bins: &Binaries, seconds: u64) -> Result<()> {
         run.topo.host_b.kill(run.sink);
         port_forward(&run.topo.nats[1], SERVICE_PORT, BOB_HOST)?;
         if let Err(e) = start_ssh(&mut run) {
-            paths[2].0.skipped = Some(format!("{e:#}"));
+            not_measured(&mut paths[2].0, &e);
         }
         if let Err(e) = start_rathole(&mut run) {
-            paths[3].0.skipped = Some(format!("{e:#}"));
+            not_measured(&mut paths[3].0, &e);
         }
         let mut server = measure_run(&mut run, &mut paths, seconds, rr_count)?;
-        streams_line = many_streams(&mut run, &mut server)?;
+        streams_line = many_streams(&mut run, &mut server);
     }
     for (name, congestion) in [("punchd QUIC", "cubic"), ("punchd QUIC bbr", "bbr")] {
         let mut quic = vec![row(name, FORWARD_LISTEN)];
@@ -655,16 +697,34 @@ pub fn run(bins: &Binaries, seconds: u64) -> Result<()> {
     }
     paths.extend(relayed);
     print_tables("lab both-NATs path", &paths, seconds, rr_count);
-    match loopback(bins, seconds, rr_count) {
-        Ok(paths) => print_tables("loopback, one host", &paths, seconds, rr_count),
+    // Printed before the result is judged, so a failed arm still leaves
+    // every figure the others measured.
+    let loopback = loopback(bins, seconds, rr_count);
+    match &loopback {
+        Ok(paths) => print_tables("loopback, one host", paths, seconds, rr_count),
         Err(e) => println!("\nloopback comparison failed: {e:#}"),
     }
-    println!("\n{streams_line}");
+    match &streams_line {
+        Ok(line) => println!("\n{line}"),
+        Err(e) => println!("\n{e:#}"),
+    }
     for alg in ["aes-128-gcm", "chacha20-poly1305"] {
         if let Some(r) = aead_rate(alg) {
             println!("single-core {alg}: {r:.2} GB/s ({:.1} Gbit/s)", r * 8.0);
         }
     }
+    // Every arm that measured a failure fails the benchmark (exit non-zero).
+    let loopback = loopback.context("the loopback comparison failed")?;
+    let broken: Vec<&str> = paths
+        .iter()
+        .chain(&loopback)
+        .filter(|(r, _)| r.failed)
+        .map(|(r, _)| r.path)
+        .collect();
+    if !broken.is_empty() {
+        bail!("these paths would not start: {broken:?} (see the tables)");
+    }
+    streams_line.context("the 1,000-stream run failed")?;
     Ok(())
 }
 

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use anyhow::{bail, Result};
 
 use crate::harness::checks;
-use crate::harness::matrix::scenarios;
+use crate::harness::matrix::named;
 use crate::harness::punchd_types::{PathState, StatusDoc};
 use crate::harness::spec::PUNCH_PORT;
 use crate::harness::stats::percentile;
@@ -27,10 +27,7 @@ use crate::net::topology::{Link, Links};
 /// with the checks a direct scenario gets.
 pub fn matrix(label: &str, links: Links, bytes: u64, bins: &Binaries) -> Result<Vec<Report>> {
     let mut out = Vec::new();
-    for s in scenarios()
-        .into_iter()
-        .filter(|s| s.expect == Expect::Direct)
-    {
+    for s in named().into_iter().filter(|s| s.expect == Expect::Direct) {
         let mut s = s.with_links(links);
         s.name = format!("{}-{label}", s.name);
         s.bytes = bytes;
