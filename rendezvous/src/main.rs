@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use punch_config::{RendezvousConfig, Secret};
+use punch_rendezvous::server::Trust;
 use tokio_util::sync::CancellationToken;
 
 /// The punchd rendezvous server: daemons register here, learn their public
@@ -20,9 +21,20 @@ struct Args {
     #[arg(long, value_name = "ADDR", env = "PUNCH_RENDEZVOUS_LISTEN")]
     listen: Option<std::net::SocketAddr>,
     /// Network token daemons must present, overriding the config (empty:
-    /// keep the config's).
-    #[arg(long, env = "PUNCH_RENDEZVOUS_TOKEN", hide_env_values = true)]
+    /// keep the config's). Prefer the environment (`PUNCH_TOKEN`, or the
+    /// older `PUNCH_RENDEZVOUS_TOKEN`) or `--token-file`: a command line
+    /// is visible to every user in `ps`.
+    #[arg(long, env = "PUNCH_TOKEN", hide_env_values = true)]
     token: Option<String>,
+    /// Read the network token from this file (first line), overriding the
+    /// config.
+    #[arg(
+        long,
+        value_name = "FILE",
+        env = "PUNCH_TOKEN_FILE",
+        conflicts_with = "token"
+    )]
+    token_file: Option<PathBuf>,
     #[command(subcommand)]
     cmd: Option<Cmd>,
 }
@@ -37,6 +49,20 @@ enum Cmd {
         /// 127.0.0.1 when it listens on all addresses).
         #[arg(long, value_name = "ADDR")]
         addr: Option<std::net::SocketAddr>,
+    },
+    /// Create a server key (mode 0600) for `key_file` and print its public
+    /// key, the `server_key` daemons pin.
+    Keygen {
+        /// Where to write it; an existing file is never overwritten.
+        #[arg(long, value_name = "FILE")]
+        out: PathBuf,
+    },
+    /// Print the public key of a server key file (default: the config's
+    /// `key_file`), for daemons' `[rendezvous] server_key`.
+    Pubkey {
+        /// The key file.
+        #[arg(long, value_name = "FILE")]
+        key: Option<PathBuf>,
     },
 }
 
@@ -61,10 +87,33 @@ fn main() -> ExitCode {
     if let Some(listen) = args.listen {
         cfg.listen = listen;
     }
-    // An empty value (e.g. `PUNCH_RENDEZVOUS_TOKEN=` from a compose file
-    // with the variable unset) means "not given", never "the empty token".
-    if let Some(token) = args.token.filter(|t| !t.is_empty()) {
+    // An empty value (e.g. `PUNCH_TOKEN=` from a compose file with the
+    // variable unset) means "not given", never "the empty token".
+    let token = args
+        .token
+        .or_else(|| std::env::var("PUNCH_RENDEZVOUS_TOKEN").ok())
+        .filter(|t| !t.is_empty());
+    if let Some(token) = token {
         cfg.token = Some(Secret::new(token));
+        cfg.token_file = None;
+    }
+    if let Some(file) = args.token_file {
+        cfg.token_file = Some(file);
+        cfg.token = None;
+    }
+    if let Some(file) = cfg.token_file.take() {
+        match punch_service::secret_file::read_token(&file) {
+            Ok(t) => cfg.token = Some(Secret::new(t)),
+            Err(e) => {
+                eprintln!("error: token file: {e}");
+                return ExitCode::from(2);
+            }
+        }
+    }
+    match &args.cmd {
+        Some(Cmd::Keygen { out }) => return keygen(out),
+        Some(Cmd::Pubkey { key }) => return pubkey(key.as_ref().or(cfg.key_file.as_ref())),
+        _ => {}
     }
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(r) => r,
@@ -83,7 +132,17 @@ fn main() -> ExitCode {
             }
         };
     }
-    match runtime.block_on(serve(cfg)) {
+    let trust = match Trust::from_config(&cfg) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if cfg.key_file.is_none() {
+        tracing::warn!("no key_file: punch orders are signed with a key made for this run only, which daemons cannot pin; set key_file in rendezvous.toml");
+    }
+    match runtime.block_on(serve(cfg, trust)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
@@ -92,7 +151,47 @@ fn main() -> ExitCode {
     }
 }
 
-async fn serve(cfg: RendezvousConfig) -> anyhow::Result<()> {
+fn keygen(out: &std::path::Path) -> ExitCode {
+    match punch_rendezvous::server::create_key(out) {
+        Ok(key) => {
+            eprintln!(
+                "wrote {} (keep it private); server_key for daemons:",
+                out.display()
+            );
+            println!(
+                "{}",
+                punch_rendezvous::protocol::b64(key.verifying_key().as_bytes())
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn pubkey(key: Option<&PathBuf>) -> ExitCode {
+    let Some(path) = key else {
+        eprintln!("error: no key file: pass --key FILE, or --config with key_file set");
+        return ExitCode::from(2);
+    };
+    match punch_rendezvous::server::load_key(path) {
+        Ok(key) => {
+            println!(
+                "{}",
+                punch_rendezvous::protocol::b64(key.verifying_key().as_bytes())
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+async fn serve(cfg: RendezvousConfig, trust: Trust) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(cfg.listen)
         .await
         .with_context(|| {
@@ -110,7 +209,7 @@ async fn serve(cfg: RendezvousConfig) -> anyhow::Result<()> {
         on_signal.cancel();
     });
     punch_service::notify_ready(&format!("listening on {}", cfg.listen));
-    punch_rendezvous::server::run(listener, cfg, cancel)
+    punch_rendezvous::server::run_with(listener, cfg, trust, cancel)
         .await
         .context("rendezvous server failed")
 }

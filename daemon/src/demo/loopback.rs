@@ -73,9 +73,18 @@ pub fn peer_config(
     forwards: &[(&str, &str)],
     extra_punch: &str,
 ) -> Result<PeerConfig, punch_config::ConfigError> {
+    // Each daemon of the process its own admin token file, in the temp
+    // folder (the default, under /run, is for installed daemons).
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let token_file = std::env::temp_dir().join(format!(
+        "punchd-{}-{n}-{name}.admin-token",
+        std::process::id()
+    ));
     let mut toml = format!(
         "name = \"{name}\"\nkey_file = \"{name}.key\"\n\n[rendezvous]\nurl = \"{rendezvous_url}\"\n\n\
-         [punch]\nport = 0\n{extra_punch}\n\n[admin]\nlisten = \"127.0.0.1:0\"\n"
+         [punch]\nport = 0\n{extra_punch}\n\n[admin]\nlisten = \"127.0.0.1:0\"\ntoken_file = {:?}\n",
+        token_file.display().to_string()
     );
     for (peer, key) in peers {
         toml.push_str(&format!(
