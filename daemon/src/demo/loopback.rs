@@ -15,6 +15,10 @@ use tokio_util::task::TaskTracker;
 pub struct Rendezvous {
     /// Where it listens.
     pub addr: SocketAddr,
+    /// Its order-signing key, for `[rendezvous] server_key`.
+    pub server_key: PublicKeyBytes,
+    /// Whether it serves https (`[tls]`).
+    tls: bool,
     cancel: CancellationToken,
     tracker: TaskTracker,
 }
@@ -31,10 +35,22 @@ impl Rendezvous {
         let addr = listener.local_addr()?;
         let cancel = CancellationToken::new();
         let tracker = TaskTracker::new();
-        tracker.spawn(punch_rendezvous::server::run(listener, cfg, cancel.clone()));
+        let trust =
+            punch_rendezvous::server::Trust::from_config(&cfg).map_err(std::io::Error::other)?;
+        let server_key =
+            PublicKeyBytes::from_base64(&trust.public_key()).map_err(std::io::Error::other)?;
+        let tls = cfg.tls.is_some();
+        tracker.spawn(punch_rendezvous::server::run_with(
+            listener,
+            cfg,
+            trust,
+            cancel.clone(),
+        ));
         tracker.close();
         Ok(Self {
             addr,
+            server_key,
+            tls,
             cancel,
             tracker,
         })
@@ -42,7 +58,8 @@ impl Rendezvous {
 
     /// The URL daemons use.
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        let scheme = if self.tls { "https" } else { "http" };
+        format!("{scheme}://{}", self.addr)
     }
 
     /// Stops it and waits.
