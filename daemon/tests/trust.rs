@@ -509,6 +509,38 @@ async fn repunch_needs_the_admin_token_and_the_right_host() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(punches(&pair.alice), before);
     assert_eq!(path_of(&pair.alice), PathState::Direct);
+    // The CLI finds nothing without the token file, then re-punches with it.
+    let cli = |args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_punchd"))
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let nowhere = cli(&[
+        "repunch",
+        "bob",
+        "--admin",
+        &host,
+        "--token-file",
+        "/nonexistent/t",
+    ]);
+    assert_eq!(nowhere.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&nowhere.stderr).contains("--token-file"));
+    let token_file = pair.alice.admin_token_file.to_str().unwrap();
+    let ok = cli(&[
+        "repunch",
+        "bob",
+        "--admin",
+        &host,
+        "--token-file",
+        token_file,
+    ]);
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    // The raw request with the token is accepted too.
     assert_eq!(http(admin, "POST", repunch, &host, Some(token)).await, 202);
     wait_for("the re-punch", Duration::from_secs(20), || {
         (punches(&pair.alice) > before).then_some(())
