@@ -213,8 +213,7 @@ pub async fn start(
         &identity,
         &peer_status,
         quic.as_ref(),
-        &endpoint,
-        &rv_cmd_tx,
+        (&endpoint, &rv_cmd_tx),
         &cancel,
         &tracker,
     )?;
@@ -300,8 +299,8 @@ fn spawn_peers(
     identity: &Identity,
     peer_status: &[Arc<PeerStatus>],
     quic: Option<&Arc<QuicPath>>,
-    endpoint: &Endpoint,
-    rendezvous: &mpsc::Sender<control::RvCmd>,
+    // The rendezvous: where it is (for the relay) and its client's inbox.
+    (endpoint, rendezvous): (&Endpoint, &mpsc::Sender<control::RvCmd>),
     cancel: &CancellationToken,
     tracker: &TaskTracker,
 ) -> Result<
