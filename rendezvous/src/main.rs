@@ -152,23 +152,14 @@ fn main() -> ExitCode {
 }
 
 fn keygen(out: &std::path::Path) -> ExitCode {
-    match punch_rendezvous::server::create_key(out) {
-        Ok(key) => {
-            eprintln!(
-                "wrote {} (keep it private); server_key for daemons:",
-                out.display()
-            );
-            println!(
-                "{}",
-                punch_rendezvous::protocol::b64(key.verifying_key().as_bytes())
-            );
-            ExitCode::SUCCESS
-        }
-        Err(e) => {
-            eprintln!("error: {e}");
-            ExitCode::from(2)
-        }
+    let created = punch_rendezvous::server::create_key(out);
+    if created.is_ok() {
+        eprintln!(
+            "wrote {} (keep it private); server_key for daemons:",
+            out.display()
+        );
     }
+    print_public(created)
 }
 
 fn pubkey(key: Option<&PathBuf>) -> ExitCode {
@@ -176,7 +167,14 @@ fn pubkey(key: Option<&PathBuf>) -> ExitCode {
         eprintln!("error: no key file: pass --key FILE, or --config with key_file set");
         return ExitCode::from(2);
     };
-    match punch_rendezvous::server::load_key(path) {
+    print_public(punch_rendezvous::server::load_key(path))
+}
+
+/// Prints the public half (what daemons pin), or the error (exit 2).
+fn print_public(
+    key: Result<ed25519_dalek::SigningKey, punch_rendezvous::server::TrustError>,
+) -> ExitCode {
+    match key {
         Ok(key) => {
             println!(
                 "{}",
