@@ -24,8 +24,8 @@ struct Args {
     /// keep the config's). Prefer the environment (`PUNCH_TOKEN`, or the
     /// older `PUNCH_RENDEZVOUS_TOKEN`) or `--token-file`: a command line
     /// is visible to every user in `ps`.
-    #[arg(long, env = "PUNCH_TOKEN", hide_env_values = true)]
-    token: Option<String>,
+    #[arg(long, env = "PUNCH_TOKEN", hide_env_values = true, value_parser = secret)]
+    token: Option<Secret>,
     /// Read the network token from this file (first line), overriding the
     /// config.
     #[arg(
@@ -91,10 +91,14 @@ fn main() -> ExitCode {
     // variable unset) means "not given", never "the empty token".
     let token = args
         .token
-        .or_else(|| std::env::var("PUNCH_RENDEZVOUS_TOKEN").ok())
-        .filter(|t| !t.is_empty());
+        .or_else(|| {
+            std::env::var("PUNCH_RENDEZVOUS_TOKEN")
+                .ok()
+                .map(Secret::new)
+        })
+        .filter(|t| !t.expose().is_empty());
     if let Some(token) = token {
-        cfg.token = Some(Secret::new(token));
+        cfg.token = Some(token);
         cfg.token_file = None;
     }
     if let Some(file) = args.token_file {
@@ -149,6 +153,11 @@ fn main() -> ExitCode {
             ExitCode::from(1)
         }
     }
+}
+
+/// `--token` as a [`Secret`], so `Args`' `Debug` never shows it.
+fn secret(value: &str) -> Result<Secret, std::convert::Infallible> {
+    Ok(Secret::new(value))
 }
 
 fn keygen(out: &std::path::Path) -> ExitCode {

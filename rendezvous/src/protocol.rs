@@ -155,8 +155,9 @@ pub enum ClientMsg {
     Result(PunchResult),
 }
 
-/// The hello body.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// The hello body. Its `Debug` masks the token, so a logged message
+/// never carries it.
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
 pub struct Hello {
     /// Daemon protocol version.
     pub version: u32,
@@ -176,6 +177,20 @@ pub struct Hello {
     pub token: Option<String>,
     /// Base64 signature by `public_key` (see [`sign_challenge`]).
     pub signature: String,
+}
+
+impl std::fmt::Debug for Hello {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Hello")
+            .field("version", &self.version)
+            .field("name", &self.name)
+            .field("public_key", &self.public_key)
+            .field("local_addrs", &self.local_addrs)
+            .field("udp_port", &self.udp_port)
+            .field("token", &self.token.as_ref().map(|_| "***"))
+            .field("signature", &self.signature)
+            .finish()
+    }
 }
 
 /// Which path a session ended on.
@@ -569,6 +584,24 @@ mod tests {
         let c = moved.candidates.remove(0);
         moved.udp_candidates.insert(0, c);
         assert_eq!(verify_order(&vk, "alice", &nonce, &moved), bad);
+    }
+
+    #[test]
+    fn a_hello_never_prints_its_token() {
+        let h = ClientMsg::Hello(Hello {
+            version: PROTOCOL_VERSION,
+            name: "alice".into(),
+            public_key: String::new(),
+            local_addrs: vec![],
+            udp_port: None,
+            token: Some("hunter2".into()),
+            signature: String::new(),
+        });
+        let shown = format!("{h:?}");
+        assert!(
+            !shown.contains("hunter2") && shown.contains("***"),
+            "{shown}"
+        );
     }
 
     #[test]
