@@ -590,6 +590,32 @@ mod tests {
     }
 
     #[test]
+    fn orders_are_checked_only_against_a_pinned_key() {
+        let order = PunchOrder {
+            session: "s".into(),
+            peer: "bob".into(),
+            public_key: String::new(),
+            candidates: vec![],
+            udp_candidates: vec![],
+            at_us: 0,
+            initiator: false,
+            relay_token: String::new(),
+            signature: None,
+        };
+        let server = ed25519_dalek::SigningKey::from_bytes(&[4; 32]);
+        let pinned = server.verifying_key();
+        assert!(check_order(None, "alice", &[0; 32], &order).is_ok());
+        assert_eq!(
+            check_order(Some(&pinned), "alice", &[0; 32], &order),
+            Err(OrderError::Unsigned)
+        );
+        let mut signed = order.clone();
+        punch_rendezvous::protocol::sign_order(&server, "alice", &[0; 32], &mut signed);
+        assert!(check_order(Some(&pinned), "alice", &[0; 32], &signed).is_ok());
+        assert!(check_order(Some(&pinned), "alice", &[1; 32], &signed).is_err());
+    }
+
+    #[test]
     fn a_silent_server_ends_the_session_and_unknown_pongs_do_not_count() {
         let t0 = Instant::now();
         let mut p = Pings::new(t0);
