@@ -255,11 +255,43 @@ async fn the_server_speaks_https_and_wss_itself() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let dir = temp_dir("tls");
     let (ca, tls) = pki(&dir);
+    let cfg_file = dir.join("rendezvous.toml");
+    std::fs::write(
+        &cfg_file,
+        format!(
+            "[tls]\ncert = {:?}\nkey = {:?}\n",
+            tls.cert.display().to_string(),
+            tls.key.display().to_string()
+        ),
+    )
+    .unwrap();
     let (addr, cancel) = start(RendezvousConfig {
         tls: Some(tls),
         ..RendezvousConfig::default()
     })
     .await;
+    // The container health probe follows the config to https.
+    // (blocking, so off the runtime thread that must serve the request)
+    let args = [
+        "--config".to_owned(),
+        cfg_file.display().to_string(),
+        "healthcheck".to_owned(),
+        "--addr".to_owned(),
+        addr.to_string(),
+    ];
+    let probe = tokio::task::spawn_blocking(move || {
+        Command::new(env!("CARGO_BIN_EXE_punch-rendezvous"))
+            .args(args)
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(
+        probe.status.success(),
+        "{}",
+        String::from_utf8_lossy(&probe.stderr)
+    );
     let mut roots = rustls::RootCertStore::empty();
     for c in rustls_pki_types::CertificateDer::pem_file_iter(&ca).unwrap() {
         roots.add(c.unwrap()).unwrap();
