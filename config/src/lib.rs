@@ -24,5 +24,5 @@ pub use peer::{
     AdminSection, Expose, Forward, PeerConfig, PeerEntry, PunchMode, PunchSection, QuicCongestion,
     TransportKind,
 };
-pub use rendezvous::{RendezvousConfig, ServerLimits};
+pub use rendezvous::{RendezvousConfig, ServerLimits, TlsSection};
 pub use types::{PeerName, PublicKeyBytes, Secret};

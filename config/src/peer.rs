@@ -46,8 +46,25 @@ pub struct RendezvousSection {
     /// `http://host:port` or `https://host:port` of `punch-rendezvous`.
     pub url: String,
     /// Network token; must equal the server's when the server sets one.
+    /// Prefer `token_file`: a config file is often more widely readable.
     #[serde(default)]
     pub token: Option<Secret>,
+    /// A file holding the network token (trailing newline ignored), the
+    /// alternative to `token`. Relative to this file after
+    /// [`PeerConfig::load`].
+    #[serde(default)]
+    pub token_file: Option<PathBuf>,
+    /// PEM CA certificate(s) to verify an `https://` rendezvous against,
+    /// instead of the built-in (Mozilla) roots: for a private CA or a
+    /// self-signed server. Relative to this file after [`PeerConfig::load`].
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    /// The rendezvous server's Ed25519 public key (base64, printed by
+    /// `punch-rendezvous pubkey` and at its start). When set, punch orders
+    /// not signed by it are refused, so neither a TLS-terminating proxy nor
+    /// anyone on a plain-http path can point our punches elsewhere.
+    #[serde(default)]
+    pub server_key: Option<PublicKeyBytes>,
 }
 
 /// Whether tunnel bytes may ever pass through the rendezvous server.
@@ -166,6 +183,16 @@ pub struct AdminSection {
     /// loopback unless you mean to publish your peer list.
     #[serde(default = "default_admin_listen")]
     pub listen: String,
+    /// Allow a non-loopback `listen`. Then every request, reads too, needs
+    /// the admin token. Default false.
+    #[serde(default)]
+    pub allow_remote: bool,
+    /// Where the daemon writes its admin token (mode 0600) at start and
+    /// where `punchd` CLI commands read it. Default: `admin-PORT.token` in
+    /// `$RUNTIME_DIRECTORY`, else `$XDG_RUNTIME_DIR/punchd`, else
+    /// `/run/punchd` (see [`AdminSection::token_path`]).
+    #[serde(default)]
+    pub token_file: Option<PathBuf>,
 }
 
 /// The default admin address, shared with `punchd status`.
@@ -179,6 +206,8 @@ impl Default for AdminSection {
     fn default() -> Self {
         Self {
             listen: default_admin_listen(),
+            allow_remote: false,
+            token_file: None,
         }
     }
 }
@@ -188,6 +217,28 @@ impl AdminSection {
     pub fn listen_addr(&self) -> Option<SocketAddr> {
         self.listen.parse().ok()
     }
+
+    /// The admin token file: `token_file`, or the default for this listen
+    /// port, so `punchd repunch` finds it knowing only the admin address.
+    pub fn token_path(&self) -> PathBuf {
+        match &self.token_file {
+            Some(p) => p.clone(),
+            None => default_token_path(self.listen_addr().map_or(7070, |a| a.port())),
+        }
+    }
+}
+
+/// The default admin token file for an admin API on `port`: in systemd's
+/// `$RUNTIME_DIRECTORY` (`RuntimeDirectory=punchd`), else
+/// `$XDG_RUNTIME_DIR/punchd`, else `/run/punchd`. Keyed by port so two
+/// daemons on one host keep apart, and runtime (tmpfs) so a token never
+/// outlives a boot.
+pub fn default_token_path(port: u16) -> PathBuf {
+    let dir = std::env::var_os("RUNTIME_DIRECTORY")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("XDG_RUNTIME_DIR").map(|d| PathBuf::from(d).join("punchd")))
+        .unwrap_or_else(|| PathBuf::from("/run/punchd"));
+    dir.join(format!("admin-{port}.token"))
 }
 
 /// `[[peers]]`: one trusted daemon.
@@ -241,9 +292,23 @@ impl PeerConfig {
             source,
         })?;
         let mut cfg = Self::parse_str(path, &text)?;
-        if cfg.key_file.is_relative() {
-            let base = path.parent().unwrap_or_else(|| Path::new("."));
-            cfg.key_file = base.join(&cfg.key_file);
+        let base = path.parent().unwrap_or_else(|| Path::new("."));
+        let resolve = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        };
+        resolve(&mut cfg.key_file);
+        let rv = &mut cfg.rendezvous;
+        for p in [
+            &mut rv.token_file,
+            &mut rv.ca_file,
+            &mut cfg.admin.token_file,
+        ]
+        .into_iter()
+        .flatten()
+        {
+            resolve(p);
         }
         Ok(cfg)
     }
@@ -277,6 +342,18 @@ impl PeerConfig {
                 format!("{url:?} is not an http:// or https:// URL of the rendezvous server"),
             ));
         }
+        if self.rendezvous.token.is_some() && self.rendezvous.token_file.is_some() {
+            out.push(Violation::new(
+                vec![Key("rendezvous"), Key("token_file")],
+                "set token or token_file, not both",
+            ));
+        }
+        if self.rendezvous.ca_file.is_some() && !url.starts_with("https://") {
+            out.push(Violation::new(
+                vec![Key("rendezvous"), Key("ca_file")],
+                "ca_file verifies an https:// server; the url is not https://",
+            ));
+        }
         if self.punch.keepalive_interval.is_zero() || self.punch.keepalive_timeout.is_zero() {
             out.push(Violation::new(
                 vec![Key("punch"), Key("keepalive_interval")],
@@ -298,11 +375,18 @@ impl PeerConfig {
                 "list each of \"tcp\" and \"quic\" at most once, and at least one of them",
             ));
         }
-        if self.admin.listen_addr().is_none() {
-            out.push(Violation::new(
+        match self.admin.listen_addr() {
+            None => out.push(Violation::new(
                 vec![Key("admin"), Key("listen")],
                 format!("{:?} is not an ip:port address", self.admin.listen),
-            ));
+            )),
+            Some(a) if !a.ip().is_loopback() && !self.admin.allow_remote => {
+                out.push(Violation::new(
+                    vec![Key("admin"), Key("listen")],
+                    format!("{a} is not a loopback address: the admin API would publish peers and addresses; use 127.0.0.1, or set allow_remote = true (then every request needs the admin token)"),
+                ))
+            }
+            Some(_) => {}
         }
         let mut seen = HashSet::new();
         let mut keys = HashSet::new();
@@ -504,6 +588,32 @@ mod tests {
         std::fs::remove_dir_all(&dir).unwrap();
         let missing = PeerConfig::load(&dir.join("nope.toml")).unwrap_err();
         assert!(missing.to_string().contains("cannot read"));
+    }
+
+    #[test]
+    fn a_remote_admin_listen_needs_allow_remote() {
+        let text = format!("{}\n[admin]\nlisten = \"0.0.0.0:7070\"\n", base());
+        let e = err_text(&text);
+        assert!(e.contains("peer.toml:12:1: key `admin.listen`"), "{e}");
+        assert!(e.contains("allow_remote"), "{e}");
+        let ok = text.replace("[admin]", "[admin]\nallow_remote = true");
+        assert!(parse(&ok).unwrap().admin.allow_remote);
+        let v6 = format!("{}\n[admin]\nlisten = \"[::1]:7070\"\n", base());
+        assert!(parse(&v6).is_ok());
+    }
+
+    #[test]
+    fn trust_keys_parse_and_conflict_where_they_should() {
+        let text = base().replace(
+            "url = \"http://127.0.0.1:8080\"",
+            &format!("url = \"https://rv.example:443\"\nca_file = \"ca.pem\"\nserver_key = \"{KEY_B}\"\ntoken_file = \"t\""),
+        );
+        let cfg = parse(&text).unwrap();
+        assert_eq!(cfg.rendezvous.server_key, Some(PublicKeyBytes([1; 32])));
+        let both = text.replace("token_file", "token = \"x\"\ntoken_file");
+        assert!(err_text(&both).contains("rendezvous.token_file"));
+        let plain = text.replace("https://", "http://");
+        assert!(err_text(&plain).contains("rendezvous.ca_file"));
     }
 
     #[test]

@@ -2,7 +2,7 @@
 //! limits that keep one misbehaving daemon from hurting the others.
 
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
@@ -26,6 +26,21 @@ pub struct RendezvousConfig {
     /// When set, every daemon must present this token in its hello.
     #[serde(default)]
     pub token: Option<Secret>,
+    /// A file holding the network token (trailing newline ignored), the
+    /// alternative to `token` that keeps the secret out of this file.
+    #[serde(default)]
+    pub token_file: Option<PathBuf>,
+    /// The server's Ed25519 identity (PKCS#8 PEM, mode 0600; created on
+    /// first start if missing). It signs every punch order, so daemons that
+    /// pin its public key (`[rendezvous] server_key`) accept orders only
+    /// from this server. Without it the server signs with a key made at
+    /// start, which nobody can pin.
+    #[serde(default)]
+    pub key_file: Option<PathBuf>,
+    /// Serve https/wss with this certificate; without it, plain http (for a
+    /// TLS-terminating proxy in front, or a lab).
+    #[serde(default)]
+    pub tls: Option<TlsSection>,
     /// Bounds on clients, messages and relays.
     #[serde(default)]
     pub limits: ServerLimits,
@@ -41,9 +56,22 @@ impl Default for RendezvousConfig {
             listen: default_listen(),
             udp_listen: None,
             token: None,
+            token_file: None,
+            key_file: None,
+            tls: None,
             limits: ServerLimits::default(),
         }
     }
+}
+
+/// `[tls]`: the server's own certificate.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsSection {
+    /// PEM certificate chain, leaf first.
+    pub cert: PathBuf,
+    /// PEM private key of the leaf (PKCS#8, PKCS#1 or SEC1), mode 0600.
+    pub key: PathBuf,
 }
 
 /// `[limits]`: every bound the server enforces. The defaults suit a few
@@ -93,13 +121,26 @@ impl Default for ServerLimits {
 }
 
 impl RendezvousConfig {
-    /// Reads and parses a `rendezvous.toml`.
+    /// Reads and parses a `rendezvous.toml`; relative file names in it are
+    /// resolved from the file's folder.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.to_owned(),
             source,
         })?;
-        Self::parse_str(path, &text)
+        let mut cfg = Self::parse_str(path, &text)?;
+        let base = path.parent().unwrap_or_else(|| Path::new("."));
+        let tls = cfg.tls.as_mut().map(|t| [&mut t.cert, &mut t.key]);
+        for p in [cfg.token_file.as_mut(), cfg.key_file.as_mut()]
+            .into_iter()
+            .flatten()
+            .chain(tls.into_iter().flatten())
+        {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        }
+        Ok(cfg)
     }
 
     /// Parses config text; `path` is used only in messages.
@@ -112,6 +153,16 @@ impl RendezvousConfig {
             ("limits.messages_per_second", l.messages_per_second == 0),
             ("limits.max_pending_punches", l.max_pending_punches == 0),
         ];
+        if cfg.token.is_some() && cfg.token_file.is_some() {
+            return Err(ConfigError::from_violation(
+                path,
+                text,
+                crate::error::Violation::new(
+                    vec![crate::error::KeySeg::Key("token_file")],
+                    "set token or token_file, not both",
+                ),
+            ));
+        }
         if let Some((key, _)) = zero.iter().find(|(_, bad)| *bad) {
             return Err(ConfigError::Invalid {
                 path: path.to_owned(),
@@ -134,6 +185,19 @@ mod tests {
         let cfg = RendezvousConfig::parse_str(Path::new("r.toml"), "").unwrap();
         assert_eq!(cfg.listen, "0.0.0.0:8080".parse().unwrap());
         assert_eq!(cfg.limits.max_message_bytes, 16384);
+    }
+
+    #[test]
+    fn tls_key_file_and_token_file_parse() {
+        let text = "key_file = \"server.key\"\ntoken_file = \"t\"\n[tls]\ncert = \"c.pem\"\nkey = \"k.pem\"\n";
+        let cfg = RendezvousConfig::parse_str(Path::new("r.toml"), text).unwrap();
+        assert_eq!(cfg.tls.unwrap().cert, PathBuf::from("c.pem"));
+        let both = format!("token = \"x\"\n{text}");
+        let e = RendezvousConfig::parse_str(Path::new("r.toml"), &both).unwrap_err();
+        assert!(
+            e.to_string().contains("r.toml:3:1: key `token_file`"),
+            "{e}"
+        );
     }
 
     #[test]

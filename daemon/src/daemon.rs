@@ -18,7 +18,9 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use punch_config::{PeerConfig, TransportKind};
+use ed25519_dalek::VerifyingKey;
+use punch_config::{PeerConfig, Secret, TransportKind};
+use punch_service::secret_file;
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -27,6 +29,7 @@ use tracing::{info, warn, Instrument};
 
 use crate::admin::status::{ForwardStatus, PeerStatus, StatusBoard};
 use crate::admin::{self, AdminCmd};
+use crate::control::link::Endpoint;
 use crate::control::{self, RvEvent, RvSettings};
 use crate::forward;
 use crate::identity::Identity;
@@ -49,6 +52,20 @@ pub enum DaemonError {
         #[source]
         source: std::io::Error,
     },
+    /// The rendezvous URL or its TLS settings are unusable.
+    #[error(transparent)]
+    Rendezvous(#[from] crate::control::link::LinkError),
+    /// `[rendezvous] token_file` unreadable.
+    #[error("[rendezvous] token_file: {0}")]
+    TokenFile(punch_service::secret_file::SecretFileError),
+    /// `[rendezvous] server_key` is not an Ed25519 point.
+    #[error("[rendezvous] server_key is not a valid Ed25519 public key; copy it from `punch-rendezvous pubkey`")]
+    ServerKey,
+    /// The admin token could not be written.
+    #[error(
+        "cannot write the admin token ({0}); set [admin] token_file to a path this user may write"
+    )]
+    AdminToken(punch_service::secret_file::SecretFileError),
     /// A peer is configured with our own key.
     #[error(
         "peer {0} is listed with this daemon's own public key; a daemon cannot connect to itself"
@@ -65,6 +82,8 @@ pub struct RunningDaemon {
     pub forward_addrs: Vec<SocketAddr>,
     /// Live status.
     pub status: Arc<StatusBoard>,
+    /// The admin token file, removed at shutdown.
+    pub admin_token_file: std::path::PathBuf,
     /// Stops the forward listeners only (the first step of a graceful stop).
     accepting: CancellationToken,
     cancel: CancellationToken,
@@ -96,6 +115,7 @@ impl RunningDaemon {
         {
             warn!(?drain, "some tasks did not finish in time");
         }
+        let _ = std::fs::remove_file(&self.admin_token_file);
     }
 
     fn open_streams(&self) -> i64 {
@@ -143,10 +163,36 @@ pub async fn start(
     if let Some(p) = cfg.peers.iter().find(|p| p.public_key == own_key) {
         return Err(DaemonError::SelfPeer(p.name.to_string()));
     }
+    let endpoint = Endpoint::new(&cfg.rendezvous.url, cfg.rendezvous.ca_file.as_deref())?;
+    let token = match &cfg.rendezvous.token_file {
+        Some(path) => Some(Secret::new(
+            secret_file::read_token(path).map_err(DaemonError::TokenFile)?,
+        )),
+        None => cfg.rendezvous.token.clone(),
+    };
+    let server_key = match &cfg.rendezvous.server_key {
+        Some(k) => Some(VerifyingKey::from_bytes(&k.0).map_err(|_| DaemonError::ServerKey)?),
+        None => {
+            warn!("no [rendezvous] server_key: punch orders are trusted as they arrive, so whoever controls the link to the server can aim our punches; pin the key the server prints");
+            None
+        }
+    };
     let tracker = TaskTracker::new();
     let accepting = cancel.child_token();
     let admin_listener = bind("the admin API", &cfg.admin.listen).await?;
     let admin_addr = local_addr(&admin_listener, "the admin API", &cfg.admin.listen)?;
+    // The bound port, so `listen = "…:0"` daemons do not share a file.
+    let token_path = cfg
+        .admin
+        .token_file
+        .clone()
+        .unwrap_or_else(|| punch_config::peer::default_token_path(admin_addr.port()));
+    let policy = admin::auth::Policy {
+        listen: admin_addr,
+        allow_remote: cfg.admin.allow_remote,
+        token: admin::auth::write_token(&token_path).map_err(DaemonError::AdminToken)?,
+    };
+    info!(path = %token_path.display(), "admin token written");
     let forwards = bind_forwards(&cfg).await?;
     let peer_status: Vec<_> = cfg
         .peers
@@ -167,7 +213,7 @@ pub async fn start(
         &identity,
         &peer_status,
         quic.as_ref(),
-        &rv_cmd_tx,
+        (&endpoint, &rv_cmd_tx),
         &cancel,
         &tracker,
     )?;
@@ -182,8 +228,9 @@ pub async fn start(
         );
     }
     let settings = RvSettings {
-        url: cfg.rendezvous.url.clone(),
-        token: cfg.rendezvous.token.clone(),
+        endpoint,
+        token,
+        server_key,
         name: cfg.name.to_string(),
         identity: identity.clone(),
         port: cfg.punch.port,
@@ -200,6 +247,7 @@ pub async fn start(
         admin_listener,
         board.clone(),
         admin_tx,
+        policy,
         cancel.clone(),
     ));
     info!(name = %cfg.name, %admin_addr, forwards = forward_addrs.len(), peers = cfg.peers.len(), "punchd started");
@@ -207,6 +255,7 @@ pub async fn start(
         admin_addr,
         forward_addrs,
         status: board,
+        admin_token_file: token_path,
         accepting,
         cancel,
         tracker,
@@ -250,7 +299,8 @@ fn spawn_peers(
     identity: &Identity,
     peer_status: &[Arc<PeerStatus>],
     quic: Option<&Arc<QuicPath>>,
-    rendezvous: &mpsc::Sender<control::RvCmd>,
+    // The rendezvous: where it is (for the relay) and its client's inbox.
+    (endpoint, rendezvous): (&Endpoint, &mpsc::Sender<control::RvCmd>),
     cancel: &CancellationToken,
     tracker: &TaskTracker,
 ) -> Result<
@@ -282,7 +332,7 @@ fn spawn_peers(
             initiator: cfg.forward.iter().any(|f| f.peer == p.name),
             punch_timeout: cfg.punch.timeout,
             mode: cfg.punch.mode,
-            rendezvous_url: cfg.rendezvous.url.clone(),
+            relay_endpoint: endpoint.clone(),
             keepalive: (cfg.punch.keepalive_interval, cfg.punch.keepalive_timeout),
             exposes: exposes.clone(),
             status: status.clone(),

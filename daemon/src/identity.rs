@@ -2,26 +2,20 @@
 //! authenticates the tunnel (as a TLS raw public key), so "who registered as
 //! alice" and "who is at the other end of this tunnel" are the same question.
 
-use std::io::Write as _;
 use std::path::{Path, PathBuf};
 
 use ed25519_dalek::pkcs8::{DecodePrivateKey, EncodePrivateKey, EncodePublicKey};
 use ed25519_dalek::SigningKey;
 use punch_config::PublicKeyBytes;
+use punch_service::secret_file::{self, SecretFileError};
 
 /// Errors loading or creating an identity file.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum IdentityError {
-    /// The file could not be read or written.
-    #[error("{}: {source}", path.display())]
-    Io {
-        /// The identity file.
-        path: PathBuf,
-        /// The OS error.
-        #[source]
-        source: std::io::Error,
-    },
+    /// Group or others may read it, or it could not be read or written.
+    #[error(transparent)]
+    File(SecretFileError),
     /// `keygen` refuses to replace an existing key.
     #[error("{} already exists; refusing to overwrite an identity (delete it first if you mean to)", path.display())]
     Exists {
@@ -63,12 +57,10 @@ impl Identity {
         })
     }
 
-    /// Loads a PKCS#8 PEM identity file.
+    /// Loads a PKCS#8 PEM identity file, refusing one that group or others
+    /// can read: the key is the daemon's whole identity.
     pub fn load(path: &Path) -> Result<Self, IdentityError> {
-        let pem = std::fs::read_to_string(path).map_err(|source| IdentityError::Io {
-            path: path.to_owned(),
-            source,
-        })?;
+        let pem = secret_file::read_private(path).map_err(IdentityError::File)?;
         let key = SigningKey::from_pkcs8_pem(&pem).map_err(|e| IdentityError::Format {
             path: path.to_owned(),
             reason: e.to_string(),
@@ -78,10 +70,6 @@ impl Identity {
 
     /// Writes the identity to a new file with mode 0600; never overwrites.
     pub fn save_new(&self, path: &Path) -> Result<(), IdentityError> {
-        let io = |source| IdentityError::Io {
-            path: path.to_owned(),
-            source,
-        };
         let pem = self
             .key
             .to_pkcs8_pem(ed25519_dalek::pkcs8::spki::der::pem::LineEnding::LF)
@@ -89,21 +77,10 @@ impl Identity {
                 path: path.to_owned(),
                 reason: e.to_string(),
             })?;
-        let mut options = std::fs::OpenOptions::new();
-        options.write(true).create_new(true);
-        #[cfg(unix)]
-        std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
-        let mut file = options.open(path).map_err(|e| {
-            if e.kind() == std::io::ErrorKind::AlreadyExists {
-                IdentityError::Exists {
-                    path: path.to_owned(),
-                }
-            } else {
-                io(e)
-            }
-        })?;
-        file.write_all(pem.as_bytes()).map_err(io)?;
-        file.sync_all().map_err(io)
+        secret_file::write_private(path, pem.as_bytes(), false).map_err(|e| match e {
+            SecretFileError::Exists { path } => IdentityError::Exists { path },
+            other => IdentityError::File(other),
+        })
     }
 
     /// The public half, as config files and the rendezvous carry it.
@@ -165,11 +142,29 @@ mod tests {
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
+    #[cfg(unix)]
+    #[test]
+    fn a_key_readable_by_others_is_refused_with_the_chmod_hint() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = temp("exposed");
+        let path = dir.join("a.key");
+        Identity::generate().unwrap().save_new(&path).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let e = Identity::load(&path).unwrap_err().to_string();
+        assert!(
+            e.contains(&format!("run `chmod 600 {}`", path.display())),
+            "{e}"
+        );
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        assert!(Identity::load(&path).is_ok());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
     #[test]
     fn garbage_key_files_are_explained() {
         let dir = temp("garbage");
         let path = dir.join("bad.key");
-        std::fs::write(&path, "hello").unwrap();
+        secret_file::write_private(&path, b"hello", false).unwrap();
         let e = Identity::load(&path).unwrap_err().to_string();
         assert!(e.contains("punchd keygen"), "{e}");
         std::fs::remove_dir_all(&dir).unwrap();

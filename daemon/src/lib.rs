@@ -11,12 +11,12 @@
 //! | [`peer`] | one task per peer: a sans-IO state machine (`peer/state.rs`) and its shell |
 //! | [`race`] | path selection: TCP and QUIC raced, one kept (`race/select.rs`, sans-IO) |
 //! | [`fallback`] | the relayed path through the rendezvous, the only "relay" |
-//! | [`control`] | the control plane: rendezvous client, punch jobs, clock sync, URL |
+//! | [`control`] | the control plane: rendezvous client, punch jobs (signature-checked against a pinned server key), clock sync, URL, the plain/TLS link |
 //! | [`forward`] | port forwarding: local listeners, exposed services and their ACL |
 //! | [`quic`] | the QUIC direct path: UDP socket, hole punch, quinn, its tunnel driver |
 //! | [`tunnel`] | TLS, yamux, stream header, keepalive, metering; what every path yields |
 //! | [`punch`] | the TCP direct path: timed simultaneous open (`punch/plan.rs`, sans-IO) |
-//! | [`admin`] | HTTP admin API, status model, `/metrics`, the `punchd status` client |
+//! | [`admin`] | HTTP admin API (token and Host check in `admin/auth.rs`), status model, `/metrics`, the `punchd status`/`repunch` client |
 //! | [`path`] | shared words: `Role`, `PathState`, `Transport` |
 //! | [`identity`], `backoff`, [`testdata`] | keys; retry spacing; test bytes |
 //! | `demo` | `punchd demo` and loopback helpers (feature `demo`: embeds the server) |

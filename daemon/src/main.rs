@@ -55,6 +55,26 @@ enum Command {
         /// Print the JSON document instead of a table.
         #[arg(long)]
         json: bool,
+        /// The daemon's admin token file (default: the config's
+        /// `[admin] token_file`, or the default for the admin port). Only
+        /// needed for an `allow_remote` admin API.
+        #[arg(long, value_name = "FILE")]
+        token_file: Option<PathBuf>,
+    },
+    /// Drop a peer's tunnel and punch again (needs the admin token: run as
+    /// the daemon's user, or pass --token-file).
+    Repunch {
+        /// The peer, as named in [[peers]].
+        peer: String,
+        /// Admin address of the daemon (default 127.0.0.1:7070).
+        #[arg(long, value_name = "ADDR", conflicts_with = "config")]
+        admin: Option<SocketAddr>,
+        /// Read the admin address and token file from this peer.toml.
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+        /// The daemon's admin token file.
+        #[arg(long, value_name = "FILE")]
+        token_file: Option<PathBuf>,
     },
     /// Run an embedded rendezvous and two daemons on loopback, push bytes
     /// through a forward, print a report.
@@ -125,9 +145,25 @@ fn dispatch(cli: Cli) -> Result<(), Failure> {
                 admin,
                 config,
                 json,
+                token_file,
             }),
             _,
-        ) => status(admin, config.as_deref(), json),
+        ) => {
+            let target = AdminTarget::resolve(admin, config.as_deref(), token_file)?;
+            status(&target, json)
+        }
+        (
+            Some(Command::Repunch {
+                peer,
+                admin,
+                config,
+                token_file,
+            }),
+            _,
+        ) => {
+            let target = AdminTarget::resolve(admin, config.as_deref(), token_file)?;
+            repunch(&target, &peer)
+        }
         (Some(Command::Demo), _) => demo(),
         (None, Some(config)) => run_daemon(&config),
         (None, None) => Err(usage(anyhow::anyhow!(
@@ -158,25 +194,74 @@ fn load(config: &Path) -> Result<(PeerConfig, Identity), Failure> {
     let id = Identity::load(&cfg.key_file)
         .with_context(|| format!("{}: key_file", config.display()))
         .map_err(usage)?;
+    if let Some(file) = &cfg.rendezvous.token_file {
+        punch_service::secret_file::read_token(file)
+            .with_context(|| format!("{}: rendezvous.token_file", config.display()))
+            .map_err(usage)?;
+    }
     Ok((cfg, id))
 }
 
-fn status(admin: Option<SocketAddr>, config: Option<&Path>, json: bool) -> Result<(), Failure> {
-    let addr = match (admin, config) {
-        (Some(a), _) => a,
-        (None, Some(path)) => {
-            let cfg = PeerConfig::load(path).map_err(usage)?;
-            cfg.admin
-                .listen_addr()
-                .context("admin.listen is not an address")
-                .map_err(usage)?
-        }
-        (None, None) => punch_config::peer::DEFAULT_ADMIN_LISTEN
-            .parse()
-            .map_err(usage)?,
-    };
+/// Which daemon a CLI command talks to, and where its admin token is.
+struct AdminTarget {
+    addr: SocketAddr,
+    token_file: PathBuf,
+}
+
+impl AdminTarget {
+    fn resolve(
+        admin: Option<SocketAddr>,
+        config: Option<&Path>,
+        token_file: Option<PathBuf>,
+    ) -> Result<Self, Failure> {
+        let (addr, default_token) = match (admin, config) {
+            (Some(a), _) => (a, punch_config::peer::default_token_path(a.port())),
+            (None, Some(path)) => {
+                let cfg = PeerConfig::load(path).map_err(usage)?;
+                let addr = cfg
+                    .admin
+                    .listen_addr()
+                    .context("admin.listen is not an address")
+                    .map_err(usage)?;
+                (addr, cfg.admin.token_path())
+            }
+            (None, None) => {
+                let a: SocketAddr = punch_config::peer::DEFAULT_ADMIN_LISTEN
+                    .parse()
+                    .map_err(usage)?;
+                (a, punch_config::peer::default_token_path(a.port()))
+            }
+        };
+        Ok(Self {
+            addr,
+            token_file: token_file.unwrap_or(default_token),
+        })
+    }
+
+    /// The token, if this user may read it.
+    fn token(&self) -> Result<String, punch_service::secret_file::SecretFileError> {
+        punch_service::secret_file::read_token(&self.token_file)
+    }
+}
+
+fn repunch(target: &AdminTarget, peer: &str) -> Result<(), Failure> {
+    let token = target
+        .token()
+        .context("cannot read the admin token; run as the daemon's user, or pass --token-file")
+        .map_err(usage)?;
+    let answer = tokio_runtime()?
+        .block_on(punchd::admin::client::repunch(target.addr, peer, &token))
+        .map_err(runtime)?;
+    println!("{answer}");
+    Ok(())
+}
+
+fn status(target: &AdminTarget, json: bool) -> Result<(), Failure> {
+    // Reads on loopback need no token; send it when we can read it so an
+    // allow_remote daemon answers too.
+    let token = target.token().ok();
     let doc = tokio_runtime()?
-        .block_on(punchd::admin::client::fetch(addr))
+        .block_on(punchd::admin::client::fetch(target.addr, token.as_deref()))
         .map_err(runtime)?;
     if json {
         println!("{}", serde_json::to_string_pretty(&doc).map_err(runtime)?);
@@ -216,7 +301,12 @@ fn run_daemon(config: &Path) -> Result<(), Failure> {
         let cancel = CancellationToken::new();
         let daemon = punchd::start(cfg, id, cancel.clone())
             .await
-            .map_err(runtime)?;
+            .map_err(|e| match e {
+                punchd::DaemonError::Rendezvous(_)
+                | punchd::DaemonError::TokenFile(_)
+                | punchd::DaemonError::ServerKey => usage(e),
+                other => runtime(other),
+            })?;
         punch_service::notify_ready("running");
         punch_service::shutdown_signal().await;
         tracing::info!("shutdown requested; draining streams");

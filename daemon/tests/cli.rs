@@ -165,3 +165,47 @@ fn tells_the_service_manager_when_ready_and_when_stopping() {
     assert_eq!(child.wait().unwrap().code(), Some(0));
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn a_remote_admin_listen_without_allow_remote_exits_2_naming_the_key() {
+    let example = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../config/examples/invalid/admin-remote.toml"
+    );
+    let out = punchd(&["check-config", "--config", example]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("admin-remote.toml:13:1: key `admin.listen`"),
+        "{err}"
+    );
+    assert!(err.contains("allow_remote = true"), "{err}");
+}
+
+#[cfg(unix)]
+#[test]
+fn a_key_file_readable_by_others_exits_2_with_the_chmod_hint() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = temp_dir("exposed-key");
+    let key = dir.join("alice.key");
+    let out = punchd(&["keygen", "--out", key.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let cfg = dir.join("peer.toml");
+    std::fs::write(&cfg, "name = \"alice\"\nkey_file = \"alice.key\"\n[rendezvous]\nurl = \"http://127.0.0.1:8080\"\n").unwrap();
+    for args in [
+        vec!["check-config", "--config", cfg.to_str().unwrap()],
+        vec!["--config", cfg.to_str().unwrap()],
+        vec!["pubkey", "--key", key.to_str().unwrap()],
+    ] {
+        let out = punchd(&args);
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        let err = text(&out.stderr);
+        assert!(
+            err.contains(&format!("chmod 600 {}", key.display())),
+            "{err}"
+        );
+        assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -20,7 +20,9 @@
 //!    its unit tests are the clearest statement of the rules;
 //! 4. `server/connection.rs` — one daemon's WebSocket around those rules,
 //!    with `server/local.rs` delivering what they decide to the right
-//!    connection; then `server/relay.rs` and `server/udp.rs`.
+//!    connection; then `server/relay.rs` and `server/udp.rs`;
+//! 5. `server/trust.rs` — the server's order-signing key (`key_file`) and
+//!    its own TLS (`[tls]`), the handshake off the accept loop.
 
 pub mod datagram;
 pub mod protocol;

@@ -2,10 +2,12 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use punch_config::{RendezvousConfig, Secret};
+use punch_rendezvous::server::Trust;
 use tokio_util::sync::CancellationToken;
 
 /// The punchd rendezvous server: daemons register here, learn their public
@@ -20,9 +22,20 @@ struct Args {
     #[arg(long, value_name = "ADDR", env = "PUNCH_RENDEZVOUS_LISTEN")]
     listen: Option<std::net::SocketAddr>,
     /// Network token daemons must present, overriding the config (empty:
-    /// keep the config's).
-    #[arg(long, env = "PUNCH_RENDEZVOUS_TOKEN", hide_env_values = true)]
-    token: Option<String>,
+    /// keep the config's). Prefer the environment (`PUNCH_TOKEN`, or the
+    /// older `PUNCH_RENDEZVOUS_TOKEN`) or `--token-file`: a command line
+    /// is visible to every user in `ps`.
+    #[arg(long, env = "PUNCH_TOKEN", hide_env_values = true, value_parser = secret)]
+    token: Option<Secret>,
+    /// Read the network token from this file (first line), overriding the
+    /// config.
+    #[arg(
+        long,
+        value_name = "FILE",
+        env = "PUNCH_TOKEN_FILE",
+        conflicts_with = "token"
+    )]
+    token_file: Option<PathBuf>,
     #[command(subcommand)]
     cmd: Option<Cmd>,
 }
@@ -37,6 +50,20 @@ enum Cmd {
         /// 127.0.0.1 when it listens on all addresses).
         #[arg(long, value_name = "ADDR")]
         addr: Option<std::net::SocketAddr>,
+    },
+    /// Create a server key (mode 0600) for `key_file` and print its public
+    /// key, the `server_key` daemons pin.
+    Keygen {
+        /// Where to write it; an existing file is never overwritten.
+        #[arg(long, value_name = "FILE")]
+        out: PathBuf,
+    },
+    /// Print the public key of a server key file (default: the config's
+    /// `key_file`), for daemons' `[rendezvous] server_key`.
+    Pubkey {
+        /// The key file.
+        #[arg(long, value_name = "FILE")]
+        key: Option<PathBuf>,
     },
 }
 
@@ -61,10 +88,37 @@ fn main() -> ExitCode {
     if let Some(listen) = args.listen {
         cfg.listen = listen;
     }
-    // An empty value (e.g. `PUNCH_RENDEZVOUS_TOKEN=` from a compose file
-    // with the variable unset) means "not given", never "the empty token".
-    if let Some(token) = args.token.filter(|t| !t.is_empty()) {
-        cfg.token = Some(Secret::new(token));
+    // An empty value (e.g. `PUNCH_TOKEN=` from a compose file with the
+    // variable unset) means "not given", never "the empty token".
+    let token = args
+        .token
+        .or_else(|| {
+            std::env::var("PUNCH_RENDEZVOUS_TOKEN")
+                .ok()
+                .map(Secret::new)
+        })
+        .filter(|t| !t.expose().is_empty());
+    if let Some(token) = token {
+        cfg.token = Some(token);
+        cfg.token_file = None;
+    }
+    if let Some(file) = args.token_file {
+        cfg.token_file = Some(file);
+        cfg.token = None;
+    }
+    if let Some(file) = cfg.token_file.take() {
+        match punch_service::secret_file::read_token(&file) {
+            Ok(t) => cfg.token = Some(Secret::new(t)),
+            Err(e) => {
+                eprintln!("error: token file: {e}");
+                return ExitCode::from(2);
+            }
+        }
+    }
+    match &args.cmd {
+        Some(Cmd::Keygen { out }) => return keygen(out),
+        Some(Cmd::Pubkey { key }) => return pubkey(key.as_ref().or(cfg.key_file.as_ref())),
+        _ => {}
     }
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(r) => r,
@@ -75,7 +129,7 @@ fn main() -> ExitCode {
     };
     if let Some(Cmd::Healthcheck { addr }) = args.cmd {
         let addr = addr.unwrap_or_else(|| loopback_for(cfg.listen));
-        return match runtime.block_on(healthcheck(addr)) {
+        return match runtime.block_on(healthcheck(addr, cfg.tls.is_some())) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("unhealthy: {e:#}");
@@ -83,7 +137,17 @@ fn main() -> ExitCode {
             }
         };
     }
-    match runtime.block_on(serve(cfg)) {
+    let trust = match Trust::from_config(&cfg) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if cfg.key_file.is_none() {
+        tracing::warn!("no key_file: punch orders are signed with a key made for this run only, which daemons cannot pin; set key_file in rendezvous.toml");
+    }
+    match runtime.block_on(serve(cfg, trust)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
@@ -92,7 +156,50 @@ fn main() -> ExitCode {
     }
 }
 
-async fn serve(cfg: RendezvousConfig) -> anyhow::Result<()> {
+/// `--token` as a [`Secret`], so `Args`' `Debug` never shows it.
+fn secret(value: &str) -> Result<Secret, std::convert::Infallible> {
+    Ok(Secret::new(value))
+}
+
+fn keygen(out: &std::path::Path) -> ExitCode {
+    let created = punch_rendezvous::server::create_key(out);
+    if created.is_ok() {
+        eprintln!(
+            "wrote {} (keep it private); server_key for daemons:",
+            out.display()
+        );
+    }
+    print_public(created)
+}
+
+fn pubkey(key: Option<&PathBuf>) -> ExitCode {
+    let Some(path) = key else {
+        eprintln!("error: no key file: pass --key FILE, or --config with key_file set");
+        return ExitCode::from(2);
+    };
+    print_public(punch_rendezvous::server::load_key(path))
+}
+
+/// Prints the public half (what daemons pin), or the error (exit 2).
+fn print_public(
+    key: Result<ed25519_dalek::SigningKey, punch_rendezvous::server::TrustError>,
+) -> ExitCode {
+    match key {
+        Ok(key) => {
+            println!(
+                "{}",
+                punch_rendezvous::protocol::b64(key.verifying_key().as_bytes())
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+async fn serve(cfg: RendezvousConfig, trust: Trust) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(cfg.listen)
         .await
         .with_context(|| {
@@ -110,7 +217,7 @@ async fn serve(cfg: RendezvousConfig) -> anyhow::Result<()> {
         on_signal.cancel();
     });
     punch_service::notify_ready(&format!("listening on {}", cfg.listen));
-    punch_rendezvous::server::run(listener, cfg, cancel)
+    punch_rendezvous::server::run_with(listener, cfg, trust, cancel)
         .await
         .context("rendezvous server failed")
 }
@@ -126,25 +233,90 @@ fn loopback_for(listen: std::net::SocketAddr) -> std::net::SocketAddr {
 
 /// One `GET /healthz` over a plain TCP connection. A full HTTP client would
 /// be the only use of one in the server; the probe needs just the status line.
-async fn healthcheck(addr: std::net::SocketAddr) -> anyhow::Result<()> {
-    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-    let probe = async {
-        let mut stream = tokio::net::TcpStream::connect(addr)
-            .await
-            .with_context(|| format!("cannot connect to {addr}"))?;
+async fn healthcheck(addr: std::net::SocketAddr, tls: bool) -> anyhow::Result<()> {
+    use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
+    async fn ask(
+        mut stream: impl AsyncRead + AsyncWrite + Unpin,
+        addr: std::net::SocketAddr,
+    ) -> anyhow::Result<()> {
         let request = format!("GET /healthz HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
         stream.write_all(request.as_bytes()).await?;
         // The status line fits in far less; never read an unbounded reply.
         let mut head = Vec::with_capacity(512);
-        (&mut stream).take(512).read_to_end(&mut head).await?;
+        let _ = (&mut stream).take(512).read_to_end(&mut head).await;
         let status_line = String::from_utf8_lossy(&head);
         let status_line = status_line.lines().next().unwrap_or("");
         match status_line.split_whitespace().nth(1) {
             Some("200") => Ok(()),
             _ => anyhow::bail!("{addr} answered {status_line:?}"),
         }
+    }
+    let probe = async {
+        let stream = tokio::net::TcpStream::connect(addr)
+            .await
+            .with_context(|| format!("cannot connect to {addr}"))?;
+        if !tls {
+            return ask(stream, addr).await;
+        }
+        let connector = tokio_rustls::TlsConnector::from(Arc::new(probe_tls()?));
+        let name = rustls_pki_types::ServerName::from(addr.ip());
+        ask(connector.connect(name, stream).await?, addr).await
     };
     tokio::time::timeout(std::time::Duration::from_secs(3), probe)
         .await
         .map_err(|_| anyhow::anyhow!("{addr} did not answer within 3 s"))?
+}
+
+/// TLS for the health probe with `[tls]` set. It accepts any certificate:
+/// the probe runs beside the server and asks whether it answers, which is
+/// no trust decision (daemons verify properly).
+fn probe_tls() -> anyhow::Result<rustls::ClientConfig> {
+    use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+    use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+    use rustls::{DigitallySignedStruct, SignatureScheme};
+
+    #[derive(Debug)]
+    struct AnyCert(Arc<rustls::crypto::CryptoProvider>);
+
+    impl ServerCertVerifier for AnyCert {
+        fn verify_server_cert(
+            &self,
+            _: &CertificateDer<'_>,
+            _: &[CertificateDer<'_>],
+            _: &ServerName<'_>,
+            _: &[u8],
+            _: UnixTime,
+        ) -> Result<ServerCertVerified, rustls::Error> {
+            Ok(ServerCertVerified::assertion())
+        }
+        fn verify_tls12_signature(
+            &self,
+            message: &[u8],
+            cert: &CertificateDer<'_>,
+            dss: &DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, rustls::Error> {
+            let algs = &self.0.signature_verification_algorithms;
+            rustls::crypto::verify_tls12_signature(message, cert, dss, algs)
+        }
+        fn verify_tls13_signature(
+            &self,
+            message: &[u8],
+            cert: &CertificateDer<'_>,
+            dss: &DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, rustls::Error> {
+            let algs = &self.0.signature_verification_algorithms;
+            rustls::crypto::verify_tls13_signature(message, cert, dss, algs)
+        }
+        fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+            self.0.signature_verification_algorithms.supported_schemes()
+        }
+    }
+
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(AnyCert(provider)))
+        .with_no_client_auth();
+    Ok(config)
 }

@@ -12,22 +12,37 @@
 //! server → error {code, message}
 //! ```
 //!
-//! The signature in `hello` covers [`HELLO_CONTEXT`] followed by the raw
-//! nonce bytes, so a signature cannot be replayed on another server
-//! connection or mistaken for a signature from some other protocol.
+//! The signature in `hello` covers [`HELLO_CONTEXT`], the raw nonce, the
+//! name, the public key and the SHA-256 of the token (see
+//! [`sign_challenge`]): a hello cannot be replayed on another connection,
+//! nor re-sent under another name or token, nor mistaken for a signature
+//! from some other protocol.
+//!
+//! The server signs every punch order with its own Ed25519 key
+//! ([`sign_order`]), binding it to the recipient's name and registration
+//! nonce, so a daemon that pins the server's key (`[rendezvous]
+//! server_key`) can tell an order from the server from one a proxy or the
+//! network made up or rewrote, or one meant for another daemon
+//! ([`verify_order`]).
 
 use std::net::SocketAddr;
 
 use base64::Engine as _;
 use ed25519_dalek::{Signature, Signer, SigningKey, Verifier, VerifyingKey};
 use serde::{Deserialize, Serialize};
+use sha2::{Digest as _, Sha256};
 
 /// Protocol version spoken by this build. A daemon with another version is
 /// refused with [`ErrorCode::VersionMismatch`].
-pub const PROTOCOL_VERSION: u32 = 1;
+///
+/// 2: the hello signature binds name, key and token; orders are signed.
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// Domain separation for the hello signature.
-pub const HELLO_CONTEXT: &[u8] = b"punchd-rendezvous-hello-v1:";
+pub const HELLO_CONTEXT: &[u8] = b"punchd-rendezvous-hello-v2:";
+
+/// Domain separation for the server's punch-order signature.
+pub const ORDER_CONTEXT: &[u8] = b"punchd-rendezvous-order-v1:";
 
 /// Length of the challenge nonce in bytes.
 pub const NONCE_LEN: usize = 32;
@@ -55,6 +70,11 @@ pub enum ServerMsg {
         /// peers learn this daemon's UDP endpoint for the QUIC path.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         udp_port: Option<u16>,
+        /// The server's order-signing public key (base64): what a daemon
+        /// can pin as `[rendezvous] server_key`. Only informative here
+        /// (whoever forges the welcome can forge this too).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        server_key: Option<String>,
     },
     /// Answer to [`ClientMsg::Ping`].
     Pong {
@@ -105,6 +125,10 @@ pub struct PunchOrder {
     pub initiator: bool,
     /// Capability for `GET /v1/relay/{session}`, distinct per side.
     pub relay_token: String,
+    /// The server's signature over the order and its recipient
+    /// ([`sign_order`]), base64.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signature: Option<String>,
 }
 
 /// Messages a daemon sends.
@@ -131,8 +155,9 @@ pub enum ClientMsg {
     Result(PunchResult),
 }
 
-/// The hello body.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// The hello body. Its `Debug` masks the token, so a logged message
+/// never carries it.
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
 pub struct Hello {
     /// Daemon protocol version.
     pub version: u32,
@@ -150,8 +175,22 @@ pub struct Hello {
     /// Network token, when the server requires one.
     #[serde(default)]
     pub token: Option<String>,
-    /// Base64 signature of `HELLO_CONTEXT || nonce`.
+    /// Base64 signature by `public_key` (see [`sign_challenge`]).
     pub signature: String,
+}
+
+impl std::fmt::Debug for Hello {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Hello")
+            .field("version", &self.version)
+            .field("name", &self.name)
+            .field("public_key", &self.public_key)
+            .field("local_addrs", &self.local_addrs)
+            .field("udp_port", &self.udp_port)
+            .field("token", &self.token.as_ref().map(|_| "***"))
+            .field("signature", &self.signature)
+            .finish()
+    }
 }
 
 /// Which path a session ended on.
@@ -317,27 +356,107 @@ pub fn decode_nonce(s: &str) -> Result<[u8; NONCE_LEN], WireError> {
     unb64::<NONCE_LEN>(s, "nonce")
 }
 
-fn hello_message(nonce: &[u8]) -> Vec<u8> {
+/// Appends a length-prefixed field, so no two field lists sign the same
+/// bytes (`"ab" + "c"` vs `"a" + "bc"`).
+fn field(msg: &mut Vec<u8>, bytes: &[u8]) {
+    msg.extend_from_slice(&(bytes.len() as u32).to_be_bytes());
+    msg.extend_from_slice(bytes);
+}
+
+/// SHA-256 of the token, or empty: the hello binds the token without the
+/// signature being an oracle for it.
+fn token_hash(token: Option<&str>) -> Vec<u8> {
+    token.map_or_else(Vec::new, |t| Sha256::digest(t.as_bytes()).to_vec())
+}
+
+fn hello_message(nonce: &[u8], name: &str, public_key: &[u8], token: Option<&str>) -> Vec<u8> {
     let mut msg = HELLO_CONTEXT.to_vec();
-    msg.extend_from_slice(nonce);
+    field(&mut msg, nonce);
+    field(&mut msg, name.as_bytes());
+    field(&mut msg, public_key);
+    field(&mut msg, &token_hash(token));
     msg
 }
 
-/// Signs a challenge nonce for the hello.
-pub fn sign_challenge(key: &SigningKey, nonce: &[u8]) -> String {
-    b64(&key.sign(&hello_message(nonce)).to_bytes())
+/// Signs a hello: the challenge nonce, the name to register, this key and
+/// the token hash, so none of them can be swapped under the signature.
+pub fn sign_challenge(key: &SigningKey, nonce: &[u8], name: &str, token: Option<&str>) -> String {
+    let msg = hello_message(nonce, name, key.verifying_key().as_bytes(), token);
+    b64(&key.sign(&msg).to_bytes())
 }
 
-/// Checks a hello signature against the nonce the server sent.
+/// Checks a hello signature against the nonce the server sent and the
+/// name and token the hello carries.
 pub fn verify_challenge(
     public_key: &VerifyingKey,
     nonce: &[u8],
+    name: &str,
+    token: Option<&str>,
     signature_b64: &str,
 ) -> Result<(), WireError> {
     let sig = unb64::<64>(signature_b64, "signature")?;
+    let msg = hello_message(nonce, name, public_key.as_bytes(), token);
     public_key
-        .verify(&hello_message(nonce), &Signature::from_bytes(&sig))
+        .verify(&msg, &Signature::from_bytes(&sig))
         .map_err(|_| WireError::BadSignature)
+}
+
+/// What an order signature covers: every field but the signature, plus
+/// the recipient's name and registration nonce, so an order cannot be
+/// rewritten, nor replayed to another daemon or a later registration.
+fn order_message(recipient: &str, nonce: &[u8], order: &PunchOrder) -> Vec<u8> {
+    let mut msg = ORDER_CONTEXT.to_vec();
+    field(&mut msg, recipient.as_bytes());
+    field(&mut msg, nonce);
+    field(&mut msg, order.session.as_bytes());
+    field(&mut msg, order.peer.as_bytes());
+    field(&mut msg, order.public_key.as_bytes());
+    for list in [&order.candidates, &order.udp_candidates] {
+        msg.extend_from_slice(&(list.len() as u32).to_be_bytes());
+        for addr in list {
+            field(&mut msg, addr.to_string().as_bytes());
+        }
+    }
+    msg.extend_from_slice(&order.at_us.to_be_bytes());
+    msg.push(u8::from(order.initiator));
+    field(&mut msg, order.relay_token.as_bytes());
+    msg
+}
+
+/// Signs `order` for `recipient` (registered with challenge `nonce`).
+pub fn sign_order(key: &SigningKey, recipient: &str, nonce: &[u8], order: &mut PunchOrder) {
+    let sig = key.sign(&order_message(recipient, nonce, order));
+    order.signature = Some(b64(&sig.to_bytes()));
+}
+
+/// Why an order was not accepted as the server's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum OrderError {
+    /// No signature at all.
+    #[error("the punch order is unsigned")]
+    Unsigned,
+    /// A signature that does not verify with the pinned key for us.
+    #[error("the punch order's signature does not verify with the pinned server_key")]
+    BadSignature,
+}
+
+/// Checks that `order` was signed by `server_key` for `recipient` on the
+/// registration with challenge `nonce`.
+pub fn verify_order(
+    server_key: &VerifyingKey,
+    recipient: &str,
+    nonce: &[u8],
+    order: &PunchOrder,
+) -> Result<(), OrderError> {
+    let sig = order.signature.as_deref().ok_or(OrderError::Unsigned)?;
+    let sig = unb64::<64>(sig, "signature").map_err(|_| OrderError::BadSignature)?;
+    server_key
+        .verify(
+            &order_message(recipient, nonce, order),
+            &Signature::from_bytes(&sig),
+        )
+        .map_err(|_| OrderError::BadSignature)
 }
 
 /// Microseconds since the Unix epoch on this host's clock.
@@ -372,20 +491,117 @@ mod tests {
     }
 
     #[test]
-    fn signatures_bind_key_and_nonce() {
+    fn hello_signatures_bind_key_nonce_name_and_token() {
         let k = key(1);
+        let vk = k.verifying_key();
         let nonce = [9u8; NONCE_LEN];
-        let sig = sign_challenge(&k, &nonce);
-        assert!(verify_challenge(&k.verifying_key(), &nonce, &sig).is_ok());
+        let sig = sign_challenge(&k, &nonce, "alice", Some("s3cret"));
+        assert!(verify_challenge(&vk, &nonce, "alice", Some("s3cret"), &sig).is_ok());
+        let bad = Err(WireError::BadSignature);
         assert_eq!(
-            verify_challenge(&k.verifying_key(), &[8u8; NONCE_LEN], &sig),
-            Err(WireError::BadSignature)
+            verify_challenge(&vk, &[8u8; NONCE_LEN], "alice", Some("s3cret"), &sig),
+            bad
         );
         assert_eq!(
-            verify_challenge(&key(2).verifying_key(), &nonce, &sig),
-            Err(WireError::BadSignature)
+            verify_challenge(
+                &key(2).verifying_key(),
+                &nonce,
+                "alice",
+                Some("s3cret"),
+                &sig
+            ),
+            bad
         );
-        assert!(verify_challenge(&k.verifying_key(), &nonce, "!!").is_err());
+        assert_eq!(
+            verify_challenge(&vk, &nonce, "mallory", Some("s3cret"), &sig),
+            bad
+        );
+        assert_eq!(
+            verify_challenge(&vk, &nonce, "alice", Some("other"), &sig),
+            bad
+        );
+        assert_eq!(verify_challenge(&vk, &nonce, "alice", None, &sig), bad);
+        assert!(verify_challenge(&vk, &nonce, "alice", None, "!!").is_err());
+    }
+
+    fn order() -> PunchOrder {
+        PunchOrder {
+            session: "s1".into(),
+            peer: "bob".into(),
+            public_key: b64(key(2).verifying_key().as_bytes()),
+            candidates: vec!["203.0.113.3:40000".parse().unwrap()],
+            udp_candidates: vec!["203.0.113.3:40001".parse().unwrap()],
+            at_us: 1_000,
+            initiator: true,
+            relay_token: "r".into(),
+            signature: None,
+        }
+    }
+
+    #[test]
+    fn orders_verify_only_unchanged_for_their_recipient_and_registration() {
+        let server = key(7);
+        let vk = server.verifying_key();
+        let nonce = [3u8; NONCE_LEN];
+        let mut o = order();
+        assert_eq!(
+            verify_order(&vk, "alice", &nonce, &o),
+            Err(OrderError::Unsigned)
+        );
+        sign_order(&server, "alice", &nonce, &mut o);
+        assert_eq!(verify_order(&vk, "alice", &nonce, &o), Ok(()));
+        let bad = Err(OrderError::BadSignature);
+        assert_eq!(
+            verify_order(&vk, "carol", &nonce, &o),
+            bad,
+            "another daemon"
+        );
+        assert_eq!(
+            verify_order(&vk, "alice", &[4u8; NONCE_LEN], &o),
+            bad,
+            "another registration"
+        );
+        assert_eq!(
+            verify_order(&key(8).verifying_key(), "alice", &nonce, &o),
+            bad
+        );
+        let tampered: [fn(&mut PunchOrder); 7] = [
+            |o| o.candidates[0] = "192.0.2.99:22".parse().unwrap(),
+            |o| o.udp_candidates.push("192.0.2.99:53".parse().unwrap()),
+            |o| o.at_us += 1,
+            |o| o.peer = "mallory".into(),
+            |o| o.public_key = b64(key(9).verifying_key().as_bytes()),
+            |o| o.session = "s2".into(),
+            |o| o.initiator = false,
+        ];
+        for change in tampered {
+            let mut t = o.clone();
+            change(&mut t);
+            assert_eq!(verify_order(&vk, "alice", &nonce, &t), bad, "{t:?}");
+        }
+        // Moving a candidate between the lists changes the signed bytes too.
+        let mut moved = o.clone();
+        let c = moved.candidates.remove(0);
+        moved.udp_candidates.insert(0, c);
+        assert_eq!(verify_order(&vk, "alice", &nonce, &moved), bad);
+    }
+
+    #[test]
+    fn a_hello_never_prints_its_token() {
+        let h = ClientMsg::Hello(Hello {
+            version: PROTOCOL_VERSION,
+            name: "alice".into(),
+            public_key: String::new(),
+            local_addrs: vec![],
+            udp_port: None,
+            token: Some("hunter2".into()),
+            signature: String::new(),
+        });
+        let shown = format!("{h:?}");
+        assert!(
+            !shown.contains("hunter2") && shown.contains("***"),
+            "{shown}"
+        );
     }
 
     #[test]

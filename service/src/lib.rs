@@ -6,8 +6,10 @@
 //!   readiness reports to systemd (`Type=notify`).
 //! - [`prometheus`]: the one writer of the Prometheus text exposition format
 //!   behind both `/metrics` endpoints.
+//! - [`secret_file`]: reading and writing keys and tokens (the 0600 rule).
 
 pub mod lifecycle;
 pub mod prometheus;
+pub mod secret_file;
 
 pub use lifecycle::{notify_ready, notify_stopping, shutdown_signal};

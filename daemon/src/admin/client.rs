@@ -1,4 +1,6 @@
-//! `punchd status`: fetch `/v1/status` from a running daemon and print it.
+//! `punchd status` and `punchd repunch`: talk to a running daemon's admin
+//! API, with its admin token when we have it (needed for anything that
+//! changes state, and for every request to an `allow_remote` API).
 
 use std::fmt::Write as _;
 use std::net::SocketAddr;
@@ -28,7 +30,27 @@ pub enum StatusError {
 }
 
 /// GETs the status document.
-pub async fn fetch(addr: SocketAddr) -> Result<StatusDoc, StatusError> {
+pub async fn fetch(addr: SocketAddr, token: Option<&str>) -> Result<StatusDoc, StatusError> {
+    let body = request(addr, hyper::Method::GET, "/v1/status", token).await?;
+    serde_json::from_slice::<StatusDoc>(&body)
+        .map_err(|e| StatusError::Http(addr, format!("not a punchd status document: {e}")))
+}
+
+/// Asks the daemon to drop `peer`'s tunnel and punch again; returns its
+/// answer.
+pub async fn repunch(addr: SocketAddr, peer: &str, token: &str) -> Result<String, StatusError> {
+    let path = format!("/v1/peers/{peer}/repunch");
+    let body = request(addr, hyper::Method::POST, &path, Some(token)).await?;
+    Ok(String::from_utf8_lossy(&body).trim().to_owned())
+}
+
+/// One request; a non-2xx answer is an error carrying the daemon's reason.
+async fn request(
+    addr: SocketAddr,
+    method: hyper::Method,
+    path: &str,
+    token: Option<&str>,
+) -> Result<Bytes, StatusError> {
     let http = |e: &dyn std::fmt::Display| StatusError::Http(addr, e.to_string());
     let stream = tokio::net::TcpStream::connect(addr)
         .await
@@ -37,23 +59,28 @@ pub async fn fetch(addr: SocketAddr) -> Result<StatusDoc, StatusError> {
         hyper::client::conn::http1::handshake::<_, Empty<Bytes>>(TokioIo::new(stream))
             .await
             .map_err(|e| http(&e))?;
-    let request = hyper::Request::get("/v1/status")
-        .header(hyper::header::HOST, addr.to_string())
-        .body(Empty::new())
-        .map_err(|e| http(&e))?;
+    let mut request = hyper::Request::builder()
+        .method(method)
+        .uri(path)
+        .header(hyper::header::HOST, addr.to_string());
+    if let Some(t) = token {
+        request = request.header(hyper::header::AUTHORIZATION, format!("Bearer {t}"));
+    }
+    let request = request.body(Empty::new()).map_err(|e| http(&e))?;
     let fetch = async {
         let resp = sender.send_request(request).await.map_err(|e| http(&e))?;
-        if !resp.status().is_success() {
-            return Err(http(&format!("HTTP {}", resp.status())));
-        }
+        let status = resp.status();
         let body = resp
             .into_body()
             .collect()
             .await
             .map_err(|e| http(&e))?
             .to_bytes();
-        serde_json::from_slice::<StatusDoc>(&body)
-            .map_err(|e| http(&format!("not a punchd status document: {e}")))
+        if !status.is_success() {
+            let why = String::from_utf8_lossy(&body);
+            return Err(http(&format!("HTTP {status}: {}", why.trim())));
+        }
+        Ok(body)
     };
     tokio::select! {
         r = fetch => r,

@@ -19,6 +19,12 @@ pub(crate) fn render(board: &StatusBoard) -> String {
         "1 when registered with the rendezvous server.",
     )
     .sample(&[], u8::from(doc.rendezvous == "connected"));
+    out.family(
+        "punchd_orders_refused_total",
+        Kind::Counter,
+        "Punch orders refused: not signed by the pinned [rendezvous] server_key.",
+    )
+    .sample(&[], board.orders_refused.load(Ordering::Relaxed));
 
     paths(&mut out, &doc);
     if let Some(n) = doc.quic_connections {

@@ -2,6 +2,9 @@
 //! (Prometheus), `GET /healthz`, and `POST /v1/peers/{name}/repunch` to drop
 //! a peer's tunnel and punch again (for operators and the lab's timing
 //! measurements). It listens on loopback unless the config says otherwise.
+//! Every request passes [`auth::decide`] first: reads are open on
+//! loopback, anything else needs the admin token the daemon writes at
+//! start, and the `Host` header must name this listener.
 //!
 //! Also the status model ([`status`]: what every task reports into and
 //! `/v1/status` serves), its Prometheus rendering ([`metrics`](mod@metrics)) and the
@@ -10,15 +13,17 @@
 //! task's handle, so everything above can report into [`status`] without
 //! an import cycle.
 
+pub(crate) mod auth;
 pub mod client;
 pub(crate) mod metrics;
 pub mod status;
 
 use std::sync::Arc;
 
-use axum::extract::{Path, State};
+use axum::extract::{Path, Request, State};
 use axum::http::{header, StatusCode};
-use axum::response::IntoResponse;
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use punch_service::prometheus::CONTENT_TYPE;
@@ -46,6 +51,7 @@ pub(crate) async fn serve(
     listener: TcpListener,
     board: Arc<StatusBoard>,
     cmds: mpsc::Sender<AdminCmd>,
+    policy: auth::Policy,
     cancel: CancellationToken,
 ) {
     let app = Router::new()
@@ -56,12 +62,33 @@ pub(crate) async fn serve(
         .route("/v1/peers/{name}/repunch", post(repunch))
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok\n" }))
-        .with_state(Admin { board, cmds });
+        .with_state(Admin { board, cmds })
+        .layer(middleware::from_fn_with_state(Arc::new(policy), guard));
     if let Err(e) = axum::serve(listener, app)
         .with_graceful_shutdown(cancel.cancelled_owned())
         .await
     {
         tracing::warn!(error = %e, "admin API stopped");
+    }
+}
+
+/// Refuses what [`auth::decide`] refuses, before any handler runs.
+async fn guard(State(policy): State<Arc<auth::Policy>>, req: Request, next: Next) -> Response {
+    let verdict = {
+        let value = |name| req.headers().get(name).and_then(|v| v.to_str().ok());
+        auth::decide(
+            &policy,
+            req.method(),
+            value(header::HOST),
+            value(header::AUTHORIZATION),
+        )
+    };
+    match verdict {
+        Ok(()) => next.run(req).await,
+        Err((status, why)) => {
+            let challenge = [(header::WWW_AUTHENTICATE, "Bearer")];
+            (status, challenge, why).into_response()
+        }
     }
 }
 

@@ -232,9 +232,16 @@ pub struct StatusBoard {
     quic: Mutex<Option<quinn::Endpoint>>,
     pub(crate) peers: Vec<Arc<PeerStatus>>,
     pub(crate) forwards: Vec<Arc<ForwardStatus>>,
+    /// Punch orders refused because the pinned server key did not sign them.
+    pub(crate) orders_refused: AtomicU64,
 }
 
 impl StatusBoard {
+    /// Counts a punch order refused for its signature.
+    pub(crate) fn order_refused(&self) {
+        self.orders_refused.fetch_add(1, Ordering::Relaxed);
+    }
+
     pub(crate) fn new(
         name: &str,
         peers: Vec<Arc<PeerStatus>>,
@@ -246,6 +253,7 @@ impl StatusBoard {
             quic: Mutex::default(),
             peers,
             forwards,
+            orders_refused: AtomicU64::new(0),
         }
     }
 

@@ -8,22 +8,29 @@
 //! In: [`RvCmd`] (connect to a peer, report a result). Out: [`RvEvent`]
 //! (registered, punch orders as [`PunchJob`]s, refusals).
 //!
-//! Also here: [`clock`] (server time → local instant, for the punch's `at`)
-//! and [`url`] (the rendezvous URL → where to connect, shared with the
-//! relayed fallback, which imports it from here).
+//! Also here: [`clock`] (server time → local instant, for the punch's `at`),
+//! [`url`] and [`link`] (the rendezvous URL → where to connect, and the
+//! plain or TLS link over the dialled socket, shared with the relayed
+//! fallback, which imports them from here).
+//!
+//! Punch orders are the one server message that makes the daemon send
+//! packets somewhere. With `[rendezvous] server_key` pinned, an order is
+//! acted on only if the server's signature over it, our name and this
+//! registration's nonce verifies ([`check_order`]); anything else is
+//! logged, counted (`punchd_orders_refused_total`) and dropped.
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use ed25519_dalek::VerifyingKey;
 use futures::{SinkExt as _, StreamExt as _};
 use punch_config::Secret;
 use punch_rendezvous::protocol::{
-    b64, decode_nonce, sign_challenge, unix_time_us, ClientMsg, ErrorCode, Hello, PunchResult,
-    ServerMsg, PROTOCOL_VERSION,
+    b64, decode_nonce, sign_challenge, unix_time_us, verify_order, ClientMsg, ErrorCode, Hello,
+    OrderError, PunchResult, ServerMsg, PROTOCOL_VERSION,
 };
-use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
@@ -31,11 +38,13 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
 pub(crate) mod clock;
+pub(crate) mod link;
 pub(crate) mod url;
 
 use clock::ClockSync;
+use link::{Endpoint, LinkError, RvStream};
 use punch_rendezvous::protocol::PunchOrder;
-use url::{ws_target, UrlError};
+use url::UrlError;
 
 use crate::admin::status::StatusBoard;
 use crate::backoff::Backoff;
@@ -112,6 +121,9 @@ pub enum RvError {
     /// The URL is not usable.
     #[error(transparent)]
     Url(#[from] UrlError),
+    /// TLS to the rendezvous failed (an untrusted certificate, say).
+    #[error(transparent)]
+    Link(#[from] LinkError),
     /// The host name does not resolve.
     #[error("rendezvous url {0:?}: host does not resolve")]
     Unresolved(String),
@@ -137,8 +149,10 @@ pub enum RvError {
 /// Static settings.
 #[derive(Debug, Clone)]
 pub(crate) struct RvSettings {
-    pub(crate) url: String,
+    pub(crate) endpoint: Endpoint,
     pub(crate) token: Option<Secret>,
+    /// `[rendezvous] server_key`: when set, only orders it signed count.
+    pub(crate) server_key: Option<VerifyingKey>,
     pub(crate) name: String,
     pub(crate) identity: Identity,
     /// 0 until the first connection picks one.
@@ -183,6 +197,11 @@ pub(crate) async fn run(
                 error!(code = code.as_str(), %message, "rendezvous refused registration; fix the config (name, key or token). Retrying in 30s");
                 Duration::from_secs(30)
             }
+            Err(e @ RvError::Link(LinkError::Untrusted { .. })) => {
+                let d = backoff.next();
+                error!(retry_in_ms = d.as_millis() as u64, "{e}");
+                d
+            }
             Err(e) => {
                 let d = backoff.next();
                 warn!(error = %e, retry_in_ms = d.as_millis() as u64, "rendezvous connection lost; reconnecting");
@@ -200,7 +219,7 @@ pub(crate) async fn run(
     }
 }
 
-type Ws = WebSocketStream<TcpStream>;
+type Ws = WebSocketStream<RvStream>;
 
 async fn recv(ws: &mut Ws) -> Result<ServerMsg, RvError> {
     loop {
@@ -226,11 +245,11 @@ async fn send(ws: &mut Ws, msg: &ClientMsg) -> Result<(), RvError> {
 }
 
 async fn connect_and_register(settings: &mut RvSettings) -> Result<Registered, RvError> {
-    let (host_port, ws_url) = ws_target(&settings.url)?;
-    let addr = tokio::net::lookup_host(&host_port)
+    let endpoint = &settings.endpoint;
+    let addr = tokio::net::lookup_host(endpoint.host_port())
         .await?
         .next()
-        .ok_or_else(|| RvError::Unresolved(settings.url.clone()))?;
+        .ok_or_else(|| RvError::Unresolved(endpoint.url().to_owned()))?;
     let sock = bind_punch_socket(addr, settings.port)?;
     let tcp = sock.connect(addr).await?;
     set_abortive_close(&tcp);
@@ -242,7 +261,8 @@ async fn connect_and_register(settings: &mut RvSettings) -> Result<Registered, R
         settings.port = local.port();
         info!(port = settings.port, "punch port chosen");
     }
-    let (mut ws, _) = tokio_tungstenite::client_async(ws_url, tcp).await?;
+    let link = endpoint.wrap(tcp).await?;
+    let (mut ws, _) = tokio_tungstenite::client_async(endpoint.ws_url("/v1/ws"), link).await?;
     let nonce = match recv(&mut ws).await? {
         ServerMsg::Challenge { nonce, .. } => {
             decode_nonce(&nonce).map_err(|e| RvError::Protocol(e.to_string()))?
@@ -264,20 +284,29 @@ async fn connect_and_register(settings: &mut RvSettings) -> Result<Registered, R
         },
         udp_port: settings.quic.as_ref().map(|q| q.port()),
         token: settings.token.as_ref().map(|t| t.expose().to_owned()),
-        signature: sign_challenge(settings.identity.signing_key(), &nonce),
+        signature: sign_challenge(
+            settings.identity.signing_key(),
+            &nonce,
+            &settings.name,
+            settings.token.as_ref().map(Secret::expose),
+        ),
     };
     send(&mut ws, &ClientMsg::Hello(hello)).await?;
     match recv(&mut ws).await? {
         ServerMsg::Welcome {
             observed_addr,
             udp_port,
+            server_key,
             ..
-        } => Ok(Registered {
-            ws,
-            observed: observed_addr,
-            udp_server: udp_port.map(|p| SocketAddr::new(addr.ip(), p)),
-            nonce,
-        }),
+        } => {
+            note_server_key(settings.server_key.as_ref(), server_key.as_deref());
+            Ok(Registered {
+                ws,
+                observed: observed_addr,
+                udp_server: udp_port.map(|p| SocketAddr::new(addr.ip(), p)),
+                nonce,
+            })
+        }
         ServerMsg::Error { code, message } => Err(RvError::Refused { code, message }),
         other => Err(RvError::Protocol(format!(
             "expected welcome, got {other:?}"
@@ -365,8 +394,44 @@ async fn session(
                 Some(RvCmd::Probe) => pings.watchful(Instant::now()),
                 None => return Ok(()),
             },
-            msg = recv(&mut ws) => on_message(msg?, &mut pings, settings.port, events).await?,
+            msg = recv(&mut ws) => {
+                let me = Me { name: &settings.name, nonce: &nonce, pinned: settings.server_key.as_ref(), status };
+                on_message(msg?, &mut pings, settings.port, me, events).await?
+            }
         }
+    }
+}
+
+/// Says which server key signs our orders, and whether it is the pinned one.
+fn note_server_key(pinned: Option<&VerifyingKey>, announced: Option<&str>) {
+    match (pinned, announced) {
+        (None, Some(k)) => info!(server_key = k, "punch orders are not checked; pin this key as [rendezvous] server_key once you have checked it with `punch-rendezvous pubkey` on the server"),
+        (Some(p), Some(k)) if b64(p.as_bytes()) != k => warn!(announced = k, pinned = %b64(p.as_bytes()), "the rendezvous announces another server key than [rendezvous] server_key; its punch orders will be refused"),
+        _ => {}
+    }
+}
+
+/// This registration, as far as checking orders goes.
+#[derive(Clone, Copy)]
+struct Me<'a> {
+    name: &'a str,
+    nonce: &'a [u8; 32],
+    pinned: Option<&'a VerifyingKey>,
+    status: &'a StatusBoard,
+}
+
+/// Whether to act on `order`: always without a pinned key (the link, TLS
+/// or not, is all that vouches for it), else only if the pinned key
+/// signed it for us on this registration.
+pub(crate) fn check_order(
+    pinned: Option<&VerifyingKey>,
+    me: &str,
+    nonce: &[u8],
+    order: &PunchOrder,
+) -> Result<(), OrderError> {
+    match pinned {
+        None => Ok(()),
+        Some(key) => verify_order(key, me, nonce, order),
     }
 }
 
@@ -375,6 +440,7 @@ async fn on_message(
     msg: ServerMsg,
     pings: &mut Pings,
     port: u16,
+    me: Me<'_>,
     events: &mpsc::Sender<RvEvent>,
 ) -> Result<(), RvError> {
     match msg {
@@ -382,6 +448,11 @@ async fn on_message(
             pings.pong(id, server_time_us, unix_time_us(), Instant::now());
         }
         ServerMsg::Punch(order) => {
+            if let Err(e) = check_order(me.pinned, me.name, me.nonce, &order) {
+                me.status.order_refused();
+                warn!(session = %order.session, peer = %order.peer, "refusing a punch order: {e}; nothing is sent to its candidates (a proxy or the network between us and the server may be tampering)");
+                return Ok(());
+            }
             let fire_at = pings
                 .clock
                 .local_instant(order.at_us, Instant::now(), unix_time_us());
@@ -516,6 +587,32 @@ mod tests {
         p.pong(p.next_id, 1, 2, later);
         p.ping(later, 0).unwrap();
         assert_eq!(p.next_ping, later + PING_INTERVAL);
+    }
+
+    #[test]
+    fn orders_are_checked_only_against_a_pinned_key() {
+        let order = PunchOrder {
+            session: "s".into(),
+            peer: "bob".into(),
+            public_key: String::new(),
+            candidates: vec![],
+            udp_candidates: vec![],
+            at_us: 0,
+            initiator: false,
+            relay_token: String::new(),
+            signature: None,
+        };
+        let server = ed25519_dalek::SigningKey::from_bytes(&[4; 32]);
+        let pinned = server.verifying_key();
+        assert!(check_order(None, "alice", &[0; 32], &order).is_ok());
+        assert_eq!(
+            check_order(Some(&pinned), "alice", &[0; 32], &order),
+            Err(OrderError::Unsigned)
+        );
+        let mut signed = order.clone();
+        punch_rendezvous::protocol::sign_order(&server, "alice", &[0; 32], &mut signed);
+        assert!(check_order(Some(&pinned), "alice", &[0; 32], &signed).is_ok());
+        assert!(check_order(Some(&pinned), "alice", &[1; 32], &signed).is_err());
     }
 
     #[test]

@@ -1,6 +1,8 @@
-//! The rendezvous URL as the daemon uses it: `http://host:port` → the TCP
-//! address to dial and the WebSocket URL. Shared by the control plane
-//! (`/v1/ws`) and the relayed fallback (`/v1/relay/{session}`).
+//! The rendezvous URL as the daemon uses it: `http://host:port` or
+//! `https://host:port` → the TCP address to dial, the host TLS verifies,
+//! and the authority WebSocket URLs are built on. Shared by the control
+//! plane (`/v1/ws`) and the relayed fallback (`/v1/relay/{session}`)
+//! through [`super::link::Endpoint`].
 
 /// A rendezvous URL the daemon cannot use.
 #[derive(Debug, thiserror::Error)]
@@ -13,7 +15,7 @@ pub struct UrlError {
 }
 
 impl UrlError {
-    fn new(url: &str, why: &'static str) -> Self {
+    pub(crate) fn new(url: &str, why: &'static str) -> Self {
         Self {
             url: url.to_owned(),
             why,
@@ -21,30 +23,55 @@ impl UrlError {
     }
 }
 
-/// `http://host:port/...` → (`host:port`, websocket URL).
-pub(crate) fn ws_target(url: &str) -> Result<(String, String), UrlError> {
-    let (rest, scheme) = if let Some(r) = url.strip_prefix("http://") {
-        (r, "ws")
+/// What a rendezvous URL says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Target {
+    /// `host:port` to resolve and dial (default port 80 or 443).
+    pub(crate) host_port: String,
+    /// The host alone (brackets kept off an IPv6 literal): TLS's server name.
+    pub(crate) host: String,
+    /// `host[:port]` as written, for WebSocket URLs.
+    pub(crate) authority: String,
+    /// `https://`.
+    pub(crate) tls: bool,
+}
+
+/// Parses `http://host:port/...` or `https://...`.
+pub(crate) fn ws_target(url: &str) -> Result<Target, UrlError> {
+    let (rest, tls) = if let Some(r) = url.strip_prefix("http://") {
+        (r, false)
     } else if let Some(r) = url.strip_prefix("https://") {
-        let _ = r;
-        return Err(UrlError::new(url, "https is not supported by this build; put the server behind a TLS proxy only for browsers, and point daemons at its http:// address (their traffic is signed, and tunnels are end-to-end encrypted)"));
+        (r, true)
     } else {
-        return Err(UrlError::new(url, "must start with http://"));
+        return Err(UrlError::new(url, "must start with http:// or https://"));
     };
     let authority = rest.split('/').next().unwrap_or("");
     if authority.is_empty() {
         return Err(UrlError::new(url, "has no host"));
     }
-    let host_port = if authority
+    let port = authority
         .rsplit_once(':')
-        .is_some_and(|(_, p)| p.parse::<u16>().is_ok())
-        && !authority.ends_with(']')
-    {
-        authority.to_owned()
-    } else {
-        format!("{authority}:80")
+        .filter(|(_, p)| p.parse::<u16>().is_ok() && !authority.ends_with(']'));
+    let (host, host_port) = match port {
+        Some((host, _)) => (host, authority.to_owned()),
+        None => (
+            authority,
+            format!("{authority}:{}", if tls { 443 } else { 80 }),
+        ),
     };
-    Ok((host_port, format!("{scheme}://{authority}/v1/ws")))
+    let host = host
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_owned();
+    if host.is_empty() {
+        return Err(UrlError::new(url, "has no host"));
+    }
+    Ok(Target {
+        host_port,
+        host,
+        authority: authority.to_owned(),
+        tls,
+    })
 }
 
 #[cfg(test)]
@@ -53,11 +80,22 @@ mod tests {
 
     #[test]
     fn urls_map_to_websocket_targets() {
-        let (hp, ws) = ws_target("http://203.0.113.1:8080").unwrap();
-        assert_eq!(hp, "203.0.113.1:8080");
-        assert_eq!(ws, "ws://203.0.113.1:8080/v1/ws");
-        let (hp, _) = ws_target("http://example.invalid/").unwrap();
-        assert_eq!(hp, "example.invalid:80");
+        let t = ws_target("http://203.0.113.1:8080").unwrap();
+        assert_eq!(t.host_port, "203.0.113.1:8080");
+        assert_eq!(t.authority, "203.0.113.1:8080");
+        assert!(!t.tls);
+        let t = ws_target("http://example.invalid/").unwrap();
+        assert_eq!(t.host_port, "example.invalid:80");
+        let t = ws_target("https://rv.example.invalid").unwrap();
+        assert_eq!(
+            (t.host_port.as_str(), t.host.as_str(), t.tls),
+            ("rv.example.invalid:443", "rv.example.invalid", true)
+        );
+        let t = ws_target("https://[2001:db8::10]:8443/x").unwrap();
+        assert_eq!(
+            (t.host_port.as_str(), t.host.as_str()),
+            ("[2001:db8::10]:8443", "2001:db8::10")
+        );
         assert!(ws_target("ftp://x").is_err());
         assert!(ws_target("http://").is_err());
     }

@@ -15,6 +15,10 @@ use tokio_util::task::TaskTracker;
 pub struct Rendezvous {
     /// Where it listens.
     pub addr: SocketAddr,
+    /// Its order-signing key, for `[rendezvous] server_key`.
+    pub server_key: PublicKeyBytes,
+    /// Whether it serves https (`[tls]`).
+    tls: bool,
     cancel: CancellationToken,
     tracker: TaskTracker,
 }
@@ -31,10 +35,22 @@ impl Rendezvous {
         let addr = listener.local_addr()?;
         let cancel = CancellationToken::new();
         let tracker = TaskTracker::new();
-        tracker.spawn(punch_rendezvous::server::run(listener, cfg, cancel.clone()));
+        let trust =
+            punch_rendezvous::server::Trust::from_config(&cfg).map_err(std::io::Error::other)?;
+        let server_key =
+            PublicKeyBytes::from_base64(&trust.public_key()).map_err(std::io::Error::other)?;
+        let tls = cfg.tls.is_some();
+        tracker.spawn(punch_rendezvous::server::run_with(
+            listener,
+            cfg,
+            trust,
+            cancel.clone(),
+        ));
         tracker.close();
         Ok(Self {
             addr,
+            server_key,
+            tls,
             cancel,
             tracker,
         })
@@ -42,7 +58,8 @@ impl Rendezvous {
 
     /// The URL daemons use.
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        let scheme = if self.tls { "https" } else { "http" };
+        format!("{scheme}://{}", self.addr)
     }
 
     /// Stops it and waits.
@@ -73,9 +90,18 @@ pub fn peer_config(
     forwards: &[(&str, &str)],
     extra_punch: &str,
 ) -> Result<PeerConfig, punch_config::ConfigError> {
+    // Each daemon of the process its own admin token file, in the temp
+    // folder (the default, under /run, is for installed daemons).
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let token_file = std::env::temp_dir().join(format!(
+        "punchd-{}-{n}-{name}.admin-token",
+        std::process::id()
+    ));
     let mut toml = format!(
         "name = \"{name}\"\nkey_file = \"{name}.key\"\n\n[rendezvous]\nurl = \"{rendezvous_url}\"\n\n\
-         [punch]\nport = 0\n{extra_punch}\n\n[admin]\nlisten = \"127.0.0.1:0\"\n"
+         [punch]\nport = 0\n{extra_punch}\n\n[admin]\nlisten = \"127.0.0.1:0\"\ntoken_file = {:?}\n",
+        token_file.display().to_string()
     );
     for (peer, key) in peers {
         toml.push_str(&format!(

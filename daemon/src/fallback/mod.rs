@@ -13,6 +13,7 @@ use punch_rendezvous::protocol::PunchOrder;
 use std::sync::Arc;
 
 use crate::admin::status::PeerStatus;
+use crate::control::link::{Endpoint, LinkError};
 use crate::control::url::UrlError;
 use crate::identity::Identity;
 use crate::path::{Role, Transport};
@@ -26,6 +27,9 @@ pub enum FallbackError {
     /// The rendezvous URL is not usable.
     #[error(transparent)]
     Url(#[from] UrlError),
+    /// TLS to the rendezvous failed.
+    #[error(transparent)]
+    Link(#[from] LinkError),
     /// Network trouble reaching the relay.
     #[error("{0}")]
     Io(#[from] std::io::Error),
@@ -39,7 +43,7 @@ pub enum FallbackError {
 
 /// Who we are and whom we expect at the other end of the relay.
 pub(crate) struct Relayed<'a> {
-    pub(crate) rendezvous_url: &'a str,
+    pub(crate) rendezvous: &'a Endpoint,
     pub(crate) role: Role,
     pub(crate) identity: &'a Identity,
     pub(crate) peer: &'a PublicKeyBytes,
@@ -51,8 +55,7 @@ pub(crate) async fn connect(
     r: Relayed<'_>,
     order: &PunchOrder,
 ) -> Result<(TunnelParts, SocketAddr), FallbackError> {
-    let (io, remote) =
-        websocket::connect(r.rendezvous_url, &order.session, &order.relay_token).await?;
+    let (io, remote) = websocket::connect(r.rendezvous, &order.session, &order.relay_token).await?;
     let io = Metered::new(io, r.status.clone());
     let parts = mux::handshake(io, r.role, r.identity, r.peer, Transport::Relay).await?;
     Ok((parts, remote))

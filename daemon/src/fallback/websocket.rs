@@ -10,28 +10,29 @@ use std::task::{ready, Context, Poll};
 use bytes::Bytes;
 use futures::{Sink, Stream};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
 
 use super::FallbackError;
-use crate::control::url::ws_target;
+use crate::control::link::{Endpoint, RvStream};
 
 /// Largest frame we send; the server accepts up to 256 KiB.
 const MAX_FRAME: usize = 64 * 1024;
 
 /// Opens the relay for `session` with this side's `token`.
 pub(crate) async fn connect(
-    rendezvous_url: &str,
+    rendezvous: &Endpoint,
     session: &str,
     token: &str,
 ) -> Result<(WsBytes, std::net::SocketAddr), FallbackError> {
-    let (host_port, ws_url) = ws_target(rendezvous_url)?;
-    let url = ws_url.replace("/v1/ws", &format!("/v1/relay/{session}?token={token}"));
-    let tcp = TcpStream::connect(&host_port).await?;
+    let url = rendezvous.ws_url(&format!("/v1/relay/{session}?token={token}"));
+    let tcp = tokio::net::TcpStream::connect(rendezvous.host_port()).await?;
     let remote = tcp.peer_addr()?;
     let _ = tcp.set_nodelay(true);
-    let (ws, _) = tokio_tungstenite::client_async(url, tcp).await?;
+    // Over https the relay token (in the URL) and the tunnel's TLS records
+    // ride inside the link's TLS too.
+    let link = rendezvous.wrap(tcp).await?;
+    let (ws, _) = tokio_tungstenite::client_async(url, link).await?;
     Ok((
         WsBytes {
             ws,
@@ -44,7 +45,7 @@ pub(crate) async fn connect(
 /// Binary WebSocket frames as an `AsyncRead + AsyncWrite` byte stream.
 #[derive(Debug)]
 pub(crate) struct WsBytes {
-    ws: WebSocketStream<TcpStream>,
+    ws: WebSocketStream<RvStream>,
     /// The unread rest of the last frame.
     pending: Bytes,
 }

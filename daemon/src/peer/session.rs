@@ -67,7 +67,7 @@ pub(crate) async fn run(
         Err(direct) if allow_relay && ctx.mode == PunchMode::Auto => {
             warn!(reason = %direct, "no direct path; falling back to the relay (end-to-end encrypted)");
             let relayed = Relayed {
-                rendezvous_url: &ctx.rendezvous_url,
+                rendezvous: &ctx.relay_endpoint,
                 role: ctx.role,
                 identity: &ctx.identity,
                 peer: &ctx.key,

@@ -87,7 +87,7 @@ pub async fn register(addr: SocketAddr, name: &str, seed: u64) -> Result<Ws> {
         local_addrs: vec![],
         udp_port: None,
         token: None,
-        signature: sign_challenge(&key, &nonce),
+        signature: sign_challenge(&key, &nonce, name, None),
     };
     send(&mut ws, &ClientMsg::Hello(hello)).await?;
     match recv(&mut ws).await? {

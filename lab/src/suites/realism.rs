@@ -181,7 +181,8 @@ fn measure(run: &mut Run, links: &Links, rounds: usize) -> Result<Timing> {
     let ia = syn_capture(&mut run.topo.host_a, &bob_ip, &cap_a)?;
     let ib = syn_capture(&mut run.topo.host_b, &alice_ip, &cap_b)?;
     std::thread::sleep(Duration::from_millis(500));
-    let tool = run.bins().tool.display().to_string();
+    let punchd = run.bins().punchd.display().to_string();
+    let alice_toml = run.dir.join("alice.toml").display().to_string();
     let mut marks = Vec::new();
     let mut punch_ms = Vec::new();
     let mut failed_in_a_row = 0;
@@ -193,18 +194,10 @@ fn measure(run: &mut Run, links: &Links, rounds: usize) -> Result<Timing> {
             bail!("three punches in a row did not end direct (round {round})");
         }
 
-        run.topo.host_a.exec(
-            &tool,
-            &[
-                "get",
-                "--method",
-                "POST",
-                "--addr",
-                "127.0.0.1:7070",
-                "--path",
-                "/v1/peers/bob/repunch",
-            ],
-        )?;
+        // The CLI reads alice's admin token (a POST needs it).
+        run.topo
+            .host_a
+            .exec(&punchd, &["repunch", "bob", "--config", &alice_toml])?;
         let deadline = Instant::now() + Duration::from_secs(30);
         let mut stuck = false;
         loop {

@@ -20,8 +20,8 @@ use super::ratelimit::TokenBucket;
 use super::store::{Registration, StoreError};
 use super::Shared;
 use crate::protocol::{
-    b64, decode_public_key, unix_time_us, verify_challenge, ClientMsg, ErrorCode, Hello, PathKind,
-    ServerMsg, NONCE_LEN, PROTOCOL_VERSION,
+    b64, decode_public_key, sign_order, unix_time_us, verify_challenge, ClientMsg, ErrorCode,
+    Hello, PathKind, ServerMsg, NONCE_LEN, PROTOCOL_VERSION,
 };
 
 /// Punch orders queued for one daemon before it counts as too slow.
@@ -43,11 +43,12 @@ pub(crate) async fn serve(mut ws: WebSocket, addr: SocketAddr, shared: Arc<Share
         let (tx, rx) = mpsc::channel(OUTBOX);
         let replaced = CancellationToken::new();
         match handshake(&mut ws, &shared, conn_id, observed, tx, replaced.clone()).await {
-            Ok(name) => {
+            Ok((name, nonce)) => {
                 tracing::Span::current().record("name", name.as_str());
                 shared.metrics.connected.fetch_add(1, Ordering::Relaxed);
                 info!("registered");
-                let reason = registered(&mut ws, &shared, &name, rx, &replaced).await;
+                let me = Me { name: &name, nonce };
+                let reason = registered(&mut ws, &shared, me, rx, &replaced).await;
                 match shared.store.unregister(&name, conn_id).await {
                     Ok(true) => {
                         info!(%reason, "unregistered");
@@ -71,7 +72,8 @@ pub(crate) async fn serve(mut ws: WebSocket, addr: SocketAddr, shared: Arc<Share
     .await;
 }
 
-/// Challenge → hello → welcome. Returns the registered name.
+/// Challenge → hello → welcome. Returns the registered name and the nonce
+/// of this registration.
 async fn handshake(
     ws: &mut WebSocket,
     shared: &Shared,
@@ -79,7 +81,7 @@ async fn handshake(
     observed: SocketAddr,
     tx: mpsc::Sender<ServerMsg>,
     replaced: CancellationToken,
-) -> Result<String, Refusal> {
+) -> Result<(String, [u8; NONCE_LEN]), Refusal> {
     let mut nonce = [0u8; NONCE_LEN];
     getrandom::fill(&mut nonce).map_err(|e| {
         (
@@ -141,12 +143,13 @@ async fn handshake(
         observed_addr: observed,
         server_time_us: unix_time_us(),
         udp_port: shared.udp_port,
+        server_key: Some(b64(shared.key.verifying_key().as_bytes())),
     };
     if send(ws, &welcome).await.is_err() {
         let _ = shared.store.unregister(&hello.name, conn_id).await;
         return Err((ErrorCode::Timeout, "could not send welcome".to_owned()));
     }
-    Ok(hello.name)
+    Ok((hello.name, nonce))
 }
 
 /// Token first (an outsider learns nothing else), then version, name, key
@@ -177,10 +180,12 @@ fn check_hello(
     PeerName::parse(&hello.name).map_err(|e| (ErrorCode::Malformed, e))?;
     let key = decode_public_key(&hello.public_key)
         .map_err(|e| (ErrorCode::BadSignature, e.to_string()))?;
-    verify_challenge(&key, nonce, &hello.signature).map_err(|_| {
+    let token = hello.token.as_deref();
+    verify_challenge(&key, nonce, &hello.name, token, &hello.signature).map_err(|_| {
         (
             ErrorCode::BadSignature,
-            "hello signature does not match the public key".to_owned(),
+            "hello signature does not match its name, key, token and this connection's nonce"
+                .to_owned(),
         )
     })?;
     Ok(key.to_bytes())
@@ -204,14 +209,22 @@ fn frame_error(e: axum::Error) -> Option<Refusal> {
     }
 }
 
+/// Who this connection registered as: what its orders are signed for.
+#[derive(Clone, Copy)]
+struct Me<'a> {
+    name: &'a str,
+    nonce: [u8; NONCE_LEN],
+}
+
 /// The registered loop. Returns why it ended, for the log.
 async fn registered(
     ws: &mut WebSocket,
     shared: &Shared,
-    name: &str,
+    me: Me<'_>,
     mut outbox: mpsc::Receiver<ServerMsg>,
     replaced: &CancellationToken,
 ) -> String {
+    let name = me.name;
     let limits = &shared.cfg.limits;
     let mut bucket = TokenBucket::new(
         limits.messages_per_second,
@@ -222,7 +235,12 @@ async fn registered(
         let refusal = tokio::select! {
             _ = shared.cancel.cancelled() => Some((ErrorCode::ShuttingDown, "server is shutting down; reconnect shortly".to_owned())),
             _ = replaced.cancelled() => Some((ErrorCode::Replaced, "this name registered again from another connection".to_owned())),
-            Some(msg) = outbox.recv() => {
+            Some(mut msg) = outbox.recv() => {
+                // Signed here, where the recipient's registration is known:
+                // an order is good for this daemon on this connection only.
+                if let ServerMsg::Punch(order) = &mut msg {
+                    sign_order(&shared.key, me.name, &me.nonce, order);
+                }
                 if send(ws, &msg).await.is_err() {
                     return "send failed or timed out".to_owned();
                 }

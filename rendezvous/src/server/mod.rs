@@ -40,6 +40,7 @@ mod metrics;
 mod ratelimit;
 mod relay;
 mod store;
+mod trust;
 mod udp;
 
 use std::net::SocketAddr;
@@ -58,6 +59,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 pub use metrics::Metrics;
+pub use trust::{create_key, load_key, Trust, TrustError};
 
 /// State shared by every handler and connection task.
 #[derive(Debug)]
@@ -76,16 +78,31 @@ pub(crate) struct Shared {
     pub(crate) next_conn_id: AtomicU64,
     /// The UDP observation port daemons are told about, if one is bound.
     pub(crate) udp_port: Option<u16>,
+    /// Signs every punch order (daemons may pin its public key).
+    pub(crate) key: ed25519_dalek::SigningKey,
 }
 
 use local::Local;
 use store::{MemoryStore, Store};
 
 /// Serves the rendezvous on `listener` until `cancel` fires, then waits for
-/// every connection task to finish.
+/// every connection task to finish. The key and certificate come from
+/// `cfg` ([`Trust::from_config`]); use [`run_with`] to load them first and
+/// report their errors apart.
 pub async fn run(
     listener: TcpListener,
     cfg: RendezvousConfig,
+    cancel: CancellationToken,
+) -> std::io::Result<()> {
+    let trust = Trust::from_config(&cfg).map_err(std::io::Error::other)?;
+    run_with(listener, cfg, trust, cancel).await
+}
+
+/// [`run`] with the server's key and certificate already loaded.
+pub async fn run_with(
+    listener: TcpListener,
+    cfg: RendezvousConfig,
+    trust: Trust,
     cancel: CancellationToken,
 ) -> std::io::Result<()> {
     let udp = bind_udp(&listener, &cfg).await?;
@@ -101,6 +118,7 @@ pub async fn run(
         cancel: cancel.clone(),
         tracker: TaskTracker::new(),
         next_conn_id: AtomicU64::new(1),
+        key: trust.key.clone(),
     });
     let app = Router::new()
         .route("/v1/ws", get(ws_handler))
@@ -109,25 +127,49 @@ pub async fn run(
         .route("/metrics", get(metrics_handler))
         .with_state(shared.clone());
     if let Ok(addr) = listener.local_addr() {
-        tracing::info!(%addr, "rendezvous listening");
+        let scheme = if trust.tls.is_some() { "https" } else { "http" };
+        tracing::info!(%addr, scheme, server_key = %trust.public_key(), "rendezvous listening (daemons may pin server_key)");
     }
     if let Some(socket) = udp {
         shared.tracker.spawn(udp::serve(socket, shared.clone()));
     }
-    // Punch orders are small and time-critical: no Nagle delay.
-    let listener = listener.tap_io(|tcp| {
-        let _ = tcp.set_nodelay(true);
-    });
-    let result = axum::serve(
-        listener,
-        app.into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .with_graceful_shutdown(cancel.clone().cancelled_owned())
-    .await;
+    let result = match trust.tls {
+        Some(acceptor) => {
+            let listener = trust::TlsListener::spawn(listener, acceptor, cancel.clone())?;
+            serve_on(listener.tap_io(|_| {}), app, &cancel).await
+        }
+        // Punch orders are small and time-critical: no Nagle delay.
+        None => {
+            let listener = listener.tap_io(|tcp| {
+                let _ = tcp.set_nodelay(true);
+            });
+            serve_on(listener, app, &cancel).await
+        }
+    };
     shared.tracker.close();
     shared.tracker.wait().await;
     tracing::info!("rendezvous stopped");
     result
+}
+
+/// axum on either listener (plain or TLS); `tap_io` is what gives both the
+/// peer's `SocketAddr` as connect info.
+async fn serve_on<L, F>(
+    listener: axum::serve::TapIo<L, F>,
+    app: Router,
+    cancel: &CancellationToken,
+) -> std::io::Result<()>
+where
+    L: axum::serve::Listener<Addr = SocketAddr>,
+    L::Io: Unpin + Send + 'static,
+    F: FnMut(&mut L::Io) + Send + 'static,
+{
+    axum::serve(
+        listener,
+        app.into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(cancel.clone().cancelled_owned())
+    .await
 }
 
 /// The UDP observation socket: `udp_listen` if configured (failing to bind

@@ -141,7 +141,7 @@ pub(crate) async fn hello_udp(
         local_addrs: vec!["192.0.2.10:40000".parse().unwrap()],
         udp_port,
         token: token.map(str::to_owned),
-        signature: sign_challenge(&signer, &nonce),
+        signature: sign_challenge(&signer, &nonce, name, token),
     });
     send(&mut ws, &msg).await;
     let answer = recv(&mut ws).await;

@@ -285,6 +285,9 @@ pub(crate) fn punch_orders(
                     at_us,
                     initiator,
                     relay_token: token.to_owned(),
+                    // Signed on the way out, by the connection that
+                    // knows the recipient's registration nonce.
+                    signature: None,
                 },
             }
         };
