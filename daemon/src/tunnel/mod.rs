@@ -100,6 +100,18 @@ impl StreamIo {
     pub(crate) fn uncount(&mut self) {
         self.active = None;
     }
+
+    /// Ends the stream as cut, not finished: QUIC resets the send side and
+    /// stops the receive side (the peer reads an error, never a clean
+    /// finish). yamux 0.13 has no reset for a single stream: dropping it
+    /// sends a FIN, which a forwarded stream's framing (no end marker,
+    /// `forward/frame.rs`) reads as a cut all the same.
+    pub(crate) fn abort(self) {
+        if let StreamKind::Quic { mut send, mut recv } = self.inner {
+            let _ = send.reset(STREAM_CUT);
+            let _ = recv.stop(STREAM_CUT);
+        }
+    }
 }
 
 impl AsyncRead for StreamIo {
@@ -141,6 +153,9 @@ impl AsyncWrite for StreamIo {
         }
     }
 }
+
+/// QUIC application error code for a stream cut before its end.
+const STREAM_CUT: quinn::VarInt = quinn::VarInt::from_u32(1);
 
 /// Most streams one tunnel carries at once (each side).
 pub(crate) const MAX_STREAMS: usize = 1024;
