@@ -69,6 +69,13 @@ enum Cmd {
         #[arg(long, value_name = "IMAGE")]
         rendezvous_image: Option<String>,
     },
+    /// Same-NAT stress: RUNS back-to-back starts of two hosts behind one
+    /// NAT (both transports), the punch racing the UDP observation; exit 1
+    /// if any ends relayed.
+    SameNatStress {
+        #[arg(long, default_value_t = 50)]
+        runs: usize,
+    },
     /// Remove every lab namespace.
     Cleanup,
     /// Throughput side by side in the lab: plain TCP vs punchd (iperf3).
@@ -157,6 +164,13 @@ fn main() -> ExitCode {
             scenario,
             rendezvous_image,
         } => check(&scenario, rendezvous_image.as_deref()),
+        Cmd::SameNatStress { runs } => match prepare_scenario("same-nat") {
+            Ok((_, bins)) => finish(
+                punch_lab::suites::same_nat::none_relayed(&bins, runs),
+                |line| println!("{line}"),
+            ),
+            Err(code) => code,
+        },
         Cmd::Get { addr, path, method } => finish(
             runtime().block_on(transfer::http(addr, &method, &path)),
             |body| print!("{body}"),
