@@ -28,6 +28,26 @@ enum Cmd {
         #[arg(long)]
         listen: SocketAddr,
     },
+    /// Serve BYTES of the test pattern to every connection (downloads for
+    /// the integrity suite); print how each connection ended.
+    Source {
+        #[arg(long)]
+        listen: SocketAddr,
+        #[arg(long)]
+        bytes: u64,
+    },
+    /// Download STREAMS copies from a `source` at once: prints JSON with
+    /// each stream's outcome (intact, cut, truncated, corrupt, stalled).
+    Fetch {
+        #[arg(long)]
+        connect: SocketAddr,
+        #[arg(long)]
+        bytes: u64,
+        #[arg(long, default_value_t = 4)]
+        streams: usize,
+        #[arg(long, default_value_t = 40)]
+        deadline_secs: u64,
+    },
     /// Echo every byte back (for `rr`).
     Echo {
         #[arg(long)]
@@ -134,6 +154,24 @@ fn main() -> ExitCode {
     use punch_lab::harness::transfer;
     match Cli::parse().cmd {
         Cmd::Sink { listen } => finish(runtime().block_on(transfer::sink(listen)), |()| ()),
+        Cmd::Source { listen, bytes } => finish(
+            runtime().block_on(punch_lab::suites::integrity::source(listen, bytes)),
+            |()| (),
+        ),
+        Cmd::Fetch {
+            connect,
+            bytes,
+            streams,
+            deadline_secs,
+        } => {
+            print_json(runtime().block_on(punch_lab::suites::integrity::fetch(
+                connect,
+                bytes,
+                streams,
+                std::time::Duration::from_secs(deadline_secs),
+            )));
+            ExitCode::SUCCESS
+        }
         Cmd::Echo { listen } => finish(runtime().block_on(transfer::echo(listen)), |()| ()),
         Cmd::Rr {
             connect,
