@@ -3,26 +3,12 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::io::Write as _;
-
 use punch_lab::harness::Binaries;
 use punch_lab::suites::integrity::{self, Over};
 use punch_lab::suites::same_nat;
 
 fn case(name: &str, f: impl FnOnce(&Binaries) -> anyhow::Result<String>) {
-    let test = format!("lab integrity {name}");
-    let Some((_serial, bins)) =
-        punch_lab::harness::prepare(&test, env!("CARGO_BIN_EXE_punch-lab-tool"))
-    else {
-        return;
-    };
-    match f(&bins) {
-        // Straight to stderr so the figures show when output is captured.
-        Ok(line) => {
-            let _ = writeln!(std::io::stderr(), "LAB integrity: {line}");
-        }
-        Err(e) => panic!("{test} failed: {e:#}"),
-    }
+    punch_lab::harness::preflight::case("integrity", name, env!("CARGO_BIN_EXE_punch-lab-tool"), f);
 }
 
 #[test]
