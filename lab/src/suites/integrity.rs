@@ -377,7 +377,7 @@ fn cuts_on(run: &mut Run, path: Over) -> Result<String> {
             bail!("{path:?} {cut:?}: every download survived; the cut did not hit them");
         }
         lines.push(format!(
-            "{cut:?}: {} intact, {} cut (clients' errors {:.1} s after)",
+            "{cut:?}: {} intact, {} cut (all ended {:.1} s after the cut)",
             STREAMS - report.cut(),
             report.cut(),
             ended_after.as_secs_f64()
