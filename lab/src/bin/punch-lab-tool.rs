@@ -5,6 +5,11 @@
 //!   with the sha256.
 //! - `send --connect ADDR --bytes N --streams K`: push checksummed streams,
 //!   print a JSON report, exit 1 on any mismatch.
+//! - `source --listen ADDR --bytes N` / `fetch --connect ADDR --bytes N
+//!   --streams K`: downloads for the integrity suite; `fetch` prints each
+//!   stream's outcome (intact, cut, truncated, corrupt, stalled) as JSON.
+//! - `same-nat-stress --runs N`: the same-NAT punch racing the UDP
+//!   observation, N times; exit 1 if one ends relayed or without QUIC.
 //! - `run SCENARIO`: build one scenario by hand and keep it up until Enter
 //!   (or Ctrl-C), printing how to look at it.
 //! - `cleanup`: remove every lab namespace.
