@@ -40,7 +40,9 @@
 //! 5. `forward/expose.rs`: `serve_inbound` reads the header
 //!    (`read_request`), checks the `[[expose]]` table and its `allow` list,
 //!    connects to the `target`, answers (`reply`), and `forward/splice.rs`
-//!    copies bytes both ways until each side half-closes.
+//!    copies bytes both ways, framed with an end-of-data marker
+//!    (`forward/frame.rs`), until each side half-closes; a stream cut
+//!    before its marker resets both local sockets (never a FIN).
 //!
 //! Keepalive (`tunnel/keepalive.rs`) runs on a reserved stream of the same
 //! tunnel; status (`admin/status.rs`) is updated by every layer and read by

@@ -13,7 +13,7 @@ use punchd::demo::echo_roundtrip;
 use punchd::demo::loopback::{echo_server, peer_config, ExposeSpec, Rendezvous};
 use punchd::{hex, pattern, Identity, PathState, RunningDaemon, StatusDoc};
 use sha2::{Digest, Sha256};
-use tokio::io::AsyncReadExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -71,6 +71,19 @@ impl Lab {
         exposes: Vec<ExposeSpec>,
         punch: &str,
     ) -> (RunningDaemon, RunningDaemon) {
+        let tokens = (self.cancel.child_token(), self.cancel.child_token());
+        self.pair_with(services, exposes, punch, tokens).await
+    }
+
+    /// [`Lab::pair`] with each daemon's own cancel token (alice, bob), so a
+    /// test can stop one abruptly.
+    async fn pair_with(
+        &self,
+        services: &[&str],
+        exposes: Vec<ExposeSpec>,
+        punch: &str,
+        (alice_cancel, bob_cancel): (CancellationToken, CancellationToken),
+    ) -> (RunningDaemon, RunningDaemon) {
         let url = self.rendezvous.url();
         let forwards: Vec<_> = services.iter().map(|s| ("bob", *s)).collect();
         let alice_cfg = peer_config(
@@ -91,10 +104,10 @@ impl Lab {
             punch,
         )
         .unwrap();
-        let bob = punchd::start(bob_cfg, self.bob_id.clone(), self.cancel.child_token())
+        let bob = punchd::start(bob_cfg, self.bob_id.clone(), bob_cancel)
             .await
             .unwrap();
-        let alice = punchd::start(alice_cfg, self.alice_id.clone(), self.cancel.child_token())
+        let alice = punchd::start(alice_cfg, self.alice_id.clone(), alice_cancel)
             .await
             .unwrap();
         (alice, bob)
@@ -492,4 +505,165 @@ async fn a_peer_with_our_own_key_is_refused_at_start() {
         .await
         .unwrap_err();
     assert!(err.to_string().contains("own public key"), "{err}");
+}
+
+/// How a socket's reader saw it end.
+#[derive(Debug, PartialEq, Eq)]
+enum End {
+    /// A clean EOF: what a truncated download must never look like.
+    Fin,
+    /// `ECONNRESET` (or another error).
+    Reset(std::io::ErrorKind),
+}
+
+/// Reads `s` to its end, returning how it ended and the bytes read.
+async fn read_to_end_kind<R: AsyncReadExt + Unpin>(s: &mut R) -> (End, u64) {
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut total = 0u64;
+    loop {
+        match s.read(&mut buf).await {
+            Ok(0) => return (End::Fin, total),
+            Ok(n) => total += n as u64,
+            Err(e) => return (End::Reset(e.kind()), total),
+        }
+    }
+}
+
+/// A download service on 127.0.0.1:0: writes bytes without end to its one
+/// connection and reports how that connection was first seen to end: a
+/// FIN (the reader's EOF) or a reset (either half's error; Linux reports a
+/// socket's error once, to whichever call comes first).
+async fn endless_download() -> (SocketAddr, tokio::sync::oneshot::Receiver<End>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        let (s, _) = listener.accept().await.unwrap();
+        let (mut r, mut w) = s.into_split();
+        let writer = async {
+            let chunk = pattern(64 * 1024, 9);
+            loop {
+                if let Err(e) = w.write_all(&chunk).await {
+                    return End::Reset(e.kind());
+                }
+            }
+        };
+        let end = tokio::select! {
+            e = writer => e,
+            (e, _) = read_to_end_kind(&mut r) => e,
+        };
+        let _ = tx.send(end);
+    });
+    (addr, rx)
+}
+
+/// Which daemon dies mid-stream.
+#[derive(Debug, Clone, Copy)]
+enum Victim {
+    Alice,
+    Bob,
+}
+
+/// A download through a forward over `transport`, cut mid-stream by
+/// stopping one daemon abruptly (its tunnel dies with it): the forward's
+/// client and the exposed target must both read a reset, never a FIN
+/// (before the stream framing, the survivor's side read a clean EOF).
+async fn a_cut_tunnel_resets_both_ends(transport: &str, victim: Victim) {
+    let lab = Lab::new().await;
+    let (target, target_end) = endless_download().await;
+    let tokens = (lab.cancel.child_token(), lab.cancel.child_token());
+    let kill = match victim {
+        Victim::Alice => tokens.0.clone(),
+        Victim::Bob => tokens.1.clone(),
+    };
+    let expose = ExposeSpec {
+        name: "download".into(),
+        target: target.to_string(),
+        allow: vec!["alice".into()],
+    };
+    let (alice, bob) = lab
+        .pair_with(
+            &["download"],
+            vec![expose],
+            &format!("transports = [\"{transport}\"]"),
+            tokens,
+        )
+        .await;
+    let mut client = TcpStream::connect(alice.forward_addrs[0]).await.unwrap();
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut before = 0;
+    while before < 4 * 1024 * 1024 {
+        let n = tokio::time::timeout(Duration::from_secs(20), client.read(&mut buf))
+            .await
+            .expect("download started")
+            .unwrap();
+        assert!(n > 0, "download ended early");
+        before += n;
+    }
+    kill.cancel();
+    let (client_end, after) =
+        tokio::time::timeout(Duration::from_secs(20), read_to_end_kind(&mut client))
+            .await
+            .expect("the client's stream ends once the tunnel is gone");
+    let target_end = tokio::time::timeout(Duration::from_secs(20), target_end)
+        .await
+        .expect("the target's connection ends once the tunnel is gone")
+        .unwrap();
+    println!(
+        "{transport}, {victim:?} cut after {before} + {after} bytes: client {client_end:?}, target {target_end:?}"
+    );
+    assert_eq!(
+        client_end,
+        End::Reset(std::io::ErrorKind::ConnectionReset),
+        "the forward's client must read a reset"
+    );
+    assert_eq!(
+        target_end,
+        End::Reset(std::io::ErrorKind::ConnectionReset),
+        "the exposed target must read a reset"
+    );
+    lab.stop(vec![alice, bob]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tunnel_cut_by_the_exposer_resets_both_ends_over_tcp() {
+    a_cut_tunnel_resets_both_ends("tcp", Victim::Bob).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tunnel_cut_by_the_forwarder_resets_both_ends_over_tcp() {
+    a_cut_tunnel_resets_both_ends("tcp", Victim::Alice).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tunnel_cut_by_the_exposer_resets_both_ends_over_quic() {
+    a_cut_tunnel_resets_both_ends("quic", Victim::Bob).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tunnel_cut_by_the_forwarder_resets_both_ends_over_quic() {
+    a_cut_tunnel_resets_both_ends("quic", Victim::Alice).await;
+}
+
+/// A client that half-closes its write side still gets the whole answer,
+/// and the target sees the half-close as a FIN (the end marker), not a cut.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn half_close_still_carries_the_whole_response() {
+    let lab = Lab::new().await;
+    let (alice, bob) = lab
+        .pair(&["echo"], vec![lab.expose("echo", &["alice"])], "")
+        .await;
+    let data = pattern(3 * 1024 * 1024 + 17, 5);
+    let mut s = TcpStream::connect(alice.forward_addrs[0]).await.unwrap();
+    let (mut r, mut w) = s.split();
+    let (wrote, (end, got)) = tokio::join!(
+        async {
+            w.write_all(&data).await.unwrap();
+            w.shutdown().await.unwrap();
+        },
+        read_to_end_kind(&mut r)
+    );
+    let () = wrote;
+    assert_eq!((end, got), (End::Fin, data.len() as u64));
+    lab.stop(vec![alice, bob]).await;
 }

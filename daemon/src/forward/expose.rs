@@ -11,7 +11,7 @@ use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use super::splice::{splice, StreamGuard};
+use super::splice::{reset, splice, StreamGuard};
 use crate::admin::status::PeerStatus;
 use crate::tunnel::header::{read_request, reply, PING_SERVICE};
 use crate::tunnel::keepalive::echo_pings;
@@ -77,16 +77,13 @@ pub(crate) async fn serve_inbound(
     };
     let _ = target.set_nodelay(true);
     if reply(&mut stream, Ok(())).await.is_err() {
+        reset(target);
         return;
     }
     let _guard = StreamGuard::new(&status);
-    let mut target = target;
-    tokio::select! {
-        r = splice(&mut stream, &mut target) => match r {
-            Ok((down, up)) => debug!(peer = %peer_name, %service, down, up, "stream done"),
-            Err(e) => info!(peer = %peer_name, %service, error = %e, "stream ended with error"),
-        },
-        _ = cancel.cancelled() => {}
+    match splice(target, stream, &cancel).await {
+        Ok((up, down)) => debug!(peer = %peer_name, %service, down, up, "stream done"),
+        Err(e) => info!(peer = %peer_name, %service, error = %e, "stream cut: target reset"),
     }
 }
 

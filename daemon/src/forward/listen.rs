@@ -12,7 +12,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, warn, Instrument};
 
-use super::splice::{splice, StreamGuard};
+use super::splice::{reset, splice, SpliceError, StreamGuard};
 use crate::admin::status::{ForwardStatus, PeerStatus};
 use crate::tunnel::header::{request_service, HeaderError};
 use crate::tunnel::StreamIo;
@@ -40,12 +40,9 @@ enum ForwardError<E: Display> {
     /// The peer refused the service, or the header failed.
     #[error(transparent)]
     Header(#[from] HeaderError),
-    /// The copy failed.
-    #[error("{0}")]
-    Io(#[from] std::io::Error),
-    /// The daemon is stopping.
-    #[error("daemon shutting down")]
-    ShuttingDown,
+    /// The copy failed or was cut (both sockets were reset).
+    #[error(transparent)]
+    Splice(#[from] SpliceError),
 }
 
 /// Accepts local connections for one `[[forward]]` until cancelled.
@@ -90,7 +87,7 @@ pub(crate) async fn run_forward<P: StreamSource>(
 }
 
 async fn forward_one<P: StreamSource>(
-    mut local: TcpStream,
+    local: TcpStream,
     peer: P,
     service: String,
     status: Arc<ForwardStatus>,
@@ -98,16 +95,24 @@ async fn forward_one<P: StreamSource>(
 ) {
     status.active.fetch_add(1, Ordering::Relaxed);
     let started = Instant::now();
-    let result: Result<_, ForwardError<P::Error>> = async {
+    let opened: Result<_, ForwardError<P::Error>> = async {
         let mut stream = peer.open_stream().await.map_err(ForwardError::Open)?;
-        let _guard = StreamGuard::new(peer.status());
         request_service(&mut stream, &service).await?;
-        tokio::select! {
-            r = splice(&mut local, &mut stream) => Ok(r?),
-            _ = cancel.cancelled() => Err(ForwardError::ShuttingDown),
-        }
+        Ok(stream)
     }
     .await;
+    let result = match opened {
+        Ok(stream) => {
+            let _guard = StreamGuard::new(peer.status());
+            splice(local, stream, &cancel).await.map_err(Into::into)
+        }
+        Err(e) => {
+            // No stream, or refused: the application reads a reset, not
+            // an empty but "complete" response.
+            reset(local);
+            Err(e)
+        }
+    };
     match result {
         Ok((up, down)) => debug!(
             up,

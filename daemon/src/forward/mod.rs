@@ -3,7 +3,9 @@
 //! stream per connection, bytes copied both ways ([`splice`]).
 //!
 //! A stream opens with the stream header (`tunnel::header`), then bytes
-//! flow both ways until each side half-closes. The exposer only ever
+//! flow both ways, framed ([`frame`]: length-prefixed chunks and an end
+//! marker), until each side half-closes. A stream cut before its end
+//! marker resets both local sockets: never a FIN on truncated data. The exposer only ever
 //! connects to a `target` from its own `[[expose]]` table, and only for
 //! peers in that entry's `allow` list: a forward names a service, never an
 //! address, so a daemon cannot be used as an open proxy.
@@ -13,6 +15,7 @@
 //! takes.
 
 pub(crate) mod expose;
+pub(crate) mod frame;
 pub(crate) mod listen;
 pub(crate) mod splice;
 

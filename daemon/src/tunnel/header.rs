@@ -2,9 +2,13 @@
 //! side that accepts it knows what is asked and can say no.
 //!
 //! ```text
-//! opener → [version=1][len][service name]        (len ≤ 63)
+//! opener → [version=2][len][service name]        (len ≤ 63)
 //! exposer → [status][len][reason]                (status 0 = ok)
 //! ```
+//!
+//! After an accepted header, a forwarded stream's data is framed
+//! (`forward/frame.rs`); version 2 is that framing (version 1 sent raw
+//! bytes and could not tell a cut tunnel from a clean end).
 //!
 //! Service names that start with `_` are reserved for the tunnel's own
 //! control streams (a configured service cannot start with `_`):
@@ -15,8 +19,8 @@ use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-/// Header version.
-const VERSION: u8 = 1;
+/// Header version: 2 since stream data is framed with an end marker.
+const VERSION: u8 = 2;
 /// Reserved service for keepalive pings; `_` cannot start a service name.
 pub(crate) const PING_SERVICE: &str = "_ping";
 /// Prefix of the race's selection request (a reserved service name: `_`

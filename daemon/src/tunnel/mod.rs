@@ -36,7 +36,7 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::compat::{Compat, FuturesAsyncReadCompatExt as _};
-use tokio_util::sync::CancellationToken;
+use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
 use crate::path::Transport;
 
@@ -53,7 +53,17 @@ pub(crate) struct StreamIo {
 /// FIN, quinn finishes the send side and stops the receive side.
 #[derive(Debug)]
 enum StreamKind {
-    Mux(Compat<yamux::Stream>),
+    Mux {
+        io: Compat<yamux::Stream>,
+        /// Resolves when the tunnel closes. yamux wakes a stream's reader
+        /// when its connection dies or is dropped while active, but not
+        /// when it is dropped while closing: the driver's goodbye on a
+        /// blackholed path (socket buffer full) times out in that state,
+        /// and every reader then waited forever (the lab's blackhole cut:
+        /// 4 of 4 downloads stalled 40 s after the keepalive had closed
+        /// the tunnel). A read that would wait on a closed tunnel errors.
+        closed: Pin<Box<WaitForCancellationFutureOwned>>,
+    },
     Quic {
         send: quinn::SendStream,
         recv: quinn::RecvStream,
@@ -77,9 +87,16 @@ impl Drop for ActiveGuard {
 }
 
 impl StreamIo {
-    pub(super) fn new(stream: yamux::Stream, active: &Arc<AtomicUsize>) -> Self {
+    pub(super) fn new(
+        stream: yamux::Stream,
+        active: &Arc<AtomicUsize>,
+        closed: &CancellationToken,
+    ) -> Self {
         Self {
-            inner: StreamKind::Mux(stream.compat()),
+            inner: StreamKind::Mux {
+                io: stream.compat(),
+                closed: Box::pin(closed.clone().cancelled_owned()),
+            },
             active: Some(ActiveGuard::new(active)),
         }
     }
@@ -100,6 +117,18 @@ impl StreamIo {
     pub(crate) fn uncount(&mut self) {
         self.active = None;
     }
+
+    /// Ends the stream as cut, not finished: QUIC resets the send side and
+    /// stops the receive side (the peer reads an error, never a clean
+    /// finish). yamux 0.13 has no reset for a single stream: dropping it
+    /// sends a FIN, which a forwarded stream's framing (no end marker,
+    /// `forward/frame.rs`) reads as a cut all the same.
+    pub(crate) fn abort(self) {
+        if let StreamKind::Quic { mut send, mut recv } = self.inner {
+            let _ = send.reset(STREAM_CUT);
+            let _ = recv.stop(STREAM_CUT);
+        }
+    }
 }
 
 impl AsyncRead for StreamIo {
@@ -109,7 +138,12 @@ impl AsyncRead for StreamIo {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
         match &mut self.inner {
-            StreamKind::Mux(s) => Pin::new(s).poll_read(cx, buf),
+            StreamKind::Mux { io, closed } => match Pin::new(io).poll_read(cx, buf) {
+                Poll::Pending if closed.as_mut().poll(cx).is_ready() => Poll::Ready(Err(
+                    std::io::Error::new(std::io::ErrorKind::ConnectionAborted, "tunnel closed"),
+                )),
+                other => other,
+            },
             StreamKind::Quic { recv, .. } => Pin::new(recv).poll_read(cx, buf),
         }
     }
@@ -122,25 +156,28 @@ impl AsyncWrite for StreamIo {
         data: &[u8],
     ) -> Poll<std::io::Result<usize>> {
         match &mut self.inner {
-            StreamKind::Mux(s) => Pin::new(s).poll_write(cx, data),
+            StreamKind::Mux { io, .. } => Pin::new(io).poll_write(cx, data),
             StreamKind::Quic { send, .. } => AsyncWrite::poll_write(Pin::new(send), cx, data),
         }
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         match &mut self.inner {
-            StreamKind::Mux(s) => Pin::new(s).poll_flush(cx),
+            StreamKind::Mux { io, .. } => Pin::new(io).poll_flush(cx),
             StreamKind::Quic { send, .. } => AsyncWrite::poll_flush(Pin::new(send), cx),
         }
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         match &mut self.inner {
-            StreamKind::Mux(s) => Pin::new(s).poll_shutdown(cx),
+            StreamKind::Mux { io, .. } => Pin::new(io).poll_shutdown(cx),
             StreamKind::Quic { send, .. } => AsyncWrite::poll_shutdown(Pin::new(send), cx),
         }
     }
 }
+
+/// QUIC application error code for a stream cut before its end.
+const STREAM_CUT: quinn::VarInt = quinn::VarInt::from_u32(1);
 
 /// Most streams one tunnel carries at once (each side).
 pub(crate) const MAX_STREAMS: usize = 1024;

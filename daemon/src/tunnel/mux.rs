@@ -138,7 +138,7 @@ async fn drive<T>(
                 match conn.poll_new_outbound(cx) {
                     Poll::Ready(Ok(stream)) => {
                         if let Some(reply) = pending.pop_front() {
-                            let _ = reply.send(Ok(StreamIo::new(stream, &active)));
+                            let _ = reply.send(Ok(StreamIo::new(stream, &active, &closed)));
                         }
                     }
                     Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
@@ -151,7 +151,7 @@ async fn drive<T>(
                         // A full queue means handlers are not keeping up:
                         // dropping the stream resets it, and the peer's
                         // forward reports the refusal.
-                        if inbound_tx.try_send(StreamIo::new(stream, &active)).is_err() {
+                        if inbound_tx.try_send(StreamIo::new(stream, &active, &closed)).is_err() {
                             tracing::warn!("inbound stream refused: handler queue full");
                         }
                     }

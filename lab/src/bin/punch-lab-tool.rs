@@ -5,6 +5,11 @@
 //!   with the sha256.
 //! - `send --connect ADDR --bytes N --streams K`: push checksummed streams,
 //!   print a JSON report, exit 1 on any mismatch.
+//! - `source --listen ADDR --bytes N` / `fetch --connect ADDR --bytes N
+//!   --streams K`: downloads for the integrity suite; `fetch` prints each
+//!   stream's outcome (intact, cut, truncated, corrupt, stalled) as JSON.
+//! - `same-nat-stress --runs N`: the same-NAT punch racing the UDP
+//!   observation, N times; exit 1 if one ends relayed or without QUIC.
 //! - `run SCENARIO`: build one scenario by hand and keep it up until Enter
 //!   (or Ctrl-C), printing how to look at it.
 //! - `cleanup`: remove every lab namespace.
@@ -27,6 +32,26 @@ enum Cmd {
     Sink {
         #[arg(long)]
         listen: SocketAddr,
+    },
+    /// Serve BYTES of the test pattern to every connection (downloads for
+    /// the integrity suite); print how each connection ended.
+    Source {
+        #[arg(long)]
+        listen: SocketAddr,
+        #[arg(long)]
+        bytes: u64,
+    },
+    /// Download STREAMS copies from a `source` at once: prints JSON with
+    /// each stream's outcome (intact, cut, truncated, corrupt, stalled).
+    Fetch {
+        #[arg(long)]
+        connect: SocketAddr,
+        #[arg(long)]
+        bytes: u64,
+        #[arg(long, default_value_t = 4)]
+        streams: usize,
+        #[arg(long, default_value_t = 40)]
+        deadline_secs: u64,
     },
     /// Echo every byte back (for `rr`).
     Echo {
@@ -68,6 +93,13 @@ enum Cmd {
         /// the lab instead of the workspace binary: deploy/test.sh.
         #[arg(long, value_name = "IMAGE")]
         rendezvous_image: Option<String>,
+    },
+    /// Same-NAT stress: RUNS back-to-back starts of two hosts behind one
+    /// NAT (both transports), the punch racing the UDP observation; exit 1
+    /// if any ends relayed.
+    SameNatStress {
+        #[arg(long, default_value_t = 50)]
+        runs: usize,
     },
     /// Remove every lab namespace.
     Cleanup,
@@ -127,6 +159,24 @@ fn main() -> ExitCode {
     use punch_lab::harness::transfer;
     match Cli::parse().cmd {
         Cmd::Sink { listen } => finish(runtime().block_on(transfer::sink(listen)), |()| ()),
+        Cmd::Source { listen, bytes } => finish(
+            runtime().block_on(punch_lab::suites::integrity::source(listen, bytes)),
+            |()| (),
+        ),
+        Cmd::Fetch {
+            connect,
+            bytes,
+            streams,
+            deadline_secs,
+        } => {
+            print_json(runtime().block_on(punch_lab::suites::integrity::fetch(
+                connect,
+                bytes,
+                streams,
+                std::time::Duration::from_secs(deadline_secs),
+            )));
+            ExitCode::SUCCESS
+        }
         Cmd::Echo { listen } => finish(runtime().block_on(transfer::echo(listen)), |()| ()),
         Cmd::Rr {
             connect,
@@ -157,6 +207,13 @@ fn main() -> ExitCode {
             scenario,
             rendezvous_image,
         } => check(&scenario, rendezvous_image.as_deref()),
+        Cmd::SameNatStress { runs } => match prepare_scenario("same-nat") {
+            Ok((_, bins)) => finish(
+                punch_lab::suites::same_nat::none_relayed(&bins, runs),
+                |line| println!("{line}"),
+            ),
+            Err(code) => code,
+        },
         Cmd::Get { addr, path, method } => finish(
             runtime().block_on(transfer::http(addr, &method, &path)),
             |body| print!("{body}"),

@@ -89,3 +89,25 @@ pub fn cleanup_on_ctrl_c() {
         });
     });
 }
+
+/// One lab test case: prepares (or skips, see [`prepare`]), runs `f` and
+/// prints its line as `LAB <suite>: …` straight to stderr (visible even
+/// when the test harness captures output), or panics with its error.
+pub fn case(
+    suite: &str,
+    name: &str,
+    tool: &str,
+    f: impl FnOnce(&Binaries) -> anyhow::Result<String>,
+) {
+    use std::io::Write as _;
+    let test = format!("lab {suite} {name}");
+    let Some((_serial, bins)) = prepare(&test, tool) else {
+        return;
+    };
+    match f(&bins) {
+        Ok(line) => {
+            let _ = writeln!(std::io::stderr(), "LAB {suite}: {line}");
+        }
+        Err(e) => panic!("{test} failed: {e:#}"),
+    }
+}

@@ -9,12 +9,20 @@
 //! - [`bench`](mod@bench): throughput and latency side by side (plain TCP,
 //!   punchd direct and relayed, `ssh -L`, rathole), in the lab and on
 //!   loopback, printed (`punch-lab-tool bench`).
+//! - [`integrity`]: tunnels cut mid-download (NAT flushed, path
+//!   blackholed, peer killed) on TCP, QUIC and the relay: intact or an
+//!   error, never a clean EOF on less (`tests/integrity.rs`).
+//! - [`same_nat`]: two hosts behind one NAT restarted N times, the punch
+//!   racing the peer's UDP observation; none may end relayed
+//!   (`tests/integrity.rs`, `punch-lab-tool same-nat-stress`).
 //! - [`loadgen`]: many signed rendezvous clients, for scale benchmarks
 //!   (`punch-lab-tool loadgen`).
 
 pub mod bench;
+pub mod integrity;
 pub mod loadgen;
 pub mod realism;
 pub mod recovery;
+pub mod same_nat;
 pub mod scenarios;
 pub mod trust;

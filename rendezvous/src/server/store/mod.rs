@@ -310,13 +310,16 @@ fn candidates(c: &Registration) -> Vec<SocketAddr> {
 }
 
 /// The observed UDP endpoint first, then the daemon's own addresses with
-/// its UDP port. Empty until a probe was seen: no UDP mapping is known, so
-/// there is nothing to punch to.
+/// its UDP port. Before its first probe is seen only the local ones: no
+/// public mapping is known yet, but a peer on the same LAN needs none. A
+/// punch ordered in that window (the peer registered, its probe not yet
+/// in) used to go without QUIC, and on one LAN TCP alone could be refused
+/// for the whole punch and end relayed (lab: same-NAT stress).
 fn udp_candidates(c: &Registration) -> Vec<SocketAddr> {
-    let (Some(observed), Some(port)) = (c.udp_observed, c.udp_port) else {
+    let Some(port) = c.udp_port else {
         return Vec::new();
     };
-    let mut out = vec![observed];
+    let mut out: Vec<SocketAddr> = c.udp_observed.into_iter().collect();
     for a in &c.local_addrs {
         let a = SocketAddr::new(a.ip(), port);
         if !out.contains(&a) && out.len() < 8 {
@@ -360,11 +363,16 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn udp_candidates_need_an_observed_udp_endpoint() {
+    fn udp_candidates_are_local_until_the_udp_endpoint_is_observed() {
         let mut c = registration(1, "203.0.113.2:40000", &["192.0.2.2:40000"]);
-        // Offering QUIC is not enough: without a probe there is no mapping.
+        assert!(udp_candidates(&c).is_empty(), "no QUIC offered");
+        // Without a probe there is no public mapping, but a LAN peer can
+        // use the local address.
         c.udp_port = Some(41000);
-        assert!(udp_candidates(&c).is_empty());
+        assert_eq!(
+            udp_candidates(&c),
+            vec!["192.0.2.2:41000".parse::<SocketAddr>().unwrap()]
+        );
         c.udp_observed = Some("203.0.113.2:41000".parse().unwrap());
         let want: Vec<SocketAddr> = vec![
             "203.0.113.2:41000".parse().unwrap(),
