@@ -55,13 +55,11 @@ enum Kind {
     Gauge,
 }
 
-/// Every family `admin/metrics.rs` writes: name, type, and its labels with
-/// the values each may take (`None`: any value, e.g. a peer name).
-fn documented() -> Vec<(
-    &'static str,
-    Kind,
-    Vec<(&'static str, Option<Vec<&'static str>>)>,
-)> {
+/// A label and the values it may take (`None`: any, e.g. a peer name).
+type Label = (&'static str, Option<Vec<&'static str>>);
+
+/// Every family `admin/metrics.rs` writes: name, type, and its labels.
+fn documented() -> Vec<(&'static str, Kind, Vec<Label>)> {
     let peer = ("peer", None);
     let forward = vec![("listen", None), ("peer", None), ("service", None)];
     vec![
@@ -141,7 +139,7 @@ async fn metrics_parse_and_every_family_has_its_type_help_labels_and_values() {
         );
         for s in samples {
             assert_eq!(value(&s.value).0, *kind, "{name} type");
-            let keys: BTreeSet<&str> = s.labels.iter().map(|(k, _)| k.as_str()).collect();
+            let keys: BTreeSet<&str> = s.labels.keys().map(String::as_str).collect();
             let want: BTreeSet<&str> = labels.iter().map(|(k, _)| *k).collect();
             assert_eq!(keys, want, "{name} labels");
             for (label, values) in labels {
