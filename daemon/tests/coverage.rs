@@ -40,6 +40,7 @@ async fn rendezvous_reconnects_back_off_from_250ms_doubling_to_10s_with_jitter()
         drop(s);
     }
     let gaps: Vec<Duration> = attempts.windows(2).map(|w| w[1] - w[0]).collect();
+    println!("reconnect gaps: {gaps:?}");
     let bases_ms = [250u64, 500, 1000, 2000, 4000, 8000, 10_000, 10_000, 10_000];
     for (gap, base) in gaps.iter().zip(bases_ms) {
         let base = Duration::from_millis(base);
@@ -56,20 +57,16 @@ async fn rendezvous_reconnects_back_off_from_250ms_doubling_to_10s_with_jitter()
     daemon.shutdown(Duration::ZERO).await;
 }
 
-/// 1,000 local connections open at once through one tunnel, each echoing
-/// its own checksummed bytes; the status counts all 1,000 while they are
-/// open, and one punch carried them all.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_thousand_concurrent_streams_through_one_tunnel() {
+/// 1,000 local connections open at once through one tunnel over
+/// `transport`, each echoing its own checksummed bytes; the status counts
+/// all 1,000 while they are open, and one punch carried them all.
+async fn a_thousand_concurrent_streams_over(transport: &str) {
     const STREAMS: u64 = 1000;
+    let logs = Logs::capture();
     let lab = Lab::new().await;
-    let (alice, bob) = lab
-        .direct_pair(
-            &["echo"],
-            &[lab.expose_at("echo", lab.echo, &["alice"])],
-            "",
-        )
-        .await;
+    let punch = format!("transports = [\"{transport}\"]");
+    let echo = [lab.expose_at("echo", lab.echo, &["alice"])];
+    let (alice, bob) = lab.direct_pair(&["echo"], &echo, &punch).await;
     let forward = alice.forward_addrs[0];
     let (ready_tx, mut ready_rx) = tokio::sync::mpsc::channel(STREAMS as usize);
     let (release_tx, release_rx) = tokio::sync::watch::channel(false);
@@ -94,7 +91,10 @@ async fn a_thousand_concurrent_streams_through_one_tunnel() {
     for _ in 0..STREAMS {
         tokio::time::timeout(Duration::from_secs(60), ready_rx.recv())
             .await
-            .expect("1,000 streams echoing within 60 s")
+            .unwrap_or_else(|_| {
+                let warnings = logs.lines_with(&["WARN"]);
+                panic!("1,000 streams not echoing within 60 s: {warnings:#?}")
+            })
             .unwrap();
     }
     // All 1,000 are open now, on both ends of the one tunnel.
@@ -114,6 +114,16 @@ async fn a_thousand_concurrent_streams_through_one_tunnel() {
     .await;
     assert_eq!(alice.status.snapshot().forwards[0].total, STREAMS);
     lab.stop(vec![alice, bob]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_concurrent_streams_through_one_tcp_tunnel() {
+    a_thousand_concurrent_streams_over("tcp").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_concurrent_streams_through_one_quic_tunnel() {
+    a_thousand_concurrent_streams_over("quic").await;
 }
 
 /// A reader that stops reading holds up only its own stream: a second

@@ -3,6 +3,8 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod support;
+
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -435,6 +437,7 @@ async fn services_not_exposed_or_not_allowed_are_refused() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_impostor_registered_under_the_peers_name_gets_nothing() {
+    let logs = support::Logs::capture();
     let lab = Lab::new().await;
     let url = lab.rendezvous.url();
     // Mallory registers as "bob" with her own key; alice pins bob's real key.
@@ -467,13 +470,55 @@ async fn an_impostor_registered_under_the_peers_name_gets_nothing() {
         (m.status.snapshot().rendezvous == "connected").then_some(())
     })
     .await;
-    // Alice's local connection waits for a tunnel that must never come, then closes.
+    // Alice's local connection waits for a tunnel that must never come, and
+    // is closed when a waiting connection's limit is up: `[punch] timeout`
+    // (1 s) + 5 s (`peer/state.rs`), give or take 0.5 s.
+    let limit = Duration::from_secs(1 + 5);
+    let margin = Duration::from_millis(500);
+    let started = Instant::now();
     assert!(closed_without_data(alice.forward_addrs[0]).await);
+    let waited = started.elapsed();
+    assert!(
+        waited >= limit && waited <= limit + margin,
+        "refused after {waited:?}, not {limit:?} + {margin:?}"
+    );
     let doc = alice.status.snapshot();
     assert_eq!(doc.peers[0].path, PathState::None);
     assert_eq!(doc.peers[0].punches_ok, 0);
     assert_eq!(m.status.snapshot().peers[0].path, PathState::None);
-    lab.stop(vec![alice, m]).await;
+    // Refused for the key: alice's log names the mismatch.
+    assert!(
+        !logs
+            .lines_with(&[
+                "peer=bob",
+                "punch order carries a key other than the one in [[peers]]"
+            ])
+            .is_empty(),
+        "no key-mismatch refusal in alice's log"
+    );
+    // Positive control: the genuine bob, in the same setup, gets through.
+    m.shutdown(Duration::from_secs(1)).await;
+    let bob_cfg = peer_config(
+        "bob",
+        &url,
+        &[("alice", lab.alice_id.public_key())],
+        &[lab.expose("echo", &["alice"])],
+        &[],
+        "",
+    )
+    .unwrap();
+    let bob = punchd::start(bob_cfg, lab.bob_id.clone(), lab.cancel.child_token())
+        .await
+        .unwrap();
+    let data = pattern(4096, 9);
+    let stream = TcpStream::connect(alice.forward_addrs[0]).await.unwrap();
+    let got = tokio::time::timeout(Duration::from_secs(20), echo_roundtrip(stream, &data))
+        .await
+        .expect("the genuine peer was not reached")
+        .unwrap();
+    assert_eq!(got, hex(&Sha256::digest(&data)));
+    assert!(direct(&alice.status.snapshot()));
+    lab.stop(vec![alice, bob]).await;
 }
 
 #[tokio::test]
