@@ -195,12 +195,34 @@ impl Lab {
         exposes: &[ExposeSpec],
         punch: &str,
     ) -> (RunningDaemon, RunningDaemon) {
+        self.pair_when(services, exposes, punch, "a direct path", direct)
+            .await
+    }
+
+    /// As [`Lab::direct_pair`], returning once alice's status meets `up`.
+    pub async fn pair_when(
+        &self,
+        services: &[&str],
+        exposes: &[ExposeSpec],
+        punch: &str,
+        what: &str,
+        up: fn(&StatusDoc) -> bool,
+    ) -> (RunningDaemon, RunningDaemon) {
         let bob = self.bob(exposes, punch).await;
         let alice = self.alice(services, punch).await;
-        wait_for("a direct path", Duration::from_secs(20), || {
-            Some(alice.status.snapshot()).filter(direct)
-        })
-        .await;
+        let ready = wait_for(what, Duration::from_secs(3600), || {
+            Some(alice.status.snapshot()).filter(up)
+        });
+        if tokio::time::timeout(Duration::from_secs(20), ready)
+            .await
+            .is_err()
+        {
+            panic!(
+                "no {what} within 20 s: alice {:?}, bob {:?}",
+                alice.status.snapshot().peers,
+                bob.status.snapshot().peers
+            );
+        }
         (alice, bob)
     }
 
