@@ -19,7 +19,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use support::{ask_for, source_server, wait_for, Lab, Logs};
+use support::{ask_for, wait_for, Lab, Logs};
 
 /// With the rendezvous down, the daemon tries again after 250 ms, then
 /// doubling up to 10 s, each delay within ±25 % jitter (`backoff.rs`), and
@@ -156,17 +156,10 @@ async fn a_slow_reader_stalls_only_its_own_stream() {
     const FAST: u64 = 8 * 1024 * 1024;
     /// In flight for a stalled stream: loopback socket buffers (up to a few
     /// MiB each with autotuning, four of them), 2 × 32 KiB of copy buffer
-    /// and the mux window. The service's 64 MiB never fit (about 9 MiB was seen in flight).
+    /// and the mux window: about 9 MiB seen. The service's 64 MiB never fit.
     const IN_FLIGHT_MAX: u64 = 32 * 1024 * 1024;
     let lab = Lab::new().await;
-    let (source, written) = source_server(lab.cancel.clone(), &lab.tracker).await;
-    let (alice, bob) = lab
-        .direct_pair(
-            &["source"],
-            &[lab.expose_at("source", source, &["alice"])],
-            "",
-        )
-        .await;
+    let (alice, bob, written) = lab.source_pair().await;
     let forward = alice.forward_addrs[0];
     let mut slow = ask_for(forward, SLOW).await;
     let mut first = [0u8; 1];
@@ -266,14 +259,7 @@ async fn read_until_end(s: &mut TcpStream, mut got: u64) -> (u64, bool) {
 async fn a_local_client_sees_an_error_not_eof_when_the_peer_dies_mid_download() {
     const TOTAL: u64 = 1 << 30;
     let lab = Lab::new().await;
-    let (source, _) = source_server(lab.cancel.clone(), &lab.tracker).await;
-    let (alice, bob) = lab
-        .direct_pair(
-            &["source"],
-            &[lab.expose_at("source", source, &["alice"])],
-            "",
-        )
-        .await;
+    let (alice, bob, _) = lab.source_pair().await;
     let mut s = ask_for(alice.forward_addrs[0], TOTAL).await;
     let mut head = vec![0u8; 1024 * 1024];
     s.read_exact(&mut head).await.unwrap();

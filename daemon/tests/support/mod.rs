@@ -6,6 +6,7 @@
 
 use std::io::Write;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -84,8 +85,7 @@ impl Logs {
 pub async fn source_server(
     cancel: CancellationToken,
     tracker: &TaskTracker,
-) -> (SocketAddr, Arc<std::sync::atomic::AtomicU64>) {
-    use std::sync::atomic::{AtomicU64, Ordering};
+) -> (SocketAddr, Arc<AtomicU64>) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let written = Arc::new(AtomicU64::new(0));
@@ -145,6 +145,11 @@ impl Lab {
         }
     }
 
+    /// The echo service, as bob offers it to `allow`.
+    pub fn expose(&self, name: &str, allow: &[&str]) -> ExposeSpec {
+        self.expose_at(name, self.echo, allow)
+    }
+
     /// A service bob offers at `target`, to `allow`.
     pub fn expose_at(&self, name: &str, target: SocketAddr, allow: &[&str]) -> ExposeSpec {
         ExposeSpec {
@@ -187,6 +192,27 @@ impl Lab {
             .unwrap()
     }
 
+    /// alice forwards `services` of bob; bob exposes `exposes`; both with
+    /// `punch`. Returns at once (bob first, so alice finds him registered).
+    pub async fn pair(
+        &self,
+        services: &[&str],
+        exposes: Vec<ExposeSpec>,
+        punch: &str,
+    ) -> (RunningDaemon, RunningDaemon) {
+        let bob = self.bob(&exposes, punch).await;
+        (self.alice(services, punch).await, bob)
+    }
+
+    /// A [`source_server`] exposed by bob as "source" and forwarded by
+    /// alice, on a direct path; and the source's byte count.
+    pub async fn source_pair(&self) -> (RunningDaemon, RunningDaemon, Arc<AtomicU64>) {
+        let (source, written) = source_server(self.cancel.clone(), &self.tracker).await;
+        let exposes = [self.expose_at("source", source, &["alice"])];
+        let (alice, bob) = self.direct_pair(&["source"], &exposes, "").await;
+        (alice, bob, written)
+    }
+
     /// bob exposing `exposes`, alice forwarding `services`; both with
     /// `punch`; returns once alice's path to bob is direct.
     pub async fn direct_pair(
@@ -208,8 +234,7 @@ impl Lab {
         what: &str,
         up: fn(&StatusDoc) -> bool,
     ) -> (RunningDaemon, RunningDaemon) {
-        let bob = self.bob(exposes, punch).await;
-        let alice = self.alice(services, punch).await;
+        let (alice, bob) = self.pair(services, exposes.to_vec(), punch).await;
         let ready = wait_for(what, Duration::from_secs(3600), || {
             Some(alice.status.snapshot()).filter(up)
         });
