@@ -1,8 +1,8 @@
 //! What a user relies on and nothing else tested: the rendezvous
-//! re-registration backoff (paused time), 1,000 streams through one
-//! tunnel, a slow reader beside a fast one, the bound on connections
-//! waiting for a tunnel, and what both ends see when a tunnel dies
-//! mid-stream. Real daemons and a real rendezvous on 127.0.0.1:0.
+//! re-registration backoff (paused time), a slow reader beside a fast one,
+//! the bound on connections waiting for a tunnel, and what both ends see
+//! when a tunnel dies mid-stream (1,000 streams: `tests/streams.rs`). Real
+//! daemons and a real rendezvous on 127.0.0.1:0.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -12,7 +12,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use punchd::demo::loopback::peer_config;
-use punchd::{hex, pattern, Identity, PathState, StatusDoc};
+use punchd::{hex, pattern, Identity};
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -55,93 +55,6 @@ async fn rendezvous_reconnects_back_off_from_250ms_doubling_to_10s_with_jitter()
         "no jitter: {gaps:?}"
     );
     daemon.shutdown(Duration::ZERO).await;
-}
-
-/// 1,000 local connections open at once through one tunnel, each echoing
-/// its own checksummed bytes; the status counts all 1,000 while they are
-/// open, and one punch carried them all. `punch` picks the transports;
-/// `up` says when the tunnel is ready.
-async fn a_thousand_concurrent_streams(punch: &str, up: fn(&StatusDoc) -> bool) {
-    const STREAMS: u64 = 1000;
-    let logs = Logs::capture();
-    let lab = Lab::new().await;
-    let echo = [lab.expose_at("echo", lab.echo, &["alice"])];
-    let (alice, bob) = lab.pair_when(&["echo"], &echo, punch, "a tunnel", up).await;
-    let forward = alice.forward_addrs[0];
-    let (ready_tx, mut ready_rx) = tokio::sync::mpsc::channel(STREAMS as usize);
-    let (release_tx, release_rx) = tokio::sync::watch::channel(false);
-    let mut tasks = tokio::task::JoinSet::new();
-    for i in 0..STREAMS {
-        let (ready, mut release) = (ready_tx.clone(), release_rx.clone());
-        tasks.spawn(async move {
-            let data = pattern(1024, i + 1);
-            let mut s = TcpStream::connect(forward).await.unwrap();
-            s.write_all(&data).await.unwrap();
-            let mut echoed = vec![0u8; data.len()];
-            s.read_exact(&mut echoed).await.unwrap();
-            ready.send(()).await.unwrap();
-            release.wait_for(|go| *go).await.unwrap();
-            s.shutdown().await.unwrap();
-            let mut rest = Vec::new();
-            s.read_to_end(&mut rest).await.unwrap();
-            echoed.extend_from_slice(&rest);
-            (hex(&Sha256::digest(&echoed)), hex(&Sha256::digest(&data)))
-        });
-    }
-    for _ in 0..STREAMS {
-        tokio::time::timeout(Duration::from_secs(60), ready_rx.recv())
-            .await
-            .unwrap_or_else(|_| {
-                let warnings = logs.lines_with(&["WARN"]);
-                panic!("1,000 streams not echoing within 60 s: {warnings:#?}")
-            })
-            .unwrap();
-    }
-    // All 1,000 are open now, on both ends of the one tunnel.
-    let (a, b) = (alice.status.snapshot(), bob.status.snapshot());
-    assert_eq!(a.peers[0].streams, STREAMS as i64);
-    assert_eq!(a.forwards[0].active, STREAMS as i64);
-    assert_eq!(b.peers[0].streams, STREAMS as i64);
-    assert!(
-        a.peers[0].punches_ok + a.peers[0].punches_failed <= 1,
-        "more than one tunnel was punched"
-    );
-    release_tx.send(true).unwrap();
-    while let Some(r) = tasks.join_next().await {
-        let (got, sent) = r.unwrap();
-        assert_eq!(got, sent);
-    }
-    let drained = wait_for("streams to drain", Duration::from_secs(3600), || {
-        (alice.status.snapshot().peers[0].streams == 0).then_some(())
-    });
-    if tokio::time::timeout(Duration::from_secs(10), drained)
-        .await
-        .is_err()
-    {
-        panic!(
-            "streams still counted 10 s after every connection ended: alice {:?}, bob {:?}",
-            alice.status.snapshot(),
-            bob.status.snapshot()
-        );
-    }
-    assert_eq!(alice.status.snapshot().forwards[0].total, STREAMS);
-    lab.stop(vec![alice, bob]).await;
-}
-
-/// TLS and yamux over TCP, or over the relay when the loopback punch loses
-/// (the same-host simultaneous-open defect of #17 that another branch
-/// fixes): the same multiplexer either way, which is what is under test.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_thousand_concurrent_streams_through_one_yamux_tunnel() {
-    a_thousand_concurrent_streams("transports = [\"tcp\"]", |doc| {
-        doc.peers[0].path != PathState::None
-    })
-    .await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_thousand_concurrent_streams_through_one_quic_tunnel() {
-    a_thousand_concurrent_streams("transports = [\"quic\"]", support::direct).await;
 }
 
 /// A reader that stops reading holds up only its own stream: a second
