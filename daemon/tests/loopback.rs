@@ -3,132 +3,24 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod support;
+
+use punchd::demo::loopback::ExposeSpec;
+use support::{direct, wait_for, Lab};
+
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use punch_config::{PeerConfig, RendezvousConfig};
+use punch_config::PeerConfig;
 use punchd::demo::echo_roundtrip;
-use punchd::demo::loopback::{echo_server, peer_config, ExposeSpec, Rendezvous};
-use punchd::{hex, pattern, Identity, PathState, RunningDaemon, StatusDoc};
+use punchd::demo::loopback::peer_config;
+use punchd::{hex, pattern, Identity, PathState};
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
-
-/// Polls `f` until it returns `Some`, or panics after `timeout`.
-async fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
-
-struct Lab {
-    rendezvous: Rendezvous,
-    cancel: CancellationToken,
-    tracker: TaskTracker,
-    echo: SocketAddr,
-    alice_id: Identity,
-    bob_id: Identity,
-}
-
-impl Lab {
-    async fn new() -> Self {
-        let cancel = CancellationToken::new();
-        let tracker = TaskTracker::new();
-        let echo = echo_server(cancel.clone(), &tracker).await.unwrap();
-        Self {
-            rendezvous: Rendezvous::start(RendezvousConfig::default())
-                .await
-                .unwrap(),
-            cancel,
-            tracker,
-            echo,
-            alice_id: Identity::generate().unwrap(),
-            bob_id: Identity::generate().unwrap(),
-        }
-    }
-
-    fn expose(&self, name: &str, allow: &[&str]) -> ExposeSpec {
-        ExposeSpec {
-            name: name.into(),
-            target: self.echo.to_string(),
-            allow: allow.iter().map(|s| s.to_string()).collect(),
-        }
-    }
-
-    /// alice forwards `services` of bob; bob exposes `exposes`.
-    async fn pair(
-        &self,
-        services: &[&str],
-        exposes: Vec<ExposeSpec>,
-        punch: &str,
-    ) -> (RunningDaemon, RunningDaemon) {
-        let tokens = (self.cancel.child_token(), self.cancel.child_token());
-        self.pair_with(services, exposes, punch, tokens).await
-    }
-
-    /// [`Lab::pair`] with each daemon's own cancel token (alice, bob), so a
-    /// test can stop one abruptly.
-    async fn pair_with(
-        &self,
-        services: &[&str],
-        exposes: Vec<ExposeSpec>,
-        punch: &str,
-        (alice_cancel, bob_cancel): (CancellationToken, CancellationToken),
-    ) -> (RunningDaemon, RunningDaemon) {
-        let url = self.rendezvous.url();
-        let forwards: Vec<_> = services.iter().map(|s| ("bob", *s)).collect();
-        let alice_cfg = peer_config(
-            "alice",
-            &url,
-            &[("bob", self.bob_id.public_key())],
-            &[],
-            &forwards,
-            punch,
-        )
-        .unwrap();
-        let bob_cfg = peer_config(
-            "bob",
-            &url,
-            &[("alice", self.alice_id.public_key())],
-            &exposes,
-            &[],
-            punch,
-        )
-        .unwrap();
-        let bob = punchd::start(bob_cfg, self.bob_id.clone(), bob_cancel)
-            .await
-            .unwrap();
-        let alice = punchd::start(alice_cfg, self.alice_id.clone(), alice_cancel)
-            .await
-            .unwrap();
-        (alice, bob)
-    }
-
-    async fn stop(self, daemons: Vec<RunningDaemon>) {
-        for d in daemons {
-            d.shutdown(Duration::from_secs(3)).await;
-        }
-        self.cancel.cancel();
-        self.tracker.close();
-        self.tracker.wait().await;
-        self.rendezvous.stop().await;
-    }
-}
-
-fn direct(doc: &StatusDoc) -> bool {
-    doc.peers
-        .first()
-        .is_some_and(|p| p.path == PathState::Direct)
-}
 
 /// Ports in LISTEN state, from /proc/net/tcp{,6}.
 fn listening_ports() -> Vec<u16> {
@@ -448,19 +340,23 @@ async fn services_not_exposed_or_not_allowed_are_refused() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_impostor_registered_under_the_peers_name_gets_nothing() {
+    let logs = support::Logs::capture();
     let lab = Lab::new().await;
     let url = lab.rendezvous.url();
     // Mallory registers as "bob" with her own key; alice pins bob's real key.
     let mallory = Identity::generate().unwrap();
-    let mallory_cfg = peer_config(
-        "bob",
-        &url,
-        &[("alice", lab.alice_id.public_key())],
-        &[lab.expose("echo", &["alice"])],
-        &[],
-        "",
-    )
-    .unwrap();
+    let bob_cfg = || {
+        let echo = [lab.expose("echo", &["alice"])];
+        peer_config(
+            "bob",
+            &url,
+            &[("alice", lab.alice_id.public_key())],
+            &echo,
+            &[],
+            "",
+        )
+        .unwrap()
+    };
     let alice_cfg = peer_config(
         "alice",
         &url,
@@ -470,7 +366,7 @@ async fn an_impostor_registered_under_the_peers_name_gets_nothing() {
         "timeout = \"1s\"",
     )
     .unwrap();
-    let m = punchd::start(mallory_cfg, mallory, lab.cancel.child_token())
+    let m = punchd::start(bob_cfg(), mallory, lab.cancel.child_token())
         .await
         .unwrap();
     let alice = punchd::start(alice_cfg, lab.alice_id.clone(), lab.cancel.child_token())
@@ -480,13 +376,46 @@ async fn an_impostor_registered_under_the_peers_name_gets_nothing() {
         (m.status.snapshot().rendezvous == "connected").then_some(())
     })
     .await;
-    // Alice's local connection waits for a tunnel that must never come, then closes.
+    // Alice's local connection waits for a tunnel that must never come, and
+    // is closed when a waiting connection's limit is up: `[punch] timeout`
+    // (1 s) + 5 s (`peer/state.rs`), give or take 0.5 s.
+    let limit = Duration::from_secs(1 + 5);
+    let margin = Duration::from_millis(500);
+    let started = Instant::now();
     assert!(closed_without_data(alice.forward_addrs[0]).await);
+    let waited = started.elapsed();
+    assert!(
+        waited >= limit && waited <= limit + margin,
+        "refused after {waited:?}, not {limit:?} + {margin:?}"
+    );
     let doc = alice.status.snapshot();
     assert_eq!(doc.peers[0].path, PathState::None);
     assert_eq!(doc.peers[0].punches_ok, 0);
     assert_eq!(m.status.snapshot().peers[0].path, PathState::None);
-    lab.stop(vec![alice, m]).await;
+    // Refused for the key: alice's log names the mismatch.
+    assert!(
+        !logs
+            .lines_with(&[
+                "peer=bob",
+                "punch order carries a key other than the one in [[peers]]"
+            ])
+            .is_empty(),
+        "no key-mismatch refusal in alice's log"
+    );
+    // Positive control: the genuine bob, in the same setup, gets through.
+    m.shutdown(Duration::from_secs(1)).await;
+    let bob = punchd::start(bob_cfg(), lab.bob_id.clone(), lab.cancel.child_token())
+        .await
+        .unwrap();
+    let data = pattern(4096, 9);
+    let stream = TcpStream::connect(alice.forward_addrs[0]).await.unwrap();
+    let got = tokio::time::timeout(Duration::from_secs(20), echo_roundtrip(stream, &data))
+        .await
+        .expect("the genuine peer was not reached")
+        .unwrap();
+    assert_eq!(got, hex(&Sha256::digest(&data)));
+    assert!(direct(&alice.status.snapshot()));
+    lab.stop(vec![alice, bob]).await;
 }
 
 #[tokio::test]

@@ -99,3 +99,7 @@ pub(crate) async fn echo_pings<S: AsyncRead + AsyncWrite + Unpin>(
         }
     }
 }
+
+#[cfg(test)]
+#[path = "keepalive_tests.rs"]
+mod tests;

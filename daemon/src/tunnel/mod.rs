@@ -181,10 +181,15 @@ const STREAM_CUT: quinn::VarInt = quinn::VarInt::from_u32(1);
 
 /// Most streams one tunnel carries at once (each side).
 pub(crate) const MAX_STREAMS: usize = 1024;
-/// Inbound streams waiting for a handler before new ones are refused.
-pub(crate) const INBOUND_QUEUE: usize = 256;
-/// Stream-open requests waiting for the driver.
-pub(super) const OPEN_QUEUE: usize = 256;
+/// Inbound streams waiting for a handler before new ones are refused: as
+/// many as may be open at once, so a stream the mux admitted is never
+/// refused for want of room (with 256, a burst of 1,000 streams over QUIC
+/// had hundreds reset before the handler loop ran).
+pub(crate) const INBOUND_QUEUE: usize = MAX_STREAMS;
+/// Stream-open requests waiting for the driver: as many as may be open at
+/// once (with 256, 1,000 local connections arriving together over TCP had
+/// dozens refused as "tunnel busy").
+pub(super) const OPEN_QUEUE: usize = MAX_STREAMS;
 /// How long the TLS handshake may take.
 pub(crate) const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 
