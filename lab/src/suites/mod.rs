@@ -17,3 +17,4 @@ pub mod loadgen;
 pub mod realism;
 pub mod recovery;
 pub mod scenarios;
+pub mod soak;

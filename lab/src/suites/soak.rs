@@ -1,0 +1,4 @@
+//! placeholder
+pub mod schedule;
+pub mod stream;
+pub mod verdict;
