@@ -325,12 +325,13 @@ fn soak(run: &mut Run, client: usize, o: &Options, stop: &Path) -> Result<Summar
             idle(&mut tail, Duration::from_millis(200));
         }
     }
-    // Let broken streams reopen before measuring the end, so both
-    // footprints are taken with the same streams open.
+    // Traffic alone until the soak's time is up, and at least long enough
+    // for broken streams to reopen, so both footprints are taken with the
+    // same streams open.
     idle(
         &mut tail,
-        WIND_DOWN
-            .min(o.duration.saturating_sub(t0.elapsed()))
+        o.duration
+            .saturating_sub(t0.elapsed())
             .max(Duration::from_secs(5)),
     );
     let end_fp = footprints(run)?;
