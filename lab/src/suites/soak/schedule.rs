@@ -42,7 +42,7 @@ pub const KILL_DOWN: Duration = Duration::from_secs(1);
 /// How long a loss burst lasts.
 pub const LOSS_BURST: Duration = Duration::from_secs(3);
 /// The share of inbound packets a loss burst drops.
-pub const LOSS_PERCENT: u32 = 20;
+pub const LOSS_PERCENT: u32 = 30;
 /// How long a NAT keeps its shortened timeouts.
 pub const SHORT_WINDOW: Duration = Duration::from_secs(20);
 /// The shortened conntrack timeouts (sysctl name, seconds). All above the

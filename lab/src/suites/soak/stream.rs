@@ -175,6 +175,38 @@ pub struct End {
     pub error: String,
 }
 
+impl End {
+    /// A connection that has just begun (complete until found otherwise).
+    fn begun(seen: Seen, probe: bool, slot: u32, seq: u64) -> Self {
+        let opened_ms = now_ms();
+        Self {
+            seen,
+            probe,
+            slot,
+            seq,
+            opened_ms,
+            at_ms: opened_ms,
+            sent: 0,
+            received: 0,
+            corrupted: 0,
+            outcome: Outcome::Complete,
+            error: String::new(),
+        }
+    }
+
+    /// Fills in what an exchange moved and how it ended, and the time.
+    fn finish(&mut self, sent: u64, v: &Verifier, result: Result<(), Failure>) {
+        self.sent = sent;
+        self.received = v.bytes;
+        self.corrupted = v.corrupted;
+        self.at_ms = now_ms();
+        if let Err((outcome, error)) = result {
+            self.outcome = outcome;
+            self.error = error;
+        }
+    }
+}
+
 /// A direction's header.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Header {
@@ -418,26 +450,11 @@ async fn one(
     stop: Arc<AtomicBool>,
 ) -> End {
     let probe = header.seed & PROBE_BIT != 0;
-    let opened_ms = now_ms();
-    let mut end = End {
-        seen: Seen::Client,
-        probe,
-        slot: header.slot,
-        seq: header.seq,
-        opened_ms,
-        at_ms: opened_ms,
-        sent: 0,
-        received: 0,
-        corrupted: 0,
-        outcome: Outcome::Complete,
-        error: String::new(),
-    };
+    let mut end = End::begun(Seen::Client, probe, header.slot, header.seq);
     let s = match TcpStream::connect(connect).await {
         Ok(s) => s,
         Err(e) => {
-            end.outcome = Outcome::Refused;
-            end.error = e.to_string();
-            end.at_ms = now_ms();
+            end.finish(0, &Verifier::new(0), Err((Outcome::Refused, e.to_string())));
             return end;
         }
     };
@@ -458,14 +475,7 @@ async fn one(
     });
     let (sent, v, result) = exchange(s, header, Some(header.answer()), rx, None, STALL).await;
     pacer.abort();
-    end.sent = sent;
-    end.received = v.bytes;
-    end.corrupted = v.corrupted;
-    end.at_ms = now_ms();
-    if let Err((outcome, error)) = result {
-        end.outcome = outcome;
-        end.error = error;
-    }
+    end.finish(sent, &v, result);
     end
 }
 
@@ -518,19 +528,13 @@ pub async fn client(o: ClientOpts) -> Result<()> {
             .await
             {
                 Ok(end) => end,
-                Err(_) => End {
-                    seen: Seen::Client,
-                    probe: true,
-                    slot: h.slot,
-                    seq,
-                    opened_ms: started,
-                    at_ms: now_ms(),
-                    sent: 0,
-                    received: 0,
-                    corrupted: 0,
-                    outcome: Outcome::Stalled,
-                    error: format!("no answer in {PROBE_TIMEOUT:?}"),
-                },
+                Err(_) => {
+                    let mut end = End::begun(Seen::Client, true, h.slot, seq);
+                    end.opened_ms = started;
+                    end.outcome = Outcome::Stalled;
+                    end.error = format!("no answer in {PROBE_TIMEOUT:?}");
+                    end
+                }
             };
             print_end(&end);
         }
@@ -563,24 +567,11 @@ pub async fn serve(listen: SocketAddr) -> Result<()> {
         let (mut s, _) = listener.accept().await?;
         tokio::spawn(async move {
             let _ = s.set_nodelay(true);
-            let opened_ms = now_ms();
-            let mut end = End {
-                seen: Seen::Server,
-                probe: false,
-                slot: 0,
-                seq: 0,
-                opened_ms,
-                at_ms: opened_ms,
-                sent: 0,
-                received: 0,
-                corrupted: 0,
-                outcome: Outcome::Complete,
-                error: String::new(),
-            };
+            let mut end = End::begun(Seen::Server, false, 0, 0);
             match read_header(&mut s, SERVER_IDLE).await {
                 Err((outcome, error)) => {
-                    end.outcome = outcome;
-                    end.error = format!("header: {error}");
+                    let header = Err((outcome, format!("header: {error}")));
+                    end.finish(0, &Verifier::new(0), header);
                     reset_on_close(&s);
                 }
                 Ok(h) => {
@@ -590,16 +581,9 @@ pub async fn serve(listen: SocketAddr) -> Result<()> {
                     let (tx, rx) = mpsc::channel(64);
                     let (sent, v, result) =
                         exchange(s, h.answer(), None, rx, Some(tx), SERVER_IDLE).await;
-                    end.sent = sent;
-                    end.received = v.bytes;
-                    end.corrupted = v.corrupted;
-                    if let Err((outcome, error)) = result {
-                        end.outcome = outcome;
-                        end.error = error;
-                    }
+                    end.finish(sent, &v, result);
                 }
             }
-            end.at_ms = now_ms();
             print_end(&end);
         });
     }
@@ -646,6 +630,12 @@ mod tests {
         tokio::spawn(serve(addr));
         tokio::time::sleep(Duration::from_millis(50)).await;
         addr
+    }
+
+    /// A stream of up to 100 frames 5 ms apart to `addr`.
+    async fn stream_to(addr: SocketAddr, slot: u32) -> End {
+        let never = Arc::new(AtomicBool::new(false));
+        one(addr, header(slot), 100, Duration::from_millis(5), never).await
     }
 
     fn header(slot: u32) -> Header {
@@ -703,14 +693,7 @@ mod tests {
     #[tokio::test]
     async fn a_clean_eof_before_the_end_frame_is_a_truncation() {
         let addr = fake(2, false, false).await;
-        let end = one(
-            addr,
-            header(1),
-            100,
-            Duration::from_millis(5),
-            Arc::new(AtomicBool::new(false)),
-        )
-        .await;
+        let end = stream_to(addr, 1).await;
         assert_eq!(end.outcome, Outcome::Truncated, "{end:?}");
         assert_eq!(end.received, 2 * FRAME as u64);
     }
@@ -718,28 +701,14 @@ mod tests {
     #[tokio::test]
     async fn a_flipped_byte_is_corruption_and_a_rst_is_a_reset() {
         let addr = fake(3, true, false).await;
-        let end = one(
-            addr,
-            header(2),
-            100,
-            Duration::from_millis(5),
-            Arc::new(AtomicBool::new(false)),
-        )
-        .await;
+        let end = stream_to(addr, 2).await;
         assert_eq!(
             (end.outcome, end.corrupted),
             (Outcome::Corrupt, 1),
             "{end:?}"
         );
         let addr = fake(1, false, true).await;
-        let end = one(
-            addr,
-            header(3),
-            100,
-            Duration::from_millis(5),
-            Arc::new(AtomicBool::new(false)),
-        )
-        .await;
+        let end = stream_to(addr, 3).await;
         assert_eq!(end.outcome, Outcome::Reset, "{end:?}");
     }
 
