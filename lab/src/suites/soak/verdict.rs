@@ -568,6 +568,8 @@ mod tests {
             (1, 1, 3)
         );
         assert!(s.to_string().contains("FAIL"));
+        let json = serde_json::to_string(&s).unwrap();
+        assert!(json.contains("\"corrupted_bytes\":3"), "{json}");
         // Nothing recovered at all.
         let s = judge(1, 0, 60_000, &good[..4], &faults, vec![]);
         assert!(
