@@ -155,14 +155,20 @@ pub struct Summary {
     pub probes: u64,
     /// Probes that did not complete (or could not connect).
     pub probe_failures: u64,
-    /// Stream and probe failures per fault kind that explains them.
+    /// Broken streams and failed probes per fault kind that explains
+    /// them (a stream's refused connect while alice is down is not a
+    /// break, only needs explaining).
     pub breaks_by_kind: BTreeMap<String, u64>,
     /// Failures no fault explains.
-    pub unexplained: Vec<String>,
+    pub unexplained: u64,
+    /// The first [`LISTED`] of them.
+    pub unexplained_list: Vec<String>,
     /// Bytes that differed from their pattern (either side).
     pub corrupted_bytes: u64,
     /// Clean EOFs before the end frame that no SIGKILL explains.
-    pub truncated: Vec<String>,
+    pub truncated: u64,
+    /// The first [`LISTED`] of them.
+    pub truncated_list: Vec<String>,
     /// Truncations that are a killed process's own FIN ([`KILL_CUT`]).
     pub cut_by_kill: u64,
     /// Every fault, in order.
@@ -195,7 +201,7 @@ fn describe(e: &End, t0: u64) -> String {
 }
 
 /// Lists are cut to this many entries in the summary.
-const LISTED: usize = 20;
+pub const LISTED: usize = 20;
 
 /// Judges a soak: `t0_ms` its start, `ends` every connection end from
 /// both sides, `faults` what was injected, `growth` the daemons'
@@ -221,13 +227,14 @@ pub fn judge(
         if e.outcome == Outcome::Complete {
             continue;
         }
+        let is_break = e.probe || e.outcome != Outcome::Refused;
         if e.probe {
             probe_failures += 1;
-        } else if e.outcome != Outcome::Refused {
+        } else if is_break {
             broken += 1;
         }
         match explained_by(e, faults) {
-            Some(i) => breaks[i] += 1,
+            Some(i) => breaks[i] += u64::from(is_break),
             None => unexplained.push(describe(e, t0_ms)),
         }
     }
@@ -314,6 +321,7 @@ pub fn judge(
     if opened == 0 {
         failures.push("no stream was ever opened".to_owned());
     }
+    let (n_unexplained, n_truncated) = (unexplained.len() as u64, truncated.len() as u64);
     unexplained.truncate(LISTED);
     truncated.truncate(LISTED);
     Summary {
@@ -326,9 +334,11 @@ pub fn judge(
         probes,
         probe_failures,
         breaks_by_kind,
-        unexplained,
+        unexplained: n_unexplained,
+        unexplained_list: unexplained,
         corrupted_bytes,
-        truncated,
+        truncated: n_truncated,
+        truncated_list: truncated,
         cut_by_kill: cut,
         faults: lines,
         recovery,
@@ -371,18 +381,17 @@ impl fmt::Display for Summary {
             .map(|(k, n)| format!("{k} {n}"))
             .collect();
         writeln!(f, "  failures explained by: {}", by.join(", "))?;
-        writeln!(f, "  unexplained: {}", self.unexplained.len())?;
-        for u in &self.unexplained {
+        writeln!(f, "  unexplained: {}", self.unexplained)?;
+        for u in &self.unexplained_list {
             writeln!(f, "    {u}")?;
         }
         writeln!(f, "  bytes corrupted: {}", self.corrupted_bytes)?;
         writeln!(
             f,
             "  streams silently truncated: {} (plus {} cut by a SIGKILL's own FIN)",
-            self.truncated.len(),
-            self.cut_by_kill
+            self.truncated, self.cut_by_kill
         )?;
-        for t in &self.truncated {
+        for t in &self.truncated_list {
             writeln!(f, "    {t}")?;
         }
         writeln!(f, "  recovery (fault → a probe through again):")?;
@@ -563,13 +572,20 @@ mod tests {
         };
         let s = judge(1, 0, 60_000, &bad, &faults, vec![grew]);
         assert_eq!(s.failures.len(), 4, "{:?}", s.failures);
-        assert_eq!(
-            (s.truncated.len(), s.unexplained.len(), s.corrupted_bytes),
-            (1, 1, 3)
-        );
+        assert_eq!((s.truncated, s.unexplained, s.corrupted_bytes), (1, 1, 3));
         assert!(s.to_string().contains("FAIL"));
         let json = serde_json::to_string(&s).unwrap();
         assert!(json.contains("\"corrupted_bytes\":3"), "{json}");
+        // Counted in full, listed in part.
+        let many: Vec<End> = (0..30)
+            .map(|i| end(Seen::Client, false, 70_000 + i, Outcome::Truncated))
+            .collect();
+        let s = judge(1, 0, 80_000, &many, &faults, vec![]);
+        assert_eq!((s.truncated, s.truncated_list.len()), (30, LISTED));
+        assert_eq!((s.unexplained, s.unexplained_list.len()), (30, LISTED));
+        assert!(s
+            .failures
+            .contains(&"30 streams silently truncated".to_owned()));
         // Nothing recovered at all.
         let s = judge(1, 0, 60_000, &good[..4], &faults, vec![]);
         assert!(
