@@ -218,7 +218,7 @@ fn inject(run: &mut Run, fault: Fault, tail: &mut Tail) -> Result<()> {
 
 /// Brings the lab up with the soak's server in place of bob's sink and
 /// its client in hostA; returns the client's index in hostA.
-fn start(bins: &Binaries, o: &Options, stop: &Path) -> Result<(Run, usize)> {
+fn start(bins: &Binaries, o: &Options) -> Result<(Run, usize)> {
     let s = Scenario::new(
         "soak",
         Layout::TwoNats(NatBehaviour::Masquerade),
@@ -242,7 +242,8 @@ fn start(bins: &Binaries, o: &Options, stop: &Path) -> Result<(Run, usize)> {
         wait("the soak server to listen", Duration::from_secs(10), || {
             listens_on(&host_b, 9000).then_some(())
         })?;
-        let _ = std::fs::remove_file(stop);
+        // In the run's folder, which every start empties first.
+        let stop = stop_file(&run);
         // The client's own limit: the soak, plus the longest its faults
         // could overrun, plus the wind-down; normally the stop file ends it.
         let max = o.duration + Duration::from_secs(600);
@@ -275,14 +276,17 @@ fn start(bins: &Binaries, o: &Options, stop: &Path) -> Result<(Run, usize)> {
 
 /// Runs the soak; the summary says whether it passed.
 pub fn run(bins: &Binaries, o: &Options) -> Result<Summary> {
-    let stop = std::env::temp_dir().join("punch-lab-soak.stop");
-    let (mut run, client) = start(bins, o, &stop)?;
-    let result = soak(&mut run, client, o, &stop);
-    let _ = std::fs::remove_file(&stop);
+    let (mut run, client) = start(bins, o)?;
+    let result = soak(&mut run, client, o);
     result.map_err(|e| run.explain(e))
 }
 
-fn soak(run: &mut Run, client: usize, o: &Options, stop: &Path) -> Result<Summary> {
+/// The file whose appearance tells the client to end its streams.
+fn stop_file(run: &Run) -> PathBuf {
+    run.dir.join("soak.stop")
+}
+
+fn soak(run: &mut Run, client: usize, o: &Options) -> Result<Summary> {
     let t0 = Instant::now();
     let t0_ms = now_ms();
     let mut tail = Tail::new(run.dir.join("soak-client.log"));
@@ -337,7 +341,7 @@ fn soak(run: &mut Run, client: usize, o: &Options, stop: &Path) -> Result<Summar
     let end_fp = footprints(run)?;
     let t1_ms = now_ms();
 
-    std::fs::write(stop, b"stop")?;
+    std::fs::write(stop_file(run), b"stop")?;
     let give_up = Instant::now() + STALL + PROBE_TIMEOUT + Duration::from_secs(10);
     while run.topo.host_a.is_running(client) && Instant::now() < give_up {
         idle(&mut tail, Duration::from_millis(200));
