@@ -12,9 +12,9 @@
 //!   (direct means direct, no LISTEN on the punch port, the rendezvous
 //!   under 1 %, checksums) live here once.
 //! - [`suites`]: what is asserted or measured: the scenario matrix,
-//!   realism (delay, loss, punch timing), recovery, benchmarks, the
-//!   rendezvous load generator. Each uses the harness, never another
-//!   suite.
+//!   realism (delay, loss, punch timing), recovery, the fault-injecting
+//!   soak, benchmarks, the rendezvous load generator. Each uses the
+//!   harness, never another suite.
 //!
 //! `bin/punch-lab-tool.rs` is the CLI: the sink, sender and link emulator
 //! that run inside namespaces, and the suites by hand.

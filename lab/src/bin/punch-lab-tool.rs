@@ -12,6 +12,8 @@
 //!   observation, N times; exit 1 if one ends relayed or without QUIC.
 //! - `run SCENARIO`: build one scenario by hand and keep it up until Enter
 //!   (or Ctrl-C), printing how to look at it.
+//! - `soak --minutes M`: the fault-injecting soak (`suites::soak`); its
+//!   `soak-client` and `soak-serve` run inside namespaces.
 //! - `cleanup`: remove every lab namespace.
 
 use std::net::SocketAddr;
@@ -143,6 +145,44 @@ enum Cmd {
         /// How long to hold / to request punches, in seconds.
         #[arg(long, default_value_t = 5)]
         seconds: u64,
+    },
+    /// The fault-injecting soak: checked streams both ways while NATs are
+    /// flushed, daemons and the rendezvous killed, links lose packets;
+    /// prints the summary, exits 1 if it failed.
+    Soak {
+        #[arg(long, default_value_t = 2.0)]
+        minutes: f64,
+        /// Seed of the fault plan and the patterns (default: the clock).
+        #[arg(long)]
+        seed: Option<u64>,
+        #[arg(long, default_value_t = 6)]
+        streams: u32,
+        /// Print the summary as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// The soak's client (inside hostA): paced checked streams and probes
+    /// through a forward, one JSON line per connection.
+    SoakClient {
+        #[arg(long)]
+        connect: SocketAddr,
+        #[arg(long)]
+        streams: u32,
+        #[arg(long)]
+        rate: u64,
+        #[arg(long)]
+        stream_bytes: u64,
+        #[arg(long)]
+        seed: u64,
+        #[arg(long)]
+        stop_file: Option<std::path::PathBuf>,
+        #[arg(long)]
+        max_seconds: u64,
+    },
+    /// The soak's server (inside hostB): answers each stream's frames.
+    SoakServe {
+        #[arg(long)]
+        listen: SocketAddr,
     },
     /// HTTP GET on a plain-HTTP address; prints the body.
     Get {
@@ -290,6 +330,37 @@ fn main() -> ExitCode {
                 .and_then(|bins| punch_lab::suites::bench::run(&bins, seconds));
             finish(result, |()| ())
         }
+        Cmd::Soak {
+            minutes,
+            seed,
+            streams,
+            json,
+        } => soak(minutes, seed, streams, json),
+        Cmd::SoakClient {
+            connect,
+            streams,
+            rate,
+            stream_bytes,
+            seed,
+            stop_file,
+            max_seconds,
+        } => {
+            use punch_lab::suites::soak::stream::{client, ClientOpts};
+            let o = ClientOpts {
+                connect,
+                streams,
+                rate,
+                stream_bytes,
+                stop_file,
+                max: std::time::Duration::from_secs(max_seconds),
+                seed,
+            };
+            finish(runtime().block_on(client(o)), |()| ())
+        }
+        Cmd::SoakServe { listen } => finish(
+            runtime().block_on(punch_lab::suites::soak::stream::serve(listen)),
+            |()| (),
+        ),
         Cmd::Cleanup => {
             punch_lab::net::netns::cleanup();
             ExitCode::SUCCESS
@@ -371,6 +442,40 @@ fn check(name: &str, rendezvous_image: Option<&str>) -> ExitCode {
         punch_lab::suites::scenarios::run(&scenario, &bins),
         |report| println!("{report}"),
     )
+}
+
+fn soak(minutes: f64, seed: Option<u64>, streams: u32, json: bool) -> ExitCode {
+    use punch_lab::suites::soak;
+    if let Some(why) = punch_lab::harness::preflight::unavailable() {
+        eprintln!("error: {why}");
+        return ExitCode::from(2);
+    }
+    punch_lab::harness::preflight::cleanup_on_ctrl_c();
+    let duration = std::time::Duration::from_secs_f64(minutes.max(0.5) * 60.0);
+    let mut o = soak::Options::new(duration, seed.unwrap_or_else(soak::clock_seed));
+    o.streams = streams.clamp(1, 64);
+    let result = std::env::current_exe()
+        .map_err(anyhow::Error::from)
+        .and_then(|p| punch_lab::harness::Binaries::beside(&p))
+        .and_then(|bins| soak::run(&bins, &o));
+    match result {
+        Ok(summary) => {
+            if json {
+                print_json(&summary);
+            } else {
+                println!("{summary}");
+            }
+            if summary.passed() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            }
+        }
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(1)
+        }
+    }
 }
 
 fn by_hand(name: &str) -> ExitCode {

@@ -116,6 +116,22 @@ pub fn rule_args(ifname: &str, source: &str, queue: u16) -> Vec<String> {
     .collect()
 }
 
+/// The nftables table of a loss burst ([`loss_ruleset`]); deleting it
+/// ends the burst.
+pub const LOSS_TABLE: &str = "lab_loss";
+
+/// A burst of loss on a link without touching its running emulator (which
+/// has no control channel): an nftables table that drops `percent` of the
+/// packets arriving on `ifname`, at priority -400, before conntrack and
+/// before the emulator's raw-table queue, exactly where the link's own
+/// loss would drop them.
+pub fn loss_ruleset(ifname: &str, percent: u32) -> String {
+    format!(
+        "table inet {LOSS_TABLE} {{\n  chain pre {{ type filter hook prerouting priority -400; policy accept; \
+         iifname \"{ifname}\" numgen random mod 100 < {percent} drop; }}\n}}\n"
+    )
+}
+
 /// xorshift64*: enough randomness for loss and jitter, no dependency.
 struct Rng(u64);
 

@@ -6,6 +6,8 @@
 //!   (`tests/realism.rs`, `punch-lab-tool punches`).
 //! - [`recovery`]: NAT state flushed, peer and rendezvous restarted,
 //!   SIGTERM, a dead punched connection (`tests/recovery.rs`).
+//! - [`soak`]: checked streams both ways for minutes while faults hit at
+//!   seeded random times (`tests/soak.rs`, `punch-lab-tool soak`).
 //! - [`bench`](mod@bench): throughput and latency side by side (plain TCP,
 //!   punchd direct and relayed, `ssh -L`, rathole), in the lab and on
 //!   loopback, printed (`punch-lab-tool bench`).
@@ -25,4 +27,5 @@ pub mod realism;
 pub mod recovery;
 pub mod same_nat;
 pub mod scenarios;
+pub mod soak;
 pub mod trust;
