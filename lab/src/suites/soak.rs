@@ -29,6 +29,7 @@ use anyhow::{anyhow, bail, Context as _, Result};
 use crate::harness::punchd_types::PathState;
 use crate::harness::run::wait;
 use crate::harness::spec::{FORWARD_LISTEN, SINK_LISTEN};
+use crate::harness::status;
 use crate::harness::{Binaries, Expect, Run, Scenario};
 use crate::net::linkem::{loss_ruleset, LOSS_TABLE};
 use crate::net::nat::NatBehaviour;
@@ -313,13 +314,23 @@ fn soak(run: &mut Run, client: usize, o: &Options) -> Result<Summary> {
             break;
         }
         idle(&mut tail, p.gap);
+        // A status that cannot be read counts as direct: the stricter rule.
+        let relayed = run
+            .status("alice")
+            .is_ok_and(|doc| status::path(&doc) == PathState::Relayed);
         let start_ms = now_ms();
-        eprintln!("soak {:6.1}s: {}", t0.elapsed().as_secs_f64(), p.fault);
+        eprintln!(
+            "soak {:6.1}s: {}{}",
+            t0.elapsed().as_secs_f64(),
+            p.fault,
+            if relayed { " (tunnel relayed)" } else { "" }
+        );
         inject(run, p.fault, &mut tail)?;
         let f = Injected {
             fault: p.fault,
             start_ms,
             end_ms: now_ms(),
+            relayed,
         };
         faults.push(f);
         // Until a probe started since the fault has come through, or its

@@ -22,6 +22,21 @@ pub struct Injected {
     pub start_ms: u64,
     /// When it was over (restarted, burst ended, timeouts restored).
     pub end_ms: u64,
+    /// Whether alice's tunnel was relayed when it began (a punch after a
+    /// peer restart can lose and fall back to the relay until the next
+    /// upgrade): the rendezvous is then in the data path, and killing it
+    /// must end the tunnel's streams.
+    pub relayed: bool,
+}
+
+impl Injected {
+    /// Whether it may end streams open while it acts, on the path it hit.
+    pub fn breaks(&self) -> Breaks {
+        match self.fault {
+            Fault::KillRendezvous if self.relayed => Breaks::Must,
+            f => f.breaks(),
+        }
+    }
 }
 
 /// A daemon's footprint, from /proc.
@@ -68,9 +83,7 @@ impl Growth {
 pub fn explained_by(end: &End, faults: &[Injected]) -> Option<usize> {
     faults.iter().rposition(|f| {
         let bound = f.fault.recovery_bound().as_millis() as u64;
-        f.fault.breaks() != Breaks::Never
-            && f.start_ms <= end.at_ms
-            && end.at_ms <= f.end_ms + bound
+        f.breaks() != Breaks::Never && f.start_ms <= end.at_ms && end.at_ms <= f.end_ms + bound
     })
 }
 
@@ -261,7 +274,11 @@ pub fn judge(
         let r = recovered_after(f, ends);
         by_kind.entry(f.fault.kind()).or_default().push(r);
         lines.push(FaultLine {
-            fault: f.fault.to_string(),
+            fault: if f.relayed {
+                format!("{} (relayed)", f.fault)
+            } else {
+                f.fault.to_string()
+            },
             at_s: f.start_ms.saturating_sub(t0_ms) as f64 / 1e3,
             recovered_s: r.map(|d| d.as_secs_f64()),
             breaks: breaks[i],
@@ -458,6 +475,7 @@ mod tests {
             fault,
             start_ms,
             end_ms,
+            relayed: false,
         }
     }
 
@@ -477,6 +495,26 @@ mod tests {
         assert_eq!(explained_by(&reset(60_500), &faults), None);
         assert_eq!(explained_by(&reset(100_200), &faults), Some(2));
         assert_eq!(explained_by(&reset(117_000), &faults), None);
+    }
+
+    #[test]
+    fn a_rendezvous_kill_explains_breaks_only_on_a_relayed_tunnel() {
+        let relayed = Injected {
+            relayed: true,
+            ..at(Fault::KillRendezvous, 60_000, 61_000)
+        };
+        let reset = end(Seen::Client, false, 60_500, Outcome::Reset);
+        assert_eq!(
+            explained_by(&reset, &[at(Fault::KillRendezvous, 60_000, 61_000)]),
+            None
+        );
+        assert_eq!(explained_by(&reset, &[relayed]), Some(0));
+        // A relayed flush is still only a "may".
+        let flush = Injected {
+            relayed: true,
+            ..at(Fault::Flush(Side::A), 60_000, 60_000)
+        };
+        assert_eq!(flush.breaks(), Breaks::May);
     }
 
     #[test]
