@@ -157,11 +157,30 @@ fn rr_in(ns: &str, tool: &Path, target: &str, count: usize, warmup: usize) -> Re
         .with_context(|| format!("rr to {target}: {}", String::from_utf8_lossy(&out.stderr)))
 }
 
-/// `ss -tni` to bob's public address in `ns`.
-fn ss_snapshot(ns: &str) -> String {
-    exec_in(ns, "ss", &["-tni", "dst", BOB_PUBLIC])
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
-        .unwrap_or_default()
+/// `ss -tni` to bob's public address in `ns`: the sockets of this row
+/// (by port: 9000 plain, 2222 ssh, 2333 rathole, the rest punchd's
+/// tunnel), trimmed.
+fn ss_snapshot(ns: &str, path: &str) -> String {
+    let text = exec_in(ns, "ss", &["-tniH", "dst", BOB_PUBLIC])
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default();
+    let lines: Vec<&str> = text.lines().map(str::trim).collect();
+    let mine = |head: &str| {
+        let port = |p: &str| head.contains(p);
+        match path {
+            "plain TCP" => port(":9000"),
+            "ssh -L" => port(":2222"),
+            "rathole noise" => port(":2333"),
+            _ => !port(":9000") && !port(":2222") && !port(":2333"),
+        }
+    };
+    lines
+        .chunks(2)
+        .filter(|c| c.first().is_some_and(|h| mine(h)))
+        .take(2)
+        .map(|c| c.join("\n"))
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 /// iperf3 (1 and 8 streams), then the idle and loaded round trips, for
@@ -185,10 +204,10 @@ fn measure(
         &["-s", "-p", &port],
     )?;
     for (r, target) in rows.iter_mut().filter(|(r, _)| r.skipped.is_none()) {
-        let ns = client.clone();
+        let (ns, path) = (client.clone(), r.path.clone());
         let probe = std::thread::spawn(move || {
             std::thread::sleep(Duration::from_secs(seconds.div_ceil(2)));
-            ss_snapshot(&ns)
+            ss_snapshot(&ns, &path)
         });
         r.one_gbps = Some(iperf(&client, target, 1, seconds)?);
         r.ss = probe.join().ok();
@@ -205,21 +224,21 @@ fn measure(
     for (r, target) in rows.iter_mut().filter(|(r, _)| r.skipped.is_none()) {
         let idle = rr_in(&client, &tool, target, rr_count(rtt_ms, 3000, 500), 5)?;
         r.rr_p50_us = Some(idle.p50_us);
-        // The bulk download runs for 10 s; the round trips start once it
-        // has had 3 s to fill the path.
+        // The bulk download runs for 6 s; the round trips start once it
+        // has had 2 s to fill the path.
         let load = {
             let (ns, tool, target) = (client.clone(), tool.clone(), target.clone());
             std::thread::spawn(move || -> Result<DownloadReport> {
                 let out = exec_in(
                     &ns,
                     tool.to_str().unwrap_or("punch-lab-tool"),
-                    &["download", "--connect", &target, "--seconds", "10"],
+                    &["download", "--connect", &target, "--seconds", "6"],
                 )?;
                 serde_json::from_slice(&out.stdout)
                     .with_context(|| format!("download: {}", String::from_utf8_lossy(&out.stderr)))
             })
         };
-        std::thread::sleep(Duration::from_secs(3));
+        std::thread::sleep(Duration::from_secs(2));
         let loaded = rr_in(&client, &tool, target, rr_count(rtt_ms, 2000, 200), 2);
         let download = load
             .join()
