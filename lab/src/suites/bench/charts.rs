@@ -1,6 +1,7 @@
 //! `punch-lab-tool bench-charts`: SVG line charts of the RTT bench's JSON
 //! ([`super::rtt::RttBench`]): one line per path, RTT on the x axis (the
-//! lossless conditions; the lossy one is a marked point at its RTT). Plain
+//! delayed lossless conditions; the lossy one is a hollow point at its
+//! RTT; 0 ms is left to the table). Plain
 //! SVG text, no dependency: a reader of the repository sees the curves.
 
 use std::fmt::Write as _;
@@ -86,6 +87,7 @@ type Point = (u64, f64, bool);
 fn points(b: &RttBench, path: &str, c: &Chart) -> Vec<Point> {
     b.conditions
         .iter()
+        .filter(|cond| cond.rtt_ms > 0)
         .filter_map(|cond| {
             let r = cond
                 .rows
@@ -101,7 +103,15 @@ fn points(b: &RttBench, path: &str, c: &Chart) -> Vec<Point> {
 }
 
 fn svg(b: &RttBench, c: &Chart) -> String {
-    let mut rtts: Vec<u64> = b.conditions.iter().map(|c| c.rtt_ms).collect();
+    // Delayed conditions only: at 0 ms the figures are CPU-bound and an
+    // order of magnitude above the delay line's, and would flatten the
+    // curves (they are in the table).
+    let mut rtts: Vec<u64> = b
+        .conditions
+        .iter()
+        .map(|c| c.rtt_ms)
+        .filter(|r| *r > 0)
+        .collect();
     rtts.sort_unstable();
     rtts.dedup();
     let names = paths(b);
@@ -253,7 +263,7 @@ mod tests {
         let b = RttBench {
             conditions: vec![
                 Condition {
-                    rtt_ms: 0,
+                    rtt_ms: 20,
                     loss_pct: 0.0,
                     rows: vec![row("plain TCP", 0.3), row("punchd TCP", 0.25)],
                 },
