@@ -165,3 +165,25 @@ fn a_far_rendezvous_still_punches_first_time() {
     assert_skew(&t);
     assert_punches(&t, 0.9, 0);
 }
+
+/// One stream on a 100 ms RTT path has more than yamux's 256 KiB initial
+/// window in flight at some point: its window grew (issue 18). Not a
+/// timing test: it reads what the kernel reports in flight.
+#[test]
+fn a_stream_window_grows_past_its_initial_size_on_a_delayed_path() {
+    let Some((_g, bins)) = setup("lab realism window") else {
+        return;
+    };
+    let seen = realism::stream_window(&bins).expect("window run");
+    say(&format!(
+        "window: {} KiB in flight at most on one stream ({} samples)",
+        seen.max_in_flight / 1024,
+        seen.samples
+    ));
+    // 256 KiB of payload plus TLS and yamux framing (< 1 %).
+    assert!(
+        seen.max_in_flight > 320 * 1024,
+        "one stream never had more than {} KiB in flight",
+        seen.max_in_flight / 1024
+    );
+}

@@ -57,6 +57,11 @@ pub struct PeerDoc {
     /// Punches that did not.
     #[serde(default)]
     pub punches_failed: u64,
+    /// Why the race kept this direct path (TCP preferred, QUIC after the
+    /// grace, the only transport raced, chosen by the peer); absent with
+    /// no direct tunnel.
+    #[serde(default)]
+    pub path_kept: Option<String>,
 }
 
 /// One forward in the status document.
@@ -108,6 +113,7 @@ pub(crate) struct PeerState {
     pub(crate) remote: Option<SocketAddr>,
     pub(crate) rtt_ms: Option<f64>,
     pub(crate) last_punch: Option<LastPunch>,
+    pub(crate) path_kept: Option<String>,
 }
 
 /// Live status of one peer.
@@ -179,6 +185,7 @@ impl PeerStatus {
             last_punch: s.last_punch,
             punches_ok: self.punches_ok.load(Ordering::Relaxed),
             punches_failed: self.punches_failed.load(Ordering::Relaxed),
+            path_kept: s.path_kept,
         }
     }
 }

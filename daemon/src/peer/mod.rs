@@ -343,6 +343,7 @@ impl PeerActor {
                     s.path = PathState::None;
                     s.transport = None;
                     s.rtt_ms = None;
+                    s.path_kept = None;
                 });
             }
             Effect::OpenStream(reply) => match &self.tunnel {
@@ -429,6 +430,9 @@ impl PeerActor {
             s.path = path;
             s.transport = Some(tunnel.transport);
             s.remote = Some(remote);
+            if path != PathState::Direct {
+                s.path_kept = None;
+            }
         });
         info!(%remote, attempts, ?path, "tunnel up");
         let events = self.events_tx.clone();

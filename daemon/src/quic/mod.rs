@@ -40,12 +40,18 @@ use crate::tunnel::tls;
 use crate::tunnel::{HANDSHAKE_TIMEOUT, MAX_STREAMS};
 use socket::{Demux, PunchSocket};
 
-/// Flow-control window per stream: a bulk stream can keep ~16 Mbit in
-/// flight (1 Gbit/s at 16 ms RTT) before it waits for the reader.
-const STREAM_WINDOW: u32 = 2 * 1024 * 1024;
+/// Flow-control window per stream: what one stream may have in flight,
+/// so its ceiling is this ÷ RTT (16 MiB: 670 Mbit/s at 200 ms, 3.4 Gbit/s
+/// at 40 ms). quinn 0.11 does not auto-tune stream windows; the memory is
+/// only held while a reader lags, and the connection window below bounds
+/// all streams together. 2 MiB (the old value) capped one stream at
+/// 84 Mbit/s at 200 ms RTT.
+pub(crate) const STREAM_WINDOW: u32 = 16 * 1024 * 1024;
 /// Window for the whole connection: the most a peer can make us buffer,
-/// whatever the number of streams.
-const CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;
+/// whatever the number of streams. It is also our send window (what quinn
+/// queues unacknowledged or unsent), so the most one tunnel buffers each
+/// way over QUIC is 32 MiB.
+pub(crate) const CONNECTION_WINDOW: u32 = 32 * 1024 * 1024;
 /// QUIC handshakes in progress at once on the accept side.
 const MAX_HANDSHAKES: usize = 16;
 

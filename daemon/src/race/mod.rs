@@ -6,9 +6,11 @@
 //! ends must keep the *same* one, and they may see candidates in different
 //! orders, so one side decides and says so in-band:
 //!
-//! - the client (lower key) keeps the first candidate that authenticates
-//!   (TCP: the best kind after a short grace, LAN before public), opens a
-//!   stream on it asking for `_select:<session>`, and waits for the yes;
+//! - the client (lower key) keeps the first TCP candidate that
+//!   authenticates (the best kind after a short grace, LAN before public),
+//!   or QUIC when TCP does not authenticate within a grace after it (see
+//!   [`select`]); it opens a stream on the path asking for
+//!   `_select:<session>`, and waits for the yes;
 //! - the server keeps every candidate open until one carries that request,
 //!   answers it, and drops the rest.
 //!
@@ -45,7 +47,7 @@ use crate::quic::QuicPath;
 use crate::tunnel::header::{read_request, reply, request_service, HeaderError, SELECT_PREFIX};
 use crate::tunnel::metered::Metered;
 use crate::tunnel::{self, mux, TunnelError, TunnelParts};
-use select::{Keep, Next, Selector};
+use select::{Keep, Next, Selector, Why};
 
 /// How long the chosen side waits for the other's verdict, at least.
 const SELECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -240,6 +242,8 @@ struct Candidates<'a> {
     connected: Vec<(u32, Established)>,
     handshakes: FuturesUnordered<Handshake<'a>>,
     selecting: FuturesUnordered<Selection<'a>>,
+    /// Client: an authenticated QUIC path held while TCP may still come.
+    held: Option<Direct>,
 }
 
 impl<'a> Candidates<'a> {
@@ -278,16 +282,20 @@ impl<'a> Candidates<'a> {
     }
 
     /// A path authenticated: the client asks for it now (and returns it if
-    /// the server agrees), the server keeps it until asked.
-    async fn authenticated(&mut self, mut d: Direct, tcp: bool) -> Option<Direct> {
-        match self.sel.on_authenticated(tcp) {
-            Keep::Select => match select_path(&mut d, self.session).await {
-                Ok(()) => return Some(d),
-                Err(e) => {
-                    warn!(remote = %d.remote, error = %e, "peer did not take the path we chose; trying others");
-                    self.sel.selection_failed(e);
-                }
-            },
+    /// the server agrees) or holds it (QUIC while TCP may come), the server
+    /// keeps it until asked.
+    async fn authenticated(
+        &mut self,
+        d: Direct,
+        tcp: bool,
+        quic_rtt: Option<Duration>,
+    ) -> Option<(Direct, Why)> {
+        match self.sel.on_authenticated(Instant::now(), tcp, quic_rtt) {
+            Keep::Select(why) => return self.select(d, why).await,
+            Keep::Hold => {
+                info!(remote = %d.remote, rtt_ms = quic_rtt.map(|r| r.as_millis() as u64), "QUIC path up; holding it briefly in case TCP authenticates too");
+                self.held = Some(d);
+            }
             Keep::AwaitSelection => {
                 let (session, deadline) = (self.session, self.deadline);
                 self.selecting
@@ -297,9 +305,22 @@ impl<'a> Candidates<'a> {
         None
     }
 
-    /// Starts what the selector says to; returns when to wake, or why the
+    /// Client: asks the server for `d`; returns it if the server agrees.
+    async fn select(&mut self, mut d: Direct, why: Why) -> Option<(Direct, Why)> {
+        match select_path(&mut d, self.session).await {
+            Ok(()) => Some((d, why)),
+            Err(e) => {
+                warn!(remote = %d.remote, error = %e, "peer did not take the path we chose; trying others");
+                self.sel.selection_failed(e);
+                None
+            }
+        }
+    }
+
+    /// Starts what the selector says to (asking for the held QUIC path
+    /// when it says so); returns when to wake, the kept path, or why the
     /// race is lost.
-    fn advance(&mut self, queued: bool) -> Result<Option<Instant>, PunchError> {
+    async fn advance(&mut self, queued: bool) -> Result<Advance, PunchError> {
         loop {
             match self.sel.next(Instant::now(), queued) {
                 Next::Handshake(id) => {
@@ -308,11 +329,31 @@ impl<'a> Candidates<'a> {
                         self.handshakes.push(authenticate(self.race, est));
                     }
                 }
-                Next::Wait(until) => return Ok(until),
+                Next::SelectHeld(why) => {
+                    if let Some(d) = self.held.take() {
+                        if let Some(kept) = self.select(d, why).await {
+                            return Ok(Advance::Kept(kept));
+                        }
+                    }
+                }
+                Next::Wait(until) => return Ok(Advance::Wait(until)),
                 Next::GiveUp(e) => return Err(e),
             }
         }
     }
+}
+
+/// What [`Candidates::advance`] ended with.
+enum Advance {
+    Wait(Option<Instant>),
+    Kept((Direct, Why)),
+}
+
+/// Records why the path was kept (status `path_kept`) and returns it.
+fn kept(race: &Race<'_>, (d, why): (Direct, Why)) -> Direct {
+    info!(remote = %d.remote, why = %why, "path kept");
+    race.status.update(|s| s.path_kept = Some(why.to_string()));
+    d
 }
 
 /// Punches every allowed transport and returns the path both ends keep.
@@ -373,10 +414,11 @@ pub(crate) async fn punch_direct(
         connected: Vec::new(),
         handshakes: FuturesUnordered::new(),
         selecting: FuturesUnordered::new(),
+        held: None,
     };
     let mut wake = None;
     loop {
-        let mut authenticated: Option<(Direct, bool)> = None;
+        let mut authenticated: Option<(Direct, bool, Option<Duration>)> = None;
         tokio::select! {
             s = &mut tcp_engine, if tcp_running => {
                 tcp_running = false;
@@ -392,23 +434,27 @@ pub(crate) async fn punch_direct(
             }
             Some(est) = tcp_rx.recv() => c.tcp_connected(est),
             Some(q) = quic_rx.recv() => {
-                authenticated = quic.map(|path| (quic_direct(q, path, race.status), false));
+                let rtt = q.conn.rtt();
+                authenticated = quic.map(|path| (quic_direct(q, path, race.status), false, Some(rtt)));
             }
             _ = tokio::time::sleep_until(wake.unwrap_or_else(Instant::now)), if wake.is_some() => {}
             Some(done) = c.handshakes.next() => {
-                authenticated = c.handshake_done(done, &repunch_tx).map(|d| (d, true));
+                authenticated = c.handshake_done(done, &repunch_tx).map(|d| (d, true, None));
             }
             Some(r) = c.selecting.next() => match r {
-                Ok(d) => return Ok(d),
+                Ok(d) => return Ok(kept(race, (d, Why::PeerChose))),
                 Err(e) => c.sel.selection_failed(e),
             },
         }
-        if let Some((d, tcp)) = authenticated {
-            if let Some(kept) = c.authenticated(d, tcp).await {
-                return Ok(kept);
+        if let Some((d, tcp, rtt)) = authenticated {
+            if let Some(k) = c.authenticated(d, tcp, rtt).await {
+                return Ok(kept(race, k));
             }
         }
-        wake = c.advance(!tcp_rx.is_empty() || !quic_rx.is_empty())?;
+        match c.advance(!tcp_rx.is_empty() || !quic_rx.is_empty()).await? {
+            Advance::Wait(until) => wake = until,
+            Advance::Kept(k) => return Ok(kept(race, k)),
+        }
     }
 }
 

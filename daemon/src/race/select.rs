@@ -4,9 +4,19 @@
 //!
 //! The shell reports what happened (an engine finished, a TCP connection
 //! came up, a handshake or a selection ended) and asks [`Selector::next`]
-//! what to do: handshake this TCP connection, wait (until when), or give
-//! up. What to do with an authenticated path depends only on the role
-//! ([`Selector::on_authenticated`]).
+//! what to do: handshake this TCP connection, wait (until when), ask for
+//! the QUIC path it holds, or give up. What to do with an authenticated
+//! path depends on the role and, for the client, on whether TCP may still
+//! come ([`Selector::on_authenticated`]).
+//!
+//! The client prefers TCP. QUIC's handshake is a round trip shorter, so it
+//! authenticated first in most races and was kept, yet on the lab bench
+//! QUIC (quinn, userspace congestion control and crypto on one core) had
+//! 1.8× TCP's round-trip time and 0.44–0.87× its throughput. So an
+//! authenticated QUIC path is held for [`prefer_tcp_grace`] while TCP may
+//! still connect; TCP is asked for when it authenticates, QUIC when the
+//! grace ends or TCP cannot come any more. Status says which happened
+//! ([`Why`]).
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -22,6 +32,50 @@ use crate::tunnel::TunnelError;
 /// better one (a LAN candidate) before choosing.
 pub(crate) const CHOOSE_GRACE: Duration = Duration::from_millis(20);
 
+/// Least and most time the client holds an authenticated QUIC path for
+/// TCP to authenticate.
+const PREFER_TCP_GRACE_MIN: Duration = Duration::from_millis(100);
+const PREFER_TCP_GRACE_MAX: Duration = Duration::from_secs(1);
+
+/// How long the client holds an authenticated QUIC path while TCP may
+/// still authenticate: TCP needs about one round trip more (its own
+/// connect before TLS), so three of QUIC's measured round trips plus
+/// 50 ms of scheduling slack, within 100 ms..1 s. A path that stays on
+/// QUIC because TCP is blocked pays this once per punch.
+pub(crate) fn prefer_tcp_grace(quic_rtt: Option<Duration>) -> Duration {
+    quic_rtt
+        .map_or(PREFER_TCP_GRACE_MAX, |r| r * 3 + Duration::from_millis(50))
+        .clamp(PREFER_TCP_GRACE_MIN, PREFER_TCP_GRACE_MAX)
+}
+
+/// Why the race kept the path it kept (status `path_kept`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Why {
+    /// TCP authenticated, and TCP is preferred when both connect.
+    TcpPreferred,
+    /// Only one transport ran in this race.
+    OnlyTransport,
+    /// QUIC, held for the grace; TCP did not authenticate within it.
+    QuicTcpTooSlow,
+    /// QUIC, once TCP could not come any more (engine ended, or its
+    /// handshakes and selection failed).
+    QuicNoTcp,
+    /// Server: the client (lower key) chose it.
+    PeerChose,
+}
+
+impl std::fmt::Display for Why {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Why::TcpPreferred => "tcp authenticated; tcp is preferred when both transports connect",
+            Why::OnlyTransport => "the only transport raced",
+            Why::QuicTcpTooSlow => "quic; tcp did not authenticate within the grace after quic",
+            Why::QuicNoTcp => "quic; no tcp path could be had",
+            Why::PeerChose => "chosen by the peer (the client decides)",
+        })
+    }
+}
+
 /// Which engines this session runs, or why it cannot run any.
 pub(crate) fn engines(tcp_allowed: bool, quic_possible: bool) -> Result<(bool, bool), PunchError> {
     if !tcp_allowed && !quic_possible {
@@ -34,7 +88,10 @@ pub(crate) fn engines(tcp_allowed: bool, quic_possible: bool) -> Result<(bool, b
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Keep {
     /// Client: ask the server for this one (`_select:<session>`) now.
-    Select,
+    Select(Why),
+    /// Client: a QUIC path while TCP may still come; hold it until
+    /// [`Next::SelectHeld`].
+    Hold,
     /// Server: keep it open until the client asks for it (or another).
     AwaitSelection,
 }
@@ -47,6 +104,8 @@ pub(crate) enum Next {
     /// Nothing to start; wake at this instant (the client's grace) or on
     /// the next event.
     Wait(Option<Instant>),
+    /// Client: ask for the QUIC path held since [`Keep::Hold`] now.
+    SelectHeld(Why),
     /// Both engines are done and nothing is in flight.
     GiveUp(PunchError),
 }
@@ -57,6 +116,7 @@ impl PartialEq for Next {
         match (self, other) {
             (Next::Handshake(a), Next::Handshake(b)) => a == b,
             (Next::Wait(a), Next::Wait(b)) => a == b,
+            (Next::SelectHeld(a), Next::SelectHeld(b)) => a == b,
             (Next::GiveUp(a), Next::GiveUp(b)) => a.to_string() == b.to_string(),
             _ => false,
         }
@@ -67,6 +127,9 @@ impl PartialEq for Next {
 #[derive(Debug)]
 pub(crate) struct Selector {
     role: Role,
+    /// Which engines run in this race.
+    tcp_ran: bool,
+    quic_ran: bool,
     tcp_done: bool,
     quic_done: bool,
     /// Client: TCP connections not yet handshaked, by id and kind.
@@ -75,6 +138,8 @@ pub(crate) struct Selector {
     choose_at: Option<Instant>,
     /// TLS handshakes running.
     handshakes: usize,
+    /// Client: a QUIC path is held, until this instant at the latest.
+    held_until: Option<Instant>,
     /// Server: authenticated paths waiting for the client's choice.
     selecting: usize,
     attempts: u32,
@@ -86,11 +151,14 @@ impl Selector {
     pub(crate) fn new(role: Role, tcp: bool, quic: bool) -> Self {
         Self {
             role,
+            tcp_ran: tcp,
+            quic_ran: quic,
             tcp_done: !tcp,
             quic_done: !quic,
             waiting: Vec::new(),
             choose_at: None,
             handshakes: 0,
+            held_until: None,
             selecting: 0,
             attempts: 0,
             causes: Vec::new(),
@@ -131,13 +199,30 @@ impl Selector {
         self.causes.push(Cause::Tls { remote, error });
     }
 
-    /// A path authenticated (a TCP handshake, or a QUIC connection).
-    pub(crate) fn on_authenticated(&mut self, tcp: bool) -> Keep {
+    /// Client: a TCP path may still authenticate.
+    fn tcp_may_come(&self) -> bool {
+        !self.tcp_done || !self.waiting.is_empty() || self.handshakes > 0
+    }
+
+    /// A path authenticated (a TCP handshake, or a QUIC connection with
+    /// the round-trip time its handshake measured).
+    pub(crate) fn on_authenticated(
+        &mut self,
+        now: Instant,
+        tcp: bool,
+        quic_rtt: Option<Duration>,
+    ) -> Keep {
         if tcp {
             self.handshakes = self.handshakes.saturating_sub(1);
         }
         match self.role {
-            Role::Client => Keep::Select,
+            Role::Client if tcp && self.quic_ran => Keep::Select(Why::TcpPreferred),
+            Role::Client if tcp || !self.tcp_ran => Keep::Select(Why::OnlyTransport),
+            Role::Client if self.tcp_may_come() => {
+                self.held_until = Some(now + prefer_tcp_grace(quic_rtt));
+                Keep::Hold
+            }
+            Role::Client => Keep::Select(Why::QuicNoTcp),
             Role::Server => {
                 self.selecting += 1;
                 Keep::AwaitSelection
@@ -161,7 +246,21 @@ impl Selector {
             self.handshakes += 1;
             return Next::Handshake(id);
         }
-        let idle = self.handshakes == 0 && self.selecting == 0 && self.waiting.is_empty();
+        if let Some(until) = self.held_until {
+            // `queued`: a TCP connection may be in the channel.
+            if now >= until {
+                self.held_until = None;
+                return Next::SelectHeld(Why::QuicTcpTooSlow);
+            }
+            if !self.tcp_may_come() && !queued {
+                self.held_until = None;
+                return Next::SelectHeld(Why::QuicNoTcp);
+            }
+        }
+        let idle = self.handshakes == 0
+            && self.selecting == 0
+            && self.waiting.is_empty()
+            && self.held_until.is_none();
         if self.tcp_done && self.quic_done && idle && !queued {
             return Next::GiveUp(PunchError::Failed {
                 causes: std::mem::take(&mut self.causes),
@@ -170,10 +269,13 @@ impl Selector {
         }
         // Only a grace still to come is worth a timer: once it is over the
         // client picks as soon as its running handshake ends (an event).
-        Next::Wait(
-            self.choose_at
-                .filter(|t| *t > now && !self.waiting.is_empty()),
-        )
+        let grace = self
+            .choose_at
+            .filter(|t| *t > now && !self.waiting.is_empty());
+        Next::Wait(match (grace, self.held_until) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        })
     }
 
     /// The next connection to handshake, if one should start now. The TLS
@@ -253,8 +355,8 @@ mod tests {
         s.tcp_connected(t0, 2, CandidateKind::Local);
         assert_eq!(s.next(t0, false), Next::Handshake(1));
         assert_eq!(s.next(t0, false), Next::Handshake(2));
-        assert_eq!(s.on_authenticated(true), Keep::AwaitSelection);
-        assert_eq!(s.on_authenticated(false), Keep::AwaitSelection); // QUIC
+        assert_eq!(s.on_authenticated(t0, true, None), Keep::AwaitSelection);
+        assert_eq!(s.on_authenticated(t0, false, None), Keep::AwaitSelection); // QUIC
         s.tcp_done(4, None);
         s.quic_done(2, None);
         s.handshake_failed(addr(), TunnelError::HandshakeTimeout);
@@ -267,16 +369,103 @@ mod tests {
     }
 
     #[test]
-    fn client_selects_whichever_path_authenticates_first_tcp_or_quic() {
+    fn client_holds_quic_and_keeps_tcp_when_it_authenticates_within_the_grace() {
         let t0 = Instant::now();
+        let rtt = Duration::from_millis(40);
         let mut s = Selector::new(Role::Client, true, true);
         s.tcp_connected(t0, 1, CandidateKind::Public);
-        // QUIC authenticated during the TCP grace: it is asked for at once.
-        assert_eq!(s.on_authenticated(false), Keep::Select);
-        // Not taken: the TCP candidate still gets its turn.
-        s.selection_failed(SelectError::NoAnswer);
+        // QUIC authenticated during the TCP grace: held, not asked for.
+        assert_eq!(s.on_authenticated(t0, false, Some(rtt)), Keep::Hold);
+        let until = t0 + prefer_tcp_grace(Some(rtt));
+        assert_eq!(until, t0 + Duration::from_millis(170));
+        assert_eq!(s.next(t0, false), Next::Wait(Some(t0 + CHOOSE_GRACE)));
         assert_eq!(s.next(t0 + CHOOSE_GRACE, false), Next::Handshake(1));
-        assert_eq!(s.on_authenticated(true), Keep::Select);
+        // The TLS handshake runs: wake for the end of the hold.
+        assert_eq!(s.next(t0 + CHOOSE_GRACE, false), Next::Wait(Some(until)));
+        assert_eq!(
+            s.on_authenticated(t0 + Duration::from_millis(90), true, None),
+            Keep::Select(Why::TcpPreferred)
+        );
+        // The server did not take TCP: the held QUIC path is asked for at
+        // once, since no other TCP path can come.
+        s.tcp_done(2, None);
+        s.selection_failed(SelectError::NoAnswer);
+        assert_eq!(
+            s.next(t0 + Duration::from_millis(100), false),
+            Next::SelectHeld(Why::QuicNoTcp)
+        );
+    }
+
+    #[test]
+    fn client_takes_the_held_quic_path_when_the_grace_ends() {
+        let t0 = Instant::now();
+        let mut s = Selector::new(Role::Client, true, true);
+        assert_eq!(s.on_authenticated(t0, false, None), Keep::Hold);
+        // No RTT measured: the longest hold.
+        assert_eq!(
+            s.next(t0, false),
+            Next::Wait(Some(t0 + PREFER_TCP_GRACE_MAX))
+        );
+        assert_eq!(
+            s.next(t0 + PREFER_TCP_GRACE_MAX, false),
+            Next::SelectHeld(Why::QuicTcpTooSlow)
+        );
+        // Nothing held any more: nothing to do but wait for the engines.
+        assert_eq!(s.next(t0 + PREFER_TCP_GRACE_MAX, false), Next::Wait(None));
+    }
+
+    #[test]
+    fn client_does_not_hold_quic_when_tcp_cannot_come() {
+        let t0 = Instant::now();
+        let mut s = Selector::new(Role::Client, true, true);
+        s.tcp_done(5, Some("Connection refused".into()));
+        assert_eq!(
+            s.on_authenticated(t0, false, Some(Duration::from_millis(5))),
+            Keep::Select(Why::QuicNoTcp)
+        );
+        let mut s = Selector::new(Role::Client, false, true);
+        assert_eq!(
+            s.on_authenticated(t0, false, None),
+            Keep::Select(Why::OnlyTransport)
+        );
+        let mut s = Selector::new(Role::Client, true, false);
+        assert_eq!(
+            s.on_authenticated(t0, true, None),
+            Keep::Select(Why::OnlyTransport)
+        );
+    }
+
+    #[test]
+    fn held_quic_is_released_when_the_tcp_engine_ends_with_nothing() {
+        let t0 = Instant::now();
+        let mut s = Selector::new(Role::Client, true, true);
+        assert_eq!(
+            s.on_authenticated(t0, false, Some(Duration::from_millis(200))),
+            Keep::Hold
+        );
+        s.tcp_done(9, Some("timed out".into()));
+        // A connection still in the channel: wait for it.
+        assert_eq!(
+            s.next(t0, true),
+            Next::Wait(Some(t0 + Duration::from_millis(650)))
+        );
+        assert_eq!(s.next(t0, false), Next::SelectHeld(Why::QuicNoTcp));
+    }
+
+    #[test]
+    fn grace_follows_the_measured_rtt_within_bounds() {
+        assert_eq!(
+            prefer_tcp_grace(Some(Duration::from_millis(1))),
+            PREFER_TCP_GRACE_MIN
+        );
+        assert_eq!(
+            prefer_tcp_grace(Some(Duration::from_millis(100))),
+            Duration::from_millis(350)
+        );
+        assert_eq!(
+            prefer_tcp_grace(Some(Duration::from_millis(400))),
+            PREFER_TCP_GRACE_MAX
+        );
     }
 
     #[test]

@@ -31,12 +31,35 @@ use crate::path::{Role, Transport};
 /// flush goes through.
 const IO_BUFFER: usize = 256 * 1024;
 
+/// Receive window a stream may grow into beyond yamux's fixed 256 KiB
+/// initial credit, shared by all streams of one tunnel.
+///
+/// yamux 0.13 auto-tunes a stream's window toward the bandwidth-delay
+/// product (it doubles it when the sender used half of it within two
+/// round trips), but only out of `max_connection_receive_window` minus the
+/// 256 KiB every one of `max_num_streams` streams is guaranteed. The old
+/// setting left nothing to grow into, so every stream was capped at
+/// 256 KiB: 256 KiB ÷ 40 ms = 52 Mbit/s, the figure `ss -ti` showed as an
+/// `app_limited` tunnel socket in issue 18. 32 MiB lets one stream fill
+/// 1.3 Gbit/s at 200 ms RTT.
+pub(crate) const STREAM_WINDOW_POOL: usize = 32 * 1024 * 1024;
+
+/// yamux's fixed initial credit per stream (its `DEFAULT_CREDIT`, from the
+/// yamux specification).
+pub(crate) const INITIAL_STREAM_WINDOW: usize = 256 * 1024;
+
+/// What a peer can make one tunnel hold, each way, through the mux: the
+/// initial window of every stream that may be open plus the shared growth
+/// pool. One stream holds at most `INITIAL_STREAM_WINDOW +
+/// STREAM_WINDOW_POOL` (32.25 MiB); a window only grows while its reader
+/// keeps up, so a slow reader stays near its initial window.
+pub(crate) const MUX_RECEIVE_BOUND: usize =
+    MAX_STREAMS * INITIAL_STREAM_WINDOW + STREAM_WINDOW_POOL;
+
 fn mux_config() -> yamux::Config {
     let mut cfg = yamux::Config::default();
     cfg.set_max_num_streams(MAX_STREAMS);
-    // Every stream may buffer its 256 KiB initial window; this bounds what a
-    // peer can make us hold across all streams of one tunnel.
-    cfg.set_max_connection_receive_window(Some(MAX_STREAMS * 256 * 1024));
+    cfg.set_max_connection_receive_window(Some(MUX_RECEIVE_BOUND));
     // Bigger frames than yamux's 16 KiB default mean fewer frame headers
     // and TLS records per byte: +45% (1 stream) and +62% (8 streams) in
     // the lab bench. 128 KiB helped one stream a little more but hurt

@@ -68,6 +68,31 @@ enum Cmd {
         count: usize,
         #[arg(long, default_value_t = 64)]
         size: usize,
+        /// Unmeasured round trips first.
+        #[arg(long, default_value_t = 50)]
+        warmup: usize,
+    },
+    /// Echo, except a connection that opens with `DOWNLOAD` gets an
+    /// endless stream (the RTT bench's service).
+    EchoOrSource {
+        #[arg(long)]
+        listen: SocketAddr,
+    },
+    /// Download from an `echo-or-source` for SECONDS: prints JSON.
+    Download {
+        #[arg(long)]
+        connect: SocketAddr,
+        #[arg(long, default_value_t = 5.0)]
+        seconds: f64,
+    },
+    /// SVG charts from the JSON of `bench --rtt --json`.
+    BenchCharts {
+        /// The bench's JSON.
+        #[arg(long)]
+        json: std::path::PathBuf,
+        /// Where to write the SVGs.
+        #[arg(long)]
+        out: std::path::PathBuf,
     },
     /// Send checksummed streams through a forward.
     Send {
@@ -110,6 +135,19 @@ enum Cmd {
         /// Seconds per iperf3 run.
         #[arg(long, default_value_t = 5)]
         seconds: u64,
+        /// The RTT axis instead: plain TCP, punchd TCP and QUIC, ssh -L and
+        /// rathole at each of these round-trip times (ms, emulated on both
+        /// NATs' links), and at 40 ms with 1 % loss.
+        #[arg(long, value_delimiter = ',', num_args = 0..)]
+        rtt: Option<Vec<u64>>,
+        /// RTT axis: also write the figures as JSON here (for bench-charts).
+        #[arg(long)]
+        json: Option<std::path::PathBuf>,
+        /// RTT axis: a directory with another build's punchd and
+        /// punch-rendezvous (e.g. main before a change), measured in the
+        /// same run as rows "... (before)".
+        #[arg(long)]
+        baseline: Option<std::path::PathBuf>,
     },
     /// Punch timing: ROUNDS back-to-back re-punches in SCENARIO (two RST
     /// NATs by default) with alice A_MS and bob B_MS from the internet;
@@ -222,9 +260,25 @@ fn main() -> ExitCode {
             connect,
             count,
             size,
+            warmup,
         } => finish(
-            runtime().block_on(transfer::rr(connect, count, size)),
+            runtime().block_on(transfer::rr(connect, count, size, warmup)),
             print_json,
+        ),
+        Cmd::EchoOrSource { listen } => {
+            finish(runtime().block_on(transfer::echo_or_source(listen)), drop)
+        }
+        Cmd::Download { connect, seconds } => finish(
+            runtime().block_on(transfer::download(connect, seconds)),
+            print_json,
+        ),
+        Cmd::BenchCharts { json, out } => finish(
+            punch_lab::suites::bench::charts::write_charts(&json, &out),
+            |files| {
+                for f in files {
+                    println!("{}", f.display());
+                }
+            },
         ),
         Cmd::Send {
             connect,
@@ -318,7 +372,12 @@ fn main() -> ExitCode {
                 );
             })
         }
-        Cmd::Bench { seconds } => {
+        Cmd::Bench {
+            seconds,
+            rtt,
+            json,
+            baseline,
+        } => {
             if let Some(why) = punch_lab::harness::preflight::unavailable() {
                 eprintln!("error: {why}");
                 return ExitCode::from(2);
@@ -327,7 +386,22 @@ fn main() -> ExitCode {
             let result = std::env::current_exe()
                 .map_err(anyhow::Error::from)
                 .and_then(|p| punch_lab::harness::Binaries::beside(&p))
-                .and_then(|bins| punch_lab::suites::bench::run(&bins, seconds));
+                .and_then(|bins| match rtt {
+                    Some(rtts) => punch_lab::suites::bench::rtt::run(
+                        &bins,
+                        &punch_lab::suites::bench::rtt::Options {
+                            seconds,
+                            rtts: if rtts.is_empty() {
+                                punch_lab::suites::bench::rtt::DEFAULT_RTTS.to_vec()
+                            } else {
+                                rtts
+                            },
+                            json,
+                            baseline,
+                        },
+                    ),
+                    None => punch_lab::suites::bench::run(&bins, seconds),
+                });
             finish(result, |()| ())
         }
         Cmd::Soak {

@@ -191,10 +191,9 @@ pub struct RrReport {
 }
 
 /// Sends `size` bytes and waits for them to come back, `count` times in a
-/// row on one connection to an [`echo`] server (after 50 unmeasured warm-up
+/// row on one connection to an [`echo`] server (after `warmup` unmeasured
 /// round trips): the latency a small request sees through a path.
-pub async fn rr(connect: SocketAddr, count: usize, size: usize) -> Result<RrReport> {
-    const WARMUP: usize = 50;
+pub async fn rr(connect: SocketAddr, count: usize, size: usize, warmup: usize) -> Result<RrReport> {
     let mut s = TcpStream::connect(connect)
         .await
         .with_context(|| format!("connect {connect}"))?;
@@ -202,14 +201,14 @@ pub async fn rr(connect: SocketAddr, count: usize, size: usize) -> Result<RrRepo
     let msg = pattern(size.max(1), 7);
     let mut back = vec![0u8; msg.len()];
     let mut samples = Vec::with_capacity(count);
-    for i in 0..WARMUP + count {
+    for i in 0..warmup + count {
         let t0 = Instant::now();
         s.write_all(&msg).await?;
         s.read_exact(&mut back).await.context("echo closed early")?;
         if back != msg {
             bail!("the echo answered different bytes");
         }
-        if i >= WARMUP {
+        if i >= warmup {
             samples.push(t0.elapsed().as_secs_f64() * 1e6);
         }
     }
@@ -219,6 +218,76 @@ pub async fn rr(connect: SocketAddr, count: usize, size: usize) -> Result<RrRepo
         size: msg.len(),
         p50_us: crate::harness::stats::percentile(&samples, 0.5),
         p99_us: crate::harness::stats::percentile(&samples, 0.99),
+    })
+}
+
+/// The line a [`download`] opens with to get an endless stream from
+/// [`echo_or_source`] instead of an echo.
+const DOWNLOAD: &[u8] = b"DOWNLOAD\n";
+
+/// Serves until killed: echoes every connection (for [`rr`]), except one
+/// that opens with [`DOWNLOAD`], which gets the test pattern until it
+/// closes. One service port for both, so a bulk transfer and a
+/// request/response can share one punchd forward (the RTT bench's
+/// "round trip under load").
+pub async fn echo_or_source(listen: SocketAddr) -> Result<()> {
+    let listener = TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("echo cannot listen on {listen}"))?;
+    loop {
+        let (mut s, _) = listener.accept().await?;
+        let _ = s.set_nodelay(true);
+        tokio::spawn(async move {
+            let mut first = vec![0u8; 256];
+            let Ok(n) = s.read(&mut first).await else {
+                return;
+            };
+            if first[..n].starts_with(DOWNLOAD) {
+                let chunk = pattern(128 * 1024, 3);
+                while s.write_all(&chunk).await.is_ok() {}
+                return;
+            }
+            if s.write_all(&first[..n]).await.is_err() {
+                return;
+            }
+            let (mut r, mut w) = s.split();
+            let _ = tokio::io::copy(&mut r, &mut w).await;
+        });
+    }
+}
+
+/// What a [`download`] received.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DownloadReport {
+    /// Bytes received.
+    pub bytes: u64,
+    /// Seconds it ran.
+    pub seconds: f64,
+}
+
+/// Downloads from an [`echo_or_source`] for `seconds`, discarding the
+/// bytes: the bulk load under which the RTT bench measures [`rr`].
+pub async fn download(connect: SocketAddr, seconds: f64) -> Result<DownloadReport> {
+    let mut s = TcpStream::connect(connect)
+        .await
+        .with_context(|| format!("connect {connect}"))?;
+    s.write_all(DOWNLOAD).await?;
+    let t0 = Instant::now();
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut bytes = 0u64;
+    while t0.elapsed().as_secs_f64() < seconds {
+        let left =
+            std::time::Duration::from_secs_f64((seconds - t0.elapsed().as_secs_f64()).max(0.0));
+        match tokio::time::timeout(left, s.read(&mut buf)).await {
+            Ok(Ok(0)) => bail!("the source closed after {bytes} bytes"),
+            Ok(Ok(n)) => bytes += n as u64,
+            Ok(Err(e)) => return Err(e.into()),
+            Err(_) => break,
+        }
+    }
+    Ok(DownloadReport {
+        bytes,
+        seconds: t0.elapsed().as_secs_f64(),
     })
 }
 

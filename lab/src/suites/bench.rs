@@ -24,6 +24,9 @@
 //! not installed is skipped with the reason printed. Last, the first four paths again with
 //! everything on one host's loopback (no NAT, no veth).
 
+pub mod charts;
+pub mod rtt;
+
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -41,10 +44,10 @@ use crate::net::netns::{self, listens_on, Netns};
 use crate::net::topology::Layout;
 
 /// The service port on bob's host: iperf3, then the echo, then the sink.
-const SERVICE_PORT: u16 = 9000;
-const SSH_LISTEN: &str = "127.0.0.1:10001";
-const RATHOLE_LISTEN: &str = "127.0.0.1:10002";
-const BOB_PUBLIC: &str = "203.0.113.3";
+pub(crate) const SERVICE_PORT: u16 = 9000;
+pub(crate) const SSH_LISTEN: &str = "127.0.0.1:10001";
+pub(crate) const RATHOLE_LISTEN: &str = "127.0.0.1:10002";
+pub(crate) const BOB_PUBLIC: &str = "203.0.113.3";
 const BOB_HOST: &str = "198.51.100.2";
 const ALICE_PUBLIC: &str = "203.0.113.2";
 const ALICE_HOST: &str = "192.0.2.2";
@@ -89,7 +92,7 @@ fn not_measured(row: &mut Row, e: &anyhow::Error) {
 
 /// One iperf3 run's received rate, Gbit/s. iperf3 serves one test at a
 /// time and may still be finishing the previous one: retried then.
-fn iperf(ns: &str, target: &str, streams: usize, seconds: u64) -> Result<f64> {
+pub(crate) fn iperf(ns: &str, target: &str, streams: usize, seconds: u64) -> Result<f64> {
     let mut tries = 0;
     loop {
         match iperf_once(ns, target, streams, seconds) {
@@ -103,7 +106,7 @@ fn iperf(ns: &str, target: &str, streams: usize, seconds: u64) -> Result<f64> {
 }
 
 /// Runs a command in namespace `ns`, whatever its exit code.
-fn exec_in(ns: &str, cmd: &str, args: &[&str]) -> Result<std::process::Output> {
+pub(crate) fn exec_in(ns: &str, cmd: &str, args: &[&str]) -> Result<std::process::Output> {
     std::process::Command::new("ip")
         .args(["netns", "exec", ns, cmd])
         .args(args)
@@ -164,7 +167,7 @@ fn aead_rate(alg: &str) -> Option<f64> {
     Some(kbps * 1000.0 / 1e9)
 }
 
-fn installed(tool: &str) -> bool {
+pub(crate) fn installed(tool: &str) -> bool {
     std::process::Command::new("sh")
         .args(["-c", &format!("command -v {tool}")])
         .output()
@@ -172,7 +175,7 @@ fn installed(tool: &str) -> bool {
 }
 
 /// DNAT `port` on a NAT's outside interface to `host:port` behind it.
-fn port_forward(nat: &Netns, port: u16, host: &str) -> Result<()> {
+pub(crate) fn port_forward(nat: &Netns, port: u16, host: &str) -> Result<()> {
     let port = port.to_string();
     nat.exec(
         "iptables",
@@ -196,7 +199,7 @@ fn port_forward(nat: &Netns, port: u16, host: &str) -> Result<()> {
     Ok(())
 }
 
-fn wait_listening(ns: &Netns, addr: &str) -> Result<()> {
+pub(crate) fn wait_listening(ns: &Netns, addr: &str) -> Result<()> {
     let port: u16 = addr
         .rsplit(':')
         .next()
@@ -296,7 +299,7 @@ fn ssh_forward(dir: &Path, ns: &mut Netns, server_ip: &str, key: &Path) -> Resul
 
 /// sshd behind bob's NAT (port forward 2222) and `ssh -L` in alice's host
 /// to bob's service port.
-fn start_ssh(run: &mut Run) -> Result<()> {
+pub(crate) fn start_ssh(run: &mut Run) -> Result<()> {
     let dir = ssh_dir(&run.dir)?;
     let key = sshd(&dir, &mut run.topo.host_b)?;
     port_forward(&run.topo.nats[1], 2222, BOB_HOST)?;
@@ -358,7 +361,7 @@ fn rathole(ns: &mut Netns, side: &str, cfg: &Path) -> Result<()> {
 
 /// rathole (Noise) server in alice's host (port forward 2333 on her NAT),
 /// client in bob's host next to the service.
-fn start_rathole(run: &mut Run) -> Result<()> {
+pub(crate) fn start_rathole(run: &mut Run) -> Result<()> {
     let (server, client) =
         rathole_configs(&run.dir.join("rathole"), &format!("{ALICE_PUBLIC}:2333"))?;
     rathole(&mut run.topo.host_a, "--server", &server)?;
@@ -373,7 +376,7 @@ fn start_rathole(run: &mut Run) -> Result<()> {
 
 /// Replaces whatever serves the service port in `ns` with `cmd args`
 /// (iperf3 or a lab tool subcommand).
-fn serve(
+pub(crate) fn serve(
     ns: &mut Netns,
     dir: &Path,
     current: &mut Option<usize>,

@@ -259,3 +259,101 @@ fn measure(run: &mut Run, links: &Links, rounds: usize) -> Result<Timing> {
     }
     Ok(t)
 }
+
+/// Bytes sent and not yet acknowledged on each TCP socket in `ss -tniH`
+/// output whose peer is `peer_ip` (and whose ports are not `skip_port`).
+fn unacked(ss: &str, peer_ip: &str, skip_port: &str) -> Vec<u64> {
+    let lines: Vec<&str> = ss.lines().map(str::trim).collect();
+    let field = |text: &str, name: &str| -> Option<u64> {
+        text.split_whitespace()
+            .find_map(|t| t.strip_prefix(name))
+            .and_then(|v| v.parse().ok())
+    };
+    lines
+        .chunks(2)
+        .filter_map(|c| {
+            let (head, info) = (c.first()?, c.get(1)?);
+            if !head.contains(peer_ip) || head.contains(skip_port) {
+                return None;
+            }
+            let sent = field(info, "bytes_sent:")?;
+            let acked = field(info, "bytes_acked:")?;
+            Some(sent.saturating_sub(acked))
+        })
+        .collect()
+}
+
+/// What [`stream_window`] saw.
+#[derive(Debug, Clone, Default)]
+pub struct WindowGrowth {
+    /// Largest number of bytes in flight on the tunnel's TCP connection
+    /// while one stream sent.
+    pub max_in_flight: u64,
+    /// `ss` samples taken.
+    pub samples: usize,
+}
+
+/// One stream through punchd's TCP path on a 100 ms RTT: the most bytes
+/// the tunnel socket had in flight (`ss -tni` on alice's host, sampled
+/// every 50 ms). With a single stream open, what is in flight is bounded
+/// by that stream's yamux window, so more than the 256 KiB initial window
+/// in flight shows the window grew (issue 18).
+pub fn stream_window(bins: &Binaries) -> Result<WindowGrowth> {
+    use crate::net::nat::NatBehaviour;
+    use crate::net::topology::Layout;
+    let s = Scenario::new(
+        "window",
+        Layout::TwoNats(NatBehaviour::Masquerade),
+        Expect::Direct,
+    )
+    .with_transports(&[crate::harness::punchd_types::Transport::Tcp])
+    .with_links(Links {
+        a: Link::symmetric_ms(25),
+        b: Link::symmetric_ms(25),
+        rv: Link::NONE,
+    });
+    let run = Run::start(&s, bins)?;
+    run.wait_path("alice", PathState::Direct, Duration::from_secs(30))?;
+    let ns = run.topo.host_a.name().to_owned();
+    let tool = bins.tool.clone();
+    let sender = {
+        let ns = ns.clone();
+        std::thread::spawn(move || {
+            crate::harness::transfer::transfer_in(&ns, &tool, 24 << 20, 1, None)
+        })
+    };
+    let mut out = WindowGrowth::default();
+    let until = Instant::now() + Duration::from_secs(40);
+    while !sender.is_finished() && Instant::now() < until {
+        let text = std::process::Command::new("ip")
+            .args(["netns", "exec", &ns, "ss", "-tniH", "dst", "203.0.113.3"])
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default();
+        out.samples += 1;
+        let most = unacked(&text, "203.0.113.3", ":9000").into_iter().max();
+        out.max_in_flight = out.max_in_flight.max(most.unwrap_or(0));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let report = sender
+        .join()
+        .map_err(|_| anyhow::anyhow!("sender thread panicked"))??;
+    if !report.ok {
+        bail!("the stream did not arrive intact: {:?}", report.errors);
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod window_tests {
+    use super::unacked;
+
+    #[test]
+    fn unacked_reads_ss_for_the_peer_only() {
+        let ss = "ESTAB 0 0 192.0.2.2:40000 203.0.113.3:40000\n\
+                  \t cubic bytes_sent:5000000 bytes_acked:4000001 bytes_received:10\n\
+                  ESTAB 0 0 192.0.2.2:5555 203.0.113.3:9000\n\
+                  \t cubic bytes_sent:900 bytes_acked:1\n";
+        assert_eq!(unacked(ss, "203.0.113.3", ":9000"), vec![999_999]);
+    }
+}
