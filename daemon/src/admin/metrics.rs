@@ -25,6 +25,14 @@ pub(crate) fn render(board: &StatusBoard) -> String {
         "Punch orders refused: not signed by the pinned [rendezvous] server_key.",
     )
     .sample(&[], board.orders_refused.load(Ordering::Relaxed));
+    let mut limits = out.family(
+        "punchd_limit_refusals_total",
+        Kind::Counter,
+        "Inputs refused or trimmed by a limit (README, Limits), by reason.",
+    );
+    for (reason, n) in board.limits.all() {
+        limits.sample(&[("reason", reason)], n);
+    }
 
     paths(&mut out, &doc);
     if let Some(n) = doc.quic_connections {

@@ -234,6 +234,64 @@ pub struct StatusBoard {
     pub(crate) forwards: Vec<Arc<ForwardStatus>>,
     /// Punch orders refused because the pinned server key did not sign them.
     pub(crate) orders_refused: AtomicU64,
+    /// Inputs refused or trimmed by a limit (README, "Limits"), by reason.
+    pub(crate) limits: LimitCounters,
+}
+
+/// A limit that refused (or trimmed) something from the network: the
+/// `reason` label of `punchd_limit_refusals_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Limit {
+    /// A punch order had more candidates than [`crate::control::order::MAX_CANDIDATES`].
+    Candidates,
+    /// A candidate no order may aim at (unspecified, multicast, port 0, a
+    /// second port among the local ones).
+    CandidateAddress,
+    /// A punch order for a peer came sooner than the order budget allows.
+    OrderRate,
+    /// A punch order whose `at` was too far ahead was brought forward.
+    OrderTooFarAhead,
+    /// A local connection found the tunnel at its stream cap.
+    Streams,
+}
+
+impl Limit {
+    const ALL: [Limit; 5] = [
+        Limit::Candidates,
+        Limit::CandidateAddress,
+        Limit::OrderRate,
+        Limit::OrderTooFarAhead,
+        Limit::Streams,
+    ];
+
+    /// The metric label.
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            Limit::Candidates => "candidates",
+            Limit::CandidateAddress => "candidate_address",
+            Limit::OrderRate => "order_rate",
+            Limit::OrderTooFarAhead => "order_too_far_ahead",
+            Limit::Streams => "streams",
+        }
+    }
+}
+
+/// One counter per [`Limit`].
+#[derive(Debug, Default)]
+pub(crate) struct LimitCounters([AtomicU64; 5]);
+
+impl LimitCounters {
+    /// Counts one refusal.
+    pub(crate) fn hit(&self, limit: Limit) {
+        self.0[limit as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Every reason with its count, in a fixed order.
+    pub(crate) fn all(&self) -> impl Iterator<Item = (&'static str, u64)> + '_ {
+        Limit::ALL
+            .iter()
+            .map(|l| (l.as_str(), self.0[*l as usize].load(Ordering::Relaxed)))
+    }
 }
 
 impl StatusBoard {
@@ -254,6 +312,7 @@ impl StatusBoard {
             peers,
             forwards,
             orders_refused: AtomicU64::new(0),
+            limits: LimitCounters::default(),
         }
     }
 
