@@ -186,4 +186,11 @@ fn forwards(out: &mut Exposition, doc: &StatusDoc) {
         "Connections accepted per forward.",
         &|f| f.total.to_string(),
     );
+    per_forward(
+        out,
+        "punchd_forward_refused_total",
+        Kind::Counter,
+        "Connections refused per forward because it carried its cap of concurrent connections.",
+        &|f| f.refused.to_string(),
+    );
 }

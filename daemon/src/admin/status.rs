@@ -73,6 +73,10 @@ pub struct ForwardDoc {
     /// Connections accepted since start.
     #[serde(default)]
     pub total: u64,
+    /// Connections refused at once because the forward already carried
+    /// its cap (README, "Limits").
+    #[serde(default)]
+    pub refused: u64,
 }
 
 /// The whole status document.
@@ -191,6 +195,7 @@ pub struct ForwardStatus {
     pub(crate) service: String,
     pub(crate) active: AtomicI64,
     pub(crate) total: AtomicU64,
+    pub(crate) refused: AtomicU64,
 }
 
 impl ForwardStatus {
@@ -201,6 +206,7 @@ impl ForwardStatus {
             service: service.to_owned(),
             active: AtomicI64::new(0),
             total: AtomicU64::new(0),
+            refused: AtomicU64::new(0),
         }
     }
 
@@ -211,6 +217,7 @@ impl ForwardStatus {
             service: self.service.clone(),
             active: self.active.load(Ordering::Relaxed),
             total: self.total.load(Ordering::Relaxed),
+            refused: self.refused.load(Ordering::Relaxed),
         }
     }
 }
@@ -251,17 +258,14 @@ pub(crate) enum Limit {
     OrderRate,
     /// A punch order whose `at` was too far ahead was brought forward.
     OrderTooFarAhead,
-    /// A local connection found the tunnel at its stream cap.
-    Streams,
 }
 
 impl Limit {
-    const ALL: [Limit; 5] = [
+    const ALL: [Limit; 4] = [
         Limit::Candidates,
         Limit::CandidateAddress,
         Limit::OrderRate,
         Limit::OrderTooFarAhead,
-        Limit::Streams,
     ];
 
     /// The metric label.
@@ -271,14 +275,13 @@ impl Limit {
             Limit::CandidateAddress => "candidate_address",
             Limit::OrderRate => "order_rate",
             Limit::OrderTooFarAhead => "order_too_far_ahead",
-            Limit::Streams => "streams",
         }
     }
 }
 
 /// One counter per [`Limit`].
 #[derive(Debug, Default)]
-pub(crate) struct LimitCounters([AtomicU64; 5]);
+pub(crate) struct LimitCounters([AtomicU64; 4]);
 
 impl LimitCounters {
     /// Counts one refusal.

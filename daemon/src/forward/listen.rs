@@ -45,6 +45,11 @@ enum ForwardError<E: Display> {
     Splice(#[from] SpliceError),
 }
 
+/// Concurrent connections one forward carries; beyond it new ones are
+/// reset at once. Equal to a tunnel's stream cap: more could never get a
+/// stream anyway, and would only hold sockets while they wait.
+pub(crate) const MAX_CONNECTIONS: usize = crate::tunnel::MAX_STREAMS;
+
 /// Accepts local connections for one `[[forward]]` until cancelled.
 pub(crate) async fn run_forward<P: StreamSource>(
     listener: TcpListener,
@@ -72,6 +77,15 @@ pub(crate) async fn run_forward<P: StreamSource>(
         };
         let _ = local.set_nodelay(true);
         status.total.fetch_add(1, Ordering::Relaxed);
+        if status.active.load(Ordering::Relaxed) >= MAX_CONNECTIONS as i64 {
+            // A reset, not a queue: the sockets and tasks stay bounded and
+            // the tunnel (and every other connection on it) is untouched.
+            if status.refused.fetch_add(1, Ordering::Relaxed) % 1_000 == 0 {
+                warn!(%from, max = MAX_CONNECTIONS, "connection refused: this forward already carries its maximum of concurrent connections (counted in punchd_forward_refused_total)");
+            }
+            reset(local);
+            continue;
+        }
         let span = tracing::info_span!("conn", %from);
         tracker.spawn(
             forward_one(
