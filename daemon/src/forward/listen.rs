@@ -86,6 +86,8 @@ pub(crate) async fn run_forward<P: StreamSource>(
             reset(local);
             continue;
         }
+        // Counted before the task starts, so a burst of accepts sees it.
+        status.active.fetch_add(1, Ordering::Relaxed);
         let span = tracing::info_span!("conn", %from);
         tracker.spawn(
             forward_one(
@@ -107,7 +109,6 @@ async fn forward_one<P: StreamSource>(
     status: Arc<ForwardStatus>,
     cancel: CancellationToken,
 ) {
-    status.active.fetch_add(1, Ordering::Relaxed);
     let started = Instant::now();
     let opened: Result<_, ForwardError<P::Error>> = async {
         let mut stream = peer.open_stream().await.map_err(ForwardError::Open)?;
