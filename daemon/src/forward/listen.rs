@@ -46,9 +46,10 @@ enum ForwardError<E: Display> {
 }
 
 /// Concurrent connections one forward carries; beyond it new ones are
-/// reset at once. Equal to a tunnel's stream cap: more could never get a
-/// stream anyway, and would only hold sockets while they wait.
-pub(crate) const MAX_CONNECTIONS: usize = crate::tunnel::MAX_STREAMS;
+/// reset at once. A tunnel's stream cap less the keepalive's stream: more
+/// could never get a stream anyway, and would only hold sockets while
+/// they wait.
+pub(crate) const MAX_CONNECTIONS: usize = crate::tunnel::MAX_STREAMS - 1;
 
 /// Accepts local connections for one `[[forward]]` until cancelled.
 pub(crate) async fn run_forward<P: StreamSource>(
