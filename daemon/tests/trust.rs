@@ -131,7 +131,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
 async fn mitm(
     tls: Option<TlsAcceptor>,
     upstream: SocketAddr,
-    inject: Option<SocketAddr>,
+    inject: Option<Inject>,
     cancel: CancellationToken,
 ) -> SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -173,7 +173,7 @@ async fn mitm(
 async fn rewrite_down(
     from: &mut (impl AsyncRead + Unpin),
     to: &mut (impl AsyncWrite + Unpin),
-    inject: Option<SocketAddr>,
+    inject: Option<Inject>,
 ) -> std::io::Result<()> {
     let mut buf = Vec::new();
     let mut head_done = false;
@@ -194,9 +194,9 @@ async fn rewrite_down(
         }
         while let Some((frame_len, opcode, payload)) = next_frame(&buf) {
             match (opcode, inject) {
-                (1, Some(addr)) => {
+                (1, Some(how)) => {
                     let text = String::from_utf8_lossy(payload).into_owned();
-                    out.extend(frame(1, rewrite_order(&text, addr).as_bytes()));
+                    out.extend(frame(1, rewrite_order(&text, how).as_bytes()));
                 }
                 _ => out.extend_from_slice(&buf[..frame_len]),
             }
@@ -239,13 +239,44 @@ fn frame(opcode: u8, payload: &[u8]) -> Vec<u8> {
     out
 }
 
-fn rewrite_order(text: &str, inject: SocketAddr) -> String {
+/// How the man in the middle rewrites punch orders.
+#[derive(Debug, Clone, Copy)]
+enum Inject {
+    /// Every candidate replaced by this address.
+    Replace(SocketAddr),
+    /// The true candidates kept first, then [`FLOOD`] more on other
+    /// ports of 127.0.0.1, with `hidden` among them (issue #24).
+    Flood { hidden: SocketAddr },
+}
+
+/// Candidates a flooded order adds: as many as fit the daemon's 64 KiB
+/// message cap (a 10,000-candidate order is refused whole by that cap).
+const FLOOD: u16 = 3_000;
+
+fn rewrite_order(text: &str, how: Inject) -> String {
     let Ok(mut v) = serde_json::from_str::<serde_json::Value>(text) else {
         return text.to_owned();
     };
     if v["type"] == "punch" {
-        v["candidates"] = serde_json::json!([inject.to_string()]);
-        v["udp_candidates"] = serde_json::json!([inject.to_string()]);
+        match how {
+            Inject::Replace(inject) => {
+                v["candidates"] = serde_json::json!([inject.to_string()]);
+                v["udp_candidates"] = serde_json::json!([inject.to_string()]);
+            }
+            Inject::Flood { hidden } => {
+                let mut list: Vec<serde_json::Value> =
+                    v["candidates"].as_array().cloned().unwrap_or_default();
+                for i in 0..FLOOD {
+                    let a = if i == FLOOD / 2 {
+                        hidden
+                    } else {
+                        SocketAddr::from(([127, 0, 0, 1], 20_000 + i))
+                    };
+                    list.push(serde_json::json!(a.to_string()));
+                }
+                v["candidates"] = serde_json::Value::Array(list);
+            }
+        }
     }
     v.to_string()
 }
@@ -384,7 +415,13 @@ async fn injected_order_is_refused(tls: bool) {
     let cancel = CancellationToken::new();
     let trap = Trap::start(cancel.clone()).await;
     let acceptor = tls.then(|| acceptor(&p));
-    let proxy = mitm(acceptor, rv.addr, Some(trap.addr), cancel.clone()).await;
+    let proxy = mitm(
+        acceptor,
+        rv.addr,
+        Some(Inject::Replace(trap.addr)),
+        cancel.clone(),
+    )
+    .await;
     let alice_url = format!("{}://{proxy}", if tls { "https" } else { "http" });
     let key = rv.server_key;
     let punch = "transports = [\"tcp\", \"quic\"]\ntimeout = \"1s\"\nmode = \"direct-only\"";
@@ -424,6 +461,62 @@ async fn a_rewritten_order_over_plain_http_is_refused_with_a_pinned_key() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rewritten_order_behind_a_tls_terminating_proxy_is_refused() {
     injected_order_is_refused(true).await;
+}
+
+fn limit_refusals(d: &RunningDaemon, reason: &str) -> u64 {
+    let prefix = format!("punchd_limit_refusals_total{{reason=\"{reason}\"}} ");
+    d.status
+        .render_metrics()
+        .lines()
+        .find_map(|l| l.strip_prefix(prefix.as_str()))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// Issue #24: an unpinned link stuffs every order for alice with 3,000
+/// extra candidates on other ports, one of them a listener here. alice
+/// trims the order (8 candidates, 2 ports), counts every dropped one, never connects to the hidden
+/// listener, and still punches bob through the true candidates kept first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_order_stuffed_with_candidates_is_trimmed_and_still_punches() {
+    let rv = Rendezvous::start(RendezvousConfig::default())
+        .await
+        .unwrap();
+    let cancel = CancellationToken::new();
+    let hidden = Trap::start(cancel.clone()).await;
+    let proxy = mitm(
+        None,
+        rv.addr,
+        Some(Inject::Flood {
+            hidden: hidden.addr,
+        }),
+        cancel.clone(),
+    )
+    .await;
+    let pair = Pair::start(&rv, &format!("http://{proxy}"), &rv.url(), "", |_, _| {}).await;
+    wait_for("alice to trim an order", Duration::from_secs(20), || {
+        // Past the second port every extra is dropped for its port.
+        (limit_refusals(&pair.alice, "candidate_address") >= u64::from(FLOOD) - 1).then_some(())
+    })
+    .await;
+    wait_for("a tunnel", Duration::from_secs(30), || {
+        (path_of(&pair.alice) != PathState::None).then_some(())
+    })
+    .await;
+    let stream = TcpStream::connect(pair.alice.forward_addrs[0])
+        .await
+        .unwrap();
+    let data = punchd::pattern(256 * 1024, 24);
+    let echoed = echo_roundtrip(stream, &data).await.unwrap();
+    assert_eq!(echoed, punchd::hex(&Sha256::digest(&data)));
+    assert_eq!(
+        hidden.hits(),
+        0,
+        "alice connected to a candidate past the cap"
+    );
+    pair.stop().await;
+    cancel.cancel();
+    rv.stop().await;
 }
 
 /// One raw HTTP/1.1 request; returns the status code.

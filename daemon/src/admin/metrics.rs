@@ -25,6 +25,14 @@ pub(crate) fn render(board: &StatusBoard) -> String {
         "Punch orders refused: not signed by the pinned [rendezvous] server_key.",
     )
     .sample(&[], board.orders_refused.load(Ordering::Relaxed));
+    let mut limits = out.family(
+        "punchd_limit_refusals_total",
+        Kind::Counter,
+        "Inputs refused or trimmed by a limit (README, Limits), by reason.",
+    );
+    for (reason, n) in board.limits.all() {
+        limits.sample(&[("reason", reason)], n);
+    }
 
     paths(&mut out, &doc);
     if let Some(n) = doc.quic_connections {
@@ -177,5 +185,12 @@ fn forwards(out: &mut Exposition, doc: &StatusDoc) {
         Kind::Counter,
         "Connections accepted per forward.",
         &|f| f.total.to_string(),
+    );
+    per_forward(
+        out,
+        "punchd_forward_refused_total",
+        Kind::Counter,
+        "Connections refused per forward because it carried its cap of concurrent connections.",
+        &|f| f.refused.to_string(),
     );
 }

@@ -78,6 +78,10 @@ pub struct ForwardDoc {
     /// Connections accepted since start.
     #[serde(default)]
     pub total: u64,
+    /// Connections refused at once because the forward already carried
+    /// its cap (README, "Limits").
+    #[serde(default)]
+    pub refused: u64,
 }
 
 /// The whole status document.
@@ -198,6 +202,7 @@ pub struct ForwardStatus {
     pub(crate) service: String,
     pub(crate) active: AtomicI64,
     pub(crate) total: AtomicU64,
+    pub(crate) refused: AtomicU64,
 }
 
 impl ForwardStatus {
@@ -208,6 +213,7 @@ impl ForwardStatus {
             service: service.to_owned(),
             active: AtomicI64::new(0),
             total: AtomicU64::new(0),
+            refused: AtomicU64::new(0),
         }
     }
 
@@ -218,6 +224,7 @@ impl ForwardStatus {
             service: self.service.clone(),
             active: self.active.load(Ordering::Relaxed),
             total: self.total.load(Ordering::Relaxed),
+            refused: self.refused.load(Ordering::Relaxed),
         }
     }
 }
@@ -241,6 +248,60 @@ pub struct StatusBoard {
     pub(crate) forwards: Vec<Arc<ForwardStatus>>,
     /// Punch orders refused because the pinned server key did not sign them.
     pub(crate) orders_refused: AtomicU64,
+    /// Inputs refused or trimmed by a limit (README, "Limits"), by reason.
+    pub(crate) limits: LimitCounters,
+}
+
+/// A limit that refused (or trimmed) something from the network: the
+/// `reason` label of `punchd_limit_refusals_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Limit {
+    /// A punch order had more candidates than [`crate::control::order::MAX_CANDIDATES`].
+    Candidates,
+    /// A candidate no order may aim at (unspecified, multicast, port 0, a
+    /// second port among the local ones).
+    CandidateAddress,
+    /// A punch order for a peer came sooner than the order budget allows.
+    OrderRate,
+    /// A punch order whose `at` was too far ahead was brought forward.
+    OrderTooFarAhead,
+}
+
+impl Limit {
+    const ALL: [Limit; 4] = [
+        Limit::Candidates,
+        Limit::CandidateAddress,
+        Limit::OrderRate,
+        Limit::OrderTooFarAhead,
+    ];
+
+    /// The metric label.
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            Limit::Candidates => "candidates",
+            Limit::CandidateAddress => "candidate_address",
+            Limit::OrderRate => "order_rate",
+            Limit::OrderTooFarAhead => "order_too_far_ahead",
+        }
+    }
+}
+
+/// One counter per [`Limit`].
+#[derive(Debug, Default)]
+pub(crate) struct LimitCounters([AtomicU64; 4]);
+
+impl LimitCounters {
+    /// Counts one refusal.
+    pub(crate) fn hit(&self, limit: Limit) {
+        self.0[limit as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Every reason with its count, in a fixed order.
+    pub(crate) fn all(&self) -> impl Iterator<Item = (&'static str, u64)> + '_ {
+        Limit::ALL
+            .iter()
+            .map(|l| (l.as_str(), self.0[*l as usize].load(Ordering::Relaxed)))
+    }
 }
 
 impl StatusBoard {
@@ -261,6 +322,7 @@ impl StatusBoard {
             peers,
             forwards,
             orders_refused: AtomicU64::new(0),
+            limits: LimitCounters::default(),
         }
     }
 

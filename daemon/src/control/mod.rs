@@ -39,14 +39,16 @@ use tracing::{debug, error, info, warn};
 
 pub(crate) mod clock;
 pub(crate) mod link;
+pub(crate) mod order;
 pub(crate) mod url;
 
 use clock::ClockSync;
 use link::{Endpoint, LinkError, RvStream};
+use order::OrderGate;
 use punch_rendezvous::protocol::PunchOrder;
 use url::UrlError;
 
-use crate::admin::status::StatusBoard;
+use crate::admin::status::{Limit, StatusBoard};
 use crate::backoff::Backoff;
 use crate::identity::Identity;
 use crate::punch::{bind_punch_socket, set_abortive_close};
@@ -180,6 +182,8 @@ pub(crate) async fn run(
     cancel: CancellationToken,
 ) {
     let mut backoff = Backoff::new(Duration::from_millis(250), Duration::from_secs(10));
+    // Outlives each registration, so a server cannot refill it by reconnecting us.
+    let mut gate = OrderGate::default();
     loop {
         let started = Instant::now();
         let result = session(
@@ -188,6 +192,7 @@ pub(crate) async fn run(
             &mut cmds,
             &status,
             &mut backoff,
+            &mut gate,
             &cancel,
         )
         .await;
@@ -262,7 +267,12 @@ async fn connect_and_register(settings: &mut RvSettings) -> Result<Registered, R
         info!(port = settings.port, "punch port chosen");
     }
     let link = endpoint.wrap(tcp).await?;
-    let (mut ws, _) = tokio_tungstenite::client_async(endpoint.ws_url("/v1/ws"), link).await?;
+    let (mut ws, _) = tokio_tungstenite::client_async_with_config(
+        endpoint.ws_url("/v1/ws"),
+        link,
+        Some(ws_limits(MAX_SERVER_MESSAGE)),
+    )
+    .await?;
     let nonce = match recv(&mut ws).await? {
         ServerMsg::Challenge { nonce, .. } => {
             decode_nonce(&nonce).map_err(|e| RvError::Protocol(e.to_string()))?
@@ -321,6 +331,7 @@ async fn session(
     cmds: &mut mpsc::Receiver<RvCmd>,
     status: &StatusBoard,
     backoff: &mut Backoff,
+    gate: &mut OrderGate,
     cancel: &CancellationToken,
 ) -> Result<(), RvError> {
     let Registered {
@@ -396,7 +407,7 @@ async fn session(
             },
             msg = recv(&mut ws) => {
                 let me = Me { name: &settings.name, nonce: &nonce, pinned: settings.server_key.as_ref(), status };
-                on_message(msg?, &mut pings, settings.port, me, events).await?
+                on_message(msg?, &mut pings, gate, settings.port, me, events).await?
             }
         }
     }
@@ -409,6 +420,18 @@ fn note_server_key(pinned: Option<&VerifyingKey>, announced: Option<&str>) {
         (Some(p), Some(k)) if b64(p.as_bytes()) != k => warn!(announced = k, pinned = %b64(p.as_bytes()), "the rendezvous announces another server key than [rendezvous] server_key; its punch orders will be refused"),
         _ => {}
     }
+}
+
+/// The largest message the server may send us. Its biggest, a punch
+/// order with every candidate and a signature, is under 4 KiB; tungstenite's
+/// default (64 MiB) would let a hostile server make us buffer that much.
+pub(crate) const MAX_SERVER_MESSAGE: usize = 64 * 1024;
+
+/// A WebSocket client configuration that refuses messages and frames over `max`.
+pub(crate) fn ws_limits(max: usize) -> tokio_tungstenite::tungstenite::protocol::WebSocketConfig {
+    tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
+        .max_message_size(Some(max))
+        .max_frame_size(Some(max))
 }
 
 /// This registration, as far as checking orders goes.
@@ -439,6 +462,7 @@ pub(crate) fn check_order(
 async fn on_message(
     msg: ServerMsg,
     pings: &mut Pings,
+    gate: &mut OrderGate,
     port: u16,
     me: Me<'_>,
     events: &mpsc::Sender<RvEvent>,
@@ -447,15 +471,33 @@ async fn on_message(
         ServerMsg::Pong { id, server_time_us } => {
             pings.pong(id, server_time_us, unix_time_us(), Instant::now());
         }
-        ServerMsg::Punch(order) => {
+        ServerMsg::Punch(mut order) => {
             if let Err(e) = check_order(me.pinned, me.name, me.nonce, &order) {
                 me.status.order_refused();
                 warn!(session = %order.session, peer = %order.peer, "refusing a punch order: {e}; nothing is sent to its candidates (a proxy or the network between us and the server may be tampering)");
                 return Ok(());
             }
-            let fire_at = pings
-                .clock
-                .local_instant(order.at_us, Instant::now(), unix_time_us());
+            if !gate.admit(&order.peer, Instant::now()) {
+                me.status.limits.hit(Limit::OrderRate);
+                warn!(session = %order.session, peer = %order.peer, burst = order::ORDER_BURST, "refusing a punch order: more orders for this peer than the budget allows; nothing is sent (the server repeats orders: check its version and logs)");
+                return Ok(());
+            }
+            let mut hits = order::trim_candidates(&mut order.candidates);
+            hits.extend(order::trim_candidates(&mut order.udp_candidates));
+            if !hits.is_empty() {
+                for h in &hits {
+                    me.status.limits.hit(*h);
+                }
+                warn!(session = %order.session, peer = %order.peer, dropped = hits.len(), kept_tcp = order.candidates.len(), kept_udp = order.udp_candidates.len(), "punch order trimmed: candidates beyond the limits (count, ports, unusable addresses) are not contacted");
+            }
+            let (fire_at, clamped) =
+                pings
+                    .clock
+                    .local_instant(order.at_us, Instant::now(), unix_time_us());
+            if clamped {
+                me.status.limits.hit(Limit::OrderTooFarAhead);
+                warn!(session = %order.session, peer = %order.peer, "punch order's time is more than {:?} ahead; punching at that bound instead (the server's clock or ours is off)", clock::MAX_AHEAD);
+            }
             debug!(session = %order.session, peer = %order.peer, synced = pings.clock.is_synced(), "punch order");
             let job = PunchJob {
                 order,

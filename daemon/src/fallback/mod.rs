@@ -39,7 +39,16 @@ pub enum FallbackError {
     /// The tunnel over the relay did not come up.
     #[error(transparent)]
     Tunnel(#[from] TunnelError),
+    /// The relay did not answer within [`CONNECT_TIMEOUT`] (a blackholed or
+    /// overloaded rendezvous): given up, so the peer can punch again.
+    #[error("the relay did not connect within {0:?}")]
+    Timeout(std::time::Duration),
 }
+
+/// The most the relay's TCP connect, TLS and WebSocket upgrade may take
+/// together. Without it a blackholed rendezvous leaves a peer "punching"
+/// for minutes and blocks re-punching.
+pub(crate) const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Who we are and whom we expect at the other end of the relay.
 pub(crate) struct Relayed<'a> {
@@ -55,7 +64,12 @@ pub(crate) async fn connect(
     r: Relayed<'_>,
     order: &PunchOrder,
 ) -> Result<(TunnelParts, SocketAddr), FallbackError> {
-    let (io, remote) = websocket::connect(r.rendezvous, &order.session, &order.relay_token).await?;
+    let (io, remote) = tokio::time::timeout(
+        CONNECT_TIMEOUT,
+        websocket::connect(r.rendezvous, &order.session, &order.relay_token),
+    )
+    .await
+    .map_err(|_| FallbackError::Timeout(CONNECT_TIMEOUT))??;
     let io = Metered::new(io, r.status.clone());
     let parts = mux::handshake(io, r.role, r.identity, r.peer, Transport::Relay).await?;
     Ok((parts, remote))

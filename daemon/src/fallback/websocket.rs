@@ -18,6 +18,8 @@ use crate::control::link::{Endpoint, RvStream};
 
 /// Largest frame we send; the server accepts up to 256 KiB.
 const MAX_FRAME: usize = 64 * 1024;
+/// The largest relay message accepted from the server.
+const MAX_INBOUND: usize = 256 * 1024;
 
 /// Opens the relay for `session` with this side's `token`.
 pub(crate) async fn connect(
@@ -32,7 +34,14 @@ pub(crate) async fn connect(
     // Over https the relay token (in the URL) and the tunnel's TLS records
     // ride inside the link's TLS too.
     let link = rendezvous.wrap(tcp).await?;
-    let (ws, _) = tokio_tungstenite::client_async(url, link).await?;
+    // The server relays the peer's frames, at most its own frame cap
+    // (256 KiB); anything larger is refused rather than buffered.
+    let (ws, _) = tokio_tungstenite::client_async_with_config(
+        url,
+        link,
+        Some(crate::control::ws_limits(MAX_INBOUND)),
+    )
+    .await?;
     Ok((
         WsBytes {
             ws,

@@ -45,6 +45,12 @@ enum ForwardError<E: Display> {
     Splice(#[from] SpliceError),
 }
 
+/// Concurrent connections one forward carries; beyond it new ones are
+/// reset at once. A tunnel's stream cap less the keepalive's stream: more
+/// could never get a stream anyway, and would only hold sockets while
+/// they wait.
+pub(crate) const MAX_CONNECTIONS: usize = crate::tunnel::MAX_STREAMS - 1;
+
 /// Accepts local connections for one `[[forward]]` until cancelled.
 pub(crate) async fn run_forward<P: StreamSource>(
     listener: TcpListener,
@@ -72,6 +78,17 @@ pub(crate) async fn run_forward<P: StreamSource>(
         };
         let _ = local.set_nodelay(true);
         status.total.fetch_add(1, Ordering::Relaxed);
+        if status.active.load(Ordering::Relaxed) >= MAX_CONNECTIONS as i64 {
+            // A reset, not a queue: the sockets and tasks stay bounded and
+            // the tunnel (and every other connection on it) is untouched.
+            if status.refused.fetch_add(1, Ordering::Relaxed) % 1_000 == 0 {
+                warn!(%from, max = MAX_CONNECTIONS, "connection refused: this forward already carries its maximum of concurrent connections (counted in punchd_forward_refused_total)");
+            }
+            reset(local);
+            continue;
+        }
+        // Counted before the task starts, so a burst of accepts sees it.
+        status.active.fetch_add(1, Ordering::Relaxed);
         let span = tracing::info_span!("conn", %from);
         tracker.spawn(
             forward_one(
@@ -93,7 +110,6 @@ async fn forward_one<P: StreamSource>(
     status: Arc<ForwardStatus>,
     cancel: CancellationToken,
 ) {
-    status.active.fetch_add(1, Ordering::Relaxed);
     let started = Instant::now();
     let opened: Result<_, ForwardError<P::Error>> = async {
         let mut stream = peer.open_stream().await.map_err(ForwardError::Open)?;

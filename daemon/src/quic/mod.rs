@@ -315,6 +315,17 @@ impl QuicPath {
                 _ = cancel.cancelled() => break,
                 i = self.endpoint.accept() => match i { Some(i) => i, None => break },
             };
+            // Under load, a handshake from an address that has not shown it
+            // can receive (a QUIC Retry round trip) gets no slot: a spoofed
+            // flood cannot hold the slots for HANDSHAKE_TIMEOUT each.
+            if !incoming.remote_address_validated()
+                && slots.available_permits() < MAX_HANDSHAKES / 2
+            {
+                if let Err(e) = incoming.retry() {
+                    e.into_incoming().ignore();
+                }
+                continue;
+            }
             let Ok(permit) = slots.clone().try_acquire_owned() else {
                 debug!(remote = %incoming.remote_address(), "QUIC handshakes saturated; refusing");
                 incoming.refuse();

@@ -34,6 +34,9 @@ const ROUND_SPACING: [u64; 7] = [0, 20, 40, 80, 160, 320, 640];
 const STEADY_SPACING: Duration = Duration::from_millis(500);
 /// Addresses the client dials per session (candidates plus re-mapped ones).
 const MAX_DIALS: usize = 4;
+/// Distinct addresses answered per punch session (the peer has at most a
+/// few: its observed and local endpoints, a NAT rebinding).
+const MAX_HEARD: usize = 16;
 
 /// A QUIC connection, authenticated with the peer's pinned key.
 #[derive(Debug)]
@@ -111,7 +114,10 @@ pub(crate) async fn run(
                 next_round = p.fire_at + round_offset(stats.rounds);
             }
             Some(from) = heard_rx.recv() => {
-                if heard.insert(from) {
+                // Each new address costs a reply (and maybe a dial): only the
+                // first MAX_HEARD per session, so datagrams from many spoofed
+                // sources neither grow the set nor aim our replies.
+                if heard.len() < MAX_HEARD && heard.insert(from) {
                     if heard_in_round == 0 { heard_in_round = stats.rounds.max(1); }
                     debug!(%from, rounds = stats.rounds, "heard the peer's UDP punch");
                     // Answer at once: its NAT sees our datagram come back.

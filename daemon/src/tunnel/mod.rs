@@ -190,6 +190,8 @@ pub(crate) const INBOUND_QUEUE: usize = MAX_STREAMS;
 /// once (with 256, 1,000 local connections arriving together over TCP had
 /// dozens refused as "tunnel busy").
 pub(super) const OPEN_QUEUE: usize = MAX_STREAMS;
+/// How long a new stream may wait for QUIC stream credit on a full tunnel.
+pub(crate) const STREAM_CREDIT_WAIT: Duration = Duration::from_secs(10);
 /// How long the TLS handshake may take.
 pub(crate) const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -261,11 +263,16 @@ impl Tunnel {
                 }
             }
             Opener::Quic(conn) => tokio::select! {
-                // Waits for stream credit when MAX_STREAMS are open, like
-                // yamux; the peer raises it as streams end.
-                r = conn.open_bi() => r
-                    .map(|(send, recv)| StreamIo::quic(send, recv, &self.active))
-                    .map_err(|e| TunnelError::Quic(e.to_string())),
+                // Waits for stream credit when MAX_STREAMS are open; the
+                // peer raises it as streams end. Not forever: a connection
+                // that finds the tunnel full is refused after a while,
+                // like yamux's at once.
+                r = tokio::time::timeout(STREAM_CREDIT_WAIT, conn.open_bi()) => match r {
+                    Ok(r) => r
+                        .map(|(send, recv)| StreamIo::quic(send, recv, &self.active))
+                        .map_err(|e| TunnelError::Quic(e.to_string())),
+                    Err(_) => Err(TunnelError::Busy),
+                },
                 _ = self.closed.cancelled() => Err(TunnelError::Closed),
             },
         }

@@ -164,6 +164,15 @@ async fn drive<T>(
                             let _ = reply.send(Ok(StreamIo::new(stream, &active, &closed)));
                         }
                     }
+                    // Every stream slot in use (both directions count): refuse
+                    // this open, keep the tunnel. Ending the tunnel here cut
+                    // every forward of the peer when 2,000 connections
+                    // arrived at once.
+                    Poll::Ready(Err(yamux::ConnectionError::TooManyStreams)) => {
+                        if let Some(reply) = pending.pop_front() {
+                            let _ = reply.send(Err(TunnelError::Busy));
+                        }
+                    }
                     Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
                     Poll::Pending => break,
                 }

@@ -1,0 +1,214 @@
+//! What a punch order may make this daemon do: the limits on an order,
+//! with no sockets in it.
+//!
+//! An order aims our SYNs and datagrams. Whoever can send one (the server,
+//! or anyone on an unpinned link to it) must not be able to turn a daemon
+//! into a SYN flood or a LAN scanner, so before anything is sent:
+//!
+//! - at most [`MAX_CANDIDATES`] candidates per transport (the server sends
+//!   the observed endpoint and up to 7 local addresses);
+//! - no unspecified, multicast or broadcast address, no port 0;
+//! - at most [`MAX_PORTS`] distinct ports per transport: the peer's observed
+//!   port and its punch port. Local candidates are the peer's own addresses
+//!   on its punch port, so an order can reach at most a handful of hosts on
+//!   one port, never sweep ports;
+//! - per peer, a budget of [`ORDER_BURST`] orders, refilled one per
+//!   [`ORDER_REFILL`]: a server that repeats orders gets them dropped.
+//!
+//! Each attempt within an order is bounded by the punch plan
+//! (`punch/plan.rs`), and the firing time by `clock::MAX_AHEAD`.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::time::{Duration, Instant};
+
+use crate::admin::status::Limit;
+
+/// Candidates kept per transport.
+pub(crate) const MAX_CANDIDATES: usize = 8;
+/// Distinct ports kept per transport.
+pub(crate) const MAX_PORTS: usize = 2;
+/// Orders a peer may have in a burst...
+pub(crate) const ORDER_BURST: u32 = 6;
+/// ...and one more each this long.
+pub(crate) const ORDER_REFILL: Duration = Duration::from_secs(1);
+/// Peers whose budgets are tracked at once (names come from the server:
+/// the map must not grow with them).
+const MAX_TRACKED: usize = 1024;
+
+/// Whether an address is one an order may aim at.
+fn aimable(a: &SocketAddr) -> bool {
+    let ip_ok = match a.ip() {
+        IpAddr::V4(v4) => !(v4.is_unspecified() || v4.is_multicast() || v4.is_broadcast()),
+        IpAddr::V6(v6) => !(v6.is_unspecified() || v6.is_multicast()),
+    };
+    ip_ok && a.port() != 0
+}
+
+/// Keeps what an order may aim at, in order; returns the limits that
+/// dropped something (one entry per dropped candidate, one for a cut list).
+pub(crate) fn trim_candidates(list: &mut Vec<SocketAddr>) -> Vec<Limit> {
+    let mut hits = Vec::new();
+    let mut ports: Vec<u16> = Vec::with_capacity(MAX_PORTS);
+    let mut kept = Vec::with_capacity(list.len().min(MAX_CANDIDATES));
+    for a in list.iter() {
+        if !aimable(a) {
+            hits.push(Limit::CandidateAddress);
+            continue;
+        }
+        if !ports.contains(&a.port()) {
+            if ports.len() == MAX_PORTS {
+                hits.push(Limit::CandidateAddress);
+                continue;
+            }
+            ports.push(a.port());
+        }
+        if kept.contains(a) {
+            continue; // a duplicate costs nothing, and gains nothing
+        }
+        if kept.len() == MAX_CANDIDATES {
+            hits.push(Limit::Candidates);
+            break;
+        }
+        kept.push(*a);
+    }
+    *list = kept;
+    hits
+}
+
+/// Per-peer order budgets (a token bucket each).
+#[derive(Debug, Default)]
+pub(crate) struct OrderGate {
+    buckets: HashMap<String, (f64, Instant)>,
+}
+
+impl OrderGate {
+    /// Whether an order for `peer` arriving at `now` is within budget
+    /// (and spends it if so).
+    pub(crate) fn admit(&mut self, peer: &str, now: Instant) -> bool {
+        if self.buckets.len() >= MAX_TRACKED && !self.buckets.contains_key(peer) {
+            // Forget the rest rather than grow: each forgotten peer gets a
+            // fresh burst, still bounded per order by the plan.
+            self.buckets.clear();
+        }
+        let burst = f64::from(ORDER_BURST);
+        let (tokens, last) = self.buckets.entry(peer.to_owned()).or_insert((burst, now));
+        let refill =
+            now.saturating_duration_since(*last).as_secs_f64() / ORDER_REFILL.as_secs_f64();
+        *tokens = (*tokens + refill).min(burst);
+        *last = now;
+        if *tokens >= 1.0 {
+            *tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn a(s: &str) -> SocketAddr {
+        s.parse().unwrap_or_else(|_| panic!("{s}"))
+    }
+
+    #[test]
+    fn ten_thousand_candidates_are_cut_to_the_cap() {
+        let mut list: Vec<SocketAddr> = (0..10_000u32)
+            .map(|i| SocketAddr::from(([198, 51, 100, (i % 250) as u8 + 1], 40000)))
+            .collect();
+        let hits = trim_candidates(&mut list);
+        assert_eq!(list.len(), MAX_CANDIDATES);
+        assert_eq!(hits, vec![Limit::Candidates]);
+    }
+
+    #[test]
+    fn a_port_sweep_keeps_two_ports_and_bad_addresses_go() {
+        let mut list = vec![
+            a("203.0.113.3:40000"),
+            a("0.0.0.0:40000"),
+            a("224.0.0.1:40000"),
+            a("255.255.255.255:40000"),
+            a("198.51.100.2:0"),
+            a("198.51.100.2:40001"),
+            a("198.51.100.2:22"),
+            a("198.51.100.3:40001"),
+            a("[::]:40000"),
+            a("[ff02::1]:40000"),
+        ];
+        let hits = trim_candidates(&mut list);
+        assert_eq!(
+            list,
+            vec![
+                a("203.0.113.3:40000"),
+                a("198.51.100.2:40001"),
+                a("198.51.100.3:40001")
+            ]
+        );
+        assert_eq!(hits.len(), 7);
+        assert!(hits.iter().all(|h| *h == Limit::CandidateAddress));
+    }
+
+    #[test]
+    fn an_honest_order_is_untouched() {
+        let honest = vec![
+            a("203.0.113.3:40000"),
+            a("198.51.100.2:40000"),
+            a("127.0.0.1:40000"),
+        ];
+        let mut list = honest.clone();
+        assert!(trim_candidates(&mut list).is_empty());
+        assert_eq!(list, honest);
+    }
+
+    #[test]
+    fn the_order_budget_refills_and_is_per_peer() {
+        let t0 = Instant::now();
+        let mut g = OrderGate::default();
+        for _ in 0..ORDER_BURST {
+            assert!(g.admit("bob", t0));
+        }
+        assert!(!g.admit("bob", t0));
+        assert!(g.admit("carol", t0));
+        assert!(g.admit("bob", t0 + ORDER_REFILL));
+        assert!(!g.admit("bob", t0 + ORDER_REFILL));
+    }
+
+    proptest::proptest! {
+        /// Over any arrival pattern, admitted orders never exceed the burst
+        /// plus one per refill interval.
+        #[test]
+        fn the_order_budget_never_exceeds_its_rate(
+            gaps_ms in proptest::collection::vec(0u64..3_000, 1..200),
+        ) {
+            let t0 = Instant::now();
+            let mut g = OrderGate::default();
+            let mut now = t0;
+            let mut admitted = 0u64;
+            for gap in gaps_ms {
+                now += Duration::from_millis(gap);
+                admitted += u64::from(g.admit("bob", now));
+            }
+            let span = now.duration_since(t0).as_secs_f64() / ORDER_REFILL.as_secs_f64();
+            proptest::prop_assert!(admitted as f64 <= f64::from(ORDER_BURST) + span + 1e-9);
+        }
+
+        /// Any candidate list comes out within the caps, with nothing new.
+        #[test]
+        fn trimmed_lists_stay_within_the_caps(
+            raw in proptest::collection::vec((proptest::prelude::any::<[u8; 4]>(), proptest::prelude::any::<u16>()), 0..64),
+        ) {
+            let orig: Vec<SocketAddr> = raw.iter().map(|(ip, p)| SocketAddr::from((*ip, *p))).collect();
+            let mut list = orig.clone();
+            trim_candidates(&mut list);
+            proptest::prop_assert!(list.len() <= MAX_CANDIDATES);
+            let mut ports: Vec<u16> = list.iter().map(SocketAddr::port).collect();
+            ports.sort_unstable();
+            ports.dedup();
+            proptest::prop_assert!(ports.len() <= MAX_PORTS);
+            proptest::prop_assert!(list.iter().all(|c| orig.contains(c) && aimable(c)));
+        }
+    }
+}
