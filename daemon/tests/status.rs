@@ -66,6 +66,19 @@ fn documented() -> Vec<(&'static str, Kind, Vec<Label>)> {
         ("punchd_rendezvous_connected", Kind::Gauge, vec![]),
         ("punchd_orders_refused_total", Kind::Counter, vec![]),
         (
+            "punchd_limit_refusals_total",
+            Kind::Counter,
+            vec![(
+                "reason",
+                Some(vec![
+                    "candidates",
+                    "candidate_address",
+                    "order_rate",
+                    "order_too_far_ahead",
+                ]),
+            )],
+        ),
+        (
             "punchd_peer_path",
             Kind::Gauge,
             vec![
@@ -96,7 +109,12 @@ fn documented() -> Vec<(&'static str, Kind, Vec<Label>)> {
         ),
         ("punchd_punch_attempts_total", Kind::Counter, vec![peer]),
         ("punchd_forward_active", Kind::Gauge, forward.clone()),
-        ("punchd_forward_connections_total", Kind::Counter, forward),
+        (
+            "punchd_forward_connections_total",
+            Kind::Counter,
+            forward.clone(),
+        ),
+        ("punchd_forward_refused_total", Kind::Counter, forward),
     ]
 }
 
