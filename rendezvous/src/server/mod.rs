@@ -36,6 +36,7 @@
 mod accept;
 mod auth;
 mod connection;
+mod lan;
 mod local;
 mod lock;
 mod metrics;
