@@ -111,7 +111,14 @@ async fn slow_http_connections_are_capped_per_ip_and_timed_out() {
     // While they hold what they can: the honest pair, twice.
     tokio::time::sleep(Duration::from_millis(500)).await;
     honest_pair_works(&server, 1).await;
+    let open = server.metric("punch_rendezvous_connections_open").await;
     honest_pair_works(&server, 2).await;
+    let open_later = server.metric("punch_rendezvous_connections_open").await;
+    println!("connections held during the attack: {open}, then {open_later}");
+    // The attacker's share, plus the honest pair's sockets and this scrape.
+    for held in [open, open_later] {
+        assert!(held <= (PER_IP + 20) as u64, "{held} connections held");
+    }
 
     let mut longest = Duration::ZERO;
     while let Some(r) = slow.join_next().await {
@@ -130,12 +137,16 @@ async fn slow_http_connections_are_capped_per_ip_and_timed_out() {
     let per_ip = server.metric(&label(family, "per_ip")).await;
     let timed_out = server.metric(&label(family, "header_timeout")).await;
     println!("refused per_ip: {per_ip}, closed by header_timeout: {timed_out}");
-    assert!(per_ip >= (SLOW - PER_IP) as u64, "per_ip {per_ip}");
+    // At least the excess of the first wave; more get in as the first
+    // ones time out if connecting all 5,000 takes longer than the timeout.
+    assert!(per_ip >= (SLOW / 2) as u64, "per_ip {per_ip}");
     assert!(timed_out >= 1, "header_timeout {timed_out}");
-    assert_eq!(
-        per_ip + timed_out,
-        SLOW as u64,
-        "every slow connection was refused or timed out"
+    // Every slow connection was refused or timed out (a few more on a
+    // loaded machine: the kernel's SYN retries under a full accept queue
+    // can make one client's connect reach the server twice).
+    assert!(
+        per_ip + timed_out >= SLOW as u64,
+        "every slow connection was refused or timed out: {per_ip} + {timed_out}"
     );
     server.stop().await;
 }
