@@ -118,8 +118,9 @@ pub struct ServerLimits {
     /// `busy`. Default 32.
     pub max_pending_punches_per_daemon: usize,
     /// TCP connections held at once, in every state (HTTP, TLS handshake,
-    /// WebSocket); beyond it new connections are closed at once. Keep it
-    /// under the process's file descriptor limit. Default 30000.
+    /// WebSocket); beyond it new connections are closed at once. The
+    /// server lowers it to its file descriptor limit (less 64) if that is
+    /// smaller. Default 30000.
     pub max_connections: usize,
     /// Connections from one IP address that have not yet become a
     /// WebSocket (TLS handshake or HTTP request in progress). Default 256.

@@ -37,6 +37,36 @@ use super::Shared;
 
 /// A TLS client gets this long to finish its handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Descriptors kept for what is not a client connection (listeners, the
+/// UDP socket, files, the runtime's own).
+const FD_RESERVE: u64 = 64;
+
+/// The connection cap to enforce: `configured`, but under the process's
+/// descriptor limit, whose soft value is first raised to the hard one (a
+/// server of thousands of sockets needs it, and the common soft 1,024
+/// would otherwise make `accept` fail before any cap refuses). Without a
+/// limit to read, `configured`.
+pub(crate) fn connection_cap(configured: usize) -> usize {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else {
+        return configured;
+    };
+    let soft = if soft < hard && setrlimit(Resource::RLIMIT_NOFILE, hard, hard).is_ok() {
+        hard
+    } else {
+        soft
+    };
+    let room = usize::try_from(soft.saturating_sub(FD_RESERVE)).unwrap_or(usize::MAX);
+    if room < configured {
+        tracing::warn!(
+            max_connections = configured,
+            fd_limit = soft,
+            using = room,
+            "max_connections is above the descriptor limit; capping it (raise LimitNOFILE / ulimit -n)"
+        );
+    }
+    configured.min(room).max(1)
+}
 
 /// Connection counts behind the two caps. Sans-IO: callers pass the
 /// limits and release what they took.
@@ -230,6 +260,15 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_connection_cap_stays_under_the_descriptor_limit() {
+        let (soft, _) =
+            nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE).unwrap();
+        let cap = connection_cap(usize::MAX);
+        assert!((cap as u64) < soft.max(FD_RESERVE + 1), "{cap} vs {soft}");
+        assert_eq!(connection_cap(10), 10);
+    }
 
     #[test]
     fn caps_hold_in_total_and_per_ip_until_released() {

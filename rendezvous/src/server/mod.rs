@@ -107,10 +107,11 @@ pub async fn run(
 /// [`run`] with the server's key and certificate already loaded.
 pub async fn run_with(
     listener: TcpListener,
-    cfg: RendezvousConfig,
+    mut cfg: RendezvousConfig,
     trust: Trust,
     cancel: CancellationToken,
 ) -> std::io::Result<()> {
+    cfg.limits.max_connections = accept::connection_cap(cfg.limits.max_connections);
     let udp = bind_udp(&listener, &cfg).await?;
     let shared = Arc::new(Shared {
         udp_port: udp
