@@ -6,7 +6,10 @@
 //! the honest daemons from 127.0.0.1, so the per-IP bound is the one
 //! under test and not something the honest side shares.
 //!
-//! - slowloris: 5,000 connections that never finish a request head;
+//! - slowloris: 5,000 connections that never finish a request head (half
+//!   trickle a byte every 500 ms, half send nothing);
+//! - the total connection cap;
+//! - idle and too-old relays;
 //! - a flood of `connect`s naming a victim;
 //! - forged UDP probes naming a victim;
 //! - relay joins with wrong and reused tokens.
