@@ -34,7 +34,8 @@ fuzz_target!(|data: &[u8]| {
     let config = WebSocketConfig::default()
         .max_message_size(Some(MAX_RELAY_FRAME))
         .max_frame_size(Some(MAX_RELAY_FRAME));
-    let mut ws = WebSocket::from_raw_socket(Wire(Cursor::new(data.to_vec())), Role::Server, Some(config));
+    let mut ws =
+        WebSocket::from_raw_socket(Wire(Cursor::new(data.to_vec())), Role::Server, Some(config));
     for _ in 0..10_000 {
         match ws.read() {
             Ok(msg) => assert!(msg.len() <= MAX_RELAY_FRAME),
