@@ -37,6 +37,8 @@ use super::Shared;
 
 /// A TLS client gets this long to finish its handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// At most one warning about refused connections per this interval.
+const WARN_EVERY: Duration = Duration::from_secs(10);
 /// Descriptors kept for what is not a client connection (listeners, the
 /// UDP socket, files, the runtime's own).
 const FD_RESERVE: u64 = 64;
@@ -163,6 +165,7 @@ pub(crate) async fn serve(
 ) -> std::io::Result<()> {
     let conns = TaskTracker::new();
     let limits = &shared.cfg.limits;
+    let mut last_warning = None;
     loop {
         let (tcp, addr) = tokio::select! {
             _ = shared.cancel.cancelled() => break,
@@ -183,7 +186,14 @@ pub(crate) async fn serve(
                 .admit(addr.ip(), limits.max_connections, limits.max_http_per_ip)
         {
             shared.metrics.conn_refused(why);
-            debug!(%addr, reason = why.as_str(), "connection refused");
+            // Each refusal at debug; at most one warning per interval, so
+            // a flood shows in the log without becoming a log flood.
+            if last_warning.is_none_or(|t: std::time::Instant| t.elapsed() >= WARN_EVERY) {
+                last_warning = Some(std::time::Instant::now());
+                tracing::warn!(%addr, reason = why.as_str(), "refusing connections (a connection bound is reached; counted in punch_rendezvous_connection_refusals_total)");
+            } else {
+                debug!(%addr, reason = why.as_str(), "connection refused");
+            }
             drop(tcp);
             continue;
         }
