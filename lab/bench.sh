@@ -50,6 +50,9 @@ listen = "127.0.0.1:18080"
 max_clients = 20000
 messages_per_second = 2000
 message_burst = 2000
+# Every load client connects from 127.0.0.1: lift the per-IP bound on
+# connections still in the HTTP phase (default 256).
+max_http_per_ip = 20000
 TOML
 "$bin/punch-rendezvous" --config "$cfg" >/dev/null 2>&1 &
 rv=$!

@@ -101,6 +101,33 @@ pub struct ServerLimits {
     pub max_relays_per_daemon: usize,
     /// Relay bandwidth per session, bytes per second each way. Default 8 MiB/s.
     pub relay_bytes_per_second: u64,
+    /// Relay bandwidth of the whole server, bytes per second summed over
+    /// every session and direction; sessions are paced, never cut, when it
+    /// is reached. Default 128 MiB/s.
+    pub relay_total_bytes_per_second: u64,
+    /// A paired relay that carries no frame either way for this long is
+    /// closed (the daemons' tunnel keepalive runs far more often). Default 5m.
+    #[serde(with = "humantime_serde")]
+    pub relay_idle_timeout: Duration,
+    /// A paired relay is closed after this long whatever it carries; the
+    /// daemons punch again (and relay again if they must). Default 24h.
+    #[serde(with = "humantime_serde")]
+    pub relay_max_lifetime: Duration,
+    /// Punch sessions one daemon may have requested that are still pending
+    /// (neither reported nor expired); further `connect`s are refused
+    /// `busy`. Default 32.
+    pub max_pending_punches_per_daemon: usize,
+    /// TCP connections held at once, in every state (HTTP, TLS handshake,
+    /// WebSocket); beyond it new connections are closed at once. The
+    /// server lowers it to its file descriptor limit (less 64) if that is
+    /// smaller. Default 30000.
+    pub max_connections: usize,
+    /// Connections from one IP address that have not yet become a
+    /// WebSocket (TLS handshake or HTTP request in progress). Default 256.
+    pub max_http_per_ip: usize,
+    /// Time a connection gets to send a complete HTTP request head. Default 10s.
+    #[serde(with = "humantime_serde")]
+    pub header_read_timeout: Duration,
 }
 
 impl Default for ServerLimits {
@@ -116,6 +143,13 @@ impl Default for ServerLimits {
             max_relays: 256,
             max_relays_per_daemon: 8,
             relay_bytes_per_second: 8 * 1024 * 1024,
+            relay_total_bytes_per_second: 128 * 1024 * 1024,
+            relay_idle_timeout: Duration::from_secs(300),
+            relay_max_lifetime: Duration::from_secs(24 * 3600),
+            max_pending_punches_per_daemon: 32,
+            max_connections: 30_000,
+            max_http_per_ip: 256,
+            header_read_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -152,6 +186,18 @@ impl RendezvousConfig {
             ("limits.max_message_bytes", l.max_message_bytes < 1024),
             ("limits.messages_per_second", l.messages_per_second == 0),
             ("limits.max_pending_punches", l.max_pending_punches == 0),
+            (
+                "limits.max_pending_punches_per_daemon",
+                l.max_pending_punches_per_daemon == 0,
+            ),
+            ("limits.max_connections", l.max_connections == 0),
+            ("limits.max_http_per_ip", l.max_http_per_ip == 0),
+            (
+                "limits.header_read_timeout",
+                l.header_read_timeout.is_zero(),
+            ),
+            ("limits.relay_idle_timeout", l.relay_idle_timeout.is_zero()),
+            ("limits.relay_max_lifetime", l.relay_max_lifetime.is_zero()),
         ];
         if cfg.token.is_some() && cfg.token_file.is_some() {
             return Err(ConfigError::from_violation(

@@ -56,6 +56,9 @@ pub mod daemon;
 pub mod demo;
 pub mod fallback;
 pub mod forward;
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod identity;
 pub mod path;
 pub mod peer;

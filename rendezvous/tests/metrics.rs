@@ -41,6 +41,8 @@ fn documented() -> Vec<(&'static str, Kind, Vec<Label>)> {
         "server_cap",
         "pair_timeout",
         "replaced",
+        "idle_timeout",
+        "max_lifetime",
     ];
     vec![
         ("punch_rendezvous_connected_daemons", Kind::Gauge, vec![]),
@@ -69,6 +71,52 @@ fn documented() -> Vec<(&'static str, Kind, Vec<Label>)> {
             "punch_rendezvous_relay_refusals_total",
             Kind::Counter,
             vec![("reason", relay_reasons)],
+        ),
+        ("punch_rendezvous_connections_open", Kind::Gauge, vec![]),
+        (
+            "punch_rendezvous_connection_refusals_total",
+            Kind::Counter,
+            vec![(
+                "reason",
+                vec!["total", "per_ip", "header_timeout", "tls_handshake"],
+            )],
+        ),
+        (
+            "punch_rendezvous_punch_refusals_total",
+            Kind::Counter,
+            vec![("reason", vec!["requester_cap", "server_cap", "undelivered"])],
+        ),
+        (
+            "punch_rendezvous_local_addrs_dropped_total",
+            Kind::Counter,
+            vec![(
+                "reason",
+                vec![
+                    "too_many",
+                    "not_lan",
+                    "loopback",
+                    "link_local",
+                    "multicast",
+                    "unspecified",
+                ],
+            )],
+        ),
+        (
+            "punch_rendezvous_udp_drops_total",
+            Kind::Counter,
+            vec![(
+                "reason",
+                vec![
+                    "malformed",
+                    "unknown_name",
+                    "replay",
+                    "source_rate",
+                    "server_rate",
+                    "bad_signature",
+                    "daemon_rate",
+                    "stale",
+                ],
+            )],
         ),
     ]
 }

@@ -16,8 +16,10 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn, Instrument};
 
 use super::auth::constant_time_eq;
+use super::lan;
+use super::metrics::{AddrRefusal, PunchRefusal};
 use super::ratelimit::TokenBucket;
-use super::store::{Registration, StoreError};
+use super::store::{PunchBound, PunchLimits, Registration, StoreError};
 use super::Shared;
 use crate::protocol::{
     b64, decode_public_key, sign_order, unix_time_us, verify_challenge, ClientMsg, ErrorCode,
@@ -28,8 +30,6 @@ use crate::protocol::{
 const OUTBOX: usize = 16;
 /// A daemon that cannot take a message for this long is dropped.
 const SEND_TIMEOUT: Duration = Duration::from_secs(5);
-/// Local addresses accepted from one hello.
-const MAX_LOCAL_ADDRS: usize = 8;
 
 type Refusal = (ErrorCode, String);
 
@@ -115,8 +115,7 @@ async fn handshake(
         Err(e) => return Err((ErrorCode::Malformed, format!("bad hello: {e}"))),
     };
     let public_key = check_hello(&shared.cfg, &hello, &nonce)?;
-    let mut local_addrs = hello.local_addrs;
-    local_addrs.truncate(MAX_LOCAL_ADDRS);
+    let local_addrs = lan_candidates(shared, &hello.local_addrs, observed)?;
     let registration = Registration {
         conn_id,
         public_key,
@@ -150,6 +149,39 @@ async fn handshake(
         return Err((ErrorCode::Timeout, "could not send welcome".to_owned()));
     }
     Ok((hello.name, nonce))
+}
+
+/// The hello's `local_addrs` that may be passed on as candidates
+/// ([`super::lan`]); each one dropped is logged and counted, and a hello
+/// with more than [`lan::MAX_LOCAL_ADDRS`] is refused.
+fn lan_candidates(
+    shared: &Shared,
+    addrs: &[SocketAddr],
+    observed: SocketAddr,
+) -> Result<Vec<SocketAddr>, Refusal> {
+    if addrs.len() > lan::MAX_LOCAL_ADDRS {
+        shared.metrics.addr_refused(AddrRefusal::TooMany);
+        return Err((
+            ErrorCode::Malformed,
+            format!(
+                "{} local addresses; at most {} are accepted",
+                addrs.len(),
+                lan::MAX_LOCAL_ADDRS
+            ),
+        ));
+    }
+    let mut kept = Vec::with_capacity(addrs.len());
+    for addr in addrs {
+        match lan::check(*addr, observed.ip()) {
+            Ok(a) if !kept.contains(&a) => kept.push(a),
+            Ok(_) => {}
+            Err(why) => {
+                shared.metrics.addr_refused(why);
+                info!(%addr, reason = why.as_str(), "local address not passed on as a candidate");
+            }
+        }
+    }
+    Ok(kept)
 }
 
 /// Token first (an outsider learns nothing else), then version, name, key
@@ -346,29 +378,59 @@ async fn handle(ws: &mut WebSocket, shared: &Shared, name: &str, text: &str) -> 
     }
 }
 
-/// Creates a punch session and delivers both orders.
+/// Creates a punch session and delivers both orders. If either cannot
+/// be queued the session is withdrawn (and a side that got its order is
+/// told the punch is off), so an undeliverable punch holds no slot.
 async fn coordinate(shared: &Shared, name: &str, peer: &str) -> Result<(), Refusal> {
-    let orders = shared
+    let limits = PunchLimits {
+        max_pending: shared.cfg.limits.max_pending_punches,
+        max_per_requester: shared.cfg.limits.max_pending_punches_per_daemon,
+    };
+    let orders = match shared
         .store
-        .coordinate(
-            name,
-            peer,
-            unix_time_us(),
-            shared.cfg.limits.max_pending_punches,
-        )
+        .coordinate(name, peer, unix_time_us(), limits)
         .await
-        .map_err(StoreError::into_refusal)?;
+    {
+        Ok(orders) => orders,
+        Err(e) => {
+            if let StoreError::OverBound { bound, .. } = &e {
+                shared.metrics.punch_refused(match bound {
+                    PunchBound::Server => PunchRefusal::ServerCap,
+                    PunchBound::Requester => PunchRefusal::RequesterCap,
+                });
+            }
+            return Err(e.into_refusal());
+        }
+    };
     let session = orders[0].order.session.clone();
+    let mut delivered = Vec::with_capacity(2);
     for addressed in orders {
-        shared
+        let to = addressed.to.clone();
+        if shared
             .local
-            .deliver(&addressed.to, ServerMsg::Punch(addressed.order))
-            .map_err(|_| {
-                (
-                    ErrorCode::Busy,
-                    "the peer's connection is backed up; retry shortly".to_owned(),
-                )
-            })?;
+            .deliver(&to, ServerMsg::Punch(addressed.order))
+            .is_err()
+        {
+            shared.metrics.punch_refused(PunchRefusal::Undelivered);
+            if let Err(e) = shared.store.withdraw(&session).await {
+                warn!(%session, error = %e, "undelivered punch session not withdrawn");
+            }
+            for other in delivered {
+                let _ = shared.local.deliver(
+                    &other,
+                    ServerMsg::PunchAborted {
+                        session: session.clone(),
+                        // Only the requester's order goes first.
+                        peer: peer.to_owned(),
+                    },
+                );
+            }
+            return Err((
+                ErrorCode::Busy,
+                "the peer's connection is backed up; retry shortly".to_owned(),
+            ));
+        }
+        delivered.push(to);
     }
     shared.metrics.punches.fetch_add(1, Ordering::Relaxed);
     info!(%peer, %session, "punch coordinated");

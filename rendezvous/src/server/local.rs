@@ -20,9 +20,9 @@ use super::ratelimit::TokenBucket;
 use super::store::Recipient;
 use crate::protocol::ServerMsg;
 
-/// Probes verified per second for one daemon: it sends one every 15 s
-/// (five in its first 4 s), so forged probes naming it are mostly dropped
-/// unchecked and never eat into the server-wide budget.
+/// Probes recorded per second for one daemon: it sends one every 15 s
+/// (five in its first 4 s). Spent only by probes whose signature verified,
+/// so forged probes naming a daemon cannot use up its budget.
 const PROBES_PER_DAEMON_PER_SECOND: u32 = 1;
 const PROBE_BURST_PER_DAEMON: u32 = 8;
 
@@ -33,8 +33,8 @@ struct Attached {
     outbox: mpsc::Sender<ServerMsg>,
     /// Fired when a newer registration replaces this one.
     replaced: CancellationToken,
-    /// Probe signature checks allowed for this daemon: a flood of forged
-    /// probes naming it costs the server little and other daemons nothing.
+    /// Verified probes recorded for this daemon (forged ones never reach
+    /// this bucket; `udp` limits them per source and server-wide).
     probe_bucket: TokenBucket,
 }
 

@@ -18,6 +18,11 @@
 //! | `punch_rendezvous_udp_probes_total` | counter | |
 //! | `punch_rendezvous_udp_dropped_total` | counter | |
 //! | `punch_rendezvous_relay_refusals_total` | counter | `reason`: every [`RelayRefusal`] |
+//! | `punch_rendezvous_connections_open` | gauge | |
+//! | `punch_rendezvous_connection_refusals_total` | counter | `reason`: every [`ConnRefusal`] |
+//! | `punch_rendezvous_punch_refusals_total` | counter | `reason`: every [`PunchRefusal`] |
+//! | `punch_rendezvous_local_addrs_dropped_total` | counter | `reason`: every [`AddrRefusal`] |
+//! | `punch_rendezvous_udp_drops_total` | counter | `reason`: every [`UdpDrop`] |
 //!
 //! Every relay refusal also counts as `refusals_total{reason="relay_refused"}`;
 //! the relay family says which bound or check it was.
@@ -47,11 +52,15 @@ pub(crate) enum RelayRefusal {
     PairTimeout,
     /// A newer join of the same side took this one's place: close 1008.
     Replaced,
+    /// A paired relay carried nothing for `relay_idle_timeout`: close 1000.
+    IdleTimeout,
+    /// A paired relay reached `relay_max_lifetime`: close 1000.
+    MaxLifetime,
 }
 
 impl RelayRefusal {
     /// Every reason, in the order they are rendered.
-    pub(crate) const ALL: [RelayRefusal; 7] = [
+    pub(crate) const ALL: [RelayRefusal; 9] = [
         RelayRefusal::UnknownSession,
         RelayRefusal::WrongToken,
         RelayRefusal::StoreUnavailable,
@@ -59,6 +68,8 @@ impl RelayRefusal {
         RelayRefusal::ServerCap,
         RelayRefusal::PairTimeout,
         RelayRefusal::Replaced,
+        RelayRefusal::IdleTimeout,
+        RelayRefusal::MaxLifetime,
     ];
 
     /// The label value.
@@ -71,7 +82,97 @@ impl RelayRefusal {
             RelayRefusal::ServerCap => "server_cap",
             RelayRefusal::PairTimeout => "pair_timeout",
             RelayRefusal::Replaced => "replaced",
+            RelayRefusal::IdleTimeout => "idle_timeout",
+            RelayRefusal::MaxLifetime => "max_lifetime",
         }
+    }
+}
+
+/// A `reason` label enum: its variants, in render order, and their values.
+macro_rules! reasons {
+    ($(#[$m:meta])* $name:ident { $($(#[$vm:meta])* $v:ident => $s:literal,)* }) => {
+        $(#[$m])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+        pub(crate) enum $name { $($(#[$vm])* $v,)* }
+        impl $name {
+            /// Every reason, in the order they are rendered.
+            pub(crate) const ALL: &'static [$name] = &[$($name::$v,)*];
+            /// The label value.
+            pub(crate) fn as_str(self) -> &'static str {
+                match self { $($name::$v => $s,)* }
+            }
+        }
+    };
+}
+
+reasons! {
+    /// Why a TCP connection was closed before it could serve a request:
+    /// `punch_rendezvous_connection_refusals_total{reason}`.
+    ConnRefusal {
+        /// `max_connections` held: closed at accept.
+        Total => "total",
+        /// `max_http_per_ip` not-yet-WebSocket connections from this IP.
+        PerIp => "per_ip",
+        /// No complete request head within `header_read_timeout`.
+        HeaderTimeout => "header_timeout",
+        /// TLS handshake failed or took longer than its bound.
+        TlsHandshake => "tls_handshake",
+    }
+}
+
+reasons! {
+    /// Why a `connect` got no punch:
+    /// `punch_rendezvous_punch_refusals_total{reason}`.
+    PunchRefusal {
+        /// The requester has `max_pending_punches_per_daemon` pending.
+        RequesterCap => "requester_cap",
+        /// `max_pending_punches` pending on the server.
+        ServerCap => "server_cap",
+        /// An order could not be queued (a side backed up or gone); the
+        /// session was withdrawn.
+        Undelivered => "undelivered",
+    }
+}
+
+reasons! {
+    /// Why an address in a hello's `local_addrs` was not kept:
+    /// `punch_rendezvous_local_addrs_dropped_total{reason}`.
+    AddrRefusal {
+        /// More than the hello may carry (the whole hello is refused).
+        TooMany => "too_many",
+        /// Not a LAN-style address (public unicast).
+        NotLan => "not_lan",
+        /// Loopback, from a daemon that is not on this host.
+        Loopback => "loopback",
+        /// Link-local (needs a scope a peer cannot know).
+        LinkLocal => "link_local",
+        /// Multicast or broadcast.
+        Multicast => "multicast",
+        /// Unspecified address or port 0.
+        Unspecified => "unspecified",
+    }
+}
+
+reasons! {
+    /// Why a UDP datagram was dropped:
+    /// `punch_rendezvous_udp_drops_total{reason}`.
+    UdpDrop {
+        /// Not a probe.
+        Malformed => "malformed",
+        /// Names no registered daemon.
+        UnknownName => "unknown_name",
+        /// Counter not above the last accepted one.
+        Replay => "replay",
+        /// Over the per-source-address rate.
+        SourceRate => "source_rate",
+        /// Over the server-wide verification rate.
+        ServerRate => "server_rate",
+        /// The signature does not verify.
+        BadSignature => "bad_signature",
+        /// A valid probe over its daemon's rate.
+        DaemonRate => "daemon_rate",
+        /// The registration changed while it was checked.
+        Stale => "stale",
     }
 }
 
@@ -101,6 +202,19 @@ pub struct Metrics {
     pub(crate) udp_dropped: AtomicU64,
     /// Relay refusals by [`RelayRefusal`], indexed like `RelayRefusal::ALL`.
     pub(crate) relay_refusals: [AtomicU64; RelayRefusal::ALL.len()],
+    /// TCP connections held now.
+    pub(crate) connections_open: AtomicI64,
+    pub(crate) conn_refusals: [AtomicU64; ConnRefusal::ALL.len()],
+    pub(crate) punch_refusals: [AtomicU64; PunchRefusal::ALL.len()],
+    pub(crate) addr_refusals: [AtomicU64; AddrRefusal::ALL.len()],
+    pub(crate) udp_drops: [AtomicU64; UdpDrop::ALL.len()],
+}
+
+/// Adds one to the counter of `why` in `counts` (indexed like `all`).
+fn bump<T: PartialEq>(all: &[T], counts: &[AtomicU64], why: &T) {
+    if let Some(i) = all.iter().position(|r| r == why) {
+        counts[i].fetch_add(1, Ordering::Relaxed);
+    }
 }
 
 impl Metrics {
@@ -116,6 +230,24 @@ impl Metrics {
         if let Some(i) = RelayRefusal::ALL.iter().position(|r| *r == why) {
             self.relay_refusals[i].fetch_add(1, Ordering::Relaxed);
         }
+    }
+
+    pub(crate) fn conn_refused(&self, why: ConnRefusal) {
+        bump(ConnRefusal::ALL, &self.conn_refusals, &why);
+    }
+
+    pub(crate) fn punch_refused(&self, why: PunchRefusal) {
+        bump(PunchRefusal::ALL, &self.punch_refusals, &why);
+    }
+
+    pub(crate) fn addr_refused(&self, why: AddrRefusal) {
+        bump(AddrRefusal::ALL, &self.addr_refusals, &why);
+    }
+
+    /// Counts a dropped datagram under its reason and in `udp_dropped`.
+    pub(crate) fn udp_drop(&self, why: UdpDrop) {
+        self.udp_dropped.fetch_add(1, Ordering::Relaxed);
+        bump(UdpDrop::ALL, &self.udp_drops, &why);
     }
 
     pub(crate) fn result(&self, path: PathKind) {
@@ -202,6 +334,40 @@ impl Metrics {
             RelayRefusal::ALL.iter().map(|why| why.as_str()),
             &self.relay_refusals,
         );
+        out.family(
+            "punch_rendezvous_connections_open",
+            Kind::Gauge,
+            "TCP connections held now, in every state.",
+        )
+        .sample(&[], g(&self.connections_open));
+        by_reason(
+            &mut out,
+            "punch_rendezvous_connection_refusals_total",
+            "TCP connections closed by a connection bound, by reason.",
+            ConnRefusal::ALL.iter().map(|why| why.as_str()),
+            &self.conn_refusals,
+        );
+        by_reason(
+            &mut out,
+            "punch_rendezvous_punch_refusals_total",
+            "Connect requests that got no punch, by bound.",
+            PunchRefusal::ALL.iter().map(|why| why.as_str()),
+            &self.punch_refusals,
+        );
+        by_reason(
+            &mut out,
+            "punch_rendezvous_local_addrs_dropped_total",
+            "Hello local addresses not passed on as candidates, by reason.",
+            AddrRefusal::ALL.iter().map(|why| why.as_str()),
+            &self.addr_refusals,
+        );
+        by_reason(
+            &mut out,
+            "punch_rendezvous_udp_drops_total",
+            "UDP datagrams dropped, by reason.",
+            UdpDrop::ALL.iter().map(|why| why.as_str()),
+            &self.udp_drops,
+        );
         out.finish()
     }
 }
@@ -284,6 +450,8 @@ punch_rendezvous_relay_refusals_total{reason="daemon_cap"} 0
 punch_rendezvous_relay_refusals_total{reason="server_cap"} 0
 punch_rendezvous_relay_refusals_total{reason="pair_timeout"} 0
 punch_rendezvous_relay_refusals_total{reason="replaced"} 0
+punch_rendezvous_relay_refusals_total{reason="idle_timeout"} 0
+punch_rendezvous_relay_refusals_total{reason="max_lifetime"} 0
 "#;
 
     #[test]
@@ -294,6 +462,16 @@ punch_rendezvous_relay_refusals_total{reason="replaced"} 0
         m.result(PathKind::Relayed);
         m.refused(ErrorCode::Busy);
         m.relay_bytes.store(1234, Ordering::Relaxed);
-        assert_eq!(m.render(), format!("{BEFORE}{ADDED}"));
+        let text = m.render();
+        assert!(text.starts_with(&format!("{BEFORE}{ADDED}")), "{text}");
+        for family in [
+            "punch_rendezvous_connections_open 0",
+            "punch_rendezvous_connection_refusals_total{reason=\"per_ip\"} 0",
+            "punch_rendezvous_punch_refusals_total{reason=\"requester_cap\"} 0",
+            "punch_rendezvous_local_addrs_dropped_total{reason=\"not_lan\"} 0",
+            "punch_rendezvous_udp_drops_total{reason=\"bad_signature\"} 0",
+        ] {
+            assert!(text.contains(family), "{family} missing:\n{text}");
+        }
     }
 }

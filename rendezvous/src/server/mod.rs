@@ -1,7 +1,8 @@
 //! The axum rendezvous server.
 //!
 //! Tasks and what flows between them:
-//! - the axum accept loop (one), which upgrades `/v1/ws` and
+//! - the accept loop (one, [`accept`]: connection caps and the HTTP
+//!   header timeout), whose axum router upgrades `/v1/ws` and
 //!   `/v1/relay/{session}` requests and answers `/healthz` and `/metrics`;
 //! - one `connection` task per daemon: it owns the WebSocket, checks the
 //!   signed hello, registers the daemon in the `store` and its outbox in
@@ -32,8 +33,10 @@
 //! and `ratelimit`; `store` uses only `auth` and `lock`, `local` only
 //! `store`'s types, `lock` and `ratelimit`.
 
+mod accept;
 mod auth;
 mod connection;
+mod lan;
 mod local;
 mod lock;
 mod metrics;
@@ -51,8 +54,7 @@ use axum::extract::{ConnectInfo, State, WebSocketUpgrade};
 use axum::http::header;
 use axum::response::IntoResponse;
 use axum::routing::get;
-use axum::serve::ListenerExt as _;
-use axum::Router;
+use axum::{Extension, Router};
 use punch_config::RendezvousConfig;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -80,6 +82,10 @@ pub(crate) struct Shared {
     pub(crate) udp_port: Option<u16>,
     /// Signs every punch order (daemons may pin its public key).
     pub(crate) key: ed25519_dalek::SigningKey,
+    /// Connection counts behind `max_connections` and `max_http_per_ip`.
+    pub(crate) gate: accept::Gate,
+    /// `relay_total_bytes_per_second`, shared by every relay.
+    pub(crate) relay_budget: relay::GlobalBudget,
 }
 
 use local::Local;
@@ -101,16 +107,18 @@ pub async fn run(
 /// [`run`] with the server's key and certificate already loaded.
 pub async fn run_with(
     listener: TcpListener,
-    cfg: RendezvousConfig,
+    mut cfg: RendezvousConfig,
     trust: Trust,
     cancel: CancellationToken,
 ) -> std::io::Result<()> {
+    cfg.limits.max_connections = accept::connection_cap(cfg.limits.max_connections);
     let udp = bind_udp(&listener, &cfg).await?;
     let shared = Arc::new(Shared {
         udp_port: udp
             .as_ref()
             .and_then(|s| s.local_addr().ok())
             .map(|a| a.port()),
+        relay_budget: relay::GlobalBudget::new(cfg.limits.relay_total_bytes_per_second),
         cfg,
         store: Box::new(MemoryStore::default()),
         local: Local::default(),
@@ -119,6 +127,7 @@ pub async fn run_with(
         tracker: TaskTracker::new(),
         next_conn_id: AtomicU64::new(1),
         key: trust.key.clone(),
+        gate: accept::Gate::default(),
     });
     let app = Router::new()
         .route("/v1/ws", get(ws_handler))
@@ -133,43 +142,11 @@ pub async fn run_with(
     if let Some(socket) = udp {
         shared.tracker.spawn(udp::serve(socket, shared.clone()));
     }
-    let result = match trust.tls {
-        Some(acceptor) => {
-            let listener = trust::TlsListener::spawn(listener, acceptor, cancel.clone())?;
-            serve_on(listener.tap_io(|_| {}), app, &cancel).await
-        }
-        // Punch orders are small and time-critical: no Nagle delay.
-        None => {
-            let listener = listener.tap_io(|tcp| {
-                let _ = tcp.set_nodelay(true);
-            });
-            serve_on(listener, app, &cancel).await
-        }
-    };
+    let result = accept::serve(listener, trust.tls.clone(), app, shared.clone()).await;
     shared.tracker.close();
     shared.tracker.wait().await;
     tracing::info!("rendezvous stopped");
     result
-}
-
-/// axum on either listener (plain or TLS); `tap_io` is what gives both the
-/// peer's `SocketAddr` as connect info.
-async fn serve_on<L, F>(
-    listener: axum::serve::TapIo<L, F>,
-    app: Router,
-    cancel: &CancellationToken,
-) -> std::io::Result<()>
-where
-    L: axum::serve::Listener<Addr = SocketAddr>,
-    L::Io: Unpin + Send + 'static,
-    F: FnMut(&mut L::Io) + Send + 'static,
-{
-    axum::serve(
-        listener,
-        app.into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .with_graceful_shutdown(cancel.clone().cancelled_owned())
-    .await
 }
 
 /// The UDP observation socket: `udp_listen` if configured (failing to bind
@@ -195,6 +172,7 @@ async fn bind_udp(
 async fn ws_handler(
     ws: WebSocketUpgrade,
     ConnectInfo(addr): ConnectInfo<SocketAddr>,
+    permit: Option<accept::ConnPermit>,
     State(shared): State<Arc<Shared>>,
 ) -> impl IntoResponse {
     let max = shared.cfg.limits.max_message_bytes;
@@ -206,7 +184,17 @@ async fn ws_handler(
         .read_buffer_size(4096)
         .write_buffer_size(0)
         .max_write_buffer_size(4 * max)
-        .on_upgrade(move |socket| tracker.track_future(connection::serve(socket, addr, shared)))
+        .on_upgrade(move |socket| {
+            // The socket keeps its place in `max_connections` while it lives.
+            let permit = permit.map(|Extension(p)| p);
+            if let Some(p) = &permit {
+                p.upgraded();
+            }
+            tracker.track_future(async move {
+                connection::serve(socket, addr, shared).await;
+                drop(permit);
+            })
+        })
 }
 
 async fn metrics_handler(State(shared): State<Arc<Shared>>) -> impl IntoResponse {

@@ -24,6 +24,13 @@ impl TokenBucket {
         }
     }
 
+    /// Whether the bucket would be full at `now`: it remembers nothing a
+    /// fresh bucket would not, so it may be forgotten.
+    pub(crate) fn is_full(&self, now: Instant) -> bool {
+        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
+        self.tokens + elapsed * self.rate >= self.burst
+    }
+
     /// Takes one token if there is one.
     pub(crate) fn allow(&mut self, now: Instant) -> bool {
         let elapsed = now.saturating_duration_since(self.last).as_secs_f64();

@@ -20,9 +20,14 @@
 //! - `relay_bytes_per_second` per session and direction, with a one-second
 //!   burst; every frame a side sends is charged (binary, text, ping and
 //!   pong, plus its header), so no kind of frame is free;
+//! - `relay_total_bytes_per_second` for the whole server, paced the same
+//!   way after the session's own budget;
+//! - a paired relay that carries no frame either way for
+//!   `relay_idle_timeout`, or that has lived `relay_max_lifetime`, is
+//!   closed (`idle_timeout`, `max_lifetime`);
 //! - [`MAX_RELAY_FRAME`] per frame.
 
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -30,12 +35,14 @@ use axum::extract::ws::{CloseFrame, Message, WebSocket};
 use axum::extract::{Path, Query, State, WebSocketUpgrade};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
+use axum::Extension;
 use futures::{SinkExt as _, StreamExt as _};
 use serde::Deserialize;
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn, Instrument};
 
+use super::accept::{ConnPermit, Permit};
 use super::local::{Handoff, RelayCap};
 use super::metrics::RelayRefusal;
 use super::store::{RelayAuth, RelayJoin};
@@ -64,12 +71,19 @@ pub(crate) struct RelayQuery {
 }
 
 /// Holds a relay slot for a daemon; released on drop.
-struct Slot {
+struct DaemonSlot {
     shared: Arc<Shared>,
     name: String,
 }
 
-impl Drop for Slot {
+/// What one relay side holds while it lives: its daemon's relay slot and
+/// its connection's place under `max_connections`.
+struct Slot {
+    _inner: Option<DaemonSlot>,
+    _permit: Option<Arc<Permit>>,
+}
+
+impl Drop for DaemonSlot {
     fn drop(&mut self) {
         self.shared.local.release_relay(&self.name);
     }
@@ -103,6 +117,7 @@ pub(crate) async fn handler(
     ws: WebSocketUpgrade,
     Path(session): Path<String>,
     Query(q): Query<RelayQuery>,
+    permit: Option<ConnPermit>,
     State(shared): State<Arc<Shared>>,
 ) -> Response {
     let limits = &shared.cfg.limits;
@@ -165,7 +180,7 @@ pub(crate) async fn handler(
             );
         }
     }
-    let slot = Slot {
+    let slot = DaemonSlot {
         shared: shared.clone(),
         name: name.clone(),
     };
@@ -174,6 +189,16 @@ pub(crate) async fn handler(
     ws.max_message_size(MAX_RELAY_FRAME)
         .max_frame_size(MAX_RELAY_FRAME)
         .on_upgrade(move |socket| {
+            // The socket keeps its place in `max_connections` while it
+            // lives; it rides with the slot to whichever task pumps it.
+            let permit = permit.map(|Extension(p)| p);
+            if let Some(p) = &permit {
+                p.upgraded();
+            }
+            let slot = Slot {
+                _inner: Some(slot),
+                _permit: permit,
+            };
             tracker.track_future(join(socket, session, side, slot, shared).instrument(span))
         })
 }
@@ -272,9 +297,30 @@ async fn join(socket: WebSocket, session: String, side: usize, slot: Slot, share
     shared.metrics.relays_active.fetch_add(1, Ordering::Relaxed);
     info!("relay paired");
     let started = Instant::now();
-    let bytes = pump(socket, *partner, &shared).await;
+    let (bytes, ended) = pump(socket, *partner, &shared).await;
     shared.metrics.relays_active.fetch_sub(1, Ordering::Relaxed);
-    info!(bytes, secs = started.elapsed().as_secs(), "relay ended");
+    let secs = started.elapsed().as_secs();
+    match ended {
+        Ended::Idle => {
+            shared.metrics.relay_refused(RelayRefusal::IdleTimeout);
+            info!(
+                bytes,
+                secs,
+                reason = "idle_timeout",
+                "relay closed: nothing carried for relay_idle_timeout"
+            );
+        }
+        Ended::Lifetime => {
+            shared.metrics.relay_refused(RelayRefusal::MaxLifetime);
+            info!(
+                bytes,
+                secs,
+                reason = "max_lifetime",
+                "relay closed: relay_max_lifetime reached"
+            );
+        }
+        Ended::Closed | Ended::Stopped => info!(bytes, secs, "relay ended"),
+    }
     drop((slot, held));
 }
 
@@ -324,46 +370,107 @@ fn frame_cost(msg: &Message) -> u64 {
     payload as u64 + FRAME_COST
 }
 
-/// Copies binary frames both ways until either side closes or the server
-/// stops. Returns the bytes carried. Every frame received is paid for
-/// before the next is read: the daemons only send binary frames, and a
-/// side that sends text or pings instead still gets no more than its rate
-/// of the server's attention.
-async fn pump(a: WebSocket, b: WebSocket, shared: &Shared) -> u64 {
-    let rate = shared.cfg.limits.relay_bytes_per_second;
+/// Why a paired relay ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Ended {
+    /// A side closed or failed.
+    Closed,
+    /// No frame either way for `relay_idle_timeout`.
+    Idle,
+    /// `relay_max_lifetime` reached.
+    Lifetime,
+    /// The server is stopping.
+    Stopped,
+}
+
+/// Copies binary frames both ways until either side closes, the relay is
+/// idle or too old, or the server stops. Returns the bytes carried and
+/// why it ended. Every frame received is paid for before the next is read,
+/// from the session's budget and then the server-wide one: the daemons
+/// only send binary frames, and a side that sends text or pings instead
+/// still gets no more than its rate of the server's attention.
+async fn pump(a: WebSocket, b: WebSocket, shared: &Shared) -> (u64, Ended) {
+    let limits = &shared.cfg.limits;
+    let rate = limits.relay_bytes_per_second;
+    let started = Instant::now();
+    // Milliseconds since `started` of the last frame either way.
+    let last_frame = AtomicU64::new(0);
+    let total = AtomicU64::new(0);
     let (a_tx, a_rx) = a.split();
     let (b_tx, b_rx) = b.split();
     let one_way = |mut rx: futures::stream::SplitStream<WebSocket>,
-                   mut tx: futures::stream::SplitSink<WebSocket, Message>| async move {
-        let mut limiter = ByteBudget::new(rate);
-        let mut total = 0u64;
-        while let Some(Ok(msg)) = rx.next().await {
-            if matches!(msg, Message::Close(_)) {
-                break;
-            }
-            if let Some(wait) = limiter.take(frame_cost(&msg), Instant::now()) {
-                tokio::time::sleep(wait).await;
-            }
-            if let Message::Binary(data) = msg {
-                let n = data.len() as u64;
-                total += n;
-                shared.metrics.relay_bytes.fetch_add(n, Ordering::Relaxed);
-                if tx.send(Message::Binary(data)).await.is_err() {
+                   mut tx: futures::stream::SplitSink<WebSocket, Message>| {
+        let (last_frame, total) = (&last_frame, &total);
+        async move {
+            let mut limiter = ByteBudget::new(rate);
+            while let Some(Ok(msg)) = rx.next().await {
+                if matches!(msg, Message::Close(_)) {
                     break;
                 }
+                let now = Instant::now();
+                let elapsed =
+                    u64::try_from(now.duration_since(started).as_millis()).unwrap_or(u64::MAX);
+                last_frame.store(elapsed, Ordering::Relaxed);
+                let cost = frame_cost(&msg);
+                let own = limiter.take(cost, now).unwrap_or_default();
+                let global = shared.relay_budget.take(cost, now).unwrap_or_default();
+                let wait = own.max(global);
+                if !wait.is_zero() {
+                    tokio::time::sleep(wait).await;
+                }
+                if let Message::Binary(data) = msg {
+                    let n = data.len() as u64;
+                    total.fetch_add(n, Ordering::Relaxed);
+                    shared.metrics.relay_bytes.fetch_add(n, Ordering::Relaxed);
+                    if tx.send(Message::Binary(data)).await.is_err() {
+                        break;
+                    }
+                }
+            }
+            let _ = tx.close().await;
+        }
+    };
+    let idle = limits.relay_idle_timeout;
+    let watch_idle = async {
+        // Checked a few times per bound: closes within 1.25x of it.
+        let tick = (idle / 4).max(Duration::from_millis(10));
+        loop {
+            tokio::time::sleep(tick).await;
+            let last = Duration::from_millis(last_frame.load(Ordering::Relaxed));
+            if started.elapsed().saturating_sub(last) >= idle {
+                return;
             }
         }
-        let _ = tx.close().await;
-        total
     };
-    tokio::select! {
-        (x, y) = async { tokio::join!(one_way(a_rx, b_tx), one_way(b_rx, a_tx)) } => x + y,
-        _ = shared.cancel.cancelled() => 0,
+    let ended = tokio::select! {
+        _ = async { tokio::join!(one_way(a_rx, b_tx), one_way(b_rx, a_tx)) } => Ended::Closed,
+        _ = watch_idle => Ended::Idle,
+        _ = tokio::time::sleep(limits.relay_max_lifetime) => Ended::Lifetime,
+        _ = shared.cancel.cancelled() => Ended::Stopped,
+    };
+    (total.load(Ordering::Relaxed), ended)
+}
+
+/// The server-wide relay budget (`relay_total_bytes_per_second`), shared
+/// by every pump; each frame takes from it after its session's own.
+#[derive(Debug)]
+pub(crate) struct GlobalBudget(std::sync::Mutex<ByteBudget>);
+
+impl GlobalBudget {
+    pub(crate) fn new(rate: u64) -> Self {
+        Self(std::sync::Mutex::new(ByteBudget::new(rate)))
+    }
+
+    fn take(&self, n: u64, now: Instant) -> Option<Duration> {
+        super::lock::unpoisoned(&self.0).take(n, now)
     }
 }
 
 /// A byte budget refilled at `rate` per second, allowing a one-second burst.
+/// Takes may overdraw it: the taker then waits its share, so concurrent
+/// takers are paced in turn to the rate.
 /// `take` says how long to wait so the average stays at the rate.
+#[derive(Debug)]
 pub(crate) struct ByteBudget {
     rate: f64,
     tokens: f64,

@@ -3,12 +3,17 @@
 //! QUIC path's counterpart of the WebSocket's observed address.
 //!
 //! One task owns the socket. Work per datagram is bounded and cheap checks
-//! come first: parse, a store lookup, the counter, a per-daemon and a
-//! server-wide rate limit; only then the signature. The ack goes back to the address the
+//! come first: parse, a store lookup, the counter, per-source rate limits
+//! (per socket and per IP) and a server-wide one; then the signature; only a probe that
+//! verifies spends its daemon's own budget. (The daemon's budget used to
+//! come before the signature, so two forged probes a second naming a
+//! daemon silenced its real ones.) The ack goes back to the address the
 //! probe came from, so the NAT sees traffic both ways and keeps the
-//! mapping.
+//! mapping. Each drop is counted in
+//! `punch_rendezvous_udp_drops_total{reason}`.
 
-use std::net::SocketAddr;
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
@@ -16,6 +21,7 @@ use std::time::Instant;
 use tokio::net::UdpSocket;
 use tracing::{debug, info};
 
+use super::metrics::UdpDrop;
 use super::ratelimit::TokenBucket;
 use super::store::{Probe, ProbeRecorded};
 use super::Shared;
@@ -27,6 +33,74 @@ use crate::protocol::decode_public_key;
 /// thousands of them while a flood costs at most a fraction of a core.
 const PROBES_PER_SECOND: u32 = 2_000;
 const PROBE_BURST: u32 = 4_000;
+/// Probes checked per second from one source socket (address and port):
+/// a daemon sends one every 15 s from its own port, so a forger gets no
+/// more than this of the server-wide budget per socket it uses.
+const PROBES_PER_SOCKET_PER_SECOND: u32 = 20;
+const PROBE_BURST_PER_SOCKET: u32 = 40;
+/// And from one IP address, all ports together: generous, since thousands
+/// of daemons may share a carrier-grade NAT's address.
+const PROBES_PER_IP_PER_SECOND: u32 = 500;
+const PROBE_BURST_PER_IP: u32 = 1_000;
+/// Sources tracked at once per table; buckets that refilled are forgotten
+/// first (they hold nothing), and beyond this new sources are dropped.
+const MAX_SOURCES: usize = 16_384;
+
+/// Probe buckets per source, bounded in number.
+#[derive(Debug)]
+pub(crate) struct SourceBuckets<K> {
+    rate: u32,
+    burst: u32,
+    buckets: HashMap<K, TokenBucket>,
+}
+
+impl<K: std::hash::Hash + Eq> SourceBuckets<K> {
+    pub(crate) fn new(rate: u32, burst: u32) -> Self {
+        Self {
+            rate,
+            burst,
+            buckets: HashMap::new(),
+        }
+    }
+
+    /// Takes a token for `source`; false when its rate is spent or the
+    /// table is full of sources that are all still spending.
+    pub(crate) fn allow(&mut self, source: K, now: Instant) -> bool {
+        if !self.buckets.contains_key(&source) && self.buckets.len() >= MAX_SOURCES {
+            self.buckets.retain(|_, b| !b.is_full(now));
+            if self.buckets.len() >= MAX_SOURCES {
+                return false;
+            }
+        }
+        let (rate, burst) = (self.rate, self.burst);
+        self.buckets
+            .entry(source)
+            .or_insert_with(|| TokenBucket::new(rate, burst, now))
+            .allow(now)
+    }
+}
+
+/// The per-source limits a probe passes before its signature is checked.
+#[derive(Debug)]
+pub(crate) struct Sources {
+    sockets: SourceBuckets<SocketAddr>,
+    ips: SourceBuckets<IpAddr>,
+}
+
+impl Default for Sources {
+    fn default() -> Self {
+        Self {
+            sockets: SourceBuckets::new(PROBES_PER_SOCKET_PER_SECOND, PROBE_BURST_PER_SOCKET),
+            ips: SourceBuckets::new(PROBES_PER_IP_PER_SECOND, PROBE_BURST_PER_IP),
+        }
+    }
+}
+
+impl Sources {
+    fn allow(&mut self, from: SocketAddr, now: Instant) -> bool {
+        self.sockets.allow(from, now) && self.ips.allow(from.ip(), now)
+    }
+}
 
 /// Serves probes until the server shuts down.
 pub(crate) async fn serve(socket: UdpSocket, shared: Arc<Shared>) {
@@ -35,6 +109,7 @@ pub(crate) async fn serve(socket: UdpSocket, shared: Arc<Shared>) {
     }
     let mut buf = [0u8; datagram::MAX_LEN + 1];
     let mut bucket = TokenBucket::new(PROBES_PER_SECOND, PROBE_BURST, Instant::now());
+    let mut sources = Sources::default();
     loop {
         let (n, from) = tokio::select! {
             _ = shared.cancel.cancelled() => break,
@@ -45,13 +120,14 @@ pub(crate) async fn serve(socket: UdpSocket, shared: Arc<Shared>) {
             },
         };
         let from = SocketAddr::new(from.ip().to_canonical(), from.port());
-        match observe(&shared, &mut bucket, &buf[..n], from).await {
-            Some(counter) => {
+        match observe(&shared, &mut bucket, &mut sources, &buf[..n], from).await {
+            Ok(counter) => {
                 shared.metrics.udp_probes.fetch_add(1, Ordering::Relaxed);
                 let _ = socket.send_to(&datagram::ack(counter, from), from).await;
             }
-            None => {
-                shared.metrics.udp_dropped.fetch_add(1, Ordering::Relaxed);
+            Err(why) => {
+                shared.metrics.udp_drop(why);
+                debug!(%from, reason = why.as_str(), "UDP datagram dropped");
             }
         }
     }
@@ -62,9 +138,10 @@ pub(crate) async fn serve(socket: UdpSocket, shared: Arc<Shared>) {
 async fn observe(
     shared: &Shared,
     bucket: &mut TokenBucket,
+    sources: &mut Sources,
     buf: &[u8],
     from: SocketAddr,
-) -> Option<u64> {
+) -> Result<u64, UdpDrop> {
     let Some(Datagram::Probe {
         name,
         counter,
@@ -72,7 +149,7 @@ async fn observe(
         signature,
     }) = datagram::parse(buf)
     else {
-        return None;
+        return Err(UdpDrop::Malformed);
     };
     let body = ProbeBody {
         name,
@@ -80,19 +157,30 @@ async fn observe(
         local_port,
     };
     let now = Instant::now();
-    let key = shared.store.probe_key(name).await.ok()??;
+    let key = shared
+        .store
+        .probe_key(name)
+        .await
+        .ok()
+        .flatten()
+        .ok_or(UdpDrop::UnknownName)?;
     if counter <= key.counter {
-        return None; // a replay, or reordered
+        return Err(UdpDrop::Replay); // a replay, or reordered
     }
-    if !shared.local.allow_probe(key.conn_id, now) {
-        return None;
+    if !sources.allow(from, now) {
+        return Err(UdpDrop::SourceRate);
     }
     if !bucket.allow(now) {
-        return None;
+        return Err(UdpDrop::ServerRate);
     }
-    let vk = decode_public_key(&crate::protocol::b64(&key.public_key)).ok()?;
+    let vk = decode_public_key(&crate::protocol::b64(&key.public_key))
+        .map_err(|_| UdpDrop::BadSignature)?;
     if !datagram::verify_probe(&vk, &key.nonce, &body, &signature) {
-        return None;
+        return Err(UdpDrop::BadSignature);
+    }
+    // Only the daemon itself can spend its own budget.
+    if !shared.local.allow_probe(key.conn_id, now) {
+        return Err(UdpDrop::DaemonRate);
     }
     let probe = Probe {
         nonce: key.nonce,
@@ -100,13 +188,51 @@ async fn observe(
         local_port,
         from,
     };
-    match shared.store.record_probe(name, probe).await.ok()? {
-        ProbeRecorded::Stale => None,
-        ProbeRecorded::Current { moved } => {
+    match shared.store.record_probe(name, probe).await {
+        Ok(ProbeRecorded::Current { moved }) => {
             if moved {
                 info!(daemon = name, udp = %from, "UDP endpoint observed");
             }
-            Some(counter)
+            Ok(counter)
         }
+        Ok(ProbeRecorded::Stale) | Err(_) => Err(UdpDrop::Stale),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn sources_are_limited_each_and_the_table_stays_bounded() {
+        let mut s = SourceBuckets::new(20, 40);
+        let t0 = Instant::now();
+        let a: IpAddr = "192.0.2.1".parse().unwrap();
+        let allowed = (0..100).filter(|_| s.allow(a, t0)).count();
+        assert_eq!(allowed, 40);
+        let b: IpAddr = "192.0.2.2".parse().unwrap();
+        assert!(s.allow(b, t0), "another source has its own budget");
+        // Many sources: the table never grows past its bound.
+        for i in 0..(MAX_SOURCES as u32 + 100) {
+            let ip = IpAddr::from(std::net::Ipv4Addr::from(0x0a00_0000 + i));
+            s.allow(ip, t0);
+        }
+        assert!(s.buckets.len() <= MAX_SOURCES);
+        // Once refilled they are forgotten to make room.
+        let later = t0 + Duration::from_secs(10);
+        assert!(s.allow("198.51.100.1".parse().unwrap(), later));
+        assert!(s.buckets.len() <= MAX_SOURCES);
+    }
+
+    #[test]
+    fn one_socket_is_held_to_its_rate_while_another_port_of_the_ip_is_not() {
+        let mut s = Sources::default();
+        let t0 = Instant::now();
+        let forger: SocketAddr = "192.0.2.1:5000".parse().unwrap();
+        let daemon: SocketAddr = "192.0.2.1:6000".parse().unwrap();
+        let allowed = (0..200).filter(|_| s.allow(forger, t0)).count();
+        assert_eq!(allowed, PROBE_BURST_PER_SOCKET as usize);
+        assert!(s.allow(daemon, t0));
     }
 }

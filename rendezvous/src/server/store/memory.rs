@@ -9,8 +9,9 @@ use std::collections::HashMap;
 use std::sync::{Mutex, MutexGuard};
 
 use super::{
-    punch_orders, Addressed, Probe, ProbeKey, ProbeRecorded, Recipient, Registered, Registration,
-    RelayAuth, RelayJoin, Store, StoreError, StoreFuture, PUNCH_WINDOW, SESSION_TTL,
+    punch_orders, Addressed, Probe, ProbeKey, ProbeRecorded, PunchBound, PunchLimits, Recipient,
+    Registered, Registration, RelayAuth, RelayJoin, Store, StoreError, StoreFuture, PUNCH_WINDOW,
+    SESSION_TTL,
 };
 use crate::protocol::ErrorCode;
 use crate::server::auth::{constant_time_eq, random_id};
@@ -125,7 +126,7 @@ impl Registry {
         from: &str,
         peer: &str,
         now_us: u64,
-        max_pending: usize,
+        limits: PunchLimits,
     ) -> Result<[Addressed; 2], StoreError> {
         if from == peer {
             return Err(StoreError::refused(
@@ -136,11 +137,28 @@ impl Registry {
         let ttl = micros(SESSION_TTL);
         self.sessions
             .retain(|_, s| age_us(now_us, s.created_us) < ttl);
-        if self.sessions.len() >= max_pending {
-            return Err(StoreError::refused(
-                ErrorCode::Busy,
-                "too many punches in flight on this server; retry shortly",
-            ));
+        if self.sessions.len() >= limits.max_pending {
+            return Err(StoreError::OverBound {
+                bound: PunchBound::Server,
+                message: "too many punches in flight on this server; retry shortly".to_owned(),
+            });
+        }
+        // Sessions this daemon started and that still wait for a result
+        // or a relay: a daemon that asks again and again for peers that
+        // never answer runs into its own bound, not the server's.
+        let mine = self
+            .sessions
+            .values()
+            .filter(|s| s.sides[0].name == from)
+            .count();
+        if mine >= limits.max_per_requester {
+            return Err(StoreError::OverBound {
+                bound: PunchBound::Requester,
+                message: format!(
+                    "{mine} of your punches are still pending (at most {}); wait for their results",
+                    limits.max_per_requester
+                ),
+            });
         }
         let (Some(a), Some(b)) = (self.clients.get(from), self.clients.get(peer)) else {
             return Err(StoreError::refused(
@@ -172,6 +190,10 @@ impl Registry {
             },
         );
         Ok(orders)
+    }
+
+    pub(crate) fn withdraw(&mut self, session: &str) {
+        self.sessions.remove(session);
     }
 
     pub(crate) fn report(&mut self, session: &str, name: &str, relayed: bool) -> bool {
@@ -315,9 +337,14 @@ impl Store for MemoryStore {
         from: &'a str,
         peer: &'a str,
         now_us: u64,
-        max_pending: usize,
+        limits: PunchLimits,
     ) -> StoreFuture<'a, [Addressed; 2]> {
-        ready(self.lock().coordinate(from, peer, now_us, max_pending))
+        ready(self.lock().coordinate(from, peer, now_us, limits))
+    }
+
+    fn withdraw<'a>(&'a self, session: &'a str) -> StoreFuture<'a, ()> {
+        self.lock().withdraw(session);
+        ready(Ok(()))
     }
 
     fn report<'a>(
@@ -376,6 +403,46 @@ mod tests {
         e.into_refusal().0
     }
 
+    fn lim(n: usize) -> PunchLimits {
+        PunchLimits {
+            max_pending: n,
+            max_per_requester: n,
+        }
+    }
+
+    #[test]
+    fn one_requester_fills_only_its_own_share_and_withdrawn_sessions_free_it() {
+        let mut r = Registry::default();
+        for (i, name) in ["mallory", "victim", "alice", "bob"].iter().enumerate() {
+            let ip = format!("203.0.113.{}:1", i + 2);
+            r.register(name, registration(i as u8 + 1, &ip, &[]), 10)
+                .unwrap();
+        }
+        let limits = PunchLimits {
+            max_pending: 100,
+            max_per_requester: 3,
+        };
+        let mut sessions = Vec::new();
+        for _ in 0..3 {
+            let [a, _] = r.coordinate("mallory", "victim", 0, limits).unwrap();
+            sessions.push(a.order.session);
+        }
+        let over = r.coordinate("mallory", "victim", 0, limits).unwrap_err();
+        assert!(matches!(
+            over,
+            StoreError::OverBound {
+                bound: PunchBound::Requester,
+                ..
+            }
+        ));
+        assert_eq!(code(over), ErrorCode::Busy);
+        // Others are not affected, and may even punch the same victim.
+        assert!(r.coordinate("alice", "bob", 0, limits).is_ok());
+        assert!(r.coordinate("victim", "mallory", 0, limits).is_ok());
+        r.withdraw(&sessions[0]);
+        assert!(r.coordinate("mallory", "victim", 0, limits).is_ok());
+    }
+
     #[test]
     fn same_key_replaces_other_key_is_refused() {
         let mut r = Registry::default();
@@ -426,7 +493,7 @@ mod tests {
         )
         .unwrap();
         r.set_rtt("bob", 150_000);
-        let [a, b] = r.coordinate("alice", "bob", SEC, 10).unwrap();
+        let [a, b] = r.coordinate("alice", "bob", SEC, lim(10)).unwrap();
         assert_eq!((a.to.name.as_str(), a.to.conn_id), ("alice", 1));
         assert_eq!((b.to.name.as_str(), b.to.conn_id), ("bob", 2));
         let (to_a, to_b) = (a.order, b.order);
@@ -453,24 +520,24 @@ mod tests {
         r.register("alice", registration(1, "203.0.113.2:1", &[]), 10)
             .unwrap();
         let refuse = |r: &mut Registry, p: &str, now, max| {
-            code(r.coordinate("alice", p, now, max).unwrap_err())
+            code(r.coordinate("alice", p, now, lim(max)).unwrap_err())
         };
         assert_eq!(refuse(&mut r, "alice", 0, 10), ErrorCode::SelfConnect);
         assert_eq!(refuse(&mut r, "bob", 0, 10), ErrorCode::UnknownPeer);
         r.register("bob", registration(2, "203.0.113.3:1", &[]), 10)
             .unwrap();
-        r.coordinate("alice", "bob", 0, 1).unwrap();
+        r.coordinate("alice", "bob", 0, lim(1)).unwrap();
         assert_eq!(refuse(&mut r, "bob", SEC, 1), ErrorCode::Busy);
         // Old sessions expire and free their slot.
         let later = micros(SESSION_TTL) + SEC;
-        assert!(r.coordinate("alice", "bob", later, 1).is_ok());
+        assert!(r.coordinate("alice", "bob", later, lim(1)).is_ok());
         assert_eq!(r.sessions.len(), 1, "the expired one is gone");
     }
 
     #[test]
     fn finished_sessions_free_their_slot_unless_relaying() {
         let mut r = pair();
-        let [a, _] = r.coordinate("alice", "bob", 0, 1).unwrap();
+        let [a, _] = r.coordinate("alice", "bob", 0, lim(1)).unwrap();
         let s = a.order.session;
         assert!(!r.report(&s, "mallory", false));
         assert!(!r.report("no-such-session", "alice", false));
@@ -479,7 +546,7 @@ mod tests {
         assert!(r.report(&s, "bob", false));
         assert!(r.sessions.is_empty());
         // With the slot free again, the limit of 1 admits another.
-        let [a, _] = r.coordinate("alice", "bob", 0, 1).unwrap();
+        let [a, _] = r.coordinate("alice", "bob", 0, lim(1)).unwrap();
         r.report(&a.order.session, "alice", true);
         r.report(&a.order.session, "bob", true);
         assert_eq!(r.sessions.len(), 1, "a relayed session stays for pairing");
@@ -488,9 +555,9 @@ mod tests {
     #[test]
     fn a_side_leaving_aborts_only_fresh_sessions() {
         let mut r = pair();
-        let [old, _] = r.coordinate("alice", "bob", 0, 10).unwrap();
+        let [old, _] = r.coordinate("alice", "bob", 0, lim(10)).unwrap();
         let now = micros(PUNCH_WINDOW) + SEC;
-        let [fresh, _] = r.coordinate("alice", "bob", now, 10).unwrap();
+        let [fresh, _] = r.coordinate("alice", "bob", now, lim(10)).unwrap();
         let told = r.take_fresh_sessions_of("alice", now);
         let bob = Recipient {
             name: "bob".into(),
@@ -542,14 +609,14 @@ mod tests {
         assert_eq!(r.record_probe("alice", replaced), ProbeRecorded::Stale);
         assert_eq!(r.record_probe("carol", next), ProbeRecorded::Stale);
         // The endpoint now reaches bob's orders.
-        let [_, to_bob] = r.coordinate("alice", "bob", 0, 10).unwrap();
+        let [_, to_bob] = r.coordinate("alice", "bob", 0, lim(10)).unwrap();
         assert_eq!(to_bob.order.udp_candidates, vec![from]);
     }
 
     #[test]
     fn relay_tokens_name_their_side() {
         let mut r = pair();
-        let [a, b] = r.coordinate("alice", "bob", 0, 10).unwrap();
+        let [a, b] = r.coordinate("alice", "bob", 0, lim(10)).unwrap();
         let s = &a.order.session;
         assert_eq!(
             r.relay_auth(s, &a.order.relay_token),
@@ -576,7 +643,7 @@ mod tests {
     /// the relay.
     fn alice_waiting() -> (Registry, String) {
         let mut r = pair();
-        let [a, _] = r.coordinate("alice", "bob", 0, 10).unwrap();
+        let [a, _] = r.coordinate("alice", "bob", 0, lim(10)).unwrap();
         let s = a.order.session;
         assert_eq!(
             r.relay_join(&s, 0, 100),
@@ -627,13 +694,16 @@ mod tests {
             .register("bob", registration(2, "203.0.113.3:1", &[]), 10)
             .await
             .unwrap();
-        let [a, _] = store.coordinate("alice", "bob", 0, 10).await.unwrap();
+        let [a, _] = store.coordinate("alice", "bob", 0, lim(10)).await.unwrap();
         assert!(store
             .report(&a.order.session, "alice", false)
             .await
             .unwrap());
         assert!(store.unregister("alice", 1).await.unwrap());
-        let err = store.coordinate("alice", "bob", 0, 10).await.unwrap_err();
+        let err = store
+            .coordinate("alice", "bob", 0, lim(10))
+            .await
+            .unwrap_err();
         assert_eq!(code(err), ErrorCode::UnknownPeer);
     }
 }

@@ -67,6 +67,32 @@ pub(crate) enum StoreError {
     )]
     #[error("the rendezvous registry is unavailable: {0}")]
     Unavailable(String),
+    /// A punch bound is reached; the daemon is told `Busy`.
+    #[error("{message}")]
+    OverBound {
+        /// Which bound.
+        bound: PunchBound,
+        /// What the daemon is told.
+        message: String,
+    },
+}
+
+/// The bound a refused `coordinate` ran into.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum PunchBound {
+    /// `max_pending_punches` sessions pending on the server.
+    Server,
+    /// `max_pending_punches_per_daemon` sessions the requester started.
+    Requester,
+}
+
+/// The limits `coordinate` enforces.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct PunchLimits {
+    /// Pending sessions in total.
+    pub(crate) max_pending: usize,
+    /// Pending sessions one daemon requested.
+    pub(crate) max_per_requester: usize,
 }
 
 impl StoreError {
@@ -83,6 +109,7 @@ impl StoreError {
         match self {
             StoreError::Refused { code, message } => (code, message),
             e @ StoreError::Unavailable(_) => (ErrorCode::Busy, format!("{e}; retry shortly")),
+            StoreError::OverBound { message, .. } => (ErrorCode::Busy, message),
         }
     }
 }
@@ -214,15 +241,20 @@ pub(crate) trait Store: Send + Sync + std::fmt::Debug {
     fn record_probe<'a>(&'a self, name: &'a str, probe: Probe) -> StoreFuture<'a, ProbeRecorded>;
 
     /// Creates a punch session between `from` and `peer`: both orders,
-    /// addressed. Expired sessions are dropped first; more than
-    /// `max_pending` live ones is `Busy`.
+    /// addressed. Expired sessions are dropped first; `limits.max_pending`
+    /// live ones in total, or `limits.max_per_requester` that `from`
+    /// requested, is [`StoreError::OverBound`].
     fn coordinate<'a>(
         &'a self,
         from: &'a str,
         peer: &'a str,
         now_us: u64,
-        max_pending: usize,
+        limits: PunchLimits,
     ) -> StoreFuture<'a, [Addressed; 2]>;
+
+    /// Removes `session` (its orders could not both be delivered), so an
+    /// undeliverable punch holds nothing.
+    fn withdraw<'a>(&'a self, session: &'a str) -> StoreFuture<'a, ()>;
 
     /// Records `name`'s result for `session`. False if `name` is not a side
     /// of it. A session both sides finished (and that is not being relayed)

@@ -1,0 +1,13 @@
+//! `peer.toml`, the daemon's configuration file, parsed and checked.
+#![no_main]
+
+use std::path::Path;
+
+use libfuzzer_sys::fuzz_target;
+use punch_config::PeerConfig;
+
+fuzz_target!(|data: &[u8]| {
+    if let Ok(text) = std::str::from_utf8(data) {
+        let _ = PeerConfig::parse_str(Path::new("peer.toml"), text);
+    }
+});
