@@ -342,16 +342,24 @@ fn candidates(c: &Registration) -> Vec<SocketAddr> {
 }
 
 /// The observed UDP endpoint first, then the daemon's own addresses with
-/// its UDP port. Before its first probe is seen only the local ones: no
-/// public mapping is known yet, but a peer on the same LAN needs none. A
-/// punch ordered in that window (the peer registered, its probe not yet
-/// in) used to go without QUIC, and on one LAN TCP alone could be refused
-/// for the whole punch and end relayed (lab: same-NAT stress).
+/// its UDP port. Before its first probe is seen no public mapping is
+/// known: then the first candidate is a guess, the observed TCP address
+/// with the UDP port (what a port-preserving NAT gives; at worst a dead
+/// candidate on the peer's own address), followed by the local ones, which
+/// a peer on the same LAN needs. A punch ordered in that window (the peer
+/// registered, its probe not yet in) used to go without QUIC, and on one
+/// LAN TCP alone could be refused for the whole punch and end relayed (lab:
+/// same-NAT stress); with the local ones alone, a QUIC-only punch between
+/// two NATs could only fail (lab: a peer restarted, asked for 13 ms after
+/// its registration and before its probe, ended relayed after 10 s).
 fn udp_candidates(c: &Registration) -> Vec<SocketAddr> {
     let Some(port) = c.udp_port else {
         return Vec::new();
     };
-    let mut out: Vec<SocketAddr> = c.udp_observed.into_iter().collect();
+    let first = c
+        .udp_observed
+        .unwrap_or_else(|| SocketAddr::new(c.observed.ip(), port));
+    let mut out: Vec<SocketAddr> = vec![first];
     for a in &c.local_addrs {
         let a = SocketAddr::new(a.ip(), port);
         if !out.contains(&a) && out.len() < 8 {
@@ -395,16 +403,18 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn udp_candidates_are_local_until_the_udp_endpoint_is_observed() {
+    fn udp_candidates_guess_the_public_endpoint_until_it_is_observed() {
         let mut c = registration(1, "203.0.113.2:40000", &["192.0.2.2:40000"]);
         assert!(udp_candidates(&c).is_empty(), "no QUIC offered");
-        // Without a probe there is no public mapping, but a LAN peer can
-        // use the local address.
+        // Without a probe there is no public mapping: the guess (the TCP
+        // address with the UDP port) first, then the local address a LAN
+        // peer can use.
         c.udp_port = Some(41000);
-        assert_eq!(
-            udp_candidates(&c),
-            vec!["192.0.2.2:41000".parse::<SocketAddr>().unwrap()]
-        );
+        let guessed: Vec<SocketAddr> = vec![
+            "203.0.113.2:41000".parse().unwrap(),
+            "192.0.2.2:41000".parse().unwrap(),
+        ];
+        assert_eq!(udp_candidates(&c), guessed);
         c.udp_observed = Some("203.0.113.2:41000".parse().unwrap());
         let want: Vec<SocketAddr> = vec![
             "203.0.113.2:41000".parse().unwrap(),
