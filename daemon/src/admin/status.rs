@@ -288,7 +288,7 @@ impl Limit {
 
 /// One counter per [`Limit`].
 #[derive(Debug, Default)]
-pub(crate) struct LimitCounters([AtomicU64; 4]);
+pub(crate) struct LimitCounters([AtomicU64; Limit::ALL.len()]);
 
 impl LimitCounters {
     /// Counts one refusal.
