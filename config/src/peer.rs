@@ -142,6 +142,12 @@ pub struct PunchSection {
     /// Congestion control on the QUIC path: `cubic` (default) or `bbr`.
     #[serde(default)]
     pub quic_congestion: QuicCongestion,
+    /// Ask the default gateway (UPnP IGD, NAT-PMP, PCP) to map the punch
+    /// port, TCP and UDP, and offer the mapped endpoint as a candidate: it
+    /// makes this side reachable where the NAT randomizes ports. Default
+    /// true; `false` sends nothing to the gateway.
+    #[serde(default = "default_true")]
+    pub port_mapping: bool,
 }
 
 fn default_keepalive_interval() -> Duration {
@@ -167,6 +173,7 @@ impl Default for PunchSection {
             timeout: default_punch_timeout(),
             mode: PunchMode::default(),
             local_candidates: true,
+            port_mapping: true,
             keepalive_interval: default_keepalive_interval(),
             keepalive_timeout: default_keepalive_timeout(),
             transports: default_transports(),
