@@ -236,6 +236,11 @@ pub async fn start(
         port: cfg.punch.port,
         local_candidates: cfg.punch.local_candidates,
         quic: quic.clone(),
+        portmap: if cfg.punch.port_mapping {
+            crate::portmap::PortMapper::spawn(board.portmap.clone(), cancel.clone(), &tracker)
+        } else {
+            crate::portmap::PortMapper::disabled()
+        },
     };
     tracker.spawn(
         control::run(settings, rv_ev_tx, rv_cmd_rx, board.clone(), cancel.clone())

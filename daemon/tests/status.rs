@@ -62,6 +62,7 @@ type Label = (&'static str, Option<Vec<&'static str>>);
 fn documented() -> Vec<(&'static str, Kind, Vec<Label>)> {
     let peer = ("peer", None);
     let forward = vec![("listen", None), ("peer", None), ("service", None)];
+    let protocol: Label = ("protocol", Some(vec!["upnp", "nat-pmp", "pcp"]));
     vec![
         ("punchd_rendezvous_connected", Kind::Gauge, vec![]),
         ("punchd_orders_refused_total", Kind::Counter, vec![]),
@@ -115,6 +116,27 @@ fn documented() -> Vec<(&'static str, Kind, Vec<Label>)> {
             forward.clone(),
         ),
         ("punchd_forward_refused_total", Kind::Counter, forward),
+        (
+            "punchd_portmap_probes_total",
+            Kind::Counter,
+            vec![protocol.clone()],
+        ),
+        (
+            "punchd_portmap_mappings_total",
+            Kind::Counter,
+            vec![protocol.clone()],
+        ),
+        (
+            "punchd_portmap_renewals_total",
+            Kind::Counter,
+            vec![protocol.clone()],
+        ),
+        (
+            "punchd_portmap_failures_total",
+            Kind::Counter,
+            vec![protocol.clone()],
+        ),
+        ("punchd_portmap_mapped", Kind::Gauge, vec![protocol]),
     ]
 }
 

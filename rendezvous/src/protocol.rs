@@ -172,6 +172,15 @@ pub struct Hello {
     /// (local UDP candidates are `local_addrs` with this port).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub udp_port: Option<u16>,
+    /// The punch port as the daemon's router mapped it for TCP (UPnP IGD,
+    /// NAT-PMP or PCP): reachable from anywhere, even where the NAT
+    /// randomizes ports. The port may differ from the punch port (the
+    /// router picks). Kept only on the IP the server observes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mapped_tcp: Option<SocketAddr>,
+    /// The UDP (QUIC) port as the router mapped it; see `mapped_tcp`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mapped_udp: Option<SocketAddr>,
     /// Network token, when the server requires one.
     #[serde(default)]
     pub token: Option<String>,
@@ -187,6 +196,8 @@ impl std::fmt::Debug for Hello {
             .field("public_key", &self.public_key)
             .field("local_addrs", &self.local_addrs)
             .field("udp_port", &self.udp_port)
+            .field("mapped_tcp", &self.mapped_tcp)
+            .field("mapped_udp", &self.mapped_udp)
             .field("token", &self.token.as_ref().map(|_| "***"))
             .field("signature", &self.signature)
             .finish()
@@ -594,6 +605,8 @@ mod tests {
             public_key: String::new(),
             local_addrs: vec![],
             udp_port: None,
+            mapped_tcp: None,
+            mapped_udp: None,
             token: Some("hunter2".into()),
             signature: String::new(),
         });

@@ -78,6 +78,8 @@ async fn hello_over<S: AsyncRead + AsyncWrite + Unpin>(
         public_key: b64(key.verifying_key().as_bytes()),
         local_addrs: vec![],
         udp_port: None,
+        mapped_tcp: None,
+        mapped_udp: None,
         token: token.map(str::to_owned),
         signature: sign_challenge(key, &nonce, signed_name, signed_token),
     };

@@ -34,6 +34,7 @@ pub(crate) fn render(board: &StatusBoard) -> String {
         limits.sample(&[("reason", reason)], n);
     }
 
+    port_mapping(&mut out, board);
     paths(&mut out, &doc);
     if let Some(n) = doc.quic_connections {
         out.family(
@@ -47,6 +48,37 @@ pub(crate) fn render(board: &StatusBoard) -> String {
     punches(&mut out, &doc, board);
     forwards(&mut out, &doc);
     out.finish()
+}
+
+/// The port mapper's work by protocol (`upnp`, `nat-pmp`, `pcp`).
+fn port_mapping(out: &mut Exposition, board: &StatusBoard) {
+    let rows: Vec<(&str, [u64; 4])> = board.portmap.counters.all().collect();
+    for (i, (name, help)) in [
+        ("punchd_portmap_probes_total", "Port-mapping probes sent to the default gateway, by protocol."),
+        ("punchd_portmap_mappings_total", "Port mappings the gateway granted, by protocol."),
+        ("punchd_portmap_renewals_total", "Port mappings renewed, by protocol."),
+        ("punchd_portmap_failures_total", "Port-mapping requests refused, answered with junk, or renewals that failed, by protocol."),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let mut f = out.family(name, Kind::Counter, help);
+        for (protocol, counts) in &rows {
+            f.sample(&[("protocol", protocol)], counts[i]);
+        }
+    }
+    let doc = board.portmap.doc();
+    let mut f = out.family(
+        "punchd_portmap_mapped",
+        Kind::Gauge,
+        "1 for the protocol holding the punch port's mapping now.",
+    );
+    for (protocol, _) in &rows {
+        f.sample(
+            &[("protocol", protocol)],
+            u8::from(doc.protocol.as_deref() == Some(*protocol)),
+        );
+    }
 }
 
 /// The path and transport of each peer's tunnel, one-hot.

@@ -103,6 +103,10 @@ pub struct StatusDoc {
     /// (absent when QUIC is off).
     #[serde(default)]
     pub quic_connections: Option<usize>,
+    /// The router's mapping of the punch port (UPnP IGD, NAT-PMP or PCP);
+    /// all null when there is none or `[punch] port_mapping = false`.
+    #[serde(default)]
+    pub port_mapping: crate::portmap::PortMappingDoc,
     /// Every configured peer.
     pub peers: Vec<PeerDoc>,
     /// Every configured forward.
@@ -250,6 +254,8 @@ pub struct StatusBoard {
     pub(crate) orders_refused: AtomicU64,
     /// Inputs refused or trimmed by a limit (README, "Limits"), by reason.
     pub(crate) limits: LimitCounters,
+    /// The port mapper's state and counters.
+    pub(crate) portmap: Arc<crate::portmap::Board>,
 }
 
 /// A limit that refused (or trimmed) something from the network: the
@@ -323,6 +329,7 @@ impl StatusBoard {
             forwards,
             orders_refused: AtomicU64::new(0),
             limits: LimitCounters::default(),
+            portmap: Arc::default(),
         }
     }
 
@@ -369,6 +376,7 @@ impl StatusBoard {
             quic_connections: lock(&self.quic)
                 .as_ref()
                 .map(quinn::Endpoint::open_connections),
+            port_mapping: self.portmap.doc(),
             peers: self.peers.iter().map(|p| p.doc()).collect(),
             forwards: self.forwards.iter().map(|f| f.doc()).collect(),
         }

@@ -51,6 +51,7 @@ use url::UrlError;
 use crate::admin::status::{Limit, StatusBoard};
 use crate::backoff::Backoff;
 use crate::identity::Identity;
+use crate::portmap::{self, PortMapper};
 use crate::punch::{bind_punch_socket, set_abortive_close};
 use crate::quic::probe::Prober;
 use crate::quic::QuicPath;
@@ -68,6 +69,9 @@ const WATCHFUL_FOR: Duration = Duration::from_secs(10);
 const PONG_TIMEOUT: Duration = Duration::from_secs(35);
 /// How long registration waits for the first UDP probe's ack.
 const UDP_WAIT: Duration = Duration::from_secs(1);
+/// How long the first registration waits for the port mapper's first
+/// probe (its own budget is 1 s; a LAN without a router answers sooner).
+const PORTMAP_WAIT: Duration = Duration::from_millis(1200);
 /// Time allowed to connect and register.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -162,6 +166,8 @@ pub(crate) struct RvSettings {
     pub(crate) local_candidates: bool,
     /// The QUIC path's UDP socket, to announce and probe from.
     pub(crate) quic: Option<Arc<QuicPath>>,
+    /// The router's mapping of the punch port, announced in the hello.
+    pub(crate) portmap: PortMapper,
 }
 
 /// What registration returned.
@@ -171,6 +177,8 @@ struct Registered {
     /// The server's UDP observation endpoint, if it runs one.
     udp_server: Option<SocketAddr>,
     nonce: [u8; 32],
+    /// The mapped endpoints the hello announced.
+    mapped: (Option<SocketAddr>, Option<SocketAddr>),
 }
 
 /// Runs until cancelled: connect, register, serve, reconnect.
@@ -283,6 +291,9 @@ async fn connect_and_register(settings: &mut RvSettings) -> Result<Registered, R
             )))
         }
     };
+    let udp_port = settings.quic.as_ref().map(|q| q.port());
+    settings.portmap.start(local, settings.port, udp_port);
+    let mapped = portmap::endpoints(settings.portmap.settled(PORTMAP_WAIT).await);
     let hello = Hello {
         version: PROTOCOL_VERSION,
         name: settings.name.clone(),
@@ -292,7 +303,9 @@ async fn connect_and_register(settings: &mut RvSettings) -> Result<Registered, R
         } else {
             vec![]
         },
-        udp_port: settings.quic.as_ref().map(|q| q.port()),
+        udp_port,
+        mapped_tcp: mapped.0,
+        mapped_udp: mapped.1,
         token: settings.token.as_ref().map(|t| t.expose().to_owned()),
         signature: sign_challenge(
             settings.identity.signing_key(),
@@ -315,6 +328,7 @@ async fn connect_and_register(settings: &mut RvSettings) -> Result<Registered, R
                 observed: observed_addr,
                 udp_server: udp_port.map(|p| SocketAddr::new(addr.ip(), p)),
                 nonce,
+                mapped,
             })
         }
         ServerMsg::Error { code, message } => Err(RvError::Refused { code, message }),
@@ -339,6 +353,7 @@ async fn session(
         observed,
         udp_server,
         nonce,
+        mapped,
     } = tokio::select! {
         r = tokio::time::timeout(CONNECT_TIMEOUT, connect_and_register(settings)) => r.map_err(|_| RvError::Protocol("no welcome within 10s".into()))??,
         _ = cancel.cancelled() => return Ok(()),
@@ -368,6 +383,7 @@ async fn session(
         let _ = events.send(RvEvent::Up).await;
     }
     let mut pings = Pings::new(Instant::now());
+    let mut mapper = settings.portmap.clone();
     loop {
         let probe_due = prober.as_ref().map(Prober::next_due);
         tokio::select! {
@@ -390,6 +406,11 @@ async fn session(
                 up_at = None;
                 let _ = events.send(RvEvent::Up).await;
             }
+            _ = mapper.differs_from(mapped) => {
+                // Peers learn candidates from the registration: register again with the new ones.
+                let _ = tokio::time::timeout(Duration::from_secs(1), ws.close(None)).await;
+                return Err(RvError::Protocol("the router's port mapping changed; registering again to announce it".into()));
+            }
             _ = cancel.cancelled() => {
                 // Say goodbye so the server unregisters us at once.
                 let _ = tokio::time::timeout(Duration::from_secs(1), ws.close(None)).await;
@@ -402,7 +423,11 @@ async fn session(
             cmd = cmds.recv() => match cmd {
                 Some(RvCmd::Connect(peer)) => send(&mut ws, &ClientMsg::Connect { peer }).await?,
                 Some(RvCmd::Report(r)) => send(&mut ws, &ClientMsg::Result(r)).await?,
-                Some(RvCmd::Probe) => pings.watchful(Instant::now()),
+                Some(RvCmd::Probe) => {
+                    pings.watchful(Instant::now());
+                    // The router may have restarted and forgotten our mapping too.
+                    settings.portmap.tunnel_lost();
+                }
                 None => return Ok(()),
             },
             msg = recv(&mut ws) => {

@@ -9,7 +9,9 @@
 //!   the observed endpoint and up to 7 local addresses);
 //! - no unspecified, multicast or broadcast address, no port 0;
 //! - at most [`MAX_PORTS`] distinct ports per transport: the peer's observed
-//!   port and its punch port. Local candidates are the peer's own addresses
+//!   port, its punch port, and the port its router mapped for it (UPnP
+//!   IGD, NAT-PMP or PCP: a router may grant another port than the punch
+//!   port). Local candidates are the peer's own addresses
 //!   on its punch port, so an order can reach at most a handful of hosts on
 //!   one port, never sweep ports;
 //! - per peer, a budget of [`ORDER_BURST`] orders, refilled one per
@@ -27,7 +29,7 @@ use crate::admin::status::Limit;
 /// Candidates kept per transport.
 pub(crate) const MAX_CANDIDATES: usize = 8;
 /// Distinct ports kept per transport.
-pub(crate) const MAX_PORTS: usize = 2;
+pub(crate) const MAX_PORTS: usize = 3;
 /// Orders a peer may have in a burst...
 pub(crate) const ORDER_BURST: u32 = 6;
 /// ...and one more each this long.
@@ -125,7 +127,7 @@ mod tests {
     }
 
     #[test]
-    fn a_port_sweep_keeps_two_ports_and_bad_addresses_go() {
+    fn a_port_sweep_keeps_three_ports_and_bad_addresses_go() {
         let mut list = vec![
             a("203.0.113.3:40000"),
             a("0.0.0.0:40000"),
@@ -135,6 +137,7 @@ mod tests {
             a("198.51.100.2:40001"),
             a("198.51.100.2:22"),
             a("198.51.100.3:40001"),
+            a("198.51.100.3:23"),
             a("[::]:40000"),
             a("[ff02::1]:40000"),
         ];
@@ -144,6 +147,7 @@ mod tests {
             vec![
                 a("203.0.113.3:40000"),
                 a("198.51.100.2:40001"),
+                a("198.51.100.2:22"),
                 a("198.51.100.3:40001")
             ]
         );

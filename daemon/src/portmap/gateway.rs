@@ -14,7 +14,8 @@ pub(crate) fn parse_default_gateway(text: &str) -> Option<Ipv4Addr> {
         .skip(1)
         .filter_map(|line| {
             let f: Vec<&str> = line.split_whitespace().collect();
-            let (dest, gw, flags, metric, mask) = (f.get(1)?, f.get(2)?, f.get(3)?, f.get(6)?, f.get(7)?);
+            let (dest, gw, flags, metric, mask) =
+                (f.get(1)?, f.get(2)?, f.get(3)?, f.get(6)?, f.get(7)?);
             let dest = u32::from_str_radix(dest, 16).ok()?;
             let mask = u32::from_str_radix(mask, 16).ok()?;
             let flags = u32::from_str_radix(flags, 16).ok()?;
@@ -71,7 +72,8 @@ mod tests {
         let junk = format!("{HEADER}lan\tzz\t\u{0}\nx\n\t\t\t\t\t\t\t\t\n");
         assert_eq!(parse_default_gateway(&junk), None);
         // A default route without a gateway (a point-to-point link).
-        let direct = format!("{HEADER}tun0\t00000000\t00000000\t0001\t0\t0\t0\t00000000\t0\t0\t0\n");
+        let direct =
+            format!("{HEADER}tun0\t00000000\t00000000\t0001\t0\t0\t0\t00000000\t0\t0\t0\n");
         assert_eq!(parse_default_gateway(&direct), None);
     }
 }

@@ -84,7 +84,10 @@ impl Counters {
     pub(crate) fn all(&self) -> impl Iterator<Item = (&'static str, [u64; 4])> + '_ {
         Protocol::ALL.iter().map(|p| {
             let row = &self.n[*p as usize];
-            (p.as_str(), std::array::from_fn(|i| row[i].load(Ordering::Relaxed)))
+            (
+                p.as_str(),
+                std::array::from_fn(|i| row[i].load(Ordering::Relaxed)),
+            )
         })
     }
 }
@@ -122,7 +125,10 @@ impl Board {
 
 enum Cmd {
     /// Our LAN address toward the rendezvous, and the ports to map.
-    Start { local: Ipv4Addr, ports: Ports },
+    Start {
+        local: Ipv4Addr,
+        ports: Ports,
+    },
     TunnelLost,
 }
 
@@ -210,15 +216,15 @@ impl PortMapper {
         self.state.borrow().grant
     }
 
-    /// Resolves when the mapped endpoints change (never, when off).
-    pub(crate) async fn changed(&mut self) {
-        let before = endpoints(self.current());
+    /// Resolves once the mapped endpoints differ from `sent` (what the
+    /// rendezvous was told); never, when mapping is off.
+    pub(crate) async fn differs_from(&mut self, sent: (Option<SocketAddr>, Option<SocketAddr>)) {
         loop {
+            if endpoints(self.current()) != sent {
+                return;
+            }
             if self.cmds.is_none() || self.state.changed().await.is_err() {
                 return std::future::pending().await;
-            }
-            if endpoints(self.current()) != before {
-                return;
             }
         }
     }
@@ -356,9 +362,9 @@ async fn run(
             settled,
             grant,
             expires_unix_ms: match plan.state() {
-                plan::State::Mapped { expires, .. } => {
-                    Some(unix_ms_after(expires.saturating_duration_since(Instant::now())))
-                }
+                plan::State::Mapped { expires, .. } => Some(unix_ms_after(
+                    expires.saturating_duration_since(Instant::now()),
+                )),
                 _ => None,
             },
             answered: answered.clone(),
@@ -375,7 +381,9 @@ async fn run(
         let p = h.protocol();
         match proto::remove(h).await {
             Ok(()) => info!(protocol = p.as_str(), "port mapping removed"),
-            Err(e) => warn!(protocol = p.as_str(), error = %e, "could not remove the port mapping; it lapses with its lease"),
+            Err(e) => {
+                warn!(protocol = p.as_str(), error = %e, "could not remove the port mapping; it lapses with its lease")
+            }
         }
     }
 }

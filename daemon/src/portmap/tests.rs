@@ -39,7 +39,10 @@ async fn no_router_costs_at_most_the_probe_timeout() {
 }
 
 /// A UDP "router" on `gw:5351` that answers every request with `reply(req)`.
-async fn junk_pcp(gw: Ipv4Addr, reply: fn(&[u8]) -> Vec<u8>) -> tokio::task::JoinHandle<()> {
+/// How the fake answers a request.
+type Reply = fn(&[u8]) -> Vec<u8>;
+
+async fn junk_pcp(gw: Ipv4Addr, reply: Reply) -> tokio::task::JoinHandle<()> {
     let sock = tokio::net::UdpSocket::bind(SocketAddr::from((gw, 5351)))
         .await
         .unwrap_or_else(|e| panic!("bind {gw}:5351: {e}"));
@@ -53,17 +56,24 @@ async fn junk_pcp(gw: Ipv4Addr, reply: fn(&[u8]) -> Vec<u8>) -> tokio::task::Joi
 
 #[tokio::test]
 async fn junk_answers_from_the_gateway_are_refused_without_panic() {
-    let cases: [(u8, fn(&[u8]) -> Vec<u8>); 4] = [
+    let cases: [(u8, Reply); 4] = [
         // Truncated: the version byte and nothing else.
         (31, |req| vec![req.first().copied().unwrap_or(0)]),
         // Oversize: 1,400 bytes of a plausible header then garbage.
         (32, |req| {
-            let mut v = vec![req.first().copied().unwrap_or(0), req.get(1).copied().unwrap_or(0) | 0x80, 0, 0];
+            let mut v = vec![
+                req.first().copied().unwrap_or(0),
+                req.get(1).copied().unwrap_or(0) | 0x80,
+                0,
+                0,
+            ];
             v.resize(1400, 0xAB);
             v
         }),
         // Random-looking bytes.
-        (33, |_| (0..64u8).map(|i| i.wrapping_mul(37) ^ 0x5A).collect()),
+        (33, |_| {
+            (0..64u8).map(|i| i.wrapping_mul(37) ^ 0x5A).collect()
+        }),
         // Right size, wrong opcode and an absurd lifetime.
         (34, |req| {
             let mut v = vec![0u8; 60];
@@ -84,7 +94,10 @@ async fn junk_answers_from_the_gateway_are_refused_without_panic() {
         assert!(started.elapsed() < Duration::from_secs(4), "case {last}");
         // The refusal is counted as a failure of the protocol that answered.
         let failures: u64 = board.counters.all().map(|(_, c)| c[3]).sum();
-        assert!(failures >= 1 || answered.is_empty(), "case {last}: {answered:?}");
+        assert!(
+            failures >= 1 || answered.is_empty(),
+            "case {last}: {answered:?}"
+        );
     }
 }
 
@@ -134,7 +147,11 @@ async fn junk_upnp_descriptions_are_refused_without_panic() {
         // Malformed XML.
         (42, b"<root><device><deviceType>urn:x</device".to_vec()),
         // Well-formed, no WAN service.
-        (43, b"<?xml version=\"1.0\"?><root><device><deviceType>x</deviceType></device></root>".to_vec()),
+        (
+            43,
+            b"<?xml version=\"1.0\"?><root><device><deviceType>x</deviceType></device></root>"
+                .to_vec(),
+        ),
     ];
     for (last, body) in cases {
         let gw = Ipv4Addr::new(127, 0, 0, last);

@@ -86,6 +86,8 @@ pub async fn register(addr: SocketAddr, name: &str, seed: u64) -> Result<Ws> {
         public_key: b64(key.verifying_key().as_bytes()),
         local_addrs: vec![],
         udp_port: None,
+        mapped_tcp: None,
+        mapped_udp: None,
         token: None,
         signature: sign_challenge(&key, &nonce, name, None),
     };

@@ -124,6 +124,8 @@ async fn handshake(
         nonce,
         udp_port: hello.udp_port.filter(|p| *p != 0),
         udp_observed: None,
+        mapped_tcp: mapped_candidate(shared, hello.mapped_tcp, observed),
+        mapped_udp: mapped_candidate(shared, hello.mapped_udp, observed),
         probe_counter: 0,
         rtt_us: 0,
     };
@@ -182,6 +184,25 @@ fn lan_candidates(
         }
     }
     Ok(kept)
+}
+
+/// A hello's router-mapped endpoint, kept only on the IP we observe the
+/// daemon at (where its router's public address is) and with a port: any
+/// other address would let a daemon aim its peers' punches at a third
+/// host. A refusal is logged and counted, and the daemon still registers.
+fn mapped_candidate(
+    shared: &Shared,
+    mapped: Option<SocketAddr>,
+    observed: SocketAddr,
+) -> Option<SocketAddr> {
+    let addr = mapped?;
+    let ip = addr.ip().to_canonical();
+    if ip == observed.ip().to_canonical() && addr.port() != 0 {
+        return Some(SocketAddr::new(ip, addr.port()));
+    }
+    shared.metrics.addr_refused(AddrRefusal::MappedNotObserved);
+    info!(%addr, %observed, "mapped endpoint not on the observed address; not passed on as a candidate");
+    None
 }
 
 /// Token first (an outsider learns nothing else), then version, name, key

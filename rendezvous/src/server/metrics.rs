@@ -150,6 +150,10 @@ reasons! {
         Multicast => "multicast",
         /// Unspecified address or port 0.
         Unspecified => "unspecified",
+        /// A `mapped_tcp`/`mapped_udp` endpoint on another IP than the
+        /// one the server observes (a router's mapping is on its own
+        /// public address, which is what the server sees).
+        MappedNotObserved => "mapped_not_observed",
     }
 }
 

@@ -140,6 +140,8 @@ pub(crate) async fn hello_udp(
         public_key: b64(key.verifying_key().as_bytes()),
         local_addrs: vec!["192.0.2.10:40000".parse().unwrap()],
         udp_port,
+        mapped_tcp: None,
+        mapped_udp: None,
         token: token.map(str::to_owned),
         signature: sign_challenge(&signer, &nonce, name, token),
     });

@@ -130,6 +130,10 @@ pub(crate) struct Registration {
     pub(crate) udp_port: Option<u16>,
     /// Its UDP endpoint as the observation socket saw it.
     pub(crate) udp_observed: Option<SocketAddr>,
+    /// The punch port as its router mapped it, TCP and UDP (checked: on
+    /// the observed IP).
+    pub(crate) mapped_tcp: Option<SocketAddr>,
+    pub(crate) mapped_udp: Option<SocketAddr>,
     /// Highest probe counter accepted (replay protection).
     pub(crate) probe_counter: u64,
     /// Last RTT the daemon reported, for timing its punches.
@@ -329,10 +333,19 @@ pub(crate) fn punch_orders(
     ]
 }
 
-/// The observed endpoint first, then the daemon's own addresses, without
-/// repeats (a host with no NAT reports its observed address as local too).
+/// The router-mapped endpoint first (when the daemon has one), then the
+/// observed endpoint, then the daemon's own addresses, without repeats (a
+/// host with no NAT reports its observed address as local too).
+///
+/// Mapped first: it is the one endpoint that takes an unsolicited first
+/// packet (the router forwards it; nothing on this side has to open a
+/// hole first), so it connects in the first round whatever the other
+/// side's NAT does, and it always fits under the cap.
 fn candidates(c: &Registration) -> Vec<SocketAddr> {
-    let mut out = vec![c.observed];
+    let mut out: Vec<SocketAddr> = c.mapped_tcp.into_iter().collect();
+    if !out.contains(&c.observed) {
+        out.push(c.observed);
+    }
     for a in &c.local_addrs {
         if !out.contains(a) && out.len() < 8 {
             out.push(*a);
@@ -359,7 +372,11 @@ fn udp_candidates(c: &Registration) -> Vec<SocketAddr> {
     let first = c
         .udp_observed
         .unwrap_or_else(|| SocketAddr::new(c.observed.ip(), port));
-    let mut out: Vec<SocketAddr> = vec![first];
+    // The mapped endpoint first, as in `candidates`.
+    let mut out: Vec<SocketAddr> = c.mapped_udp.into_iter().collect();
+    if !out.contains(&first) {
+        out.push(first);
+    }
     for a in &c.local_addrs {
         let a = SocketAddr::new(a.ip(), port);
         if !out.contains(&a) && out.len() < 8 {
@@ -397,6 +414,8 @@ pub(crate) mod tests {
             nonce: [key; 32],
             udp_port: None,
             udp_observed: None,
+            mapped_tcp: None,
+            mapped_udp: None,
             probe_counter: 0,
             rtt_us: 0,
         }
@@ -421,6 +440,29 @@ pub(crate) mod tests {
             "192.0.2.2:41000".parse().unwrap(),
         ];
         assert_eq!(udp_candidates(&c), want);
+    }
+
+    #[test]
+    fn a_mapped_endpoint_comes_first_and_says_its_own_port() {
+        let mut c = registration(1, "203.0.113.2:31337", &["192.0.2.2:40000"]);
+        c.udp_port = Some(40000);
+        c.udp_observed = Some("203.0.113.2:51234".parse().unwrap());
+        // The router gave other external ports than the punch port.
+        c.mapped_tcp = Some("203.0.113.2:40001".parse().unwrap());
+        c.mapped_udp = Some("203.0.113.2:40002".parse().unwrap());
+        let tcp: Vec<SocketAddr> = ["203.0.113.2:40001", "203.0.113.2:31337", "192.0.2.2:40000"]
+            .iter()
+            .map(|a| a.parse().unwrap())
+            .collect();
+        assert_eq!(candidates(&c), tcp);
+        let udp: Vec<SocketAddr> = ["203.0.113.2:40002", "203.0.113.2:51234", "192.0.2.2:40000"]
+            .iter()
+            .map(|a| a.parse().unwrap())
+            .collect();
+        assert_eq!(udp_candidates(&c), udp);
+        // A mapping equal to the observed endpoint (port-preserving NAT) is not repeated.
+        c.mapped_tcp = Some(c.observed);
+        assert_eq!(candidates(&c).len(), 2);
     }
 
     #[test]
