@@ -12,8 +12,10 @@ set -euo pipefail
 
 PREFIX="${PUNCH_LAB_MINIUPNPD:-/usr/local/lib/punch-lab/miniupnpd}"
 VERSION="2.3.1"
+# Marks an install with this patch (a different patch rebuilds).
+STAMP=".built-$VERSION-testnet3"
 
-if [ -x "$PREFIX/miniupnpd" ] && [ -f "$PREFIX/.built-$VERSION" ]; then
+if [ -x "$PREFIX/miniupnpd" ] && [ -f "$PREFIX/$STAMP" ]; then
   echo "miniupnpd $VERSION already built in $PREFIX"
   exit 0
 fi
@@ -41,13 +43,12 @@ cd src
 [ -f getifaddr.c ] || cd miniupnpd
 grep -q "^$VERSION" VERSION || { echo "miniupnpd source is $(cat VERSION), want $VERSION" >&2; exit 1; }
 
-# The reserved table lists each range as `{ IP(a,b,c,d), n }, /* RFC… TEST-NET… */`.
-# Drop the three TEST-NET lines and check that exactly three went.
-before=$(grep -c 'TEST-NET' getifaddr.c || true)
-sed -i '/IP(192, *0, *2, *0)/d; /IP(198, *51, *100, *0)/d; /IP(203, *0, *113, *0)/d' getifaddr.c
-after=$(grep -Ec 'IP\((192, *0, *2|198, *51, *100|203, *0, *113), *0\)' getifaddr.c || true)
-if [ "$after" != 0 ] || [ "$before" = 0 ]; then
-  echo "getifaddr.c: the TEST-NET lines were not found/removed (before=$before after=$after)" >&2
+# The reserved table lists each range as `{ IP(a, b, c, d), MSK(n) }, /* … */`.
+# Drop the TEST-NET-3 line and check that it went.
+grep -Eq 'IP\(203, *0, *113, *0\)' getifaddr.c || { echo "getifaddr.c: no TEST-NET-3 line to remove" >&2; exit 1; }
+sed -i -E '/IP\(203, *0, *113, *0\)/d' getifaddr.c
+if grep -Eq 'IP\(203, *0, *113, *0\)' getifaddr.c; then
+  echo "getifaddr.c: the TEST-NET-3 line is still there" >&2
   exit 1
 fi
 
@@ -59,5 +60,5 @@ install -m 0755 miniupnpd "$PREFIX/miniupnpd"
 cp -r netfilter_nft/scripts "$PREFIX/"
 chmod 0755 "$PREFIX"/scripts/*.sh
 rm -f "$PREFIX"/.built-*
-touch "$PREFIX/.built-$VERSION"
+touch "$PREFIX/$STAMP"
 echo "miniupnpd $VERSION built into $PREFIX"

@@ -16,7 +16,8 @@ use crate::harness::spec::{Scenario, FORWARD_LISTEN, PUNCH_PORT, SINK_LISTEN};
 use crate::harness::status;
 use crate::harness::transfer::{transfer_in, SendReport};
 use crate::net::netns::{self, listens_on};
-use crate::net::topology::{Topology, RENDEZVOUS_IP};
+use crate::net::router::Router;
+use crate::net::topology::{Side, Topology, RENDEZVOUS_IP};
 
 const ADMIN: &str = "127.0.0.1:7070";
 /// Set to record every namespace's packets (`<ns>.pcap`) and each NAT's
@@ -44,6 +45,8 @@ pub struct Run {
     pub rendezvous_healthy_after: Option<Duration>,
     /// Index of the sink bob exposes, in hostB.
     pub sink: usize,
+    /// Router daemons, by index in `topo.nats`.
+    pub routers: Vec<(usize, Router)>,
     started: Instant,
 }
 
@@ -109,6 +112,17 @@ impl Run {
         if std::env::var_os(CAPTURE_ENV).is_some() {
             capture(&mut topo, &dir)?;
         }
+        let mut routers = Vec::new();
+        for (side, spec) in &s.routers {
+            let (nat, lan) = match side {
+                Side::A => (topo.outer_nat_a, "192.0.2.0/24"),
+                Side::B => (topo.outer_nat_b, "198.51.100.0/24"),
+            };
+            let Some(i) = nat else {
+                bail!("no NAT on side {side:?} for a router");
+            };
+            routers.push((i, Router::start(&mut topo.nats[i], *spec, lan, &dir)?));
+        }
 
         let alice_key = bins.keygen(&dir.join("alice.key"))?;
         let bob_key = bins.keygen(&dir.join("bob.key"))?;
@@ -144,6 +158,7 @@ impl Run {
             bob: 0,
             rendezvous: 0,
             sink: 0,
+            routers,
             started: Instant::now(),
         };
         if let Some(cfg) = &s.rendezvous_config {
@@ -294,6 +309,18 @@ impl Run {
             tool,
             &["get", "--addr", "127.0.0.1:8080", "--path", "/metrics"],
         )?;
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// A daemon's `/metrics` text, fetched inside its host.
+    pub fn metrics(&self, who: &str) -> Result<String> {
+        let tool = self.bins.tool.to_str().unwrap_or("punch-lab-tool");
+        let ns = if who == "alice" {
+            &self.topo.host_a
+        } else {
+            &self.topo.host_b
+        };
+        let out = ns.exec(tool, &["get", "--addr", ADMIN, "--path", "/metrics"])?;
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 

@@ -3,7 +3,8 @@
 //! starts one; the suites say what to check.
 
 use crate::harness::punchd_types::Transport;
-use crate::net::topology::{Layout, Links};
+use crate::net::router::RouterSpec;
+use crate::net::topology::{Layout, Links, Side};
 
 /// The punch port both daemons use.
 pub const PUNCH_PORT: u16 = 40000;
@@ -58,6 +59,9 @@ pub struct Scenario {
     /// An nftables rule set loaded in bob's host before the daemons start
     /// (a misbehaving network on his side).
     pub host_b_rules: Option<String>,
+    /// Router daemons (miniupnpd) started on these sides' NATs before the
+    /// daemons, for port mapping.
+    pub routers: Vec<(Side, RouterSpec)>,
 }
 
 impl Scenario {
@@ -77,6 +81,7 @@ impl Scenario {
             rendezvous_image: None,
             rendezvous_config: None,
             host_b_rules: None,
+            routers: Vec::new(),
         }
     }
 }
@@ -120,6 +125,12 @@ impl Scenario {
     /// Loads this nftables rule set in bob's host before anything starts.
     pub fn with_host_b_rules(mut self, nft: &str) -> Self {
         self.host_b_rules = Some(nft.to_owned());
+        self
+    }
+
+    /// Runs a router daemon (miniupnpd) on `side`'s NAT.
+    pub fn with_router(mut self, side: Side, spec: RouterSpec) -> Self {
+        self.routers.push((side, spec));
         self
     }
 

@@ -9,8 +9,11 @@
 //!   one public host, double NAT), internet link emulation on them.
 //! - [`nat`]: the nftables rule sets for each NAT flavour.
 //! - [`linkem`]: delay, jitter and loss where packets arrive (NFQUEUE).
+//! - [`router`]: a real router daemon (miniupnpd: UPnP IGD, NAT-PMP, PCP)
+//!   in a NAT namespace.
 
 pub mod linkem;
 pub mod nat;
 pub mod netns;
+pub mod router;
 pub mod topology;

@@ -23,6 +23,7 @@
 pub mod bench;
 pub mod integrity;
 pub mod loadgen;
+pub mod portmap;
 pub mod realism;
 pub mod recovery;
 pub mod same_nat;
