@@ -244,6 +244,47 @@ fn unix_ms_after(d: Duration) -> u64 {
         .map_or(0, |t| t.as_millis() as u64)
 }
 
+/// Where PCP and NAT-PMP routers announce a restart or a new address
+/// (RFC 6887 §14.1.3, RFC 6886 §3.2.1): `224.0.0.1:5350`.
+const ANNOUNCE_GROUP: Ipv4Addr = Ipv4Addr::new(224, 0, 0, 1);
+const ANNOUNCE_PORT: u16 = 5350;
+/// Announcements acted on at most this often (a chatty or hostile LAN
+/// device cannot make us renew in a loop).
+const ANNOUNCE_MIN_GAP: Duration = Duration::from_secs(5);
+
+/// A socket for the gateway's restart announcements, joined on our LAN
+/// address. A router that restarted has forgotten our mapping; hearing it
+/// say so lets us map again at once, before the peer's packets meet the
+/// bare router and leave conntrack entries that would shadow the mapping.
+fn announce_socket(local: Ipv4Addr) -> Option<tokio::net::UdpSocket> {
+    let open = || -> std::io::Result<tokio::net::UdpSocket> {
+        let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::DGRAM, None)?;
+        s.set_reuse_address(true)?;
+        s.set_reuse_port(true)?;
+        s.set_nonblocking(true)?;
+        s.bind(&SocketAddr::from((Ipv4Addr::UNSPECIFIED, ANNOUNCE_PORT)).into())?;
+        s.join_multicast_v4(&ANNOUNCE_GROUP, &local)?;
+        tokio::net::UdpSocket::from_std(s.into())
+    };
+    match open() {
+        Ok(s) => Some(s),
+        Err(e) => {
+            debug!(error = %e, "port mapping: not listening for router announcements");
+            None
+        }
+    }
+}
+
+/// The next datagram on `sock` (pending forever without one). Only the
+/// sender matters: the content is not parsed, so no reply can be junk.
+async fn announced(sock: Option<&tokio::net::UdpSocket>) -> Option<SocketAddr> {
+    let Some(s) = sock else {
+        return std::future::pending().await;
+    };
+    let mut buf = [0u8; 64];
+    s.recv_from(&mut buf).await.ok().map(|(_, from)| from)
+}
+
 /// The mapper task.
 async fn run(
     mut cmds: mpsc::Receiver<Cmd>,
@@ -256,6 +297,8 @@ async fn run(
     let mut held: Option<Held> = None;
     let mut answered: Vec<Protocol> = Vec::new();
     let mut settled = false;
+    let mut announce: Option<tokio::net::UdpSocket> = None;
+    let mut last_announce: Option<Instant> = None;
     let mut action = Action::WaitUntil(Instant::now() + plan::REPROBE_IDLE);
     loop {
         action = match action {
@@ -333,6 +376,7 @@ async fn run(
                                 }
                                 Some(g) if fresh => {
                                     let had = target.is_some();
+                                    announce = announce_socket(local);
                                     target = Some(Target { gateway: g, local, ports });
                                     if had { plan.gateway_changed(Instant::now()) } else { plan.start(Instant::now()) }
                                 }
@@ -353,6 +397,18 @@ async fn run(
                         }
                         None => std::future::pending().await,
                     },
+                    Some(from) = announced(announce.as_ref()) => {
+                        let now = Instant::now();
+                        let from_gateway = target.is_some_and(|t| from.ip() == IpAddr::V4(t.gateway));
+                        let due = last_announce.is_none_or(|t| now.saturating_duration_since(t) >= ANNOUNCE_MIN_GAP);
+                        if from_gateway && due {
+                            last_announce = Some(now);
+                            info!(%from, "the gateway announced a restart or a new address; mapping again");
+                            plan.tunnel_lost(now)
+                        } else {
+                            plan.tick(now)
+                        }
+                    }
                     _ = cancel.cancelled() => break,
                 }
             }

@@ -79,15 +79,20 @@ pub fn scenario(name: &str) -> Option<Scenario> {
             .with_router(Side::A, spec(Offer::All))
             .with_router(Side::B, spec(Offer::All)),
         "pm-restart" => direct(name).with_router(Side::A, spec(Offer::All)),
-        "pm-deny" => Scenario::new(name, random, Expect::Relayed)
-            .with_transports(&both)
-            .with_router(
-                Side::A,
-                RouterSpec {
-                    offer: Offer::All,
-                    deny: true,
-                },
-            ),
+        // Relayed: 8 MiB is enough to show the relay carries it intact
+        // (64 MiB through the relay's bandwidth cap would cost CI ~30 s).
+        "pm-deny" => Scenario {
+            bytes: 8 << 20,
+            ..Scenario::new(name, random, Expect::Relayed)
+        }
+        .with_transports(&both)
+        .with_router(
+            Side::A,
+            RouterSpec {
+                offer: Offer::All,
+                deny: true,
+            },
+        ),
         // No router at all, on NATs a plain punch gets through: the probe
         // must not hold the punch up.
         "pm-none" => Scenario::new(
