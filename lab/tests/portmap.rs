@@ -65,3 +65,8 @@ fn a_router_refusing_the_mapping_falls_back_without_an_error_loop() {
 fn no_router_does_not_hold_up_the_punch() {
     scenario("pm-none");
 }
+
+#[test]
+fn port_mapping_off_sends_no_probe() {
+    scenario("pm-off");
+}

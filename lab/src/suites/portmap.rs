@@ -108,6 +108,14 @@ pub fn scenario(name: &str) -> Option<Scenario> {
             Layout::TwoNats(NatBehaviour::Masquerade),
             Expect::Direct,
         ),
+        // The same with mapping off: nothing is probed (and its time to
+        // direct is the baseline for pm-none's).
+        "pm-off" => Scenario::new(
+            name,
+            Layout::TwoNats(NatBehaviour::Masquerade),
+            Expect::Direct,
+        )
+        .with_punch("port_mapping = false"),
         _ => return None,
     })
 }
@@ -125,6 +133,15 @@ pub fn run_named(name: &str, bins: &Binaries) -> Result<Mapped> {
             _ => checks::direct(s, run)?,
         };
         out = mapped_facts(s, run, report)?;
+        let probes = counted(run, "punchd_portmap_probes_total")?;
+        let want = if s.punch_extra.contains("port_mapping = false") {
+            0.0
+        } else {
+            3.0
+        };
+        if probes != want {
+            bail!("alice sent {probes} port-mapping probes, expected {want}");
+        }
         Ok(out.report.clone())
     })?;
     out.report = report;
