@@ -98,6 +98,7 @@ fn documented() -> Vec<(&'static str, Kind, Vec<Label>)> {
                     "link_local",
                     "multicast",
                     "unspecified",
+                    "mapped_not_observed",
                 ],
             )],
         ),

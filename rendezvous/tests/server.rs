@@ -89,6 +89,62 @@ async fn name_takeover_is_refused_and_same_key_replaces() {
     server.stop().await;
 }
 
+/// A router-mapped endpoint on the daemon's observed IP comes first in its
+/// peer's candidates, with the port the router gave; one on another IP is
+/// dropped and counted, and the daemon still registers.
+#[tokio::test]
+async fn mapped_endpoints_lead_the_candidates_only_on_the_observed_ip() {
+    let server = TestServer::start(RendezvousConfig::default()).await;
+    let tcp: SocketAddr = "127.0.0.1:40001".parse().unwrap();
+    let udp: SocketAddr = "127.0.0.1:40002".parse().unwrap();
+    let (mut a, wa, _) = support::hello_mapped(
+        server.addr,
+        "alice",
+        &key(1),
+        None,
+        false,
+        Some(40000),
+        (Some(tcp), Some(udp)),
+    )
+    .await;
+    assert!(matches!(wa, ServerMsg::Welcome { .. }));
+    // Bob claims a mapping on an address that is not his.
+    let elsewhere: SocketAddr = "203.0.113.77:40000".parse().unwrap();
+    let (mut b, wb, _) = support::hello_mapped(
+        server.addr,
+        "bob",
+        &key(2),
+        None,
+        false,
+        Some(40000),
+        (Some(elsewhere), Some(elsewhere)),
+    )
+    .await;
+    let ServerMsg::Welcome {
+        observed_addr: ob, ..
+    } = wb
+    else {
+        panic!("bob registers despite the bad mapping")
+    };
+    send(&mut a, &ClientMsg::Connect { peer: "bob".into() }).await;
+    let (ServerMsg::Punch(pa), ServerMsg::Punch(pb)) = (recv(&mut a).await, recv(&mut b).await)
+    else {
+        panic!("both get punch orders")
+    };
+    assert_eq!(pb.candidates[0], tcp, "{:?}", pb.candidates);
+    assert_eq!(pb.udp_candidates[0], udp, "{:?}", pb.udp_candidates);
+    assert_eq!(pa.candidates[0], ob);
+    assert!(!pa.candidates.contains(&elsewhere));
+    assert!(!pa.udp_candidates.contains(&elsewhere));
+    assert_eq!(
+        server
+            .metric("punch_rendezvous_local_addrs_dropped_total{reason=\"mapped_not_observed\"}")
+            .await,
+        2
+    );
+    server.stop().await;
+}
+
 #[tokio::test]
 async fn punch_reaches_both_sides_with_one_session_and_time() {
     let server = TestServer::start(RendezvousConfig::default()).await;

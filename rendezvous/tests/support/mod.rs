@@ -123,6 +123,19 @@ pub(crate) async fn hello_udp(
     forge: bool,
     udp_port: Option<u16>,
 ) -> (Ws, ServerMsg, [u8; 32]) {
+    hello_mapped(addr, name, key, token, forge, udp_port, (None, None)).await
+}
+
+/// The handshake announcing router-mapped endpoints (TCP, UDP).
+pub(crate) async fn hello_mapped(
+    addr: SocketAddr,
+    name: &str,
+    key: &SigningKey,
+    token: Option<&str>,
+    forge: bool,
+    udp_port: Option<u16>,
+    mapped: (Option<SocketAddr>, Option<SocketAddr>),
+) -> (Ws, ServerMsg, [u8; 32]) {
     let mut ws = open(addr).await;
     let ServerMsg::Challenge { version, nonce } = recv(&mut ws).await else {
         panic!("expected challenge")
@@ -140,8 +153,8 @@ pub(crate) async fn hello_udp(
         public_key: b64(key.verifying_key().as_bytes()),
         local_addrs: vec!["192.0.2.10:40000".parse().unwrap()],
         udp_port,
-        mapped_tcp: None,
-        mapped_udp: None,
+        mapped_tcp: mapped.0,
+        mapped_udp: mapped.1,
         token: token.map(str::to_owned),
         signature: sign_challenge(&signer, &nonce, name, token),
     });
