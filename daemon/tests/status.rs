@@ -278,6 +278,21 @@ async fn v1_status_has_every_documented_field_with_its_type() {
         .parse::<std::net::SocketAddr>()
         .is_ok());
     assert_eq!(string(&v, "rendezvous"), "connected");
+    // DESIGN.md, "Port mapping": the object is always there; on loopback
+    // no gateway lies between the daemon and the rendezvous, so it is all
+    // null (and nothing was probed).
+    let pm = &v["port_mapping"];
+    for k in [
+        "protocol",
+        "external_tcp",
+        "external_udp",
+        "expires_unix_ms",
+    ] {
+        assert!(
+            pm.get(k).is_some_and(Json::is_null),
+            "port_mapping.{k} in {v}"
+        );
+    }
     let peers = v["peers"].as_array().expect("peers is an array");
     assert_eq!(peers.len(), 1);
     let p = &peers[0];
