@@ -513,6 +513,15 @@ mod tests {
     }
 
     #[test]
+    fn port_mapping_defaults_on_and_can_be_turned_off() {
+        assert!(parse(&base()).unwrap().punch.port_mapping);
+        let cfg = parse(&format!("{}\n[punch]\nport_mapping = false\n", base())).unwrap();
+        assert!(!cfg.punch.port_mapping);
+        let e = err_text(&format!("{}\n[punch]\nport_mapping = \"yes\"\n", base()));
+        assert!(e.contains("expected a boolean"), "{e}");
+    }
+
+    #[test]
     fn durations_are_humantime() {
         let cfg = parse(&format!("{}\n[punch]\ntimeout = \"1500ms\"\n", base())).unwrap();
         assert_eq!(cfg.punch.timeout, Duration::from_millis(1500));
