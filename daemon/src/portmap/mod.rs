@@ -137,6 +137,8 @@ enum Cmd {
 pub(crate) struct PortMapper {
     cmds: Option<mpsc::Sender<Cmd>>,
     state: watch::Receiver<Snapshot>,
+    /// A probe was asked for (so a first registration may wait for it).
+    asked: bool,
 }
 
 impl std::fmt::Debug for Cmd {
@@ -158,6 +160,7 @@ impl PortMapper {
         Self {
             cmds: None,
             state: rx,
+            asked: false,
         }
     }
 
@@ -173,13 +176,14 @@ impl PortMapper {
         Self {
             cmds: Some(tx),
             state: state_rx,
+            asked: false,
         }
     }
 
     /// The punch port is bound and `local` is our address toward the
     /// rendezvous. A loopback or IPv6 address means no IPv4 gateway lies
     /// between us and it: then nothing is probed (and nothing waited for).
-    pub(crate) fn start(&self, local: SocketAddr, tcp_port: u16, udp_port: Option<u16>) {
+    pub(crate) fn start(&mut self, local: SocketAddr, tcp_port: u16, udp_port: Option<u16>) {
         let Some(tx) = &self.cmds else { return };
         let (IpAddr::V4(ip), Some(tcp)) = (local.ip(), NonZeroU16::new(tcp_port)) else {
             return;
@@ -192,7 +196,9 @@ impl PortMapper {
             tcp,
             udp: udp_port.and_then(NonZeroU16::new),
         };
-        let _ = tx.try_send(Cmd::Start { local: ip, ports });
+        if tx.try_send(Cmd::Start { local: ip, ports }).is_ok() {
+            self.asked = true;
+        }
     }
 
     /// A tunnel was lost: the router may have forgotten the mapping.
@@ -203,9 +209,10 @@ impl PortMapper {
     }
 
     /// The mapping now, waiting up to `budget` for a first probe to finish
-    /// (when one is running: a host that will not probe does not wait).
+    /// (when one was asked for: a host that will not probe, e.g. one that
+    /// reaches the rendezvous over loopback, does not wait).
     pub(crate) async fn settled(&mut self, budget: Duration) -> Option<Grant> {
-        if self.cmds.is_some() {
+        if self.asked {
             let _ = tokio::time::timeout(budget, self.state.wait_for(|s| s.settled)).await;
         }
         self.current()

@@ -165,3 +165,27 @@ async fn junk_upnp_descriptions_are_refused_without_panic() {
         assert!(!answered.contains(&Protocol::Pcp));
     }
 }
+
+#[tokio::test]
+async fn a_rendezvous_over_loopback_is_not_probed_nor_waited_for() {
+    let board = std::sync::Arc::new(Board::default());
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let tracker = tokio_util::task::TaskTracker::new();
+    let mut m = super::PortMapper::spawn(board.clone(), cancel.clone(), &tracker);
+    m.start(
+        SocketAddr::from((Ipv4Addr::LOCALHOST, 5555)),
+        40000,
+        Some(40000),
+    );
+    let started = Instant::now();
+    assert_eq!(m.settled(Duration::from_secs(5)).await, None);
+    assert!(started.elapsed() < Duration::from_millis(100));
+    assert!(board.counters.all().all(|(_, c)| c == [0; 4]));
+    // Off: the same, and nothing runs.
+    let mut off = super::PortMapper::disabled();
+    off.start(SocketAddr::from(([192, 0, 2, 2], 5555)), 40000, None);
+    assert_eq!(off.settled(Duration::from_secs(5)).await, None);
+    cancel.cancel();
+    tracker.close();
+    tracker.wait().await;
+}
