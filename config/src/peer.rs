@@ -41,7 +41,7 @@ pub struct PeerConfig {
 }
 
 /// `[rendezvous]`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RendezvousSection {
     /// `http://host:port` or `https://host:port` of `punch-rendezvous`.
@@ -107,7 +107,7 @@ fn default_transports() -> Vec<TransportKind> {
 }
 
 /// `[punch]`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PunchSection {
     /// Local port bound for the rendezvous connection and every punch
@@ -177,7 +177,7 @@ impl Default for PunchSection {
 }
 
 /// `[admin]`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AdminSection {
     /// Status/metrics listener. Default `127.0.0.1:7070`; keep it on

@@ -44,6 +44,13 @@ pub async fn repunch(addr: SocketAddr, peer: &str, token: &str) -> Result<String
     Ok(String::from_utf8_lossy(&body).trim().to_owned())
 }
 
+/// Asks the daemon to re-read its config file; returns its answer (what
+/// changed), or an error carrying why the new file was refused.
+pub async fn reload(addr: SocketAddr, token: &str) -> Result<String, StatusError> {
+    let body = request(addr, hyper::Method::POST, "/v1/reload", Some(token)).await?;
+    Ok(String::from_utf8_lossy(&body).trim().to_owned())
+}
+
 /// One request; a non-2xx answer is an error carrying the daemon's reason.
 async fn request(
     addr: SocketAddr,

@@ -124,7 +124,8 @@ fn traffic(out: &mut Exposition, doc: &StatusDoc) {
 
 /// Punch sessions and attempts per peer (counters kept beside the doc).
 fn punches(out: &mut Exposition, doc: &StatusDoc, board: &StatusBoard) {
-    let peer_status = |name: &str| board.peers.iter().find(|s| s.name == name);
+    let peers = board.peers();
+    let peer_status = |name: &str| peers.iter().find(|s| s.name == name);
     {
         let mut f = out.family(
             "punchd_punches_total",

@@ -244,8 +244,9 @@ pub struct StatusBoard {
     rendezvous: Mutex<RendezvousState>,
     /// The QUIC endpoint, for its connection count.
     quic: Mutex<Option<quinn::Endpoint>>,
-    pub(crate) peers: Vec<Arc<PeerStatus>>,
-    pub(crate) forwards: Vec<Arc<ForwardStatus>>,
+    /// Replaced whole by a config reload.
+    peers: Mutex<Vec<Arc<PeerStatus>>>,
+    forwards: Mutex<Vec<Arc<ForwardStatus>>>,
     /// Punch orders refused because the pinned server key did not sign them.
     pub(crate) orders_refused: AtomicU64,
     /// Inputs refused or trimmed by a limit (README, "Limits"), by reason.
@@ -319,8 +320,8 @@ impl StatusBoard {
             name: name.to_owned(),
             rendezvous: Mutex::default(),
             quic: Mutex::default(),
-            peers,
-            forwards,
+            peers: Mutex::new(peers),
+            forwards: Mutex::new(forwards),
             orders_refused: AtomicU64::new(0),
             limits: LimitCounters::default(),
         }
@@ -340,6 +341,17 @@ impl StatusBoard {
         if punch_port != 0 {
             r.punch_port = punch_port;
         }
+    }
+
+    /// The peers now configured.
+    pub(crate) fn peers(&self) -> Vec<Arc<PeerStatus>> {
+        lock(&self.peers).clone()
+    }
+
+    /// After a reload: the peers and forwards now configured.
+    pub(crate) fn replace(&self, peers: Vec<Arc<PeerStatus>>, forwards: Vec<Arc<ForwardStatus>>) {
+        *lock(&self.peers) = peers;
+        *lock(&self.forwards) = forwards;
     }
 
     pub(crate) fn set_quic_endpoint(&self, endpoint: quinn::Endpoint) {
@@ -369,8 +381,8 @@ impl StatusBoard {
             quic_connections: lock(&self.quic)
                 .as_ref()
                 .map(quinn::Endpoint::open_connections),
-            peers: self.peers.iter().map(|p| p.doc()).collect(),
-            forwards: self.forwards.iter().map(|f| f.doc()).collect(),
+            peers: self.peers().iter().map(|p| p.doc()).collect(),
+            forwards: lock(&self.forwards).iter().map(|f| f.doc()).collect(),
         }
     }
 

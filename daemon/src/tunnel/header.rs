@@ -2,7 +2,7 @@
 //! side that accepts it knows what is asked and can say no.
 //!
 //! ```text
-//! opener → [version=2][len][service name]        (len ≤ 63)
+//! opener → [version=2][len][service name]        (len ≤ 67: `name#n`, forward/ranges.rs)
 //! exposer → [status][len][reason]                (status 0 = ok)
 //! ```
 //!
@@ -94,7 +94,7 @@ pub(crate) async fn read_request<S: AsyncRead + Unpin>(s: &mut S) -> Result<Stri
             return Err(HeaderError::Malformed("unknown version"));
         }
         let name = read_short_string(s).await?;
-        if name.is_empty() || name.len() > 63 {
+        if name.is_empty() || name.len() > crate::forward::ranges::MAX_REQUEST_LEN {
             return Err(HeaderError::Malformed("bad service name length"));
         }
         Ok(name)
