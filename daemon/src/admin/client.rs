@@ -27,6 +27,10 @@ pub enum StatusError {
     /// HTTP failed.
     #[error("admin API at {0}: {1}")]
     Http(SocketAddr, String),
+    /// The daemon refused the request's content (a reload's new file did
+    /// not validate); the daemon's reason.
+    #[error("{1}")]
+    Refused(SocketAddr, String),
 }
 
 /// GETs the status document.
@@ -83,6 +87,10 @@ async fn request(
             .await
             .map_err(|e| http(&e))?
             .to_bytes();
+        if status == hyper::StatusCode::UNPROCESSABLE_ENTITY {
+            let why = String::from_utf8_lossy(&body).trim().to_owned();
+            return Err(StatusError::Refused(addr, why));
+        }
         if !status.is_success() {
             let why = String::from_utf8_lossy(&body);
             return Err(http(&format!("HTTP {status}: {}", why.trim())));

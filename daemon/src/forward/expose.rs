@@ -81,14 +81,13 @@ pub(crate) async fn serve_inbound(
         .await;
         return;
     };
-    let target =
-        match tokio::time::timeout(TARGET_CONNECT_TIMEOUT, TcpStream::connect(&target)).await {
-            Ok(Ok(t)) => t,
-            Ok(Err(e)) => {
-                return refuse_target(&mut stream, &peer_name, service, &e.to_string()).await
-            }
-            Err(_) => return refuse_target(&mut stream, &peer_name, service, "timed out").await,
-        };
+    let target = match tokio::time::timeout(TARGET_CONNECT_TIMEOUT, TcpStream::connect(&target))
+        .await
+    {
+        Ok(Ok(t)) => t,
+        Ok(Err(e)) => return refuse_target(&mut stream, &peer_name, service, &e.to_string()).await,
+        Err(_) => return refuse_target(&mut stream, &peer_name, service, "timed out").await,
+    };
     let _ = target.set_nodelay(true);
     if reply(&mut stream, Ok(())).await.is_err() {
         reset(target);
