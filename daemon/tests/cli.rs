@@ -103,6 +103,75 @@ fn demo_runs_and_reports_a_direct_path() {
     assert!(stdout.contains("matches"), "{stdout}");
 }
 
+#[test]
+#[cfg(feature = "demo")]
+fn demo_piped_prints_its_report_without_logs_or_escape_codes() {
+    let run = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_punchd"))
+            .args(args)
+            .env_remove("RUST_LOG")
+            .env_remove("NO_COLOR")
+            .output()
+            .unwrap()
+    };
+    let out = run(&["demo"]);
+    let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    for line in [
+        "punchd demo:",
+        "  path ",
+        "  punch ",
+        "  transfer ",
+        "  checksum ",
+    ] {
+        assert!(stdout.contains(line), "no {line:?} in {stdout}");
+    }
+    assert_eq!(stdout.lines().count(), 5, "{stdout}");
+    assert!(
+        !stdout.contains('\x1b') && !stderr.contains('\x1b'),
+        "{stdout:?} {stderr:?}"
+    );
+    // No logs and no progress line: stderr is not a terminal.
+    assert!(stderr.trim().is_empty(), "{stderr}");
+    // --verbose brings the logs back, still without colour in a pipe.
+    let out = run(&["demo", "--verbose"]);
+    let stderr = text(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("INFO") && stderr.contains("punchd started"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains('\x1b'), "{stderr:?}");
+}
+
+#[test]
+fn completions_and_man_pages_come_from_the_clap_definitions() {
+    for shell in ["bash", "zsh", "fish"] {
+        let out = punchd(&["completions", shell]);
+        assert!(out.status.success(), "{shell}: {}", text(&out.stderr));
+        let script = text(&out.stdout);
+        assert!(script.len() > 1000, "{shell}: {script}");
+        for word in ["reload", "check-config", "token-file"] {
+            assert!(script.contains(word), "{shell} script lacks {word}");
+        }
+    }
+    assert_eq!(punchd(&["completions", "tcsh"]).status.code(), Some(2));
+    let man = punchd(&["man"]);
+    assert!(man.status.success());
+    let page = text(&man.stdout);
+    assert!(
+        page.contains(".TH punchd 1") && page.contains("reload"),
+        "{page}"
+    );
+    let dir = temp_dir("man");
+    let out = punchd(&["man", "--out", dir.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    for page in ["punchd.1", "punchd-reload.1", "punchd-status.1"] {
+        assert!(dir.join(page).exists(), "{page} not written");
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 /// A stand-in for systemd's notify socket: what `Type=notify` units rely on.
 struct ServiceManager {
     socket: std::os::unix::net::UnixDatagram,
