@@ -220,7 +220,15 @@ fn dispatch(cli: Cli) -> Result<(), Failure> {
             }),
             _,
         ) => {
-            let target = AdminTarget::resolve(admin, config.as_deref(), token_file)?;
+            // The admin address is in the file: a file that does not load
+            // cannot reach the daemon, which keeps running as it was.
+            let target =
+                AdminTarget::resolve(admin, config.as_deref(), token_file).map_err(|f| Failure {
+                    code: f.code,
+                    error: f.error.context(
+                        "the daemon was not asked to reload (it keeps its running configuration); fix the file, or pass --admin",
+                    ),
+                })?;
             reload(&target)
         }
         (Some(Command::Demo { .. }), _) => demo(),

@@ -235,6 +235,127 @@ fn tells_the_service_manager_when_ready_and_when_stopping() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// A daemon that is killed if the test fails before stopping it.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn listening(port: u16) -> bool {
+    std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+}
+
+#[test]
+fn sighup_and_punchd_reload_apply_a_new_file_and_refuse_a_bad_one() {
+    let dir = temp_dir("reload");
+    for name in ["alice", "bob"] {
+        let key = dir.join(format!("{name}.key"));
+        assert!(punchd(&["keygen", "--out", key.to_str().unwrap()])
+            .status
+            .success());
+    }
+    let bob = text(&punchd(&["pubkey", "--key", dir.join("bob.key").to_str().unwrap()]).stdout);
+    let (admin, p1, p2, p3) = (free_port(), free_port(), free_port(), free_port());
+    let cfg = dir.join("alice.toml");
+    let write = |listens: &[u16], extra: &str| {
+        let mut t = format!(
+            "name = \"alice\"\nkey_file = \"alice.key\"\n[rendezvous]\nurl = \"http://127.0.0.1:9\"\n\
+             [admin]\nlisten = \"127.0.0.1:{admin}\"\ntoken_file = \"admin.token\"\n\
+             [[peers]]\nname = \"bob\"\npublic_key = \"{}\"\n{extra}",
+            bob.trim()
+        );
+        for p in listens {
+            t.push_str(&format!(
+                "[[forward]]\nlisten = \"127.0.0.1:{p}\"\npeer = \"bob\"\nservice = \"x\"\n"
+            ));
+        }
+        std::fs::write(&cfg, t).unwrap();
+    };
+    write(&[p1], "");
+    let manager = ServiceManager::new(&dir);
+    let mut child = KillOnDrop(
+        Command::new(env!("CARGO_BIN_EXE_punchd"))
+            .args(["--config", cfg.to_str().unwrap()])
+            .env("RUST_LOG", "warn")
+            .env("NOTIFY_SOCKET", &manager.path)
+            .spawn()
+            .unwrap(),
+    );
+    assert!(manager.next().contains("READY=1"));
+    assert!(listening(p1));
+
+    // SIGHUP: the forward moves from p1 to p2; systemd hears RELOADING=1,
+    // then READY=1 once it is done.
+    write(&[p2], "");
+    let hup = Command::new("kill")
+        .args(["-HUP", &child.0.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(hup.success());
+    assert!(manager.next().contains("RELOADING=1"));
+    assert!(manager.next().contains("READY=1"));
+    assert!(listening(p2) && !listening(p1));
+
+    // `punchd reload` with a bad file: exit 2, the located error, no change.
+    write(&[p2, p3], "colour = \"red\"\n");
+    let out = punchd(&["reload", "--config", cfg.to_str().unwrap()]);
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("not asked to reload") && err.contains("colour"),
+        "{err}"
+    );
+    // Given the address, the daemon reads the file itself and refuses it.
+    let admin_addr = format!("127.0.0.1:{admin}");
+    let token = dir.join("admin.token");
+    let out = punchd(&[
+        "reload",
+        "--admin",
+        &admin_addr,
+        "--token-file",
+        token.to_str().unwrap(),
+    ]);
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("alice.toml:11:1") && err.contains("colour"),
+        "{err}"
+    );
+    assert!(err.contains("the running configuration stays"), "{err}");
+    assert!(listening(p2) && !listening(p3));
+
+    // Fixed: exit 0, says what changed.
+    write(&[p2, p3], "");
+    let out = punchd(&["reload", "--config", cfg.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let said = text(&out.stdout);
+    assert!(
+        said.contains("reloaded: forwards added: 127.0.0.1:"),
+        "{said}"
+    );
+    assert!(listening(p2) && listening(p3));
+
+    let term = Command::new("kill")
+        .args(["-TERM", &child.0.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(term.success());
+    assert_eq!(child.0.wait().unwrap().code(), Some(0));
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 #[test]
 fn a_remote_admin_listen_without_allow_remote_exits_2_naming_the_key() {
     let example = concat!(
