@@ -12,9 +12,8 @@
 /// contains it).
 const SEP: char = '#';
 
-/// Longest request: a 63-byte service name, `#` and a position below
-/// [`punch_config::MAX_RANGE_PORTS`] (three digits).
-pub(crate) const MAX_REQUEST_LEN: usize = 63 + 4;
+#[cfg(test)]
+use crate::tunnel::header::MAX_REQUEST_LEN;
 
 /// The request a forward's `index`-th listen port sends; `None` for a
 /// single-port forward.
