@@ -716,6 +716,7 @@ async fn apply_reload(
     config: Option<Box<PeerConfig>>,
 ) -> Result<String, ReloadError> {
     let r = sup.reload(config).await;
+    sup.board.reloaded(r.is_ok());
     match &r {
         Ok(summary) => info!(%summary, "configuration reloaded"),
         Err(e) => warn!(error = %e, "reload refused"),

@@ -279,6 +279,16 @@ async fn reload_adds_and_removes_forwards_without_cutting_a_transfer() {
     assert_eq!(alice.forward_addrs_now(), now);
     assert_eq!(alice.status.snapshot().peers[0].punches_ok, punches);
 
+    let metrics = alice.status.render_metrics();
+    assert!(
+        metrics.contains("punchd_reloads_total{result=\"ok\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("punchd_reloads_total{result=\"refused\"} 2"),
+        "{metrics}"
+    );
+
     // Without the token the admin API refuses to reload at all.
     assert!(punchd::admin::client::reload(alice.admin_addr, "nope")
         .await

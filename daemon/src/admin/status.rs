@@ -251,6 +251,8 @@ pub struct StatusBoard {
     pub(crate) orders_refused: AtomicU64,
     /// Inputs refused or trimmed by a limit (README, "Limits"), by reason.
     pub(crate) limits: LimitCounters,
+    /// Config reloads applied and refused (`punchd_reloads_total`).
+    pub(crate) reloads: [AtomicU64; 2],
 }
 
 /// A limit that refused (or trimmed) something from the network: the
@@ -324,6 +326,7 @@ impl StatusBoard {
             forwards: Mutex::new(forwards),
             orders_refused: AtomicU64::new(0),
             limits: LimitCounters::default(),
+            reloads: Default::default(),
         }
     }
 
@@ -341,6 +344,11 @@ impl StatusBoard {
         if punch_port != 0 {
             r.punch_port = punch_port;
         }
+    }
+
+    /// Counts a reload: applied (`true`) or refused.
+    pub(crate) fn reloaded(&self, applied: bool) {
+        self.reloads[usize::from(!applied)].fetch_add(1, Ordering::Relaxed);
     }
 
     /// The peers now configured.
