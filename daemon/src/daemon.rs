@@ -96,7 +96,7 @@ pub struct RunningDaemon {
     tracker: TaskTracker,
 }
 
-/// Why a reload changed nothing.
+/// Why a reload changed nothing (or, [`ReloadError::Partial`], not all).
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum ReloadError {
@@ -107,6 +107,10 @@ pub enum ReloadError {
     /// a peer carries our own key).
     #[error("{0}; the running configuration stays")]
     Apply(String),
+    /// Applied, except listeners whose ports were taken in the moment
+    /// between a removed forward freeing them and the new one binding.
+    #[error("{0}")]
+    Partial(String),
     /// The daemon is stopping.
     #[error("the daemon is shutting down")]
     ShuttingDown,
@@ -627,8 +631,10 @@ impl Supervisor {
         self.cfg = new;
         let added = plan.peers_added.clone();
         for p in &added {
-            self.start_peer(p)
-                .map_err(|e| ReloadError::Apply(e.to_string()))?;
+            // Our own key was refused above; nothing else fails here.
+            if let Err(e) = self.start_peer(p) {
+                warn!(peer = %p.name, error = %e, "cannot start the peer");
+            }
         }
         if let Some(q) = &self.quic {
             let keys: Vec<_> = self.cfg.peers.iter().map(|p| p.public_key).collect();
@@ -642,16 +648,19 @@ impl Supervisor {
             }
         }
         let mut fresh: HashMap<usize, LiveForward> = HashMap::new();
+        // Ports a removed forward just freed, bound now. Should one be
+        // taken in between, that port stays unbound and the reload says
+        // so; everything else is applied and tracked.
+        let mut late = Vec::new();
         for (i, mut ports) in bound {
             let f = self.cfg.forward[i].clone();
             for (addr, listener) in &mut ports {
                 if listener.is_none() {
-                    let a = addr.to_string();
                     let what = format!("forward to {}/{}", f.peer, f.service);
-                    let l = bind(&what, &a).await.map_err(|e| {
-                        ReloadError::Apply(format!("{e} (the rest of the reload was applied)"))
-                    })?;
-                    *listener = Some(l);
+                    match bind(&what, &addr.to_string()).await {
+                        Ok(l) => *listener = Some(l),
+                        Err(e) => late.push(e.to_string()),
+                    }
                 }
             }
             fresh.insert(i, self.start_forward(&f, ports));
@@ -665,7 +674,14 @@ impl Supervisor {
             .map(|f| f.unwrap_or(LiveForward { ports: Vec::new() }))
             .collect();
         self.publish();
-        Ok(summary)
+        if late.is_empty() {
+            Ok(summary)
+        } else {
+            Err(ReloadError::Partial(format!(
+                "{summary}; but {}",
+                late.join("; ")
+            )))
+        }
     }
 }
 
