@@ -12,6 +12,12 @@
 //!
 //! Every task is spawned on one [`TaskTracker`] and watches one
 //! [`CancellationToken`]; [`RunningDaemon::shutdown`] cancels and waits.
+//!
+//! What runs per config entry (a peer task, a forward's listeners, the
+//! expose table) is owned by the `Supervisor`, which lives in the router
+//! task; each peer and each forward port has its own child token, so a
+//! reload (`SIGHUP`, `POST /v1/reload`) stops exactly what the plan from
+//! `reload.rs` removes and starts what it adds, leaving the rest running.
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
