@@ -231,7 +231,7 @@ fn dispatch(cli: Cli) -> Result<(), Failure> {
                 })?;
             reload(&target)
         }
-        (Some(Command::Demo { .. }), _) => demo(),
+        (Some(Command::Demo { verbose }), _) => demo(verbose),
         (Some(Command::Completions { shell }), _) => {
             clap_complete::generate(shell, &mut Cli::command(), "punchd", &mut std::io::stdout());
             Ok(())
@@ -380,17 +380,18 @@ fn status(target: &AdminTarget, json: bool) -> Result<(), Failure> {
 /// Without the `demo` feature the binary links no rendezvous server, so
 /// there is nothing to embed.
 #[cfg(not(feature = "demo"))]
-fn demo() -> Result<(), Failure> {
+fn demo(_verbose: bool) -> Result<(), Failure> {
     Err(usage(anyhow::anyhow!(
         "this punchd was built without the `demo` feature; rebuild with default features to run the demo"
     )))
 }
 
 #[cfg(feature = "demo")]
-fn demo() -> Result<(), Failure> {
-    // Progress only for a person watching: a pipe gets just the report.
-    let progress = std::io::stderr()
-        .is_terminal()
+fn demo(verbose: bool) -> Result<(), Failure> {
+    // Progress only for a person watching (a pipe gets just the report),
+    // and not between log lines.
+    let logging = verbose || std::env::var_os("RUST_LOG").is_some();
+    let progress = (std::io::stderr().is_terminal() && !logging)
         .then(|| std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0)));
     let report = tokio_runtime()?
         .block_on(async {

@@ -144,6 +144,47 @@ fn demo_piped_prints_its_report_without_logs_or_escape_codes() {
     assert!(!stderr.contains('\x1b'), "{stderr:?}");
 }
 
+/// `punchd ARGS` on a pseudo-terminal (util-linux `script`, in every
+/// Debian base system), with `env`; everything it wrote to the terminal.
+#[cfg(feature = "demo")]
+fn on_a_terminal(args: &str, env: &[(&str, &str)]) -> String {
+    let command = format!("{} {args}", env!("CARGO_BIN_EXE_punchd"));
+    let out = Command::new("script")
+        .args(["-qec", &command, "/dev/null"])
+        .env_remove("RUST_LOG")
+        .env_remove("NO_COLOR")
+        .envs(env.iter().copied())
+        .output()
+        .expect("script(1) from util-linux");
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    text(&out.stdout)
+}
+
+#[test]
+#[cfg(feature = "demo")]
+fn on_a_terminal_the_demo_shows_progress_and_logs_are_coloured_unless_no_color() {
+    let quiet = on_a_terminal("demo", &[]);
+    assert!(
+        quiet.contains("MiB") && quiet.contains("\x1b[2K"),
+        "{quiet:?}"
+    );
+    assert!(quiet.contains("checksum    sha256"), "{quiet:?}");
+    // SGR colour codes (`ESC[2m`, `ESC[32m` …) only in the verbose logs.
+    let colour = |s: &str| s.contains("\x1b[32m") || s.contains("\x1b[2m");
+    assert!(!colour(&quiet), "{quiet:?}");
+    let verbose = on_a_terminal("demo --verbose", &[]);
+    assert!(
+        verbose.contains("punchd started") && colour(&verbose),
+        "{verbose:?}"
+    );
+    let plain = on_a_terminal("demo --verbose", &[("NO_COLOR", "1")]);
+    assert!(plain.contains("punchd started"), "{plain:?}");
+    assert!(
+        !plain.contains('\x1b'),
+        "colour despite NO_COLOR: {plain:?}"
+    );
+}
+
 #[test]
 fn completions_and_man_pages_come_from_the_clap_definitions() {
     for shell in ["bash", "zsh", "fish"] {
