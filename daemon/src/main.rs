@@ -442,10 +442,12 @@ fn run_daemon(config: &Path) -> Result<(), Failure> {
                 | punchd::DaemonError::ServerKey => usage(e),
                 other => runtime(other),
             })?;
-        punch_service::notify_ready("running");
+        // Watch SIGHUP before saying READY: a reload sent right after
+        // must not meet SIGHUP's default action (exit).
         let mut hangups = punch_service::reload_signals()
             .context("cannot watch for SIGHUP")
             .map_err(runtime)?;
+        punch_service::notify_ready("running");
         let shutdown = punch_service::shutdown_signal();
         tokio::pin!(shutdown);
         loop {
