@@ -113,7 +113,7 @@ out=$(systemd-analyze verify "$work/punch-rendezvous.service" "$work/punchd@alic
 if [ -n "$out" ]; then echo "$out" >&2; exit 1; fi
 echo "systemd-analyze verify: clean"
 for unit in deploy/systemd/*.service; do
-  for key in Type=notify DynamicUser=yes NoNewPrivileges=yes ProtectSystem=strict CapabilityBoundingSet= Restart=on-failure; do
+  for key in Type=notify DynamicUser=yes NoNewPrivileges=yes ProtectSystem=strict CapabilityBoundingSet= Restart=on-failure 'ExecReload=/bin/kill -HUP $MAINPID'; do
     grep -qx "$key" "$unit" || { echo "$unit lacks $key" >&2; exit 1; }
   done
 done

@@ -10,12 +10,14 @@
 //!
 //! Module map:
 //! - [`peer`]: the daemon's schema and its cross-section checks.
+//! - [`ports`]: `host:first-last` port ranges on forwards and exposes.
 //! - [`rendezvous`]: the server's schema and its limits.
 //! - [`error`]: the located error type and the span lookup behind it.
 //! - [`types`]: small value types shared by both (secrets, names, keys).
 
 pub mod error;
 pub mod peer;
+pub mod ports;
 pub mod rendezvous;
 pub mod types;
 
@@ -24,5 +26,6 @@ pub use peer::{
     AdminSection, Expose, Forward, PeerConfig, PeerEntry, PunchMode, PunchSection, QuicCongestion,
     TransportKind,
 };
+pub use ports::{PortRange, MAX_RANGE_PORTS};
 pub use rendezvous::{RendezvousConfig, ServerLimits, TlsSection};
 pub use types::{PeerName, PublicKeyBytes, Secret};

@@ -9,6 +9,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::error::{ConfigError, KeySeg, Violation};
+use crate::ports::PortRange;
 use crate::types::{PeerName, PublicKeyBytes, Secret};
 
 /// A daemon's whole configuration.
@@ -40,7 +41,7 @@ pub struct PeerConfig {
 }
 
 /// `[rendezvous]`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RendezvousSection {
     /// `http://host:port` or `https://host:port` of `punch-rendezvous`.
@@ -106,7 +107,7 @@ fn default_transports() -> Vec<TransportKind> {
 }
 
 /// `[punch]`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PunchSection {
     /// Local port bound for the rendezvous connection and every punch
@@ -183,7 +184,7 @@ impl Default for PunchSection {
 }
 
 /// `[admin]`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AdminSection {
     /// Status/metrics listener. Default `127.0.0.1:7070`; keep it on
@@ -249,7 +250,7 @@ pub fn default_token_path(port: u16) -> PathBuf {
 }
 
 /// `[[peers]]`: one trusted daemon.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PeerEntry {
     /// The peer's rendezvous name.
@@ -259,23 +260,33 @@ pub struct PeerEntry {
 }
 
 /// `[[expose]]`: a service peers may reach.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Expose {
     /// Service name that forwards refer to.
     pub name: PeerName,
-    /// `host:port` this daemon connects to for each stream.
+    /// `host:port` this daemon connects to for each stream, or
+    /// `host:first-last`: a range forward's n-th port reaches the n-th
+    /// port here ([`crate::ports`]).
     pub target: String,
     /// Peers allowed to use it; anyone else is refused.
     #[serde(default)]
     pub allow: Vec<PeerName>,
 }
 
+impl Expose {
+    /// The target's port range (validated at load time).
+    pub fn target_range(&self) -> Option<PortRange> {
+        PortRange::parse(&self.target).ok()
+    }
+}
+
 /// `[[forward]]`: a local listener relayed to a peer's service.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Forward {
-    /// Local `ip:port` to listen on.
+    /// Local `ip:port` to listen on, or `ip:first-last` for one listener
+    /// per port ([`crate::ports`]).
     pub listen: String,
     /// Which peer offers the service.
     pub peer: PeerName,
@@ -284,9 +295,15 @@ pub struct Forward {
 }
 
 impl Forward {
-    /// The parsed listen address (validated at load time).
-    pub fn listen_addr(&self) -> Option<SocketAddr> {
-        self.listen.parse().ok()
+    /// The parsed listen range (validated at load time).
+    pub fn listen_range(&self) -> Option<PortRange> {
+        PortRange::parse(&self.listen).ok()
+    }
+
+    /// Every listen address, one per port of the range (validated at load
+    /// time).
+    pub fn listen_addrs(&self) -> Option<Vec<SocketAddr>> {
+        self.listen_range()?.socket_addrs()
     }
 }
 
@@ -425,11 +442,16 @@ impl PeerConfig {
                     format!("service {} is exposed twice; names must be unique", e.name),
                 ));
             }
-            if !is_host_port(&e.target) {
-                out.push(Violation::new(
+            match PortRange::parse(&e.target) {
+                Err(why) => out.push(Violation::new(
                     vec![Key("expose"), Index(i), Key("target")],
-                    format!("{:?} is not a host:port target", e.target),
-                ));
+                    format!("not a host:port (or host:first-last) target: {why}"),
+                )),
+                Ok(r) if r.first == 0 => out.push(Violation::new(
+                    vec![Key("expose"), Index(i), Key("target")],
+                    format!("{:?}: a target needs a port other than 0", e.target),
+                )),
+                Ok(_) => {}
             }
             for (j, who) in e.allow.iter().enumerate() {
                 if self.peer(who.as_str()).is_none() {
@@ -442,16 +464,27 @@ impl PeerConfig {
         }
         let mut listens = HashSet::new();
         for (i, f) in self.forward.iter().enumerate() {
-            match f.listen_addr() {
-                None => out.push(Violation::new(
-                    vec![Key("forward"), Index(i), Key("listen")],
-                    format!("{:?} is not an ip:port address", f.listen),
+            let listen = vec![Key("forward"), Index(i), Key("listen")];
+            match PortRange::parse(&f.listen).map(|r| r.socket_addrs()) {
+                Err(why) => out.push(Violation::new(listen, why)),
+                Ok(None) => out.push(Violation::new(
+                    listen,
+                    format!(
+                        "{:?} is not an ip:port (or ip:first-last) address",
+                        f.listen
+                    ),
                 )),
-                Some(a) if a.port() != 0 && !listens.insert(a) => out.push(Violation::new(
-                    vec![Key("forward"), Index(i), Key("listen")],
-                    format!("{a} is used by two forwards"),
-                )),
-                Some(_) => {}
+                Ok(Some(addrs)) => {
+                    if let Some(a) = addrs
+                        .into_iter()
+                        .find(|a| a.port() != 0 && !listens.insert(*a))
+                    {
+                        out.push(Violation::new(
+                            listen,
+                            format!("{a} is used by two forwards"),
+                        ));
+                    }
+                }
             }
             if self.peer(f.peer.as_str()).is_none() {
                 out.push(Violation::new(
@@ -461,14 +494,6 @@ impl PeerConfig {
             }
         }
         out
-    }
-}
-
-/// `host:port` with a non-empty host and a numeric port.
-fn is_host_port(s: &str) -> bool {
-    match s.rsplit_once(':') {
-        Some((host, port)) => !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p != 0),
-        None => false,
     }
 }
 
@@ -630,6 +655,39 @@ mod tests {
         assert!(err_text(&both).contains("rendezvous.token_file"));
         let plain = text.replace("https://", "http://");
         assert!(err_text(&plain).contains("rendezvous.ca_file"));
+    }
+
+    #[test]
+    fn port_ranges_parse_and_bad_ones_are_located() {
+        let text = format!(
+            "{}\n[[expose]]\nname = \"web\"\ntarget = \"127.0.0.1:9000-9002\"\nallow = [\"bob\"]\n\n\
+             [[forward]]\nlisten = \"127.0.0.1:3000-3002\"\npeer = \"bob\"\nservice = \"web\"\n",
+            base()
+        );
+        let cfg = parse(&text).unwrap();
+        let addrs = cfg.forward[0].listen_addrs().unwrap();
+        assert_eq!(addrs.len(), 3);
+        assert_eq!(addrs[2].port(), 3002);
+        assert_eq!(
+            cfg.expose[0].target_range().unwrap().nth(1).as_deref(),
+            Some("127.0.0.1:9001")
+        );
+        let e = err_text(&text.replace("3000-3002", "3000-4000"));
+        assert!(e.contains("peer.toml:17:1: key `forward[0].listen`"), "{e}");
+        assert!(e.contains("at most 256"), "{e}");
+        let e = err_text(&text.replace("9000-9002", "9002-9000"));
+        assert!(e.contains("key `expose[0].target`"), "{e}");
+        let e = err_text(&text.replace("127.0.0.1:3000", "localhost:3000"));
+        assert!(e.contains("forward[0].listen"), "{e}");
+        // Two forwards may not share a port, also inside ranges.
+        let overlap = format!(
+            "{text}\n[[forward]]\nlisten = \"127.0.0.1:3002\"\npeer = \"bob\"\nservice = \"web\"\n"
+        );
+        let e = err_text(&overlap);
+        assert!(
+            e.contains("forward[1].listen") && e.contains("127.0.0.1:3002 is used by two"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -12,17 +12,24 @@
 //!
 //! Every task is spawned on one [`TaskTracker`] and watches one
 //! [`CancellationToken`]; [`RunningDaemon::shutdown`] cancels and waits.
+//!
+//! What runs per config entry (a peer task, a forward's listeners, the
+//! expose table) is owned by the `Supervisor`, which lives in the router
+//! task; each peer and each forward port has its own child token, so a
+//! reload (`SIGHUP`, `POST /v1/reload`) stops exactly what the plan from
+//! `reload.rs` removes and starts what it adds, leaving the rest running.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use ed25519_dalek::VerifyingKey;
-use punch_config::{PeerConfig, Secret, TransportKind};
+use punch_config::{Forward, PeerConfig, PeerEntry, Secret, TransportKind};
 use punch_service::secret_file;
 use tokio::net::TcpListener;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn, Instrument};
@@ -34,8 +41,9 @@ use crate::control::{self, RvEvent, RvSettings};
 use crate::forward;
 use crate::identity::Identity;
 use crate::path::Role;
-use crate::peer::{self, PeerCmd, PeerContext, PeerHandle};
-use crate::quic::QuicPath;
+use crate::peer::{self, ExposeTable, PeerCmd, PeerContext, PeerHandle};
+use crate::quic::{QuicPath, QuicRoutes};
+use crate::reload;
 
 /// Why the daemon could not start.
 #[derive(Debug, thiserror::Error)]
@@ -78,16 +86,53 @@ pub enum DaemonError {
 pub struct RunningDaemon {
     /// Where the admin API listens.
     pub admin_addr: SocketAddr,
-    /// Where each `[[forward]]` listens, in config order.
+    /// Where each `[[forward]]` listened at start, in config order, one
+    /// address per port of a range (see [`RunningDaemon::forward_addrs_now`]
+    /// after a reload).
     pub forward_addrs: Vec<SocketAddr>,
     /// Live status.
     pub status: Arc<StatusBoard>,
     /// The admin token file, removed at shutdown.
     pub admin_token_file: std::path::PathBuf,
+    /// Reload requests to the supervisor task.
+    reloads: mpsc::Sender<ReloadRequest>,
     /// Stops the forward listeners only (the first step of a graceful stop).
     accepting: CancellationToken,
     cancel: CancellationToken,
     tracker: TaskTracker,
+}
+
+/// Why a reload changed nothing (or, [`ReloadError::Partial`], not all).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ReloadError {
+    /// The new file does not validate (its located error).
+    #[error("{0}; the running configuration stays")]
+    Config(String),
+    /// The new config cannot be put in place (a listener cannot be bound,
+    /// a peer carries our own key).
+    #[error("{0}; the running configuration stays")]
+    Apply(String),
+    /// Applied, except listeners whose ports were taken in the moment
+    /// between a removed forward freeing them and the new one binding.
+    #[error("{0}")]
+    Partial(String),
+    /// The daemon is stopping.
+    #[error("the daemon is shutting down")]
+    ShuttingDown,
+}
+
+/// A reload asked of the supervisor: re-read the config file (`None`) or
+/// use this config.
+struct ReloadRequest {
+    config: Option<Box<PeerConfig>>,
+    reply: oneshot::Sender<Result<String, ReloadError>>,
+}
+
+impl std::fmt::Debug for ReloadRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ReloadRequest")
+    }
 }
 
 impl RunningDaemon {
@@ -130,6 +175,39 @@ impl RunningDaemon {
         self.tracker.close();
         self.tracker.wait().await;
     }
+
+    /// Re-reads the config file the daemon was started from (what `SIGHUP`
+    /// and `punchd reload` do) and applies what changed; returns a summary.
+    /// An invalid file changes nothing.
+    pub async fn reload(&self) -> Result<String, ReloadError> {
+        request_reload(&self.reloads, None).await
+    }
+
+    /// Applies `cfg` as if it had been read from the file.
+    pub async fn reload_with(&self, cfg: PeerConfig) -> Result<String, ReloadError> {
+        request_reload(&self.reloads, Some(Box::new(cfg))).await
+    }
+
+    /// Where the forwards listen now, in config order (one per port).
+    pub fn forward_addrs_now(&self) -> Vec<SocketAddr> {
+        self.status
+            .snapshot()
+            .forwards
+            .iter()
+            .filter_map(|f| f.listen.parse().ok())
+            .collect()
+    }
+}
+
+async fn request_reload(
+    to: &mpsc::Sender<ReloadRequest>,
+    config: Option<Box<PeerConfig>>,
+) -> Result<String, ReloadError> {
+    let (reply, answer) = oneshot::channel();
+    to.send(ReloadRequest { config, reply })
+        .await
+        .map_err(|_| ReloadError::ShuttingDown)?;
+    answer.await.unwrap_or(Err(ReloadError::ShuttingDown))
 }
 
 async fn bind(what: &str, addr: &str) -> Result<TcpListener, DaemonError> {
@@ -145,17 +223,31 @@ async fn bind(what: &str, addr: &str) -> Result<TcpListener, DaemonError> {
 /// Peers by name, with the key pinned for each.
 type Peers = HashMap<String, (PeerHandle, punch_config::PublicKeyBytes)>;
 
-/// The bound forward listeners, in config order.
-struct Forwards {
-    listeners: Vec<TcpListener>,
-    addrs: Vec<SocketAddr>,
-    status: Vec<Arc<ForwardStatus>>,
-}
-
 /// Starts a daemon for `cfg` with `identity`. Listeners are bound before
 /// this returns, so their addresses are known and errors are immediate.
+/// Without a config file, [`RunningDaemon::reload`] has nothing to re-read
+/// (see [`start_from_file`]).
 pub async fn start(
     cfg: PeerConfig,
+    identity: Identity,
+    cancel: CancellationToken,
+) -> Result<RunningDaemon, DaemonError> {
+    start_inner(cfg, None, identity, cancel).await
+}
+
+/// [`start`] for a config read from `path`, which a reload re-reads.
+pub async fn start_from_file(
+    path: &Path,
+    cfg: PeerConfig,
+    identity: Identity,
+    cancel: CancellationToken,
+) -> Result<RunningDaemon, DaemonError> {
+    start_inner(cfg, Some(path.to_owned()), identity, cancel).await
+}
+
+async fn start_inner(
+    cfg: PeerConfig,
+    path: Option<PathBuf>,
     identity: Identity,
     cancel: CancellationToken,
 ) -> Result<RunningDaemon, DaemonError> {
@@ -193,32 +285,45 @@ pub async fn start(
         token: admin::auth::write_token(&token_path).map_err(DaemonError::AdminToken)?,
     };
     info!(path = %token_path.display(), "admin token written");
-    let forwards = bind_forwards(&cfg).await?;
-    let peer_status: Vec<_> = cfg
-        .peers
-        .iter()
-        .map(|p| Arc::new(PeerStatus::new(p.name.as_str())))
-        .collect();
-    let board = Arc::new(StatusBoard::new(
-        cfg.name.as_str(),
-        peer_status.clone(),
-        forwards.status.clone(),
-    ));
+    let mut bound = Vec::new();
+    for f in &cfg.forward {
+        bound.push(bind_forward(f, &HashSet::new()).await?);
+    }
+    let board = Arc::new(StatusBoard::new(cfg.name.as_str(), Vec::new(), Vec::new()));
 
     let quic = bind_quic(&cfg, &identity);
     let (rv_cmd_tx, rv_cmd_rx) = mpsc::channel(64);
     let (rv_ev_tx, rv_ev_rx) = mpsc::channel(64);
-    let (peers, quic_routes) = spawn_peers(
-        &cfg,
-        &identity,
-        &peer_status,
-        quic.as_ref(),
-        (&endpoint, &rv_cmd_tx),
-        &cancel,
-        &tracker,
-    )?;
-    let forward_addrs = forwards.addrs.clone();
-    spawn_forwards(&cfg, forwards, &peers, &accepting, &cancel, &tracker);
+    let quic_routes = QuicRoutes::default();
+    let mut sup = Supervisor {
+        identity: identity.clone(),
+        endpoint: endpoint.clone(),
+        rendezvous: rv_cmd_tx,
+        quic: quic.clone(),
+        quic_routes: quic_routes.clone(),
+        exposes: Arc::new(std::sync::RwLock::new(Arc::new(cfg.expose.clone()))),
+        board: board.clone(),
+        accepting: accepting.clone(),
+        cancel: cancel.clone(),
+        tracker: tracker.clone(),
+        path,
+        peers: HashMap::new(),
+        forwards: Vec::new(),
+        cfg: cfg.clone(),
+    };
+    for p in &cfg.peers {
+        sup.start_peer(p)?;
+    }
+    for (f, ports) in cfg.forward.iter().zip(bound) {
+        let live = sup.start_forward(f, ports);
+        sup.forwards.push(live);
+    }
+    sup.publish();
+    let forward_addrs: Vec<SocketAddr> = sup
+        .forwards
+        .iter()
+        .flat_map(|f| f.ports.iter().map(|p| p.addr))
+        .collect();
     if let Some(q) = &quic {
         board.set_quic_endpoint(q.endpoint().clone());
         tracker.spawn(
@@ -247,7 +352,8 @@ pub async fn start(
             .instrument(tracing::info_span!("rendezvous")),
     );
     let (admin_tx, admin_rx) = mpsc::channel(16);
-    tracker.spawn(route(rv_ev_rx, admin_rx, peers, cancel.clone()));
+    let (reload_tx, reload_rx) = mpsc::channel(4);
+    tracker.spawn(route(rv_ev_rx, admin_rx, reload_rx, sup));
     tracker.spawn(admin::serve(
         admin_listener,
         board.clone(),
@@ -261,6 +367,7 @@ pub async fn start(
         forward_addrs,
         status: board,
         admin_token_file: token_path,
+        reloads: reload_tx,
         accepting,
         cancel,
         tracker,
@@ -275,123 +382,334 @@ fn local_addr(l: &TcpListener, what: &str, addr: &str) -> Result<SocketAddr, Dae
     })
 }
 
-/// Binds every `[[forward]]` listener, so a busy port fails the start.
-async fn bind_forwards(cfg: &PeerConfig) -> Result<Forwards, DaemonError> {
-    let mut out = Forwards {
-        listeners: Vec::new(),
-        addrs: Vec::new(),
-        status: Vec::new(),
-    };
-    for f in &cfg.forward {
-        let what = format!("forward to {}/{}", f.peer, f.service);
-        let l = bind(&what, &f.listen).await?;
-        let addr = local_addr(&l, &what, &f.listen)?;
-        out.addrs.push(addr);
-        out.status.push(Arc::new(ForwardStatus::new(
-            &addr.to_string(),
-            f.peer.as_str(),
-            f.service.as_str(),
-        )));
-        out.listeners.push(l);
+/// The listeners of one `[[forward]]`, one per port of its range; `None`
+/// for a port in `later` (held by a forward a reload is about to close).
+type BoundPorts = Vec<(SocketAddr, Option<TcpListener>)>;
+
+/// Binds every port of `f` except those in `later`, so a busy port fails
+/// the start (or the reload) before anything else changes.
+async fn bind_forward(f: &Forward, later: &HashSet<SocketAddr>) -> Result<BoundPorts, DaemonError> {
+    let what = format!("forward to {}/{}", f.peer, f.service);
+    let addrs = f.listen_addrs().ok_or_else(|| DaemonError::Bind {
+        what: what.clone(),
+        addr: f.listen.clone(),
+        source: std::io::Error::other("not an ip:port address"),
+    })?;
+    let mut out = Vec::new();
+    for addr in addrs {
+        if later.contains(&addr) {
+            out.push((addr, None));
+            continue;
+        }
+        let a = addr.to_string();
+        let l = bind(&what, &a).await?;
+        out.push((local_addr(&l, &what, &a)?, Some(l)));
     }
     Ok(out)
 }
 
-/// One task per `[[peers]]` entry; also the routes that hand incoming
-/// QUIC connections to the peer that made them.
-fn spawn_peers(
-    cfg: &PeerConfig,
-    identity: &Identity,
-    peer_status: &[Arc<PeerStatus>],
-    quic: Option<&Arc<QuicPath>>,
-    // The rendezvous: where it is (for the relay) and its client's inbox.
-    (endpoint, rendezvous): (&Endpoint, &mpsc::Sender<control::RvCmd>),
-    cancel: &CancellationToken,
-    tracker: &TaskTracker,
-) -> Result<
-    (
-        Peers,
-        HashMap<punch_config::PublicKeyBytes, mpsc::Sender<quinn::Connection>>,
-    ),
-    DaemonError,
-> {
-    let own_key = identity.public_key();
-    let exposes = Arc::new(cfg.expose.clone());
-    let mut quic_routes = HashMap::new();
-    let mut peers = Peers::new();
-    for (p, status) in cfg.peers.iter().zip(peer_status) {
+/// One running port of a forward.
+struct LivePort {
+    addr: SocketAddr,
+    status: Arc<ForwardStatus>,
+    /// Stops this port's accept loop (a reload removed the forward).
+    stop: CancellationToken,
+    /// The accept loop; awaited after `stop`, so the port is free again.
+    task: tokio::task::JoinHandle<()>,
+}
+
+/// One running `[[forward]]`.
+struct LiveForward {
+    ports: Vec<LivePort>,
+}
+
+/// One running peer task.
+struct LivePeer {
+    handle: PeerHandle,
+    key: punch_config::PublicKeyBytes,
+    status: Arc<PeerStatus>,
+    /// Stops this peer's task, which closes its tunnel.
+    stop: CancellationToken,
+}
+
+/// Owns what runs per config entry (peer tasks, forward listeners, the
+/// expose table) and applies reloads ([`crate::reload`]).
+struct Supervisor {
+    identity: Identity,
+    endpoint: Endpoint,
+    rendezvous: mpsc::Sender<control::RvCmd>,
+    quic: Option<Arc<QuicPath>>,
+    quic_routes: QuicRoutes,
+    exposes: ExposeTable,
+    board: Arc<StatusBoard>,
+    accepting: CancellationToken,
+    cancel: CancellationToken,
+    tracker: TaskTracker,
+    /// The config file, for reloads.
+    path: Option<PathBuf>,
+    peers: HashMap<String, LivePeer>,
+    /// In the order of `cfg.forward`.
+    forwards: Vec<LiveForward>,
+    /// The configuration running now.
+    cfg: PeerConfig,
+}
+
+impl Supervisor {
+    /// Starts the task of one `[[peers]]` entry.
+    fn start_peer(&mut self, p: &PeerEntry) -> Result<(), DaemonError> {
+        let own_key = self.identity.public_key();
         let Some(role) = Role::choose(&own_key.0, &p.public_key.0) else {
             return Err(DaemonError::SelfPeer(p.name.to_string()));
         };
         // Only the higher key accepts QUIC (the lower dials); connections
         // from this peer reach its task through this channel.
         let (incoming_tx, incoming_rx) = mpsc::channel(4);
-        if role == Role::Server && quic.is_some() {
-            quic_routes.insert(p.public_key, incoming_tx);
+        if role == Role::Server && self.quic.is_some() {
+            lock(&self.quic_routes).insert(p.public_key, incoming_tx);
         }
+        let status = Arc::new(PeerStatus::new(p.name.as_str()));
+        let cfg = &self.cfg;
         let ctx = PeerContext {
-            identity: identity.clone(),
+            identity: self.identity.clone(),
             name: p.name.to_string(),
             key: p.public_key,
             role,
             initiator: cfg.forward.iter().any(|f| f.peer == p.name),
             punch_timeout: cfg.punch.timeout,
             mode: cfg.punch.mode,
-            relay_endpoint: endpoint.clone(),
+            relay_endpoint: self.endpoint.clone(),
             keepalive: (cfg.punch.keepalive_interval, cfg.punch.keepalive_timeout),
-            exposes: exposes.clone(),
+            exposes: self.exposes.clone(),
             status: status.clone(),
-            rendezvous: rendezvous.clone(),
+            rendezvous: self.rendezvous.clone(),
             transports: cfg.punch.transports.clone(),
-            quic: quic.cloned(),
+            quic: self.quic.clone(),
             quic_incoming: tokio::sync::Mutex::new(incoming_rx),
         };
-        let handle = peer::spawn(ctx, cancel.clone(), tracker);
-        peers.insert(p.name.to_string(), (handle, p.public_key));
+        let stop = self.cancel.child_token();
+        let handle = peer::spawn(ctx, stop.clone(), &self.tracker);
+        self.peers.insert(
+            p.name.to_string(),
+            LivePeer {
+                handle,
+                key: p.public_key,
+                status,
+                stop,
+            },
+        );
+        Ok(())
     }
-    Ok((peers, quic_routes))
-}
 
-/// One accept loop per `[[forward]]`, into its peer's task.
-fn spawn_forwards(
-    cfg: &PeerConfig,
-    forwards: Forwards,
-    peers: &Peers,
-    accepting: &CancellationToken,
-    cancel: &CancellationToken,
-    tracker: &TaskTracker,
-) {
-    for ((f, listener), status) in cfg
-        .forward
-        .iter()
-        .zip(forwards.listeners)
-        .zip(&forwards.status)
-    {
-        if let Some((handle, _)) = peers.get(f.peer.as_str()) {
-            let span = tracing::info_span!("forward", listen = %status.listen.lock().map(|l| l.clone()).unwrap_or_default(), peer = %f.peer, service = %f.service);
-            tracker.spawn(
+    /// Stops a peer's task; its tunnel closes (the peer sees a clean
+    /// close, not a dead path).
+    fn stop_peer(&mut self, name: &str) {
+        if let Some(p) = self.peers.remove(name) {
+            lock(&self.quic_routes).remove(&p.key);
+            p.stop.cancel();
+        }
+    }
+
+    /// One accept loop per port of `f`, into its peer's task.
+    fn start_forward(&self, f: &Forward, ports: BoundPorts) -> LiveForward {
+        let range = ports.len() > 1;
+        let mut live = Vec::new();
+        for (n, (addr, listener)) in ports.into_iter().enumerate() {
+            let Some(listener) = listener else { continue };
+            let Some(peer) = self.peers.get(f.peer.as_str()) else {
+                continue;
+            };
+            // n < MAX_RANGE_PORTS (validated), so it fits.
+            let request = forward::ranges::request(f.service.as_str(), range.then_some(n as u16));
+            let status = Arc::new(ForwardStatus::new(
+                &addr.to_string(),
+                f.peer.as_str(),
+                f.service.as_str(),
+            ));
+            let stop = self.accepting.child_token();
+            let span = tracing::info_span!("forward", listen = %addr, peer = %f.peer, service = %f.service);
+            let task = self.tracker.spawn(
                 forward::run_forward(
                     listener,
-                    handle.clone(),
-                    f.service.to_string(),
+                    peer.handle.clone(),
+                    request,
                     status.clone(),
-                    accepting.clone(),
-                    cancel.clone(),
-                    tracker.clone(),
+                    stop.clone(),
+                    self.cancel.clone(),
+                    self.tracker.clone(),
                 )
                 .instrument(span),
             );
+            live.push(LivePort {
+                addr,
+                status,
+                stop,
+                task,
+            });
+        }
+        LiveForward { ports: live }
+    }
+
+    /// Puts the running peers and forwards on the status board.
+    fn publish(&self) {
+        let peers = self
+            .cfg
+            .peers
+            .iter()
+            .filter_map(|p| self.peers.get(p.name.as_str()).map(|l| l.status.clone()))
+            .collect();
+        let forwards = self
+            .forwards
+            .iter()
+            .flat_map(|f| f.ports.iter().map(|p| p.status.clone()))
+            .collect();
+        self.board.replace(peers, forwards);
+    }
+
+    /// The peers map the router dispatches rendezvous events with.
+    fn routes(&self) -> Peers {
+        self.peers
+            .iter()
+            .map(|(name, p)| (name.clone(), (p.handle.clone(), p.key)))
+            .collect()
+    }
+
+    /// Reads (or takes) the new config and applies it; on any error
+    /// nothing has changed.
+    async fn reload(&mut self, given: Option<Box<PeerConfig>>) -> Result<String, ReloadError> {
+        let new = match given {
+            Some(cfg) => *cfg,
+            None => {
+                let path = self.path.as_ref().ok_or_else(|| {
+                    ReloadError::Apply(
+                        "this daemon was started without a config file, so there is nothing to re-read"
+                            .into(),
+                    )
+                })?;
+                PeerConfig::load(path).map_err(|e| ReloadError::Config(e.to_string()))?
+            }
+        };
+        let own_key = self.identity.public_key();
+        if let Some(p) = new.peers.iter().find(|p| p.public_key == own_key) {
+            return Err(ReloadError::Apply(
+                DaemonError::SelfPeer(p.name.to_string()).to_string(),
+            ));
+        }
+        let plan = reload::plan(&self.cfg, &new);
+        let summary = plan.summary(&self.cfg, &new);
+        for what in &plan.needs_restart {
+            warn!(
+                section = what,
+                "changed in the config file; takes effect at the next restart"
+            );
+        }
+        if plan.is_empty() {
+            self.cfg.clone_from(&new);
+            return Ok(summary);
+        }
+        // Bind first: a busy port refuses the reload before anything stops.
+        let freed: HashSet<SocketAddr> = plan
+            .forwards_removed
+            .iter()
+            .flat_map(|&i| self.forwards[i].ports.iter().map(|p| p.addr))
+            .collect();
+        let mut bound = Vec::new();
+        for &i in &plan.forwards_added {
+            let ports = bind_forward(&new.forward[i], &freed)
+                .await
+                .map_err(|e| ReloadError::Apply(e.to_string()))?;
+            bound.push((i, ports));
+        }
+        // Close removed forwards and wait until their ports are free.
+        let mut old_forwards: Vec<Option<LiveForward>> = std::mem::take(&mut self.forwards)
+            .into_iter()
+            .map(Some)
+            .collect();
+        for &i in &plan.forwards_removed {
+            if let Some(f) = old_forwards[i].take() {
+                for p in f.ports {
+                    p.stop.cancel();
+                    let _ = p.task.await;
+                }
+            }
+        }
+        for name in &plan.peers_removed {
+            self.stop_peer(name);
+        }
+        *self
+            .exposes
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(new.expose.clone());
+        self.cfg = new;
+        let added = plan.peers_added.clone();
+        for p in &added {
+            // Our own key was refused above; nothing else fails here.
+            if let Err(e) = self.start_peer(p) {
+                warn!(peer = %p.name, error = %e, "cannot start the peer");
+            }
+        }
+        if let Some(q) = &self.quic {
+            let keys: Vec<_> = self.cfg.peers.iter().map(|p| p.public_key).collect();
+            if let Err(e) = q.accept_from(&self.identity, &keys) {
+                warn!(error = %e, "cannot update the QUIC endpoint's peer keys");
+            }
+        }
+        for (name, on) in &plan.initiator {
+            if let Some(p) = self.peers.get(name) {
+                p.handle.send(PeerCmd::SetInitiator(*on)).await;
+            }
+        }
+        let mut fresh: HashMap<usize, LiveForward> = HashMap::new();
+        // Ports a removed forward just freed, bound now. Should one be
+        // taken in between, that port stays unbound and the reload says
+        // so; everything else is applied and tracked.
+        let mut late = Vec::new();
+        for (i, mut ports) in bound {
+            let f = self.cfg.forward[i].clone();
+            for (addr, listener) in &mut ports {
+                if listener.is_none() {
+                    let what = format!("forward to {}/{}", f.peer, f.service);
+                    match bind(&what, &addr.to_string()).await {
+                        Ok(l) => *listener = Some(l),
+                        Err(e) => late.push(e.to_string()),
+                    }
+                }
+            }
+            fresh.insert(i, self.start_forward(&f, ports));
+        }
+        let kept: HashMap<usize, usize> = plan.forwards_kept.iter().map(|&(o, n)| (n, o)).collect();
+        self.forwards = (0..self.cfg.forward.len())
+            .map(|n| match kept.get(&n) {
+                Some(&o) => old_forwards[o].take(),
+                None => fresh.remove(&n),
+            })
+            .map(|f| f.unwrap_or(LiveForward { ports: Vec::new() }))
+            .collect();
+        self.publish();
+        if late.is_empty() {
+            Ok(summary)
+        } else {
+            Err(ReloadError::Partial(format!(
+                "{summary}; but {}",
+                late.join("; ")
+            )))
         }
     }
 }
 
-/// Routes rendezvous events and admin requests to the peer tasks.
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Routes rendezvous events and admin requests to the peer tasks, and
+/// applies reloads (which change where they are routed).
 async fn route(
     mut rendezvous: mpsc::Receiver<RvEvent>,
     mut admin: mpsc::Receiver<AdminCmd>,
-    peers: Peers,
-    cancel: CancellationToken,
+    mut reloads: mpsc::Receiver<ReloadRequest>,
+    mut sup: Supervisor,
 ) {
+    let cancel = sup.cancel.clone();
+    let mut peers = sup.routes();
     loop {
         tokio::select! {
             _ = cancel.cancelled() => break,
@@ -399,13 +717,38 @@ async fn route(
                 Some(ev) => dispatch(ev, &peers).await,
                 None => break,
             },
-            Some(AdminCmd::Repunch(name)) = admin.recv() => {
-                if let Some((handle, _)) = peers.get(&name) {
-                    handle.send(PeerCmd::Repunch).await;
+            Some(cmd) = admin.recv() => match cmd {
+                AdminCmd::Repunch(name) => {
+                    if let Some((handle, _)) = peers.get(&name) {
+                        handle.send(PeerCmd::Repunch).await;
+                    }
                 }
+                AdminCmd::Reload(reply) => {
+                    let r = apply_reload(&mut sup, None).await;
+                    let _ = reply.send(r.map_err(|e| e.to_string()));
+                    peers = sup.routes();
+                }
+            },
+            Some(req) = reloads.recv() => {
+                let r = apply_reload(&mut sup, req.config).await;
+                let _ = req.reply.send(r);
+                peers = sup.routes();
             }
         }
     }
+}
+
+async fn apply_reload(
+    sup: &mut Supervisor,
+    config: Option<Box<PeerConfig>>,
+) -> Result<String, ReloadError> {
+    let r = sup.reload(config).await;
+    sup.board.reloaded(r.is_ok());
+    match &r {
+        Ok(summary) => info!(%summary, "configuration reloaded"),
+        Err(e) => warn!(error = %e, "reload refused"),
+    }
+    r
 }
 
 /// The QUIC endpoint on the punch port number, when `quic` is among the

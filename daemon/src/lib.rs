@@ -7,7 +7,8 @@
 //!
 //! | module | concern |
 //! |---|---|
-//! | [`daemon`] | wiring: binds listeners, starts one task per concern, routes events |
+//! | [`daemon`] | wiring: binds listeners, starts one task per concern, routes events, applies reloads |
+//! | `reload` | what a config reload changes (sans-IO: old config, new config → plan) |
 //! | [`peer`] | one task per peer: a sans-IO state machine (`peer/state.rs`) and its shell |
 //! | [`race`] | path selection: TCP and QUIC raced, one kept (`race/select.rs`, sans-IO) |
 //! | [`fallback`] | the relayed path through the rendezvous, the only "relay" |
@@ -66,11 +67,12 @@ pub mod portmap;
 pub mod punch;
 pub mod quic;
 pub mod race;
+pub(crate) mod reload;
 pub mod testdata;
 pub mod tunnel;
 
 pub use admin::status::{ForwardDoc, LastPunch, PeerDoc, StatusBoard, StatusDoc};
-pub use daemon::{start, DaemonError, RunningDaemon};
+pub use daemon::{start, start_from_file, DaemonError, ReloadError, RunningDaemon};
 pub use identity::{Identity, IdentityError};
 pub use path::{PathState, Transport};
 pub use portmap::PortMappingDoc;

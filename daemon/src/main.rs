@@ -7,8 +7,10 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
+use std::io::IsTerminal as _;
+
 use anyhow::Context as _;
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory as _, Parser, Subcommand};
 use punch_config::PeerConfig;
 use punchd::Identity;
 use tokio_util::sync::CancellationToken;
@@ -76,9 +78,41 @@ enum Command {
         #[arg(long, value_name = "FILE")]
         token_file: Option<PathBuf>,
     },
+    /// Ask a running daemon to re-read its peer.toml (as SIGHUP does): what
+    /// changed takes effect, tunnels to unchanged peers stay up. An invalid
+    /// file is refused with its error (exit 2) and the daemon keeps running
+    /// as before. Needs the admin token.
+    Reload {
+        /// Admin address of the daemon (default 127.0.0.1:7070).
+        #[arg(long, value_name = "ADDR", conflicts_with = "config")]
+        admin: Option<SocketAddr>,
+        /// Read the admin address and token file from this peer.toml.
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+        /// The daemon's admin token file.
+        #[arg(long, value_name = "FILE")]
+        token_file: Option<PathBuf>,
+    },
     /// Run an embedded rendezvous and two daemons on loopback, push bytes
     /// through a forward, print a report.
-    Demo,
+    Demo {
+        /// Also print the daemons' logs (as `RUST_LOG=info` would).
+        #[arg(long, short)]
+        verbose: bool,
+    },
+    /// Print a shell completion script (bash, zsh, fish, elvish,
+    /// powershell) to stdout.
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+    /// Print the punchd(1) man page to stdout, or with --out write one page
+    /// per command (punchd.1, punchd-status.1, …) into a folder.
+    Man {
+        /// Folder to write the pages into.
+        #[arg(long, value_name = "DIR")]
+        out: Option<PathBuf>,
+    },
 }
 
 /// An error with its exit code.
@@ -103,11 +137,18 @@ fn runtime(error: impl Into<anyhow::Error>) -> Failure {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // The demo is for reading its report: its daemons stay quiet unless
+    // asked (`--verbose` or `RUST_LOG`).
+    let default_level = match &cli.command {
+        Some(Command::Demo { verbose: false }) => "off",
+        _ => "info",
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level)),
         )
+        .with_ansi(colour(&std::io::stderr()))
         .with_writer(std::io::stderr)
         .init();
     match dispatch(cli) {
@@ -117,6 +158,13 @@ fn main() -> ExitCode {
             ExitCode::from(code)
         }
     }
+}
+
+/// Colour only for a person at a terminal, and never when `NO_COLOR` is
+/// set to anything (<https://no-color.org>): a log file or a pipe gets
+/// plain text.
+fn colour(stream: &impl std::io::IsTerminal) -> bool {
+    stream.is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
 }
 
 fn dispatch(cli: Cli) -> Result<(), Failure> {
@@ -164,7 +212,31 @@ fn dispatch(cli: Cli) -> Result<(), Failure> {
             let target = AdminTarget::resolve(admin, config.as_deref(), token_file)?;
             repunch(&target, &peer)
         }
-        (Some(Command::Demo), _) => demo(),
+        (
+            Some(Command::Reload {
+                admin,
+                config,
+                token_file,
+            }),
+            _,
+        ) => {
+            // The admin address is in the file: a file that does not load
+            // cannot reach the daemon, which keeps running as it was.
+            let target =
+                AdminTarget::resolve(admin, config.as_deref(), token_file).map_err(|f| Failure {
+                    code: f.code,
+                    error: f.error.context(
+                        "the daemon was not asked to reload (it keeps its running configuration); fix the file, or pass --admin",
+                    ),
+                })?;
+            reload(&target)
+        }
+        (Some(Command::Demo { verbose }), _) => demo(verbose),
+        (Some(Command::Completions { shell }), _) => {
+            clap_complete::generate(shell, &mut Cli::command(), "punchd", &mut std::io::stdout());
+            Ok(())
+        }
+        (Some(Command::Man { out }), _) => man(out.as_deref()),
         (None, Some(config)) => run_daemon(&config),
         (None, None) => Err(usage(anyhow::anyhow!(
             "nothing to do: run `punchd --config peer.toml`, or `punchd --help`"
@@ -256,6 +328,40 @@ fn repunch(target: &AdminTarget, peer: &str) -> Result<(), Failure> {
     Ok(())
 }
 
+fn reload(target: &AdminTarget) -> Result<(), Failure> {
+    let token = target
+        .token()
+        .context("cannot read the admin token; run as the daemon's user, or pass --token-file")
+        .map_err(usage)?;
+    let answer = tokio_runtime()?
+        .block_on(punchd::admin::client::reload(target.addr, &token))
+        .map_err(|e| match e {
+            // The new file was refused: a config error, like check-config's.
+            punchd::admin::client::StatusError::Refused(..) => usage(e),
+            other => runtime(other),
+        })?;
+    println!("{answer}");
+    Ok(())
+}
+
+fn man(out: Option<&Path>) -> Result<(), Failure> {
+    match out {
+        None => match clap_mangen::Man::new(Cli::command()).render(&mut std::io::stdout()) {
+            // `punchd man | head`: the reader has what it wanted.
+            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+            r => r.context("cannot write the man page").map_err(runtime),
+        },
+        Some(dir) => {
+            std::fs::create_dir_all(dir)
+                .and_then(|()| clap_mangen::generate_to(Cli::command(), dir))
+                .with_context(|| format!("cannot write man pages into {}", dir.display()))
+                .map_err(runtime)?;
+            eprintln!("wrote man pages into {}", dir.display());
+            Ok(())
+        }
+    }
+}
+
 fn status(target: &AdminTarget, json: bool) -> Result<(), Failure> {
     // Reads on loopback need no token; send it when we can read it so an
     // allow_remote daemon answers too.
@@ -274,16 +380,31 @@ fn status(target: &AdminTarget, json: bool) -> Result<(), Failure> {
 /// Without the `demo` feature the binary links no rendezvous server, so
 /// there is nothing to embed.
 #[cfg(not(feature = "demo"))]
-fn demo() -> Result<(), Failure> {
+fn demo(_verbose: bool) -> Result<(), Failure> {
     Err(usage(anyhow::anyhow!(
         "this punchd was built without the `demo` feature; rebuild with default features to run the demo"
     )))
 }
 
 #[cfg(feature = "demo")]
-fn demo() -> Result<(), Failure> {
+fn demo(verbose: bool) -> Result<(), Failure> {
+    // Progress only for a person watching (a pipe gets just the report),
+    // and not between log lines.
+    let logging = verbose || std::env::var_os("RUST_LOG").is_some();
+    let progress = (std::io::stderr().is_terminal() && !logging)
+        .then(|| std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0)));
     let report = tokio_runtime()?
-        .block_on(punchd::demo::run())
+        .block_on(async {
+            let ticker = progress
+                .clone()
+                .map(|done| tokio::spawn(show_progress(done)));
+            let report = punchd::demo::run_counting(progress.clone()).await;
+            if let Some(t) = ticker {
+                t.abort();
+                eprint!("\r\x1b[2K");
+            }
+            report
+        })
         .map_err(runtime)?;
     println!("{report}");
     if report.checksum_ok {
@@ -295,11 +416,25 @@ fn demo() -> Result<(), Failure> {
     }
 }
 
+/// Redraws one status line on stderr with the demo's echoed bytes.
+#[cfg(feature = "demo")]
+async fn show_progress(done: std::sync::Arc<std::sync::atomic::AtomicU64>) {
+    use std::io::Write as _;
+    let total = punchd::demo::DEMO_BYTES as f64 / (1024.0 * 1024.0);
+    loop {
+        let mib = done.load(std::sync::atomic::Ordering::Relaxed) as f64 / (1024.0 * 1024.0);
+        let phase = if mib > 0.0 { "echoing" } else { "punching" };
+        eprint!("\r\x1b[2K  {phase} … {mib:.1} / {total:.0} MiB");
+        let _ = std::io::stderr().flush();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 fn run_daemon(config: &Path) -> Result<(), Failure> {
     let (cfg, id) = load(config)?;
     tokio_runtime()?.block_on(async {
         let cancel = CancellationToken::new();
-        let daemon = punchd::start(cfg, id, cancel.clone())
+        let daemon = punchd::start_from_file(config, cfg, id, cancel.clone())
             .await
             .map_err(|e| match e {
                 punchd::DaemonError::Rendezvous(_)
@@ -307,8 +442,26 @@ fn run_daemon(config: &Path) -> Result<(), Failure> {
                 | punchd::DaemonError::ServerKey => usage(e),
                 other => runtime(other),
             })?;
+        // Watch SIGHUP before saying READY: a reload sent right after
+        // must not meet SIGHUP's default action (exit).
+        let mut hangups = punch_service::reload_signals()
+            .context("cannot watch for SIGHUP")
+            .map_err(runtime)?;
         punch_service::notify_ready("running");
-        punch_service::shutdown_signal().await;
+        let shutdown = punch_service::shutdown_signal();
+        tokio::pin!(shutdown);
+        loop {
+            tokio::select! {
+                _ = &mut shutdown => break,
+                Some(()) = hangups.recv() => {
+                    // The outcome is logged by the daemon (summary, or the
+                    // located error and "the running configuration stays").
+                    punch_service::notify_reloading();
+                    let _ = daemon.reload().await;
+                    punch_service::notify_ready("running");
+                }
+            }
+        }
         tracing::info!("shutdown requested; draining streams");
         punch_service::notify_stopping("draining streams");
         daemon.shutdown(Duration::from_secs(5)).await;

@@ -103,6 +103,116 @@ fn demo_runs_and_reports_a_direct_path() {
     assert!(stdout.contains("matches"), "{stdout}");
 }
 
+#[test]
+#[cfg(feature = "demo")]
+fn demo_piped_prints_its_report_without_logs_or_escape_codes() {
+    let run = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_punchd"))
+            .args(args)
+            .env_remove("RUST_LOG")
+            .env_remove("NO_COLOR")
+            .output()
+            .unwrap()
+    };
+    let out = run(&["demo"]);
+    let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    for line in [
+        "punchd demo:",
+        "  path ",
+        "  punch ",
+        "  transfer ",
+        "  checksum ",
+    ] {
+        assert!(stdout.contains(line), "no {line:?} in {stdout}");
+    }
+    assert_eq!(stdout.lines().count(), 5, "{stdout}");
+    assert!(
+        !stdout.contains('\x1b') && !stderr.contains('\x1b'),
+        "{stdout:?} {stderr:?}"
+    );
+    // No logs and no progress line: stderr is not a terminal.
+    assert!(stderr.trim().is_empty(), "{stderr}");
+    // --verbose brings the logs back, still without colour in a pipe.
+    let out = run(&["demo", "--verbose"]);
+    let stderr = text(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("INFO") && stderr.contains("punchd started"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains('\x1b'), "{stderr:?}");
+}
+
+/// `punchd ARGS` on a pseudo-terminal (util-linux `script`, in every
+/// Debian base system), with `env`; everything it wrote to the terminal.
+#[cfg(feature = "demo")]
+fn on_a_terminal(args: &str, env: &[(&str, &str)]) -> String {
+    let command = format!("{} {args}", env!("CARGO_BIN_EXE_punchd"));
+    let out = Command::new("script")
+        .args(["-qec", &command, "/dev/null"])
+        .env_remove("RUST_LOG")
+        .env_remove("NO_COLOR")
+        .envs(env.iter().copied())
+        .output()
+        .expect("script(1) from util-linux");
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    text(&out.stdout)
+}
+
+#[test]
+#[cfg(feature = "demo")]
+fn on_a_terminal_the_demo_shows_progress_and_logs_are_coloured_unless_no_color() {
+    let quiet = on_a_terminal("demo", &[]);
+    assert!(
+        quiet.contains("MiB") && quiet.contains("\x1b[2K"),
+        "{quiet:?}"
+    );
+    assert!(quiet.contains("checksum    sha256"), "{quiet:?}");
+    // SGR colour codes (`ESC[2m`, `ESC[32m` …) only in the verbose logs.
+    let colour = |s: &str| s.contains("\x1b[32m") || s.contains("\x1b[2m");
+    assert!(!colour(&quiet), "{quiet:?}");
+    let verbose = on_a_terminal("demo --verbose", &[]);
+    assert!(
+        verbose.contains("punchd started") && colour(&verbose),
+        "{verbose:?}"
+    );
+    let plain = on_a_terminal("demo --verbose", &[("NO_COLOR", "1")]);
+    assert!(plain.contains("punchd started"), "{plain:?}");
+    assert!(
+        !plain.contains('\x1b'),
+        "colour despite NO_COLOR: {plain:?}"
+    );
+}
+
+#[test]
+fn completions_and_man_pages_come_from_the_clap_definitions() {
+    for shell in ["bash", "zsh", "fish"] {
+        let out = punchd(&["completions", shell]);
+        assert!(out.status.success(), "{shell}: {}", text(&out.stderr));
+        let script = text(&out.stdout);
+        assert!(script.len() > 1000, "{shell}: {script}");
+        for word in ["reload", "check-config", "token-file"] {
+            assert!(script.contains(word), "{shell} script lacks {word}");
+        }
+    }
+    assert_eq!(punchd(&["completions", "tcsh"]).status.code(), Some(2));
+    let man = punchd(&["man"]);
+    assert!(man.status.success());
+    let page = text(&man.stdout);
+    assert!(
+        page.contains(".TH punchd 1") && page.contains("reload"),
+        "{page}"
+    );
+    let dir = temp_dir("man");
+    let out = punchd(&["man", "--out", dir.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    for page in ["punchd.1", "punchd-reload.1", "punchd-status.1"] {
+        assert!(dir.join(page).exists(), "{page} not written");
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 /// A stand-in for systemd's notify socket: what `Type=notify` units rely on.
 struct ServiceManager {
     socket: std::os::unix::net::UnixDatagram,
@@ -163,6 +273,127 @@ fn tells_the_service_manager_when_ready_and_when_stopping() {
     let stopping = manager.next();
     assert!(stopping.contains("STOPPING=1"), "{stopping:?}");
     assert_eq!(child.wait().unwrap().code(), Some(0));
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// A daemon that is killed if the test fails before stopping it.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn listening(port: u16) -> bool {
+    std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+}
+
+#[test]
+fn sighup_and_punchd_reload_apply_a_new_file_and_refuse_a_bad_one() {
+    let dir = temp_dir("reload");
+    for name in ["alice", "bob"] {
+        let key = dir.join(format!("{name}.key"));
+        assert!(punchd(&["keygen", "--out", key.to_str().unwrap()])
+            .status
+            .success());
+    }
+    let bob = text(&punchd(&["pubkey", "--key", dir.join("bob.key").to_str().unwrap()]).stdout);
+    let (admin, p1, p2, p3) = (free_port(), free_port(), free_port(), free_port());
+    let cfg = dir.join("alice.toml");
+    let write = |listens: &[u16], extra: &str| {
+        let mut t = format!(
+            "name = \"alice\"\nkey_file = \"alice.key\"\n[rendezvous]\nurl = \"http://127.0.0.1:9\"\n\
+             [admin]\nlisten = \"127.0.0.1:{admin}\"\ntoken_file = \"admin.token\"\n\
+             [[peers]]\nname = \"bob\"\npublic_key = \"{}\"\n{extra}",
+            bob.trim()
+        );
+        for p in listens {
+            t.push_str(&format!(
+                "[[forward]]\nlisten = \"127.0.0.1:{p}\"\npeer = \"bob\"\nservice = \"x\"\n"
+            ));
+        }
+        std::fs::write(&cfg, t).unwrap();
+    };
+    write(&[p1], "");
+    let manager = ServiceManager::new(&dir);
+    let mut child = KillOnDrop(
+        Command::new(env!("CARGO_BIN_EXE_punchd"))
+            .args(["--config", cfg.to_str().unwrap()])
+            .env("RUST_LOG", "warn")
+            .env("NOTIFY_SOCKET", &manager.path)
+            .spawn()
+            .unwrap(),
+    );
+    assert!(manager.next().contains("READY=1"));
+    assert!(listening(p1));
+
+    // SIGHUP: the forward moves from p1 to p2; systemd hears RELOADING=1,
+    // then READY=1 once it is done.
+    write(&[p2], "");
+    let hup = Command::new("kill")
+        .args(["-HUP", &child.0.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(hup.success());
+    assert!(manager.next().contains("RELOADING=1"));
+    assert!(manager.next().contains("READY=1"));
+    assert!(listening(p2) && !listening(p1));
+
+    // `punchd reload` with a bad file: exit 2, the located error, no change.
+    write(&[p2, p3], "colour = \"red\"\n");
+    let out = punchd(&["reload", "--config", cfg.to_str().unwrap()]);
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("not asked to reload") && err.contains("colour"),
+        "{err}"
+    );
+    // Given the address, the daemon reads the file itself and refuses it.
+    let admin_addr = format!("127.0.0.1:{admin}");
+    let token = dir.join("admin.token");
+    let out = punchd(&[
+        "reload",
+        "--admin",
+        &admin_addr,
+        "--token-file",
+        token.to_str().unwrap(),
+    ]);
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("alice.toml:11:1") && err.contains("colour"),
+        "{err}"
+    );
+    assert!(err.contains("the running configuration stays"), "{err}");
+    assert!(listening(p2) && !listening(p3));
+
+    // Fixed: exit 0, says what changed.
+    write(&[p2, p3], "");
+    let out = punchd(&["reload", "--config", cfg.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let said = text(&out.stdout);
+    assert!(
+        said.contains("reloaded: forwards added: 127.0.0.1:"),
+        "{said}"
+    );
+    assert!(listening(p2) && listening(p3));
+
+    let term = Command::new("kill")
+        .args(["-TERM", &child.0.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(term.success());
+    assert_eq!(child.0.wait().unwrap().code(), Some(0));
     std::fs::remove_dir_all(&dir).unwrap();
 }
 

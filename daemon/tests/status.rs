@@ -67,6 +67,11 @@ fn documented() -> Vec<(&'static str, Kind, Vec<Label>)> {
         ("punchd_rendezvous_connected", Kind::Gauge, vec![]),
         ("punchd_orders_refused_total", Kind::Counter, vec![]),
         (
+            "punchd_reloads_total",
+            Kind::Counter,
+            vec![("result", Some(vec!["ok", "refused"]))],
+        ),
+        (
             "punchd_limit_refusals_total",
             Kind::Counter,
             vec![(

@@ -12,7 +12,7 @@ use tokio_util::sync::CancellationToken;
 
 /// The punchd rendezvous server: daemons register here, learn their public
 /// endpoint and get punch orders for each other.
-#[derive(Debug, Parser)]
+#[derive(Debug, Clone, Parser)]
 #[command(version, about)]
 struct Args {
     /// rendezvous.toml to read.
@@ -40,7 +40,7 @@ struct Args {
     cmd: Option<Cmd>,
 }
 
-#[derive(Debug, Subcommand)]
+#[derive(Debug, Clone, Subcommand)]
 enum Cmd {
     /// Ask a running server's `/healthz` whether it is up: exit 0 if it
     /// answers 200 within 3 s, 1 otherwise. This is the container
@@ -74,47 +74,20 @@ fn main() -> ExitCode {
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
+        // Colour only at a terminal, never with NO_COLOR (no-color.org):
+        // journald and `docker logs` get plain text.
+        .with_ansi(
+            std::io::IsTerminal::is_terminal(&std::io::stdout())
+                && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty()),
+        )
         .init();
-    let mut cfg = match &args.config {
-        Some(path) => match RendezvousConfig::load(path) {
-            Ok(c) => c,
-            Err(e) => {
-                eprintln!("error: {e}");
-                return ExitCode::from(2);
-            }
-        },
-        None => RendezvousConfig::default(),
-    };
-    if let Some(listen) = args.listen {
-        cfg.listen = listen;
-    }
-    // An empty value (e.g. `PUNCH_TOKEN=` from a compose file with the
-    // variable unset) means "not given", never "the empty token".
-    let token = args
-        .token
-        .or_else(|| {
-            std::env::var("PUNCH_RENDEZVOUS_TOKEN")
-                .ok()
-                .map(Secret::new)
-        })
-        .filter(|t| !t.expose().is_empty());
-    if let Some(token) = token {
-        cfg.token = Some(token);
-        cfg.token_file = None;
-    }
-    if let Some(file) = args.token_file {
-        cfg.token_file = Some(file);
-        cfg.token = None;
-    }
-    if let Some(file) = cfg.token_file.take() {
-        match punch_service::secret_file::read_token(&file) {
-            Ok(t) => cfg.token = Some(Secret::new(t)),
-            Err(e) => {
-                eprintln!("error: token file: {e}");
-                return ExitCode::from(2);
-            }
+    let cfg = match resolve_config(&args) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
         }
-    }
+    };
     match &args.cmd {
         Some(Cmd::Keygen { out }) => return keygen(out),
         Some(Cmd::Pubkey { key }) => return pubkey(key.as_ref().or(cfg.key_file.as_ref())),
@@ -147,13 +120,51 @@ fn main() -> ExitCode {
     if cfg.key_file.is_none() {
         tracing::warn!("no key_file: punch orders are signed with a key made for this run only, which daemons cannot pin; set key_file in rendezvous.toml");
     }
-    match runtime.block_on(serve(cfg, trust)) {
+    match runtime.block_on(serve(cfg, trust, &args)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::from(1)
         }
     }
+}
+
+/// The configuration from the file (if any), the command line and the
+/// environment; run again on `SIGHUP`, so a changed token file or
+/// `[limits]` is picked up the way it was at start.
+fn resolve_config(args: &Args) -> Result<RendezvousConfig, String> {
+    let mut cfg = match &args.config {
+        Some(path) => RendezvousConfig::load(path).map_err(|e| e.to_string())?,
+        None => RendezvousConfig::default(),
+    };
+    if let Some(listen) = args.listen {
+        cfg.listen = listen;
+    }
+    // An empty value (e.g. `PUNCH_TOKEN=` from a compose file with the
+    // variable unset) means "not given", never "the empty token".
+    let token = args
+        .token
+        .clone()
+        .or_else(|| {
+            std::env::var("PUNCH_RENDEZVOUS_TOKEN")
+                .ok()
+                .map(Secret::new)
+        })
+        .filter(|t| !t.expose().is_empty());
+    if let Some(token) = token {
+        cfg.token = Some(token);
+        cfg.token_file = None;
+    }
+    if let Some(file) = &args.token_file {
+        cfg.token_file = Some(file.clone());
+        cfg.token = None;
+    }
+    if let Some(file) = cfg.token_file.take() {
+        let t = punch_service::secret_file::read_token(&file)
+            .map_err(|e| format!("token file: {e}"))?;
+        cfg.token = Some(Secret::new(t));
+    }
+    Ok(cfg)
 }
 
 /// `--token` as a [`Secret`], so `Args`' `Debug` never shows it.
@@ -199,7 +210,7 @@ fn print_public(
     }
 }
 
-async fn serve(cfg: RendezvousConfig, trust: Trust) -> anyhow::Result<()> {
+async fn serve(cfg: RendezvousConfig, trust: Trust, args: &Args) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(cfg.listen)
         .await
         .with_context(|| {
@@ -216,8 +227,32 @@ async fn serve(cfg: RendezvousConfig, trust: Trust) -> anyhow::Result<()> {
         punch_service::notify_stopping("shutting down");
         on_signal.cancel();
     });
-    punch_service::notify_ready(&format!("listening on {}", cfg.listen));
-    punch_rendezvous::server::run_with(listener, cfg, trust, cancel)
+    let ready = format!("listening on {}", cfg.listen);
+    let live = punch_rendezvous::server::LiveConfig::new(cfg);
+    let mut hangups = punch_service::reload_signals().context("cannot watch for SIGHUP")?;
+    let (reload_live, stop) = (live.clone(), cancel.clone());
+    let args = args.clone();
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => break,
+                Some(()) = hangups.recv() => {}
+            }
+            punch_service::notify_reloading();
+            match resolve_config(&args) {
+                Ok(new) => {
+                    reload_live.reload(&new);
+                    tracing::info!("configuration reloaded: token and [limits] apply to new connections (listen, tls and key_file change only with a restart)");
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "reload refused; the running configuration stays")
+                }
+            }
+            punch_service::notify_ready(&ready);
+        }
+    });
+    punch_service::notify_ready(&format!("listening on {}", live.get().listen));
+    punch_rendezvous::server::run_live(listener, live, trust, cancel)
         .await
         .context("rendezvous server failed")
 }

@@ -2,7 +2,8 @@
 //! `punch-rendezvous`) need to run as a service, kept apart from either so
 //! the daemon links no rendezvous server code.
 //!
-//! - [`lifecycle`]: the one shutdown trigger (Ctrl-C / SIGTERM) and
+//! - [`lifecycle`]: the one shutdown trigger (Ctrl-C / SIGTERM), the reload
+//!   trigger (SIGHUP) and
 //!   readiness reports to systemd (`Type=notify`).
 //! - [`prometheus`]: the one writer of the Prometheus text exposition format
 //!   behind both `/metrics` endpoints.
@@ -12,4 +13,6 @@ pub mod lifecycle;
 pub mod prometheus;
 pub mod secret_file;
 
-pub use lifecycle::{notify_ready, notify_stopping, shutdown_signal};
+pub use lifecycle::{
+    notify_ready, notify_reloading, notify_stopping, reload_signals, shutdown_signal,
+};

@@ -25,6 +25,18 @@ pub async fn shutdown_signal() {
     }
 }
 
+/// SIGHUP, the conventional "re-read your configuration" (systemd's
+/// `ExecReload=kill -HUP $MAINPID`). Each signal is one `recv()`.
+pub fn reload_signals() -> std::io::Result<tokio::signal::unix::Signal> {
+    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+}
+
+/// Tells the service manager (if any) that a reload started; follow with
+/// [`notify_ready`] when it is done.
+pub fn notify_reloading() {
+    notify(&[NotifyState::Reloading]);
+}
+
 /// Tells the service manager (if any) that start-up is complete, with a
 /// one-line status shown by `systemctl status`.
 pub fn notify_ready(status: &str) {

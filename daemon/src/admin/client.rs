@@ -27,6 +27,10 @@ pub enum StatusError {
     /// HTTP failed.
     #[error("admin API at {0}: {1}")]
     Http(SocketAddr, String),
+    /// The daemon refused the request's content (a reload's new file did
+    /// not validate); the daemon's reason.
+    #[error("{1}")]
+    Refused(SocketAddr, String),
 }
 
 /// GETs the status document.
@@ -41,6 +45,13 @@ pub async fn fetch(addr: SocketAddr, token: Option<&str>) -> Result<StatusDoc, S
 pub async fn repunch(addr: SocketAddr, peer: &str, token: &str) -> Result<String, StatusError> {
     let path = format!("/v1/peers/{peer}/repunch");
     let body = request(addr, hyper::Method::POST, &path, Some(token)).await?;
+    Ok(String::from_utf8_lossy(&body).trim().to_owned())
+}
+
+/// Asks the daemon to re-read its config file; returns its answer (what
+/// changed), or an error carrying why the new file was refused.
+pub async fn reload(addr: SocketAddr, token: &str) -> Result<String, StatusError> {
+    let body = request(addr, hyper::Method::POST, "/v1/reload", Some(token)).await?;
     Ok(String::from_utf8_lossy(&body).trim().to_owned())
 }
 
@@ -76,6 +87,10 @@ async fn request(
             .await
             .map_err(|e| http(&e))?
             .to_bytes();
+        if status == hyper::StatusCode::UNPROCESSABLE_ENTITY {
+            let why = String::from_utf8_lossy(&body).trim().to_owned();
+            return Err(StatusError::Refused(addr, why));
+        }
         if !status.is_success() {
             let why = String::from_utf8_lossy(&body);
             return Err(http(&format!("HTTP {status}: {}", why.trim())));

@@ -25,6 +25,14 @@ pub(crate) fn render(board: &StatusBoard) -> String {
         "Punch orders refused: not signed by the pinned [rendezvous] server_key.",
     )
     .sample(&[], board.orders_refused.load(Ordering::Relaxed));
+    let mut reloads = out.family(
+        "punchd_reloads_total",
+        Kind::Counter,
+        "Config reloads (SIGHUP, punchd reload): applied, or refused with the running config kept.",
+    );
+    for (result, n) in ["ok", "refused"].iter().zip(&board.reloads) {
+        reloads.sample(&[("result", result)], n.load(Ordering::Relaxed));
+    }
     let mut limits = out.family(
         "punchd_limit_refusals_total",
         Kind::Counter,
@@ -156,7 +164,8 @@ fn traffic(out: &mut Exposition, doc: &StatusDoc) {
 
 /// Punch sessions and attempts per peer (counters kept beside the doc).
 fn punches(out: &mut Exposition, doc: &StatusDoc, board: &StatusBoard) {
-    let peer_status = |name: &str| board.peers.iter().find(|s| s.name == name);
+    let peers = board.peers();
+    let peer_status = |name: &str| peers.iter().find(|s| s.name == name);
     {
         let mut f = out.family(
             "punchd_punches_total",

@@ -1,7 +1,7 @@
 //! The local admin API: `GET /v1/status` (JSON), `GET /metrics`
 //! (Prometheus), `GET /healthz`, and `POST /v1/peers/{name}/repunch` to drop
 //! a peer's tunnel and punch again (for operators and the lab's timing
-//! measurements). It listens on loopback unless the config says otherwise.
+//! measurements), and `POST /v1/reload` to re-read `peer.toml`. It listens on loopback unless the config says otherwise.
 //! Every request passes [`auth::decide`] first: reads are open on
 //! loopback, anything else needs the admin token the daemon writes at
 //! start, and the `Host` header must name this listener.
@@ -38,6 +38,9 @@ use status::StatusBoard;
 pub(crate) enum AdminCmd {
     /// Drop this peer's tunnel and punch again.
     Repunch(String),
+    /// Re-read the config file; the reply is the summary or the reason
+    /// nothing changed.
+    Reload(tokio::sync::oneshot::Sender<Result<String, String>>),
 }
 
 #[derive(Clone)]
@@ -60,6 +63,7 @@ pub(crate) async fn serve(
             get(|State(a): State<Admin>| async move { Json(a.board.snapshot()) }),
         )
         .route("/v1/peers/{name}/repunch", post(repunch))
+        .route("/v1/reload", post(reload))
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok\n" }))
         .with_state(Admin { board, cmds })
@@ -100,7 +104,7 @@ async fn metrics(State(a): State<Admin>) -> impl IntoResponse {
 }
 
 async fn repunch(State(a): State<Admin>, Path(name): Path<String>) -> impl IntoResponse {
-    if a.board.peers.iter().any(|p| p.name == name) {
+    if a.board.peers().iter().any(|p| p.name == name) {
         let _ = a.cmds.send(AdminCmd::Repunch(name)).await;
         (StatusCode::ACCEPTED, "re-punching\n".to_owned())
     } else {
@@ -108,5 +112,26 @@ async fn repunch(State(a): State<Admin>, Path(name): Path<String>) -> impl IntoR
             StatusCode::NOT_FOUND,
             format!("no peer named {name} in [[peers]]\n"),
         )
+    }
+}
+
+/// `POST /v1/reload` (`punchd reload`, like `SIGHUP`): 200 with what
+/// changed, or 422 with the located error while the running
+/// configuration stays.
+async fn reload(State(a): State<Admin>) -> impl IntoResponse {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    if a.cmds.send(AdminCmd::Reload(tx)).await.is_err() {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the daemon is shutting down\n".to_owned(),
+        );
+    }
+    match rx.await {
+        Ok(Ok(summary)) => (StatusCode::OK, format!("reloaded: {summary}\n")),
+        Ok(Err(why)) => (StatusCode::UNPROCESSABLE_ENTITY, format!("{why}\n")),
+        Err(_) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the daemon is shutting down\n".to_owned(),
+        ),
     }
 }

@@ -248,14 +248,17 @@ pub struct StatusBoard {
     rendezvous: Mutex<RendezvousState>,
     /// The QUIC endpoint, for its connection count.
     quic: Mutex<Option<quinn::Endpoint>>,
-    pub(crate) peers: Vec<Arc<PeerStatus>>,
-    pub(crate) forwards: Vec<Arc<ForwardStatus>>,
+    /// Replaced whole by a config reload.
+    peers: Mutex<Vec<Arc<PeerStatus>>>,
+    forwards: Mutex<Vec<Arc<ForwardStatus>>>,
     /// Punch orders refused because the pinned server key did not sign them.
     pub(crate) orders_refused: AtomicU64,
     /// Inputs refused or trimmed by a limit (README, "Limits"), by reason.
     pub(crate) limits: LimitCounters,
     /// The port mapper's state and counters.
     pub(crate) portmap: Arc<crate::portmap::Board>,
+    /// Config reloads applied and refused (`punchd_reloads_total`).
+    pub(crate) reloads: [AtomicU64; 2],
 }
 
 /// A limit that refused (or trimmed) something from the network: the
@@ -325,11 +328,12 @@ impl StatusBoard {
             name: name.to_owned(),
             rendezvous: Mutex::default(),
             quic: Mutex::default(),
-            peers,
-            forwards,
+            peers: Mutex::new(peers),
+            forwards: Mutex::new(forwards),
             orders_refused: AtomicU64::new(0),
             limits: LimitCounters::default(),
             portmap: Arc::default(),
+            reloads: Default::default(),
         }
     }
 
@@ -347,6 +351,22 @@ impl StatusBoard {
         if punch_port != 0 {
             r.punch_port = punch_port;
         }
+    }
+
+    /// Counts a reload: applied (`true`) or refused.
+    pub(crate) fn reloaded(&self, applied: bool) {
+        self.reloads[usize::from(!applied)].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The peers now configured.
+    pub(crate) fn peers(&self) -> Vec<Arc<PeerStatus>> {
+        lock(&self.peers).clone()
+    }
+
+    /// After a reload: the peers and forwards now configured.
+    pub(crate) fn replace(&self, peers: Vec<Arc<PeerStatus>>, forwards: Vec<Arc<ForwardStatus>>) {
+        *lock(&self.peers) = peers;
+        *lock(&self.forwards) = forwards;
     }
 
     pub(crate) fn set_quic_endpoint(&self, endpoint: quinn::Endpoint) {
@@ -377,8 +397,8 @@ impl StatusBoard {
                 .as_ref()
                 .map(quinn::Endpoint::open_connections),
             port_mapping: self.portmap.doc(),
-            peers: self.peers.iter().map(|p| p.doc()).collect(),
-            forwards: self.forwards.iter().map(|f| f.doc()).collect(),
+            peers: self.peers().iter().map(|p| p.doc()).collect(),
+            forwards: lock(&self.forwards).iter().map(|f| f.doc()).collect(),
         }
     }
 

@@ -6,6 +6,8 @@
 //! rendezvous *server*, which the daemon itself never links.
 
 use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use punch_config::RendezvousConfig;
@@ -104,6 +106,16 @@ impl fmt::Display for DemoReport {
 /// Writes `data` to `stream` while reading the same amount back; returns
 /// the sha256 of what came back.
 pub async fn echo_roundtrip(stream: TcpStream, data: &[u8]) -> std::io::Result<String> {
+    echo_counted(stream, data, None).await
+}
+
+/// [`echo_roundtrip`], adding the bytes read back to `done` as they come
+/// (for a progress line).
+async fn echo_counted(
+    stream: TcpStream,
+    data: &[u8],
+    done: Option<&AtomicU64>,
+) -> std::io::Result<String> {
     let (mut r, mut w) = stream.into_split();
     let writer = async {
         w.write_all(data).await?;
@@ -123,6 +135,9 @@ pub async fn echo_roundtrip(stream: TcpStream, data: &[u8]) -> std::io::Result<S
             }
             hasher.update(&buf[..n]);
             total += n;
+            if let Some(d) = done {
+                d.fetch_add(n as u64, Ordering::Relaxed);
+            }
         }
         Ok(hex(&hasher.finalize()))
     };
@@ -132,12 +147,17 @@ pub async fn echo_roundtrip(stream: TcpStream, data: &[u8]) -> std::io::Result<S
 
 /// Runs the demo.
 pub async fn run() -> Result<DemoReport, DemoError> {
+    run_counting(None).await
+}
+
+/// Runs the demo, counting the bytes echoed so far into `progress`.
+pub async fn run_counting(progress: Option<Arc<AtomicU64>>) -> Result<DemoReport, DemoError> {
     let rendezvous = Rendezvous::start(RendezvousConfig::default())
         .await
         .map_err(step("starting the embedded rendezvous"))?;
     let cancel = CancellationToken::new();
     let tracker = TaskTracker::new();
-    let result = run_with(&rendezvous, cancel.clone(), &tracker).await;
+    let result = run_with(&rendezvous, cancel.clone(), &tracker, progress.as_deref()).await;
     cancel.cancel();
     tracker.close();
     tracker.wait().await;
@@ -149,6 +169,7 @@ async fn run_with(
     rendezvous: &Rendezvous,
     cancel: CancellationToken,
     tracker: &TaskTracker,
+    progress: Option<&AtomicU64>,
 ) -> Result<DemoReport, DemoError> {
     let echo = echo_server(cancel.clone(), tracker)
         .await
@@ -193,10 +214,13 @@ async fn run_with(
         .await
         .map_err(step("connecting to alice's forward"))?;
     let t0 = Instant::now();
-    let got = tokio::time::timeout(Duration::from_secs(60), echo_roundtrip(stream, &data))
-        .await
-        .map_err(step("echo through the tunnel"))?
-        .map_err(step("echo through the tunnel"))?;
+    let got = tokio::time::timeout(
+        Duration::from_secs(60),
+        echo_counted(stream, &data, progress),
+    )
+    .await
+    .map_err(step("echo through the tunnel"))?
+    .map_err(step("echo through the tunnel"))?;
     let transfer = t0.elapsed();
     let doc = alice.status.snapshot();
     let peer = doc.peers.first().cloned().ok_or_else(|| DemoError::Step {

@@ -29,20 +29,25 @@ pub(crate) async fn serve_inbound(
     status: Arc<PeerStatus>,
     cancel: CancellationToken,
 ) {
-    let service = match read_request(&mut stream).await {
+    let request = match read_request(&mut stream).await {
         Ok(s) => s,
         Err(e) => {
             warn!(peer = %peer_name, error = %e, "bad stream from peer");
             return;
         }
     };
-    if service == PING_SERVICE {
+    if request == PING_SERVICE {
         stream.uncount();
         if reply(&mut stream, Ok(())).await.is_ok() {
             echo_pings(&mut stream, &cancel).await;
         }
         return;
     }
+    let Ok((service, index)) = super::ranges::parse(&request) else {
+        warn!(peer = %peer_name, %request, "bad stream request from peer");
+        let _ = reply(&mut stream, Err("malformed service request")).await;
+        return;
+    };
     let Some(expose) = exposes.iter().find(|e| e.name.as_str() == service) else {
         warn!(peer = %peer_name, %service, "refused: no such service exposed");
         let _ = reply(
@@ -63,17 +68,25 @@ pub(crate) async fn serve_inbound(
         .await;
         return;
     }
-    let target = match tokio::time::timeout(
-        TARGET_CONNECT_TIMEOUT,
-        TcpStream::connect(&expose.target),
-    )
-    .await
+    // Checked after the allow list: a position never widens who may ask.
+    let Some(target) = expose.target_range().and_then(|r| r.nth(index)) else {
+        warn!(peer = %peer_name, %service, index, "refused: port position outside the target range");
+        let _ = reply(
+            &mut stream,
+            Err(&format!(
+                "service {service} has no port #{index}: its target is {}; a range forward needs a target range of the same length",
+                expose.target
+            )),
+        )
+        .await;
+        return;
+    };
+    let target = match tokio::time::timeout(TARGET_CONNECT_TIMEOUT, TcpStream::connect(&target))
+        .await
     {
         Ok(Ok(t)) => t,
-        Ok(Err(e)) => {
-            return refuse_target(&mut stream, &peer_name, &service, &e.to_string()).await
-        }
-        Err(_) => return refuse_target(&mut stream, &peer_name, &service, "timed out").await,
+        Ok(Err(e)) => return refuse_target(&mut stream, &peer_name, service, &e.to_string()).await,
+        Err(_) => return refuse_target(&mut stream, &peer_name, service, "timed out").await,
     };
     let _ = target.set_nodelay(true);
     if reply(&mut stream, Ok(())).await.is_err() {

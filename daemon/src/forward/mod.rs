@@ -17,6 +17,7 @@
 pub(crate) mod expose;
 pub(crate) mod frame;
 pub(crate) mod listen;
+pub(crate) mod ranges;
 pub(crate) mod splice;
 
 pub(crate) use expose::serve_inbound;

@@ -88,7 +88,14 @@ pub(crate) enum PeerCmd {
     Abort(String),
     /// Drop the current tunnel and punch again now (admin API).
     Repunch,
+    /// A reload changed whether we have forwards to this peer.
+    SetInitiator(bool),
 }
+
+/// The `[[expose]]` table, shared by every peer task and swapped whole by
+/// a config reload: each inbound stream reads the table current when it
+/// arrives; streams already served keep going.
+pub(crate) type ExposeTable = Arc<std::sync::RwLock<Arc<Vec<Expose>>>>;
 
 /// What a peer task needs to know, fixed for its lifetime.
 #[derive(Debug)]
@@ -106,7 +113,7 @@ pub(crate) struct PeerContext {
     pub(crate) relay_endpoint: Endpoint,
     /// Ping interval and dead-path timeout.
     pub(crate) keepalive: (Duration, Duration),
-    pub(crate) exposes: Arc<Vec<Expose>>,
+    pub(crate) exposes: ExposeTable,
     pub(crate) status: Arc<PeerStatus>,
     pub(crate) rendezvous: mpsc::Sender<RvCmd>,
     /// Direct transports to race.
@@ -269,6 +276,7 @@ impl PeerActor {
                 Event::Repunch { rtt: self.rtt() }
             }
             PeerCmd::RendezvousUp => Event::RendezvousUp,
+            PeerCmd::SetInitiator(on) => Event::SetInitiator(on),
         }
     }
 
@@ -450,7 +458,10 @@ impl PeerActor {
                     let handler = forward::serve_inbound(
                         stream,
                         ctx.name.clone(),
-                        ctx.exposes.clone(),
+                        ctx.exposes
+                            .read()
+                            .unwrap_or_else(std::sync::PoisonError::into_inner)
+                            .clone(),
                         ctx.status.clone(),
                         cancel.clone(),
                     );

@@ -101,6 +101,9 @@ pub(crate) enum Event<W> {
         generation: u64,
         rtt: Option<Duration>,
     },
+    /// A config reload added this peer's first forward (true) or removed
+    /// its last (false).
+    SetInitiator(bool),
     /// The instant from [`PeerState::next_wake`] came.
     Timer,
 }
@@ -253,6 +256,14 @@ impl<W> PeerState<W> {
                     if self.settings.initiator {
                         self.next_connect = Some(now + self.backoff.next());
                     }
+                }
+            }
+            Event::SetInitiator(on) => {
+                self.settings.initiator = on;
+                if on && self.tunnel.is_none() && self.punching.is_none() {
+                    self.next_connect = Some(now);
+                } else if !on && self.waiters.is_empty() {
+                    self.next_connect = None;
                 }
             }
             Event::Timer => self.on_timer(now, &mut out),
@@ -447,6 +458,23 @@ mod tests {
             reason: "tcp: no candidate connected".into(),
             nothing_to_try: false,
         }
+    }
+
+    #[test]
+    fn a_reload_that_adds_a_forward_makes_a_responder_ask_at_once() {
+        let t0 = Instant::now();
+        let mut s = up(RESPONDER, t0);
+        assert_eq!(s.next_wake(), None, "a responder never asks on its own");
+        assert!(s.handle(Event::SetInitiator(true), t0 + ms(5)).is_empty());
+        assert_eq!(s.next_wake(), Some(t0 + ms(5)));
+        let fx = s.handle(Event::Timer, t0 + ms(5));
+        assert!(matches!(fx.as_slice(), [Effect::AskRendezvous]), "{fx:?}");
+        // Losing its last forward: it stops asking, also after a failure.
+        s.handle(Event::SetInitiator(false), t0 + ms(6));
+        assert_eq!(s.next_wake(), None);
+        let g = punch(&mut s, "s1", t0 + ms(7));
+        s.handle(failed(g), t0 + ms(8));
+        assert_eq!(s.next_wake(), None);
     }
 
     #[test]

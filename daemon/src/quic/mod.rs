@@ -297,18 +297,32 @@ impl QuicPath {
             .map_err(QuicError::from)
     }
 
+    /// Replaces the keys the endpoint accepts handshakes from (a config
+    /// reload added or removed peers). Connections already up keep theirs.
+    pub(crate) fn accept_from(
+        &self,
+        identity: &Identity,
+        keys: &[PublicKeyBytes],
+    ) -> Result<(), QuicError> {
+        let crypto = QuicServerConfig::try_from(tls::server_config_any(identity, keys)?)
+            .map_err(|e| QuicError::Crypto(e.to_string()))?;
+        let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+        server.transport_config(self.transport.clone());
+        self.endpoint.set_server_config(Some(server));
+        Ok(())
+    }
+
     /// Accepts connections until `cancel`, each handshaked (bounded in
     /// number and time) and handed to the peer whose key it presented.
     /// Keys missing from `routes` (peers for which we are the QUIC client)
-    /// are closed: only the lower key dials.
+    /// are closed: only the lower key dials. `routes` is shared with the
+    /// daemon, which changes it when a reload adds or removes peers.
     pub(crate) async fn accept_loop(
         self: Arc<Self>,
-        routes: HashMap<PublicKeyBytes, mpsc::Sender<quinn::Connection>>,
+        routes: QuicRoutes,
         cancel: CancellationToken,
         tracker: TaskTracker,
     ) {
-        let keys: Arc<Vec<PublicKeyBytes>> = Arc::new(routes.keys().copied().collect());
-        let routes = Arc::new(routes);
         let slots = Arc::new(Semaphore::new(MAX_HANDSHAKES));
         loop {
             let incoming = tokio::select! {
@@ -331,7 +345,7 @@ impl QuicPath {
                 incoming.refuse();
                 continue;
             };
-            let (routes, keys) = (routes.clone(), keys.clone());
+            let routes = routes.clone();
             tracker.spawn(async move {
                 let _permit = permit;
                 let remote = incoming.remote_address();
@@ -346,8 +360,12 @@ impl QuicPath {
                         return;
                     }
                 };
-                let key = peer_key(&conn, &keys);
-                match key.and_then(|k| routes.get(&k)) {
+                let route = {
+                    let routes = routes.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                    let keys: Vec<_> = routes.keys().copied().collect();
+                    peer_key(&conn, &keys).and_then(|k| routes.get(&k).cloned())
+                };
+                match route {
                     Some(tx) => {
                         if let Err(mpsc::error::TrySendError::Full(c)) = tx.try_send(conn) {
                             c.close(VarInt::from_u32(1), b"busy");
@@ -360,6 +378,10 @@ impl QuicPath {
         self.endpoint.close(VarInt::from_u32(0), b"shutting down");
     }
 }
+
+/// Incoming QUIC connections by the key they authenticated with, to the
+/// task of that peer (only peers for which we accept, the higher key).
+pub(crate) type QuicRoutes = Arc<Mutex<HashMap<PublicKeyBytes, mpsc::Sender<quinn::Connection>>>>;
 
 /// A QUIC tunnel in service; see [`QuicPath::live_tunnel`].
 #[derive(Debug)]

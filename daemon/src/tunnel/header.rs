@@ -2,7 +2,7 @@
 //! side that accepts it knows what is asked and can say no.
 //!
 //! ```text
-//! opener → [version=2][len][service name]        (len ≤ 63)
+//! opener → [version=2][len][service name]        (len ≤ 67: `name#n`, forward/ranges.rs)
 //! exposer → [status][len][reason]                (status 0 = ok)
 //! ```
 //!
@@ -26,6 +26,9 @@ pub(crate) const PING_SERVICE: &str = "_ping";
 /// Prefix of the race's selection request (a reserved service name: `_`
 /// cannot start a configured one).
 pub(crate) const SELECT_PREFIX: &str = "_select:";
+/// Longest service request: a 63-byte name, or `name#n` for the n-th
+/// port of a range forward (`forward/ranges.rs`; n < 256).
+pub(crate) const MAX_REQUEST_LEN: usize = 63 + 4;
 /// Time allowed for a header to arrive.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -94,7 +97,7 @@ pub(crate) async fn read_request<S: AsyncRead + Unpin>(s: &mut S) -> Result<Stri
             return Err(HeaderError::Malformed("unknown version"));
         }
         let name = read_short_string(s).await?;
-        if name.is_empty() || name.len() > 63 {
+        if name.is_empty() || name.len() > MAX_REQUEST_LEN {
             return Err(HeaderError::Malformed("bad service name length"));
         }
         Ok(name)

@@ -164,7 +164,8 @@ pub(crate) async fn serve(
     shared: Arc<Shared>,
 ) -> std::io::Result<()> {
     let conns = TaskTracker::new();
-    let limits = &shared.cfg.limits;
+    let cfg = shared.cfg();
+    let limits = &cfg.limits;
     let mut last_warning = None;
     loop {
         let (tcp, addr) = tokio::select! {
@@ -245,7 +246,7 @@ where
     let mut builder = hyper::server::conn::http1::Builder::new();
     builder
         .timer(TokioTimer::new())
-        .header_read_timeout(shared.cfg.limits.header_read_timeout);
+        .header_read_timeout(shared.cfg().limits.header_read_timeout);
     let conn = builder
         .serve_connection(TokioIo::new(io), service)
         .with_upgrades();

@@ -98,7 +98,7 @@ async fn handshake(
         .map_err(|_| (ErrorCode::Timeout, "could not send challenge".to_owned()))?;
     let hello = tokio::select! {
         _ = shared.cancel.cancelled() => return Err((ErrorCode::ShuttingDown, "server is shutting down".to_owned())),
-        r = tokio::time::timeout(shared.cfg.limits.hello_timeout, next_text(ws)) => match r {
+        r = tokio::time::timeout(shared.cfg().limits.hello_timeout, next_text(ws)) => match r {
             Err(_) => return Err((ErrorCode::Timeout, "no hello in time".to_owned())),
             Ok(None) => return Err((ErrorCode::Timeout, "closed before hello".to_owned())),
             Ok(Some(text)) => text,
@@ -114,7 +114,7 @@ async fn handshake(
         }
         Err(e) => return Err((ErrorCode::Malformed, format!("bad hello: {e}"))),
     };
-    let public_key = check_hello(&shared.cfg, &hello, &nonce)?;
+    let public_key = check_hello(&shared.cfg(), &hello, &nonce)?;
     let local_addrs = lan_candidates(shared, &hello.local_addrs, observed)?;
     let registration = Registration {
         conn_id,
@@ -134,7 +134,7 @@ async fn handshake(
     shared.local.attach(conn_id, tx, replaced, Instant::now());
     let registered = shared
         .store
-        .register(&hello.name, registration, shared.cfg.limits.max_clients)
+        .register(&hello.name, registration, shared.cfg().limits.max_clients)
         .await
         .map_err(StoreError::into_refusal)?;
     if let Some(old) = registered.replaced {
@@ -278,7 +278,8 @@ async fn registered(
     replaced: &CancellationToken,
 ) -> String {
     let name = me.name;
-    let limits = &shared.cfg.limits;
+    let cfg = shared.cfg();
+    let limits = &cfg.limits;
     let mut bucket = TokenBucket::new(
         limits.messages_per_second,
         limits.message_burst,
@@ -404,8 +405,8 @@ async fn handle(ws: &mut WebSocket, shared: &Shared, name: &str, text: &str) -> 
 /// told the punch is off), so an undeliverable punch holds no slot.
 async fn coordinate(shared: &Shared, name: &str, peer: &str) -> Result<(), Refusal> {
     let limits = PunchLimits {
-        max_pending: shared.cfg.limits.max_pending_punches,
-        max_per_requester: shared.cfg.limits.max_pending_punches_per_daemon,
+        max_pending: shared.cfg().limits.max_pending_punches,
+        max_per_requester: shared.cfg().limits.max_pending_punches_per_daemon,
     };
     let orders = match shared
         .store

@@ -66,7 +66,9 @@ pub use trust::{create_key, load_key, Trust, TrustError};
 /// State shared by every handler and connection task.
 #[derive(Debug)]
 pub(crate) struct Shared {
-    pub(crate) cfg: RendezvousConfig,
+    /// The configuration; its token and limits change on a reload, so
+    /// read it through [`Shared::cfg`] each time.
+    live: LiveConfig,
     /// Registrations, sessions and relay pairing (data only).
     pub(crate) store: Box<dyn Store>,
     /// This process's handles: outboxes, rate buckets, relay sockets.
@@ -91,6 +93,50 @@ pub(crate) struct Shared {
 use local::Local;
 use store::{MemoryStore, Store};
 
+impl Shared {
+    /// The configuration now in force.
+    pub(crate) fn cfg(&self) -> Arc<RendezvousConfig> {
+        self.live.get()
+    }
+}
+
+/// A running server's configuration, shared with whoever reloads it
+/// (`punch-rendezvous` on `SIGHUP`). A reload changes the network token
+/// and the `[limits]`: new connections and checks see them at once,
+/// connections already registered stay. Everything else (listen
+/// addresses, TLS, the key, the UDP endpoint, the relay's global budget)
+/// is bound at start and changes only with a restart.
+#[derive(Debug, Clone)]
+pub struct LiveConfig(Arc<std::sync::RwLock<Arc<RendezvousConfig>>>);
+
+impl LiveConfig {
+    /// Wraps the configuration a server starts with.
+    pub fn new(mut cfg: RendezvousConfig) -> Self {
+        cfg.limits.max_connections = accept::connection_cap(cfg.limits.max_connections);
+        Self(Arc::new(std::sync::RwLock::new(Arc::new(cfg))))
+    }
+
+    /// The configuration now in force.
+    pub fn get(&self) -> Arc<RendezvousConfig> {
+        self.0
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Takes `new`'s token and limits; the rest stays as started.
+    pub fn reload(&self, new: &RendezvousConfig) {
+        let mut next = (*self.get()).clone();
+        next.token.clone_from(&new.token);
+        next.limits = new.limits.clone();
+        next.limits.max_connections = accept::connection_cap(next.limits.max_connections);
+        *self
+            .0
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(next);
+    }
+}
+
 /// Serves the rendezvous on `listener` until `cancel` fires, then waits for
 /// every connection task to finish. The key and certificate come from
 /// `cfg` ([`Trust::from_config`]); use [`run_with`] to load them first and
@@ -107,11 +153,21 @@ pub async fn run(
 /// [`run`] with the server's key and certificate already loaded.
 pub async fn run_with(
     listener: TcpListener,
-    mut cfg: RendezvousConfig,
+    cfg: RendezvousConfig,
     trust: Trust,
     cancel: CancellationToken,
 ) -> std::io::Result<()> {
-    cfg.limits.max_connections = accept::connection_cap(cfg.limits.max_connections);
+    run_live(listener, LiveConfig::new(cfg), trust, cancel).await
+}
+
+/// [`run_with`] on a configuration the caller can reload while it runs.
+pub async fn run_live(
+    listener: TcpListener,
+    live: LiveConfig,
+    trust: Trust,
+    cancel: CancellationToken,
+) -> std::io::Result<()> {
+    let cfg = live.get();
     let udp = bind_udp(&listener, &cfg).await?;
     let shared = Arc::new(Shared {
         udp_port: udp
@@ -119,7 +175,7 @@ pub async fn run_with(
             .and_then(|s| s.local_addr().ok())
             .map(|a| a.port()),
         relay_budget: relay::GlobalBudget::new(cfg.limits.relay_total_bytes_per_second),
-        cfg,
+        live,
         store: Box::new(MemoryStore::default()),
         local: Local::default(),
         metrics: Metrics::default(),
@@ -175,7 +231,7 @@ async fn ws_handler(
     permit: Option<accept::ConnPermit>,
     State(shared): State<Arc<Shared>>,
 ) -> impl IntoResponse {
-    let max = shared.cfg.limits.max_message_bytes;
+    let max = shared.cfg().limits.max_message_bytes;
     let tracker = shared.tracker.clone();
     // Small buffers: a registered daemon sends a few hundred bytes a minute,
     // and thousands of them stay connected at once.

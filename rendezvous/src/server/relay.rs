@@ -120,7 +120,8 @@ pub(crate) async fn handler(
     permit: Option<ConnPermit>,
     State(shared): State<Arc<Shared>>,
 ) -> Response {
-    let limits = &shared.cfg.limits;
+    let cfg = shared.cfg();
+    let limits = &cfg.limits;
     // Authorize and take a slot before upgrading.
     let (side, name) = match shared.store.relay_auth(&session, &q.token).await {
         Ok(RelayAuth::Side { side, name }) => (side, name),
@@ -390,7 +391,8 @@ enum Ended {
 /// only send binary frames, and a side that sends text or pings instead
 /// still gets no more than its rate of the server's attention.
 async fn pump(a: WebSocket, b: WebSocket, shared: &Shared) -> (u64, Ended) {
-    let limits = &shared.cfg.limits;
+    let cfg = shared.cfg();
+    let limits = &cfg.limits;
     let rate = limits.relay_bytes_per_second;
     let started = Instant::now();
     // Milliseconds since `started` of the last frame either way.
