@@ -642,6 +642,7 @@ mod tests {
             at_us: 0,
             initiator: false,
             relay_token: String::new(),
+            relay_url: None,
             signature: None,
         };
         let server = ed25519_dalek::SigningKey::from_bytes(&[4; 32]);
