@@ -497,7 +497,7 @@ impl RedisStore {
             .arg(&self.instance)
             .arg(r.conn_id)
             .arg(Record::of(r))
-            .arg(micros(PRESENCE_TTL));
+            .arg(u64::try_from(PRESENCE_TTL.as_millis()).unwrap_or(u64::MAX));
         inv
     }
 
