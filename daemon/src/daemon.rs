@@ -163,7 +163,7 @@ pub async fn start(
     if let Some(p) = cfg.peers.iter().find(|p| p.public_key == own_key) {
         return Err(DaemonError::SelfPeer(p.name.to_string()));
     }
-    let endpoint = Endpoint::new(&cfg.rendezvous.url, cfg.rendezvous.ca_file.as_deref())?;
+    let endpoint = Endpoint::new(cfg.rendezvous.urls()[0], cfg.rendezvous.ca_file.as_deref())?;
     let token = match &cfg.rendezvous.token_file {
         Some(path) => Some(Secret::new(
             secret_file::read_token(path).map_err(DaemonError::TokenFile)?,
