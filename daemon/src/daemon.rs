@@ -163,7 +163,12 @@ pub async fn start(
     if let Some(p) = cfg.peers.iter().find(|p| p.public_key == own_key) {
         return Err(DaemonError::SelfPeer(p.name.to_string()));
     }
-    let endpoint = Endpoint::new(cfg.rendezvous.urls()[0], cfg.rendezvous.ca_file.as_deref())?;
+    let endpoints = cfg
+        .rendezvous
+        .urls()
+        .into_iter()
+        .map(|u| Endpoint::new(u, cfg.rendezvous.ca_file.as_deref()))
+        .collect::<Result<Vec<_>, _>>()?;
     let token = match &cfg.rendezvous.token_file {
         Some(path) => Some(Secret::new(
             secret_file::read_token(path).map_err(DaemonError::TokenFile)?,
@@ -213,7 +218,7 @@ pub async fn start(
         &identity,
         &peer_status,
         quic.as_ref(),
-        (&endpoint, &rv_cmd_tx),
+        &rv_cmd_tx,
         &cancel,
         &tracker,
     )?;
@@ -228,7 +233,9 @@ pub async fn start(
         );
     }
     let settings = RvSettings {
-        endpoint,
+        endpoint: endpoints[0].clone(),
+        endpoints,
+        ca_file: cfg.rendezvous.ca_file.clone(),
         token,
         server_key,
         name: cfg.name.to_string(),
@@ -299,8 +306,8 @@ fn spawn_peers(
     identity: &Identity,
     peer_status: &[Arc<PeerStatus>],
     quic: Option<&Arc<QuicPath>>,
-    // The rendezvous: where it is (for the relay) and its client's inbox.
-    (endpoint, rendezvous): (&Endpoint, &mpsc::Sender<control::RvCmd>),
+    // The rendezvous client's inbox.
+    rendezvous: &mpsc::Sender<control::RvCmd>,
     cancel: &CancellationToken,
     tracker: &TaskTracker,
 ) -> Result<
@@ -332,7 +339,6 @@ fn spawn_peers(
             initiator: cfg.forward.iter().any(|f| f.peer == p.name),
             punch_timeout: cfg.punch.timeout,
             mode: cfg.punch.mode,
-            relay_endpoint: endpoint.clone(),
             keepalive: (cfg.punch.keepalive_interval, cfg.punch.keepalive_timeout),
             exposes: exposes.clone(),
             status: status.clone(),

@@ -16,7 +16,7 @@ use crate::harness::spec::{Scenario, FORWARD_LISTEN, PUNCH_PORT, SINK_LISTEN};
 use crate::harness::status;
 use crate::harness::transfer::{transfer_in, SendReport};
 use crate::net::netns::{self, listens_on};
-use crate::net::topology::{Topology, RENDEZVOUS_IP};
+use crate::net::topology::{extra_rendezvous_ip, Topology, RENDEZVOUS_IP};
 
 const ADMIN: &str = "127.0.0.1:7070";
 /// Set to record every namespace's packets (`<ns>.pcap`) and each NAT's
@@ -40,6 +40,9 @@ pub struct Run {
     pub bob: usize,
     /// Index of the rendezvous process in rv (unused with a container).
     pub rendezvous: usize,
+    /// Indices of the further rendezvous instances, one per
+    /// `topo.extra_rv` host.
+    pub extra_rendezvous: Vec<usize>,
     /// Container start → its health check passed.
     pub rendezvous_healthy_after: Option<Duration>,
     /// Index of the sink bob exposes, in hostB.
@@ -113,6 +116,17 @@ impl Run {
         let alice_key = bins.keygen(&dir.join("alice.key"))?;
         let bob_key = bins.keygen(&dir.join("bob.key"))?;
         let url = format!("http://{RENDEZVOUS_IP}:8080");
+        let rv_line = if s.rendezvous_instances > 1 {
+            let urls: Vec<String> = std::iter::once(format!("\"{url}\""))
+                .chain(
+                    (0..s.rendezvous_instances - 1)
+                        .map(|i| format!("\"http://{}:8080\"", extra_rendezvous_ip(i))),
+                )
+                .collect();
+            format!("urls = [{}]", urls.join(", "))
+        } else {
+            format!("url = \"{url}\"")
+        };
         let transports: Vec<String> = s
             .transports
             .iter()
@@ -125,11 +139,11 @@ impl Run {
             s.punch_extra
         );
         let alice_cfg = format!(
-            "name = \"alice\"\nkey_file = \"alice.key\"\n[rendezvous]\nurl = \"{url}\"\n[punch]\n{punch}\n[admin]\nlisten = \"{ADMIN}\"\ntoken_file = \"alice.admin-token\"\n\
+            "name = \"alice\"\nkey_file = \"alice.key\"\n[rendezvous]\n{rv_line}\n[punch]\n{punch}\n[admin]\nlisten = \"{ADMIN}\"\ntoken_file = \"alice.admin-token\"\n\
              [[peers]]\nname = \"bob\"\npublic_key = \"{bob_key}\"\n[[forward]]\nlisten = \"{FORWARD_LISTEN}\"\npeer = \"bob\"\nservice = \"sink\"\n"
         );
         let bob_cfg = format!(
-            "name = \"bob\"\nkey_file = \"bob.key\"\n[rendezvous]\nurl = \"{url}\"\n[punch]\n{punch}\n[admin]\nlisten = \"{ADMIN}\"\ntoken_file = \"bob.admin-token\"\n\
+            "name = \"bob\"\nkey_file = \"bob.key\"\n[rendezvous]\n{rv_line}\n[punch]\n{punch}\n[admin]\nlisten = \"{ADMIN}\"\ntoken_file = \"bob.admin-token\"\n\
              [[peers]]\nname = \"alice\"\npublic_key = \"{alice_key}\"\n[[expose]]\nname = \"sink\"\ntarget = \"{SINK_LISTEN}\"\nallow = [\"alice\"]\n"
         );
         std::fs::write(dir.join("alice.toml"), alice_cfg)?;
@@ -143,6 +157,7 @@ impl Run {
             alice: 0,
             bob: 0,
             rendezvous: 0,
+            extra_rendezvous: Vec::new(),
             sink: 0,
             started: Instant::now(),
         };
@@ -150,6 +165,9 @@ impl Run {
             std::fs::write(run.dir.join("rendezvous.toml"), cfg)?;
         }
         run.start_rendezvous(s.rendezvous_image.as_deref())?;
+        for _ in 1..s.rendezvous_instances {
+            run.start_extra_rendezvous()?;
+        }
         let sink_log = run.dir.join("sink.log");
         run.sink = run.topo.host_b.spawn(
             &run.bins.tool,
@@ -201,6 +219,29 @@ impl Run {
         wait("the rendezvous to listen", Duration::from_secs(10), || {
             listens_on(&rv, 8080).then_some(())
         })?;
+        Ok(())
+    }
+
+    /// Adds a rendezvous host and starts an instance there (same
+    /// `rendezvous.toml` as the first), waiting until it listens.
+    pub fn start_extra_rendezvous(&mut self) -> Result<()> {
+        let i = self.extra_rendezvous.len();
+        let cfg = self.dir.join("rendezvous.toml");
+        let log = self.dir.join(format!("rendezvous{}.log", i + 2));
+        let ns = self.topo.add_rendezvous_host()?.name().to_owned();
+        let mut args = vec!["--listen".to_owned(), "0.0.0.0:8080".to_owned()];
+        if cfg.is_file() {
+            args.extend(["--config".to_owned(), cfg.to_string_lossy().into_owned()]);
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let bin = self.bins.rendezvous.clone();
+        let idx = self.topo.extra_rv[i].spawn(&bin, &args, &[("RUST_LOG", "info")], &log)?;
+        self.extra_rendezvous.push(idx);
+        wait(
+            "an extra rendezvous to listen",
+            Duration::from_secs(10),
+            || listens_on(&ns, 8080).then_some(()),
+        )?;
         Ok(())
     }
 

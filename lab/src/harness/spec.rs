@@ -58,6 +58,9 @@ pub struct Scenario {
     /// An nftables rule set loaded in bob's host before the daemons start
     /// (a misbehaving network on his side).
     pub host_b_rules: Option<String>,
+    /// Rendezvous instances (1: `[rendezvous] url`; more: `urls`, the
+    /// first on the usual host, the others on extra rendezvous hosts).
+    pub rendezvous_instances: usize,
 }
 
 impl Scenario {
@@ -77,11 +80,19 @@ impl Scenario {
             rendezvous_image: None,
             rendezvous_config: None,
             host_b_rules: None,
+            rendezvous_instances: 1,
         }
     }
 }
 
 impl Scenario {
+    /// Runs `n` rendezvous instances; the daemons list them all in
+    /// `[rendezvous] urls`.
+    pub fn with_rendezvous_instances(mut self, n: usize) -> Self {
+        self.rendezvous_instances = n.max(1);
+        self
+    }
+
     /// Sets `[punch] timeout`.
     pub fn with_timeout(mut self, t: &str) -> Self {
         t.clone_into(&mut self.punch_timeout);

@@ -395,6 +395,98 @@ pub fn rendezvous_restart(bins: &Binaries) -> Result<String> {
     })
 }
 
+/// How soon a daemon whose rendezvous instance died must be registered on
+/// another (issue #22). Its first attempt waits a random 0–2 s (the herd
+/// spread, daemon/src/control/failover.rs), the handshake takes well under
+/// a second in the lab.
+const FAILOVER_WITHIN: Duration = Duration::from_secs(5);
+
+/// Two rendezvous instances, both daemons on the first (`urls` order):
+/// SIGKILL it mid-transfer. Both daemons must be registered on the second
+/// within [`FAILOVER_WITHIN`], the direct transfer must finish intact, and
+/// a new punch (bob restarted, so his first dial meets the dead instance
+/// and moves on) must give a working tunnel.
+pub fn rendezvous_failover(bins: &Binaries) -> Result<String> {
+    let s = Scenario::new(
+        "rv-failover",
+        Layout::TwoNats(NatBehaviour::Masquerade),
+        Expect::Direct,
+    )
+    .with_rendezvous_instances(2);
+    let mut run = Run::start(&s, bins)?;
+    with_logs(&mut run, |run| {
+        run.wait_path("alice", PathState::Direct, Duration::from_secs(30))?;
+        let first = format!("http://{}:8080", crate::net::topology::RENDEZVOUS_IP);
+        let second = format!(
+            "http://{}:8080",
+            crate::net::topology::extra_rendezvous_ip(0)
+        );
+        for who in ["alice", "bob"] {
+            let url = run.status(who)?.rendezvous_url;
+            if url.as_deref() != Some(first.as_str()) {
+                bail!("{who} uses {url:?}, expected the first of urls, {first}");
+            }
+        }
+        let long = long_transfer_in_background(run)?;
+        let moved = long.wait_mid(run)?;
+        run.kill_rendezvous();
+        let killed = Instant::now();
+        let mut moved_after = [None, None];
+        while killed.elapsed() < Duration::from_secs(20) && moved_after.iter().any(Option::is_none)
+        {
+            for (i, who) in ["alice", "bob"].iter().enumerate() {
+                if moved_after[i].is_none()
+                    && run.status(who).is_ok_and(|d| {
+                        d.rendezvous == "connected"
+                            && d.rendezvous_url.as_deref() == Some(second.as_str())
+                    })
+                {
+                    moved_after[i] = Some(killed.elapsed());
+                }
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let [Some(a), Some(b)] = moved_after else {
+            bail!(
+                "not both daemons registered on {second} within 20s of the kill: {moved_after:?}"
+            );
+        };
+        let t = long.join()?;
+        intact(
+            &t,
+            "the direct transfer broke when its rendezvous instance died",
+        )?;
+        let slowest = a.max(b);
+        if slowest > FAILOVER_WITHIN {
+            bail!(
+                "failover took {:.2}s (alice {:.2}s, bob {:.2}s; want ≤ {FAILOVER_WITHIN:?})",
+                slowest.as_secs_f64(),
+                a.as_secs_f64(),
+                b.as_secs_f64()
+            );
+        }
+        run.topo.host_b.kill(run.bob);
+        std::thread::sleep(Duration::from_millis(500));
+        let up = Instant::now();
+        run.bob = run.start_daemon("bob")?;
+        let back = until_transfer_works(run, up, Duration::from_secs(30))?;
+        let st = run.wait_path("alice", PathState::Direct, Duration::from_secs(10))?;
+        let bob_url = run.status("bob")?.rendezvous_url;
+        if bob_url.as_deref() != Some(second.as_str()) {
+            bail!("restarted bob uses {bob_url:?}, expected {second}");
+        }
+        Ok(format!(
+            "first of 2 rendezvous instances SIGKILLed mid-transfer ({} MiB at bob): {} MiB direct transfer intact; registered on the second after alice {:.2}s, bob {:.2}s; restarted bob (first dial refused) punched again, forward working {:.2}s after start, path {}",
+            moved >> 20,
+            t.bytes >> 20,
+            a.as_secs_f64(),
+            b.as_secs_f64(),
+            back.as_secs_f64(),
+            crate::harness::status::path(&st).as_str()
+        ))
+    })
+}
+
 /// The drain SIGTERM grants open streams (README.md: "open streams get
 /// 5 s to finish, exit 0").
 const DRAIN: Duration = Duration::from_secs(5);
