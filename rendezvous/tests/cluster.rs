@@ -426,6 +426,28 @@ async fn a_killed_instance_s_entries_expire() {
         ttl > 0 && ttl <= 30_000,
         "carol's entry has an expiry: {ttl}"
     );
+    // Her instance's liveness key lapses within 5 s: from then on she is
+    // nobody to punch, long before her entry expires.
+    loop {
+        connect(&mut alice, "carol").await;
+        match recv(&mut alice).await {
+            ServerMsg::Error {
+                code: ErrorCode::UnknownPeer,
+                ..
+            } => break,
+            ServerMsg::Punch(_) => {}
+            other => panic!("{other:?}"),
+        }
+        assert!(
+            killed.elapsed() < Duration::from_secs(8),
+            "carol still a punch target 8 s after her instance died"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    println!(
+        "a killed instance's daemons unknown after {:?}",
+        killed.elapsed()
+    );
     while redis.cmd(&["EXISTS", "punch:d:carol"]) != "0" {
         assert!(
             killed.elapsed() < Duration::from_secs(35),

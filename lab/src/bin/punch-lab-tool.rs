@@ -173,8 +173,10 @@ enum Cmd {
     /// Register many signed clients with a rendezvous (and optionally have
     /// pairs of them request punches); prints a JSON report.
     Loadgen {
-        #[arg(long)]
-        addr: SocketAddr,
+        /// A rendezvous; repeat it for instances sharing Redis (clients
+        /// are spread round-robin, each pair across two instances).
+        #[arg(long, required = true)]
+        addr: Vec<SocketAddr>,
         #[arg(long, default_value_t = 1000)]
         clients: usize,
         /// Pairs requesting punches back to back (0: just hold).
@@ -319,7 +321,7 @@ fn main() -> ExitCode {
             seconds,
         } => finish(
             runtime().block_on(punch_lab::suites::loadgen::run(
-                addr,
+                &addr,
                 clients,
                 pairs,
                 std::time::Duration::from_secs(seconds),

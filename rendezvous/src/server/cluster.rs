@@ -77,7 +77,7 @@ async fn maintain(shared: Arc<Shared>, store: Arc<RedisStore>) {
             _ = shared.cancel.cancelled() => return,
             _ = tick.tick() => {}
         }
-        if store.connect().await.is_err() || store.sample_clock().await.is_err() {
+        if store.connect().await.is_err() || store.tick().await.is_err() {
             // Refresh everything as soon as it is back.
             refreshed = None;
             continue;

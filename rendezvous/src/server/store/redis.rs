@@ -13,7 +13,10 @@
 //!   its endpoints and RTT), with an expiry ([`PRESENCE_TTL`]) that the
 //!   owning instance refreshes every [`REFRESH_EVERY`] while the daemon is
 //!   connected: an instance that dies without cleaning up loses its
-//!   entries within the TTL. Name rules are one Lua script, atomic across
+//!   entries within the TTL. Each instance also rewrites a liveness key
+//!   every second (5 s expiry), and a lookup ignores the entries of an
+//!   instance whose key is gone: a dead instance's daemons stop being
+//!   punch targets within 5 s, and re-register elsewhere. Name rules are one Lua script, atomic across
 //!   instances: the same key replaces (the old instance is told to drop
 //!   its connection), another key is refused.
 //! - **Signalling** is Redis pub/sub, one channel per instance
@@ -90,6 +93,14 @@ fn presence_key(name: &str) -> String {
     format!("punch:d:{name}")
 }
 
+/// An instance's liveness key, rewritten every second with a short expiry.
+fn alive_key(instance: &str) -> String {
+    format!("punch:i:{instance}")
+}
+
+/// How long an instance counts as alive after its last tick.
+const ALIVE_TTL: Duration = Duration::from_secs(5);
+
 /// The pub/sub channel of `instance`.
 pub(crate) fn channel(instance: &str) -> String {
     format!("punch:sig:{instance}")
@@ -116,6 +127,16 @@ if held[1] and (held[1] ~= ARGV[2] or held[2] ~= ARGV[3]) then return 0 end
 redis.call('HSET', KEYS[1], 'k', ARGV[1], 'i', ARGV[2], 'c', ARGV[3], 'v', ARGV[4])
 redis.call('PEXPIRE', KEYS[1], ARGV[5])
 return 1
+";
+
+/// A presence entry, only if its instance is alive: a dead instance's
+/// daemons are nobody to punch within [`ALIVE_TTL`], long before their
+/// entries expire (and they re-register elsewhere meanwhile).
+const LOOKUP: &str = r"
+local v = redis.call('HMGET', KEYS[1], 'k', 'i', 'c', 'v')
+if not v[2] then return {} end
+if redis.call('EXISTS', 'punch:i:' .. v[2]) == 0 then return {} end
+return v
 ";
 
 /// Delete the entry if it is still this connection's. ARGV: instance, conn.
@@ -328,6 +349,7 @@ pub(crate) struct RedisStore {
     register: redis::Script,
     refresh: redis::Script,
     unregister: redis::Script,
+    lookup: redis::Script,
     pub(crate) stats: ClusterStats,
 }
 
@@ -365,6 +387,7 @@ impl RedisStore {
             register: redis::Script::new(REGISTER),
             refresh: redis::Script::new(REFRESH),
             unregister: redis::Script::new(UNREGISTER),
+            lookup: redis::Script::new(LOOKUP),
             stats: ClusterStats::default(),
         })
     }
@@ -433,13 +456,22 @@ impl RedisStore {
         }
     }
 
-    /// One `TIME` round trip: a clock offset sample, and the health check.
-    pub(crate) async fn sample_clock(&self) -> Result<(), StoreError> {
+    /// One round trip: `TIME` (a clock offset sample, and the health
+    /// check) and this instance's liveness key.
+    pub(crate) async fn tick(&self) -> Result<(), StoreError> {
         let mut c = self.conn()?;
+        let mut pipe = redis::pipe();
+        pipe.cmd("TIME")
+            .cmd("SET")
+            .arg(alive_key(&self.instance))
+            .arg(1)
+            .arg("PX")
+            .arg(u64::try_from(ALIVE_TTL.as_millis()).unwrap_or(5000))
+            .ignore();
         let t0 = crate::protocol::unix_time_us();
-        let r: Result<(u64, u64), _> = redis::cmd("TIME").query_async(&mut c).await;
+        let r: Result<((u64, u64),), _> = pipe.query_async(&mut c).await;
         let t1 = crate::protocol::unix_time_us();
-        let (secs, us) = r.map_err(|e| self.failed(&e))?;
+        let ((secs, us),) = r.map_err(|e| self.failed(&e))?;
         let redis_us = secs.saturating_mul(1_000_000).saturating_add(us);
         let mid = t0 / 2 + t1 / 2;
         let offset = i64::try_from(redis_us).unwrap_or(i64::MAX) - i64::try_from(mid).unwrap_or(0);
@@ -519,20 +551,16 @@ impl RedisStore {
     /// A daemon registered on another instance, if any.
     async fn lookup(&self, name: &str) -> Result<Option<Registration>, StoreError> {
         let mut c = self.conn()?;
-        type Fields = (
-            Option<String>,
-            Option<String>,
-            Option<String>,
-            Option<String>,
-        );
-        let (k, i, conn, v): Fields = redis::cmd("HMGET")
-            .arg(presence_key(name))
-            .arg(&["k", "i", "c", "v"])
-            .query_async(&mut c)
+        let fields: Vec<Option<String>> = self
+            .lookup
+            .key(presence_key(name))
+            .invoke_async(&mut c)
             .await
             .map_err(|e| self.failed(&e))?;
         self.succeeded();
-        let entry = parse_entry(k, i, conn, v);
+        let mut f = fields.into_iter();
+        let mut next = || f.next().flatten();
+        let entry = parse_entry(next(), next(), next(), next());
         // Our own entry that the registry no longer has (left, cleanup on
         // its way) is nobody to punch.
         Ok(entry.filter(|r| r.instance.as_deref() != Some(self.instance.as_str())))
