@@ -235,7 +235,6 @@ pub async fn start(
     let settings = RvSettings {
         endpoint: endpoints[0].clone(),
         endpoints,
-        ca_file: cfg.rendezvous.ca_file.clone(),
         token,
         server_key,
         name: cfg.name.to_string(),

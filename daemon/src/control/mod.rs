@@ -21,7 +21,6 @@
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -83,9 +82,9 @@ pub(crate) struct PunchJob {
     pub(crate) port: u16,
     /// When the order arrived, for the elapsed time.
     pub(crate) received: Instant,
-    /// Where to join the relay if the direct punch fails: the order's
-    /// `relay_url` (the instance that coordinated it), else the instance
-    /// that sent the order.
+    /// The instance that sent the order (the daemon may have failed over
+    /// since it started): where the relay is joined unless the order's
+    /// `relay_url` names another (see [`crate::fallback::connect`]).
     pub(crate) relay: Endpoint,
 }
 
@@ -161,8 +160,6 @@ pub(crate) struct RvSettings {
     pub(crate) endpoint: Endpoint,
     /// `[rendezvous] urls` (or `url` alone), in failover order.
     pub(crate) endpoints: Vec<Endpoint>,
-    /// `[rendezvous] ca_file`, for a relay URL an order names.
-    pub(crate) ca_file: Option<PathBuf>,
     pub(crate) token: Option<Secret>,
     /// `[rendezvous] server_key`: when set, only orders it signed count.
     pub(crate) server_key: Option<VerifyingKey>,
@@ -432,26 +429,6 @@ async fn session(
     }
 }
 
-/// Where to join the relay for an order: the instance it names (one of
-/// ours when it is in `urls`, so no new TLS setup per order), else the
-/// instance that sent it. An unusable URL falls back to the sender, which
-/// has the session too when it coordinated the punch itself.
-fn relay_endpoint(settings: &RvSettings, relay_url: Option<&str>) -> Endpoint {
-    let Some(url) = relay_url.filter(|u| *u != settings.endpoint.url()) else {
-        return settings.endpoint.clone();
-    };
-    if let Some(known) = settings.endpoints.iter().find(|e| e.url() == url) {
-        return known.clone();
-    }
-    Endpoint::new(url, settings.ca_file.as_deref()).unwrap_or_else(|e| {
-        warn!(
-            relay_url = url,
-            "the order's relay URL is unusable ({e}); relaying through the instance in use"
-        );
-        settings.endpoint.clone()
-    })
-}
-
 /// Says which server key signs our orders, and whether it is the pinned one.
 fn note_server_key(pinned: Option<&VerifyingKey>, announced: Option<&str>) {
     match (pinned, announced) {
@@ -480,7 +457,7 @@ struct Me<'a> {
     nonce: &'a [u8; 32],
     pinned: Option<&'a VerifyingKey>,
     status: &'a StatusBoard,
-    /// The instance in use and the others, for the order's relay URL.
+    /// The instance in use, the relay for its orders.
     settings: &'a RvSettings,
 }
 
@@ -540,7 +517,7 @@ async fn on_message(
                 warn!(session = %order.session, peer = %order.peer, "punch order's time is more than {:?} ahead; punching at that bound instead (the server's clock or ours is off)", clock::MAX_AHEAD);
             }
             debug!(session = %order.session, peer = %order.peer, synced = pings.clock.is_synced(), "punch order");
-            let relay = relay_endpoint(me.settings, order.relay_url.as_deref());
+            let relay = me.settings.endpoint.clone();
             let job = PunchJob {
                 order,
                 fire_at,
