@@ -82,6 +82,11 @@ fn a_killed_rendezvous_instance_fails_its_daemons_over_to_the_next() {
 }
 
 #[test]
+fn a_rendezvous_cluster_punches_across_instances_and_survives_an_instance_and_redis() {
+    case("rendezvous-cluster", recovery::rendezvous_cluster);
+}
+
+#[test]
 fn sigterm_drains_open_streams_and_exits_0() {
     case("sigterm", recovery::sigterm_drains);
 }

@@ -61,6 +61,10 @@ pub struct Scenario {
     /// Rendezvous instances (1: `[rendezvous] url`; more: `urls`, the
     /// first on the usual host, the others on extra rendezvous hosts).
     pub rendezvous_instances: usize,
+    /// A real `redis-server` on the first rendezvous host (203.0.113.1:6379)
+    /// shared by every instance (`redis`, each its own `public_url`), and
+    /// the daemons spread: bob's `urls` start at the second instance.
+    pub redis: bool,
 }
 
 impl Scenario {
@@ -81,6 +85,7 @@ impl Scenario {
             rendezvous_config: None,
             host_b_rules: None,
             rendezvous_instances: 1,
+            redis: false,
         }
     }
 }
@@ -90,6 +95,14 @@ impl Scenario {
     /// `[rendezvous] urls`.
     pub fn with_rendezvous_instances(mut self, n: usize) -> Self {
         self.rendezvous_instances = n.max(1);
+        self
+    }
+
+    /// A rendezvous cluster: `n` instances sharing a real `redis-server`,
+    /// alice on the first, bob on the second.
+    pub fn with_cluster(mut self, n: usize) -> Self {
+        self.rendezvous_instances = n.max(2);
+        self.redis = true;
         self
     }
 

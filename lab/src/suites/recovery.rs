@@ -487,6 +487,141 @@ pub fn rendezvous_failover(bins: &Binaries) -> Result<String> {
     })
 }
 
+/// Polls `who`'s status until it is registered on `url`; the time taken.
+fn until_registered_on(run: &Run, who: &str, url: &str, since: Instant) -> Result<Duration> {
+    while since.elapsed() < Duration::from_secs(20) {
+        if run
+            .status(who)
+            .is_ok_and(|d| d.rendezvous == "connected" && d.rendezvous_url.as_deref() == Some(url))
+        {
+            return Ok(since.elapsed());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    bail!("{who} not registered on {url} within 20s")
+}
+
+/// Polls instance `ip`'s `/healthz` until its status is `want`; the time taken.
+fn until_health(run: &Run, ip: &str, want: &str, since: Instant) -> Result<Duration> {
+    let mut last = String::new();
+    while since.elapsed() < Duration::from_secs(30) {
+        match run.healthz(ip) {
+            Ok(s) if s == want => return Ok(since.elapsed()),
+            Ok(s) => last = s,
+            Err(e) => last = e.to_string(),
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    bail!("{ip}/healthz not {want} within 30s (last: {last})")
+}
+
+/// Three rendezvous instances on three hosts sharing a real
+/// `redis-server`; alice registered on the first, bob on the second, so
+/// every punch crosses instances. Checks: the cross-instance punch is
+/// direct and 64 MiB arrive intact; bob's instance SIGKILLed during a long
+/// transfer → bob on the third within 5 s, alice untouched, the transfer
+/// intact, and a new punch (bob restarted) direct; Redis SIGKILLed →
+/// `/healthz` degraded, restarted → ok, with no daemon restarted and a new
+/// cross-instance punch working after it.
+pub fn rendezvous_cluster(bins: &Binaries) -> Result<String> {
+    use crate::net::topology::{extra_rendezvous_ip, RENDEZVOUS_IP};
+    let s = Scenario::new(
+        "rv-cluster",
+        Layout::TwoNats(NatBehaviour::Masquerade),
+        Expect::Direct,
+    )
+    .with_cluster(3);
+    let mut run = Run::start(&s, bins)?;
+    with_logs(&mut run, |run| {
+        let url = |ip: &str| format!("http://{ip}:8080");
+        let (rv1, rv2, rv3) = (
+            url(RENDEZVOUS_IP),
+            url(&extra_rendezvous_ip(0)),
+            url(&extra_rendezvous_ip(1)),
+        );
+        let first = run.wait_path("alice", PathState::Direct, Duration::from_secs(30))?;
+        let punch_ms = first_peer(&first)?
+            .last_punch
+            .as_ref()
+            .map_or(0, |p| p.elapsed_ms);
+        let a_on = run.status("alice")?.rendezvous_url;
+        let b_on = run.status("bob")?.rendezvous_url;
+        if a_on.as_deref() != Some(rv1.as_str()) || b_on.as_deref() != Some(rv2.as_str()) {
+            bail!("daemons not spread: alice on {a_on:?}, bob on {b_on:?}");
+        }
+        let t = run.transfer(64 * 1024 * 1024, 8)?;
+        intact(&t, "64 MiB across instances")?;
+        for ip in [
+            RENDEZVOUS_IP.to_owned(),
+            extra_rendezvous_ip(0),
+            extra_rendezvous_ip(1),
+        ] {
+            let h = run.healthz(&ip)?;
+            if h != "ok" {
+                bail!("{ip}/healthz says {h:?} with Redis up");
+            }
+        }
+
+        // Bob's instance dies mid-transfer.
+        let long = long_transfer_in_background(run)?;
+        long.wait_mid(run)?;
+        let idx = run.extra_rendezvous[0];
+        run.topo.extra_rv[0].kill(idx);
+        let killed = Instant::now();
+        let bob_moved = until_registered_on(run, "bob", &rv3, killed)?;
+        let t = long.join()?;
+        intact(&t, "the direct transfer broke when bob's instance died")?;
+        if bob_moved > FAILOVER_WITHIN {
+            bail!(
+                "bob re-registered after {:.2}s (want ≤ {FAILOVER_WITHIN:?})",
+                bob_moved.as_secs_f64()
+            );
+        }
+        let alice_on = run.status("alice")?.rendezvous_url;
+        if alice_on.as_deref() != Some(rv1.as_str()) {
+            bail!("alice moved to {alice_on:?} though her instance lives");
+        }
+        run.topo.host_b.kill(run.bob);
+        std::thread::sleep(Duration::from_millis(500));
+        let up = Instant::now();
+        run.bob = run.start_daemon("bob")?;
+        let repunch = until_transfer_works(run, up, Duration::from_secs(30))?;
+        run.wait_path("alice", PathState::Direct, Duration::from_secs(10))?;
+
+        // Redis dies and comes back, empty.
+        run.kill_redis();
+        let down = Instant::now();
+        let degraded = until_health(run, RENDEZVOUS_IP, "degraded", down)?;
+        std::thread::sleep(Duration::from_secs(1));
+        let back = Instant::now();
+        run.start_redis()?;
+        let ok = until_health(run, RENDEZVOUS_IP, "ok", back)?;
+        for (who, ns, i) in [
+            ("alice", &mut run.topo.host_a, run.alice),
+            ("bob", &mut run.topo.host_b, run.bob),
+        ] {
+            if !ns.is_running(i) {
+                bail!("{who}'s punchd is not running after the Redis outage");
+            }
+        }
+        // A new cross-instance punch after the outage.
+        run.topo.host_b.kill(run.bob);
+        std::thread::sleep(Duration::from_millis(500));
+        let up = Instant::now();
+        run.bob = run.start_daemon("bob")?;
+        let after_redis = until_transfer_works(run, up, Duration::from_secs(30))?;
+        Ok(format!(
+            "3 instances + redis-server: cross-instance punch direct ({punch_ms} ms), 64 MiB intact; bob's instance SIGKILLed mid-transfer: bob on the third after {:.2}s, transfer intact ({} MiB), new punch working {:.2}s after bob's restart; Redis SIGKILLed: healthz degraded after {:.2}s, ok {:.2}s after restart, no daemon restarted, new cross-instance punch working {:.2}s after bob's restart",
+            bob_moved.as_secs_f64(),
+            t.bytes >> 20,
+            repunch.as_secs_f64(),
+            degraded.as_secs_f64(),
+            ok.as_secs_f64(),
+            after_redis.as_secs_f64(),
+        ))
+    })
+}
+
 /// The drain SIGTERM grants open streams (README.md: "open streams get
 /// 5 s to finish, exit 0").
 const DRAIN: Duration = Duration::from_secs(5);
