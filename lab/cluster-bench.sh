@@ -8,7 +8,9 @@
 #     at the client), on one instance, and across instances (every pair has
 #     its two sides on two different instances, so each order to the far
 #     side goes through Redis pub/sub).
-# Needs redis-server (Debian: redis-server); no root. Loopback only.
+# Needs redis-server (Debian: redis-server); no root. Loopback only. The
+# load generator holds 3 x CLIENTS sockets in one process: on a machine
+# whose hard fd limit is 20,000 (these), CLIENTS=6000 is the most.
 #   lab/cluster-bench.sh            # or: CLIENTS=3000 PAIRS="50" lab/cluster-bench.sh
 # Takes ~2 minutes plus the release build.
 set -euo pipefail
