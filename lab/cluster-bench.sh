@@ -8,8 +8,11 @@
 #     at the client), on one instance, and across instances (every pair has
 #     its two sides on two different instances, so each order to the far
 #     side goes through Redis pub/sub).
-# Needs redis-server (Debian: redis-server); no root. Loopback only.
+# Needs redis-server (Debian: redis-server); no root. Loopback only. The
+# load generator holds 3 x CLIENTS sockets in one process: on a machine
+# whose hard fd limit is 20,000 (these), CLIENTS=6000 is the most.
 #   lab/cluster-bench.sh            # or: CLIENTS=3000 PAIRS="50" lab/cluster-bench.sh
+# Takes ~2 minutes plus the release build.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 clients=${CLIENTS:-10000}       # per instance
@@ -17,9 +20,11 @@ pairs_list=${PAIRS:-"50 200"}
 seconds=${SECONDS_PER_RUN:-5}
 command -v redis-server >/dev/null || { echo "needs redis-server (apt-get install redis-server)" >&2; exit 2; }
 
-echo "== build (release)"
-cargo build --release -p punch-rendezvous -p punch-lab --bin punch-rendezvous --bin punch-lab-tool
-bin=target/release
+if [ -z "${BIN:-}" ]; then
+  echo "== build (release)"
+  cargo build --release -p punch-rendezvous -p punch-lab --bin punch-rendezvous --bin punch-lab-tool
+fi
+bin=${BIN:-target/release}   # BIN=target/debug: a quick check of the script
 ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
 
 work=$(mktemp -d)
@@ -38,11 +43,17 @@ pids+=($!)
 until redis-cli -p "$redis_port" ping >/dev/null 2>&1; do sleep 0.1; done
 redis_mem() { redis-cli -p "$redis_port" info memory | awk -F: '/^used_memory:/ {print $2+0}'; }
 
-# start_rv PORT [redis]: a release instance on 127.0.0.1:PORT.
+# start_rv VAR PORT [redis]: a release instance on 127.0.0.1:PORT, its pid
+# in VAR (not a subshell, so the exit trap knows it).
 start_rv() {
-  local port=$1 cfg="$work/rv-$1.toml"
-  cat > "$cfg" <<TOML
-listen = "127.0.0.1:$port"
+  local var=$1 port=$2 cfg="$work/rv-$2.toml"
+  {
+    echo "listen = \"127.0.0.1:$port\""
+    if [ "${3:-}" = redis ]; then
+      echo "redis = \"redis://127.0.0.1:$redis_port\""
+      echo "public_url = \"http://127.0.0.1:$port\""
+    fi
+    cat <<'TOML'
 [limits]
 max_clients = 40000
 messages_per_second = 2000
@@ -50,18 +61,15 @@ message_burst = 2000
 # Every load client connects from 127.0.0.1.
 max_http_per_ip = 40000
 TOML
-  if [ "${2:-}" = redis ]; then
-    # Top-level keys go before the first table.
-    sed -i "1i redis = \"redis://127.0.0.1:$redis_port\"\npublic_url = \"http://127.0.0.1:$port\"" "$cfg"
-  fi
+  } > "$cfg"
   "$bin/punch-rendezvous" --config "$cfg" >"$work/rv-$port.log" 2>&1 &
   pids+=($!)
-  echo $!
+  printf -v "$var" '%s' "$!"
 }
 rss() { awk '/VmRSS/ {print $2}' "/proc/$1/status"; }
 
 echo "== one instance, in-memory registry"
-one=$(start_rv 18180)
+start_rv one 18180
 sleep 0.5
 before=$(rss "$one")
 "$bin/punch-lab-tool" loadgen --addr 127.0.0.1:18180 --clients "$clients" --seconds 8 > "$work/hold1.json" &
@@ -79,7 +87,7 @@ done
 kill "$one"
 
 echo "== three instances sharing redis (127.0.0.1:$redis_port)"
-a=$(start_rv 18181 redis); b=$(start_rv 18182 redis); c=$(start_rv 18183 redis)
+start_rv a 18181 redis; start_rv b 18182 redis; start_rv c 18183 redis
 for port in 18181 18182 18183; do
   until "$bin/punch-lab-tool" get --addr "127.0.0.1:$port" --path /healthz 2>/dev/null | grep -q '"ok"'; do sleep 0.2; done
 done

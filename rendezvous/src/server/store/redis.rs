@@ -838,10 +838,14 @@ impl Store for RedisStore {
         relayed: bool,
     ) -> StoreFuture<'a, bool> {
         let known = self.mem().report(session, name, relayed) || {
-            let f = unpoisoned(&self.foreign);
-            match f.get(session).filter(|f| f.name == name) {
+            let mut f = unpoisoned(&self.foreign);
+            // Reported: this side is done with it, so nothing is owed to
+            // its home when the daemon leaves later (which would otherwise
+            // send a `SideLeft` for every session of the last 30 s).
+            let mine = f.get(session).is_some_and(|f| f.name == name);
+            match mine.then(|| f.remove(session)).flatten() {
                 Some(foreign) => {
-                    let home = foreign.home.clone();
+                    let home = foreign.home;
                     drop(f);
                     let sig = Signal::Report {
                         session: session.to_owned(),
@@ -1029,9 +1033,10 @@ mod tests {
         assert_eq!((to.conn_id, to.instance.as_ref()), (9, None));
         // The same instant: 1 s on A is 1.005 s in Redis, 1.008 s on B.
         assert_eq!(got.at_us, 1_008_000);
-        // bob's result goes home to A.
-        assert!(futures::executor::block_on(b.report("s1", "bob", false)).unwrap());
+        // Only bob may report it; his result goes home to A, once.
         assert!(!futures::executor::block_on(b.report("s1", "eve", false)).unwrap());
+        assert!(futures::executor::block_on(b.report("s1", "bob", false)).unwrap());
+        assert!(!futures::executor::block_on(b.report("s1", "bob", false)).unwrap());
     }
 
     #[test]
