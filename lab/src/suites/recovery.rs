@@ -525,6 +525,18 @@ fn until_health(run: &Run, ip: &str, want: &str, since: Instant) -> Result<Durat
 /// cross-instance punch working after it.
 pub fn rendezvous_cluster(bins: &Binaries) -> Result<String> {
     use crate::net::topology::{extra_rendezvous_ip, RENDEZVOUS_IP};
+    for tool in ["redis-server", "curl"] {
+        let found = std::process::Command::new("sh")
+            .args(["-c", &format!("command -v {tool}")])
+            .output()
+            .is_ok_and(|o| o.status.success());
+        if !found {
+            if std::env::var_os("PUNCH_LAB_REQUIRE").is_some_and(|v| v == "1") {
+                bail!("{tool} is not installed (apt-get install redis-server curl)");
+            }
+            return Ok(format!("SKIP: {tool} is not installed"));
+        }
+    }
     let s = Scenario::new(
         "rv-cluster",
         Layout::TwoNats(NatBehaviour::Masquerade),
