@@ -10,7 +10,12 @@
 #      two NATs against it: direct path, 64 MiB checksummed transfer
 #      (`punch-lab-tool check masquerade --rendezvous-image …`);
 #   5. `systemd-analyze verify` on the units; parses compose.yaml and the
-#      k8s manifests and checks what they promise.
+#      k8s manifests and checks what they promise;
+#   6. the three-instance cluster (compose.cluster.yaml's configs): three
+#      rendezvous containers and Debian's redis-server beside them, on
+#      loopback; every /healthz "ok", redis SIGKILLed → "degraded",
+#      restarted → "ok" again without restarting an instance; the cluster
+#      compose file and k8s example parsed and checked.
 # Without root or a needed tool it says why and exits 0, unless
 # PUNCH_LAB_REQUIRE=1 (CI), where that is a failure.
 set -euo pipefail
@@ -25,7 +30,7 @@ skip() {
   exit 0
 }
 [ "$(id -u)" = 0 ] || skip "needs root (network namespaces, podman)"
-for tool in podman runc ip nft iptables conntrack systemd-analyze strip; do
+for tool in podman runc ip nft iptables conntrack systemd-analyze strip redis-server; do
   command -v "$tool" >/dev/null || skip "$tool is not installed"
 done
 python=/usr/bin/python3
@@ -38,8 +43,11 @@ tag=test
 image=localhost/punch-rendezvous:$tag
 container=punch-deploy-test
 work=$(mktemp -d)
+redis_pid=
 cleanup() {
   "${podman[@]}" rm --force --time 0 "$container" >/dev/null 2>&1 || true
+  for i in 1 2 3; do "${podman[@]}" rm --force --time 0 "$container-rv$i" >/dev/null 2>&1 || true; done
+  [ -z "$redis_pid" ] || kill -9 "$redis_pid" 2>/dev/null || true
   rm -rf "$work"
 }
 trap cleanup EXIT
@@ -147,6 +155,93 @@ mount = c["volumeMounts"][0]["mountPath"]
 env = {e["name"]: e for e in c["env"]}
 assert env["PUNCH_RENDEZVOUS_CONFIG"]["value"].startswith(mount + "/")
 print("k8s: ConfigMap + Deployment (liveness/readiness on /healthz, non-root) + Service, selectors match")
+PY
+
+step "6. three instances sharing redis-server (compose.cluster.yaml's configs)"
+free_port() { "$python" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+rport=$(free_port)
+start_redis() {
+  redis-server --bind 127.0.0.1 --port "$rport" --save "" --appendonly no --dir "$work" >"$work/redis.log" 2>&1 &
+  redis_pid=$!
+  until "$python" -c "import socket; socket.create_connection(('127.0.0.1', $rport), 0.2)" 2>/dev/null; do sleep 0.05; done
+}
+start_redis
+ports=()
+for i in 1 2 3; do
+  p=$(free_port); ports+=("$p")
+  sed -e "s|redis://redis:6379|redis://127.0.0.1:$rport|" -e "s|http://HOST:808$i|http://127.0.0.1:$p|" \
+    "deploy/cluster/rv$i.toml" > "$work/rv$i.toml"
+  chmod 0644 "$work/rv$i.toml"
+  "${run[@]}" -d --name "$container-rv$i" --network host --health-interval disable \
+    -v "$work/rv$i.toml:/etc/punch-rendezvous/rendezvous.toml:ro" \
+    -e PUNCH_RENDEZVOUS_CONFIG=/etc/punch-rendezvous/rendezvous.toml \
+    -e PUNCH_RENDEZVOUS_LISTEN="127.0.0.1:$p" \
+    "$image" >/dev/null
+done
+# Polls every instance's /healthz until all say $1 (at most 20 s); prints the time.
+health_all() {
+  "$python" - "$1" "${ports[@]}" <<'PY'
+import json, sys, time, urllib.request
+want, ports = sys.argv[1], sys.argv[2:]
+start = time.monotonic()
+while True:
+    seen = []
+    for p in ports:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{p}/healthz", timeout=2) as r:
+                seen.append(json.load(r).get("status"))
+        except Exception as e:
+            seen.append(f"error: {e}")
+    if all(s == want for s in seen):
+        print(f"all {len(ports)} instances {want} after {time.monotonic() - start:.2f} s")
+        break
+    if time.monotonic() - start > 20:
+        sys.exit(f"not all {want} after 20 s: {seen}")
+    time.sleep(0.1)
+PY
+}
+health_all ok || { for i in 1 2 3; do "${podman[@]}" logs "$container-rv$i" >&2 || true; done; exit 1; }
+kill -9 "$redis_pid"; wait "$redis_pid" 2>/dev/null || true; redis_pid=
+health_all degraded
+start_redis
+health_all ok
+for i in 1 2 3; do
+  state=$("${podman[@]}" inspect --format '{{.State.Running}} {{.RestartCount}}' "$container-rv$i")
+  [ "$state" = "true 0" ] || { echo "rv$i: running/restarts '$state' after the redis outage" >&2; exit 1; }
+done
+"$python" - <<'PY'
+import yaml
+compose = yaml.safe_load(open("deploy/compose.cluster.yaml"))
+svcs = compose["services"]
+assert set(svcs) == {"redis", "rv1", "rv2", "rv3"}, set(svcs)
+for i in (1, 2, 3):
+    rv = svcs[f"rv{i}"]
+    assert "redis" in rv["depends_on"]
+    assert f"./cluster/rv{i}.toml:/etc/punch-rendezvous/rendezvous.toml:ro" in rv["volumes"]
+    assert "punch-rendezvous" in " ".join(rv["healthcheck"]["test"])
+    cfg = open(f"deploy/cluster/rv{i}.toml").read()
+    assert 'redis = "redis://redis:6379"' in cfg and f":808{i}" in cfg
+    assert f"808{i}:8080" in rv["ports"] and f"808{i}:8080/udp" in rv["ports"]
+docs = list(yaml.safe_load_all(open("deploy/k8s/rendezvous-cluster.yaml")))
+deps = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Deployment"}
+svcs = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Service"}
+cm = next(d for d in docs if d["kind"] == "ConfigMap")
+assert "punch-redis" in deps and "punch-redis" in svcs
+for i in range(3):
+    name = f"punch-rendezvous-{i}"
+    dep, svc = deps[name], svcs[name]
+    labels = dep["spec"]["template"]["metadata"]["labels"]
+    assert svc["spec"]["selector"].items() <= labels.items(), name
+    assert dep["spec"]["selector"]["matchLabels"].items() <= labels.items(), name
+    c = dep["spec"]["template"]["spec"]["containers"][0]
+    assert c["readinessProbe"]["httpGet"]["path"] == "/healthz"
+    key = dep["spec"]["template"]["spec"]["volumes"][0]["configMap"]["items"][0]["key"]
+    assert "redis://punch-redis:6379" in cm["data"][key], key
+    assert dep["spec"]["template"]["spec"]["securityContext"]["runAsNonRoot"] is True
+# Every instance has its own public_url.
+urls = [l for k in cm["data"] for l in cm["data"][k].splitlines() if "public_url" in l]
+assert len(set(urls)) == 3, urls
+print("compose.cluster.yaml: redis + rv1..rv3, one config each; k8s: redis + 3 Deployments/Services, own public_url each")
 PY
 
 echo

@@ -45,7 +45,14 @@ pub struct PeerConfig {
 #[serde(deny_unknown_fields)]
 pub struct RendezvousSection {
     /// `http://host:port` or `https://host:port` of `punch-rendezvous`.
+    /// Set this or `urls`, not both. Read through [`RendezvousSection::urls`].
+    #[serde(default)]
     pub url: String,
+    /// Several instances of one rendezvous cluster (sharing Redis), the
+    /// alternative to `url`: the daemon uses one and fails over to the
+    /// next when it dies. Read through [`RendezvousSection::urls`].
+    #[serde(default, rename = "urls")]
+    pub url_list: Vec<String>,
     /// Network token; must equal the server's when the server sets one.
     /// Prefer `token_file`: a config file is often more widely readable.
     #[serde(default)]
@@ -66,6 +73,18 @@ pub struct RendezvousSection {
     /// anyone on a plain-http path can point our punches elsewhere.
     #[serde(default)]
     pub server_key: Option<PublicKeyBytes>,
+}
+
+impl RendezvousSection {
+    /// The configured rendezvous URLs in order: `urls`, or `url` alone.
+    /// Never empty after validation.
+    pub fn urls(&self) -> Vec<&str> {
+        if self.url_list.is_empty() {
+            vec![self.url.as_str()]
+        } else {
+            self.url_list.iter().map(String::as_str).collect()
+        }
+    }
 }
 
 /// Whether tunnel bytes may ever pass through the rendezvous server.
@@ -356,15 +375,48 @@ impl PeerConfig {
     fn violations(&self) -> Vec<Violation> {
         use KeySeg::{Index, Key};
         let mut out = Vec::new();
-        let url = self.rendezvous.url.as_str();
-        let rest = url
-            .strip_prefix("http://")
-            .or_else(|| url.strip_prefix("https://"));
-        if rest.is_none_or(|r| r.trim_end_matches('/').is_empty()) {
-            out.push(Violation::new(
-                vec![Key("rendezvous"), Key("url")],
-                format!("{url:?} is not an http:// or https:// URL of the rendezvous server"),
-            ));
+        let rv = &self.rendezvous;
+        let not_a_url = |url: &str| {
+            let rest = url
+                .strip_prefix("http://")
+                .or_else(|| url.strip_prefix("https://"));
+            rest.is_none_or(|r| r.trim_end_matches('/').is_empty())
+                .then(|| {
+                    format!("{url:?} is not an http:// or https:// URL of the rendezvous server")
+                })
+        };
+        match (rv.url.is_empty(), rv.url_list.is_empty()) {
+            (false, false) => out.push(Violation::new(
+                vec![Key("rendezvous"), Key("urls")],
+                "set url or urls, not both",
+            )),
+            (true, true) => out.push(Violation::new(
+                vec![Key("rendezvous")],
+                "set url (one rendezvous) or urls (instances of one cluster)",
+            )),
+            (false, true) => {
+                if let Some(why) = not_a_url(&rv.url) {
+                    out.push(Violation::new(vec![Key("rendezvous"), Key("url")], why));
+                }
+            }
+            (true, false) => {
+                for (i, u) in rv.url_list.iter().enumerate() {
+                    if let Some(why) = not_a_url(u) {
+                        out.push(Violation::new(
+                            vec![Key("rendezvous"), Key("urls"), Index(i)],
+                            why,
+                        ));
+                    }
+                }
+                if let Some(i) =
+                    (1..rv.url_list.len()).find(|&i| rv.url_list[..i].contains(&rv.url_list[i]))
+                {
+                    out.push(Violation::new(
+                        vec![Key("rendezvous"), Key("urls"), Index(i)],
+                        "listed twice",
+                    ));
+                }
+            }
         }
         if self.rendezvous.token.is_some() && self.rendezvous.token_file.is_some() {
             out.push(Violation::new(
@@ -372,7 +424,8 @@ impl PeerConfig {
                 "set token or token_file, not both",
             ));
         }
-        if self.rendezvous.ca_file.is_some() && !url.starts_with("https://") {
+        if self.rendezvous.ca_file.is_some() && !rv.urls().iter().all(|u| u.starts_with("https://"))
+        {
             out.push(Violation::new(
                 vec![Key("rendezvous"), Key("ca_file")],
                 "ca_file verifies an https:// server; the url is not https://",
@@ -610,6 +663,38 @@ mod tests {
             base()
         ));
         assert!(e.contains("expose[0].target"), "{e}");
+    }
+
+    #[test]
+    fn urls_is_the_alternative_to_url() {
+        let one = parse(&base()).unwrap();
+        assert_eq!(one.rendezvous.urls(), vec!["http://127.0.0.1:8080"]);
+        let list = "urls = [\"http://203.0.113.10:8080\", \"http://203.0.113.11:8080\"]";
+        let many = parse(&base().replace("url = \"http://127.0.0.1:8080\"", list)).unwrap();
+        assert_eq!(
+            many.rendezvous.urls(),
+            vec!["http://203.0.113.10:8080", "http://203.0.113.11:8080"]
+        );
+        let both = err_text(&base().replace("[rendezvous]", &format!("[rendezvous]\n{list}")));
+        assert!(
+            both.contains("key `rendezvous.urls`") && both.contains("not both"),
+            "{both}"
+        );
+        let neither = err_text(&base().replace("url = \"http://127.0.0.1:8080\"", ""));
+        assert!(neither.contains("set url"), "{neither}");
+        let bad = err_text(&base().replace(
+            "url = \"http://127.0.0.1:8080\"",
+            "urls = [\"http://203.0.113.10:8080\", \"ftp://x\"]",
+        ));
+        assert!(bad.contains("key `rendezvous.urls[1]`"), "{bad}");
+        let twice = err_text(&base().replace(
+            "url = \"http://127.0.0.1:8080\"",
+            "urls = [\"http://203.0.113.10:8080\", \"http://203.0.113.10:8080\"]",
+        ));
+        assert!(
+            twice.contains("key `rendezvous.urls[1]`") && twice.contains("twice"),
+            "{twice}"
+        );
     }
 
     #[test]

@@ -44,6 +44,16 @@ pub struct RendezvousConfig {
     /// Bounds on clients, messages and relays.
     #[serde(default)]
     pub limits: ServerLimits,
+    /// `redis://HOST:PORT[/DB]` (or `rediss://`): the registry and the
+    /// signalling shared by several instances. Without it, the in-memory
+    /// registry of this process alone. A secret: it may carry a password.
+    #[serde(default)]
+    pub redis: Option<Secret>,
+    /// How daemons reach this instance (`http[s]://host[:port]`), put in
+    /// punch orders so both sides of a relayed tunnel join the relay on
+    /// the instance that coordinated it. Required with `redis`.
+    #[serde(default)]
+    pub public_url: Option<String>,
 }
 
 fn default_listen() -> SocketAddr {
@@ -60,6 +70,8 @@ impl Default for RendezvousConfig {
             key_file: None,
             tls: None,
             limits: ServerLimits::default(),
+            redis: None,
+            public_url: None,
         }
     }
 }
@@ -209,6 +221,9 @@ impl RendezvousConfig {
                 ),
             ));
         }
+        if let Some(v) = cluster_violation(&cfg) {
+            return Err(ConfigError::from_violation(path, text, v));
+        }
         if let Some((key, _)) = zero.iter().find(|(_, bad)| *bad) {
             return Err(ConfigError::Invalid {
                 path: path.to_owned(),
@@ -220,6 +235,56 @@ impl RendezvousConfig {
         }
         Ok(cfg)
     }
+}
+
+/// What is wrong with `redis` / `public_url`, located at the key.
+fn cluster_violation(cfg: &RendezvousConfig) -> Option<crate::error::Violation> {
+    use crate::error::{KeySeg, Violation};
+    let at = |key: &'static str, why: &str| Some(Violation::new(vec![KeySeg::Key(key)], why));
+    if let Some(url) = &cfg.redis {
+        let rest = url
+            .expose()
+            .strip_prefix("redis://")
+            .or_else(|| url.expose().strip_prefix("rediss://"));
+        let host = rest.map(|r| {
+            r.rsplit('@')
+                .next()
+                .unwrap_or("")
+                .split(['/', ':'])
+                .next()
+                .unwrap_or("")
+        });
+        match host {
+            None => return at("redis", "must start with redis:// or rediss://"),
+            Some("") => return at("redis", "has no host (redis://HOST:PORT)"),
+            Some(_) => {}
+        }
+        if cfg.public_url.is_none() {
+            return at(
+                "redis",
+                "needs public_url too (how daemons reach this instance, e.g. for a relay)",
+            );
+        }
+    }
+    if let Some(url) = &cfg.public_url {
+        let rest = url
+            .strip_prefix("http://")
+            .or_else(|| url.strip_prefix("https://"));
+        match rest {
+            None => return at("public_url", "must start with http:// or https://"),
+            Some(r) if r.is_empty() || r.starts_with('/') => {
+                return at("public_url", "has no host")
+            }
+            Some(r) if r.trim_end_matches('/').contains(['/', '?', '#']) => {
+                return at(
+                    "public_url",
+                    "must be scheme://host[:port] only; the paths are the server's",
+                )
+            }
+            Some(_) => {}
+        }
+    }
+    None
 }
 
 #[cfg(test)]
@@ -244,6 +309,39 @@ mod tests {
             e.to_string().contains("r.toml:3:1: key `token_file`"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn redis_and_public_url_are_checked_where_written() {
+        let p = Path::new("r.toml");
+        let ok = "redis = \"redis://127.0.0.1:6379\"\npublic_url = \"http://rv1:8080\"\n";
+        let cfg = RendezvousConfig::parse_str(p, ok).unwrap();
+        assert_eq!(cfg.public_url.as_deref(), Some("http://rv1:8080"));
+        assert!(
+            !format!("{cfg:?}").contains("6379"),
+            "the URL may hold a password"
+        );
+        for (text, want) in [
+            (
+                "redis = \"http://x\"\npublic_url = \"http://a\"\n",
+                "r.toml:1:1: key `redis`",
+            ),
+            (
+                "redis = \"redis://\"\npublic_url = \"http://a\"\n",
+                "has no host",
+            ),
+            ("redis = \"redis://r:6379\"\n", "needs public_url"),
+            (
+                "listen = \"0.0.0.0:1\"\npublic_url = \"ftp://a\"\n",
+                "r.toml:2:1: key `public_url`",
+            ),
+            ("public_url = \"http://a/v1/ws\"\n", "host[:port] only"),
+        ] {
+            let e = RendezvousConfig::parse_str(p, text)
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(want), "{text}: {e}");
+        }
     }
 
     #[test]

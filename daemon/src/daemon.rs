@@ -255,7 +255,12 @@ async fn start_inner(
     if let Some(p) = cfg.peers.iter().find(|p| p.public_key == own_key) {
         return Err(DaemonError::SelfPeer(p.name.to_string()));
     }
-    let endpoint = Endpoint::new(&cfg.rendezvous.url, cfg.rendezvous.ca_file.as_deref())?;
+    let endpoints = cfg
+        .rendezvous
+        .urls()
+        .into_iter()
+        .map(|u| Endpoint::new(u, cfg.rendezvous.ca_file.as_deref()))
+        .collect::<Result<Vec<_>, _>>()?;
     let token = match &cfg.rendezvous.token_file {
         Some(path) => Some(Secret::new(
             secret_file::read_token(path).map_err(DaemonError::TokenFile)?,
@@ -297,7 +302,6 @@ async fn start_inner(
     let quic_routes = QuicRoutes::default();
     let mut sup = Supervisor {
         identity: identity.clone(),
-        endpoint: endpoint.clone(),
         rendezvous: rv_cmd_tx,
         quic: quic.clone(),
         quic_routes: quic_routes.clone(),
@@ -333,7 +337,8 @@ async fn start_inner(
         );
     }
     let settings = RvSettings {
-        endpoint,
+        endpoint: endpoints[0].clone(),
+        endpoints,
         token,
         server_key,
         name: cfg.name.to_string(),
@@ -436,7 +441,6 @@ struct LivePeer {
 /// expose table) and applies reloads ([`crate::reload`]).
 struct Supervisor {
     identity: Identity,
-    endpoint: Endpoint,
     rendezvous: mpsc::Sender<control::RvCmd>,
     quic: Option<Arc<QuicPath>>,
     quic_routes: QuicRoutes,
@@ -477,7 +481,6 @@ impl Supervisor {
             initiator: cfg.forward.iter().any(|f| f.peer == p.name),
             punch_timeout: cfg.punch.timeout,
             mode: cfg.punch.mode,
-            relay_endpoint: self.endpoint.clone(),
             keepalive: (cfg.punch.keepalive_interval, cfg.punch.keepalive_timeout),
             exposes: self.exposes.clone(),
             status: status.clone(),

@@ -77,6 +77,16 @@ fn a_restarted_rendezvous_leaves_direct_tunnels_up_and_daemons_re_register() {
 }
 
 #[test]
+fn a_killed_rendezvous_instance_fails_its_daemons_over_to_the_next() {
+    case("rendezvous-failover", recovery::rendezvous_failover);
+}
+
+#[test]
+fn a_rendezvous_cluster_punches_across_instances_and_survives_an_instance_and_redis() {
+    case("rendezvous-cluster", recovery::rendezvous_cluster);
+}
+
+#[test]
 fn sigterm_drains_open_streams_and_exits_0() {
     case("sigterm", recovery::sigterm_drains);
 }

@@ -125,6 +125,12 @@ pub struct PunchOrder {
     pub initiator: bool,
     /// Capability for `GET /v1/relay/{session}`, distinct per side.
     pub relay_token: String,
+    /// Where to join the relay when it is not the rendezvous this order
+    /// came from: the `public_url` of the instance that coordinated the
+    /// punch (several instances sharing Redis). Absent: the daemon's own
+    /// rendezvous.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub relay_url: Option<String>,
     /// The server's signature over the order and its recipient
     /// ([`sign_order`]), base64.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -431,6 +437,10 @@ fn order_message(recipient: &str, nonce: &[u8], order: &PunchOrder) -> Vec<u8> {
     msg.extend_from_slice(&order.at_us.to_be_bytes());
     msg.push(u8::from(order.initiator));
     field(&mut msg, order.relay_token.as_bytes());
+    // Only when present, so orders without it verify as before.
+    if let Some(url) = &order.relay_url {
+        field(&mut msg, url.as_bytes());
+    }
     msg
 }
 
@@ -545,6 +555,7 @@ mod tests {
             at_us: 1_000,
             initiator: true,
             relay_token: "r".into(),
+            relay_url: None,
             signature: None,
         }
     }
@@ -576,7 +587,8 @@ mod tests {
             verify_order(&key(8).verifying_key(), "alice", &nonce, &o),
             bad
         );
-        let tampered: [fn(&mut PunchOrder); 7] = [
+        let tampered: [fn(&mut PunchOrder); 8] = [
+            |o| o.relay_url = Some("http://203.0.113.66:8080".into()),
             |o| o.candidates[0] = "192.0.2.99:22".parse().unwrap(),
             |o| o.udp_candidates.push("192.0.2.99:53".parse().unwrap()),
             |o| o.at_us += 1,

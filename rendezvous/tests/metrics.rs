@@ -292,7 +292,9 @@ async fn metrics_parse_and_carry_every_documented_family_after_real_activity() {
         head.starts_with("HTTP/1.0 200") || head.starts_with("HTTP/1.1 200"),
         "{head}"
     );
-    assert_eq!(body, "ok\n");
+    let health: serde_json::Value = serde_json::from_str(body).unwrap();
+    assert_eq!(health["status"], "ok", "{body}");
+    assert_eq!(health["registry"], "memory", "{body}");
     drop((ra, rb));
     server.stop().await;
 }

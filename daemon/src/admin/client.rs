@@ -132,6 +132,9 @@ pub fn render_table(doc: &StatusDoc) -> String {
     if let Some(udp) = &doc.public_udp_addr {
         let _ = write!(out, "  public udp {udp}");
     }
+    if let Some(url) = &doc.rendezvous_url {
+        let _ = write!(out, "  via {url}");
+    }
     let _ = writeln!(out);
     let _ = writeln!(
         out,

@@ -93,6 +93,10 @@ pub struct StatusDoc {
     pub public_addr: Option<String>,
     /// connected or disconnected.
     pub rendezvous: String,
+    /// The rendezvous instance in use (or being dialled): one of
+    /// `[rendezvous] urls`, so a failover shows here.
+    #[serde(default)]
+    pub rendezvous_url: Option<String>,
     /// The local punch port.
     #[serde(default)]
     pub punch_port: u16,
@@ -239,6 +243,7 @@ struct RendezvousState {
     public_addr: Option<SocketAddr>,
     public_udp_addr: Option<SocketAddr>,
     punch_port: u16,
+    url: Option<String>,
 }
 
 /// Everything `punchd status` shows.
@@ -369,6 +374,11 @@ impl StatusBoard {
         *lock(&self.forwards) = forwards;
     }
 
+    /// The instance the rendezvous client uses now.
+    pub(crate) fn set_rendezvous_url(&self, url: &str) {
+        lock(&self.rendezvous).url = Some(url.to_owned());
+    }
+
     pub(crate) fn set_quic_endpoint(&self, endpoint: quinn::Endpoint) {
         *lock(&self.quic) = Some(endpoint);
     }
@@ -391,6 +401,7 @@ impl StatusBoard {
                 "disconnected"
             }
             .to_owned(),
+            rendezvous_url: r.url.clone(),
             punch_port: r.punch_port,
             public_udp_addr: r.public_udp_addr.map(|a| a.to_string()),
             quic_connections: lock(&self.quic)

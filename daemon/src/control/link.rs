@@ -89,6 +89,22 @@ impl Endpoint {
         &self.url
     }
 
+    /// Another instance of the same rendezvous (a punch order's
+    /// `relay_url`), verified the same way: same roots for https.
+    pub(crate) fn sibling(&self, url: &str) -> Result<Self, LinkError> {
+        let target = ws_target(url)?;
+        let tls = match (&self.tls, target.tls) {
+            (_, false) => None,
+            (Some(same), true) => Some(same.clone()),
+            (None, true) => Some(Arc::new(client_config(None)?)),
+        };
+        Ok(Self {
+            url: url.to_owned(),
+            target,
+            tls,
+        })
+    }
+
     /// `host:port` to resolve and dial.
     pub(crate) fn host_port(&self) -> &str {
         &self.target.host_port
@@ -248,6 +264,21 @@ mod tests {
         assert_eq!(e.ws_url("/v1/ws"), "wss://rv.example/v1/ws");
         let p = Endpoint::new("http://127.0.0.1:8080/", None).unwrap();
         assert_eq!(p.ws_url("/v1/ws"), "ws://127.0.0.1:8080/v1/ws");
+    }
+
+    #[test]
+    fn a_relay_on_another_instance_is_reached_like_ours() {
+        let ours = Endpoint::new("https://rv1.example", None).unwrap();
+        let other = ours.sibling("https://rv2.example:8443").unwrap();
+        assert_eq!(other.host_port(), "rv2.example:8443");
+        assert_eq!(
+            other.ws_url("/v1/relay/s?token=t"),
+            "wss://rv2.example:8443/v1/relay/s?token=t"
+        );
+        let plain = Endpoint::new("http://127.0.0.1:8080", None).unwrap();
+        let lab = plain.sibling("http://127.0.0.1:8081").unwrap();
+        assert_eq!(lab.ws_url("/v1/ws"), "ws://127.0.0.1:8081/v1/ws");
+        assert!(plain.sibling("ftp://x").is_err());
     }
 
     #[test]

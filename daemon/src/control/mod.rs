@@ -38,18 +38,19 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
 pub(crate) mod clock;
+pub(crate) mod failover;
 pub(crate) mod link;
 pub(crate) mod order;
 pub(crate) mod url;
 
 use clock::ClockSync;
+use failover::{Ended, Failover};
 use link::{Endpoint, LinkError, RvStream};
 use order::OrderGate;
 use punch_rendezvous::protocol::PunchOrder;
 use url::UrlError;
 
 use crate::admin::status::{Limit, StatusBoard};
-use crate::backoff::Backoff;
 use crate::identity::Identity;
 use crate::portmap::{self, PortMapper};
 use crate::punch::{bind_punch_socket, set_abortive_close};
@@ -85,6 +86,10 @@ pub(crate) struct PunchJob {
     pub(crate) port: u16,
     /// When the order arrived, for the elapsed time.
     pub(crate) received: Instant,
+    /// The instance that sent the order (the daemon may have failed over
+    /// since it started): where the relay is joined unless the order's
+    /// `relay_url` names another (see [`crate::fallback::connect`]).
+    pub(crate) relay: Endpoint,
 }
 
 /// Commands for the rendezvous client.
@@ -155,7 +160,10 @@ pub enum RvError {
 /// Static settings.
 #[derive(Debug, Clone)]
 pub(crate) struct RvSettings {
+    /// The instance in use (one of `endpoints`).
     pub(crate) endpoint: Endpoint,
+    /// `[rendezvous] urls` (or `url` alone), in failover order.
+    pub(crate) endpoints: Vec<Endpoint>,
     pub(crate) token: Option<Secret>,
     /// `[rendezvous] server_key`: when set, only orders it signed count.
     pub(crate) server_key: Option<VerifyingKey>,
@@ -189,42 +197,49 @@ pub(crate) async fn run(
     status: Arc<StatusBoard>,
     cancel: CancellationToken,
 ) {
-    let mut backoff = Backoff::new(Duration::from_millis(250), Duration::from_secs(10));
+    let mut failover = Failover::new(settings.endpoints.len());
     // Outlives each registration, so a server cannot refill it by reconnecting us.
     let mut gate = OrderGate::default();
     loop {
-        let started = Instant::now();
+        if let Some(e) = settings.endpoints.get(failover.current()) {
+            settings.endpoint = e.clone();
+        }
+        status.set_rendezvous_url(settings.endpoint.url());
+        let mut registered = false;
         let result = session(
             &mut settings,
             &events,
             &mut cmds,
             &status,
-            &mut backoff,
+            (&mut failover, &mut registered),
             &mut gate,
             &cancel,
         )
         .await;
         status.set_rendezvous(false, None, settings.port);
+        let ended = if registered {
+            Ended::Lost
+        } else {
+            Ended::Failed
+        };
+        let url = settings.endpoint.url().to_owned();
         let delay = match &result {
             Err(RvError::Refused { code, message }) if code.is_fatal_for_registration() => {
-                error!(code = code.as_str(), %message, "rendezvous refused registration; fix the config (name, key or token). Retrying in 30s");
+                error!(%url, code = code.as_str(), %message, "rendezvous refused registration; fix the config (name, key or token). Retrying in 30s");
                 Duration::from_secs(30)
             }
-            Err(e @ RvError::Link(LinkError::Untrusted { .. })) => {
-                let d = backoff.next();
-                error!(retry_in_ms = d.as_millis() as u64, "{e}");
-                d
-            }
             Err(e) => {
-                let d = backoff.next();
-                warn!(error = %e, retry_in_ms = d.as_millis() as u64, "rendezvous connection lost; reconnecting");
+                let (next, d) = failover.next(ended, failover::random_unit());
+                let next_url = settings.endpoints.get(next).map_or("", Endpoint::url);
+                if matches!(e, RvError::Link(LinkError::Untrusted { .. })) {
+                    error!(%url, %next_url, retry_in_ms = d.as_millis() as u64, "{e}");
+                } else {
+                    warn!(%url, error = %e, %next_url, retry_in_ms = d.as_millis() as u64, "rendezvous connection lost; reconnecting");
+                }
                 d
             }
             Ok(()) => return,
         };
-        if started.elapsed() > Duration::from_secs(60) {
-            backoff.reset();
-        }
         tokio::select! {
             _ = tokio::time::sleep(delay) => {}
             _ = cancel.cancelled() => return,
@@ -344,7 +359,7 @@ async fn session(
     events: &mpsc::Sender<RvEvent>,
     cmds: &mut mpsc::Receiver<RvCmd>,
     status: &StatusBoard,
-    backoff: &mut Backoff,
+    (failover, registered): (&mut Failover, &mut bool),
     gate: &mut OrderGate,
     cancel: &CancellationToken,
 ) -> Result<(), RvError> {
@@ -358,8 +373,9 @@ async fn session(
         r = tokio::time::timeout(CONNECT_TIMEOUT, connect_and_register(settings)) => r.map_err(|_| RvError::Protocol("no welcome within 10s".into()))??,
         _ = cancel.cancelled() => return Ok(()),
     };
-    info!(public = %observed, port = settings.port, "registered with rendezvous");
-    backoff.reset();
+    info!(url = settings.endpoint.url(), public = %observed, port = settings.port, "registered with rendezvous");
+    failover.registered();
+    *registered = true;
     status.set_rendezvous(true, Some(observed), settings.port);
     let mut prober = match (&settings.quic, udp_server) {
         (Some(q), Some(server)) => Some(Prober::new(
@@ -431,7 +447,7 @@ async fn session(
                 None => return Ok(()),
             },
             msg = recv(&mut ws) => {
-                let me = Me { name: &settings.name, nonce: &nonce, pinned: settings.server_key.as_ref(), status };
+                let me = Me { name: &settings.name, nonce: &nonce, pinned: settings.server_key.as_ref(), status, settings };
                 on_message(msg?, &mut pings, gate, settings.port, me, events).await?
             }
         }
@@ -466,6 +482,8 @@ struct Me<'a> {
     nonce: &'a [u8; 32],
     pinned: Option<&'a VerifyingKey>,
     status: &'a StatusBoard,
+    /// The instance in use, the relay for its orders.
+    settings: &'a RvSettings,
 }
 
 /// Whether to act on `order`: always without a pinned key (the link, TLS
@@ -524,11 +542,13 @@ async fn on_message(
                 warn!(session = %order.session, peer = %order.peer, "punch order's time is more than {:?} ahead; punching at that bound instead (the server's clock or ours is off)", clock::MAX_AHEAD);
             }
             debug!(session = %order.session, peer = %order.peer, synced = pings.clock.is_synced(), "punch order");
+            let relay = me.settings.endpoint.clone();
             let job = PunchJob {
                 order,
                 fire_at,
                 port,
                 received: Instant::now(),
+                relay,
             };
             let _ = events.send(RvEvent::Punch(Box::new(job))).await;
         }
@@ -667,6 +687,7 @@ mod tests {
             at_us: 0,
             initiator: false,
             relay_token: String::new(),
+            relay_url: None,
             signature: None,
         };
         let server = ed25519_dalek::SigningKey::from_bytes(&[4; 32]);

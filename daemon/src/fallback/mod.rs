@@ -64,9 +64,16 @@ pub(crate) async fn connect(
     r: Relayed<'_>,
     order: &PunchOrder,
 ) -> Result<(TunnelParts, SocketAddr), FallbackError> {
+    // With several rendezvous instances the relay is the one that
+    // coordinated the punch, which may not be ours.
+    let elsewhere = match order.relay_url.as_deref() {
+        Some(url) if url != r.rendezvous.url() => Some(r.rendezvous.sibling(url)?),
+        _ => None,
+    };
+    let relay = elsewhere.as_ref().unwrap_or(r.rendezvous);
     let (io, remote) = tokio::time::timeout(
         CONNECT_TIMEOUT,
-        websocket::connect(r.rendezvous, &order.session, &order.relay_token),
+        websocket::connect(relay, &order.session, &order.relay_token),
     )
     .await
     .map_err(|_| FallbackError::Timeout(CONNECT_TIMEOUT))??;

@@ -33,7 +33,6 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn, Instrument};
 
 use crate::admin::status::{PathState, PeerStatus};
-use crate::control::link::Endpoint;
 use crate::control::{PunchJob, RvCmd};
 use crate::forward::{self, StreamSource};
 use crate::identity::Identity;
@@ -109,8 +108,6 @@ pub(crate) struct PeerContext {
     pub(crate) punch_timeout: Duration,
     /// `auto` may fall back to the relay; `direct-only` never does.
     pub(crate) mode: PunchMode,
-    /// The rendezvous (URL and TLS), for the relay.
-    pub(crate) relay_endpoint: Endpoint,
     /// Ping interval and dead-path timeout.
     pub(crate) keepalive: (Duration, Duration),
     pub(crate) exposes: ExposeTable,

@@ -39,6 +39,7 @@ pub(crate) async fn run(
         fire_at,
         port,
         received,
+        relay,
     } = job;
     let fire_at = Instant::from_std(fire_at);
     let received = Instant::from_std(received);
@@ -67,7 +68,7 @@ pub(crate) async fn run(
         Err(direct) if allow_relay && ctx.mode == PunchMode::Auto => {
             warn!(reason = %direct, "no direct path; falling back to the relay (end-to-end encrypted)");
             let relayed = Relayed {
-                rendezvous: &ctx.relay_endpoint,
+                rendezvous: &relay,
                 role: ctx.role,
                 identity: &ctx.identity,
                 peer: &ctx.key,

@@ -162,6 +162,10 @@ enum Cmd {
         b_ms: u64,
         #[arg(long, default_value = "rst")]
         scenario: String,
+        /// Run N rendezvous instances sharing a real redis-server, alice
+        /// and bob on different ones (every punch crosses instances).
+        #[arg(long, default_value_t = 1)]
+        cluster: usize,
     },
     /// Emulate a long, lossy link on this namespace's wan0 (run inside a
     /// NAT namespace after loading `linkem::ruleset()`); runs until killed.
@@ -173,8 +177,10 @@ enum Cmd {
     /// Register many signed clients with a rendezvous (and optionally have
     /// pairs of them request punches); prints a JSON report.
     Loadgen {
-        #[arg(long)]
-        addr: SocketAddr,
+        /// A rendezvous; repeat it for instances sharing Redis (clients
+        /// are spread round-robin, each pair across two instances).
+        #[arg(long, required = true)]
+        addr: Vec<SocketAddr>,
         #[arg(long, default_value_t = 1000)]
         clients: usize,
         /// Pairs requesting punches back to back (0: just hold).
@@ -319,7 +325,7 @@ fn main() -> ExitCode {
             seconds,
         } => finish(
             runtime().block_on(punch_lab::suites::loadgen::run(
-                addr,
+                &addr,
                 clients,
                 pairs,
                 std::time::Duration::from_secs(seconds),
@@ -338,12 +344,16 @@ fn main() -> ExitCode {
             a_ms,
             b_ms,
             scenario,
+            cluster,
         } => {
             use punch_lab::net::topology::{Link, Links};
             let (mut s, bins) = match prepare_scenario(&scenario) {
                 Ok(v) => v,
                 Err(code) => return code,
             };
+            if cluster > 1 {
+                s = s.with_cluster(cluster);
+            }
             if a_ms + b_ms > 0 {
                 s = s.with_links(Links {
                     a: Link::symmetric_ms(a_ms),

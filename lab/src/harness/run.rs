@@ -17,9 +17,11 @@ use crate::harness::status;
 use crate::harness::transfer::{transfer_in, SendReport};
 use crate::net::netns::{self, listens_on};
 use crate::net::router::Router;
-use crate::net::topology::{Side, Topology, RENDEZVOUS_IP};
+use crate::net::topology::{extra_rendezvous_ip, Side, Topology, RENDEZVOUS_IP};
 
 const ADMIN: &str = "127.0.0.1:7070";
+/// Where the cluster's `redis-server` listens (on the first rendezvous host).
+pub const REDIS_URL: &str = "redis://203.0.113.1:6379";
 /// Set to record every namespace's packets (`<ns>.pcap`) and each NAT's
 /// conntrack events (`<ns>.conntrack.txt`) in the run's folder, kept after
 /// a passing run too: for finding out why a punch missed.
@@ -41,6 +43,11 @@ pub struct Run {
     pub bob: usize,
     /// Index of the rendezvous process in rv (unused with a container).
     pub rendezvous: usize,
+    /// Index of the cluster's `redis-server` in rv, if the scenario runs one.
+    pub redis: Option<usize>,
+    /// Indices of the further rendezvous instances, one per
+    /// `topo.extra_rv` host.
+    pub extra_rendezvous: Vec<usize>,
     /// Container start → its health check passed.
     pub rendezvous_healthy_after: Option<Duration>,
     /// Index of the sink bob exposes, in hostB.
@@ -127,6 +134,22 @@ impl Run {
         let alice_key = bins.keygen(&dir.join("alice.key"))?;
         let bob_key = bins.keygen(&dir.join("bob.key"))?;
         let url = format!("http://{RENDEZVOUS_IP}:8080");
+        let rv_line = |rotate: usize| {
+            if s.rendezvous_instances > 1 {
+                let mut urls: Vec<String> = std::iter::once(format!("\"{url}\""))
+                    .chain(
+                        (0..s.rendezvous_instances - 1)
+                            .map(|i| format!("\"http://{}:8080\"", extra_rendezvous_ip(i))),
+                    )
+                    .collect();
+                let n = urls.len();
+                urls.rotate_left(rotate % n);
+                format!("urls = [{}]", urls.join(", "))
+            } else {
+                format!("url = \"{url}\"")
+            }
+        };
+        let (alice_rv, bob_rv) = (rv_line(0), rv_line(usize::from(s.redis)));
         let transports: Vec<String> = s
             .transports
             .iter()
@@ -139,11 +162,11 @@ impl Run {
             s.punch_extra
         );
         let alice_cfg = format!(
-            "name = \"alice\"\nkey_file = \"alice.key\"\n[rendezvous]\nurl = \"{url}\"\n[punch]\n{punch}\n[admin]\nlisten = \"{ADMIN}\"\ntoken_file = \"alice.admin-token\"\n\
+            "name = \"alice\"\nkey_file = \"alice.key\"\n[rendezvous]\n{alice_rv}\n[punch]\n{punch}\n[admin]\nlisten = \"{ADMIN}\"\ntoken_file = \"alice.admin-token\"\n\
              [[peers]]\nname = \"bob\"\npublic_key = \"{bob_key}\"\n[[forward]]\nlisten = \"{FORWARD_LISTEN}\"\npeer = \"bob\"\nservice = \"sink\"\n"
         );
         let bob_cfg = format!(
-            "name = \"bob\"\nkey_file = \"bob.key\"\n[rendezvous]\nurl = \"{url}\"\n[punch]\n{punch}\n[admin]\nlisten = \"{ADMIN}\"\ntoken_file = \"bob.admin-token\"\n\
+            "name = \"bob\"\nkey_file = \"bob.key\"\n[rendezvous]\n{bob_rv}\n[punch]\n{punch}\n[admin]\nlisten = \"{ADMIN}\"\ntoken_file = \"bob.admin-token\"\n\
              [[peers]]\nname = \"alice\"\npublic_key = \"{alice_key}\"\n[[expose]]\nname = \"sink\"\ntarget = \"{SINK_LISTEN}\"\nallow = [\"alice\"]\n"
         );
         std::fs::write(dir.join("alice.toml"), alice_cfg)?;
@@ -157,14 +180,35 @@ impl Run {
             alice: 0,
             bob: 0,
             rendezvous: 0,
+            extra_rendezvous: Vec::new(),
+            redis: None,
             sink: 0,
             routers,
             started: Instant::now(),
         };
-        if let Some(cfg) = &s.rendezvous_config {
-            std::fs::write(run.dir.join("rendezvous.toml"), cfg)?;
+        let base_cfg = s.rendezvous_config.clone().unwrap_or_default();
+        if s.redis {
+            run.start_redis()?;
+            for i in 0..s.rendezvous_instances {
+                let (file, ip) = match i {
+                    0 => ("rendezvous.toml".to_owned(), RENDEZVOUS_IP.to_owned()),
+                    _ => (
+                        format!("rendezvous{}.toml", i + 1),
+                        extra_rendezvous_ip(i - 1),
+                    ),
+                };
+                let cfg = format!(
+                    "redis = \"{REDIS_URL}\"\npublic_url = \"http://{ip}:8080\"\n{base_cfg}"
+                );
+                std::fs::write(run.dir.join(file), cfg)?;
+            }
+        } else if !base_cfg.is_empty() {
+            std::fs::write(run.dir.join("rendezvous.toml"), base_cfg)?;
         }
         run.start_rendezvous(s.rendezvous_image.as_deref())?;
+        for _ in 1..s.rendezvous_instances {
+            run.start_extra_rendezvous()?;
+        }
         let sink_log = run.dir.join("sink.log");
         run.sink = run.topo.host_b.spawn(
             &run.bins.tool,
@@ -217,6 +261,96 @@ impl Run {
             listens_on(&rv, 8080).then_some(())
         })?;
         Ok(())
+    }
+
+    /// Adds a rendezvous host and starts an instance there (same
+    /// `rendezvous.toml` as the first), waiting until it listens.
+    pub fn start_extra_rendezvous(&mut self) -> Result<()> {
+        let i = self.extra_rendezvous.len();
+        let own = self.dir.join(format!("rendezvous{}.toml", i + 2));
+        let cfg = if own.is_file() {
+            own
+        } else {
+            self.dir.join("rendezvous.toml")
+        };
+        let log = self.dir.join(format!("rendezvous{}.log", i + 2));
+        let ns = self.topo.add_rendezvous_host()?.name().to_owned();
+        let mut args = vec!["--listen".to_owned(), "0.0.0.0:8080".to_owned()];
+        if cfg.is_file() {
+            args.extend(["--config".to_owned(), cfg.to_string_lossy().into_owned()]);
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let bin = self.bins.rendezvous.clone();
+        let idx = self.topo.extra_rv[i].spawn(&bin, &args, &[("RUST_LOG", "info")], &log)?;
+        self.extra_rendezvous.push(idx);
+        wait(
+            "an extra rendezvous to listen",
+            Duration::from_secs(10),
+            || listens_on(&ns, 8080).then_some(()),
+        )?;
+        Ok(())
+    }
+
+    /// Starts (or restarts) the cluster's `redis-server` on the first
+    /// rendezvous host, without persistence (a restart comes back empty,
+    /// the harder case), and waits until it listens.
+    pub fn start_redis(&mut self) -> Result<()> {
+        let log = self.dir.join("redis.log");
+        let dir = self.dir.to_string_lossy().into_owned();
+        self.redis = Some(self.topo.rv.spawn(
+            Path::new("redis-server"),
+            &[
+                "--bind",
+                RENDEZVOUS_IP,
+                "--port",
+                "6379",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--protected-mode",
+                "no",
+                "--daemonize",
+                "no",
+                "--dir",
+                &dir,
+            ],
+            &[],
+            &log,
+        )?);
+        let rv = self.topo.rv.name().to_owned();
+        wait("redis-server to listen", Duration::from_secs(10), || {
+            listens_on(&rv, 6379).then_some(())
+        })
+    }
+
+    /// SIGKILLs the cluster's `redis-server`.
+    pub fn kill_redis(&mut self) {
+        if let Some(i) = self.redis.take() {
+            self.topo.rv.kill(i);
+        }
+    }
+
+    /// `/healthz`'s `status` of the rendezvous instance at `ip`, asked
+    /// from its own host (`curl`).
+    pub fn healthz(&self, ip: &str) -> Result<String> {
+        let ns = if ip == RENDEZVOUS_IP {
+            &self.topo.rv
+        } else {
+            self.topo
+                .extra_rv
+                .iter()
+                .zip(0..)
+                .find(|(_, i)| extra_rendezvous_ip(*i) == ip)
+                .map(|(ns, _)| ns)
+                .ok_or_else(|| anyhow::anyhow!("no rendezvous host {ip}"))?
+        };
+        let out = ns.exec_output(
+            "curl",
+            &["-s", "-m", "2", &format!("http://{ip}:8080/healthz")],
+        )?;
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+        Ok(v["status"].as_str().unwrap_or("").to_owned())
     }
 
     /// Kills the rendezvous (SIGKILL), process or container.

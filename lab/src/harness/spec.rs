@@ -62,6 +62,13 @@ pub struct Scenario {
     /// Router daemons (miniupnpd) started on these sides' NATs before the
     /// daemons, for port mapping.
     pub routers: Vec<(Side, RouterSpec)>,
+    /// Rendezvous instances (1: `[rendezvous] url`; more: `urls`, the
+    /// first on the usual host, the others on extra rendezvous hosts).
+    pub rendezvous_instances: usize,
+    /// A real `redis-server` on the first rendezvous host (203.0.113.1:6379)
+    /// shared by every instance (`redis`, each its own `public_url`), and
+    /// the daemons spread: bob's `urls` start at the second instance.
+    pub redis: bool,
 }
 
 impl Scenario {
@@ -82,11 +89,28 @@ impl Scenario {
             rendezvous_config: None,
             host_b_rules: None,
             routers: Vec::new(),
+            rendezvous_instances: 1,
+            redis: false,
         }
     }
 }
 
 impl Scenario {
+    /// Runs `n` rendezvous instances; the daemons list them all in
+    /// `[rendezvous] urls`.
+    pub fn with_rendezvous_instances(mut self, n: usize) -> Self {
+        self.rendezvous_instances = n.max(1);
+        self
+    }
+
+    /// A rendezvous cluster: `n` instances sharing a real `redis-server`,
+    /// alice on the first, bob on the second.
+    pub fn with_cluster(mut self, n: usize) -> Self {
+        self.rendezvous_instances = n.max(2);
+        self.redis = true;
+        self
+    }
+
     /// Sets `[punch] timeout`.
     pub fn with_timeout(mut self, t: &str) -> Self {
         t.clone_into(&mut self.punch_timeout);

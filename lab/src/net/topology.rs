@@ -24,6 +24,12 @@ use crate::net::netns::{remove_all, Netns};
 /// The rendezvous host's address.
 pub const RENDEZVOUS_IP: &str = "203.0.113.1";
 
+/// The address of the `i`-th extra rendezvous host (a cluster's further
+/// instances, `{prefix}rv2`, `{prefix}rv3`, ...): 203.0.113.11 onwards.
+pub fn extra_rendezvous_ip(i: usize) -> String {
+    format!("203.0.113.{}", 11 + i)
+}
+
 /// Which network the scenario builds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Layout {
@@ -47,6 +53,8 @@ pub struct Topology {
     pub host_b: Netns,
     /// The rendezvous host.
     pub rv: Netns,
+    /// Further rendezvous hosts (see [`Topology::add_rendezvous_host`]).
+    pub extra_rv: Vec<Netns>,
     /// NATs, outermost last (for `conntrack -F` and captures).
     pub nats: Vec<Netns>,
     /// The internet switch.
@@ -262,6 +270,7 @@ impl Topology {
             host_a,
             host_b,
             rv,
+            extra_rv: Vec::new(),
             nats,
             inet,
             bob_seen_from_alice: bob_seen.to_owned(),
@@ -270,6 +279,22 @@ impl Topology {
             outer_nat_b: outer_b,
             prefix: prefix.to_owned(),
         })
+    }
+
+    /// Adds one more rendezvous host on the internet switch, at
+    /// [`extra_rendezvous_ip`] of its index: for a rendezvous cluster.
+    pub fn add_rendezvous_host(&mut self) -> Result<&Netns> {
+        let i = self.extra_rv.len();
+        let ns = Netns::create(&format!("{}rv{}", self.prefix, i + 2))?;
+        to_internet(
+            &self.inet,
+            &ns,
+            "eth0",
+            &format!("p-rv{}", i + 2),
+            &format!("{}/24", extra_rendezvous_ip(i)),
+        )?;
+        self.extra_rv.push(ns);
+        Ok(&self.extra_rv[i])
     }
 
     /// The prefix every namespace of this topology starts with.

@@ -100,17 +100,25 @@ pub async fn register(addr: SocketAddr, name: &str, seed: u64) -> Result<Ws> {
 
 /// Registers `clients` clients, holds them for `hold`, and if `pairs` > 0
 /// has that many pairs ask for punches back to back for `hold`.
+///
+/// With several `addrs` (rendezvous instances sharing Redis), client `i`
+/// registers on `addrs[i % n]`; the two clients of a pair (`2p`, `2p + 1`)
+/// then sit on different instances, so every coordination crosses them.
 pub async fn run(
-    addr: SocketAddr,
+    addrs: &[SocketAddr],
     clients: usize,
     pairs: usize,
     hold: Duration,
 ) -> Result<LoadReport> {
+    if addrs.is_empty() {
+        bail!("no rendezvous address");
+    }
     let t0 = Instant::now();
     let gate = Arc::new(Semaphore::new(256));
     let mut set = tokio::task::JoinSet::new();
     for i in 0..clients {
         let gate = gate.clone();
+        let addr = addrs[i % addrs.len()];
         set.spawn(async move {
             let _permit = gate.acquire().await;
             (i, register(addr, &format!("load-{i}"), i as u64).await)

@@ -395,6 +395,245 @@ pub fn rendezvous_restart(bins: &Binaries) -> Result<String> {
     })
 }
 
+/// How soon a daemon whose rendezvous instance died must be registered on
+/// another (issue #22). Its first attempt waits a random 0–2 s (the herd
+/// spread, daemon/src/control/failover.rs), the handshake takes well under
+/// a second in the lab.
+const FAILOVER_WITHIN: Duration = Duration::from_secs(5);
+
+/// Two rendezvous instances, both daemons on the first (`urls` order):
+/// SIGKILL it mid-transfer. Both daemons must be registered on the second
+/// within [`FAILOVER_WITHIN`], the direct transfer must finish intact, and
+/// a new punch (bob restarted, so his first dial meets the dead instance
+/// and moves on) must give a working tunnel.
+pub fn rendezvous_failover(bins: &Binaries) -> Result<String> {
+    let s = Scenario::new(
+        "rv-failover",
+        Layout::TwoNats(NatBehaviour::Masquerade),
+        Expect::Direct,
+    )
+    .with_rendezvous_instances(2);
+    let mut run = Run::start(&s, bins)?;
+    with_logs(&mut run, |run| {
+        run.wait_path("alice", PathState::Direct, Duration::from_secs(30))?;
+        let first = format!("http://{}:8080", crate::net::topology::RENDEZVOUS_IP);
+        let second = format!(
+            "http://{}:8080",
+            crate::net::topology::extra_rendezvous_ip(0)
+        );
+        for who in ["alice", "bob"] {
+            let url = run.status(who)?.rendezvous_url;
+            if url.as_deref() != Some(first.as_str()) {
+                bail!("{who} uses {url:?}, expected the first of urls, {first}");
+            }
+        }
+        let long = long_transfer_in_background(run)?;
+        let moved = long.wait_mid(run)?;
+        run.kill_rendezvous();
+        let killed = Instant::now();
+        let mut moved_after = [None, None];
+        while killed.elapsed() < Duration::from_secs(20) && moved_after.iter().any(Option::is_none)
+        {
+            for (i, who) in ["alice", "bob"].iter().enumerate() {
+                if moved_after[i].is_none()
+                    && run.status(who).is_ok_and(|d| {
+                        d.rendezvous == "connected"
+                            && d.rendezvous_url.as_deref() == Some(second.as_str())
+                    })
+                {
+                    moved_after[i] = Some(killed.elapsed());
+                }
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let [Some(a), Some(b)] = moved_after else {
+            bail!(
+                "not both daemons registered on {second} within 20s of the kill: {moved_after:?}"
+            );
+        };
+        let t = long.join()?;
+        intact(
+            &t,
+            "the direct transfer broke when its rendezvous instance died",
+        )?;
+        let slowest = a.max(b);
+        if slowest > FAILOVER_WITHIN {
+            bail!(
+                "failover took {:.2}s (alice {:.2}s, bob {:.2}s; want ≤ {FAILOVER_WITHIN:?})",
+                slowest.as_secs_f64(),
+                a.as_secs_f64(),
+                b.as_secs_f64()
+            );
+        }
+        run.topo.host_b.kill(run.bob);
+        std::thread::sleep(Duration::from_millis(500));
+        let up = Instant::now();
+        run.bob = run.start_daemon("bob")?;
+        let back = until_transfer_works(run, up, Duration::from_secs(30))?;
+        let st = run.wait_path("alice", PathState::Direct, Duration::from_secs(10))?;
+        let bob_url = run.status("bob")?.rendezvous_url;
+        if bob_url.as_deref() != Some(second.as_str()) {
+            bail!("restarted bob uses {bob_url:?}, expected {second}");
+        }
+        Ok(format!(
+            "first of 2 rendezvous instances SIGKILLed mid-transfer ({} MiB at bob): {} MiB direct transfer intact; registered on the second after alice {:.2}s, bob {:.2}s; restarted bob (first dial refused) punched again, forward working {:.2}s after start, path {}",
+            moved >> 20,
+            t.bytes >> 20,
+            a.as_secs_f64(),
+            b.as_secs_f64(),
+            back.as_secs_f64(),
+            crate::harness::status::path(&st).as_str()
+        ))
+    })
+}
+
+/// Polls `who`'s status until it is registered on `url`; the time taken.
+fn until_registered_on(run: &Run, who: &str, url: &str, since: Instant) -> Result<Duration> {
+    while since.elapsed() < Duration::from_secs(20) {
+        if run
+            .status(who)
+            .is_ok_and(|d| d.rendezvous == "connected" && d.rendezvous_url.as_deref() == Some(url))
+        {
+            return Ok(since.elapsed());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    bail!("{who} not registered on {url} within 20s")
+}
+
+/// Polls instance `ip`'s `/healthz` until its status is `want`; the time taken.
+fn until_health(run: &Run, ip: &str, want: &str, since: Instant) -> Result<Duration> {
+    let mut last = String::new();
+    while since.elapsed() < Duration::from_secs(30) {
+        match run.healthz(ip) {
+            Ok(s) if s == want => return Ok(since.elapsed()),
+            Ok(s) => last = s,
+            Err(e) => last = e.to_string(),
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    bail!("{ip}/healthz not {want} within 30s (last: {last})")
+}
+
+/// Three rendezvous instances on three hosts sharing a real
+/// `redis-server`; alice registered on the first, bob on the second, so
+/// every punch crosses instances. Checks: the cross-instance punch is
+/// direct and 64 MiB arrive intact; bob's instance SIGKILLed during a long
+/// transfer → bob on the third within 5 s, alice untouched, the transfer
+/// intact, and a new punch (bob restarted) direct; Redis SIGKILLed →
+/// `/healthz` degraded, restarted → ok, with no daemon restarted and a new
+/// cross-instance punch working after it.
+pub fn rendezvous_cluster(bins: &Binaries) -> Result<String> {
+    use crate::net::topology::{extra_rendezvous_ip, RENDEZVOUS_IP};
+    for tool in ["redis-server", "curl"] {
+        let found = std::process::Command::new("sh")
+            .args(["-c", &format!("command -v {tool}")])
+            .output()
+            .is_ok_and(|o| o.status.success());
+        if !found {
+            if std::env::var_os("PUNCH_LAB_REQUIRE").is_some_and(|v| v == "1") {
+                bail!("{tool} is not installed (apt-get install redis-server curl)");
+            }
+            return Ok(format!("SKIP: {tool} is not installed"));
+        }
+    }
+    let s = Scenario::new(
+        "rv-cluster",
+        Layout::TwoNats(NatBehaviour::Masquerade),
+        Expect::Direct,
+    )
+    .with_cluster(3);
+    let mut run = Run::start(&s, bins)?;
+    with_logs(&mut run, |run| {
+        let url = |ip: &str| format!("http://{ip}:8080");
+        let (rv1, rv2, rv3) = (
+            url(RENDEZVOUS_IP),
+            url(&extra_rendezvous_ip(0)),
+            url(&extra_rendezvous_ip(1)),
+        );
+        let first = run.wait_path("alice", PathState::Direct, Duration::from_secs(30))?;
+        let punch_ms = first_peer(&first)?
+            .last_punch
+            .as_ref()
+            .map_or(0, |p| p.elapsed_ms);
+        let a_on = run.status("alice")?.rendezvous_url;
+        let b_on = run.status("bob")?.rendezvous_url;
+        if a_on.as_deref() != Some(rv1.as_str()) || b_on.as_deref() != Some(rv2.as_str()) {
+            bail!("daemons not spread: alice on {a_on:?}, bob on {b_on:?}");
+        }
+        let t = run.transfer(64 * 1024 * 1024, 8)?;
+        intact(&t, "64 MiB across instances")?;
+        for ip in [
+            RENDEZVOUS_IP.to_owned(),
+            extra_rendezvous_ip(0),
+            extra_rendezvous_ip(1),
+        ] {
+            let h = run.healthz(&ip)?;
+            if h != "ok" {
+                bail!("{ip}/healthz says {h:?} with Redis up");
+            }
+        }
+
+        // Bob's instance dies mid-transfer.
+        let long = long_transfer_in_background(run)?;
+        long.wait_mid(run)?;
+        let idx = run.extra_rendezvous[0];
+        run.topo.extra_rv[0].kill(idx);
+        let killed = Instant::now();
+        let bob_moved = until_registered_on(run, "bob", &rv3, killed)?;
+        let t = long.join()?;
+        intact(&t, "the direct transfer broke when bob's instance died")?;
+        if bob_moved > FAILOVER_WITHIN {
+            bail!(
+                "bob re-registered after {:.2}s (want ≤ {FAILOVER_WITHIN:?})",
+                bob_moved.as_secs_f64()
+            );
+        }
+        let alice_on = run.status("alice")?.rendezvous_url;
+        if alice_on.as_deref() != Some(rv1.as_str()) {
+            bail!("alice moved to {alice_on:?} though her instance lives");
+        }
+        run.topo.host_b.kill(run.bob);
+        std::thread::sleep(Duration::from_millis(500));
+        let up = Instant::now();
+        run.bob = run.start_daemon("bob")?;
+        let repunch = until_transfer_works(run, up, Duration::from_secs(30))?;
+        run.wait_path("alice", PathState::Direct, Duration::from_secs(10))?;
+
+        // Redis dies and comes back, empty.
+        run.kill_redis();
+        let down = Instant::now();
+        let degraded = until_health(run, RENDEZVOUS_IP, "degraded", down)?;
+        std::thread::sleep(Duration::from_secs(1));
+        let back = Instant::now();
+        run.start_redis()?;
+        let ok = until_health(run, RENDEZVOUS_IP, "ok", back)?;
+        for (who, ns, i) in [
+            ("alice", &mut run.topo.host_a, run.alice),
+            ("bob", &mut run.topo.host_b, run.bob),
+        ] {
+            if !ns.is_running(i) {
+                bail!("{who}'s punchd is not running after the Redis outage");
+            }
+        }
+        // A new cross-instance punch after the outage.
+        run.topo.host_b.kill(run.bob);
+        std::thread::sleep(Duration::from_millis(500));
+        let up = Instant::now();
+        run.bob = run.start_daemon("bob")?;
+        let after_redis = until_transfer_works(run, up, Duration::from_secs(30))?;
+        Ok(format!(
+            "3 instances + redis-server: cross-instance punch direct ({punch_ms} ms), 64 MiB intact; bob's instance SIGKILLed mid-transfer: bob on the third after {:.2}s, transfer intact ({} MiB), new punch working {:.2}s after bob's restart; Redis SIGKILLed: healthz degraded after {:.2}s, ok {:.2}s after restart, no daemon restarted, new cross-instance punch working {:.2}s after bob's restart",
+            bob_moved.as_secs_f64(),
+            t.bytes >> 20,
+            repunch.as_secs_f64(),
+            degraded.as_secs_f64(),
+            ok.as_secs_f64(),
+            after_redis.as_secs_f64(),
+        ))
+    })
+}
+
 /// The drain SIGTERM grants open streams (README.md: "open streams get
 /// 5 s to finish, exit 0").
 const DRAIN: Duration = Duration::from_secs(5);

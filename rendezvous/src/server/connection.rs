@@ -16,6 +16,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn, Instrument};
 
 use super::auth::constant_time_eq;
+use super::cluster;
 use super::lan;
 use super::metrics::{AddrRefusal, PunchRefusal};
 use super::ratelimit::TokenBucket;
@@ -128,6 +129,7 @@ async fn handshake(
         mapped_udp: mapped_candidate(shared, hello.mapped_udp, observed),
         probe_counter: 0,
         rtt_us: 0,
+        instance: None,
     };
     // Reachable before registered, so no order finds a name without an
     // outbox; `serve` detaches it whatever happens.
@@ -428,17 +430,14 @@ async fn coordinate(shared: &Shared, name: &str, peer: &str) -> Result<(), Refus
     let mut delivered = Vec::with_capacity(2);
     for addressed in orders {
         let to = addressed.to.clone();
-        if shared
-            .local
-            .deliver(&to, ServerMsg::Punch(addressed.order))
-            .is_err()
-        {
+        if cluster::deliver(shared, &to, ServerMsg::Punch(addressed.order)).is_err() {
             shared.metrics.punch_refused(PunchRefusal::Undelivered);
             if let Err(e) = shared.store.withdraw(&session).await {
                 warn!(%session, error = %e, "undelivered punch session not withdrawn");
             }
             for other in delivered {
-                let _ = shared.local.deliver(
+                let _ = cluster::deliver(
+                    shared,
                     &other,
                     ServerMsg::PunchAborted {
                         session: session.clone(),
@@ -495,7 +494,8 @@ async fn abort_sessions_of(shared: &Shared, name: &str) {
     };
     for (session, to) in others {
         info!(%session, "aborting punch session: a side disconnected");
-        let _ = shared.local.deliver(
+        let _ = cluster::deliver(
+            shared,
             &to,
             ServerMsg::PunchAborted {
                 session,

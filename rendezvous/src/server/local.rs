@@ -238,6 +238,7 @@ mod tests {
         Recipient {
             name: "alice".into(),
             conn_id,
+            instance: None,
         }
     }
 

@@ -35,6 +35,7 @@
 
 mod accept;
 mod auth;
+mod cluster;
 mod connection;
 mod lan;
 mod local;
@@ -70,7 +71,10 @@ pub(crate) struct Shared {
     /// read it through [`Shared::cfg`] each time.
     live: LiveConfig,
     /// Registrations, sessions and relay pairing (data only).
-    pub(crate) store: Box<dyn Store>,
+    pub(crate) store: Arc<dyn Store>,
+    /// The same store when it is the shared one (`redis`): health,
+    /// metrics and its tasks.
+    pub(crate) cluster: Option<Arc<RedisStore>>,
     /// This process's handles: outboxes, rate buckets, relay sockets.
     pub(crate) local: Local,
     pub(crate) metrics: Metrics,
@@ -91,7 +95,7 @@ pub(crate) struct Shared {
 }
 
 use local::Local;
-use store::{MemoryStore, Store};
+use store::{MemoryStore, RedisStore, Store};
 
 impl Shared {
     /// The configuration now in force.
@@ -169,6 +173,17 @@ pub async fn run_live(
 ) -> std::io::Result<()> {
     let cfg = live.get();
     let udp = bind_udp(&listener, &cfg).await?;
+    let cluster = match (&cfg.redis, &cfg.public_url) {
+        (Some(url), Some(public_url)) => Some(Arc::new(
+            RedisStore::new(url.expose(), public_url)
+                .map_err(|e| std::io::Error::other(format!("redis: {e}")))?,
+        )),
+        _ => None,
+    };
+    let store: Arc<dyn Store> = match &cluster {
+        Some(c) => c.clone(),
+        None => Arc::new(MemoryStore::default()),
+    };
     let shared = Arc::new(Shared {
         udp_port: udp
             .as_ref()
@@ -176,7 +191,8 @@ pub async fn run_live(
             .map(|a| a.port()),
         relay_budget: relay::GlobalBudget::new(cfg.limits.relay_total_bytes_per_second),
         live,
-        store: Box::new(MemoryStore::default()),
+        store,
+        cluster: cluster.clone(),
         local: Local::default(),
         metrics: Metrics::default(),
         cancel: cancel.clone(),
@@ -188,12 +204,16 @@ pub async fn run_live(
     let app = Router::new()
         .route("/v1/ws", get(ws_handler))
         .route("/v1/relay/{session}", get(relay::handler))
-        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/healthz", get(cluster::healthz))
         .route("/metrics", get(metrics_handler))
         .with_state(shared.clone());
     if let Ok(addr) = listener.local_addr() {
         let scheme = if trust.tls.is_some() { "https" } else { "http" };
         tracing::info!(%addr, scheme, server_key = %trust.public_key(), "rendezvous listening (daemons may pin server_key)");
+    }
+    if let Some(store) = cluster {
+        tracing::info!(instance = store.instance(), "registry shared through redis");
+        cluster::spawn(&shared, store);
     }
     if let Some(socket) = udp {
         shared.tracker.spawn(udp::serve(socket, shared.clone()));
@@ -259,6 +279,9 @@ async fn metrics_handler(State(shared): State<Arc<Shared>>) -> impl IntoResponse
             header::CONTENT_TYPE,
             punch_service::prometheus::CONTENT_TYPE,
         )],
-        shared.metrics.render(),
+        match &shared.cluster {
+            Some(store) => shared.metrics.render() + &cluster::render(store),
+            None => shared.metrics.render(),
+        },
     )
 }

@@ -21,6 +21,10 @@ use crate::server::lock::unpoisoned;
 #[derive(Debug, Clone)]
 struct SessionSide {
     name: String,
+    /// Its connection when the session was made: how a side on another
+    /// instance is reached (a local one is looked up again, it may have
+    /// reconnected since).
+    to: Recipient,
     /// The capability this side must present to `/v1/relay/{session}`.
     relay_token: String,
 }
@@ -128,6 +132,35 @@ impl Registry {
         now_us: u64,
         limits: PunchLimits,
     ) -> Result<[Addressed; 2], StoreError> {
+        self.coordinate_with(from, peer, None, now_us, limits, 0)
+    }
+
+    /// A registered daemon's entry.
+    pub(crate) fn get(&self, name: &str) -> Option<&Registration> {
+        self.clients.get(name)
+    }
+
+    /// Every registration, for a shared store to refresh.
+    pub(crate) fn snapshot(&self) -> Vec<(String, Registration)> {
+        self.clients
+            .iter()
+            .map(|(n, r)| (n.clone(), r.clone()))
+            .collect()
+    }
+
+    /// [`Registry::coordinate`] where `peer` may be `remote`, a daemon on
+    /// another instance (read from the shared registry), whose order needs
+    /// `hop_us` more to get there. The session lives here, on the
+    /// coordinating instance, whichever instance the peer is on.
+    pub(crate) fn coordinate_with(
+        &mut self,
+        from: &str,
+        peer: &str,
+        remote: Option<&Registration>,
+        now_us: u64,
+        limits: PunchLimits,
+        hop_us: u64,
+    ) -> Result<[Addressed; 2], StoreError> {
         if from == peer {
             return Err(StoreError::refused(
                 ErrorCode::SelfConnect,
@@ -160,7 +193,7 @@ impl Registry {
                 ),
             });
         }
-        let (Some(a), Some(b)) = (self.clients.get(from), self.clients.get(peer)) else {
+        let (Some(a), Some(b)) = (self.clients.get(from), remote.or(self.clients.get(peer))) else {
             return Err(StoreError::refused(
                 ErrorCode::UnknownPeer,
                 format!("peer {peer} is not connected to this rendezvous; check that its daemon runs and uses the same server"),
@@ -168,7 +201,7 @@ impl Registry {
         };
         let session = random_id();
         let tokens = [random_id(), random_id()];
-        let orders = punch_orders(&session, &tokens, (from, a), (peer, b), now_us);
+        let orders = punch_orders(&session, &tokens, (from, a), (peer, b), now_us, hop_us);
         let [t0, t1] = tokens;
         self.sessions.insert(
             session,
@@ -176,10 +209,12 @@ impl Registry {
                 sides: [
                     SessionSide {
                         name: from.to_owned(),
+                        to: orders[0].to.clone(),
                         relay_token: t0,
                     },
                     SessionSide {
                         name: peer.to_owned(),
+                        to: orders[1].to.clone(),
                         relay_token: t1,
                     },
                 ],
@@ -229,17 +264,46 @@ impl Registry {
         for id in fresh {
             if let Some(s) = self.sessions.remove(&id) {
                 for side in s.sides.iter().filter(|x| x.name != name) {
-                    if let Some(c) = self.clients.get(&side.name) {
-                        let to = Recipient {
-                            name: side.name.clone(),
-                            conn_id: c.conn_id,
-                        };
+                    if let Some(to) = self.reach(side) {
                         out.push((id.clone(), to));
                     }
                 }
             }
         }
         out
+    }
+
+    /// `name`, a side of `session` on another instance, left while the
+    /// session may still be punching: the session is removed and its
+    /// other side returned, to be told. `None` if there is nothing to do.
+    pub(crate) fn side_left(
+        &mut self,
+        session: &str,
+        name: &str,
+        now_us: u64,
+    ) -> Option<Recipient> {
+        let s = self.sessions.get(session)?;
+        if age_us(now_us, s.created_us) >= micros(PUNCH_WINDOW)
+            || !s.sides.iter().any(|x| x.name == name)
+        {
+            return None;
+        }
+        let s = self.sessions.remove(session)?;
+        let other = s.sides.iter().find(|x| x.name != name)?;
+        self.reach(other)
+    }
+
+    /// How to reach a side now: a local daemon by its current connection
+    /// (it may have reconnected), one elsewhere as recorded.
+    fn reach(&self, side: &SessionSide) -> Option<Recipient> {
+        if side.to.instance.is_some() {
+            return Some(side.to.clone());
+        }
+        self.clients.get(&side.name).map(|c| Recipient {
+            name: side.name.clone(),
+            conn_id: c.conn_id,
+            instance: None,
+        })
     }
 
     pub(crate) fn relay_auth(&self, session: &str, token: &str) -> RelayAuth {
@@ -562,6 +626,7 @@ mod tests {
         let bob = Recipient {
             name: "bob".into(),
             conn_id: 2,
+            instance: None,
         };
         assert_eq!(told, vec![(fresh.order.session.clone(), bob)]);
         assert!(!r.sessions.contains_key(&fresh.order.session));

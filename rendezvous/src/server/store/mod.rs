@@ -27,6 +27,7 @@
 //! keeps the in-memory store testable without a clock.
 
 mod memory;
+mod redis;
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -36,6 +37,7 @@ use futures::future::BoxFuture;
 use crate::protocol::{b64, ErrorCode, PunchOrder};
 
 pub(crate) use memory::MemoryStore;
+pub(crate) use redis::{channel, Action, RedisStore, Signal, REFRESH_EVERY};
 
 /// How long a punch session stays known for results and relay pairing.
 pub(crate) const SESSION_TTL: Duration = Duration::from_secs(120);
@@ -61,10 +63,6 @@ pub(crate) enum StoreError {
     },
     /// The store could not be reached or answered nonsense (a shared
     /// store's network failure); the request may succeed if retried.
-    #[allow(
-        dead_code,
-        reason = "the in-memory store never fails; a shared store will"
-    )]
     #[error("the rendezvous registry is unavailable: {0}")]
     Unavailable(String),
     /// A punch bound is reached; the daemon is told `Busy`.
@@ -138,6 +136,9 @@ pub(crate) struct Registration {
     pub(crate) probe_counter: u64,
     /// Last RTT the daemon reported, for timing its punches.
     pub(crate) rtt_us: u64,
+    /// The instance it is connected to, when that is another one
+    /// (a registration read from the shared registry); `None`: this one.
+    pub(crate) instance: Option<String>,
 }
 
 /// Where a message for a daemon goes: its name, and the connection that
@@ -146,6 +147,8 @@ pub(crate) struct Registration {
 pub(crate) struct Recipient {
     pub(crate) name: String,
     pub(crate) conn_id: u64,
+    /// The instance whose connection that is; `None`: this one.
+    pub(crate) instance: Option<String>,
 }
 
 /// A punch order and whom it is for.
@@ -293,24 +296,35 @@ pub(crate) trait Store: Send + Sync + std::fmt::Debug {
     /// `joiner` stopped waiting (timeout, shutdown); a later join of the
     /// same side is not undone by it.
     fn relay_leave<'a>(&'a self, session: &'a str, joiner: u64) -> StoreFuture<'a, ()>;
+
+    /// Queues `signal` for the connection task of another instance,
+    /// without waiting. False when there is no such path (the in-memory
+    /// store knows no other instance) or its bounded queue is full.
+    fn send(&self, _instance: &str, _signal: Signal) -> bool {
+        false
+    }
 }
 
 /// Both punch orders of a new session, `a` initiating. Any store builds
-/// them the same way from the two registrations.
+/// them the same way from the two registrations; `hop_us` is the extra
+/// margin an order to a daemon on another instance needs to get there
+/// through the shared store's signalling (0 on one instance).
 pub(crate) fn punch_orders(
     session: &str,
     tokens: &[String; 2],
     (a_name, a): (&str, &Registration),
     (b_name, b): (&str, &Registration),
     now_us: u64,
+    hop_us: u64,
 ) -> [Addressed; 2] {
-    let at_us = punch_start_us(now_us, a.rtt_us, b.rtt_us);
+    let at_us = punch_start_us(now_us, a.rtt_us, b.rtt_us) + hop_us;
     let order =
         |me: (&str, &Registration), other: (&str, &Registration), initiator, token: &str| {
             Addressed {
                 to: Recipient {
                     name: me.0.to_owned(),
                     conn_id: me.1.conn_id,
+                    instance: me.1.instance.clone(),
                 },
                 order: PunchOrder {
                     session: session.to_owned(),
@@ -321,6 +335,8 @@ pub(crate) fn punch_orders(
                     at_us,
                     initiator,
                     relay_token: token.to_owned(),
+                    // Set by a shared store for a peer on another instance.
+                    relay_url: None,
                     // Signed on the way out, by the connection that
                     // knows the recipient's registration nonce.
                     signature: None,
@@ -418,6 +434,7 @@ pub(crate) mod tests {
             mapped_udp: None,
             probe_counter: 0,
             rtt_us: 0,
+            instance: None,
         }
     }
 
