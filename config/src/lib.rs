@@ -21,8 +21,8 @@ pub mod types;
 
 pub use error::ConfigError;
 pub use peer::{
-    AdminSection, Expose, Forward, PeerConfig, PeerEntry, PunchMode, PunchSection, QuicCongestion,
-    TransportKind,
+    AdminSection, Expose, Forward, PeerConfig, PeerEntry, Protocol, PunchMode, PunchSection,
+    QuicCongestion, TransportKind,
 };
 pub use rendezvous::{RendezvousConfig, ServerLimits, TlsSection};
 pub use types::{PeerName, PublicKeyBytes, Secret};
