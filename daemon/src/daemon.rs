@@ -19,7 +19,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ed25519_dalek::VerifyingKey;
-use punch_config::{PeerConfig, Secret, TransportKind};
+use punch_config::{PeerConfig, Protocol, Secret, TransportKind};
 use punch_service::secret_file;
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
@@ -145,9 +145,15 @@ async fn bind(what: &str, addr: &str) -> Result<TcpListener, DaemonError> {
 /// Peers by name, with the key pinned for each.
 type Peers = HashMap<String, (PeerHandle, punch_config::PublicKeyBytes)>;
 
+/// A bound `[[forward]]`: a TCP listener or a UDP socket.
+enum Listener {
+    Tcp(TcpListener),
+    Udp(tokio::net::UdpSocket),
+}
+
 /// The bound forward listeners, in config order.
 struct Forwards {
-    listeners: Vec<TcpListener>,
+    listeners: Vec<Listener>,
     addrs: Vec<SocketAddr>,
     status: Vec<Arc<ForwardStatus>>,
 }
@@ -279,14 +285,30 @@ async fn bind_forwards(cfg: &PeerConfig) -> Result<Forwards, DaemonError> {
     };
     for f in &cfg.forward {
         let what = format!("forward to {}/{}", f.peer, f.service);
-        let l = bind(&what, &f.listen).await?;
-        let addr = local_addr(&l, &what, &f.listen)?;
+        let (l, addr) = match f.protocol {
+            Protocol::Tcp => {
+                let l = bind(&what, &f.listen).await?;
+                let addr = local_addr(&l, &what, &f.listen)?;
+                (Listener::Tcp(l), addr)
+            }
+            Protocol::Udp => {
+                let what = format!("UDP {what}");
+                let err = |source| DaemonError::Bind {
+                    what: what.clone(),
+                    addr: f.listen.clone(),
+                    source,
+                };
+                let s = tokio::net::UdpSocket::bind(&f.listen).await.map_err(err)?;
+                let addr = s.local_addr().map_err(err)?;
+                (Listener::Udp(s), addr)
+            }
+        };
         out.addrs.push(addr);
-        out.status.push(Arc::new(ForwardStatus::new(
-            &addr.to_string(),
-            f.peer.as_str(),
-            f.service.as_str(),
-        )));
+        let status = ForwardStatus::new(&addr.to_string(), f.peer.as_str(), f.service.as_str());
+        out.status.push(Arc::new(match f.protocol {
+            Protocol::Tcp => status,
+            Protocol::Udp => status.udp(),
+        }));
         out.listeners.push(l);
     }
     Ok(out)
@@ -363,19 +385,33 @@ fn spawn_forwards(
         .zip(&forwards.status)
     {
         if let Some((handle, _)) = peers.get(f.peer.as_str()) {
-            let span = tracing::info_span!("forward", listen = %status.listen.lock().map(|l| l.clone()).unwrap_or_default(), peer = %f.peer, service = %f.service);
-            tracker.spawn(
-                forward::run_forward(
-                    listener,
-                    handle.clone(),
-                    f.service.to_string(),
-                    status.clone(),
-                    accepting.clone(),
-                    cancel.clone(),
-                    tracker.clone(),
-                )
-                .instrument(span),
-            );
+            let span = tracing::info_span!("forward", listen = %status.listen.lock().map(|l| l.clone()).unwrap_or_default(), peer = %f.peer, service = %f.service, protocol = f.protocol.as_str());
+            match listener {
+                Listener::Tcp(listener) => tracker.spawn(
+                    forward::run_forward(
+                        listener,
+                        handle.clone(),
+                        f.service.to_string(),
+                        status.clone(),
+                        accepting.clone(),
+                        cancel.clone(),
+                        tracker.clone(),
+                    )
+                    .instrument(span),
+                ),
+                Listener::Udp(socket) => tracker.spawn(
+                    forward::udp::run_udp_forward(
+                        socket,
+                        handle.clone(),
+                        f.service.to_string(),
+                        status.clone(),
+                        accepting.clone(),
+                        cancel.clone(),
+                        tracker.clone(),
+                    )
+                    .instrument(span),
+                ),
+            };
         }
     }
 }
