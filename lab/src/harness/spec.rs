@@ -58,6 +58,9 @@ pub struct Scenario {
     /// An nftables rule set loaded in bob's host before the daemons start
     /// (a misbehaving network on his side).
     pub host_b_rules: Option<String>,
+    /// TOML appended to alice's and bob's `peer.toml` (more `[[forward]]`
+    /// and `[[expose]]` entries).
+    pub extra_config: (String, String),
 }
 
 impl Scenario {
@@ -77,6 +80,7 @@ impl Scenario {
             rendezvous_image: None,
             rendezvous_config: None,
             host_b_rules: None,
+            extra_config: (String::new(), String::new()),
         }
     }
 }
@@ -120,6 +124,13 @@ impl Scenario {
     /// Loads this nftables rule set in bob's host before anything starts.
     pub fn with_host_b_rules(mut self, nft: &str) -> Self {
         self.host_b_rules = Some(nft.to_owned());
+        self
+    }
+
+    /// Appends `alice` to alice's `peer.toml` and `bob` to bob's (after
+    /// the standard sink forward and expose).
+    pub fn with_config(mut self, alice: &str, bob: &str) -> Self {
+        self.extra_config = (alice.to_owned(), bob.to_owned());
         self
     }
 
