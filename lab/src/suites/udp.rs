@@ -170,49 +170,49 @@ fn start_servers(run: &mut Run) -> Result<()> {
     Ok(())
 }
 
-/// `queries` DNS queries through alice's forward, in one `dig -f` batch
-/// (each query from its own socket, so each is a new flow); returns how
-/// many were answered with the right address, and the time taken.
+/// Concurrent `dig` processes (a resolver asks in parallel too); each
+/// sends its share of the queries one after another.
+const DIG_PARALLEL: usize = 8;
+
+/// `queries` DNS queries through alice's forward, in [`DIG_PARALLEL`]
+/// `dig -f` batches at once (each query from its own socket, so each is a
+/// new flow); returns how many were answered with the right address, and
+/// the time taken.
 pub fn dig_through(run: &Run, queries: usize) -> Result<(usize, f64)> {
-    let batch = run.dir.join("dig-batch.txt");
-    let mut text = String::new();
-    let mut expected = Vec::new();
+    let port = DNS_FORWARD_PORT.to_string();
+    let ns = run.topo.host_a.name().to_owned();
+    let mut want: BTreeMap<String, usize> = BTreeMap::new();
+    let mut batches = vec![String::new(); DIG_PARALLEL];
     for i in 0..queries {
         let n = (i % RECORDS as usize) as u8;
-        text.push_str(&format!("r{n}.lab.test A\n"));
-        expected.push(format!("192.0.2.{}", 10 + n));
+        batches[i % DIG_PARALLEL].push_str(&format!("r{n}.lab.test A\n"));
+        *want.entry(format!("192.0.2.{}", 10 + n)).or_default() += 1;
     }
-    std::fs::write(&batch, text)?;
-    let port = DNS_FORWARD_PORT.to_string();
     let started = Instant::now();
-    let out = run.topo.host_a.exec_output(
-        "dig",
-        &[
-            "@127.0.0.1",
-            "-p",
-            &port,
-            "-f",
-            batch.to_str().unwrap_or(""),
-            "+short",
-            "+tries=2",
-            "+time=2",
-        ],
-    )?;
-    let secs = started.elapsed().as_secs_f64();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let got: Vec<&str> = stdout
-        .lines()
-        .filter(|l| !l.starts_with(';') && !l.trim().is_empty())
-        .collect();
-    // Answers come in query order; an unanswered query prints a ";;" line
-    // (filtered out above), so compare as multisets per address.
-    let mut want: BTreeMap<&str, usize> = BTreeMap::new();
-    for e in &expected {
-        *want.entry(e.as_str()).or_default() += 1;
+    let mut digs = Vec::new();
+    for (i, text) in batches.iter().enumerate() {
+        let batch = run.dir.join(format!("dig-batch-{i}.txt"));
+        std::fs::write(&batch, text)?;
+        let child = std::process::Command::new("ip")
+            .args(["netns", "exec", &ns, "dig", "@127.0.0.1", "-p", &port, "-f"])
+            .arg(&batch)
+            .args(["+short", "+tries=2", "+time=2"])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .context("cannot run dig")?;
+        digs.push(child);
     }
+    let mut stdout = String::new();
+    for d in digs {
+        let out = d.wait_with_output()?;
+        stdout.push_str(&String::from_utf8_lossy(&out.stdout));
+    }
+    let secs = started.elapsed().as_secs_f64();
+    // An unanswered query prints a ";;" line; each answer is the address.
     let mut answered = 0;
-    for g in got {
-        if let Some(n) = want.get_mut(g.trim()) {
+    for g in stdout.lines().map(str::trim) {
+        if let Some(n) = want.get_mut(g) {
             if *n > 0 {
                 *n -= 1;
                 answered += 1;

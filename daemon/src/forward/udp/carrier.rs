@@ -48,15 +48,26 @@ impl Carrier {
         self.link.is_some()
     }
 
-    /// Sends one datagram toward the far side. Datagrams over
-    /// [`super::wire::MAX_DATAGRAM`] cannot be read from a UDP socket, so
-    /// `frame` never refuses one here; if it did, the datagram is dropped.
-    pub(crate) async fn send(&mut self, datagram: &[u8]) -> Result<(), CarrierError> {
-        if self.link.as_ref().is_some_and(|l| l.try_send(datagram)) {
-            return Ok(());
+    /// Sends datagrams toward the far side, in order. Those that do not
+    /// go as QUIC datagrams are framed into one buffer and written at
+    /// once: one write and one flush (one mux frame, one TLS record) for a
+    /// burst instead of one per datagram, which at 100 Mbit/s of 1,200-byte
+    /// datagrams over the TCP path was the difference between keeping up
+    /// and dropping. Datagrams over [`super::wire::MAX_DATAGRAM`] cannot be
+    /// read from a UDP socket, so `frame` never refuses one here; if it
+    /// did, the datagram is dropped.
+    pub(crate) async fn send_all(&mut self, datagrams: &[Bytes]) -> Result<(), CarrierError> {
+        let mut out = Vec::new();
+        for d in datagrams {
+            if self.link.as_ref().is_some_and(|l| l.try_send(d)) {
+                continue;
+            }
+            if let Some(framed) = frame(d) {
+                out.extend_from_slice(&framed);
+            }
         }
-        if let Some(framed) = frame(datagram) {
-            self.stream.write_all(&framed).await?;
+        if !out.is_empty() {
+            self.stream.write_all(&out).await?;
             self.stream.flush().await?;
         }
         Ok(())

@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::Bytes;
 use tokio::net::UdpSocket;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -80,11 +81,19 @@ async fn serve_flow_with(
             r = socket.recv(&mut buf) => match r {
                 Ok(n) => {
                     clock.touch(Instant::now());
-                    if let Err(e) = carrier.send(&buf[..n]).await {
+                    // Whatever else the target sent goes in the same write.
+                    let mut batch = vec![Bytes::copy_from_slice(&buf[..n])];
+                    while batch.len() < super::BATCH {
+                        match socket.try_recv(&mut buf) {
+                            Ok(n) => batch.push(Bytes::copy_from_slice(&buf[..n])),
+                            Err(_) => break,
+                        }
+                    }
+                    if let Err(e) = carrier.send_all(&batch).await {
                         debug!(error = %e, "UDP flow cut");
                         break "tunnel stream failed";
                     }
-                    back += 1;
+                    back += batch.len() as u64;
                 }
                 // ECONNREFUSED: the target is not listening (yet); the
                 // flow stays, as the client may retry.

@@ -209,11 +209,19 @@ async fn client_flow<P: StreamSource>(
                 d = rx.recv() => match d {
                     None => break "evicted or forward closed",
                     Some(d) => {
-                        if let Err(e) = carrier.send(&d).await {
+                        // Whatever else is queued goes in the same write.
+                        let mut batch = vec![d];
+                        while batch.len() < super::BATCH {
+                            match rx.try_recv() {
+                                Ok(d) => batch.push(d),
+                                Err(_) => break,
+                            }
+                        }
+                        if let Err(e) = carrier.send_all(&batch).await {
                             debug!(error = %e, "UDP flow cut");
                             break "tunnel stream failed";
                         }
-                        status.datagrams_out.fetch_add(1, Ordering::Relaxed);
+                        status.datagrams_out.fetch_add(batch.len() as u64, Ordering::Relaxed);
                         clock.touch(Instant::now());
                     }
                 },

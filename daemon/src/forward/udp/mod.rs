@@ -38,5 +38,10 @@ pub(crate) const FLOW_IDLE: Duration = Duration::from_secs(60);
 /// the tunnel's 1,024) and, on the exposing side, a socket.
 pub(crate) const MAX_FLOWS: usize = 256;
 
-/// Datagrams queued per flow and direction before new ones are dropped.
-pub(crate) const FLOW_QUEUE: usize = 64;
+/// Datagrams queued per flow and direction before new ones are dropped
+/// (at most 128 × 64 KiB = 8 MiB for a flow of the largest datagrams,
+/// 150 KiB for typical 1,200-byte ones).
+pub(crate) const FLOW_QUEUE: usize = 128;
+
+/// Datagrams written to a flow's stream in one write, at most.
+pub(crate) const BATCH: usize = 64;
