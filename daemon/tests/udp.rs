@@ -90,7 +90,7 @@ async fn pair(
     )
     .await
     .unwrap();
-    wait_for("a direct path", Duration::from_secs(20), || {
+    wait_for("a direct path", Duration::from_secs(60), || {
         Some(alice.status.snapshot()).filter(direct)
     })
     .await;
@@ -145,7 +145,11 @@ async fn datagrams_over(transport: &str) {
             }
         }
     }
-    let doc = alice.status.snapshot();
+    // The client can read a reply a moment before its count lands.
+    let doc = wait_for("the counters", Duration::from_secs(5), || {
+        Some(alice.status.snapshot()).filter(|d| d.forwards[0].datagrams_in == sent)
+    })
+    .await;
     let f = &doc.forwards[0];
     assert_eq!(f.protocol, "udp");
     assert_eq!(f.active, 2, "one flow per client address: {f:?}");
