@@ -24,3 +24,15 @@ fn dns_and_iperf3_through_a_udp_forward_over_quic() {
 fn dns_and_iperf3_through_a_udp_forward_over_the_relay() {
     case("relayed", |b| udp::check(b, Over::Relayed));
 }
+
+/// The longer figures for BENCHMARKS.md (not in CI):
+/// `PUNCH_LAB_UDP_SECS=20 cargo test -p punch-lab --test udp -- --ignored --nocapture`.
+#[test]
+#[ignore = "a benchmark: prints figures, asserts nothing beyond the runs working"]
+fn udp_loss_benchmark() {
+    let secs = std::env::var("PUNCH_LAB_UDP_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(20);
+    case("bench", |b| udp::bench(b, 100, secs));
+}

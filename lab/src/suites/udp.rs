@@ -340,6 +340,86 @@ pub fn check(bins: &Binaries, over: Over) -> Result<String> {
     Ok(r.to_string())
 }
 
+/// Port of the plain (no punchd) iperf3 server, DNATed on bob's NAT.
+const PLAIN_PORT: u16 = 5202;
+/// bob's host and his NAT's public address.
+const BOB_HOST: &str = "198.51.100.2";
+const BOB_PUBLIC: &str = "203.0.113.3";
+
+/// DNAT `port` (TCP and UDP) on bob's NAT's outside interface to his host:
+/// the plain-UDP reference, as a user would open a port without punchd.
+fn port_forward_b(run: &Run, port: u16) -> Result<()> {
+    let port = port.to_string();
+    let to = format!("{BOB_HOST}:{port}");
+    for proto in ["tcp", "udp"] {
+        run.topo.nats[1].exec(
+            "iptables",
+            &[
+                "-t",
+                "nat",
+                "-A",
+                "PREROUTING",
+                "-i",
+                "wan0",
+                "-p",
+                proto,
+                "--dport",
+                &port,
+                "-j",
+                "DNAT",
+                "--to-destination",
+                &to,
+            ],
+        )?;
+    }
+    Ok(())
+}
+
+/// The benchmark: on each path, iperf3 -u at `mbit` for `secs` through the
+/// forward; on the TCP and QUIC runs' networks also plain UDP from alice's host to bob's
+/// through a port forward on his NAT (no punchd). One line per figure.
+pub fn bench(bins: &Binaries, mbit: u32, secs: u32) -> Result<String> {
+    let mut lines = Vec::new();
+    for over in [Over::Tcp, Over::Quic, Over::Relayed] {
+        let s = scenario(over);
+        let mut run = Run::start(&s, bins)?;
+        let r = (|| -> Result<()> {
+            let report = measure(&mut run, over, 200, mbit, secs)?;
+            lines.push(format!("punchd {report}"));
+            if over == Over::Relayed {
+                return Ok(());
+            }
+            // Plain UDP on the same network, no punchd.
+            let log = run.dir.join("iperf3-plain.log");
+            let port = PLAIN_PORT.to_string();
+            run.topo
+                .host_b
+                .spawn(Path::new("iperf3"), &["-s", "-p", &port], &[], &log)?;
+            let ns = run.topo.host_b.name().to_owned();
+            wait("plain iperf3 to listen", Duration::from_secs(10), || {
+                crate::net::netns::listens_on(&ns, PLAIN_PORT).then_some(())
+            })?;
+            port_forward_b(&run, PLAIN_PORT)?;
+            let rate = format!("{mbit}M");
+            let t = secs.to_string();
+            let out = run.topo.host_a.exec_output(
+                "iperf3",
+                &[
+                    "-c", BOB_PUBLIC, "-p", &port, "-u", "-b", &rate, "-t", &t, "-l", "1200", "-w",
+                    "4M", "-J",
+                ],
+            )?;
+            let (rx, loss, lost, packets) = parse_iperf(&String::from_utf8_lossy(&out.stdout))?;
+            lines.push(format!(
+                "plain UDP through a port forward (network of the {over:?} run): iperf3 -u {mbit} Mbit/s: {rx:.1} Mbit/s received, loss {loss:.2} % ({lost} of {packets})"
+            ));
+            Ok(())
+        })();
+        r.map_err(|e| run.explain(e))?;
+    }
+    Ok(lines.join("\n"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
