@@ -131,20 +131,38 @@ pub(crate) async fn request_service<S: AsyncRead + AsyncWrite + Unpin>(
 }
 
 /// Opener: asks for `service` over `protocol`, then waits for the verdict.
-/// TCP goes as a version-2 header (older daemons understand it), anything
-/// else as version 3.
 pub(crate) async fn request_as<S: AsyncRead + AsyncWrite + Unpin>(
     s: &mut S,
     service: &str,
     protocol: StreamProtocol,
 ) -> Result<(), HeaderError> {
+    send_request(s, service, protocol).await?;
+    read_verdict(s).await
+}
+
+/// Opener: sends the request (one write) without waiting for the verdict,
+/// so a UDP flow's first datagrams can follow it at once and a DNS query
+/// costs one round trip, not two. TCP goes as a version-2 header (older
+/// daemons understand it), anything else as version 3.
+pub(crate) async fn send_request<S: AsyncWrite + Unpin>(
+    s: &mut S,
+    service: &str,
+    protocol: StreamProtocol,
+) -> std::io::Result<()> {
+    let name = &service.as_bytes()[..service.len().min(255)];
+    let mut header = Vec::with_capacity(3 + name.len());
     match protocol {
-        StreamProtocol::Tcp => write_short(s, VERSION, service).await?,
-        p => {
-            s.write_all(&[VERSION_PROTOCOL]).await?;
-            write_short(s, p.byte(), service).await?;
-        }
+        StreamProtocol::Tcp => header.push(VERSION),
+        p => header.extend_from_slice(&[VERSION_PROTOCOL, p.byte()]),
     }
+    header.push(name.len() as u8);
+    header.extend_from_slice(name);
+    s.write_all(&header).await?;
+    s.flush().await
+}
+
+/// Opener: waits for the exposer's verdict on a request.
+pub(crate) async fn read_verdict<S: AsyncRead + Unpin>(s: &mut S) -> Result<(), HeaderError> {
     tokio::time::timeout(HEADER_TIMEOUT, async {
         let status = s.read_u8().await?;
         let reason = read_short_string(s).await?;

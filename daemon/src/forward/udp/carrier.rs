@@ -22,6 +22,26 @@ pub(crate) enum CarrierError {
     Cut(usize),
 }
 
+/// Writes `datagrams` framed on `stream` in one write and one flush
+/// (nothing for none).
+pub(crate) async fn write_framed<W, D>(stream: &mut W, datagrams: &[D]) -> std::io::Result<()>
+where
+    W: tokio::io::AsyncWrite + Unpin,
+    D: AsRef<[u8]>,
+{
+    let mut out = Vec::new();
+    for d in datagrams {
+        if let Some(framed) = frame(d.as_ref()) {
+            out.extend_from_slice(&framed);
+        }
+    }
+    if !out.is_empty() {
+        stream.write_all(&out).await?;
+        stream.flush().await?;
+    }
+    Ok(())
+}
+
 /// One flow's stream and, on QUIC, its datagram link.
 pub(crate) struct Carrier {
     stream: StreamIo,
@@ -57,19 +77,12 @@ impl Carrier {
     /// read from a UDP socket, so `frame` never refuses one here; if it
     /// did, the datagram is dropped.
     pub(crate) async fn send_all(&mut self, datagrams: &[Bytes]) -> Result<(), CarrierError> {
-        let mut out = Vec::new();
-        for d in datagrams {
-            if self.link.as_ref().is_some_and(|l| l.try_send(d)) {
-                continue;
-            }
-            if let Some(framed) = frame(d) {
-                out.extend_from_slice(&framed);
-            }
-        }
-        if !out.is_empty() {
-            self.stream.write_all(&out).await?;
-            self.stream.flush().await?;
-        }
+        let link = self.link.as_ref();
+        let rest: Vec<&Bytes> = datagrams
+            .iter()
+            .filter(|d| !link.is_some_and(|l| l.try_send(d)))
+            .collect();
+        write_framed(&mut self.stream, &rest).await?;
         Ok(())
     }
 

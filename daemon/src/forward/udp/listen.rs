@@ -16,13 +16,13 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, warn, Instrument};
 
-use super::carrier::Carrier;
+use super::carrier::{write_framed, Carrier};
 use super::flows::{Admit, FlowTable, Idle};
 use super::{FLOW_IDLE, FLOW_QUEUE, MAX_FLOWS};
 use crate::admin::status::ForwardStatus;
 use crate::forward::splice::StreamGuard;
 use crate::forward::StreamSource;
-use crate::tunnel::header::{request_as, StreamProtocol};
+use crate::tunnel::header::{read_verdict, send_request, StreamProtocol};
 
 /// The listener's handle on one flow.
 #[derive(Debug)]
@@ -177,17 +177,34 @@ async fn client_flow<P: StreamSource>(
         ended,
         idle,
     } = ctx;
+    // The request and the first datagrams leave together; the verdict is
+    // read after them (a refused flow's datagrams are discarded by the
+    // peer and counted as dropped here). They go on the stream: the peer
+    // routes QUIC datagrams to a flow only once it has admitted it.
+    let mut first: Vec<Bytes> = Vec::new();
     let opened = tokio::select! {
         _ = cancel.cancelled() => None,
         r = async {
             let mut s = peer.open_stream().await.map_err(|e| e.to_string())?;
-            request_as(&mut s, &service, StreamProtocol::Udp)
+            send_request(&mut s, &service, StreamProtocol::Udp)
                 .await
                 .map_err(|e| e.to_string())?;
+            while first.len() < super::BATCH {
+                match rx.try_recv() {
+                    Ok(d) => first.push(d),
+                    Err(_) => break,
+                }
+            }
+            write_framed(&mut s, &first).await.map_err(|e| e.to_string())?;
+            read_verdict(&mut s).await.map_err(|e| e.to_string())?;
             Ok::<_, String>(s)
         } => match r {
-            Ok(s) => Some(s),
+            Ok(s) => {
+                status.datagrams_out.fetch_add(first.len() as u64, Ordering::Relaxed);
+                Some(s)
+            }
             Err(e) => {
+                status.datagrams_dropped.fetch_add(first.len() as u64, Ordering::Relaxed);
                 warn!(peer = %peer.name(), %service, error = %e, "UDP flow refused or no tunnel; its datagrams are dropped");
                 None
             }
