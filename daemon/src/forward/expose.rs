@@ -98,11 +98,12 @@ pub(crate) async fn serve_inbound(
                 return refuse_target(&mut stream, &peer_name, &service, &e.to_string()).await
             }
         };
-        if reply(&mut stream, Ok(())).await.is_err() {
+        let mut flow = udp::expose::AdmittedFlow::new(socket, stream);
+        if reply(flow.stream(), Ok(())).await.is_err() {
             return;
         }
         let _guard = StreamGuard::new(&status);
-        let (to_target, back, dropped) = udp::expose::serve_flow(socket, stream, &cancel).await;
+        let (to_target, back, dropped) = udp::expose::serve_flow(flow, &cancel).await;
         debug!(peer = %peer_name, %service, to_target, back, dropped, "UDP flow done");
         return;
     }

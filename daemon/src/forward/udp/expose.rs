@@ -38,22 +38,49 @@ pub(crate) async fn connect_target(target: &str) -> std::io::Result<UdpSocket> {
 /// Serves one admitted flow until it is idle for [`FLOW_IDLE`], the
 /// opener closes it, or the stream fails. Returns (datagrams to the
 /// target, datagrams back, dropped).
-pub(crate) async fn serve_flow(
+pub(crate) async fn serve_flow(flow: AdmittedFlow, cancel: &CancellationToken) -> (u64, u64, u64) {
+    serve_flow_with(flow, cancel, FLOW_IDLE).await
+}
+
+/// A flow about to be admitted: its target socket, its stream and (on
+/// QUIC) its datagram route, made *before* the verdict is sent so that no
+/// datagram the opener sends after it finds no route.
+pub(crate) struct AdmittedFlow {
     socket: UdpSocket,
     stream: StreamIo,
-    cancel: &CancellationToken,
-) -> (u64, u64, u64) {
-    serve_flow_with(socket, stream, cancel, FLOW_IDLE).await
+    link: Option<crate::tunnel::DatagramLink>,
+    drops: Arc<AtomicU64>,
+}
+
+impl AdmittedFlow {
+    pub(crate) fn new(socket: UdpSocket, stream: StreamIo) -> Self {
+        let drops = Arc::new(AtomicU64::new(0));
+        let link = stream.datagram_link(FLOW_QUEUE, drops.clone());
+        Self {
+            socket,
+            stream,
+            link,
+            drops,
+        }
+    }
+
+    /// The stream, for the verdict.
+    pub(crate) fn stream(&mut self) -> &mut StreamIo {
+        &mut self.stream
+    }
 }
 
 async fn serve_flow_with(
-    socket: UdpSocket,
-    stream: StreamIo,
+    flow: AdmittedFlow,
     cancel: &CancellationToken,
     idle: Duration,
 ) -> (u64, u64, u64) {
-    let drops = Arc::new(AtomicU64::new(0));
-    let link = stream.datagram_link(FLOW_QUEUE, drops.clone());
+    let AdmittedFlow {
+        socket,
+        stream,
+        link,
+        drops,
+    } = flow;
     let mut carrier = Carrier::new(stream, link);
     let mut clock = Idle::new(Instant::now(), idle);
     let (mut to_target, mut back) = (0u64, 0u64);

@@ -186,6 +186,9 @@ async fn client_flow<P: StreamSource>(
         _ = cancel.cancelled() => None,
         r = async {
             let mut s = peer.open_stream().await.map_err(|e| e.to_string())?;
+            // Routed before anything is sent: the peer's first reply may
+            // come as a QUIC datagram right behind its verdict.
+            let link = s.datagram_link(FLOW_QUEUE, status.datagrams_dropped.clone());
             send_request(&mut s, &service, StreamProtocol::Udp)
                 .await
                 .map_err(|e| e.to_string())?;
@@ -197,7 +200,7 @@ async fn client_flow<P: StreamSource>(
             }
             write_framed(&mut s, &first).await.map_err(|e| e.to_string())?;
             read_verdict(&mut s).await.map_err(|e| e.to_string())?;
-            Ok::<_, String>(s)
+            Ok::<_, String>((s, link))
         } => match r {
             Ok(s) => {
                 status.datagrams_out.fetch_add(first.len() as u64, Ordering::Relaxed);
@@ -210,9 +213,8 @@ async fn client_flow<P: StreamSource>(
             }
         },
     };
-    if let Some(stream) = opened {
+    if let Some((stream, link)) = opened {
         let _guard = StreamGuard::new(peer.status());
-        let link = stream.datagram_link(FLOW_QUEUE, status.datagrams_dropped.clone());
         let mut carrier = Carrier::new(stream, link);
         debug!(
             quic_datagrams = carrier.uses_quic_datagrams(),
