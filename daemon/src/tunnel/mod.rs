@@ -20,6 +20,7 @@
 //!
 //! The port forwarder only sees [`StreamIo`] and never knows which it runs on.
 
+pub(crate) mod datagram;
 pub mod header;
 pub(crate) mod keepalive;
 pub(crate) mod metered;
@@ -238,7 +239,7 @@ impl DatagramRoutes {
     /// (late, after the flow ended) or is malformed is dropped; one whose
     /// flow's queue is full is dropped and counted there.
     pub(crate) fn dispatch(&self, datagram: bytes::Bytes) {
-        let Some((id, payload)) = crate::forward::udp::wire::parse_quic_datagram(datagram) else {
+        let Some((id, payload)) = datagram::parse_quic_datagram(datagram) else {
             return;
         };
         let routes = self.lock();
@@ -266,7 +267,7 @@ impl DatagramLink {
     /// send buffer is bounded (1 MiB) and drops its oldest datagrams when
     /// full: loss, as UDP would have it, never growth.
     pub(crate) fn try_send(&self, payload: &[u8]) -> bool {
-        use crate::forward::udp::wire::{quic_datagram, ID_PREFIX};
+        use self::datagram::{quic_datagram, ID_PREFIX};
         let fits = self
             .conn
             .max_datagram_size()

@@ -13,17 +13,13 @@
 //! Any length a `u16` holds is valid, so the decoder can never be asked to
 //! hold more than one 64 KiB datagram plus what one read brought.
 //!
-//! As a QUIC datagram: `[u64 BE id of the flow's stream][payload]`. The
-//! stream that opened the flow (and asked for the service, and was
-//! admitted) names it; both ends see the same stream id, so no id is
-//! negotiated and a datagram can only reach a flow the ACL admitted.
+//! As a QUIC datagram, a flow's datagram is prefixed with the id of the
+//! flow's stream (`tunnel/datagram.rs`).
 
-use bytes::{Buf, BufMut, Bytes, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 
 /// Bytes in a datagram's length prefix on a stream.
 pub(crate) const LEN_PREFIX: usize = 2;
-/// Bytes of the flow id in front of a QUIC datagram's payload.
-pub(crate) const ID_PREFIX: usize = 8;
 /// The largest datagram a flow carries: what fits a `u16` length (and an
 /// IPv6 jumbo-less UDP payload, 65,527, is below it).
 pub(crate) const MAX_DATAGRAM: usize = u16::MAX as usize;
@@ -68,24 +64,6 @@ impl Reassembler {
     }
 }
 
-/// `payload` as a QUIC datagram of the flow whose stream has id `flow`.
-pub(crate) fn quic_datagram(flow: u64, payload: &[u8]) -> Bytes {
-    let mut out = BytesMut::with_capacity(ID_PREFIX + payload.len());
-    out.put_u64(flow);
-    out.extend_from_slice(payload);
-    out.freeze()
-}
-
-/// A QUIC datagram's flow id and payload; `None` if it is shorter than the
-/// id (malformed: dropped).
-pub(crate) fn parse_quic_datagram(mut d: Bytes) -> Option<(u64, Bytes)> {
-    if d.len() < ID_PREFIX {
-        return None;
-    }
-    let id = d.get_u64();
-    Some((id, d))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -121,20 +99,6 @@ mod tests {
         assert_eq!(r.pop(), None, "half a length prefix");
     }
 
-    #[test]
-    fn quic_datagrams_carry_their_flow() {
-        let d = quic_datagram(0x0102_0304_0506_0708, b"dns");
-        assert_eq!(d.len(), ID_PREFIX + 3);
-        let (id, payload) = parse_quic_datagram(d).unwrap();
-        assert_eq!(id, 0x0102_0304_0506_0708);
-        assert_eq!(&payload[..], b"dns");
-        assert_eq!(
-            parse_quic_datagram(quic_datagram(4, b"")).unwrap().1.len(),
-            0
-        );
-        assert_eq!(parse_quic_datagram(Bytes::from_static(&[1, 2, 3])), None);
-    }
-
     proptest! {
         /// Any datagrams, split anywhere, come out whole and in order.
         #[test]
@@ -167,7 +131,6 @@ mod tests {
             let mut taken = 0;
             while let Some(d) = r.pop() { taken += LEN_PREFIX + d.len(); }
             prop_assert_eq!(taken + r.pending(), wire.len());
-            let _ = parse_quic_datagram(Bytes::from(wire));
         }
     }
 }
