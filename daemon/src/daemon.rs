@@ -299,6 +299,7 @@ async fn bind_forwards(cfg: &PeerConfig) -> Result<Forwards, DaemonError> {
                     source,
                 };
                 let s = tokio::net::UdpSocket::bind(&f.listen).await.map_err(err)?;
+                forward::udp::enlarge_buffer(&s);
                 let addr = s.local_addr().map_err(err)?;
                 (Listener::Udp(s), addr)
             }

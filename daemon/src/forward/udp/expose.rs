@@ -31,6 +31,7 @@ pub(crate) async fn connect_target(target: &str) -> std::io::Result<UdpSocket> {
         (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
     };
     let socket = UdpSocket::bind(local).await?;
+    super::enlarge_buffer(&socket);
     socket.connect(addr).await?;
     Ok(socket)
 }
