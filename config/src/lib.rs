@@ -23,8 +23,8 @@ pub mod types;
 
 pub use error::ConfigError;
 pub use peer::{
-    AdminSection, Expose, Forward, PeerConfig, PeerEntry, PunchMode, PunchSection, QuicCongestion,
-    TransportKind,
+    AdminSection, Expose, Forward, PeerConfig, PeerEntry, Protocol, PunchMode, PunchSection,
+    QuicCongestion, TransportKind,
 };
 pub use ports::{PortRange, MAX_RANGE_PORTS};
 pub use rendezvous::{RendezvousConfig, ServerLimits, TlsSection};

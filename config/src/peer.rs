@@ -278,6 +278,27 @@ pub struct PeerEntry {
     pub public_key: PublicKeyBytes,
 }
 
+/// What a `[[forward]]` or `[[expose]]` carries.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    /// TCP connections, one tunnel stream each (the default).
+    #[default]
+    Tcp,
+    /// UDP datagrams, one flow per local client address.
+    Udp,
+}
+
+impl Protocol {
+    /// The config spelling (`tcp`, `udp`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+        }
+    }
+}
+
 /// `[[expose]]`: a service peers may reach.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -291,6 +312,9 @@ pub struct Expose {
     /// Peers allowed to use it; anyone else is refused.
     #[serde(default)]
     pub allow: Vec<PeerName>,
+    /// `tcp` (default) or `udp`; a forward must ask for the same.
+    #[serde(default)]
+    pub protocol: Protocol,
 }
 
 impl Expose {
@@ -311,6 +335,10 @@ pub struct Forward {
     pub peer: PeerName,
     /// The service name the peer exposes.
     pub service: PeerName,
+    /// `tcp` (default) or `udp`: what `listen` accepts, and what the
+    /// peer's service must expose.
+    #[serde(default)]
+    pub protocol: Protocol,
 }
 
 impl Forward {
@@ -528,13 +556,15 @@ impl PeerConfig {
                     ),
                 )),
                 Ok(Some(addrs)) => {
+                    // A TCP and a UDP forward may share an address (iperf3
+                    // and DNS use both); two of one protocol may not.
                     if let Some(a) = addrs
                         .into_iter()
-                        .find(|a| a.port() != 0 && !listens.insert(*a))
+                        .find(|a| a.port() != 0 && !listens.insert((f.protocol, *a)))
                     {
                         out.push(Violation::new(
                             listen,
-                            format!("{a} is used by two forwards"),
+                            format!("{a} ({}) is used by two forwards", f.protocol.as_str()),
                         ));
                     }
                 }
@@ -695,6 +725,32 @@ mod tests {
             twice.contains("key `rendezvous.urls[1]`") && twice.contains("twice"),
             "{twice}"
         );
+    }
+
+    #[test]
+    fn protocol_defaults_to_tcp_and_takes_udp() {
+        let text = format!(
+            "{}\n[[expose]]\nname = \"dns\"\ntarget = \"127.0.0.1:53\"\nprotocol = \"udp\"\n\
+             \n[[forward]]\nlisten = \"127.0.0.1:5353\"\npeer = \"bob\"\nservice = \"dns\"\nprotocol = \"udp\"\n\
+             \n[[forward]]\nlisten = \"127.0.0.1:5353\"\npeer = \"bob\"\nservice = \"dns-tcp\"\n",
+            base()
+        );
+        let cfg = parse(&text).unwrap();
+        assert_eq!(cfg.expose[0].protocol, Protocol::Udp);
+        assert_eq!(cfg.forward[0].protocol, Protocol::Udp);
+        // One address, TCP and UDP: allowed; the default is TCP.
+        assert_eq!(cfg.forward[1].protocol, Protocol::Tcp);
+        let twice = text.replace(
+            "service = \"dns-tcp\"",
+            "service = \"dns-tcp\"\nprotocol = \"udp\"",
+        );
+        let e = err_text(&twice);
+        assert!(e.contains("key `forward[1].listen`"), "{e}");
+        assert!(e.contains("(udp) is used by two forwards"), "{e}");
+        let bad = text.replacen("protocol = \"udp\"", "protocol = \"sctp\"", 1);
+        let e = err_text(&bad);
+        assert!(e.contains("peer.toml:14:12"), "{e}");
+        assert!(e.contains("sctp"), "{e}");
     }
 
     #[test]

@@ -26,7 +26,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ed25519_dalek::VerifyingKey;
-use punch_config::{Forward, PeerConfig, PeerEntry, Secret, TransportKind};
+use punch_config::{Forward, PeerConfig, PeerEntry, Protocol, Secret, TransportKind};
 use punch_service::secret_file;
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot};
@@ -223,6 +223,12 @@ async fn bind(what: &str, addr: &str) -> Result<TcpListener, DaemonError> {
 /// Peers by name, with the key pinned for each.
 type Peers = HashMap<String, (PeerHandle, punch_config::PublicKeyBytes)>;
 
+/// A bound port of a `[[forward]]`: a TCP listener or a UDP socket.
+enum Listener {
+    Tcp(TcpListener),
+    Udp(tokio::net::UdpSocket),
+}
+
 /// Starts a daemon for `cfg` with `identity`. Listeners are bound before
 /// this returns, so their addresses are known and errors are immediate.
 /// Without a config file, [`RunningDaemon::reload`] has nothing to re-read
@@ -389,7 +395,35 @@ fn local_addr(l: &TcpListener, what: &str, addr: &str) -> Result<SocketAddr, Dae
 
 /// The listeners of one `[[forward]]`, one per port of its range; `None`
 /// for a port in `later` (held by a forward a reload is about to close).
-type BoundPorts = Vec<(SocketAddr, Option<TcpListener>)>;
+type BoundPorts = Vec<(SocketAddr, Option<Listener>)>;
+
+/// Binds one port of `f`: a TCP listener, or for `protocol = "udp"` a UDP
+/// socket with a large receive buffer (a burst must not overflow it
+/// while the flow's stream opens).
+async fn bind_port(
+    f: &Forward,
+    what: &str,
+    addr: SocketAddr,
+) -> Result<(SocketAddr, Listener), DaemonError> {
+    let a = addr.to_string();
+    match f.protocol {
+        Protocol::Tcp => {
+            let l = bind(what, &a).await?;
+            Ok((local_addr(&l, what, &a)?, Listener::Tcp(l)))
+        }
+        Protocol::Udp => {
+            let err = |source| DaemonError::Bind {
+                what: format!("UDP {what}"),
+                addr: a.clone(),
+                source,
+            };
+            let s = tokio::net::UdpSocket::bind(addr).await.map_err(err)?;
+            forward::udp::enlarge_buffer(&s);
+            let bound = s.local_addr().map_err(err)?;
+            Ok((bound, Listener::Udp(s)))
+        }
+    }
+}
 
 /// Binds every port of `f` except those in `later`, so a busy port fails
 /// the start (or the reload) before anything else changes.
@@ -406,9 +440,8 @@ async fn bind_forward(f: &Forward, later: &HashSet<SocketAddr>) -> Result<BoundP
             out.push((addr, None));
             continue;
         }
-        let a = addr.to_string();
-        let l = bind(&what, &a).await?;
-        out.push((local_addr(&l, &what, &a)?, Some(l)));
+        let (bound, l) = bind_port(f, &what, addr).await?;
+        out.push((bound, Some(l)));
     }
     Ok(out)
 }
@@ -523,25 +556,39 @@ impl Supervisor {
             };
             // n < MAX_RANGE_PORTS (validated), so it fits.
             let request = forward::ranges::request(f.service.as_str(), range.then_some(n as u16));
-            let status = Arc::new(ForwardStatus::new(
-                &addr.to_string(),
-                f.peer.as_str(),
-                f.service.as_str(),
-            ));
+            let status = ForwardStatus::new(&addr.to_string(), f.peer.as_str(), f.service.as_str());
+            let status = Arc::new(match f.protocol {
+                Protocol::Tcp => status,
+                Protocol::Udp => status.udp(),
+            });
             let stop = self.accepting.child_token();
-            let span = tracing::info_span!("forward", listen = %addr, peer = %f.peer, service = %f.service);
-            let task = self.tracker.spawn(
-                forward::run_forward(
-                    listener,
-                    peer.handle.clone(),
-                    request,
-                    status.clone(),
-                    stop.clone(),
-                    self.cancel.clone(),
-                    self.tracker.clone(),
-                )
-                .instrument(span),
-            );
+            let span = tracing::info_span!("forward", listen = %addr, peer = %f.peer, service = %f.service, protocol = f.protocol.as_str());
+            let task = match listener {
+                Listener::Tcp(listener) => self.tracker.spawn(
+                    forward::run_forward(
+                        listener,
+                        peer.handle.clone(),
+                        request,
+                        status.clone(),
+                        stop.clone(),
+                        self.cancel.clone(),
+                        self.tracker.clone(),
+                    )
+                    .instrument(span),
+                ),
+                Listener::Udp(socket) => self.tracker.spawn(
+                    forward::udp::run_udp_forward(
+                        socket,
+                        peer.handle.clone(),
+                        request,
+                        status.clone(),
+                        stop.clone(),
+                        self.cancel.clone(),
+                        self.tracker.clone(),
+                    )
+                    .instrument(span),
+                ),
+            };
             live.push(LivePort {
                 addr,
                 status,
@@ -671,8 +718,8 @@ impl Supervisor {
             for (addr, listener) in &mut ports {
                 if listener.is_none() {
                     let what = format!("forward to {}/{}", f.peer, f.service);
-                    match bind(&what, &addr.to_string()).await {
-                        Ok(l) => *listener = Some(l),
+                    match bind_port(&f, &what, *addr).await {
+                        Ok((_, l)) => *listener = Some(l),
                         Err(e) => late.push(e.to_string()),
                     }
                 }

@@ -45,3 +45,19 @@ pub fn decode_stream_frames(wire: &[u8], step: usize) -> (u64, Result<(), String
         }
     }
 }
+
+/// Feeds `wire` to a UDP flow stream's datagram reassembler in pieces of
+/// `step` bytes; returns the datagrams' lengths and the bytes left over
+/// (a datagram cut short). Also parses `wire` as a QUIC flow datagram.
+pub fn decode_udp_frames(wire: &[u8], step: usize) -> (Vec<usize>, usize) {
+    let _ = crate::tunnel::datagram::parse_quic_datagram(bytes::Bytes::copy_from_slice(wire));
+    let mut r = crate::forward::udp::wire::Reassembler::default();
+    let mut lens = Vec::new();
+    for piece in wire.chunks(step.max(1)) {
+        r.push(piece);
+        while let Some(d) = r.pop() {
+            lens.push(d.len());
+        }
+    }
+    (lens, r.pending())
+}

@@ -120,7 +120,26 @@ fn documented() -> Vec<(&'static str, Kind, Vec<Label>)> {
             Kind::Counter,
             forward.clone(),
         ),
-        ("punchd_forward_refused_total", Kind::Counter, forward),
+        (
+            "punchd_forward_refused_total",
+            Kind::Counter,
+            forward.clone(),
+        ),
+        (
+            "punchd_forward_datagrams_out_total",
+            Kind::Counter,
+            forward.clone(),
+        ),
+        (
+            "punchd_forward_datagrams_in_total",
+            Kind::Counter,
+            forward.clone(),
+        ),
+        (
+            "punchd_forward_datagrams_dropped_total",
+            Kind::Counter,
+            forward,
+        ),
         (
             "punchd_portmap_probes_total",
             Kind::Counter,

@@ -234,4 +234,25 @@ fn forwards(out: &mut Exposition, doc: &StatusDoc) {
         "Connections refused per forward because it carried its cap of concurrent connections.",
         &|f| f.refused.to_string(),
     );
+    per_forward(
+        out,
+        "punchd_forward_datagrams_out_total",
+        Kind::Counter,
+        "UDP forwards: datagrams from local clients carried to the peer.",
+        &|f| f.datagrams_out.to_string(),
+    );
+    per_forward(
+        out,
+        "punchd_forward_datagrams_in_total",
+        Kind::Counter,
+        "UDP forwards: datagrams from the peer's service delivered to local clients.",
+        &|f| f.datagrams_in.to_string(),
+    );
+    per_forward(
+        out,
+        "punchd_forward_datagrams_dropped_total",
+        Kind::Counter,
+        "UDP forwards: datagrams dropped (a flow's queue full, no tunnel, or undeliverable).",
+        &|f| f.datagrams_dropped.to_string(),
+    );
 }

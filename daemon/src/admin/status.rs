@@ -82,6 +82,24 @@ pub struct ForwardDoc {
     /// its cap (README, "Limits").
     #[serde(default)]
     pub refused: u64,
+    /// `tcp` or `udp`. For UDP, `active` counts flows (one per local
+    /// client address) and `total` the flows made since start.
+    #[serde(default = "tcp")]
+    pub protocol: String,
+    /// UDP: datagrams from local clients carried to the peer.
+    #[serde(default)]
+    pub datagrams_out: u64,
+    /// UDP: datagrams from the peer's service delivered to local clients.
+    #[serde(default)]
+    pub datagrams_in: u64,
+    /// UDP: datagrams dropped (a flow's queue full, a flow that could not
+    /// open, a client that could not be sent to).
+    #[serde(default)]
+    pub datagrams_dropped: u64,
+}
+
+fn tcp() -> String {
+    "tcp".to_owned()
 }
 
 /// The whole status document.
@@ -211,6 +229,11 @@ pub struct ForwardStatus {
     pub(crate) active: AtomicI64,
     pub(crate) total: AtomicU64,
     pub(crate) refused: AtomicU64,
+    pub(crate) protocol: &'static str,
+    pub(crate) datagrams_out: AtomicU64,
+    pub(crate) datagrams_in: AtomicU64,
+    /// Shared with the QUIC datagram routes of this forward's flows.
+    pub(crate) datagrams_dropped: Arc<AtomicU64>,
 }
 
 impl ForwardStatus {
@@ -222,7 +245,17 @@ impl ForwardStatus {
             active: AtomicI64::new(0),
             total: AtomicU64::new(0),
             refused: AtomicU64::new(0),
+            protocol: "tcp",
+            datagrams_out: AtomicU64::new(0),
+            datagrams_in: AtomicU64::new(0),
+            datagrams_dropped: Arc::default(),
         }
+    }
+
+    /// The status of a UDP forward.
+    pub(crate) fn udp(mut self) -> Self {
+        self.protocol = "udp";
+        self
     }
 
     fn doc(&self) -> ForwardDoc {
@@ -233,6 +266,10 @@ impl ForwardStatus {
             active: self.active.load(Ordering::Relaxed),
             total: self.total.load(Ordering::Relaxed),
             refused: self.refused.load(Ordering::Relaxed),
+            protocol: self.protocol.to_owned(),
+            datagrams_out: self.datagrams_out.load(Ordering::Relaxed),
+            datagrams_in: self.datagrams_in.load(Ordering::Relaxed),
+            datagrams_dropped: self.datagrams_dropped.load(Ordering::Relaxed),
         }
     }
 }

@@ -12,8 +12,9 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use super::splice::{reset, splice, StreamGuard};
+use super::udp;
 use crate::admin::status::PeerStatus;
-use crate::tunnel::header::{read_request, reply, PING_SERVICE};
+use crate::tunnel::header::{read_header, reply, HeaderError, StreamProtocol, PING_SERVICE};
 use crate::tunnel::keepalive::echo_pings;
 use crate::tunnel::StreamIo;
 
@@ -29,14 +30,26 @@ pub(crate) async fn serve_inbound(
     status: Arc<PeerStatus>,
     cancel: CancellationToken,
 ) {
-    let request = match read_request(&mut stream).await {
-        Ok(s) => s,
+    let header = match read_header(&mut stream).await {
+        Ok(r) => r,
+        Err(HeaderError::UnknownProtocol(p)) => {
+            warn!(peer = %peer_name, protocol = p, "refused: stream asks for a protocol this daemon does not know (a newer peer?)");
+            let _ = reply(
+                &mut stream,
+                Err(&format!(
+                    "unknown stream protocol {p}; upgrade punchd on this side"
+                )),
+            )
+            .await;
+            return;
+        }
         Err(e) => {
             warn!(peer = %peer_name, error = %e, "bad stream from peer");
             return;
         }
     };
-    if request == PING_SERVICE {
+    let request = header.service;
+    if request == PING_SERVICE && header.protocol == StreamProtocol::Tcp {
         stream.uncount();
         if reply(&mut stream, Ok(())).await.is_ok() {
             echo_pings(&mut stream, &cancel).await;
@@ -68,6 +81,21 @@ pub(crate) async fn serve_inbound(
         .await;
         return;
     }
+    if StreamProtocol::from(expose.protocol) != header.protocol {
+        let (asked, is) = match header.protocol {
+            StreamProtocol::Tcp => ("tcp", "udp"),
+            StreamProtocol::Udp => ("udp", "tcp"),
+        };
+        warn!(peer = %peer_name, %service, asked, "refused: the service is exposed over the other protocol");
+        let _ = reply(
+            &mut stream,
+            Err(&format!(
+                "service {service} is exposed as {is}, not {asked}; set the same protocol on both sides"
+            )),
+        )
+        .await;
+        return;
+    }
     // Checked after the allow list: a position never widens who may ask.
     let Some(target) = expose.target_range().and_then(|r| r.nth(index)) else {
         warn!(peer = %peer_name, %service, index, "refused: port position outside the target range");
@@ -81,6 +109,20 @@ pub(crate) async fn serve_inbound(
         .await;
         return;
     };
+    if header.protocol == StreamProtocol::Udp {
+        let socket = match udp::expose::connect_target(&target).await {
+            Ok(s) => s,
+            Err(e) => return refuse_target(&mut stream, &peer_name, service, &e.to_string()).await,
+        };
+        let mut flow = udp::expose::AdmittedFlow::new(socket, stream);
+        if reply(flow.stream(), Ok(())).await.is_err() {
+            return;
+        }
+        let _guard = StreamGuard::new(&status);
+        let (to_target, back, dropped) = udp::expose::serve_flow(flow, &cancel).await;
+        debug!(peer = %peer_name, %service, to_target, back, dropped, "UDP flow done");
+        return;
+    }
     let target = match tokio::time::timeout(TARGET_CONNECT_TIMEOUT, TcpStream::connect(&target))
         .await
     {

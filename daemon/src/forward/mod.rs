@@ -10,6 +10,10 @@
 //! peers in that entry's `allow` list: a forward names a service, never an
 //! address, so a daemon cannot be used as an open proxy.
 //!
+//! UDP forwards (`protocol = "udp"`) are in [`udp`]: one flow per local
+//! client address, each on its own stream, datagrams as QUIC datagrams or
+//! length-prefixed on the stream.
+//!
 //! This is not the relay: "relay" means only the fallback path through the
 //! rendezvous (`fallback`). The forwarder never knows which path a stream
 //! takes.
@@ -19,6 +23,7 @@ pub(crate) mod frame;
 pub(crate) mod listen;
 pub(crate) mod ranges;
 pub(crate) mod splice;
+pub(crate) mod udp;
 
 pub(crate) use expose::serve_inbound;
 pub(crate) use listen::{run_forward, StreamSource};

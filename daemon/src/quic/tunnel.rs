@@ -54,6 +54,8 @@ async fn drive_quic(
         metered = (rx, tx);
     };
     let mut tick = tokio::time::interval(Duration::from_millis(250));
+    // Off once the connection says it takes no (more) datagrams.
+    let mut datagrams = true;
     loop {
         tokio::select! {
             _ = tunnel.closed() => {
@@ -62,7 +64,8 @@ async fn drive_quic(
             }
             r = conn.accept_bi() => match r {
                 Ok((send, recv)) => {
-                    if inbound_tx.try_send(StreamIo::quic(send, recv, tunnel.counter())).is_err() {
+                    let stream = StreamIo::quic(send, recv, tunnel.counter(), &conn, tunnel.routes());
+                    if inbound_tx.try_send(stream).is_err() {
                         tracing::warn!("inbound stream refused: handler queue full");
                     }
                 }
@@ -73,6 +76,10 @@ async fn drive_quic(
                     }
                     break;
                 }
+            },
+            d = conn.read_datagram(), if datagrams => match d {
+                Ok(d) => tunnel.routes().dispatch(d),
+                Err(_) => datagrams = false,
             },
             _ = tick.tick() => meter(),
         }

@@ -20,15 +20,17 @@
 //!
 //! The port forwarder only sees [`StreamIo`] and never knows which it runs on.
 
+pub(crate) mod datagram;
 pub mod header;
 pub(crate) mod keepalive;
 pub(crate) mod metered;
 pub(crate) mod mux;
 pub(crate) mod tls;
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -67,6 +69,10 @@ enum StreamKind {
     Quic {
         send: quinn::SendStream,
         recv: quinn::RecvStream,
+        /// The connection and its datagram routes, for a UDP flow's
+        /// datagrams ([`StreamIo::datagram_link`]).
+        conn: quinn::Connection,
+        routes: DatagramRoutes,
     },
 }
 
@@ -105,11 +111,46 @@ impl StreamIo {
         send: quinn::SendStream,
         recv: quinn::RecvStream,
         active: &Arc<AtomicUsize>,
+        conn: &quinn::Connection,
+        routes: &DatagramRoutes,
     ) -> Self {
         Self {
-            inner: StreamKind::Quic { send, recv },
+            inner: StreamKind::Quic {
+                send,
+                recv,
+                conn: conn.clone(),
+                routes: routes.clone(),
+            },
             active: Some(ActiveGuard::new(active)),
         }
+    }
+
+    /// On a QUIC tunnel whose peer takes datagrams: a link that carries
+    /// this stream's UDP flow as QUIC datagrams, named by this stream's id
+    /// (`forward/udp/wire.rs`). Received datagrams wait in a queue of
+    /// `queue`; beyond it they are dropped and counted in `drops`. `None`
+    /// on the other paths: the flow's datagrams go on the stream.
+    pub(crate) fn datagram_link(
+        &self,
+        queue: usize,
+        drops: Arc<AtomicU64>,
+    ) -> Option<DatagramLink> {
+        let StreamKind::Quic {
+            send, conn, routes, ..
+        } = &self.inner
+        else {
+            return None;
+        };
+        conn.max_datagram_size()?;
+        let id = u64::from(send.id());
+        let (tx, rx) = mpsc::channel(queue.max(1));
+        routes.lock().insert(id, (tx, drops));
+        Some(DatagramLink {
+            conn: conn.clone(),
+            id,
+            rx,
+            routes: routes.clone(),
+        })
     }
 
     /// Stops counting this stream as user traffic (keepalive streams), so
@@ -124,7 +165,10 @@ impl StreamIo {
     /// sends a FIN, which a forwarded stream's framing (no end marker,
     /// `forward/frame.rs`) reads as a cut all the same.
     pub(crate) fn abort(self) {
-        if let StreamKind::Quic { mut send, mut recv } = self.inner {
+        if let StreamKind::Quic {
+            mut send, mut recv, ..
+        } = self.inner
+        {
             let _ = send.reset(STREAM_CUT);
             let _ = recv.stop(STREAM_CUT);
         }
@@ -173,6 +217,76 @@ impl AsyncWrite for StreamIo {
             StreamKind::Mux { io, .. } => Pin::new(io).poll_shutdown(cx),
             StreamKind::Quic { send, .. } => AsyncWrite::poll_shutdown(Pin::new(send), cx),
         }
+    }
+}
+
+/// A QUIC connection's datagram routes: flow (stream id) → its queue and
+/// drop counter. The tunnel driver dispatches each datagram it reads.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct DatagramRoutes(Arc<std::sync::Mutex<RouteMap>>);
+
+/// A flow's queue and drop counter, by the id of its stream.
+type RouteMap = HashMap<u64, (mpsc::Sender<bytes::Bytes>, Arc<AtomicU64>)>;
+
+impl DatagramRoutes {
+    fn lock(&self) -> std::sync::MutexGuard<'_, RouteMap> {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Hands a received datagram to its flow. One that names no open flow
+    /// (late, after the flow ended) or is malformed is dropped; one whose
+    /// flow's queue is full is dropped and counted there.
+    pub(crate) fn dispatch(&self, datagram: bytes::Bytes) {
+        let Some((id, payload)) = datagram::parse_quic_datagram(datagram) else {
+            return;
+        };
+        let routes = self.lock();
+        if let Some((tx, drops)) = routes.get(&id) {
+            if tx.try_send(payload).is_err() {
+                drops.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+/// One UDP flow's QUIC datagrams (see [`StreamIo::datagram_link`]); its
+/// route is removed when it is dropped.
+#[derive(Debug)]
+pub(crate) struct DatagramLink {
+    conn: quinn::Connection,
+    id: u64,
+    rx: mpsc::Receiver<bytes::Bytes>,
+    routes: DatagramRoutes,
+}
+
+impl DatagramLink {
+    /// Sends `payload` as one QUIC datagram if the path takes one that
+    /// large now; `false` if it must go on the stream instead. quinn's
+    /// send buffer is bounded (1 MiB) and drops its oldest datagrams when
+    /// full: loss, as UDP would have it, never growth.
+    pub(crate) fn try_send(&self, payload: &[u8]) -> bool {
+        use self::datagram::{quic_datagram, ID_PREFIX};
+        let fits = self
+            .conn
+            .max_datagram_size()
+            .is_some_and(|max| payload.len() + ID_PREFIX <= max);
+        fits && self
+            .conn
+            .send_datagram(quic_datagram(self.id, payload))
+            .is_ok()
+    }
+
+    /// The next datagram of this flow.
+    pub(crate) async fn recv(&mut self) -> Option<bytes::Bytes> {
+        self.rx.recv().await
+    }
+}
+
+impl Drop for DatagramLink {
+    fn drop(&mut self) {
+        self.routes.lock().remove(&self.id);
     }
 }
 
@@ -245,6 +359,8 @@ pub(crate) struct Tunnel {
     lost: Arc<AtomicBool>,
     /// What carries it.
     pub(crate) transport: Transport,
+    /// UDP flows' datagram routes (QUIC only; empty otherwise).
+    routes: DatagramRoutes,
 }
 
 impl Tunnel {
@@ -269,7 +385,9 @@ impl Tunnel {
                 // like yamux's at once.
                 r = tokio::time::timeout(STREAM_CREDIT_WAIT, conn.open_bi()) => match r {
                     Ok(r) => r
-                        .map(|(send, recv)| StreamIo::quic(send, recv, &self.active))
+                        .map(|(send, recv)| {
+                            StreamIo::quic(send, recv, &self.active, conn, &self.routes)
+                        })
                         .map_err(|e| TunnelError::Quic(e.to_string())),
                     Err(_) => Err(TunnelError::Busy),
                 },
@@ -315,7 +433,13 @@ impl Tunnel {
             active: Arc::default(),
             lost: Arc::default(),
             transport: Transport::Quic,
+            routes: DatagramRoutes::default(),
         }
+    }
+
+    /// The datagram routes, for the QUIC driver.
+    pub(crate) fn routes(&self) -> &DatagramRoutes {
+        &self.routes
     }
 
     /// The active-stream counter, for streams a driver accepts.

@@ -129,6 +129,7 @@ where
             active,
             lost: Arc::default(),
             transport,
+            routes: Default::default(),
         },
         inbound,
         driver,

@@ -169,8 +169,14 @@ impl Run {
             "name = \"bob\"\nkey_file = \"bob.key\"\n[rendezvous]\n{bob_rv}\n[punch]\n{punch}\n[admin]\nlisten = \"{ADMIN}\"\ntoken_file = \"bob.admin-token\"\n\
              [[peers]]\nname = \"alice\"\npublic_key = \"{alice_key}\"\n[[expose]]\nname = \"sink\"\ntarget = \"{SINK_LISTEN}\"\nallow = [\"alice\"]\n"
         );
-        std::fs::write(dir.join("alice.toml"), alice_cfg)?;
-        std::fs::write(dir.join("bob.toml"), bob_cfg)?;
+        std::fs::write(
+            dir.join("alice.toml"),
+            format!("{alice_cfg}{}", s.extra_config.0),
+        )?;
+        std::fs::write(
+            dir.join("bob.toml"),
+            format!("{bob_cfg}{}", s.extra_config.1),
+        )?;
         let mut run = Self {
             container: None,
             rendezvous_healthy_after: None,

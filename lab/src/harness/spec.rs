@@ -69,6 +69,9 @@ pub struct Scenario {
     /// shared by every instance (`redis`, each its own `public_url`), and
     /// the daemons spread: bob's `urls` start at the second instance.
     pub redis: bool,
+    /// TOML appended to alice's and bob's `peer.toml` (more `[[forward]]`
+    /// and `[[expose]]` entries).
+    pub extra_config: (String, String),
 }
 
 impl Scenario {
@@ -91,6 +94,7 @@ impl Scenario {
             routers: Vec::new(),
             rendezvous_instances: 1,
             redis: false,
+            extra_config: (String::new(), String::new()),
         }
     }
 }
@@ -155,6 +159,13 @@ impl Scenario {
     /// Runs a router daemon (miniupnpd) on `side`'s NAT.
     pub fn with_router(mut self, side: Side, spec: RouterSpec) -> Self {
         self.routers.push((side, spec));
+        self
+    }
+
+    /// Appends `alice` to alice's `peer.toml` and `bob` to bob's (after
+    /// the standard sink forward and expose).
+    pub fn with_config(mut self, alice: &str, bob: &str) -> Self {
+        self.extra_config = (alice.to_owned(), bob.to_owned());
         self
     }
 

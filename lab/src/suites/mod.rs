@@ -17,6 +17,8 @@
 //! - [`same_nat`]: two hosts behind one NAT restarted N times, the punch
 //!   racing the peer's UDP observation; none may end relayed
 //!   (`tests/integrity.rs`, `punch-lab-tool same-nat-stress`).
+//! - [`udp`]: UDP forwarding with `dnsmasq`/`dig` and `iperf3 -u` on the
+//!   TCP, QUIC and relayed paths (`tests/udp.rs`).
 //! - [`loadgen`]: many signed rendezvous clients, for scale benchmarks
 //!   (`punch-lab-tool loadgen`).
 
@@ -30,3 +32,4 @@ pub mod same_nat;
 pub mod scenarios;
 pub mod soak;
 pub mod trust;
+pub mod udp;
