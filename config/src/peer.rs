@@ -826,7 +826,7 @@ mod tests {
         );
         let e = err_text(&overlap);
         assert!(
-            e.contains("forward[1].listen") && e.contains("127.0.0.1:3002 is used by two"),
+            e.contains("forward[1].listen") && e.contains("127.0.0.1:3002 (tcp) is used by two"),
             "{e}"
         );
     }
