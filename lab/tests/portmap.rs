@@ -52,7 +52,7 @@ fn random_nats_with_both_routers_mapping_is_direct() {
 }
 
 #[test]
-fn a_router_restart_that_forgets_the_mapping_is_mapped_again_and_direct() {
+fn a_router_restart_that_forgets_the_mapping_is_mapped_again_and_working() {
     scenario("pm-restart");
 }
 
