@@ -402,7 +402,11 @@ async fn run(
                                 (None, _) => plan.tick(now),
                             }
                         }
-                        None => std::future::pending().await,
+                        // The rendezvous client is gone: the daemon is
+                        // stopping. (Waiting here instead would hold this
+                        // task past shutdown: the select has already chosen
+                        // this arm, so `cancel` is no longer watched.)
+                        None => break,
                     },
                     Some(from) = announced(announce.as_ref()) => {
                         let now = Instant::now();
