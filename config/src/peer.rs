@@ -408,10 +408,12 @@ impl PeerConfig {
             let rest = url
                 .strip_prefix("http://")
                 .or_else(|| url.strip_prefix("https://"));
-            rest.is_none_or(|r| r.trim_end_matches('/').is_empty())
-                .then(|| {
-                    format!("{url:?} is not an http:// or https:// URL of the rendezvous server")
-                })
+            match rest {
+                Some(r) if !r.trim_end_matches('/').is_empty() => url_host_problem(url, r),
+                _ => Some(format!(
+                    "{url:?} is not an http:// or https:// URL of the rendezvous server"
+                )),
+            }
         };
         match (rv.url.is_empty(), rv.url_list.is_empty()) {
             (false, false) => out.push(Violation::new(
@@ -580,6 +582,48 @@ impl PeerConfig {
     }
 }
 
+/// What is wrong with the host of a rendezvous URL (`rest` is the part
+/// after the scheme), if anything: an IPv6 literal must be bracketed
+/// (`http://[2001:db8::10]:8080`) and valid, and a port must be a number.
+/// Host names are not resolved here (the daemon resolves them to every A
+/// and AAAA record when it connects).
+fn url_host_problem(url: &str, rest: &str) -> Option<String> {
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
+    let (host, port) = match authority.strip_prefix('[') {
+        Some(v6) => {
+            let Some((ip, after)) = v6.split_once(']') else {
+                return Some(format!("{url:?}: the IPv6 address has no closing ]"));
+            };
+            if ip.parse::<std::net::Ipv6Addr>().is_err() {
+                return Some(format!("{url:?}: [{ip}] is not an IPv6 address"));
+            }
+            match after {
+                "" => return None,
+                p => match p.strip_prefix(':') {
+                    Some(port) => ("", port),
+                    None => return Some(format!("{url:?}: expected :port after the ]")),
+                },
+            }
+        }
+        None => match authority.split_once(':') {
+            None => (authority, ""),
+            Some((h, p)) if !p.contains(':') => (h, p),
+            Some(_) => {
+                return Some(format!(
+                    "{url:?}: put an IPv6 address in brackets, e.g. http://[2001:db8::10]:8080"
+                ))
+            }
+        },
+    };
+    if !port.is_empty() && port.parse::<u16>().is_err() {
+        return Some(format!("{url:?}: {port:?} is not a port number"));
+    }
+    if authority.is_empty() || (host.is_empty() && !authority.starts_with('[')) {
+        return Some(format!("{url:?} has no host"));
+    }
+    None
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -693,6 +737,60 @@ mod tests {
             base()
         ));
         assert!(e.contains("expose[0].target"), "{e}");
+    }
+
+    #[test]
+    fn ipv6_urls_forwards_and_exposes_parse_and_bad_ones_are_located() {
+        let text = base().replace("http://127.0.0.1:8080", "http://[2001:db8::10]:8080")
+            + "\n[[forward]]\nlisten = \"[::1]:2222\"\npeer = \"bob\"\nservice = \"ssh\"\n\
+               \n[[expose]]\nname = \"ssh\"\ntarget = \"[2001:db8::22]:22\"\nallow = [\"bob\"]\n";
+        let cfg = parse(&text).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(cfg.rendezvous.urls(), vec!["http://[2001:db8::10]:8080"]);
+        assert_eq!(
+            cfg.forward[0].listen_addrs().unwrap()[0].to_string(),
+            "[::1]:2222"
+        );
+        assert_eq!(
+            cfg.expose[0]
+                .target_range()
+                .unwrap()
+                .socket_addrs()
+                .unwrap()[0]
+                .to_string(),
+            "[2001:db8::22]:22"
+        );
+        for (url, want) in [
+            ("http://2001:db8::10:8080", "in brackets"),
+            ("http://[2001:db8::zz]:8080", "is not an IPv6 address"),
+            ("http://[2001:db8::10:8080", "no closing ]"),
+            ("http://[2001:db8::10]8080", "expected :port"),
+            ("http://rv.example:80x", "not a port number"),
+        ] {
+            let e = err_text(&base().replace("http://127.0.0.1:8080", url));
+            assert!(
+                e.starts_with("peer.toml:")
+                    && e.contains("key `rendezvous.url`")
+                    && e.contains(want),
+                "{url}: {e}"
+            );
+        }
+        assert!(parse(&base().replace("http://127.0.0.1:8080", "https://[::1]/")).is_ok());
+        let e = err_text(&format!(
+            "{}\n[[forward]]\nlisten = \"::1:2222\"\npeer = \"bob\"\nservice = \"ssh\"\n",
+            base()
+        ));
+        assert!(
+            e.contains("forward[0].listen") && e.contains("brackets"),
+            "{e}"
+        );
+        let e = err_text(&format!(
+            "{}\n[[expose]]\nname = \"ssh\"\ntarget = \"2001:db8::22:22\"\n",
+            base()
+        ));
+        assert!(
+            e.contains("expose[0].target") && e.contains("brackets"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -35,6 +35,7 @@ impl PortRange {
         if host.is_empty() {
             return Err(format!("{s:?} has no host"));
         }
+        check_host(s, host)?;
         let port = |p: &str| {
             p.parse::<u16>()
                 .map_err(|_| format!("{s:?}: {p:?} is not a port number"))
@@ -86,6 +87,24 @@ impl PortRange {
     }
 }
 
+/// An IPv6 literal must be bracketed (`[::1]:22`): unbracketed, the last
+/// `:` cannot be told from the port separator, and `::1:22` would be read
+/// as a *host name* `::1` that no resolver knows, failing only at dial time.
+fn check_host(s: &str, host: &str) -> Result<(), String> {
+    match host.strip_prefix('[') {
+        Some(inner) => match inner.strip_suffix(']') {
+            Some(ip) if ip.parse::<std::net::Ipv6Addr>().is_ok() => Ok(()),
+            _ => Err(format!(
+                "{s:?}: {host:?} is not a bracketed IPv6 address (write [2001:db8::1]:port)"
+            )),
+        },
+        None if host.contains([':', '[', ']']) => Err(format!(
+            "{s:?}: put an IPv6 address in brackets, e.g. [{host}]:port"
+        )),
+        None => Ok(()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -101,6 +120,11 @@ mod tests {
         let addrs = r.socket_addrs().unwrap();
         assert_eq!(addrs.len(), 3);
         assert_eq!(addrs[1].port(), 3001);
+        let v6 = PortRange::parse("[2001:db8::5]:22").unwrap();
+        assert_eq!(
+            v6.socket_addrs().unwrap()[0].to_string(),
+            "[2001:db8::5]:22"
+        );
         let v6 = PortRange::parse("[::1]:9000-9001").unwrap();
         assert_eq!(v6.socket_addrs().unwrap()[1].to_string(), "[::1]:9001");
         let name = PortRange::parse("db.lan:5432").unwrap();
@@ -120,6 +144,10 @@ mod tests {
             ("h:0-2", "neither 0"),
             ("h:1-70000", "not a port"),
             ("h:1000-1256", "at most 256"),
+            ("::1:22", "in brackets"),
+            ("[::1:22", "bracketed IPv6"),
+            ("[2001:db8::zz]:22", "bracketed IPv6"),
+            ("[db.lan]:22", "bracketed IPv6"),
         ] {
             let e = PortRange::parse(bad).unwrap_err();
             assert!(e.contains(why), "{bad}: {e}");

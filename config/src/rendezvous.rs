@@ -14,9 +14,14 @@ use crate::types::Secret;
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RendezvousConfig {
-    /// Address to listen on. Default `0.0.0.0:8080`.
-    #[serde(default = "default_listen")]
-    pub listen: SocketAddr,
+    /// Addresses to listen on, TCP (and UDP for the observation endpoint):
+    /// one (`listen = "0.0.0.0:8080"`) or a list (`listen =
+    /// ["0.0.0.0:8080", "[::]:8080"]`). An IPv6 address binds with
+    /// `IPV6_V6ONLY`, so `[::]` and `0.0.0.0` on one port are two
+    /// listeners, one per family, and daemons see the family they used.
+    /// Default `0.0.0.0:8080`.
+    #[serde(default = "default_listen", deserialize_with = "one_or_many")]
+    pub listen: Vec<SocketAddr>,
     /// UDP observation endpoint for the daemons' QUIC path. Default: the
     /// same address and port as `listen`, over UDP. Set it when that port
     /// is not reachable over UDP (the daemons learn the port from the
@@ -56,8 +61,22 @@ pub struct RendezvousConfig {
     pub public_url: Option<String>,
 }
 
-fn default_listen() -> SocketAddr {
-    SocketAddr::from(([0, 0, 0, 0], 8080))
+fn default_listen() -> Vec<SocketAddr> {
+    vec![SocketAddr::from(([0, 0, 0, 0], 8080))]
+}
+
+/// `listen` as one address or a list of them.
+fn one_or_many<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<SocketAddr>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged, expecting = "an ip:port address or a list of them")]
+    enum OneOrMany {
+        One(SocketAddr),
+        Many(Vec<SocketAddr>),
+    }
+    Ok(match OneOrMany::deserialize(d)? {
+        OneOrMany::One(a) => vec![a],
+        OneOrMany::Many(v) => v,
+    })
 }
 
 impl Default for RendezvousConfig {
@@ -221,6 +240,9 @@ impl RendezvousConfig {
                 ),
             ));
         }
+        if let Some(v) = listen_violation(&cfg.listen) {
+            return Err(ConfigError::from_violation(path, text, v));
+        }
         if let Some(v) = cluster_violation(&cfg) {
             return Err(ConfigError::from_violation(path, text, v));
         }
@@ -235,6 +257,24 @@ impl RendezvousConfig {
         }
         Ok(cfg)
     }
+}
+
+/// What is wrong with the `listen` list: empty, or one address twice.
+/// (Several addresses on one port are fine: `0.0.0.0:8080` and
+/// `[::]:8080` are separate v6-only/v4 sockets.)
+fn listen_violation(listen: &[SocketAddr]) -> Option<crate::error::Violation> {
+    use crate::error::{KeySeg, Violation};
+    if listen.is_empty() {
+        return Some(Violation::new(
+            vec![KeySeg::Key("listen")],
+            "needs at least one address (e.g. \"0.0.0.0:8080\")",
+        ));
+    }
+    let twice = (1..listen.len()).find(|&i| listen[..i].contains(&listen[i]))?;
+    Some(Violation::new(
+        vec![KeySeg::Key("listen"), KeySeg::Index(twice)],
+        format!("{} is listed twice", listen[twice]),
+    ))
 }
 
 /// What is wrong with `redis` / `public_url`, located at the key.
@@ -294,7 +334,7 @@ mod tests {
     #[test]
     fn empty_file_means_defaults() {
         let cfg = RendezvousConfig::parse_str(Path::new("r.toml"), "").unwrap();
-        assert_eq!(cfg.listen, "0.0.0.0:8080".parse().unwrap());
+        assert_eq!(cfg.listen, vec!["0.0.0.0:8080".parse().unwrap()]);
         assert_eq!(cfg.limits.max_message_bytes, 16384);
     }
 
@@ -336,6 +376,28 @@ mod tests {
                 "r.toml:2:1: key `public_url`",
             ),
             ("public_url = \"http://a/v1/ws\"\n", "host[:port] only"),
+        ] {
+            let e = RendezvousConfig::parse_str(p, text)
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(want), "{text}: {e}");
+        }
+    }
+
+    #[test]
+    fn listen_is_one_address_or_a_list() {
+        let p = Path::new("r.toml");
+        let one = RendezvousConfig::parse_str(p, "listen = \"[::]:9000\"\n").unwrap();
+        assert_eq!(one.listen, vec!["[::]:9000".parse().unwrap()]);
+        let both =
+            RendezvousConfig::parse_str(p, "listen = [\"0.0.0.0:8080\", \"[::]:8080\"]\n").unwrap();
+        assert_eq!(both.listen.len(), 2);
+        assert!(both.listen[1].is_ipv6());
+        for (text, want) in [
+            ("listen = []\n", "r.toml:1:1: key `listen`"),
+            ("listen = [\"0.0.0.0:1\", \"0.0.0.0:1\"]\n", "listed twice"),
+            ("listen = [\"0.0.0.0:1\", \"nope\"]\n", "r.toml:1:"),
+            ("listen = 8080\n", "ip:port address or a list"),
         ] {
             let e = RendezvousConfig::parse_str(p, text)
                 .unwrap_err()

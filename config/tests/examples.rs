@@ -20,7 +20,7 @@ fn shipped_examples_parse() {
     assert!(peer.key_file.ends_with("examples/alice.key"));
     let server = RendezvousConfig::load(&examples_dir().join("rendezvous.toml"))
         .expect("rendezvous.toml parses");
-    assert_eq!(server.listen.port(), 8080);
+    assert_eq!(server.listen[0].port(), 8080);
     assert!(server.token.is_some());
 }
 

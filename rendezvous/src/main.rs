@@ -18,9 +18,17 @@ struct Args {
     /// rendezvous.toml to read.
     #[arg(long, value_name = "FILE", env = "PUNCH_RENDEZVOUS_CONFIG")]
     config: Option<PathBuf>,
-    /// Listen address, overriding the config (default 0.0.0.0:8080).
-    #[arg(long, value_name = "ADDR", env = "PUNCH_RENDEZVOUS_LISTEN")]
-    listen: Option<std::net::SocketAddr>,
+    /// Listen address, overriding the config's `listen` (default
+    /// 0.0.0.0:8080). Repeat it (or separate with commas in the
+    /// environment) for several, e.g. `--listen 0.0.0.0:8080 --listen
+    /// [::]:8080`; an IPv6 address listens v6-only.
+    #[arg(
+        long,
+        value_name = "ADDR",
+        env = "PUNCH_RENDEZVOUS_LISTEN",
+        value_delimiter = ','
+    )]
+    listen: Vec<std::net::SocketAddr>,
     /// Network token daemons must present, overriding the config (empty:
     /// keep the config's). Prefer the environment (`PUNCH_TOKEN`, or the
     /// older `PUNCH_RENDEZVOUS_TOKEN`) or `--token-file`: a command line
@@ -101,7 +109,12 @@ fn main() -> ExitCode {
         }
     };
     if let Some(Cmd::Healthcheck { addr }) = args.cmd {
-        let addr = addr.unwrap_or_else(|| loopback_for(cfg.listen));
+        // The first listen address; the config guarantees there is one.
+        let first = cfg.listen.first().copied();
+        let Some(addr) = addr.or(first.map(loopback_for)) else {
+            eprintln!("error: no listen address");
+            return ExitCode::from(2);
+        };
         return match runtime.block_on(healthcheck(addr, cfg.tls.is_some())) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
@@ -137,8 +150,15 @@ fn resolve_config(args: &Args) -> Result<RendezvousConfig, String> {
         Some(path) => RendezvousConfig::load(path).map_err(|e| e.to_string())?,
         None => RendezvousConfig::default(),
     };
-    if let Some(listen) = args.listen {
-        cfg.listen = listen;
+    if !args.listen.is_empty() {
+        let mut listen = args.listen.clone();
+        let count = listen.len();
+        listen.sort_unstable();
+        listen.dedup();
+        if listen.len() != count {
+            return Err("--listen names one address twice".to_owned());
+        }
+        cfg.listen = args.listen.clone();
     }
     // An empty value (e.g. `PUNCH_TOKEN=` from a compose file with the
     // variable unset) means "not given", never "the empty token".
@@ -211,14 +231,13 @@ fn print_public(
 }
 
 async fn serve(cfg: RendezvousConfig, trust: Trust, args: &Args) -> anyhow::Result<()> {
-    let listener = tokio::net::TcpListener::bind(cfg.listen)
-        .await
-        .with_context(|| {
-            format!(
-                "cannot listen on {}; is another server using it?",
-                cfg.listen
-            )
-        })?;
+    let listeners = punch_rendezvous::server::bind::tcp_all(&cfg.listen)?;
+    let listening = cfg
+        .listen
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(", ");
     let cancel = CancellationToken::new();
     let on_signal = cancel.clone();
     tokio::spawn(async move {
@@ -227,7 +246,7 @@ async fn serve(cfg: RendezvousConfig, trust: Trust, args: &Args) -> anyhow::Resu
         punch_service::notify_stopping("shutting down");
         on_signal.cancel();
     });
-    let ready = format!("listening on {}", cfg.listen);
+    let ready = format!("listening on {listening}");
     let live = punch_rendezvous::server::LiveConfig::new(cfg);
     let mut hangups = punch_service::reload_signals().context("cannot watch for SIGHUP")?;
     let (reload_live, stop) = (live.clone(), cancel.clone());
@@ -251,8 +270,8 @@ async fn serve(cfg: RendezvousConfig, trust: Trust, args: &Args) -> anyhow::Resu
             punch_service::notify_ready(&ready);
         }
     });
-    punch_service::notify_ready(&format!("listening on {}", live.get().listen));
-    punch_rendezvous::server::run_live(listener, live, trust, cancel)
+    punch_service::notify_ready(&format!("listening on {listening}"));
+    punch_rendezvous::server::run_listeners(listeners, live, trust, cancel)
         .await
         .context("rendezvous server failed")
 }
@@ -260,8 +279,14 @@ async fn serve(cfg: RendezvousConfig, trust: Trust, args: &Args) -> anyhow::Resu
 /// Where to reach a server that listens on `listen` from the same host.
 fn loopback_for(listen: std::net::SocketAddr) -> std::net::SocketAddr {
     let mut addr = listen;
-    if addr.ip().is_unspecified() {
-        addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+    match addr.ip() {
+        std::net::IpAddr::V4(ip) if ip.is_unspecified() => {
+            addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+        }
+        std::net::IpAddr::V6(ip) if ip.is_unspecified() => {
+            addr.set_ip(std::net::Ipv6Addr::LOCALHOST.into());
+        }
+        _ => {}
     }
     addr
 }

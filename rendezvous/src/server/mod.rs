@@ -35,6 +35,7 @@
 
 mod accept;
 mod auth;
+pub mod bind;
 mod cluster;
 mod connection;
 mod lan;
@@ -171,8 +172,31 @@ pub async fn run_live(
     trust: Trust,
     cancel: CancellationToken,
 ) -> std::io::Result<()> {
+    run_listeners(vec![listener], live, trust, cancel).await
+}
+
+/// [`run_live`] on several listeners (`listen` as a list, e.g. one IPv4
+/// and one IPv6 socket from [`bind::tcp_all`]): one accept loop each, one
+/// registry, and a UDP observation socket beside each listener.
+pub async fn run_listeners(
+    listeners: Vec<TcpListener>,
+    live: LiveConfig,
+    trust: Trust,
+    cancel: CancellationToken,
+) -> std::io::Result<()> {
     let cfg = live.get();
-    let udp = bind_udp(&listener, &cfg).await?;
+    let Some(listener) = listeners.first() else {
+        return Err(std::io::Error::other("no listen address"));
+    };
+    let mut udps = Vec::new();
+    if cfg.udp_listen.is_some() {
+        udps.extend(bind_udp(listener, &cfg).await?);
+    } else {
+        for l in &listeners {
+            udps.extend(bind_udp(l, &cfg).await?);
+        }
+    }
+    let udp = udps.first();
     let cluster = match (&cfg.redis, &cfg.public_url) {
         (Some(url), Some(public_url)) => Some(Arc::new(
             RedisStore::new(url.expose(), public_url)
@@ -185,10 +209,7 @@ pub async fn run_live(
         None => Arc::new(MemoryStore::default()),
     };
     let shared = Arc::new(Shared {
-        udp_port: udp
-            .as_ref()
-            .and_then(|s| s.local_addr().ok())
-            .map(|a| a.port()),
+        udp_port: udp.and_then(|s| s.local_addr().ok()).map(|a| a.port()),
         relay_budget: relay::GlobalBudget::new(cfg.limits.relay_total_bytes_per_second),
         live,
         store,
@@ -207,18 +228,23 @@ pub async fn run_live(
         .route("/healthz", get(cluster::healthz))
         .route("/metrics", get(metrics_handler))
         .with_state(shared.clone());
-    if let Ok(addr) = listener.local_addr() {
-        let scheme = if trust.tls.is_some() { "https" } else { "http" };
-        tracing::info!(%addr, scheme, server_key = %trust.public_key(), "rendezvous listening (daemons may pin server_key)");
+    for l in &listeners {
+        if let Ok(addr) = l.local_addr() {
+            let scheme = if trust.tls.is_some() { "https" } else { "http" };
+            tracing::info!(%addr, scheme, server_key = %trust.public_key(), "rendezvous listening (daemons may pin server_key)");
+        }
     }
     if let Some(store) = cluster {
         tracing::info!(instance = store.instance(), "registry shared through redis");
         cluster::spawn(&shared, store);
     }
-    if let Some(socket) = udp {
+    for socket in udps {
         shared.tracker.spawn(udp::serve(socket, shared.clone()));
     }
-    let result = accept::serve(listener, trust.tls.clone(), app, shared.clone()).await;
+    let loops = listeners
+        .into_iter()
+        .map(|l| accept::serve(l, trust.tls.clone(), app.clone(), shared.clone()));
+    let result = futures::future::try_join_all(loops).await.map(|_| ());
     shared.tracker.close();
     shared.tracker.wait().await;
     tracing::info!("rendezvous stopped");
@@ -233,10 +259,10 @@ async fn bind_udp(
     cfg: &RendezvousConfig,
 ) -> std::io::Result<Option<tokio::net::UdpSocket>> {
     if let Some(addr) = cfg.udp_listen {
-        return tokio::net::UdpSocket::bind(addr).await.map(Some);
+        return bind::udp(addr).map(Some);
     }
     let addr = listener.local_addr()?;
-    match tokio::net::UdpSocket::bind(addr).await {
+    match bind::udp(addr) {
         Ok(s) => Ok(Some(s)),
         Err(e) => {
             tracing::warn!(%addr, error = %e, "cannot bind the UDP observation endpoint; daemons will have no QUIC path (set udp_listen to another port)");
