@@ -192,6 +192,13 @@ pub struct Hello {
     pub token: Option<String>,
     /// Base64 signature by `public_key` (see [`sign_challenge`]).
     pub signature: String,
+    /// Not a registration: this connection only shows the server the
+    /// daemon's endpoint in its *other* address family (IPv6 beside an
+    /// IPv4 registration, or the reverse), from its punch port. The server
+    /// records it on the registration, answers with a welcome whose
+    /// `observed_addr` is that endpoint, and closes.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub observe_only: bool,
 }
 
 impl std::fmt::Debug for Hello {
@@ -206,6 +213,7 @@ impl std::fmt::Debug for Hello {
             .field("mapped_udp", &self.mapped_udp)
             .field("token", &self.token.as_ref().map(|_| "***"))
             .field("signature", &self.signature)
+            .field("observe_only", &self.observe_only)
             .finish()
     }
 }
@@ -621,6 +629,7 @@ mod tests {
             mapped_udp: None,
             token: Some("hunter2".into()),
             signature: String::new(),
+            observe_only: false,
         });
         let shown = format!("{h:?}");
         assert!(

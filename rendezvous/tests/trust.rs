@@ -82,6 +82,7 @@ async fn hello_over<S: AsyncRead + AsyncWrite + Unpin>(
         mapped_udp: None,
         token: token.map(str::to_owned),
         signature: sign_challenge(key, &nonce, signed_name, signed_token),
+        observe_only: false,
     };
     send(&mut ws, &ClientMsg::Hello(hello)).await;
     let answer = recv(&mut ws).await;

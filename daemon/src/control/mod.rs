@@ -328,6 +328,7 @@ async fn connect_and_register(settings: &mut RvSettings) -> Result<Registered, R
             &settings.name,
             settings.token.as_ref().map(Secret::expose),
         ),
+        observe_only: false,
     };
     send(&mut ws, &ClientMsg::Hello(hello)).await?;
     match recv(&mut ws).await? {

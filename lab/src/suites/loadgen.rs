@@ -90,6 +90,7 @@ pub async fn register(addr: SocketAddr, name: &str, seed: u64) -> Result<Ws> {
         mapped_udp: None,
         token: None,
         signature: sign_challenge(&key, &nonce, name, None),
+        observe_only: false,
     };
     send(&mut ws, &ClientMsg::Hello(hello)).await?;
     match recv(&mut ws).await? {

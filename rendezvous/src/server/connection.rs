@@ -44,7 +44,8 @@ pub(crate) async fn serve(mut ws: WebSocket, addr: SocketAddr, shared: Arc<Share
         let (tx, rx) = mpsc::channel(OUTBOX);
         let replaced = CancellationToken::new();
         match handshake(&mut ws, &shared, conn_id, observed, tx, replaced.clone()).await {
-            Ok((name, nonce)) => {
+            Ok(None) => debug!("observe-only hello answered"),
+            Ok(Some((name, nonce))) => {
                 tracing::Span::current().record("name", name.as_str());
                 shared.metrics.connected.fetch_add(1, Ordering::Relaxed);
                 info!("registered");
@@ -74,7 +75,9 @@ pub(crate) async fn serve(mut ws: WebSocket, addr: SocketAddr, shared: Arc<Share
 }
 
 /// Challenge → hello → welcome. Returns the registered name and the nonce
-/// of this registration.
+/// of this registration, or `None` for an observe-only hello (the
+/// daemon's endpoint in its other address family, recorded on its
+/// registration and answered with a welcome; the connection then ends).
 async fn handshake(
     ws: &mut WebSocket,
     shared: &Shared,
@@ -82,7 +85,7 @@ async fn handshake(
     observed: SocketAddr,
     tx: mpsc::Sender<ServerMsg>,
     replaced: CancellationToken,
-) -> Result<(String, [u8; NONCE_LEN]), Refusal> {
+) -> Result<Option<(String, [u8; NONCE_LEN])>, Refusal> {
     let mut nonce = [0u8; NONCE_LEN];
     getrandom::fill(&mut nonce).map_err(|e| {
         (
@@ -116,6 +119,9 @@ async fn handshake(
         Err(e) => return Err((ErrorCode::Malformed, format!("bad hello: {e}"))),
     };
     let public_key = check_hello(&shared.cfg(), &hello, &nonce)?;
+    if hello.observe_only {
+        return observe_only(ws, shared, &hello.name, public_key, observed).await;
+    }
     let local_addrs = lan_candidates(shared, &hello.local_addrs, observed)?;
     let registration = Registration {
         conn_id,
@@ -125,6 +131,8 @@ async fn handshake(
         nonce,
         udp_port: hello.udp_port.filter(|p| *p != 0),
         udp_observed: None,
+        alt_observed: None,
+        alt_udp_observed: None,
         mapped_tcp: mapped_candidate(shared, hello.mapped_tcp, observed),
         mapped_udp: mapped_candidate(shared, hello.mapped_udp, observed),
         probe_counter: 0,
@@ -152,7 +160,43 @@ async fn handshake(
         let _ = shared.store.unregister(&hello.name, conn_id).await;
         return Err((ErrorCode::Timeout, "could not send welcome".to_owned()));
     }
-    Ok((hello.name, nonce))
+    Ok(Some((hello.name, nonce)))
+}
+
+/// An observe-only hello (checked like any other): `observed` becomes the
+/// registered daemon's endpoint in its other address family, and the
+/// welcome tells the daemon what we saw. Refused `not_registered` when the
+/// name is not registered with that key, or was seen over this family
+/// already (only the registration itself says that one).
+async fn observe_only(
+    ws: &mut WebSocket,
+    shared: &Shared,
+    name: &str,
+    public_key: [u8; 32],
+    observed: SocketAddr,
+) -> Result<Option<(String, [u8; NONCE_LEN])>, Refusal> {
+    let recorded = shared
+        .store
+        .observe_alt(name, public_key, observed)
+        .await
+        .map_err(StoreError::into_refusal)?;
+    if !recorded {
+        return Err((
+            ErrorCode::NotRegistered,
+            "observe-only hello: register first, over the other address family".to_owned(),
+        ));
+    }
+    info!(daemon = name, alt = %observed, "endpoint in the other address family observed");
+    let welcome = ServerMsg::Welcome {
+        observed_addr: observed,
+        server_time_us: unix_time_us(),
+        udp_port: shared.udp_port,
+        server_key: Some(b64(shared.key.verifying_key().as_bytes())),
+    };
+    send(ws, &welcome)
+        .await
+        .map_err(|_| (ErrorCode::Timeout, "could not send welcome".to_owned()))?;
+    Ok(None)
 }
 
 /// The hello's `local_addrs` that may be passed on as candidates

@@ -14,7 +14,11 @@
 //!   namespaces use as LANs;
 //! - loopback, only from a daemon that itself connected over loopback (it
 //!   shares this host, and so does whatever it could reach there);
-//! - the daemon's own observed IP (it adds nothing new).
+//! - the daemon's own observed IP (it adds nothing new);
+//! - IPv6 global unicast (2000::/3), provisionally: IPv6 hosts rarely sit
+//!   behind a NAT, so a daemon's own global address is its public one. It
+//!   is passed on only once an observation vouches for it, and a
+//!   unique-local one only within a site ([`super::ipv6`]).
 //!
 //! Refused: public unicast (`not_lan`), link-local (needs a scope the peer
 //! cannot know), multicast and broadcast, unspecified addresses and port 0.
@@ -80,7 +84,7 @@ fn lan_v4(ip: Ipv4Addr) -> bool {
 
 fn lan_v6(ip: Ipv6Addr) -> bool {
     let s = ip.segments();
-    (s[0] & 0xfe00) == 0xfc00 || (s[0], s[1]) == (0x2001, 0x0db8)
+    (s[0] & 0xfe00) == 0xfc00 || (s[0], s[1]) == (0x2001, 0x0db8) || (s[0] & 0xe000) == 0x2000
 }
 
 #[cfg(test)]
@@ -107,6 +111,8 @@ mod tests {
             "203.0.113.9:1",
             "[fd00::1]:443",
             "[2001:db8::5]:1",
+            // Global IPv6: kept here, vouched for at order time (ipv6.rs).
+            "[2606:4700::1]:443",
             "[::ffff:10.0.0.1]:80",
         ] {
             assert_eq!(verdict(ok, remote), Ok(()), "{ok}");
@@ -115,7 +121,8 @@ mod tests {
             ("8.8.8.8:53", AddrRefusal::NotLan),
             ("172.32.0.1:1", AddrRefusal::NotLan),
             ("100.128.0.1:1", AddrRefusal::NotLan),
-            ("[2606:4700::1]:443", AddrRefusal::NotLan),
+            ("[4000::1]:443", AddrRefusal::NotLan),
+            ("[64:ff9b::808:808]:53", AddrRefusal::NotLan),
             ("127.0.0.1:22", AddrRefusal::Loopback),
             ("[::1]:22", AddrRefusal::Loopback),
             ("169.254.1.1:80", AddrRefusal::LinkLocal),

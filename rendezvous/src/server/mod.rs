@@ -38,6 +38,7 @@ mod auth;
 pub mod bind;
 mod cluster;
 mod connection;
+mod ipv6;
 mod lan;
 mod local;
 mod lock;

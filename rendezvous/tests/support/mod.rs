@@ -157,6 +157,7 @@ pub(crate) async fn hello_mapped(
         mapped_udp: mapped.1,
         token: token.map(str::to_owned),
         signature: sign_challenge(&signer, &nonce, name, token),
+        observe_only: false,
     });
     send(&mut ws, &msg).await;
     let answer = recv(&mut ws).await;

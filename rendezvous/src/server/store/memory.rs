@@ -6,6 +6,7 @@
 //! a runtime; [`MemoryStore`] wraps it in the mutex and the [`Store`] trait.
 
 use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::sync::{Mutex, MutexGuard};
 
 use super::{
@@ -120,9 +121,33 @@ impl Registry {
         if probe.local_port != 0 {
             c.udp_port = Some(probe.local_port);
         }
-        let moved = c.udp_observed != Some(probe.from);
-        c.udp_observed = Some(probe.from);
+        // A probe over the family the daemon registered with is its UDP
+        // endpoint as before; one over the other family (IPv6 beside
+        // IPv4) is kept beside it, not in its place.
+        let slot = if probe.from.is_ipv4() == c.observed.is_ipv4() {
+            &mut c.udp_observed
+        } else {
+            &mut c.alt_udp_observed
+        };
+        let moved = *slot != Some(probe.from);
+        *slot = Some(probe.from);
         ProbeRecorded::Current { moved }
+    }
+
+    /// See [`Store::observe_alt`].
+    pub(crate) fn observe_alt(
+        &mut self,
+        name: &str,
+        public_key: [u8; 32],
+        addr: SocketAddr,
+    ) -> bool {
+        match self.clients.get_mut(name) {
+            Some(c) if c.public_key == public_key && addr.is_ipv4() != c.observed.is_ipv4() => {
+                c.alt_observed = Some(addr);
+                true
+            }
+            _ => false,
+        }
     }
 
     pub(crate) fn coordinate(
@@ -396,6 +421,15 @@ impl Store for MemoryStore {
         ready(Ok(self.lock().record_probe(name, probe)))
     }
 
+    fn observe_alt<'a>(
+        &'a self,
+        name: &'a str,
+        public_key: [u8; 32],
+        addr: SocketAddr,
+    ) -> StoreFuture<'a, bool> {
+        ready(Ok(self.lock().observe_alt(name, public_key, addr)))
+    }
+
     fn coordinate<'a>(
         &'a self,
         from: &'a str,
@@ -472,6 +506,39 @@ mod tests {
             max_pending: n,
             max_per_requester: n,
         }
+    }
+
+    #[test]
+    fn the_other_family_is_kept_beside_the_registered_one() {
+        let mut r = pair();
+        let probe = |counter, from: &str| Probe {
+            nonce: [1; 32],
+            counter,
+            local_port: 0,
+            from: from.parse().unwrap(),
+        };
+        let v4 = r.record_probe("alice", probe(1, "203.0.113.2:9"));
+        let v6 = r.record_probe("alice", probe(2, "[2001:db8::2]:9"));
+        assert_eq!(
+            (v4, v6),
+            (
+                ProbeRecorded::Current { moved: true },
+                ProbeRecorded::Current { moved: true }
+            )
+        );
+        let a = r.get("alice").unwrap();
+        assert_eq!(a.udp_observed, Some("203.0.113.2:9".parse().unwrap()));
+        assert_eq!(a.alt_udp_observed, Some("[2001:db8::2]:9".parse().unwrap()));
+        // Observe-only: the other family, the registered key.
+        let six: SocketAddr = "[2001:db8::2]:1".parse().unwrap();
+        assert!(!r.observe_alt("alice", [9; 32], six), "another key");
+        assert!(
+            !r.observe_alt("alice", [1; 32], "203.0.113.9:1".parse().unwrap()),
+            "same family"
+        );
+        assert!(!r.observe_alt("carol", [1; 32], six), "not registered");
+        assert!(r.observe_alt("alice", [1; 32], six));
+        assert_eq!(r.get("alice").unwrap().alt_observed, Some(six));
     }
 
     #[test]

@@ -128,6 +128,13 @@ pub(crate) struct Registration {
     pub(crate) udp_port: Option<u16>,
     /// Its UDP endpoint as the observation socket saw it.
     pub(crate) udp_observed: Option<SocketAddr>,
+    /// Its TCP endpoint in the *other* address family than `observed`
+    /// (IPv6 when it registered over IPv4, or the reverse), from a second,
+    /// observe-only hello the daemon sends from its punch port over that
+    /// family (`Hello::observe_only`). `None` until then.
+    pub(crate) alt_observed: Option<SocketAddr>,
+    /// Its UDP endpoint in the other family, from a probe over it.
+    pub(crate) alt_udp_observed: Option<SocketAddr>,
     /// The punch port as its router mapped it, TCP and UDP (checked: on
     /// the observed IP).
     pub(crate) mapped_tcp: Option<SocketAddr>,
@@ -247,6 +254,17 @@ pub(crate) trait Store: Send + Sync + std::fmt::Debug {
     /// Records a verified probe as `name`'s UDP endpoint, unless it is stale.
     fn record_probe<'a>(&'a self, name: &'a str, probe: Probe) -> StoreFuture<'a, ProbeRecorded>;
 
+    /// Records `addr`, seen on an observe-only hello signed by
+    /// `public_key`, as `name`'s TCP endpoint in its other address family.
+    /// False (nothing recorded) when `name` is not registered with that
+    /// key, or `addr` is of the family it registered over.
+    fn observe_alt<'a>(
+        &'a self,
+        name: &'a str,
+        public_key: [u8; 32],
+        addr: SocketAddr,
+    ) -> StoreFuture<'a, bool>;
+
     /// Creates a punch session between `from` and `peer`: both orders,
     /// addressed. Expired sessions are dropped first; `limits.max_pending`
     /// live ones in total, or `limits.max_per_requester` that `from`
@@ -330,8 +348,8 @@ pub(crate) fn punch_orders(
                     session: session.to_owned(),
                     peer: other.0.to_owned(),
                     public_key: b64(&other.1.public_key),
-                    candidates: candidates(other.1),
-                    udp_candidates: udp_candidates(other.1),
+                    candidates: for_peer(me.1, other.1, candidates(other.1)),
+                    udp_candidates: for_peer(me.1, other.1, udp_candidates(other.1)),
                     at_us,
                     initiator,
                     relay_token: token.to_owned(),
@@ -357,12 +375,20 @@ pub(crate) fn punch_orders(
 /// packet (the router forwards it; nothing on this side has to open a
 /// hole first), so it connects in the first round whatever the other
 /// side's NAT does, and it always fits under the cap.
+///
+/// The endpoint observed over the other family (IPv6 beside IPv4) comes
+/// right after the observed one: it is as public, and on IPv6 without NAT
+/// it is the daemon's own address and punch port. Which family a peer
+/// tries first is its own choice (the daemon's happy-eyeballs head start).
 fn candidates(c: &Registration) -> Vec<SocketAddr> {
     let mut out: Vec<SocketAddr> = c.mapped_tcp.into_iter().collect();
     if !out.contains(&c.observed) {
         out.push(c.observed);
     }
-    for a in &c.local_addrs {
+    if let Some(alt) = c.alt_observed.filter(|a| !out.contains(a)) {
+        out.push(alt);
+    }
+    for a in vouched_locals(c) {
         if !out.contains(a) && out.len() < 8 {
             out.push(*a);
         }
@@ -393,13 +419,64 @@ fn udp_candidates(c: &Registration) -> Vec<SocketAddr> {
     if !out.contains(&first) {
         out.push(first);
     }
-    for a in &c.local_addrs {
+    // The other family likewise: its probe's endpoint, or until one is
+    // seen, its observed TCP address with the UDP port (on IPv6 without
+    // NAT that is no guess at all).
+    let alt = c
+        .alt_udp_observed
+        .or_else(|| c.alt_observed.map(|a| SocketAddr::new(a.ip(), port)));
+    if let Some(alt) = alt.filter(|a| !out.contains(a)) {
+        out.push(alt);
+    }
+    for a in vouched_locals(c) {
         let a = SocketAddr::new(a.ip(), port);
         if !out.contains(&a) && out.len() < 8 {
             out.push(a);
         }
     }
     out
+}
+
+/// The daemon's own addresses that may be passed on now: every one
+/// `lan::check` kept, except a global IPv6 address that no
+/// observation vouches for (see [`crate::server::ipv6::vouched_global`]).
+fn vouched_locals(c: &Registration) -> impl Iterator<Item = &SocketAddr> {
+    let seen: Vec<std::net::IpAddr> = [
+        Some(c.observed),
+        c.alt_observed,
+        c.udp_observed,
+        c.alt_udp_observed,
+    ]
+    .into_iter()
+    .flatten()
+    .map(|a| a.ip())
+    .collect();
+    c.local_addrs
+        .iter()
+        .filter(move |a| crate::server::ipv6::vouched_global(a.ip(), &seen))
+}
+
+/// `candidates` of `other` as `me` may receive them: a unique-local IPv6
+/// address (fc00::/7) only when the two are in one site (see
+/// [`crate::server::ipv6::same_site`]); elsewhere it names some other
+/// network's host, or nothing.
+fn for_peer(me: &Registration, other: &Registration, list: Vec<SocketAddr>) -> Vec<SocketAddr> {
+    let sites = |r: &Registration| -> Vec<std::net::IpAddr> {
+        [
+            Some(r.observed),
+            r.alt_observed,
+            r.udp_observed,
+            r.alt_udp_observed,
+        ]
+        .into_iter()
+        .flatten()
+        .map(|a| a.ip())
+        .collect()
+    };
+    let same = crate::server::ipv6::same_site(&sites(me), &sites(other));
+    list.into_iter()
+        .filter(|a| same || !crate::server::ipv6::is_unique_local(a.ip()))
+        .collect()
 }
 
 /// When both sides should fire, in server microseconds.
@@ -430,6 +507,8 @@ pub(crate) mod tests {
             nonce: [key; 32],
             udp_port: None,
             udp_observed: None,
+            alt_observed: None,
+            alt_udp_observed: None,
             mapped_tcp: None,
             mapped_udp: None,
             probe_counter: 0,
@@ -480,6 +559,73 @@ pub(crate) mod tests {
         // A mapping equal to the observed endpoint (port-preserving NAT) is not repeated.
         c.mapped_tcp = Some(c.observed);
         assert_eq!(candidates(&c).len(), 2);
+    }
+
+    fn addrs(list: &[&str]) -> Vec<SocketAddr> {
+        list.iter().map(|a| a.parse().unwrap()).collect()
+    }
+
+    #[test]
+    fn the_other_family_follows_the_observed_endpoint() {
+        let mut c = registration(1, "203.0.113.2:31337", &["192.0.2.2:40000"]);
+        c.udp_port = Some(40000);
+        c.alt_observed = Some("[2001:db8:1::2]:40000".parse().unwrap());
+        assert_eq!(
+            candidates(&c),
+            addrs(&[
+                "203.0.113.2:31337",
+                "[2001:db8:1::2]:40000",
+                "192.0.2.2:40000"
+            ])
+        );
+        // No IPv6 probe yet: its TCP address with the UDP port.
+        assert_eq!(
+            udp_candidates(&c),
+            addrs(&[
+                "203.0.113.2:40000",
+                "[2001:db8:1::2]:40000",
+                "192.0.2.2:40000"
+            ])
+        );
+        c.alt_udp_observed = Some("[2001:db8:1::2]:40999".parse().unwrap());
+        assert_eq!(
+            udp_candidates(&c)[1],
+            "[2001:db8:1::2]:40999".parse().unwrap()
+        );
+    }
+
+    #[test]
+    fn global_ipv6_locals_need_an_observation_and_unique_local_ones_a_site() {
+        // Registered over IPv4; offers a global and a unique-local address.
+        let mut c = registration(
+            1,
+            "198.18.0.1:5000",
+            &["[2606:4700:10::1]:5000", "[fd00::1]:5000"],
+        );
+        let far = registration(2, "198.18.9.9:6000", &[]);
+        let near = registration(3, "198.18.0.1:7000", &[]);
+        let orders = |me: &Registration, c: &Registration| {
+            punch_orders("s", &["x".into(), "y".into()], ("me", me), ("c", c), 0, 0)[0]
+                .order
+                .candidates
+                .clone()
+        };
+        // Nothing vouches for the global one yet; the ULA only in its site.
+        assert_eq!(orders(&far, &c), addrs(&["198.18.0.1:5000"]));
+        assert_eq!(
+            orders(&near, &c),
+            addrs(&["198.18.0.1:5000", "[fd00::1]:5000"])
+        );
+        // Its observe-only hello came from a temporary address in that /64.
+        c.alt_observed = Some("[2606:4700:10::beef]:5000".parse().unwrap());
+        assert_eq!(
+            orders(&far, &c),
+            addrs(&[
+                "198.18.0.1:5000",
+                "[2606:4700:10::beef]:5000",
+                "[2606:4700:10::1]:5000"
+            ])
+        );
     }
 
     #[test]

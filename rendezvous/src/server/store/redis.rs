@@ -164,6 +164,11 @@ struct Record {
     mapped_tcp: Option<SocketAddr>,
     #[serde(default)]
     mapped_udp: Option<SocketAddr>,
+    /// Endpoints in the other address family (IPv6 beside IPv4).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    alt_observed: Option<SocketAddr>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    alt_udp_observed: Option<SocketAddr>,
 }
 
 impl Record {
@@ -176,6 +181,8 @@ impl Record {
             rtt_us: r.rtt_us,
             mapped_tcp: r.mapped_tcp,
             mapped_udp: r.mapped_udp,
+            alt_observed: r.alt_observed,
+            alt_udp_observed: r.alt_udp_observed,
         };
         serde_json::to_string(&rec).unwrap_or_default()
     }
@@ -206,6 +213,13 @@ fn parse_entry(
         nonce: [0; 32],
         udp_port: rec.udp_port,
         udp_observed: rec.udp_observed,
+        // Of the other family, as the record says, or nothing.
+        alt_observed: rec
+            .alt_observed
+            .filter(|a| a.is_ipv4() != rec.observed.is_ipv4()),
+        alt_udp_observed: rec
+            .alt_udp_observed
+            .filter(|a| a.is_ipv4() != rec.observed.is_ipv4()),
         probe_counter: 0,
         rtt_us: rec.rtt_us,
         // Another instance checked these on the observed IP; check again,
@@ -808,6 +822,22 @@ impl Store for RedisStore {
             let recorded = self.mem().record_probe(name, probe);
             if recorded == (ProbeRecorded::Current { moved: true }) {
                 // A peer elsewhere needs the UDP endpoint for its next punch.
+                self.push_one(name).await;
+            }
+            Ok(recorded)
+        })
+    }
+
+    fn observe_alt<'a>(
+        &'a self,
+        name: &'a str,
+        public_key: [u8; 32],
+        addr: SocketAddr,
+    ) -> StoreFuture<'a, bool> {
+        Box::pin(async move {
+            let recorded = self.mem().observe_alt(name, public_key, addr);
+            if recorded {
+                // Peers on other instances punch it next time.
                 self.push_one(name).await;
             }
             Ok(recorded)
