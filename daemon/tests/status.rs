@@ -100,6 +100,11 @@ fn documented() -> Vec<(&'static str, Kind, Vec<Label>)> {
                 ("transport", Some(vec!["tcp", "quic", "relay"])),
             ],
         ),
+        (
+            "punchd_peer_family",
+            Kind::Gauge,
+            vec![peer.clone(), ("family", Some(vec!["ipv4", "ipv6"]))],
+        ),
         ("punchd_quic_connections", Kind::Gauge, vec![]),
         ("punchd_peer_rtt_seconds", Kind::Gauge, vec![peer.clone()]),
         (
@@ -243,6 +248,14 @@ async fn metrics_parse_and_every_family_has_its_type_help_labels_and_values() {
                 "punchd_peer_transport",
                 &[("peer", "bob"), ("transport", t)]
             ),
+            on
+        );
+    }
+    // Loopback IPv4 in this test: the tunnel's family says so.
+    assert_eq!(doc.peers[0].family.as_deref(), Some("ipv4"));
+    for (f, on) in [("ipv4", 1.0), ("ipv6", 0.0)] {
+        assert_eq!(
+            one("punchd_peer_family", &[("peer", "bob"), ("family", f)]),
             on
         );
     }

@@ -121,6 +121,19 @@ fn paths(out: &mut Exposition, doc: &StatusDoc) {
         ["tcp", "quic", "relay"],
         &|p| p.transport.map_or("", Transport::as_str),
     );
+    let mut f = out.family(
+        "punchd_peer_family",
+        Kind::Gauge,
+        "1 for the address family each peer's tunnel runs over now (ipv4 or ipv6).",
+    );
+    for p in &doc.peers {
+        for v in ["ipv4", "ipv6"] {
+            f.sample(
+                &[("peer", &p.name), ("family", v)],
+                u8::from(p.family.as_deref() == Some(v)),
+            );
+        }
+    }
 }
 
 /// RTT, bytes and streams per peer.

@@ -39,8 +39,12 @@ pub struct PeerDoc {
     pub path: PathState,
     /// tcp, quic or relay (absent with no tunnel).
     pub transport: Option<Transport>,
-    /// The peer's endpoint as we reach it.
+    /// The peer's endpoint as we reach it (IPv4 or IPv6).
     pub remote_addr: Option<String>,
+    /// `ipv4` or `ipv6`: the address family of `remote_addr`, the one the
+    /// tunnel runs over (absent with no tunnel).
+    #[serde(default)]
+    pub family: Option<String>,
     /// Tunnel round-trip time from keepalive pings.
     pub rtt_ms: Option<f64>,
     /// Tunnel bytes received (on the wire, including TLS and mux overhead).
@@ -109,6 +113,11 @@ pub struct StatusDoc {
     pub name: String,
     /// Our endpoint as the rendezvous sees it.
     pub public_addr: Option<String>,
+    /// Our IPv6 endpoint as the rendezvous sees it (the registration's,
+    /// or the observe-only hello's beside an IPv4 registration); null when
+    /// we have not reached it over IPv6.
+    #[serde(default)]
+    pub public_addr6: Option<String>,
     /// connected or disconnected.
     pub rendezvous: String,
     /// The rendezvous instance in use (or being dialled): one of
@@ -208,6 +217,14 @@ impl PeerStatus {
             path: s.path,
             transport: s.transport,
             remote_addr: s.remote.map(|a| a.to_string()),
+            family: s.remote.map(|a| {
+                if a.ip().to_canonical().is_ipv6() {
+                    "ipv6"
+                } else {
+                    "ipv4"
+                }
+                .to_owned()
+            }),
             rtt_ms: s.rtt_ms,
             bytes_in: self.bytes_in.load(Ordering::Relaxed),
             bytes_out: self.bytes_out.load(Ordering::Relaxed),
@@ -279,6 +296,7 @@ struct RendezvousState {
     connected: bool,
     public_addr: Option<SocketAddr>,
     public_udp_addr: Option<SocketAddr>,
+    public_addr6: Option<SocketAddr>,
     punch_port: u16,
     url: Option<String>,
 }
@@ -420,6 +438,12 @@ impl StatusBoard {
         *lock(&self.quic) = Some(endpoint);
     }
 
+    /// Records our IPv6 endpoint as the rendezvous saw it (`None`: not
+    /// reached over IPv6 on this registration).
+    pub(crate) fn set_public_addr6(&self, addr: Option<SocketAddr>) {
+        lock(&self.rendezvous).public_addr6 = addr;
+    }
+
     /// Records our UDP endpoint; true if it changed.
     pub(crate) fn set_public_udp(&self, addr: SocketAddr) -> bool {
         let mut r = lock(&self.rendezvous);
@@ -432,6 +456,7 @@ impl StatusBoard {
         StatusDoc {
             name: self.name.clone(),
             public_addr: r.public_addr.map(|a| a.to_string()),
+            public_addr6: r.public_addr6.map(|a| a.to_string()),
             rendezvous: if r.connected {
                 "connected"
             } else {
@@ -497,6 +522,11 @@ mod tests {
         assert_eq!(p["path"], "direct");
         assert_eq!(p["transport"], "tcp");
         assert_eq!(p["remote_addr"], "203.0.113.3:40000");
+        assert_eq!(p["family"], "ipv4");
+        assert_eq!(v["public_addr6"], serde_json::Value::Null);
+        board.set_public_addr6(Some("[2001:db8::2]:40000".parse().unwrap()));
+        let v = serde_json::to_value(board.snapshot()).unwrap();
+        assert_eq!(v["public_addr6"], "[2001:db8::2]:40000");
         assert_eq!(p["last_punch"]["result"], "ok");
         assert_eq!(p["last_punch"]["reason"], serde_json::Value::Null);
         for key in ["rtt_ms", "bytes_in", "bytes_out", "streams"] {

@@ -20,7 +20,7 @@
 //! logged, counted (`punchd_orders_refused_total`) and dropped.
 
 use std::collections::VecDeque;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -53,7 +53,7 @@ use url::UrlError;
 use crate::admin::status::{Limit, StatusBoard};
 use crate::identity::Identity;
 use crate::portmap::{self, PortMapper};
-use crate::punch::{bind_punch_socket, set_abortive_close};
+use crate::punch::{bind_punch_socket, family, set_abortive_close};
 use crate::quic::probe::Prober;
 use crate::quic::QuicPath;
 
@@ -73,6 +73,10 @@ const UDP_WAIT: Duration = Duration::from_secs(1);
 /// How long the first registration waits for the port mapper's first
 /// probe (its own budget is 1 s; a LAN without a router answers sooner).
 const PORTMAP_WAIT: Duration = Duration::from_millis(1200);
+/// Time allowed for the observe-only hello over the other family.
+const OBSERVE_TIMEOUT: Duration = Duration::from_secs(3);
+/// This host's IPv6 addresses, with their scope and flags.
+const IF_INET6: &str = "/proc/net/if_inet6";
 /// Time allowed to connect and register.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -187,6 +191,12 @@ struct Registered {
     nonce: [u8; 32],
     /// The mapped endpoints the hello announced.
     mapped: (Option<SocketAddr>, Option<SocketAddr>),
+    /// The rendezvous at an address of the other family, when its name
+    /// or literal resolved to both: where the observe-only hello goes.
+    other: Option<SocketAddr>,
+    /// Whether this host can reach IPv6 candidates (it has an IPv6
+    /// address to offer, or reached the server over IPv6).
+    has_v6: bool,
 }
 
 /// Runs until cancelled: connect, register, serve, reconnect.
@@ -274,10 +284,19 @@ async fn send(ws: &mut Ws, msg: &ClientMsg) -> Result<(), RvError> {
 
 async fn connect_and_register(settings: &mut RvSettings) -> Result<Registered, RvError> {
     let endpoint = &settings.endpoint;
-    let addr = tokio::net::lookup_host(endpoint.host_port())
+    // Every A and AAAA record: the first (the resolver's preference) is
+    // where we register, the first of the other family where we show the
+    // server our endpoint in that family too (`observe_other`).
+    let addrs: Vec<SocketAddr> = tokio::net::lookup_host(endpoint.host_port())
         .await?
-        .next()
+        .collect();
+    let addr = *addrs
+        .first()
         .ok_or_else(|| RvError::Unresolved(endpoint.url().to_owned()))?;
+    let other = addrs
+        .iter()
+        .copied()
+        .find(|a| a.is_ipv4() != addr.is_ipv4());
     let sock = bind_punch_socket(addr, settings.port)?;
     let tcp = sock.connect(addr).await?;
     set_abortive_close(&tcp);
@@ -309,15 +328,35 @@ async fn connect_and_register(settings: &mut RvSettings) -> Result<Registered, R
     let udp_port = settings.quic.as_ref().map(|q| q.port());
     settings.portmap.start(local, settings.port, udp_port);
     let mapped = portmap::endpoints(settings.portmap.settled(PORTMAP_WAIT).await);
+    let mut local_addrs = if settings.local_candidates {
+        vec![local]
+    } else {
+        vec![]
+    };
+    // This host's own IPv6 addresses on the punch port: without NAT, they
+    // are public endpoints (see `punch::family` for which, in what order).
+    // A unique-local one only counts as a LAN address would. None for a
+    // rendezvous on loopback: it and every peer registered there are on
+    // this host, reached over loopback (tests, demos), and this host's
+    // other addresses would only add candidates that lead back here.
+    let own_v6 = if addr.ip().is_loopback() {
+        Vec::new()
+    } else {
+        family::offerable_v6(&std::fs::read_to_string(IF_INET6).unwrap_or_default())
+    };
+    for ip in &own_v6 {
+        let a = SocketAddr::new(IpAddr::V6(*ip), settings.port);
+        let unique_local = (ip.segments()[0] & 0xfe00) == 0xfc00;
+        if (settings.local_candidates || !unique_local) && !local_addrs.contains(&a) {
+            local_addrs.push(a);
+        }
+    }
+    let has_v6 = !own_v6.is_empty() || addr.is_ipv6();
     let hello = Hello {
         version: PROTOCOL_VERSION,
         name: settings.name.clone(),
         public_key: b64(&settings.identity.public_key().0),
-        local_addrs: if settings.local_candidates {
-            vec![local]
-        } else {
-            vec![]
-        },
+        local_addrs,
         udp_port,
         mapped_tcp: mapped.0,
         mapped_udp: mapped.1,
@@ -339,14 +378,73 @@ async fn connect_and_register(settings: &mut RvSettings) -> Result<Registered, R
             ..
         } => {
             note_server_key(settings.server_key.as_ref(), server_key.as_deref());
+            // The QUIC socket is IPv4: probe the server's IPv4 address.
+            let v4 = [Some(addr), other]
+                .into_iter()
+                .flatten()
+                .find(SocketAddr::is_ipv4);
             Ok(Registered {
                 ws,
                 observed: observed_addr,
-                udp_server: udp_port.map(|p| SocketAddr::new(addr.ip(), p)),
+                udp_server: udp_port.zip(v4).map(|(p, a)| SocketAddr::new(a.ip(), p)),
                 nonce,
                 mapped,
+                other,
+                has_v6,
             })
         }
+        ServerMsg::Error { code, message } => Err(RvError::Refused { code, message }),
+        other => Err(RvError::Protocol(format!(
+            "expected welcome, got {other:?}"
+        ))),
+    }
+}
+
+/// Shows the rendezvous our endpoint in the other address family: a
+/// second connection to `server` (the first address of that family its
+/// name resolved to) from a punch socket of that family on the punch port,
+/// an observe-only hello, and the welcome saying what the server saw. The
+/// connection then ends; the server keeps the endpoint on our
+/// registration and offers it to peers.
+async fn observe_other(settings: RvSettings, server: SocketAddr) -> Result<SocketAddr, RvError> {
+    let sock = bind_punch_socket(server, settings.port)?;
+    let tcp = sock.connect(server).await?;
+    set_abortive_close(&tcp);
+    let _ = tcp.set_nodelay(true);
+    let link = settings.endpoint.wrap(tcp).await?;
+    let (mut ws, _) = tokio_tungstenite::client_async_with_config(
+        settings.endpoint.ws_url("/v1/ws"),
+        link,
+        Some(ws_limits(MAX_SERVER_MESSAGE)),
+    )
+    .await?;
+    let ServerMsg::Challenge { nonce, .. } = recv(&mut ws).await? else {
+        return Err(RvError::Protocol("expected challenge".into()));
+    };
+    let nonce = decode_nonce(&nonce).map_err(|e| RvError::Protocol(e.to_string()))?;
+    let token = settings.token.as_ref().map(Secret::expose);
+    let hello = Hello {
+        version: PROTOCOL_VERSION,
+        name: settings.name.clone(),
+        public_key: b64(&settings.identity.public_key().0),
+        local_addrs: vec![],
+        udp_port: None,
+        mapped_tcp: None,
+        mapped_udp: None,
+        token: token.map(str::to_owned),
+        signature: sign_challenge(
+            settings.identity.signing_key(),
+            &nonce,
+            &settings.name,
+            token,
+        ),
+        observe_only: true,
+    };
+    send(&mut ws, &ClientMsg::Hello(hello)).await?;
+    let answer = recv(&mut ws).await?;
+    let _ = tokio::time::timeout(Duration::from_secs(1), ws.close(None)).await;
+    match answer {
+        ServerMsg::Welcome { observed_addr, .. } => Ok(observed_addr),
         ServerMsg::Error { code, message } => Err(RvError::Refused { code, message }),
         other => Err(RvError::Protocol(format!(
             "expected welcome, got {other:?}"
@@ -370,6 +468,8 @@ async fn session(
         udp_server,
         nonce,
         mapped,
+        other,
+        has_v6,
     } = tokio::select! {
         r = tokio::time::timeout(CONNECT_TIMEOUT, connect_and_register(settings)) => r.map_err(|_| RvError::Protocol("no welcome within 10s".into()))??,
         _ = cancel.cancelled() => return Ok(()),
@@ -378,6 +478,15 @@ async fn session(
     failover.registered();
     *registered = true;
     status.set_rendezvous(true, Some(observed), settings.port);
+    status.set_public_addr6(observed.is_ipv6().then_some(observed));
+    // The other family, beside (never blocking) registration: a broken
+    // IPv6 path costs nothing but this timeout, in the background.
+    let mut observing = other.map(|server| {
+        Box::pin(tokio::time::timeout(
+            OBSERVE_TIMEOUT,
+            observe_other(settings.clone(), server),
+        ))
+    });
     let mut prober = match (&settings.quic, udp_server) {
         (Some(q), Some(server)) => Some(Prober::new(
             q.clone(),
@@ -423,6 +532,19 @@ async fn session(
                 up_at = None;
                 let _ = events.send(RvEvent::Up).await;
             }
+            Some(seen) = async { match observing.as_mut() { Some(f) => Some(f.await), None => None } } => {
+                observing = None;
+                match seen {
+                    Ok(Ok(alt)) => {
+                        info!(%alt, "endpoint in the other address family observed by the rendezvous");
+                        if alt.is_ipv6() {
+                            status.set_public_addr6(Some(alt));
+                        }
+                    }
+                    Ok(Err(e)) => info!(error = %e, "the rendezvous is not reachable over the other address family; offering this one only"),
+                    Err(_) => info!(timeout_ms = OBSERVE_TIMEOUT.as_millis() as u64, "the rendezvous is not reachable over the other address family in time; offering this one only"),
+                }
+            }
             _ = mapper.differs_from(mapped) => {
                 // Peers learn candidates from the registration: register again with the new ones.
                 let _ = tokio::time::timeout(Duration::from_secs(1), ws.close(None)).await;
@@ -448,7 +570,7 @@ async fn session(
                 None => return Ok(()),
             },
             msg = recv(&mut ws) => {
-                let me = Me { name: &settings.name, nonce: &nonce, pinned: settings.server_key.as_ref(), status, settings };
+                let me = Me { name: &settings.name, nonce: &nonce, pinned: settings.server_key.as_ref(), status, settings, has_v6 };
                 on_message(msg?, &mut pings, gate, settings.port, me, events).await?
             }
         }
@@ -485,6 +607,8 @@ struct Me<'a> {
     status: &'a StatusBoard,
     /// The instance in use, the relay for its orders.
     settings: &'a RvSettings,
+    /// Whether IPv6 candidates are worth punching from here.
+    has_v6: bool,
 }
 
 /// Whether to act on `order`: always without a pinned key (the link, TLS
@@ -526,6 +650,10 @@ async fn on_message(
                 warn!(session = %order.session, peer = %order.peer, burst = order::ORDER_BURST, "refusing a punch order: more orders for this peer than the budget allows; nothing is sent (the server repeats orders: check its version and logs)");
                 return Ok(());
             }
+            // Only what our sockets can reach: IPv6 TCP candidates when we
+            // have IPv6, no IPv6 UDP ones (the QUIC socket is IPv4).
+            family::reachable(&mut order.candidates, true, me.has_v6);
+            family::reachable(&mut order.udp_candidates, true, false);
             let mut hits = order::trim_candidates(&mut order.candidates);
             hits.extend(order::trim_candidates(&mut order.udp_candidates));
             if !hits.is_empty() {

@@ -90,12 +90,18 @@ pub(crate) struct PunchPlan {
 }
 
 impl PunchPlan {
-    /// All candidates fire at `fire_at`; nothing starts after `deadline`.
+    /// All candidates fire at `fire_at`, except IPv4 ones when there are
+    /// IPv6 ones too: those [`super::family::HEAD_START`] later (happy
+    /// eyeballs, see `family.rs`). Nothing starts after `deadline`.
     pub(crate) fn new(candidates: Vec<SocketAddr>, fire_at: Instant, deadline: Instant) -> Self {
         let n = candidates.len();
+        let slots = super::family::delays(&candidates)
+            .into_iter()
+            .map(|d| Slot::Ready(fire_at + d))
+            .collect();
         Self {
             candidates,
-            slots: vec![Slot::Ready(fire_at); n],
+            slots,
             attempts: vec![0; n],
             repunches: vec![0; n],
             deadline,
@@ -190,6 +196,19 @@ mod tests {
         (0..n)
             .map(|i| SocketAddr::from(([203, 0, 113, 2 + i as u8], 40000)))
             .collect()
+    }
+
+    #[test]
+    fn ipv4_waits_out_the_ipv6_head_start() {
+        let t0 = Instant::now();
+        let v6 = SocketAddr::from(([0x2001, 0xdb8, 0, 0, 0, 0, 0, 2], 40000));
+        let mut cands = addrs(1);
+        cands.push(v6);
+        let mut p = PunchPlan::new(cands, t0, t0 + Duration::from_secs(10));
+        assert_eq!(p.poll(t0), Action::Start(1), "IPv6 first");
+        let later = t0 + super::super::family::HEAD_START;
+        assert_eq!(p.poll(t0), Action::WaitUntil(later));
+        assert_eq!(p.poll(later), Action::Start(0));
     }
 
     #[test]
