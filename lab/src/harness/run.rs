@@ -17,7 +17,9 @@ use crate::harness::status;
 use crate::harness::transfer::{transfer_in, SendReport};
 use crate::net::netns::{self, listens_on};
 use crate::net::router::Router;
-use crate::net::topology::{extra_rendezvous_ip, Side, Topology, RENDEZVOUS_IP};
+use crate::net::topology::{
+    extra_rendezvous_ip, Side, Stack, Topology, RENDEZVOUS_IP, RENDEZVOUS_IP6,
+};
 
 const ADMIN: &str = "127.0.0.1:7070";
 /// Where the cluster's `redis-server` listens (on the first rendezvous host).
@@ -103,6 +105,9 @@ impl Run {
     /// Builds the network and starts rendezvous, sink and both daemons.
     pub fn start(s: &Scenario, bins: &Binaries) -> Result<Self> {
         let mut topo = Topology::build(&netns::prefix(&s.name), s.layout)?;
+        if let Some(plan) = s.ipv6 {
+            topo.add_ipv6(plan)?;
+        }
         let dir = std::env::temp_dir().join(format!("punch-lab-{}", s.name));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir)?;
@@ -149,7 +154,17 @@ impl Run {
                 format!("url = \"{url}\"")
             }
         };
-        let (alice_rv, bob_rv) = (rv_line(0), rv_line(usize::from(s.redis)));
+        let (mut alice_rv, mut bob_rv) = (rv_line(0), rv_line(usize::from(s.redis)));
+        // An IPv6-only host reaches the rendezvous at its IPv6 literal.
+        if let Some(plan) = s.ipv6 {
+            let v6 = format!("url = \"http://[{RENDEZVOUS_IP6}]:8080\"");
+            if plan.a == Stack::V6Only {
+                alice_rv.clone_from(&v6);
+            }
+            if plan.b == Stack::V6Only {
+                bob_rv = v6;
+            }
+        }
         let transports: Vec<String> = s
             .transports
             .iter()
@@ -240,6 +255,9 @@ impl Run {
                 let cfg = self.dir.join("rendezvous.toml");
                 let cfg = cfg.to_str().unwrap_or("");
                 let mut args = vec!["--listen", "0.0.0.0:8080"];
+                if self.topo.ipv6.is_some() {
+                    args.extend(["--listen", "[::]:8080"]);
+                }
                 if std::path::Path::new(cfg).is_file() {
                     args.extend(["--config", cfg]);
                 }

@@ -4,7 +4,7 @@
 
 use crate::harness::punchd_types::Transport;
 use crate::net::router::RouterSpec;
-use crate::net::topology::{Layout, Links, Side};
+use crate::net::topology::{Ipv6Plan, Layout, Links, Side};
 
 /// The punch port both daemons use.
 pub const PUNCH_PORT: u16 = 40000;
@@ -72,6 +72,8 @@ pub struct Scenario {
     /// TOML appended to alice's and bob's `peer.toml` (more `[[forward]]`
     /// and `[[expose]]` entries).
     pub extra_config: (String, String),
+    /// IPv6 on the network (two-NAT layouts), and which side has what.
+    pub ipv6: Option<Ipv6Plan>,
 }
 
 impl Scenario {
@@ -95,6 +97,7 @@ impl Scenario {
             rendezvous_instances: 1,
             redis: false,
             extra_config: (String::new(), String::new()),
+            ipv6: None,
         }
     }
 }
@@ -159,6 +162,12 @@ impl Scenario {
     /// Runs a router daemon (miniupnpd) on `side`'s NAT.
     pub fn with_router(mut self, side: Side, spec: RouterSpec) -> Self {
         self.routers.push((side, spec));
+        self
+    }
+
+    /// IPv6 as `plan` says (see [`crate::net::topology::Topology::add_ipv6`]).
+    pub fn with_ipv6(mut self, plan: Ipv6Plan) -> Self {
+        self.ipv6 = Some(plan);
         self
     }
 

@@ -10,8 +10,12 @@
 //!
 //! Variants: both hosts on one LAN behind natA; hostB directly on the
 //! internet (203.0.113.3); hostA behind a home NAT (100.64.0.2) behind a
-//! carrier NAT (100.64.0.1 / 203.0.113.2). Only TEST-NET and shared ranges
-//! are used, and nothing is routed out of the namespaces.
+//! carrier NAT (100.64.0.1 / 203.0.113.2). IPv6 on the two-NAT layout
+//! ([`Topology::add_ipv6`]): 2001:db8::/64 on the internet segment,
+//! 2001:db8:a::/64 and 2001:db8:b::/64 behind the routers, which forward
+//! it without NAT through a stateful firewall. Only TEST-NET, shared and
+//! documentation ranges are used, and nothing is routed out of the
+//! namespaces.
 
 use std::path::Path;
 
@@ -67,6 +71,8 @@ pub struct Topology {
     pub outer_nat_a: Option<usize>,
     /// Index in `nats` of the NAT facing the internet on bob's side.
     pub outer_nat_b: Option<usize>,
+    /// IPv6, when [`Topology::add_ipv6`] added it.
+    pub ipv6: Option<Ipv6Plan>,
     prefix: String,
 }
 
@@ -277,6 +283,7 @@ impl Topology {
             alice_seen_from_bob: alice_seen.to_owned(),
             outer_nat_a: outer_a,
             outer_nat_b: outer_b,
+            ipv6: None,
             prefix: prefix.to_owned(),
         })
     }
@@ -583,5 +590,175 @@ mod tests {
         let none = Ping::parse("3 packets transmitted, 0 received, 100% packet loss\n").unwrap();
         assert!(none.received == 0 && none.min_ms.is_nan());
         assert!(Ping::parse("ping: unknown host").is_none());
+    }
+}
+
+/// The rendezvous host's IPv6 address (with [`Topology::add_ipv6`]).
+pub const RENDEZVOUS_IP6: &str = "2001:db8::1";
+
+/// What one side's host speaks once [`Topology::add_ipv6`] ran.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stack {
+    /// IPv4 behind its NAT and IPv6 routed by the same router.
+    Dual,
+    /// IPv6 only: the host's IPv4 address and route are removed.
+    V6Only,
+    /// IPv4 only: no IPv6 on this side at all.
+    V4Only,
+}
+
+/// How the IPv6 routers' stateful firewalls treat what comes in from
+/// the internet. Inbound is always allowed for established and related
+/// flows (what a host inside started, and RFC 6092's simultaneous open).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum V6Firewall {
+    /// Unsolicited inbound is dropped.
+    Drop,
+    /// Unsolicited inbound TCP gets a RST, anything else an ICMPv6
+    /// administratively-prohibited.
+    Reject,
+    /// As `Drop`, and every IPv6 packet between the two sites is dropped
+    /// both ways (the rendezvous stays reachable): IPv6 is broken.
+    BetweenSitesBroken,
+}
+
+/// IPv6 on a [`Layout::TwoNats`] network: which sides have it, and the
+/// routers' firewall.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ipv6Plan {
+    /// alice's side.
+    pub a: Stack,
+    /// bob's side.
+    pub b: Stack,
+    /// Both routers' IPv6 firewall.
+    pub firewall: V6Firewall,
+}
+
+impl Ipv6Plan {
+    /// Both sides dual stack behind `firewall`.
+    pub fn dual(firewall: V6Firewall) -> Self {
+        Self {
+            a: Stack::Dual,
+            b: Stack::Dual,
+            firewall,
+        }
+    }
+}
+
+/// The IPv6 plan of one side (2001:db8::/32 only): the router's address
+/// on the internet segment 2001:db8::/64 and its LAN /64.
+struct Side6 {
+    wan: &'static str,
+    lan_prefix: &'static str,
+    gateway: &'static str,
+    host: &'static str,
+}
+
+const SIDE6_A: Side6 = Side6 {
+    wan: "2001:db8::2",
+    lan_prefix: "2001:db8:a::/64",
+    gateway: "2001:db8:a::1",
+    host: "2001:db8:a::2",
+};
+const SIDE6_B: Side6 = Side6 {
+    wan: "2001:db8::3",
+    lan_prefix: "2001:db8:b::/64",
+    gateway: "2001:db8:b::1",
+    host: "2001:db8:b::2",
+};
+
+/// The IPv6 router's nftables ruleset: forwarding without NAT, stateful.
+pub fn firewall6(f: V6Firewall) -> String {
+    let broken = match f {
+        V6Firewall::BetweenSitesBroken => {
+            format!("ip6 saddr != {RENDEZVOUS_IP6} ip6 daddr != {RENDEZVOUS_IP6} drop; ")
+        }
+        _ => String::new(),
+    };
+    let unsolicited = match f {
+        V6Firewall::Reject => {
+            "iifname \"wan0\" meta l4proto tcp reject with tcp reset; \
+             iifname \"wan0\" reject with icmpv6 type admin-prohibited;"
+        }
+        _ => "iifname \"wan0\" drop;",
+    };
+    format!(
+        "table ip6 lab_fw6 {{\n  chain forward {{ type filter hook forward priority 0; policy accept; \
+         {broken}ct state established,related accept; {unsolicited} }}\n}}\n"
+    )
+}
+
+fn addr6(ns: &Netns, ifname: &str, cidr: &str) -> Result<()> {
+    // nodad: usable at once, no duplicate address detection to wait out.
+    ns.ip(&["-6", "addr", "add", cidr, "dev", ifname, "nodad"])
+        .map(|_| ())
+}
+
+fn no_dad(ns: &Netns) -> Result<()> {
+    ns.exec(
+        "sysctl",
+        &[
+            "-qw",
+            "net.ipv6.conf.all.accept_dad=0",
+            "net.ipv6.conf.default.accept_dad=0",
+        ],
+    )
+    .map(|_| ())
+}
+
+impl Topology {
+    /// Adds IPv6 to a [`Layout::TwoNats`] network: the rendezvous at
+    /// [`RENDEZVOUS_IP6`] on the internet segment 2001:db8::/64, each
+    /// side's NAT also an IPv6 router (forwarding, no NAT, the stateful
+    /// firewall of `plan`) for its LAN 2001:db8:a::/64 or 2001:db8:b::/64,
+    /// and each host on it as `plan` says. When both sides have IPv6
+    /// that works between them, the addresses each should reach the other
+    /// at become the IPv6 ones.
+    pub fn add_ipv6(&mut self, plan: Ipv6Plan) -> Result<()> {
+        let (Some(ia), Some(ib)) = (self.outer_nat_a, self.outer_nat_b) else {
+            anyhow::bail!("IPv6 is built on the two-NAT layout only");
+        };
+        no_dad(&self.rv)?;
+        addr6(&self.rv, "eth0", &format!("{RENDEZVOUS_IP6}/64"))?;
+        for (stack, side, i, host) in [
+            (plan.a, &SIDE6_A, ia, &self.host_a),
+            (plan.b, &SIDE6_B, ib, &self.host_b),
+        ] {
+            if stack == Stack::V4Only {
+                continue;
+            }
+            let nat = &self.nats[i];
+            no_dad(nat)?;
+            no_dad(host)?;
+            nat.exec("sysctl", &["-qw", "net.ipv6.conf.all.forwarding=1"])?;
+            addr6(nat, "wan0", &format!("{}/64", side.wan))?;
+            addr6(nat, "lan0", &format!("{}/64", side.gateway))?;
+            nat.nft(&firewall6(plan.firewall))?;
+            addr6(host, "eth0", &format!("{}/64", side.host))?;
+            host.ip(&["-6", "route", "add", "default", "via", side.gateway])?;
+            self.rv
+                .ip(&["-6", "route", "add", side.lan_prefix, "via", side.wan])?;
+            if stack == Stack::V6Only {
+                host.ip(&["-4", "addr", "flush", "dev", "eth0"])?;
+            }
+        }
+        // Each router reaches the other side's LAN through its router.
+        for (stack, i, other, other_stack) in [
+            (plan.a, ia, &SIDE6_B, plan.b),
+            (plan.b, ib, &SIDE6_A, plan.a),
+        ] {
+            if stack != Stack::V4Only && other_stack != Stack::V4Only {
+                self.nats[i].ip(&["-6", "route", "add", other.lan_prefix, "via", other.wan])?;
+            }
+        }
+        let both = plan.a != Stack::V4Only && plan.b != Stack::V4Only;
+        let v6_path = both && plan.firewall != V6Firewall::BetweenSitesBroken;
+        // The daemons' happy eyeballs prefer IPv6 where it works.
+        if v6_path {
+            self.bob_seen_from_alice = format!("[{}]", SIDE6_B.host);
+            self.alice_seen_from_bob = format!("[{}]", SIDE6_A.host);
+        }
+        self.ipv6 = Some(plan);
+        Ok(())
     }
 }

@@ -24,6 +24,7 @@
 
 pub mod bench;
 pub mod integrity;
+pub mod ipv6;
 pub mod loadgen;
 pub mod portmap;
 pub mod realism;

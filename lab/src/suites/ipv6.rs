@@ -1,0 +1,163 @@
+//! IPv6 and dual stack (issue #20): IPv6 routers that forward without NAT
+//! behind a stateful firewall, beside (or instead of) the IPv4 NATs.
+//!
+//! - `v6-random`, `v6-random-reject`: both IPv4 NATs port-randomizing
+//!   (relayed without IPv6), both hosts dual stack: direct over IPv6 by
+//!   TCP simultaneous open, through firewalls that drop (or reject with a
+//!   RST / ICMPv6) unsolicited inbound; `v6-random-default` races TCP
+//!   with QUIC (the QUIC socket is IPv4, so IPv6 TCP is what wins);
+//! - `v6-only`: no IPv4 on either host: direct over IPv6;
+//! - `v6-broken` against `v6-broken-baseline`: IPv6 dropped between the
+//!   sites, so the punch falls to IPv4, at most the happy-eyeballs head
+//!   start (250 ms) later than on the same network without IPv6;
+//! - `v6-mixed`: alice IPv6-only, bob IPv4-only: relayed through the
+//!   dual-stack rendezvous, and status says so.
+//!
+//! Direct ones get the shared [`checks::direct`] (64 MiB checksummed, the
+//! rendezvous carrying under 1 %, no listener on the punch port) and then
+//! the family both ends name.
+
+use std::time::Duration;
+
+use anyhow::{bail, Context as _, Result};
+
+use crate::harness::checks::{self, intact};
+use crate::harness::punchd_types::{PathState, Transport};
+use crate::harness::run::Run;
+use crate::harness::status::first_peer;
+use crate::harness::{Binaries, Expect, Report, Scenario};
+use crate::net::nat::NatBehaviour as N;
+use crate::net::topology::{Ipv6Plan, Layout as L, Stack, V6Firewall as F};
+
+/// Every scenario of this suite.
+pub fn scenarios() -> Vec<Scenario> {
+    use Transport::{Quic, Tcp};
+    let relayed = |name: &str, plan| {
+        Scenario {
+            // 8 MiB show the relay carries it intact; 64 MiB through the
+            // relay's bandwidth cap would cost CI ~30 s.
+            bytes: 8 << 20,
+            ..Scenario::new(name, L::TwoNats(N::Masquerade), Expect::Relayed)
+        }
+        .with_timeout("3s")
+        .with_transports(&[Tcp, Quic])
+        .with_ipv6(plan)
+    };
+    vec![
+        Scenario::new("v6-random", L::TwoNats(N::RandomFully), Expect::Direct)
+            .with_ipv6(Ipv6Plan::dual(F::Drop)),
+        Scenario::new(
+            "v6-random-reject",
+            L::TwoNats(N::RandomFully),
+            Expect::Direct,
+        )
+        .with_ipv6(Ipv6Plan::dual(F::Reject)),
+        Scenario::new(
+            "v6-random-default",
+            L::TwoNats(N::RandomFully),
+            Expect::Direct,
+        )
+        .with_transports(&[Tcp, Quic])
+        .expecting_transport(Tcp)
+        .with_ipv6(Ipv6Plan::dual(F::Drop)),
+        Scenario::new("v6-only", L::TwoNats(N::Masquerade), Expect::Direct).with_ipv6(Ipv6Plan {
+            a: Stack::V6Only,
+            b: Stack::V6Only,
+            firewall: F::Drop,
+        }),
+        // NATs that drop early SYNs: the first try goes through, so the
+        // time to direct is the family's cost, not a RST retry lottery.
+        Scenario::new("v6-broken", L::TwoNats(N::DropUnsolicited), Expect::Direct)
+            .with_ipv6(Ipv6Plan::dual(F::BetweenSitesBroken)),
+        Scenario::new(
+            "v6-broken-baseline",
+            L::TwoNats(N::DropUnsolicited),
+            Expect::Direct,
+        ),
+        relayed(
+            "v6-mixed",
+            Ipv6Plan {
+                a: Stack::V6Only,
+                b: Stack::V4Only,
+                firewall: F::Drop,
+            },
+        ),
+    ]
+}
+
+/// Runs the scenario called `name`.
+pub fn run_named(name: &str, bins: &Binaries) -> Result<Report> {
+    let s = scenarios()
+        .into_iter()
+        .find(|s| s.name == name)
+        .with_context(|| format!("no IPv6 scenario called {name:?}"))?;
+    checks::run(&s, bins, check)
+}
+
+fn check(s: &Scenario, run: &Run) -> Result<Report> {
+    match s.expect {
+        Expect::Direct => {
+            let report = checks::direct(s, run)?;
+            // The family both ends name is the one the address plan expects.
+            let want = if run.topo.bob_seen_from_alice.starts_with('[') {
+                "ipv6"
+            } else {
+                "ipv4"
+            };
+            for who in ["alice", "bob"] {
+                let status = run.status(who)?;
+                let family = first_peer(&status)?.family.clone();
+                if family.as_deref() != Some(want) {
+                    bail!("{who}'s tunnel family is {family:?}, expected {want}");
+                }
+            }
+            println!(
+                "IPV6 {}: direct over {want} by {} in {} ms (punch {} ms, {} attempts)",
+                s.name,
+                report.transport.map_or("none", Transport::as_str),
+                report.ready_ms,
+                report.punch_ms,
+                report.attempts
+            );
+            Ok(report)
+        }
+        Expect::Relayed => relayed(s, run),
+        Expect::PunchFails => bail!("no IPv6 scenario expects a failed punch"),
+    }
+}
+
+/// No family in common: the relay carries it all, and status says relayed.
+fn relayed(s: &Scenario, run: &Run) -> Result<Report> {
+    let mut report = Report {
+        name: s.name.clone(),
+        ..Default::default()
+    };
+    let status = run.wait_path("alice", PathState::Relayed, Duration::from_secs(60))?;
+    report.ready_ms = run.since_start().as_millis() as u64;
+    let peer = first_peer(&status)?;
+    report.read_peer(peer);
+    report.punch_reason = peer.last_punch.as_ref().and_then(|p| p.reason.clone());
+    if peer.transport != Some(Transport::Relay) {
+        bail!("alice's transport is {:?}, expected relay", peer.transport);
+    }
+    // alice registered over IPv6 (she has nothing else).
+    if status.public_addr6.is_none() {
+        bail!("an IPv6-only daemon shows no public_addr6: {status:?}");
+    }
+    run.wait_path("bob", PathState::Relayed, Duration::from_secs(10))?;
+    let (t, rendezvous_bytes) = run.transfer_counted(s.bytes, s.streams)?;
+    report.rendezvous_bytes_during_transfer = rendezvous_bytes;
+    intact(&t, "relayed transfer failed")?;
+    if rendezvous_bytes < t.bytes {
+        bail!(
+            "the rendezvous saw only {rendezvous_bytes} bytes of a {}-byte relayed transfer",
+            t.bytes
+        );
+    }
+    report.transfer = Some(t);
+    println!(
+        "IPV6 {}: relayed in {} ms (punch: {:?})",
+        s.name, report.ready_ms, report.punch_reason
+    );
+    Ok(report)
+}
