@@ -58,3 +58,28 @@ fn broken_ipv6_costs_at_most_the_head_start_before_ipv4() {
 fn an_ipv6_only_host_and_an_ipv4_only_host_are_relayed_by_a_dual_stack_rendezvous() {
     scenario("v6-mixed");
 }
+
+fn recovery(upset: ipv6::Upset) {
+    let test = format!("lab ipv6 recovery {upset:?}");
+    let Some((_serial, bins)) =
+        punch_lab::harness::prepare(&test, env!("CARGO_BIN_EXE_punch-lab-tool"))
+    else {
+        return;
+    };
+    match ipv6::recovery(&bins, upset) {
+        Ok(line) => {
+            let _ = writeln!(std::io::stderr(), "LAB {line}");
+        }
+        Err(e) => panic!("{test} failed: {e:#}"),
+    }
+}
+
+#[test]
+fn a_restarted_peer_is_direct_over_ipv6_again_soon() {
+    recovery(ipv6::Upset::PeerRestart);
+}
+
+#[test]
+fn flushed_ipv6_firewall_state_ends_in_a_working_ipv6_tunnel() {
+    recovery(ipv6::Upset::FirewallFlush);
+}

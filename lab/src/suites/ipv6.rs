@@ -161,3 +161,80 @@ fn relayed(s: &Scenario, run: &Run) -> Result<Report> {
     );
     Ok(report)
 }
+
+/// What is done to a direct IPv6 tunnel in [`recovery`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Upset {
+    /// bob SIGKILLed and restarted a second later.
+    PeerRestart,
+    /// `conntrack -F` on both routers: the IPv6 firewalls forget every flow.
+    FirewallFlush,
+}
+
+/// A direct tunnel over IPv6 (IPv4 NATs port-randomizing, so IPv6 is the
+/// only direct path) is upset; within 10 s it is direct over IPv6 again
+/// and a checksummed transfer goes through. Returns what it measured.
+pub fn recovery(bins: &Binaries, upset: Upset) -> Result<String> {
+    let name = match upset {
+        Upset::PeerRestart => "v6-restart",
+        Upset::FirewallFlush => "v6-flush",
+    };
+    let s = Scenario::new(name, L::TwoNats(N::RandomFully), Expect::Direct)
+        .with_ipv6(Ipv6Plan::dual(F::Drop));
+    let mut run = Run::start(&s, bins)?;
+    let result = upset_and_recover(&mut run, upset);
+    match result {
+        Ok(line) => {
+            let _ = std::fs::remove_dir_all(&run.dir);
+            Ok(line)
+        }
+        Err(e) => Err(run.explain(e)),
+    }
+}
+
+fn upset_and_recover(run: &mut Run, upset: Upset) -> Result<String> {
+    let first = run.wait_path("alice", PathState::Direct, Duration::from_secs(30))?;
+    let before = first_peer(&first)?.punches_ok;
+    let upset_at = match upset {
+        Upset::PeerRestart => {
+            run.topo.host_b.kill(run.bob);
+            std::thread::sleep(Duration::from_secs(1));
+            let up = std::time::Instant::now();
+            run.bob = run.start_daemon("bob")?;
+            up
+        }
+        Upset::FirewallFlush => {
+            for nat in &run.topo.nats {
+                nat.exec("conntrack", &["-F"])?;
+            }
+            std::time::Instant::now()
+        }
+    };
+    let limit = Duration::from_secs(10);
+    let recovered = loop {
+        let t = run.transfer(4 << 20, 2)?;
+        if t.ok {
+            let st = run.status("alice")?;
+            let p = first_peer(&st)?;
+            if p.path == PathState::Direct && p.family.as_deref() == Some("ipv6") {
+                break upset_at.elapsed();
+            }
+        }
+        if upset_at.elapsed() > limit {
+            bail!("not direct over IPv6 with a working transfer {limit:?} after the upset");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let t = run.transfer(64 << 20, 8)?;
+    intact(&t, "transfer after recovery failed")?;
+    let st = run.status("alice")?;
+    let p = first_peer(&st)?;
+    let line = format!(
+        "{upset:?} over IPv6: direct over ipv6 with a working transfer {:.2}s after it ({}; remote {})",
+        recovered.as_secs_f64(),
+        if p.punches_ok > before { "re-punched" } else { "the tunnel survived" },
+        p.remote_addr.as_deref().unwrap_or("none")
+    );
+    println!("IPV6 {line}");
+    Ok(line)
+}
