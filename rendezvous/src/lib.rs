@@ -22,7 +22,11 @@
 //!    with `server/local.rs` delivering what they decide to the right
 //!    connection; then `server/relay.rs` and `server/udp.rs`;
 //! 5. `server/trust.rs` — the server's order-signing key (`key_file`) and
-//!    its own TLS (`[tls]`), the handshake off the accept loop.
+//!    its own TLS (`[tls]`), the handshake off the accept loop;
+//! 6. `server/lan.rs` and `server/ipv6.rs` — which self-reported addresses
+//!    become candidates (IPv6: a global one only in an observed /64, a
+//!    unique-local one only within a site); `server/bind.rs` — one v6-only
+//!    or IPv4 socket per `listen` address.
 
 pub mod datagram;
 pub mod protocol;
