@@ -26,6 +26,11 @@ fn port_randomizing_nats_with_ipv6_go_direct_over_ipv6() {
 }
 
 #[test]
+fn a_rendezvous_name_with_a_and_aaaa_records_registers_both_families() {
+    scenario("v6-name");
+}
+
+#[test]
 fn ipv6_firewalls_that_reject_unsolicited_inbound_still_let_the_punch_through() {
     scenario("v6-random-reject");
 }

@@ -18,7 +18,7 @@ use crate::harness::transfer::{transfer_in, SendReport};
 use crate::net::netns::{self, listens_on};
 use crate::net::router::Router;
 use crate::net::topology::{
-    extra_rendezvous_ip, Side, Stack, Topology, RENDEZVOUS_IP, RENDEZVOUS_IP6,
+    extra_rendezvous_ip, Side, Stack, Topology, RENDEZVOUS_IP, RENDEZVOUS_IP6, RENDEZVOUS_NAME,
 };
 
 const ADMIN: &str = "127.0.0.1:7070";
@@ -162,7 +162,14 @@ impl Run {
                 alice_rv.clone_from(&v6);
             }
             if plan.b == Stack::V6Only {
-                bob_rv = v6;
+                bob_rv.clone_from(&v6);
+            }
+            let name = format!("url = \"http://{RENDEZVOUS_NAME}:8080\"");
+            if plan.by_name && plan.a == Stack::Dual {
+                alice_rv.clone_from(&name);
+            }
+            if plan.by_name && plan.b == Stack::Dual {
+                bob_rv = name;
             }
         }
         let transports: Vec<String> = s

@@ -184,6 +184,24 @@ pub fn remove(name: &str) {
         .args(["netns", "del", name])
         .stderr(Stdio::null())
         .status();
+    // Its /etc overrides (see `set_hosts`), if any.
+    if !name.is_empty() && !name.contains('/') {
+        let _ = std::fs::remove_dir_all(std::path::Path::new(NETNS_ETC).join(name));
+    }
+}
+
+/// Where `ip netns exec NAME` finds files to bind-mount over `/etc` for
+/// what it runs.
+const NETNS_ETC: &str = "/etc/netns";
+
+/// Gives what runs in namespace `name` its own `/etc/hosts` (`ip netns
+/// exec` bind-mounts `/etc/netns/NAME/hosts` over it): how a lab host
+/// resolves a name to the lab's addresses. Removed with the namespace.
+pub fn set_hosts(name: &str, hosts: &str) -> Result<()> {
+    let dir = std::path::Path::new(NETNS_ETC).join(name);
+    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    std::fs::write(dir.join("hosts"), hosts)
+        .with_context(|| format!("cannot write {}/hosts", dir.display()))
 }
 
 /// Removes every namespace whose name starts with `prefix`.

@@ -632,6 +632,10 @@ pub struct Ipv6Plan {
     pub b: Stack,
     /// Both routers' IPv6 firewall.
     pub firewall: V6Firewall,
+    /// Dual-stack hosts reach the rendezvous by [`RENDEZVOUS_NAME`], which
+    /// resolves (their own /etc/hosts) to its IPv4 and IPv6 addresses: the
+    /// daemons register over one family and show the server the other.
+    pub by_name: bool,
 }
 
 impl Ipv6Plan {
@@ -641,9 +645,20 @@ impl Ipv6Plan {
             a: Stack::Dual,
             b: Stack::Dual,
             firewall,
+            by_name: false,
         }
     }
+
+    /// The same, the rendezvous reached by name (see `by_name`).
+    pub fn by_name(mut self) -> Self {
+        self.by_name = true;
+        self
+    }
 }
+
+/// The rendezvous's name with [`Ipv6Plan::by_name`] (RFC 2606's reserved
+/// `.example`; only the lab hosts' own /etc/hosts knows it).
+pub const RENDEZVOUS_NAME: &str = "rendezvous.example";
 
 /// The IPv6 plan of one side (2001:db8::/32 only): the router's address
 /// on the internet segment 2001:db8::/64 and its LAN /64.
@@ -753,6 +768,14 @@ impl Topology {
                 .ip(&["-6", "route", "add", side.lan_prefix, "via", side.wan])?;
             if stack == Stack::V6Only {
                 host.ip(&["-4", "addr", "flush", "dev", "eth0"])?;
+            }
+            if plan.by_name && stack == Stack::Dual {
+                crate::net::netns::set_hosts(
+                    host.name(),
+                    &format!(
+                        "127.0.0.1 localhost\n::1 localhost\n{RENDEZVOUS_IP} {RENDEZVOUS_NAME}\n{RENDEZVOUS_IP6} {RENDEZVOUS_NAME}\n"
+                    ),
+                )?;
             }
         }
         // Each router reaches the other side's LAN through its router.

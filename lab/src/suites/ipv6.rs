@@ -46,6 +46,10 @@ pub fn scenarios() -> Vec<Scenario> {
     vec![
         Scenario::new("v6-random", L::TwoNats(N::RandomFully), Expect::Direct)
             .with_ipv6(Ipv6Plan::dual(F::Drop)),
+        // The rendezvous by a name with A and AAAA records: each daemon
+        // registers over one family and shows the server the other.
+        Scenario::new("v6-name", L::TwoNats(N::RandomFully), Expect::Direct)
+            .with_ipv6(Ipv6Plan::dual(F::Drop).by_name()),
         Scenario::new(
             "v6-random-reject",
             L::TwoNats(N::RandomFully),
@@ -64,6 +68,7 @@ pub fn scenarios() -> Vec<Scenario> {
             a: Stack::V6Only,
             b: Stack::V6Only,
             firewall: F::Drop,
+            by_name: false,
         }),
         // NATs that drop early SYNs: the first try goes through, so the
         // time to direct is the family's cost, not a RST retry lottery.
@@ -80,6 +85,7 @@ pub fn scenarios() -> Vec<Scenario> {
                 a: Stack::V6Only,
                 b: Stack::V4Only,
                 firewall: F::Drop,
+                by_name: false,
             },
         ),
     ]
@@ -111,6 +117,9 @@ fn check(s: &Scenario, run: &Run) -> Result<Report> {
                     bail!("{who}'s tunnel family is {family:?}, expected {want}");
                 }
             }
+            if s.ipv6.is_some_and(|p| p.by_name) {
+                both_families_registered(run)?;
+            }
             println!(
                 "IPV6 {}: direct over {want} by {} in {} ms (punch {} ms, {} attempts)",
                 s.name,
@@ -124,6 +133,37 @@ fn check(s: &Scenario, run: &Run) -> Result<Report> {
         Expect::Relayed => relayed(s, run),
         Expect::PunchFails => bail!("no IPv6 scenario expects a failed punch"),
     }
+}
+
+/// Registered by name: alice's status has both public endpoints, one per
+/// family, and bob's punch order carried alice in both families (his log's
+/// `punching` line names her IPv4 NAT and her IPv6 address).
+fn both_families_registered(run: &Run) -> Result<()> {
+    let st = run.status("alice")?;
+    let (Some(registered), Some(v6)) = (st.public_addr.as_deref(), st.public_addr6.as_deref())
+    else {
+        bail!(
+            "alice registered by name shows public_addr {:?} and public_addr6 {:?}",
+            st.public_addr,
+            st.public_addr6
+        );
+    };
+    if !v6.starts_with('[') {
+        bail!("public_addr6 {v6} is not IPv6");
+    }
+    let bob_log = std::fs::read_to_string(run.dir.join("bob.1.log")).unwrap_or_default();
+    let order = bob_log
+        .lines()
+        .find(|l| l.contains("punching tcp="))
+        .unwrap_or_default();
+    if !(order.contains("203.0.113.2:") && order.contains("[2001:db8:a::2]:")) {
+        bail!("bob's order for alice lacks a family: {order:?}");
+    }
+    println!(
+        "IPV6 by name: alice public_addr {registered}, public_addr6 {v6}; bob {}",
+        order.split("punching ").nth(1).unwrap_or(order)
+    );
+    Ok(())
 }
 
 /// No family in common: the relay carries it all, and status says relayed.
