@@ -1018,6 +1018,32 @@ mod tests {
     }
 
     #[test]
+    fn both_families_travel_in_the_record_and_only_as_the_other_family() {
+        let mut r = registration(1, "203.0.113.2:40000", &[]);
+        r.alt_observed = Some("[2001:db8:a::2]:40000".parse().unwrap());
+        r.alt_udp_observed = Some("[2001:db8:a::2]:40001".parse().unwrap());
+        let key = Some(b64(&r.public_key));
+        let got = parse_entry(
+            key.clone(),
+            Some("i1".into()),
+            Some("7".into()),
+            Some(Record::of(&r)),
+        )
+        .unwrap();
+        assert_eq!(
+            (got.alt_observed, got.alt_udp_observed),
+            (r.alt_observed, r.alt_udp_observed)
+        );
+        // A record claiming an "other family" endpoint of the same family
+        // as its observed one is not believed.
+        let same = "{\"observed\":\"203.0.113.2:1\",\"alt_observed\":\"203.0.113.9:1\"}";
+        let got = parse_entry(key, Some("i1".into()), Some("7".into()), Some(same.into())).unwrap();
+        assert_eq!(got.alt_observed, None);
+        // Without IPv6 the record is as before (no new keys).
+        assert!(!Record::of(&registration(2, "203.0.113.3:1", &[])).contains("alt_"));
+    }
+
+    #[test]
     fn signals_are_size_limited_and_parsed_with_refusal() {
         let s = store();
         assert_eq!(
