@@ -45,6 +45,31 @@ pub(crate) struct Target {
     /// Our address on the gateway's LAN.
     pub(crate) local: Ipv4Addr,
     pub(crate) ports: Ports,
+    /// The external port to ask for; None asks for the internal one (so
+    /// the mapping and the NAT's own port-preserving choice agree). After
+    /// a router restart we ask for a fresh one instead: see
+    /// [`super::plan::Plan::router_restarted`].
+    pub(crate) external: Option<NonZeroU16>,
+}
+
+impl Target {
+    /// The external port to request for this internal one.
+    fn wanted(&self, internal: NonZeroU16) -> NonZeroU16 {
+        self.external.unwrap_or(internal)
+    }
+}
+
+/// A random external port in 20000-60999 other than `internal`: where a
+/// restarted router has no stale state for any peer (see
+/// [`super::plan::Plan::router_restarted`]).
+pub(crate) fn fresh_external(internal: NonZeroU16) -> Option<NonZeroU16> {
+    let mut b = [0u8; 2];
+    getrandom::fill(&mut b).ok()?;
+    let mut port = 20_000 + u16::from_le_bytes(b) % 41_000;
+    if port == internal.get() {
+        port = 20_000 + (port - 20_000 + 1) % 41_000;
+    }
+    NonZeroU16::new(port)
 }
 
 /// Why one protocol gave no mapping.
@@ -174,7 +199,7 @@ pub(crate) async fn map_pcp(t: Target, budget: Duration) -> Result<Held, MapErro
                 pcp::BaseMapRequest::new(t.gateway.into(), t.local.into(), proto, port),
                 None,
                 None,
-                options(port, budget),
+                options(t.wanted(port), budget),
             )
         };
         let udp = match t.ports.udp {
@@ -213,7 +238,12 @@ pub(crate) async fn map_natpmp(
 ) -> Result<Held, MapError> {
     bounded(budget, async {
         let one = |proto, port: NonZeroU16| {
-            natpmp::port_mapping(t.gateway.into(), proto, port, options(port, budget))
+            natpmp::port_mapping(
+                t.gateway.into(),
+                proto,
+                port,
+                options(t.wanted(port), budget),
+            )
         };
         let udp = match t.ports.udp {
             Some(p) => Some(one(InternetProtocol::Udp, p).await?),
@@ -263,11 +293,12 @@ pub(crate) async fn map_upnp(
             let gateway = &gateway;
             async move {
                 let local = SocketAddr::new(t.local.into(), port.get());
+                let external = t.wanted(port).get();
                 match gateway
-                    .add_port(proto, port.get(), local, lease, DESCRIPTION)
+                    .add_port(proto, external, local, lease, DESCRIPTION)
                     .await
                 {
-                    Ok(()) => Ok(port.get()),
+                    Ok(()) => Ok(external),
                     // Someone else holds that external port: take the one the router picks.
                     Err(igd_next::AddPortError::PortInUse) => gateway
                         .add_any_port(proto, local, lease, DESCRIPTION)
