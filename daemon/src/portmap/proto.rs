@@ -85,6 +85,15 @@ pub(crate) enum MapError {
     Timeout(Duration),
 }
 
+impl From<crab_nat::MappingFailure> for MapError {
+    fn from(e: crab_nat::MappingFailure) -> Self {
+        match e {
+            crab_nat::MappingFailure::NatPmp(e) => MapError::NatPmp(e),
+            crab_nat::MappingFailure::Pcp(e) => MapError::Pcp(e),
+        }
+    }
+}
+
 impl MapError {
     /// True when the router answered but said no (or answered junk),
     /// rather than not being there at all.
@@ -361,14 +370,10 @@ pub(crate) async fn renew(held: &mut Held, t: Target) -> Result<(), MapError> {
     bounded(REQUEST_TIMEOUT, async {
         match held {
             Held::Crab { tcp, udp, .. } => {
-                let proto_err = |e: crab_nat::MappingFailure| match e {
-                    crab_nat::MappingFailure::NatPmp(e) => MapError::NatPmp(e),
-                    crab_nat::MappingFailure::Pcp(e) => MapError::Pcp(e),
-                };
                 if let Some(u) = udp.as_mut() {
-                    u.renew().await.map_err(proto_err)?;
+                    u.renew().await.map_err(MapError::from)?;
                 }
-                tcp.renew().await.map_err(proto_err)?;
+                tcp.renew().await.map_err(MapError::from)?;
                 Ok(())
             }
             Held::Upnp {
@@ -405,14 +410,10 @@ pub(crate) async fn remove(held: Held) -> Result<(), MapError> {
     bounded(REQUEST_TIMEOUT, async {
         match held {
             Held::Crab { tcp, udp, .. } => {
-                let proto_err = |e: crab_nat::MappingFailure| match e {
-                    crab_nat::MappingFailure::NatPmp(e) => MapError::NatPmp(e),
-                    crab_nat::MappingFailure::Pcp(e) => MapError::Pcp(e),
-                };
                 if let Some(u) = udp {
-                    u.try_drop().await.map_err(|(e, _)| proto_err(e))?;
+                    u.try_drop().await.map_err(|(e, _)| MapError::from(e))?;
                 }
-                tcp.try_drop().await.map_err(|(e, _)| proto_err(e))
+                tcp.try_drop().await.map_err(|(e, _)| MapError::from(e))
             }
             Held::Upnp {
                 gateway, tcp, udp, ..
