@@ -328,6 +328,9 @@ async fn connect_and_register(settings: &mut RvSettings) -> Result<Registered, R
     let udp_port = settings.quic.as_ref().map(|q| q.port());
     settings.portmap.start(local, settings.port, udp_port);
     let mapped = portmap::endpoints(settings.portmap.settled(PORTMAP_WAIT).await);
+    if let Some(q) = &settings.quic {
+        q.set_mapped(mapped.1.is_some());
+    }
     let mut local_addrs = if settings.local_candidates {
         vec![local]
     } else {
