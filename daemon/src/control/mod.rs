@@ -505,9 +505,13 @@ async fn session(
         _ => None,
     };
     let rebound_on = prober.as_ref().map(|p| p.path().clone());
-    // Peers learn our UDP endpoint from the first probe the server sees, so
-    // initiators wait for its ack (briefly) before asking for punches.
-    let mut up_at = prober.as_ref().map(|_| Instant::now() + UDP_WAIT);
+    // Peers learn our UDP endpoint from the first probe the server sees,
+    // and our endpoint in the other address family from the observe-only
+    // hello, so initiators wait for both (briefly: UDP_WAIT at most) before
+    // asking for punches. (Without the second wait, a punch asked for at
+    // once went out with one family: lab v6-name.)
+    let mut waiting = (prober.is_some(), observing.is_some());
+    let mut up_at = (waiting.0 || waiting.1).then(|| Instant::now() + UDP_WAIT);
     if up_at.is_none() {
         let _ = events.send(RvEvent::Up).await;
     }
@@ -526,12 +530,15 @@ async fn session(
                 if status.set_public_udp(udp) {
                     info!(public_udp = %udp, "UDP endpoint observed by the rendezvous");
                 }
-                if up_at.take().is_some() {
+                waiting.0 = false;
+                if !waiting.1 && up_at.take().is_some() {
                     let _ = events.send(RvEvent::Up).await;
                 }
             }
             _ = tokio::time::sleep_until(up_at.unwrap_or_else(Instant::now).into()), if up_at.is_some() => {
-                warn!("no answer to UDP probes yet (UDP blocked on the way to the rendezvous?); punching over TCP until one arrives");
+                if waiting.0 {
+                    warn!("no answer to UDP probes yet (UDP blocked on the way to the rendezvous?); punching over TCP until one arrives");
+                }
                 up_at = None;
                 let _ = events.send(RvEvent::Up).await;
             }
@@ -546,6 +553,10 @@ async fn session(
                     }
                     Ok(Err(e)) => info!(error = %e, "the rendezvous is not reachable over the other address family; offering this one only"),
                     Err(_) => info!(timeout_ms = OBSERVE_TIMEOUT.as_millis() as u64, "the rendezvous is not reachable over the other address family in time; offering this one only"),
+                }
+                waiting.1 = false;
+                if !waiting.0 && up_at.take().is_some() {
+                    let _ = events.send(RvEvent::Up).await;
                 }
             }
             _ = mapper.differs_from(mapped) => {
