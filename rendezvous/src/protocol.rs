@@ -75,6 +75,12 @@ pub enum ServerMsg {
         /// (whoever forges the welcome can forge this too).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         server_key: Option<String>,
+        /// This server takes observe-only hellos ([`Hello::observe_only`]):
+        /// a daemon shows it its endpoint in the other address family only
+        /// when this is set, because a server from before them reads such
+        /// a hello as a registration that replaces the daemon's own.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        observe_only: bool,
     },
     /// Answer to [`ClientMsg::Ping`].
     Pong {
@@ -615,6 +621,30 @@ mod tests {
         let c = moved.candidates.remove(0);
         moved.udp_candidates.insert(0, c);
         assert_eq!(verify_order(&vk, "alice", &nonce, &moved), bad);
+    }
+
+    #[test]
+    fn observe_only_is_off_the_wire_unless_used_and_off_by_default() {
+        // A welcome from a server before observe-only hellos: not offered.
+        let old = r#"{"type":"welcome","observed_addr":"203.0.113.2:1","server_time_us":1}"#;
+        let Ok(ServerMsg::Welcome { observe_only, .. }) = serde_json::from_str(old) else {
+            panic!("an older welcome parses")
+        };
+        assert!(!observe_only);
+        // A plain hello is the same bytes as before.
+        let h = ClientMsg::Hello(Hello {
+            version: PROTOCOL_VERSION,
+            name: "alice".into(),
+            public_key: String::new(),
+            local_addrs: vec![],
+            udp_port: None,
+            mapped_tcp: None,
+            mapped_udp: None,
+            token: None,
+            signature: String::new(),
+            observe_only: false,
+        });
+        assert!(!serde_json::to_string(&h).unwrap().contains("observe_only"));
     }
 
     #[test]

@@ -65,10 +65,12 @@ async fn a_dual_stack_server_hands_out_both_families() {
     // Alice registers over IPv4, then shows her IPv6 endpoint.
     let (mut a, wa) = support::hello(v4_addr, "alice", &key(1), None, false).await;
     let ServerMsg::Welcome {
-        observed_addr: a4, ..
+        observed_addr: a4,
+        observe_only: true,
+        ..
     } = wa
     else {
-        panic!("alice registers: {wa:?}")
+        panic!("alice registers, told observe-only hellos are taken: {wa:?}")
     };
     assert!(a4.is_ipv4());
     let ServerMsg::Welcome {

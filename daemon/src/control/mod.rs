@@ -378,6 +378,7 @@ async fn connect_and_register(settings: &mut RvSettings) -> Result<Registered, R
             observed_addr,
             udp_port,
             server_key,
+            observe_only,
             ..
         } => {
             note_server_key(settings.server_key.as_ref(), server_key.as_deref());
@@ -392,7 +393,10 @@ async fn connect_and_register(settings: &mut RvSettings) -> Result<Registered, R
                 udp_server: udp_port.zip(v4).map(|(p, a)| SocketAddr::new(a.ip(), p)),
                 nonce,
                 mapped,
-                other,
+                // Only a server that says it takes observe-only hellos
+                // gets one (an older one would take it for a registration
+                // replacing ours).
+                other: other.filter(|_| observe_only),
                 has_v6,
             })
         }

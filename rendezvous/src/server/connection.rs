@@ -155,6 +155,7 @@ async fn handshake(
         server_time_us: unix_time_us(),
         udp_port: shared.udp_port,
         server_key: Some(b64(shared.key.verifying_key().as_bytes())),
+        observe_only: true,
     };
     if send(ws, &welcome).await.is_err() {
         let _ = shared.store.unregister(&hello.name, conn_id).await;
@@ -192,6 +193,7 @@ async fn observe_only(
         server_time_us: unix_time_us(),
         udp_port: shared.udp_port,
         server_key: Some(b64(shared.key.verifying_key().as_bytes())),
+        observe_only: true,
     };
     send(ws, &welcome)
         .await
