@@ -61,6 +61,7 @@ pub mod forward;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod identity;
+pub mod nat;
 pub mod path;
 pub mod peer;
 pub mod portmap;

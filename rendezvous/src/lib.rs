@@ -25,6 +25,7 @@
 //!    its own TLS (`[tls]`), the handshake off the accept loop.
 
 pub mod datagram;
+pub mod nat;
 pub mod protocol;
 
 #[cfg(feature = "server")]

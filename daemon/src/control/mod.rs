@@ -40,6 +40,7 @@ use tracing::{debug, error, info, warn};
 pub(crate) mod clock;
 pub(crate) mod failover;
 pub(crate) mod link;
+pub mod netcheck;
 pub(crate) mod order;
 pub(crate) mod url;
 
@@ -176,6 +177,9 @@ pub(crate) struct RvSettings {
     pub(crate) quic: Option<Arc<QuicPath>>,
     /// The router's mapping of the punch port, announced in the hello.
     pub(crate) portmap: PortMapper,
+    /// NAT discovery, run before a registration when due; announced in
+    /// the hello.
+    pub(crate) nat: netcheck::NatCheck,
 }
 
 /// What registration returned.
@@ -273,6 +277,7 @@ async fn send(ws: &mut Ws, msg: &ClientMsg) -> Result<(), RvError> {
 }
 
 async fn connect_and_register(settings: &mut RvSettings) -> Result<Registered, RvError> {
+    let nat = settings.nat.refresh(&settings.endpoint).await;
     let endpoint = &settings.endpoint;
     let addr = tokio::net::lookup_host(endpoint.host_port())
         .await?
@@ -321,6 +326,7 @@ async fn connect_and_register(settings: &mut RvSettings) -> Result<Registered, R
         udp_port,
         mapped_tcp: mapped.0,
         mapped_udp: mapped.1,
+        nat,
         token: settings.token.as_ref().map(|t| t.expose().to_owned()),
         signature: sign_challenge(
             settings.identity.signing_key(),
@@ -688,6 +694,7 @@ mod tests {
             initiator: false,
             relay_token: String::new(),
             relay_url: None,
+            strategy: None,
             signature: None,
         };
         let server = ed25519_dalek::SigningKey::from_bytes(&[4; 32]);

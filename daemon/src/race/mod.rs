@@ -146,6 +146,9 @@ pub enum PunchError {
     /// The direct punch failed, and the mode forbids the relay.
     #[error("{0}; no relay fallback (mode = \"direct-only\")")]
     DirectOnly(Box<PunchError>),
+    /// Not punched: the order's strategy says go to the relay at once.
+    #[error("relayed at once (strategy relay-first): {0}")]
+    RelayFirst(punch_rendezvous::nat::RelayReason),
 }
 
 fn join(causes: &[Cause]) -> String {
@@ -165,7 +168,7 @@ impl PunchError {
         match self {
             PunchError::Failed { attempts, .. } => *attempts,
             PunchError::Relay { direct, .. } | PunchError::DirectOnly(direct) => direct.attempts(),
-            PunchError::NothingToTry | PunchError::Cancelled => 0,
+            PunchError::NothingToTry | PunchError::Cancelled | PunchError::RelayFirst(_) => 0,
         }
     }
 

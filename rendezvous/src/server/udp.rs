@@ -110,6 +110,7 @@ pub(crate) async fn serve(socket: UdpSocket, shared: Arc<Shared>) {
     let mut buf = [0u8; datagram::MAX_LEN + 1];
     let mut bucket = TokenBucket::new(PROBES_PER_SECOND, PROBE_BURST, Instant::now());
     let mut sources = Sources::default();
+    let mut observe_limits = super::observe::Limits::new(Instant::now());
     loop {
         let (n, from) = tokio::select! {
             _ = shared.cancel.cancelled() => break,
@@ -120,6 +121,15 @@ pub(crate) async fn serve(socket: UdpSocket, shared: Arc<Shared>) {
             },
         };
         let from = SocketAddr::new(from.ip().to_canonical(), from.port());
+        // NAT discovery's question, on the main endpoint.
+        if let Some(answer) =
+            super::observe::answer_datagram(&shared, &mut observe_limits, &buf[..n], from)
+        {
+            if let Some(reply) = answer {
+                let _ = socket.send_to(&reply, from).await;
+            }
+            continue;
+        }
         match observe(&shared, &mut bucket, &mut sources, &buf[..n], from).await {
             Ok(counter) => {
                 shared.metrics.udp_probes.fetch_add(1, Ordering::Relaxed);

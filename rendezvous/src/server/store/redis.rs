@@ -164,6 +164,9 @@ struct Record {
     mapped_tcp: Option<SocketAddr>,
     #[serde(default)]
     mapped_udp: Option<SocketAddr>,
+    /// What the daemon measured of its NAT (picks the pair's strategy).
+    #[serde(default)]
+    nat: Option<crate::nat::NatSummary>,
 }
 
 impl Record {
@@ -176,6 +179,7 @@ impl Record {
             rtt_us: r.rtt_us,
             mapped_tcp: r.mapped_tcp,
             mapped_udp: r.mapped_udp,
+            nat: r.nat,
         };
         serde_json::to_string(&rec).unwrap_or_default()
     }
@@ -212,6 +216,7 @@ fn parse_entry(
         // since a record is only as good as whoever wrote it.
         mapped_tcp: rec.mapped_tcp.filter(|m| m.ip() == rec.observed.ip()),
         mapped_udp: rec.mapped_udp.filter(|m| m.ip() == rec.observed.ip()),
+        nat: rec.nat,
         instance: Some(instance),
     })
 }
@@ -1025,6 +1030,7 @@ mod tests {
             initiator: false,
             relay_token: "t".into(),
             relay_url: Some("http://203.0.113.1:8080".into()),
+            strategy: None,
             signature: None,
         };
         let sig = Signal::Deliver {
