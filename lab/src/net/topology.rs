@@ -18,7 +18,7 @@ use std::path::Path;
 use anyhow::Result;
 
 use crate::net::linkem::{self, Impairment};
-use crate::net::nat::{ruleset, NatBehaviour};
+use crate::net::nat::{ruleset_at, NatBehaviour};
 use crate::net::netns::{remove_all, Netns};
 
 /// The rendezvous host's address.
@@ -113,9 +113,14 @@ fn to_internet(inet: &Netns, ns: &Netns, ifname: &str, port: &str, cidr: &str) -
 }
 
 fn make_nat(name: &str, behaviour: NatBehaviour) -> Result<Netns> {
+    make_nat_at(name, behaviour, None)
+}
+
+/// A NAT whose public address is `public` (for flavours that name it).
+fn make_nat_at(name: &str, behaviour: NatBehaviour, public: Option<&str>) -> Result<Netns> {
     let ns = Netns::create(name)?;
     ns.exec("sysctl", &["-qw", "net.ipv4.ip_forward=1"])?;
-    ns.nft(&ruleset(behaviour))?;
+    ns.nft(&ruleset_at(behaviour, public))?;
     Ok(ns)
 }
 
@@ -169,7 +174,8 @@ fn side_nat(
     host: &Netns,
     side: &SidePlan,
 ) -> Result<Netns> {
-    let nat = make_nat(name, behaviour)?;
+    let ip = side.public.split('/').next();
+    let nat = make_nat_at(name, behaviour, ip)?;
     to_internet(inet, &nat, "wan0", side.port, side.public)?;
     lan_host(
         &nat,

@@ -25,6 +25,7 @@
 pub mod bench;
 pub mod integrity;
 pub mod loadgen;
+pub mod netcheck;
 pub mod portmap;
 pub mod realism;
 pub mod recovery;

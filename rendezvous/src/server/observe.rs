@@ -16,7 +16,7 @@
 //! server-wide rate limits refuse the rest, counted in
 //! `punch_rendezvous_observe_refused_total`.
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
@@ -27,17 +27,9 @@ use serde::Serialize;
 use tokio::net::{TcpListener, UdpSocket};
 use tracing::{debug, info};
 
-use super::ratelimit::TokenBucket;
-use super::udp::SourceBuckets;
+use super::udp::{answer_observe, ObserveLimits as Limits};
 use super::Shared;
-use crate::datagram::{self, Datagram};
-
-/// Answers per second from one IP (all ports): a netcheck asks 8 times.
-const PER_IP_PER_SECOND: u32 = 20;
-const PER_IP_BURST: u32 = 40;
-/// Answers per second, server-wide, per transport.
-const PER_SECOND: u32 = 2_000;
-const BURST: u32 = 4_000;
+use crate::datagram;
 
 /// Answers and refusals, for `/metrics`.
 #[derive(Debug, Default)]
@@ -80,46 +72,15 @@ impl Counters {
         out
     }
 
+    /// An `observe` datagram answered (`ok`) or refused.
+    pub(crate) fn count_udp(&self, ok: bool) {
+        self.count(Via::Udp, ok);
+    }
+
     fn count(&self, via: Via, ok: bool) {
         let v = if ok { &self.answered } else { &self.refused };
         v[via as usize].fetch_add(1, Ordering::Relaxed);
     }
-}
-
-/// Rate limits for one transport's answers.
-#[derive(Debug)]
-pub(crate) struct Limits {
-    ips: SourceBuckets<IpAddr>,
-    all: TokenBucket,
-}
-
-impl Limits {
-    pub(crate) fn new(now: Instant) -> Self {
-        Self {
-            ips: SourceBuckets::new(PER_IP_PER_SECOND, PER_IP_BURST),
-            all: TokenBucket::new(PER_SECOND, BURST, now),
-        }
-    }
-
-    pub(crate) fn allow(&mut self, ip: IpAddr, now: Instant) -> bool {
-        self.ips.allow(ip, now) && self.all.allow(now)
-    }
-}
-
-/// The answer to an `observe` datagram from `from`, if `buf` is one and
-/// the limits allow it; `None` when `buf` is something else.
-pub(crate) fn answer_datagram(
-    shared: &Shared,
-    limits: &mut Limits,
-    buf: &[u8],
-    from: SocketAddr,
-) -> Option<Option<Vec<u8>>> {
-    let Some(Datagram::Observe { nonce }) = datagram::parse(buf) else {
-        return None;
-    };
-    let ok = limits.allow(from.ip(), Instant::now());
-    shared.observe.count(Via::Udp, ok);
-    Some(ok.then(|| datagram::observed(nonce, from)))
 }
 
 /// What `GET /v1/observe` answers: the address seen and where the other
@@ -223,7 +184,7 @@ pub(crate) async fn serve(s: Sockets, shared: Arc<Shared>) {
             r = s.udp.recv_from(&mut buf) => match r {
                 Ok((n, from)) => {
                     let from = SocketAddr::new(from.ip().to_canonical(), from.port());
-                    if let Some(Some(reply)) = answer_datagram(&shared, &mut udp_limits, &buf[..n], from) {
+                    if let Some(Some(reply)) = answer_observe(&shared, &mut udp_limits, &buf[..n], from) {
                         let _ = s.udp.send_to(&reply, from).await;
                     }
                 }
@@ -236,6 +197,7 @@ pub(crate) async fn serve(s: Sockets, shared: Arc<Shared>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::net::IpAddr;
 
     #[test]
     fn one_ip_is_held_to_its_rate() {
@@ -243,7 +205,7 @@ mod tests {
         let mut l = Limits::new(t0);
         let a: IpAddr = "192.0.2.1".parse().unwrap();
         let allowed = (0..100).filter(|_| l.allow(a, t0)).count();
-        assert_eq!(allowed, PER_IP_BURST as usize);
+        assert_eq!(allowed, super::super::udp::OBSERVE_BURST_PER_IP as usize);
         assert!(l.allow("192.0.2.2".parse().unwrap(), t0));
     }
 }
