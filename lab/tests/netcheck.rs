@@ -30,3 +30,19 @@ fn two_random_nats_are_relayed_at_once() {
         |b| punch_lab::suites::netcheck::hard_pair_relays_at_once(b, runs),
     );
 }
+
+/// Predictable (numgen) + easy: direct over QUIC through port prediction
+/// (2 runs here; `lab/hard-nat-runs.sh` runs 20).
+#[test]
+fn a_predictable_nat_and_an_easy_one_go_direct() {
+    let runs = std::env::var("PUNCH_LAB_RUNS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(2);
+    punch_lab::harness::preflight::case(
+        "netcheck",
+        "predict",
+        env!("CARGO_BIN_EXE_punch-lab-tool"),
+        |b| punch_lab::suites::netcheck::predictable_and_easy_go_direct(b, runs),
+    );
+}

@@ -105,6 +105,38 @@ pub enum Strategy {
         /// Why, for status and logs.
         reason: RelayReason,
     },
+    /// The peer's NAT maps UDP endpoint-dependently but sequentially: its
+    /// mapping toward us will be one of the next few ports after the last
+    /// one seen. Punch those too (the QUIC path). Sent to the easy side
+    /// only; the predictable side punches as usual, which opens that
+    /// mapping.
+    PredictUdp(Box<Prediction>),
+}
+
+/// Where to aim when the peer's NAT allocates ports in steps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Prediction {
+    /// The peer's last mapping seen (its UDP endpoint as observed).
+    pub base: std::net::SocketAddr,
+    /// The step between consecutive new mappings (NAT discovery's delta).
+    pub delta: i32,
+    /// How many next ports to punch: `base + delta × 1 ..= count`.
+    pub count: u16,
+}
+
+/// Ports predicted per punch: the peer's NAT gives its flows toward us
+/// (TCP and UDP punches, its rendezvous link) the next ports, so a window
+/// of 16 covers them on a quiet NAT; busier NATs need the relay.
+pub const PREDICT_COUNT: u16 = 16;
+
+impl Prediction {
+    /// The endpoints to punch, in the order the NAT will allocate them.
+    pub fn endpoints(&self) -> impl Iterator<Item = std::net::SocketAddr> + '_ {
+        (1..=self.count).map(move |k| {
+            let step = (self.delta as i16 as u16).wrapping_mul(k);
+            std::net::SocketAddr::new(self.base.ip(), self.base.port().wrapping_add(step))
+        })
+    }
 }
 
 /// Why a pair goes to the relay at once.
@@ -140,6 +172,37 @@ pub struct Side {
 impl Side {
     fn hard(&self) -> bool {
         !self.port_mapped && self.nat.is_some_and(|n| n.is_hard())
+    }
+}
+
+/// The strategy for `me`'s order against `other`, whose UDP endpoint was
+/// last seen at `other_udp` (the rendezvous's observation): relay-first
+/// for two hard sides ([`choose`]), port prediction when only `other`'s
+/// UDP mapping is endpoint-dependent with a known step and `me`'s is not
+/// hard, else today's timed punch.
+pub fn choose_for(me: Side, other: Side, other_udp: Option<std::net::SocketAddr>) -> Strategy {
+    let s = choose(me, other);
+    if s != Strategy::Timed {
+        return s;
+    }
+    let me_easy = me.port_mapped
+        || me
+            .nat
+            .is_some_and(|n| !n.udp.is_hard() && n.udp.delta.is_none());
+    match (other.nat, other_udp) {
+        (Some(n), Some(base))
+            if me_easy
+                && !other.port_mapped
+                && n.udp.mapping == Mapping::EndpointDependent
+                && n.udp.delta.is_some_and(|d| d != 0) =>
+        {
+            Strategy::PredictUdp(Box::new(Prediction {
+                base,
+                delta: n.udp.delta.unwrap_or(1),
+                count: PREDICT_COUNT,
+            }))
+        }
+        _ => Strategy::Timed,
     }
 }
 
@@ -200,6 +263,47 @@ mod tests {
             assert_eq!(choose(hard, other), Strategy::Timed, "{other:?}");
             assert_eq!(choose(other, hard), Strategy::Timed, "{other:?}");
         }
+    }
+
+    #[test]
+    fn a_predictable_peer_gets_predicted_from_the_easy_side_only() {
+        use Mapping::*;
+        let predictable = t(EndpointDependent, Some(256));
+        let easy = t(EndpointIndependent, None);
+        let random = t(EndpointDependent, None);
+        let base: std::net::SocketAddr = "203.0.113.3:12405".parse().unwrap();
+        let p = side(predictable, predictable, false);
+        let e = side(easy, easy, false);
+        let Strategy::PredictUdp(pred) = choose_for(e, p, Some(base)) else {
+            panic!("no prediction");
+        };
+        assert_eq!(pred.delta, 256);
+        let ports: Vec<u16> = pred.endpoints().map(|a| a.port()).collect();
+        assert_eq!(ports.len(), usize::from(PREDICT_COUNT));
+        assert_eq!(&ports[..3], &[12661, 12917, 13173]);
+        assert!(pred.endpoints().all(|a| a.ip() == base.ip()));
+        // The predictable side punches as usual; so does a random side,
+        // or one without the peer's endpoint, or a mapped peer.
+        assert_eq!(choose_for(p, e, Some(base)), Strategy::Timed);
+        assert_eq!(
+            choose_for(side(random, random, false), p, Some(base)),
+            Strategy::Timed
+        );
+        assert_eq!(choose_for(e, p, None), Strategy::Timed);
+        assert_eq!(
+            choose_for(e, side(predictable, predictable, true), Some(base)),
+            Strategy::Timed
+        );
+        // Steps wrap around 65535.
+        let wrap = Prediction {
+            base: "203.0.113.3:65535".parse().unwrap(),
+            delta: 1,
+            count: 2,
+        };
+        assert_eq!(
+            wrap.endpoints().map(|a| a.port()).collect::<Vec<_>>(),
+            vec![0, 1]
+        );
     }
 
     #[test]

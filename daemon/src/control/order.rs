@@ -25,6 +25,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use crate::admin::status::Limit;
+use punch_rendezvous::protocol::PunchOrder;
 
 /// Candidates kept per transport.
 pub(crate) const MAX_CANDIDATES: usize = 8;
@@ -78,6 +79,29 @@ pub(crate) fn trim_candidates(list: &mut Vec<SocketAddr>) -> Vec<Limit> {
     hits
 }
 
+/// Predicted ports one order may add (NAT discovery's port prediction,
+/// `Strategy::PredictUdp`): the server asks for
+/// [`punch_rendezvous::nat::PREDICT_COUNT`] (16); more is refused.
+pub(crate) const MAX_PREDICTED: u16 = 32;
+
+/// Checks the order's strategy against this daemon's own limits: a port
+/// prediction must aim at the peer's own UDP IP (one of the order's UDP
+/// candidates), with a non-zero step and at most [`MAX_PREDICTED`] ports.
+/// Anything else is dropped (the punch runs as a plain timed punch) and
+/// the limit returned, so a compromised server cannot turn predictions
+/// into a scan of another host or a flood.
+pub(crate) fn check_strategy(order: &mut PunchOrder) -> Option<Limit> {
+    let punch_rendezvous::nat::Strategy::PredictUdp(p) = order.strategy.as_ref()? else {
+        return None;
+    };
+    let peers_ip = order.udp_candidates.iter().any(|c| c.ip() == p.base.ip());
+    if p.count <= MAX_PREDICTED && p.delta != 0 && peers_ip && aimable(&p.base) {
+        return None;
+    }
+    order.strategy = None;
+    Some(Limit::Candidates)
+}
+
 /// Per-peer order budgets (a token bucket each).
 #[derive(Debug, Default)]
 pub(crate) struct OrderGate {
@@ -111,6 +135,43 @@ impl OrderGate {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_prediction_beyond_our_limits_or_off_the_peer_is_dropped() {
+        use punch_rendezvous::nat::{Prediction, Strategy};
+        let mut order = PunchOrder {
+            session: "s".into(),
+            peer: "bob".into(),
+            public_key: String::new(),
+            candidates: vec![],
+            udp_candidates: vec!["203.0.113.3:12405".parse().unwrap()],
+            at_us: 0,
+            initiator: true,
+            relay_token: String::new(),
+            relay_url: None,
+            strategy: None,
+            signature: None,
+        };
+        let with = |base: &str, delta, count| {
+            Some(Strategy::PredictUdp(Box::new(Prediction {
+                base: base.parse().unwrap(),
+                delta,
+                count,
+            })))
+        };
+        order.strategy = with("203.0.113.3:12405", 256, 16);
+        assert_eq!(check_strategy(&mut order), None);
+        assert!(order.strategy.is_some());
+        for bad in [
+            with("203.0.113.3:12405", 256, MAX_PREDICTED + 1),
+            with("203.0.113.3:12405", 0, 16),
+            with("192.0.2.99:12405", 1, 16),
+        ] {
+            order.strategy = bad;
+            assert_eq!(check_strategy(&mut order), Some(Limit::Candidates));
+            assert_eq!(order.strategy, None);
+        }
+    }
 
     fn a(s: &str) -> SocketAddr {
         s.parse().unwrap_or_else(|_| panic!("{s}"))

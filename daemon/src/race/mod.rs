@@ -392,6 +392,20 @@ pub(crate) async fn punch_direct(
         (Some(_), Role::Server) => Some(race.quic_incoming.lock().await),
         _ => None,
     };
+    // Port prediction (NAT discovery): the peer's next mappings too, after
+    // the order's own candidates. Checked against our limits on arrival.
+    let udp_candidates: Vec<std::net::SocketAddr> = match &order.strategy {
+        Some(punch_rendezvous::nat::Strategy::PredictUdp(p)) if quic.is_some() => {
+            info!(base = %p.base, delta = p.delta, count = p.count, "the peer's NAT allocates UDP ports in steps: punching its next ports too");
+            order
+                .udp_candidates
+                .iter()
+                .copied()
+                .chain(p.endpoints())
+                .collect()
+        }
+        _ => order.udp_candidates.clone(),
+    };
     let quic_engine = async {
         let path = quic?;
         let p = QuicPunch {
@@ -399,7 +413,7 @@ pub(crate) async fn punch_direct(
             session: &order.session,
             peer: race.key,
             role: race.role,
-            candidates: &order.udp_candidates,
+            candidates: &udp_candidates,
             fire_at: fire_at.into_std(),
             deadline: deadline.into_std(),
         };

@@ -72,6 +72,9 @@ pub struct Scenario {
     /// TOML appended to alice's and bob's `peer.toml` (more `[[forward]]`
     /// and `[[expose]]` entries).
     pub extra_config: (String, String),
+    /// alice starts this long after bob (bob registered and his UDP
+    /// endpoint observed before her first punch order); zero by default.
+    pub alice_after: std::time::Duration,
 }
 
 impl Scenario {
@@ -95,6 +98,7 @@ impl Scenario {
             rendezvous_instances: 1,
             redis: false,
             extra_config: (String::new(), String::new()),
+            alice_after: std::time::Duration::ZERO,
         }
     }
 }

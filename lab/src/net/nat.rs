@@ -22,7 +22,10 @@
 //!   and the same 4-tuple keeps its mapping. On these kernels the port
 //!   comes out byte-swapped (offset 30000 gave 12405, 12661, 12917: a
 //!   step of 256), which is why NAT discovery learns the step rather than
-//!   assuming +1.
+//!   assuming +1. Like `Firewall`, it drops unsolicited inbound packets to
+//!   itself before conntrack confirms them: an early punch datagram would
+//!   otherwise leave an entry that takes the very port the next flow is
+//!   due to get.
 
 /// How a NAT treats traffic.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -65,7 +68,7 @@ pub fn ruleset_at(b: NatBehaviour, public: Option<&str>) -> String {
         NatBehaviour::RejectRst => {
             "iifname \"wan0\" tcp flags & (syn | ack) == syn reject with tcp reset"
         }
-        NatBehaviour::Firewall => "iifname \"wan0\" ct state new drop",
+        NatBehaviour::Firewall | NatBehaviour::Predictable => "iifname \"wan0\" ct state new drop",
         _ => "",
     };
     let forward = match b {

@@ -41,6 +41,8 @@ pub enum Layout {
     OnePublic,
     /// hostA behind a home NAT behind a carrier NAT; hostB behind a NAT.
     DoubleNat,
+    /// Each host behind its own NAT, of two flavours (natA's, natB's).
+    Mixed(NatBehaviour, NatBehaviour),
 }
 
 /// A built network. Dropping it removes every namespace (and kills every
@@ -203,7 +205,7 @@ impl Topology {
         let host_b = Netns::create(&n("hostB"))?;
         let mut nats = Vec::new();
         let (outer_a, outer_b) = match layout {
-            Layout::TwoNats(_) => (Some(0), Some(1)),
+            Layout::TwoNats(_) | Layout::Mixed(..) => (Some(0), Some(1)),
             Layout::SameNat => (Some(0), None),
             Layout::OnePublic => (Some(0), None),
             Layout::DoubleNat => (Some(1), Some(2)),
@@ -211,6 +213,12 @@ impl Topology {
         let (bob_seen, alice_seen) = match layout {
             Layout::TwoNats(b) => {
                 let nat_a = side_nat(&n(SIDE_A.nat), b, &inet, &host_a, &SIDE_A)?;
+                let nat_b = side_nat(&n(SIDE_B.nat), b, &inet, &host_b, &SIDE_B)?;
+                nats.extend([nat_a, nat_b]);
+                ("203.0.113.3", "203.0.113.2")
+            }
+            Layout::Mixed(a, b) => {
+                let nat_a = side_nat(&n(SIDE_A.nat), a, &inet, &host_a, &SIDE_A)?;
                 let nat_b = side_nat(&n(SIDE_B.nat), b, &inet, &host_b, &SIDE_B)?;
                 nats.extend([nat_a, nat_b]);
                 ("203.0.113.3", "203.0.113.2")

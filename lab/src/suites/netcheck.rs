@@ -173,3 +173,82 @@ pub fn hard_pair_relays_at_once(bins: &Binaries, runs: usize) -> Result<String> 
         times.len()
     ))
 }
+
+/// alice behind a port-preserving NAT with an input firewall (easy), bob
+/// behind the predictable NAT (`numgen inc`, byte-swapped step 256), QUIC
+/// only: the rendezvous orders alice to punch bob's next 16 predicted
+/// ports too, and the pair goes direct. `runs` times; a direct path must
+/// come within 15 s of the start, and 8 MiB must cross it intact.
+pub fn predictable_and_easy_go_direct(bins: &Binaries, runs: usize) -> Result<String> {
+    use crate::harness::punchd_types::{PathState, Transport};
+    use crate::harness::run::Run;
+    use crate::harness::spec::{Expect, Scenario};
+    use crate::harness::status::first_peer;
+    let scenario = Scenario::new(
+        "predict",
+        Layout::Mixed(NatBehaviour::Firewall, NatBehaviour::Predictable),
+        Expect::Direct,
+    )
+    .with_transports(&[Transport::Quic]);
+    // bob up first: the prediction starts from his UDP endpoint as the
+    // rendezvous observed it, which an order made in the same millisecond
+    // as his registration does not have yet (README, "Hard NATs").
+    let scenario = Scenario {
+        alice_after: Duration::from_secs(2),
+        ..scenario
+    };
+    let mut rows = Vec::new();
+    for i in 0..runs {
+        let run = Run::start(&scenario, bins)?;
+        // Counts what alice sends toward bob's IP over UDP, from her LAN
+        // (punch datagrams, then QUIC's handshake): the probe budget.
+        run.topo.nats[0].nft(COUNT_RULE)?;
+        let result = (|| -> Result<(u64, u64, String, u64)> {
+            let doc = run.wait_path("alice", PathState::Direct, Duration::from_secs(15))?;
+            let sent = counted(&run.topo.nats[0])?;
+            if sent > PREDICT_PACKET_BOUND {
+                bail!("alice sent {sent} UDP packets toward bob before direct (bound {PREDICT_PACKET_BOUND})");
+            }
+            let ready = run.since_start().as_millis() as u64;
+            let peer = first_peer(&doc)?;
+            let punch_ms = peer.last_punch.as_ref().map_or(0, |p| p.elapsed_ms);
+            let remote = peer.remote_addr.clone().unwrap_or_default();
+            let bob = run.status("bob")?;
+            let nat = bob.nat.as_ref().context("bob has no nat in status")?;
+            if nat.delta_udp.is_none() {
+                bail!("bob's NAT was not found predictable: {nat:?}");
+            }
+            let t = run.transfer(8 << 20, 2)?;
+            if t.bytes != 8 << 20 {
+                bail!("moved {} of {} bytes", t.bytes, 8 << 20);
+            }
+            Ok((ready, punch_ms, remote, sent))
+        })();
+        match result {
+            Ok(r) => rows.push(r),
+            Err(e) => return Err(run.explain(e.context(format!("run {}", i + 1)))),
+        }
+    }
+    Ok(format!(
+        "predictable+easy direct over QUIC in {}/{runs} runs; (start -> direct ms, punch ms, bob seen at, UDP packets alice->bob before direct): {rows:?}",
+        rows.len()
+    ))
+}
+
+/// A counter on natA for UDP from alice's LAN toward bob's NAT.
+const COUNT_RULE: &str = "table ip lab_count {\n  chain counting { type filter hook forward priority -10; policy accept; iifname \"lan0\" ip daddr 203.0.113.3 meta l4proto udp counter; }\n}\n";
+
+/// What one predicting punch may send before it is direct: 2 candidates
+/// plus 16 predictions per round for at most 25 rounds (the QUIC punch's
+/// schedule), plus QUIC's handshake.
+const PREDICT_PACKET_BOUND: u64 = 18 * 25 + 50;
+
+fn counted(nat: &crate::net::netns::Netns) -> Result<u64> {
+    let out = nat.exec("nft", &["list", "table", "ip", "lab_count"])?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.split_whitespace()
+        .skip_while(|w| *w != "packets")
+        .nth(1)
+        .and_then(|n| n.parse().ok())
+        .with_context(|| format!("no counter in {text}"))
+}

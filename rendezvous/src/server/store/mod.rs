@@ -326,7 +326,11 @@ pub(crate) fn punch_orders(
     };
     // Only a strategy other than today's is written into the order, so
     // orders between daemons that measured nothing stay as they were.
-    let strategy = match crate::nat::choose(side(a), side(b)) {
+    let strategy = |me: &Registration, other: &Registration| match crate::nat::choose_for(
+        side(me),
+        side(other),
+        other.udp_observed,
+    ) {
         crate::nat::Strategy::Timed => None,
         s => Some(s),
     };
@@ -349,7 +353,7 @@ pub(crate) fn punch_orders(
                     relay_token: token.to_owned(),
                     // Set by a shared store for a peer on another instance.
                     relay_url: None,
-                    strategy: strategy.clone(),
+                    strategy: strategy(me.1, other.1),
                     // Signed on the way out, by the connection that
                     // knows the recipient's registration nonce.
                     signature: None,

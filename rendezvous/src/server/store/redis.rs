@@ -224,6 +224,9 @@ fn parse_entry(
 /// What instances tell each other.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "t", rename_all = "snake_case")]
+// `Deliver` carries a whole punch order; signals are queued at most 4,096
+// at a time, so boxing it would save little and cost an allocation each.
+#[allow(clippy::large_enum_variant)]
 pub(crate) enum Signal {
     /// A message for a daemon connected there. A punch order's `at_us` is
     /// in cluster time on the way.
