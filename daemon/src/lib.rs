@@ -19,6 +19,7 @@
 //! | [`punch`] | the TCP direct path: timed simultaneous open (`punch/plan.rs`, sans-IO) |
 //! | [`admin`] | HTTP admin API (token and Host check in `admin/auth.rs`), status model, `/metrics`, the `punchd status`/`repunch` client |
 //! | [`path`] | shared words: `Role`, `PathState`, `Transport` |
+//! | [`nat`] | NAT discovery's verdict: classification of observed mappings (`nat/classify.rs`, sans-IO), the `netcheck`/status document; the probing is `control/netcheck.rs` |
 //! | [`identity`], `backoff`, [`testdata`] | keys; retry spacing; test bytes |
 //! | `demo` | `punchd demo` and loopback helpers (feature `demo`: embeds the server) |
 //!
