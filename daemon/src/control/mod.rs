@@ -277,7 +277,6 @@ async fn send(ws: &mut Ws, msg: &ClientMsg) -> Result<(), RvError> {
 }
 
 async fn connect_and_register(settings: &mut RvSettings) -> Result<Registered, RvError> {
-    let nat = settings.nat.refresh(&settings.endpoint).await;
     let endpoint = &settings.endpoint;
     let addr = tokio::net::lookup_host(endpoint.host_port())
         .await?
@@ -313,7 +312,14 @@ async fn connect_and_register(settings: &mut RvSettings) -> Result<Registered, R
     };
     let udp_port = settings.quic.as_ref().map(|q| q.port());
     settings.portmap.start(local, settings.port, udp_port);
-    let mapped = portmap::endpoints(settings.portmap.settled(PORTMAP_WAIT).await);
+    // NAT discovery only once the server has spoken our protocol (a dead
+    // or foreign endpoint costs no extra connections), alongside the
+    // port-mapping probe, both before the hello that carries them.
+    let (mapped, nat) = tokio::join!(
+        settings.portmap.settled(PORTMAP_WAIT),
+        settings.nat.refresh(&settings.endpoint)
+    );
+    let mapped = portmap::endpoints(mapped);
     let hello = Hello {
         version: PROTOCOL_VERSION,
         name: settings.name.clone(),

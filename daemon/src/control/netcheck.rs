@@ -3,7 +3,9 @@
 //! classify (`crate::nat::classify`). `punchd netcheck` runs it once; the
 //! daemon runs it before registering when it has no result yet, when the
 //! default gateway changed since the last one (a network change), or when
-//! the last one is [`RECHECK_AFTER`] old.
+//! the last one is [`RECHECK_AFTER`] old (after a failed check, not again
+//! for a minute), once the server has answered the WebSocket with its
+//! challenge and before the hello that carries the result.
 //!
 //! The questions use fresh local ports, not the punch port: the rendezvous
 //! connection already holds the punch port's 4-tuple to `listen`, and a
@@ -305,14 +307,24 @@ pub(crate) struct NatCheck {
     board: std::sync::Arc<crate::nat::Board>,
     /// When the last check finished, and the gateway it ran behind.
     last: Option<(Instant, Option<Ipv4Addr>)>,
+    /// After a failed check, not again before this (a server without the
+    /// observe endpoints is not asked at every reconnect).
+    retry_at: Option<Instant>,
 }
+
+/// A failed check is tried again at a registration after this long.
+const RETRY_FAILED_AFTER: Duration = Duration::from_secs(60);
 
 /// A registration waits at most this long for a check.
 const CHECK_BUDGET: Duration = Duration::from_secs(5);
 
 impl NatCheck {
     pub(crate) fn new(board: std::sync::Arc<crate::nat::Board>) -> Self {
-        Self { board, last: None }
+        Self {
+            board,
+            last: None,
+            retry_at: None,
+        }
     }
 
     /// Checks again if there is no result yet, the default gateway changed
@@ -326,7 +338,7 @@ impl NatCheck {
         let due = match self.last {
             None => true,
             Some((at, was)) => was != gw || at.elapsed() >= RECHECK_AFTER,
-        };
+        } && self.retry_at.is_none_or(|t| Instant::now() >= t);
         if due {
             match tokio::time::timeout(CHECK_BUDGET, check(endpoint)).await {
                 Ok(Ok(doc)) => {
@@ -342,11 +354,16 @@ impl NatCheck {
                         );
                     }
                     self.last = Some((Instant::now(), gw));
+                    self.retry_at = None;
                 }
                 Ok(Err(e)) => {
-                    tracing::debug!(error = %e, "NAT discovery failed; keeping the last result")
+                    self.retry_at = Some(Instant::now() + RETRY_FAILED_AFTER);
+                    tracing::debug!(error = %e, "NAT discovery failed; keeping the last result");
                 }
-                Err(_) => tracing::debug!("NAT discovery timed out; keeping the last result"),
+                Err(_) => {
+                    self.retry_at = Some(Instant::now() + RETRY_FAILED_AFTER);
+                    tracing::debug!("NAT discovery timed out; keeping the last result");
+                }
             }
         }
         self.board.doc().map(|d| d.summary())
