@@ -46,3 +46,18 @@ fn a_predictable_nat_and_an_easy_one_go_direct() {
         |b| punch_lab::suites::netcheck::predictable_and_easy_go_direct(b, runs),
     );
 }
+
+/// Predictable + predictable: both predict, direct over QUIC (2 runs here).
+#[test]
+fn two_predictable_nats_go_direct() {
+    let runs = std::env::var("PUNCH_LAB_RUNS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(2);
+    punch_lab::harness::preflight::case(
+        "netcheck",
+        "predict2",
+        env!("CARGO_BIN_EXE_punch-lab-tool"),
+        |b| punch_lab::suites::netcheck::two_predictable_go_direct(b, runs),
+    );
+}

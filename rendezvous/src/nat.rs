@@ -107,9 +107,9 @@ pub enum Strategy {
     },
     /// The peer's NAT maps UDP endpoint-dependently but sequentially: its
     /// mapping toward us will be one of the next few ports after the last
-    /// one seen. Punch those too (the QUIC path). Sent to the easy side
-    /// only; the predictable side punches as usual, which opens that
-    /// mapping.
+    /// one seen. Punch those too, first and in order (the QUIC path). Sent
+    /// to a side facing a predictable peer; a predictable peer facing an
+    /// easy side punches as usual, which opens that very mapping.
     PredictUdp(Box<Prediction>),
 }
 
@@ -177,18 +177,19 @@ impl Side {
 
 /// The strategy for `me`'s order against `other`, whose UDP endpoint was
 /// last seen at `other_udp` (the rendezvous's observation): relay-first
-/// for two hard sides ([`choose`]), port prediction when only `other`'s
-/// UDP mapping is endpoint-dependent with a known step and `me`'s is not
-/// hard, else today's timed punch.
+/// for two hard sides ([`choose`]), port prediction when `other`'s UDP
+/// mapping is endpoint-dependent with a known step and `me`'s is not
+/// random, else today's timed punch. Two predictable sides both predict:
+/// each sends to the other's predicted ports first, in order, so each
+/// one's k-th new mapping meets the other's k-th.
 pub fn choose_for(me: Side, other: Side, other_udp: Option<std::net::SocketAddr>) -> Strategy {
     let s = choose(me, other);
     if s != Strategy::Timed {
         return s;
     }
-    let me_easy = me.port_mapped
-        || me
-            .nat
-            .is_some_and(|n| !n.udp.is_hard() && n.udp.delta.is_none());
+    // Not a random side: its own mapping toward the predicted ports must
+    // be one the peer can know (fixed, or itself predicted by the peer).
+    let me_easy = me.port_mapped || me.nat.is_some_and(|n| !n.udp.is_hard());
     match (other.nat, other_udp) {
         (Some(n), Some(base))
             if me_easy
@@ -285,6 +286,11 @@ mod tests {
         // The predictable side punches as usual; so does a random side,
         // or one without the peer's endpoint, or a mapped peer.
         assert_eq!(choose_for(p, e, Some(base)), Strategy::Timed);
+        // Two predictable sides predict each other.
+        assert!(matches!(
+            choose_for(p, p, Some(base)),
+            Strategy::PredictUdp(_)
+        ));
         assert_eq!(
             choose_for(side(random, random, false), p, Some(base)),
             Strategy::Timed

@@ -397,11 +397,11 @@ pub(crate) async fn punch_direct(
     let udp_candidates: Vec<std::net::SocketAddr> = match &order.strategy {
         Some(punch_rendezvous::nat::Strategy::PredictUdp(p)) if quic.is_some() => {
             info!(base = %p.base, delta = p.delta, count = p.count, "the peer's NAT allocates UDP ports in steps: punching its next ports too");
-            order
-                .udp_candidates
-                .iter()
-                .copied()
-                .chain(p.endpoints())
+            // Predictions first, in the order the peer's NAT allocates:
+            // when our NAT allocates in steps too, our k-th new mapping
+            // (toward its k-th prediction) is the one it predicts k-th.
+            p.endpoints()
+                .chain(order.udp_candidates.iter().copied())
                 .collect()
         }
         _ => order.udp_candidates.clone(),

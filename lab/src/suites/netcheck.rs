@@ -180,13 +180,28 @@ pub fn hard_pair_relays_at_once(bins: &Binaries, runs: usize) -> Result<String> 
 /// ports too, and the pair goes direct. `runs` times; a direct path must
 /// come within 15 s of the start, and 8 MiB must cross it intact.
 pub fn predictable_and_easy_go_direct(bins: &Binaries, runs: usize) -> Result<String> {
+    predicted_pair_goes_direct(bins, runs, NatBehaviour::Firewall, "predict")
+}
+
+/// Both NATs predictable: each side punches the other's predicted ports
+/// first, so their k-th new mappings meet.
+pub fn two_predictable_go_direct(bins: &Binaries, runs: usize) -> Result<String> {
+    predicted_pair_goes_direct(bins, runs, NatBehaviour::Predictable, "predict2")
+}
+
+fn predicted_pair_goes_direct(
+    bins: &Binaries,
+    runs: usize,
+    alice_nat: NatBehaviour,
+    name: &str,
+) -> Result<String> {
     use crate::harness::punchd_types::{PathState, Transport};
     use crate::harness::run::Run;
     use crate::harness::spec::{Expect, Scenario};
     use crate::harness::status::first_peer;
     let scenario = Scenario::new(
-        "predict",
-        Layout::Mixed(NatBehaviour::Firewall, NatBehaviour::Predictable),
+        name,
+        Layout::Mixed(alice_nat, NatBehaviour::Predictable),
         Expect::Direct,
     )
     .with_transports(&[Transport::Quic]);
@@ -230,7 +245,7 @@ pub fn predictable_and_easy_go_direct(bins: &Binaries, runs: usize) -> Result<St
         }
     }
     Ok(format!(
-        "predictable+easy direct over QUIC in {}/{runs} runs; (start -> direct ms, punch ms, bob seen at, UDP packets alice->bob before direct): {rows:?}",
+        "{name}: direct over QUIC in {}/{runs} runs; (start -> direct ms, punch ms, bob seen at, UDP packets alice->bob before direct): {rows:?}",
         rows.len()
     ))
 }
