@@ -540,6 +540,7 @@ async fn on_message(
             let mut hits = order::trim_candidates(&mut order.candidates);
             hits.extend(order::trim_candidates(&mut order.udp_candidates));
             hits.extend(order::check_strategy(&mut order));
+            hits.extend(gate.admit_prediction(&mut order, Instant::now()));
             if !hits.is_empty() {
                 for h in &hits {
                     me.status.limits.hit(*h);

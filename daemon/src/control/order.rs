@@ -102,13 +102,53 @@ pub(crate) fn check_strategy(order: &mut PunchOrder) -> Option<Limit> {
     Some(Limit::Candidates)
 }
 
-/// Per-peer order budgets (a token bucket each).
+/// Predicting punches per daemon, all peers together: a burst of
+/// [`PREDICT_BURST`], then one per [`PREDICT_REFILL`] (≤ 28 in a minute).
+/// Each sends at most [`MAX_PREDICTED`] × 25 rounds = 800 extra datagrams
+/// (400 with the server's 16), so a daemon sends at most ~22,400
+/// predicted datagrams a minute whatever the server orders; beyond the
+/// budget, orders run as plain timed punches.
+pub(crate) const PREDICT_BURST: u32 = 4;
+pub(crate) const PREDICT_REFILL: Duration = Duration::from_millis(2500);
+
+/// Per-peer order budgets (a token bucket each), and the daemon-wide
+/// budget of predicting punches.
 #[derive(Debug, Default)]
 pub(crate) struct OrderGate {
     buckets: HashMap<String, (f64, Instant)>,
+    predict: Option<(f64, Instant)>,
 }
 
 impl OrderGate {
+    /// Whether a predicting punch at `now` is within the daemon-wide
+    /// budget (and spends it if so). When it is not, the order's
+    /// prediction is dropped: `Some(limit)` to count.
+    pub(crate) fn admit_prediction(
+        &mut self,
+        order: &mut PunchOrder,
+        now: Instant,
+    ) -> Option<Limit> {
+        if !matches!(
+            order.strategy,
+            Some(punch_rendezvous::nat::Strategy::PredictUdp(_))
+        ) {
+            return None;
+        }
+        let burst = f64::from(PREDICT_BURST);
+        let (tokens, last) = self.predict.get_or_insert((burst, now));
+        let refill =
+            now.saturating_duration_since(*last).as_secs_f64() / PREDICT_REFILL.as_secs_f64();
+        *tokens = (*tokens + refill).min(burst);
+        *last = now;
+        if *tokens >= 1.0 {
+            *tokens -= 1.0;
+            None
+        } else {
+            order.strategy = None;
+            Some(Limit::Candidates)
+        }
+    }
+
     /// Whether an order for `peer` arriving at `now` is within budget
     /// (and spends it if so).
     pub(crate) fn admit(&mut self, peer: &str, now: Instant) -> bool {
@@ -162,6 +202,26 @@ mod tests {
         order.strategy = with("203.0.113.3:12405", 256, 16);
         assert_eq!(check_strategy(&mut order), None);
         assert!(order.strategy.is_some());
+        // The daemon-wide budget: a burst, then one per refill period.
+        let mut gate = OrderGate::default();
+        let t0 = Instant::now();
+        let mut admitted = 0;
+        for _ in 0..10 {
+            let mut o = order.clone();
+            if gate.admit_prediction(&mut o, t0).is_none() {
+                assert!(o.strategy.is_some());
+                admitted += 1;
+            } else {
+                assert_eq!(o.strategy, None, "a refused prediction is dropped");
+            }
+        }
+        assert_eq!(admitted, PREDICT_BURST);
+        let mut o = order.clone();
+        assert_eq!(gate.admit_prediction(&mut o, t0 + PREDICT_REFILL), None);
+        // Orders without a prediction never spend it.
+        let mut plain = order.clone();
+        plain.strategy = None;
+        assert_eq!(gate.admit_prediction(&mut plain, t0), None);
         for bad in [
             with("203.0.113.3:12405", 256, MAX_PREDICTED + 1),
             with("203.0.113.3:12405", 0, 16),
