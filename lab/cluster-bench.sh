@@ -9,8 +9,9 @@
 #     its two sides on two different instances, so each order to the far
 #     side goes through Redis pub/sub).
 # Needs redis-server (Debian: redis-server); no root. Loopback only. The
-# load generator holds 3 x CLIENTS sockets in one process: on a machine
-# whose hard fd limit is 20,000 (these), CLIENTS=6000 is the most.
+# three-instance part holds its daemons in one load process per instance
+# (no process needs more than ~CLIENTS sockets: the hard fd limit here is
+# 20,000 per process), so CLIENTS=10000 gives the 30,000 of issue 22.
 #   lab/cluster-bench.sh            # or: CLIENTS=3000 PAIRS="50" lab/cluster-bench.sh
 # Takes ~2 minutes plus the release build.
 set -euo pipefail
@@ -92,27 +93,45 @@ for port in 18181 18182 18183; do
   until "$bin/punch-lab-tool" get --addr "127.0.0.1:$port" --path /healthz 2>/dev/null | grep -q '"ok"'; do sleep 0.2; done
 done
 total=$(( clients * 3 ))
+# Each process holds at most 10,000-odd sockets (the hard fd limit here is
+# 20,000 per process and cannot be raised): one holder per instance with
+# clients - PAIR_CLIENTS/3 daemons, and the pair runs' own PAIR_CLIENTS
+# daemons (spread over the three) on top, so 3 x clients are registered
+# throughout. The holders outlive the pair runs, then stop by themselves.
+pair_clients=${PAIR_CLIENTS:-3000}
+per_holder=$(( clients - pair_clients / 3 ))
+runs=$(wc -w <<<"$pairs_list")
+hold_secs=$(( 16 + runs * (seconds + 25) ))
 before_a=$(rss "$a"); before_b=$(rss "$b"); before_c=$(rss "$c"); before_r=$(redis_mem)
 addrs="--addr 127.0.0.1:18181 --addr 127.0.0.1:18182 --addr 127.0.0.1:18183"
-# shellcheck disable=SC2086
-"$bin/punch-lab-tool" loadgen $addrs --clients "$total" --seconds 14 > "$work/hold3.json" &
-hold=$!
+holders=()
+first=$pair_clients   # the pair runs use load-0 … load-(pair_clients - 1)
+for port in 18181 18182 18183; do
+  "$bin/punch-lab-tool" loadgen --addr "127.0.0.1:$port" --clients "$per_holder" --first "$first" --seconds "$hold_secs" > "$work/hold3-$port.json" &
+  holders+=($!); pids+=($!)
+  first=$(( first + per_holder ))
+done
 sleep 13
 held_a=$(rss "$a"); held_b=$(rss "$b"); held_c=$(rss "$c"); held_r=$(redis_mem)
 keys=$(redis-cli -p "$redis_port" dbsize)
-wait "$hold"
+held=$(( per_holder * 3 ))
 for x in a b c; do
   bv=before_$x; hv=held_$x
-  echo "instance $x: RSS ${!bv} -> ${!hv} KiB: $(( (${!hv} - ${!bv}) * 1024 / clients )) bytes per daemon"
+  echo "instance $x: RSS ${!bv} -> ${!hv} KiB holding $per_holder: $(( (${!hv} - ${!bv}) * 1024 / per_holder )) bytes per daemon"
 done
-echo "redis: used_memory ${before_r} -> ${held_r} bytes for $keys keys: $(( (held_r - before_r) / total )) bytes per daemon"
-cat "$work/hold3.json"; echo
+echo "redis: used_memory ${before_r} -> ${held_r} bytes for $keys keys: $(( (held_r - before_r) / held )) bytes per daemon"
 for pairs in $pairs_list; do
-  echo "three instances, $total registered, $pairs pairs back to back, every pair across two instances:"
+  echo "three instances, $held held + $pair_clients registered = $(( held + pair_clients )), $pairs pairs back to back, every pair across two instances:"
   # shellcheck disable=SC2086
-  "$bin/punch-lab-tool" loadgen $addrs --clients "$total" --pairs "$pairs" --seconds "$seconds"
+  "$bin/punch-lab-tool" loadgen $addrs --clients "$pair_clients" --pairs "$pairs" --seconds "$seconds"
   echo
 done
+for port in 18181 18182 18183; do
+  echo "instance :$port connected daemons:"
+  "$bin/punch-lab-tool" get --addr "127.0.0.1:$port" --path /metrics | grep -E '^punch_rendezvous_connected_daemons' | sed 's/^/  /'
+done
+for h in "${holders[@]}"; do wait "$h" || true; done
+for port in 18181 18182 18183; do echo "holder :$port: $(cat "$work/hold3-$port.json")"; done
 for port in 18181 18182 18183; do
   echo "instance :$port cluster metrics:"
   "$bin/punch-lab-tool" get --addr "127.0.0.1:$port" --path /metrics | grep -E '^punch_rendezvous_(redis|cluster)_' | sed 's/^/  /'

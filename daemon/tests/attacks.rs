@@ -115,7 +115,15 @@ async fn two_thousand_connections_at_once(punch: &str, up: fn(&punchd::StatusDoc
         .status
         .render_metrics()
         .contains("punchd_forward_refused_total{"));
-    assert_eq!(alice.status.snapshot().forwards[0].total, FLOOD as u64 + 1);
+    // Every connection made here is counted (the flood and the honest
+    // one). At least, not exactly: the forward is a loopback port that any
+    // process on the host can reach, and CI once counted one more.
+    let total = alice.status.snapshot().forwards[0].total;
+    assert!(
+        total > FLOOD as u64,
+        "the forward counted {total} connections of the {} made",
+        FLOOD + 1
+    );
     lab.stop(vec![alice, bob]).await;
 }
 

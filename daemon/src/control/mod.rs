@@ -320,6 +320,9 @@ async fn connect_and_register(settings: &mut RvSettings) -> Result<Registered, R
         settings.nat.refresh(&settings.endpoint)
     );
     let mapped = portmap::endpoints(mapped);
+    if let Some(q) = &settings.quic {
+        q.set_mapped(mapped.1.is_some());
+    }
     let hello = Hello {
         version: PROTOCOL_VERSION,
         name: settings.name.clone(),

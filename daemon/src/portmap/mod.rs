@@ -384,7 +384,7 @@ async fn run(
                                 Some(g) if fresh => {
                                     let had = target.is_some();
                                     announce = announce_socket(local);
-                                    target = Some(Target { gateway: g, local, ports });
+                                    target = Some(Target { gateway: g, local, ports, external: None });
                                     if had { plan.gateway_changed(Instant::now()) } else { plan.start(Instant::now()) }
                                 }
                                 Some(_) => plan.tick(Instant::now()),
@@ -395,7 +395,7 @@ async fn run(
                             match (target, gateway::default_gateway()) {
                                 (Some(t), Some(g)) if t.gateway != g => {
                                     info!(old = %t.gateway, new = %g, "default gateway changed; probing the new one");
-                                    target = Some(Target { gateway: g, ..t });
+                                    target = Some(Target { gateway: g, external: None, ..t });
                                     plan.gateway_changed(now)
                                 }
                                 (Some(_), _) => plan.tunnel_lost(now),
@@ -414,8 +414,12 @@ async fn run(
                         let due = last_announce.is_none_or(|t| now.saturating_duration_since(t) >= ANNOUNCE_MIN_GAP);
                         if from_gateway && due {
                             last_announce = Some(now);
-                            info!(%from, "the gateway announced a restart or a new address; mapping again");
-                            plan.tunnel_lost(now)
+                            // A fresh external port: see `Plan::router_restarted`.
+                            if let Some(t) = target.as_mut() {
+                                t.external = proto::fresh_external(t.ports.tcp);
+                            }
+                            info!(%from, external_port = ?target.and_then(|t| t.external), "the gateway announced a restart or a new address; mapping again on a fresh external port");
+                            plan.router_restarted(now)
                         } else {
                             plan.tick(now)
                         }
@@ -533,6 +537,7 @@ pub(crate) async fn gateway_answers(local: Ipv4Addr, port: u16) -> Vec<String> {
         gateway,
         local,
         ports: Ports { tcp, udp: None },
+        external: None,
     };
     let (pcp, pmp, upnp) = tokio::join!(
         proto::map_pcp(t, PROBE_TIMEOUT),

@@ -211,6 +211,24 @@ impl Plan {
         }
     }
 
+    /// The gateway announced a restart (PCP/NAT-PMP, to 224.0.0.1:5350):
+    /// it has forgotten our mapping. Map again from scratch, and the caller
+    /// asks for a *fresh* external port. Why not the old one: between the
+    /// restart and our request, a peer's packets to the old port found no
+    /// mapping, and the router's connection tracking keeps an unmapped
+    /// entry for that flow for as long as the peer keeps sending (it does:
+    /// it is punching). A mapping re-created on the same port stays hidden
+    /// from that peer behind the entry, and the tunnel ends relayed (seen
+    /// in the lab, 2 runs in 3). A new port has no such entry; the new
+    /// endpoint reaches the peer with the next registration update.
+    pub(crate) fn router_restarted(&mut self, now: Instant) -> Action {
+        match self.state {
+            State::Mapped { .. } => self.probe(now),
+            State::Unavailable { .. } if self.probe_allowed(now) => self.probe(now),
+            _ => self.next(now),
+        }
+    }
+
     /// The default gateway changed: whatever we held was with another router.
     pub(crate) fn gateway_changed(&mut self, now: Instant) -> Action {
         match self.state {
@@ -360,6 +378,39 @@ mod tests {
             p.probed(t0, Some(grant(Protocol::Pcp, 40000, 1))),
             Action::WaitUntil(t0 + MIN_LEASE / 2)
         );
+    }
+
+    #[test]
+    fn a_restarted_router_is_mapped_again_from_scratch() {
+        let t0 = Instant::now();
+        let mut p = Plan::new();
+        p.start(t0);
+        p.probed(t0, Some(grant(Protocol::Pcp, 40000, 3600)));
+        // Not a renewal of the old port: a new mapping.
+        assert_eq!(
+            p.router_restarted(t0 + Duration::from_secs(9)),
+            Action::Probe
+        );
+        assert_eq!(p.state(), State::Probing);
+        // A second announcement while probing changes nothing.
+        assert!(matches!(
+            p.router_restarted(t0 + Duration::from_secs(9)),
+            Action::WaitUntil(_)
+        ));
+        p.probed(
+            t0 + Duration::from_secs(10),
+            Some(grant(Protocol::Pcp, 51234, 3600)),
+        );
+        assert_eq!(p.grant().map(|g| g.external_tcp.port()), Some(51234));
+        // A router-less LAN is not probed more than once per REPROBE_MIN.
+        let mut q = Plan::new();
+        q.start(t0);
+        q.probed(t0, None);
+        assert!(matches!(
+            q.router_restarted(t0 + Duration::from_secs(1)),
+            Action::WaitUntil(_)
+        ));
+        assert_eq!(q.router_restarted(t0 + REPROBE_MIN), Action::Probe);
     }
 
     #[test]

@@ -45,6 +45,31 @@ pub(crate) struct Target {
     /// Our address on the gateway's LAN.
     pub(crate) local: Ipv4Addr,
     pub(crate) ports: Ports,
+    /// The external port to ask for; None asks for the internal one (so
+    /// the mapping and the NAT's own port-preserving choice agree). After
+    /// a router restart we ask for a fresh one instead: see
+    /// [`super::plan::Plan::router_restarted`].
+    pub(crate) external: Option<NonZeroU16>,
+}
+
+impl Target {
+    /// The external port to request for this internal one.
+    fn wanted(&self, internal: NonZeroU16) -> NonZeroU16 {
+        self.external.unwrap_or(internal)
+    }
+}
+
+/// A random external port in 20000-60999 other than `internal`: where a
+/// restarted router has no stale state for any peer (see
+/// [`super::plan::Plan::router_restarted`]).
+pub(crate) fn fresh_external(internal: NonZeroU16) -> Option<NonZeroU16> {
+    let mut b = [0u8; 2];
+    getrandom::fill(&mut b).ok()?;
+    let mut port = 20_000 + u16::from_le_bytes(b) % 41_000;
+    if port == internal.get() {
+        port = 20_000 + (port - 20_000 + 1) % 41_000;
+    }
+    NonZeroU16::new(port)
 }
 
 /// Why one protocol gave no mapping.
@@ -58,6 +83,15 @@ pub(crate) enum MapError {
     Upnp(String),
     #[error("no answer within {0:?}")]
     Timeout(Duration),
+}
+
+impl From<crab_nat::MappingFailure> for MapError {
+    fn from(e: crab_nat::MappingFailure) -> Self {
+        match e {
+            crab_nat::MappingFailure::NatPmp(e) => MapError::NatPmp(e),
+            crab_nat::MappingFailure::Pcp(e) => MapError::Pcp(e),
+        }
+    }
 }
 
 impl MapError {
@@ -174,7 +208,7 @@ pub(crate) async fn map_pcp(t: Target, budget: Duration) -> Result<Held, MapErro
                 pcp::BaseMapRequest::new(t.gateway.into(), t.local.into(), proto, port),
                 None,
                 None,
-                options(port, budget),
+                options(t.wanted(port), budget),
             )
         };
         let udp = match t.ports.udp {
@@ -213,7 +247,12 @@ pub(crate) async fn map_natpmp(
 ) -> Result<Held, MapError> {
     bounded(budget, async {
         let one = |proto, port: NonZeroU16| {
-            natpmp::port_mapping(t.gateway.into(), proto, port, options(port, budget))
+            natpmp::port_mapping(
+                t.gateway.into(),
+                proto,
+                port,
+                options(t.wanted(port), budget),
+            )
         };
         let udp = match t.ports.udp {
             Some(p) => Some(one(InternetProtocol::Udp, p).await?),
@@ -241,11 +280,44 @@ pub(crate) async fn upnp_search(t: Target, budget: Duration) -> Result<Gateway<T
     opts.single_search_timeout = Some(budget);
     opts.gateway_ip_version = igd_next::GatewayIpVersion::V4;
     bounded(budget, async {
-        igd_next::aio::tokio::search_gateway(opts)
-            .await
-            .map_err(|e| MapError::Upnp(format!("search: {e}")))
+        tokio::select! {
+            r = igd_next::aio::tokio::search_gateway(opts) => {
+                r.map_err(|e| MapError::Upnp(format!("search: {e}")))
+            }
+            e = ssdp_refused(t) => Err(e),
+        }
     })
     .await
+}
+
+/// Resolves only if the gateway's SSDP port is closed (ICMP port
+/// unreachable), so a LAN without UPnP costs a round trip, not the whole
+/// search budget: `igd-next` searches from an unconnected socket, which
+/// never sees the ICMP error, and waits out its timeout (measured: 1 s
+/// added to the first registration on a router-less LAN). Sends one
+/// M-SEARCH from a connected socket; any answer is left to `igd-next`.
+async fn ssdp_refused(t: Target) -> MapError {
+    const SEARCH: &[u8] = b"M-SEARCH * HTTP/1.1\r\nHOST: 239.255.255.250:1900\r\n\
+        MAN: \"ssdp:discover\"\r\nMX: 1\r\n\
+        ST: urn:schemas-upnp-org:device:InternetGatewayDevice:1\r\n\r\n";
+    let closed = async {
+        let s = tokio::net::UdpSocket::bind(SocketAddr::new(t.local.into(), 0)).await?;
+        s.connect(SocketAddr::new(t.gateway.into(), 1900)).await?;
+        s.send(SEARCH).await?;
+        let mut buf = [0u8; 64];
+        loop {
+            // An answer (Ok) is igd-next's business; only a refusal ends this.
+            s.recv(&mut buf).await?;
+        }
+    };
+    let r: std::io::Result<()> = closed.await;
+    match r {
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+            MapError::Upnp("search: the gateway's SSDP port is closed".into())
+        }
+        // Any other error says nothing about UPnP: leave it to the search.
+        _ => std::future::pending().await,
+    }
 }
 
 pub(crate) async fn map_upnp(
@@ -263,11 +335,12 @@ pub(crate) async fn map_upnp(
             let gateway = &gateway;
             async move {
                 let local = SocketAddr::new(t.local.into(), port.get());
+                let external = t.wanted(port).get();
                 match gateway
-                    .add_port(proto, port.get(), local, lease, DESCRIPTION)
+                    .add_port(proto, external, local, lease, DESCRIPTION)
                     .await
                 {
-                    Ok(()) => Ok(port.get()),
+                    Ok(()) => Ok(external),
                     // Someone else holds that external port: take the one the router picks.
                     Err(igd_next::AddPortError::PortInUse) => gateway
                         .add_any_port(proto, local, lease, DESCRIPTION)
@@ -297,14 +370,10 @@ pub(crate) async fn renew(held: &mut Held, t: Target) -> Result<(), MapError> {
     bounded(REQUEST_TIMEOUT, async {
         match held {
             Held::Crab { tcp, udp, .. } => {
-                let proto_err = |e: crab_nat::MappingFailure| match e {
-                    crab_nat::MappingFailure::NatPmp(e) => MapError::NatPmp(e),
-                    crab_nat::MappingFailure::Pcp(e) => MapError::Pcp(e),
-                };
                 if let Some(u) = udp.as_mut() {
-                    u.renew().await.map_err(proto_err)?;
+                    u.renew().await.map_err(MapError::from)?;
                 }
-                tcp.renew().await.map_err(proto_err)?;
+                tcp.renew().await.map_err(MapError::from)?;
                 Ok(())
             }
             Held::Upnp {
@@ -341,14 +410,10 @@ pub(crate) async fn remove(held: Held) -> Result<(), MapError> {
     bounded(REQUEST_TIMEOUT, async {
         match held {
             Held::Crab { tcp, udp, .. } => {
-                let proto_err = |e: crab_nat::MappingFailure| match e {
-                    crab_nat::MappingFailure::NatPmp(e) => MapError::NatPmp(e),
-                    crab_nat::MappingFailure::Pcp(e) => MapError::Pcp(e),
-                };
                 if let Some(u) = udp {
-                    u.try_drop().await.map_err(|(e, _)| proto_err(e))?;
+                    u.try_drop().await.map_err(|(e, _)| MapError::from(e))?;
                 }
-                tcp.try_drop().await.map_err(|(e, _)| proto_err(e))
+                tcp.try_drop().await.map_err(|(e, _)| MapError::from(e))
             }
             Held::Upnp {
                 gateway, tcp, udp, ..

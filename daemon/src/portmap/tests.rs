@@ -20,6 +20,7 @@ fn target(gw: Ipv4Addr) -> Target {
             tcp: NonZeroU16::new(40000).unwrap_or(NonZeroU16::MIN),
             udp: NonZeroU16::new(40000),
         },
+        external: None,
     }
 }
 

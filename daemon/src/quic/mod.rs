@@ -86,6 +86,9 @@ pub(crate) struct QuicPath {
     /// QUIC tunnels in service (a re-bind would move them off their
     /// punched mappings).
     live: Arc<AtomicUsize>,
+    /// The router maps this port (port mapping): peers reach us through
+    /// that mapping, so the port stays put (see [`QuicPath::set_mapped`]).
+    mapped: std::sync::atomic::AtomicBool,
     runtime: Arc<dyn quinn::Runtime>,
     transport: Arc<TransportConfig>,
     identity: Identity,
@@ -183,6 +186,7 @@ impl QuicPath {
             port: AtomicU16::new(local.port()),
             rebound: Notify::new(),
             live: Arc::new(AtomicUsize::new(0)),
+            mapped: std::sync::atomic::AtomicBool::new(false),
             runtime,
             transport,
             identity: identity.clone(),
@@ -216,6 +220,10 @@ impl QuicPath {
         if self.live.load(Ordering::Relaxed) > 0 || self.endpoint.open_connections() > 0 {
             return None;
         }
+        if self.mapped.load(Ordering::Relaxed) {
+            debug!("{why}; QUIC keeps its port: the router maps it for our peers");
+            return None;
+        }
         let fresh = std::net::UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))
             .and_then(|s| Ok((s.local_addr()?.port(), self.runtime.wrap_udp_socket(s)?)));
         let (port, inner) = match fresh {
@@ -242,6 +250,16 @@ impl QuicPath {
         );
         self.rebound.notify_one();
         Some(port)
+    }
+
+    /// Says whether the router maps this UDP port for us (port mapping).
+    /// A mapped port is not moved to a fresh one: the mapping is how peers
+    /// reach us, and a move would leave it pointing at a closed port. (The
+    /// stale conntrack entries a move escapes cannot form on a mapped port:
+    /// the router's mapping, re-made on a fresh external port after a
+    /// restart, decides where the peer's packets go.)
+    pub(crate) fn set_mapped(&self, mapped: bool) {
+        self.mapped.store(mapped, Ordering::Relaxed);
     }
 
     /// After a QUIC tunnel's path died (no keepalive answer, idle timeout).

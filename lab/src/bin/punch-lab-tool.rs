@@ -189,6 +189,10 @@ enum Cmd {
         /// How long to hold / to request punches, in seconds.
         #[arg(long, default_value_t = 5)]
         seconds: u64,
+        /// Number of the first client (names `load-N`…): load processes
+        /// run side by side need distinct names, or they replace each other.
+        #[arg(long, default_value_t = 0)]
+        first: usize,
     },
     /// The fault-injecting soak: checked streams both ways while NATs are
     /// flushed, daemons and the rendezvous killed, links lose packets;
@@ -323,10 +327,11 @@ fn main() -> ExitCode {
             clients,
             pairs,
             seconds,
+            first,
         } => finish(
             runtime().block_on(punch_lab::suites::loadgen::run(
                 &addr,
-                clients,
+                first..first + clients,
                 pairs,
                 std::time::Duration::from_secs(seconds),
             )),

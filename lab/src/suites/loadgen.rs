@@ -99,15 +99,16 @@ pub async fn register(addr: SocketAddr, name: &str, seed: u64) -> Result<Ws> {
     }
 }
 
-/// Registers `clients` clients, holds them for `hold`, and if `pairs` > 0
-/// has that many pairs ask for punches back to back for `hold`.
+/// Registers the clients numbered `ids` (named `load-N`, so processes
+/// run side by side take distinct ranges), holds them for `hold`, and if
+/// `pairs` > 0 has that many pairs ask for punches back to back for `hold`.
 ///
 /// With several `addrs` (rendezvous instances sharing Redis), client `i`
 /// registers on `addrs[i % n]`; the two clients of a pair (`2p`, `2p + 1`)
 /// then sit on different instances, so every coordination crosses them.
 pub async fn run(
     addrs: &[SocketAddr],
-    clients: usize,
+    ids: std::ops::Range<usize>,
     pairs: usize,
     hold: Duration,
 ) -> Result<LoadReport> {
@@ -117,12 +118,14 @@ pub async fn run(
     let t0 = Instant::now();
     let gate = Arc::new(Semaphore::new(256));
     let mut set = tokio::task::JoinSet::new();
+    let (first, clients) = (ids.start, ids.len());
     for i in 0..clients {
         let gate = gate.clone();
         let addr = addrs[i % addrs.len()];
+        let id = first + i;
         set.spawn(async move {
             let _permit = gate.acquire().await;
-            (i, register(addr, &format!("load-{i}"), i as u64).await)
+            (i, register(addr, &format!("load-{id}"), id as u64).await)
         });
     }
     let mut sockets: Vec<Option<Ws>> = (0..clients).map(|_| None).collect();
@@ -145,7 +148,7 @@ pub async fn run(
             let (Some(mut a), Some(mut b)) = (a, b) else {
                 continue;
             };
-            let peer = format!("load-{}", 2 * p + 1);
+            let peer = format!("load-{}", first + 2 * p + 1);
             tasks.spawn(async move {
                 let mut lat = Vec::new();
                 let mut errors = 0u64;
