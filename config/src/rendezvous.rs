@@ -28,6 +28,14 @@ pub struct RendezvousConfig {
     /// server, the host from their `url`).
     #[serde(default)]
     pub udp_listen: Option<SocketAddr>,
+    /// NAT discovery's second endpoint (TCP and UDP, on `listen`'s
+    /// address): it answers every connection or `observe` datagram with
+    /// the source address it saw, so a daemon comparing it with what
+    /// `listen` saw learns whether its NAT maps endpoint-independently.
+    /// Default: `listen`'s port + 1 (not bound, with a warning, if that is
+    /// taken); 0 turns it off.
+    #[serde(default)]
+    pub observe_port: Option<u16>,
     /// When set, every daemon must present this token in its hello.
     #[serde(default)]
     pub token: Option<Secret>,
@@ -84,6 +92,7 @@ impl Default for RendezvousConfig {
         Self {
             listen: default_listen(),
             udp_listen: None,
+            observe_port: None,
             token: None,
             token_file: None,
             key_file: None,

@@ -357,6 +357,7 @@ async fn start_inner(
         } else {
             crate::portmap::PortMapper::disabled()
         },
+        nat: control::netcheck::NatCheck::new(board.nat.clone()),
     };
     tracker.spawn(
         control::run(settings, rv_ev_tx, rv_cmd_rx, board.clone(), cancel.clone())

@@ -19,6 +19,7 @@
 //! | [`punch`] | the TCP direct path: timed simultaneous open (`punch/plan.rs`, sans-IO); address families (`punch/family.rs`: IPv6 addresses to offer, the happy-eyeballs head start) |
 //! | [`admin`] | HTTP admin API (token and Host check in `admin/auth.rs`), status model, `/metrics`, the `punchd status`/`repunch` client |
 //! | [`path`] | shared words: `Role`, `PathState`, `Transport` |
+//! | [`nat`] | NAT discovery's verdict: classification of observed mappings (`nat/classify.rs`, sans-IO), the `netcheck`/status document; the probing is `control/netcheck.rs` |
 //! | [`identity`], `backoff`, [`testdata`] | keys; retry spacing; test bytes |
 //! | `demo` | `punchd demo` and loopback helpers (feature `demo`: embeds the server) |
 //!
@@ -61,6 +62,7 @@ pub mod forward;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod identity;
+pub mod nat;
 pub mod path;
 pub mod peer;
 pub mod portmap;

@@ -93,6 +93,18 @@ enum Command {
         #[arg(long, value_name = "FILE")]
         token_file: Option<PathBuf>,
     },
+    /// Find out how this host's NAT maps TCP and UDP (endpoint-independent,
+    /// endpoint-dependent or blocked; port preservation; a predictable
+    /// step) and which port-mapping protocols the gateway answers, by
+    /// asking the configured rendezvous. Needs no running daemon.
+    Netcheck {
+        /// The peer.toml whose rendezvous to ask.
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+        /// Print the JSON document (the same as status's `nat`).
+        #[arg(long)]
+        json: bool,
+    },
     /// Run an embedded rendezvous and two daemons on loopback, push bytes
     /// through a forward, print a report.
     Demo {
@@ -232,6 +244,7 @@ fn dispatch(cli: Cli) -> Result<(), Failure> {
             reload(&target)
         }
         (Some(Command::Demo { verbose }), _) => demo(verbose),
+        (Some(Command::Netcheck { config, json }), _) => netcheck(&config, json),
         (Some(Command::Completions { shell }), _) => {
             clap_complete::generate(shell, &mut Cli::command(), "punchd", &mut std::io::stdout());
             Ok(())
@@ -248,6 +261,22 @@ fn tokio_runtime() -> Result<tokio::runtime::Runtime, Failure> {
     tokio::runtime::Runtime::new()
         .context("cannot start the async runtime")
         .map_err(runtime)
+}
+
+fn netcheck(config: &Path, json: bool) -> Result<(), Failure> {
+    let cfg = PeerConfig::load(config).map_err(usage)?;
+    let doc = tokio_runtime()?
+        .block_on(punchd::control::netcheck::netcheck(&cfg))
+        .map_err(runtime)?;
+    if json {
+        let text = serde_json::to_string_pretty(&doc)
+            .context("cannot print the report")
+            .map_err(runtime)?;
+        println!("{text}");
+    } else {
+        print!("{}", doc.human());
+    }
+    Ok(())
 }
 
 fn keygen(out: &Path) -> Result<(), Failure> {

@@ -166,6 +166,24 @@ fn documented() -> Vec<(&'static str, Kind, Vec<Label>)> {
             vec![protocol.clone()],
         ),
         ("punchd_portmap_mapped", Kind::Gauge, vec![protocol]),
+        (
+            "punchd_nat_mapping",
+            Kind::Gauge,
+            vec![
+                ("transport", Some(vec!["tcp", "udp"])),
+                (
+                    "mapping",
+                    Some(vec![
+                        "endpoint-independent",
+                        "endpoint-dependent",
+                        "blocked",
+                        "unknown",
+                    ]),
+                ),
+            ],
+        ),
+        ("punchd_nat_checks_total", Kind::Counter, vec![]),
+        ("punchd_nat_changes_total", Kind::Counter, vec![]),
     ]
 }
 

@@ -7,7 +7,15 @@
 //! daemon → server  probe {name, counter, local_port, signature}   "this is my UDP mapping"
 //! server → daemon  ack   {counter, observed}          (keeps the mapping two-way)
 //! daemon ⇄ daemon  punch {session}                    (opens each NAT for the other)
+//! anyone → server   observe {nonce}                   "what address do you see?"
+//! server → anyone   observed {nonce, observed}        (NAT discovery, `punchd netcheck`)
 //! ```
+//!
+//! `observe` is unsigned: its answer only tells the sender its own source
+//! address, which is no secret from the sender. It is padded to
+//! [`OBSERVE_LEN`], longer than any answer, so the server never sends more
+//! than it received (no amplification), and answered under per-source
+//! rate limits.
 //!
 //! Every one starts with [`MAGIC`], whose first byte is zero. A QUIC v1
 //! packet always has its "fixed bit" (0x40) set unless both ends agreed to
@@ -32,6 +40,12 @@ pub const PROBE_CONTEXT: &[u8] = b"punchd-udp-probe-v1:";
 const KIND_PROBE: u8 = 1;
 const KIND_ACK: u8 = 2;
 const KIND_PUNCH: u8 = 3;
+const KIND_OBSERVE: u8 = 4;
+const KIND_OBSERVED: u8 = 5;
+
+/// Length of an `observe` request (padded with zeros): at least the
+/// longest `observed` answer (32 bytes for IPv6), so answers never amplify.
+pub const OBSERVE_LEN: usize = 40;
 
 /// Longest datagram of ours (a probe with a 63-byte name).
 pub const MAX_LEN: usize = 4 + 1 + 1 + 63 + 8 + 2 + 64;
@@ -63,6 +77,18 @@ pub enum Datagram<'a> {
     Punch {
         /// The punch session (from the order).
         session: &'a str,
+    },
+    /// "What source address do you see?" (NAT discovery).
+    Observe {
+        /// Echoed in the answer, to match it to the question.
+        nonce: u64,
+    },
+    /// The answer to [`Datagram::Observe`].
+    Observed {
+        /// The question's nonce.
+        nonce: u64,
+        /// The question's source address as the server saw it.
+        observed: SocketAddr,
     },
 }
 
@@ -122,8 +148,26 @@ pub fn verify_probe(
 
 /// The server's answer to a probe.
 pub fn ack(counter: u64, observed: SocketAddr) -> Vec<u8> {
+    addressed(KIND_ACK, counter, observed)
+}
+
+/// A NAT-discovery question (padded to [`OBSERVE_LEN`]).
+pub fn observe(nonce: u64) -> Vec<u8> {
     let mut d = MAGIC.to_vec();
-    d.push(KIND_ACK);
+    d.push(KIND_OBSERVE);
+    d.extend_from_slice(&nonce.to_be_bytes());
+    d.resize(OBSERVE_LEN, 0);
+    d
+}
+
+/// The server's answer to [`observe`]: never longer than the question.
+pub fn observed(nonce: u64, observed: SocketAddr) -> Vec<u8> {
+    addressed(KIND_OBSERVED, nonce, observed)
+}
+
+fn addressed(kind: u8, counter: u64, observed: SocketAddr) -> Vec<u8> {
+    let mut d = MAGIC.to_vec();
+    d.push(kind);
     d.extend_from_slice(&counter.to_be_bytes());
     match observed.ip() {
         IpAddr::V4(ip) => {
@@ -171,16 +215,28 @@ pub fn parse(buf: &[u8]) -> Option<Datagram<'_>> {
         }
         KIND_ACK => {
             let counter = u64::from_be_bytes(r.array()?);
-            let ip = match r.u8()? {
-                4 => IpAddr::from(r.array::<4>()?),
-                6 => IpAddr::from(r.array::<16>()?),
-                _ => return None,
-            };
-            let port = u16::from_be_bytes(r.array()?);
             Datagram::Ack {
                 counter,
-                observed: SocketAddr::new(ip, port),
+                observed: r.addr()?,
             }
+        }
+        KIND_OBSERVED => {
+            let nonce = u64::from_be_bytes(r.array()?);
+            Datagram::Observed {
+                nonce,
+                observed: r.addr()?,
+            }
+        }
+        KIND_OBSERVE => {
+            if buf.len() != OBSERVE_LEN {
+                return None;
+            }
+            let nonce = u64::from_be_bytes(r.array()?);
+            let pad = r.take(r.0.len())?;
+            if pad.iter().any(|b| *b != 0) {
+                return None;
+            }
+            Datagram::Observe { nonce }
         }
         KIND_PUNCH => {
             let len = r.u8()? as usize;
@@ -210,6 +266,15 @@ impl<'a> Reader<'a> {
 
     fn array<const N: usize>(&mut self) -> Option<[u8; N]> {
         self.take(N)?.try_into().ok()
+    }
+
+    fn addr(&mut self) -> Option<SocketAddr> {
+        let ip = match self.u8()? {
+            4 => IpAddr::from(self.array::<4>()?),
+            6 => IpAddr::from(self.array::<16>()?),
+            _ => return None,
+        };
+        Some(SocketAddr::new(ip, u16::from_be_bytes(self.array()?)))
     }
 }
 
@@ -276,6 +341,32 @@ mod tests {
             parse(&punch("abc123")),
             Some(Datagram::Punch { session: "abc123" })
         );
+    }
+
+    #[test]
+    fn observe_round_trips_and_its_answer_never_amplifies() {
+        assert_eq!(parse(&observe(7)), Some(Datagram::Observe { nonce: 7 }));
+        for addr in ["203.0.113.2:40000", "[2001:db8::1]:9"] {
+            let addr: SocketAddr = addr.parse().unwrap();
+            let answer = observed(7, addr);
+            assert!(answer.len() <= observe(7).len());
+            assert_eq!(
+                parse(&answer),
+                Some(Datagram::Observed {
+                    nonce: 7,
+                    observed: addr
+                })
+            );
+        }
+        // Short, long, or non-zero padding: not an observe.
+        let q = observe(7);
+        assert_eq!(parse(&q[..OBSERVE_LEN - 1]), None);
+        let mut long = q.clone();
+        long.push(0);
+        assert_eq!(parse(&long), None);
+        let mut dirty = q;
+        dirty[OBSERVE_LEN - 1] = 1;
+        assert_eq!(parse(&dirty), None);
     }
 
     #[test]

@@ -9,7 +9,9 @@
 //! `/v1/relay/{session}` (the encrypted fallback relay), `/healthz` and
 //! `/metrics` until its cancellation token fires, plus a UDP observation
 //! endpoint on the same port for the QUIC path ([`datagram`] is its wire
-//! format).
+//! format), and NAT discovery's second endpoint (`observe_port`, TCP and
+//! UDP, `server/observe.rs`); [`nat`] holds what daemons report of their
+//! NATs and the punch strategy a pair gets.
 //!
 //! Where to start reading:
 //! 1. [`protocol`] — what a daemon and the server say to each other;
@@ -29,6 +31,7 @@
 //!    or IPv4 socket per `listen` address.
 
 pub mod datagram;
+pub mod nat;
 pub mod protocol;
 
 #[cfg(feature = "server")]

@@ -137,6 +137,10 @@ pub struct PunchOrder {
     /// rendezvous.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub relay_url: Option<String>,
+    /// How to meet, from both sides' NAT discovery ([`crate::nat::choose`]).
+    /// Absent: today's timed punch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub strategy: Option<crate::nat::Strategy>,
     /// The server's signature over the order and its recipient
     /// ([`sign_order`]), base64.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -193,6 +197,11 @@ pub struct Hello {
     /// The UDP (QUIC) port as the router mapped it; see `mapped_tcp`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mapped_udp: Option<SocketAddr>,
+    /// How the daemon's NAT maps TCP and UDP (NAT discovery), when it has
+    /// measured it: the server picks each pair's punch strategy from both
+    /// sides' ([`crate::nat::choose`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nat: Option<crate::nat::NatSummary>,
     /// Network token, when the server requires one.
     #[serde(default)]
     pub token: Option<String>,
@@ -217,6 +226,7 @@ impl std::fmt::Debug for Hello {
             .field("udp_port", &self.udp_port)
             .field("mapped_tcp", &self.mapped_tcp)
             .field("mapped_udp", &self.mapped_udp)
+            .field("nat", &self.nat)
             .field("token", &self.token.as_ref().map(|_| "***"))
             .field("signature", &self.signature)
             .field("observe_only", &self.observe_only)
@@ -455,6 +465,10 @@ fn order_message(recipient: &str, nonce: &[u8], order: &PunchOrder) -> Vec<u8> {
     if let Some(url) = &order.relay_url {
         field(&mut msg, url.as_bytes());
     }
+    if let Some(strategy) = &order.strategy {
+        let json = serde_json::to_string(strategy).unwrap_or_default();
+        field(&mut msg, json.as_bytes());
+    }
     msg
 }
 
@@ -570,6 +584,7 @@ mod tests {
             initiator: true,
             relay_token: "r".into(),
             relay_url: None,
+            strategy: None,
             signature: None,
         }
     }
@@ -601,8 +616,13 @@ mod tests {
             verify_order(&key(8).verifying_key(), "alice", &nonce, &o),
             bad
         );
-        let tampered: [fn(&mut PunchOrder); 8] = [
+        let tampered: [fn(&mut PunchOrder); 9] = [
             |o| o.relay_url = Some("http://203.0.113.66:8080".into()),
+            |o| {
+                o.strategy = Some(crate::nat::Strategy::RelayFirst {
+                    reason: crate::nat::RelayReason::BothUnpredictable,
+                })
+            },
             |o| o.candidates[0] = "192.0.2.99:22".parse().unwrap(),
             |o| o.udp_candidates.push("192.0.2.99:53".parse().unwrap()),
             |o| o.at_us += 1,
@@ -642,6 +662,7 @@ mod tests {
             mapped_udp: None,
             token: None,
             signature: String::new(),
+            nat: None,
             observe_only: false,
         });
         assert!(!serde_json::to_string(&h).unwrap().contains("observe_only"));
@@ -657,6 +678,7 @@ mod tests {
             udp_port: None,
             mapped_tcp: None,
             mapped_udp: None,
+            nat: None,
             token: Some("hunter2".into()),
             signature: String::new(),
             observe_only: false,

@@ -38,6 +38,7 @@ async fn observe_only(addr: SocketAddr, name: &str, key: &SigningKey) -> ServerM
         mapped_udp: None,
         token: None,
         signature: sign_challenge(key, &nonce, name, None),
+        nat: None,
         observe_only: true,
     };
     send(&mut ws, &ClientMsg::Hello(hello)).await;

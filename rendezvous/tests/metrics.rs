@@ -66,6 +66,16 @@ fn documented() -> Vec<(&'static str, Kind, Vec<Label>)> {
         ("punch_rendezvous_relays_total", Kind::Counter, vec![]),
         ("punch_rendezvous_relay_bytes_total", Kind::Counter, vec![]),
         ("punch_rendezvous_udp_probes_total", Kind::Counter, vec![]),
+        (
+            "punch_rendezvous_observe_answered_total",
+            Kind::Counter,
+            vec![("transport", vec!["tcp", "udp"])],
+        ),
+        (
+            "punch_rendezvous_observe_refused_total",
+            Kind::Counter,
+            vec![("transport", vec!["tcp", "udp"])],
+        ),
         ("punch_rendezvous_udp_dropped_total", Kind::Counter, vec![]),
         (
             "punch_rendezvous_relay_refusals_total",

@@ -80,6 +80,7 @@ async fn hello_over<S: AsyncRead + AsyncWrite + Unpin>(
         udp_port: None,
         mapped_tcp: None,
         mapped_udp: None,
+        nat: None,
         token: token.map(str::to_owned),
         signature: sign_challenge(key, &nonce, signed_name, signed_token),
         observe_only: false,

@@ -43,6 +43,7 @@ pub(crate) fn render(board: &StatusBoard) -> String {
     }
 
     port_mapping(&mut out, board);
+    nat(&mut out, board, &doc);
     paths(&mut out, &doc);
     if let Some(n) = doc.quic_connections {
         out.family(
@@ -87,6 +88,45 @@ fn port_mapping(out: &mut Exposition, board: &StatusBoard) {
             u8::from(doc.protocol.as_deref() == Some(*protocol)),
         );
     }
+}
+
+/// NAT discovery: the verdict per transport (one-hot over the mapping
+/// words, all 0 before the first check) and the checks run.
+fn nat(out: &mut Exposition, board: &StatusBoard, doc: &StatusDoc) {
+    let mut f = out.family(
+        "punchd_nat_mapping",
+        Kind::Gauge,
+        "How the NAT maps each transport (NAT discovery), one-hot: endpoint-independent, endpoint-dependent, blocked, unknown.",
+    );
+    for transport in ["tcp", "udp"] {
+        let now = doc.nat.as_ref().map(|n| match transport {
+            "tcp" => n.mapping_tcp.as_str(),
+            _ => n.mapping_udp.as_str(),
+        });
+        for mapping in [
+            "endpoint-independent",
+            "endpoint-dependent",
+            "blocked",
+            "unknown",
+        ] {
+            f.sample(
+                &[("transport", transport), ("mapping", mapping)],
+                u8::from(now == Some(mapping)),
+            );
+        }
+    }
+    out.family(
+        "punchd_nat_checks_total",
+        Kind::Counter,
+        "NAT discovery checks run (at start, on a gateway change, every 30 min at a registration).",
+    )
+    .sample(&[], board.nat.checks.load(Ordering::Relaxed));
+    out.family(
+        "punchd_nat_changes_total",
+        Kind::Counter,
+        "NAT discovery checks whose verdict differed from the one before.",
+    )
+    .sample(&[], board.nat.changes.load(Ordering::Relaxed));
 }
 
 /// The path and transport of each peer's tunnel, one-hot.

@@ -138,6 +138,11 @@ pub struct StatusDoc {
     /// all null when there is none or `[punch] port_mapping = false`.
     #[serde(default)]
     pub port_mapping: crate::portmap::PortMappingDoc,
+    /// NAT discovery (DESIGN.md, "NAT discovery"): how this host's NAT
+    /// maps TCP and UDP, as `punchd netcheck --json` prints it; null until
+    /// the first check. `port_mapping` is what the port mapper heard.
+    #[serde(default)]
+    pub nat: Option<crate::nat::NatDoc>,
     /// Every configured peer.
     pub peers: Vec<PeerDoc>,
     /// Every configured forward.
@@ -317,6 +322,8 @@ pub struct StatusBoard {
     pub(crate) limits: LimitCounters,
     /// The port mapper's state and counters.
     pub(crate) portmap: Arc<crate::portmap::Board>,
+    /// NAT discovery's latest result and counters.
+    pub(crate) nat: Arc<crate::nat::Board>,
     /// Config reloads applied and refused (`punchd_reloads_total`).
     pub(crate) reloads: [AtomicU64; 2],
 }
@@ -393,6 +400,7 @@ impl StatusBoard {
             orders_refused: AtomicU64::new(0),
             limits: LimitCounters::default(),
             portmap: Arc::default(),
+            nat: Arc::default(),
             reloads: Default::default(),
         }
     }
@@ -470,6 +478,10 @@ impl StatusBoard {
                 .as_ref()
                 .map(quinn::Endpoint::open_connections),
             port_mapping: self.portmap.doc(),
+            nat: self.nat.doc().map(|mut n| {
+                n.port_mapping = self.portmap.doc().answered;
+                n
+            }),
             peers: self.peers().iter().map(|p| p.doc()).collect(),
             forwards: lock(&self.forwards).iter().map(|f| f.doc()).collect(),
         }

@@ -40,6 +40,7 @@ use tracing::{debug, error, info, warn};
 pub(crate) mod clock;
 pub(crate) mod failover;
 pub(crate) mod link;
+pub mod netcheck;
 pub(crate) mod order;
 pub(crate) mod url;
 
@@ -180,6 +181,9 @@ pub(crate) struct RvSettings {
     pub(crate) quic: Option<Arc<QuicPath>>,
     /// The router's mapping of the punch port, announced in the hello.
     pub(crate) portmap: PortMapper,
+    /// NAT discovery, run before a registration when due; announced in
+    /// the hello.
+    pub(crate) nat: netcheck::NatCheck,
 }
 
 /// What registration returned.
@@ -327,7 +331,14 @@ async fn connect_and_register(settings: &mut RvSettings) -> Result<Registered, R
     };
     let udp_port = settings.quic.as_ref().map(|q| q.port());
     settings.portmap.start(local, settings.port, udp_port);
-    let mapped = portmap::endpoints(settings.portmap.settled(PORTMAP_WAIT).await);
+    // NAT discovery only once the server has spoken our protocol (a dead
+    // or foreign endpoint costs no extra connections), alongside the
+    // port-mapping probe, both before the hello that carries them.
+    let (mapped, nat) = tokio::join!(
+        settings.portmap.settled(PORTMAP_WAIT),
+        settings.nat.refresh(&settings.endpoint)
+    );
+    let mapped = portmap::endpoints(mapped);
     if let Some(q) = &settings.quic {
         q.set_mapped(mapped.1.is_some());
     }
@@ -363,6 +374,7 @@ async fn connect_and_register(settings: &mut RvSettings) -> Result<Registered, R
         udp_port,
         mapped_tcp: mapped.0,
         mapped_udp: mapped.1,
+        nat,
         token: settings.token.as_ref().map(|t| t.expose().to_owned()),
         signature: sign_challenge(
             settings.identity.signing_key(),
@@ -445,6 +457,7 @@ async fn observe_other(settings: RvSettings, server: SocketAddr) -> Result<Socke
             &settings.name,
             token,
         ),
+        nat: None,
         observe_only: true,
     };
     send(&mut ws, &ClientMsg::Hello(hello)).await?;
@@ -674,6 +687,8 @@ async fn on_message(
             family::reachable(&mut order.udp_candidates, true, false);
             let mut hits = order::trim_candidates(&mut order.candidates);
             hits.extend(order::trim_candidates(&mut order.udp_candidates));
+            hits.extend(order::check_strategy(&mut order));
+            hits.extend(gate.admit_prediction(&mut order, Instant::now()));
             if !hits.is_empty() {
                 for h in &hits {
                     me.status.limits.hit(*h);
@@ -835,6 +850,7 @@ mod tests {
             initiator: false,
             relay_token: String::new(),
             relay_url: None,
+            strategy: None,
             signature: None,
         };
         let server = ed25519_dalek::SigningKey::from_bytes(&[4; 32]);

@@ -25,6 +25,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use crate::admin::status::Limit;
+use punch_rendezvous::protocol::PunchOrder;
 
 /// Candidates kept per transport.
 pub(crate) const MAX_CANDIDATES: usize = 8;
@@ -78,13 +79,76 @@ pub(crate) fn trim_candidates(list: &mut Vec<SocketAddr>) -> Vec<Limit> {
     hits
 }
 
-/// Per-peer order budgets (a token bucket each).
+/// Predicted ports one order may add (NAT discovery's port prediction,
+/// `Strategy::PredictUdp`): the server asks for
+/// [`punch_rendezvous::nat::PREDICT_COUNT`] (16); more is refused.
+pub(crate) const MAX_PREDICTED: u16 = 32;
+
+/// Checks the order's strategy against this daemon's own limits: a port
+/// prediction must aim at the peer's own UDP IP (one of the order's UDP
+/// candidates), with a non-zero step and at most [`MAX_PREDICTED`] ports.
+/// Anything else is dropped (the punch runs as a plain timed punch) and
+/// the limit returned, so a compromised server cannot turn predictions
+/// into a scan of another host or a flood.
+pub(crate) fn check_strategy(order: &mut PunchOrder) -> Option<Limit> {
+    let punch_rendezvous::nat::Strategy::PredictUdp(p) = order.strategy.as_ref()? else {
+        return None;
+    };
+    let peers_ip = order.udp_candidates.iter().any(|c| c.ip() == p.base.ip());
+    if p.count <= MAX_PREDICTED && p.delta != 0 && peers_ip && aimable(&p.base) {
+        return None;
+    }
+    order.strategy = None;
+    Some(Limit::Candidates)
+}
+
+/// Predicting punches per daemon, all peers together: a burst of
+/// [`PREDICT_BURST`], then one per [`PREDICT_REFILL`] (≤ 28 in a minute).
+/// Each sends at most [`MAX_PREDICTED`] × 25 rounds = 800 extra datagrams
+/// (400 with the server's 16), so a daemon sends at most ~22,400
+/// predicted datagrams a minute whatever the server orders; beyond the
+/// budget, orders run as plain timed punches.
+pub(crate) const PREDICT_BURST: u32 = 4;
+pub(crate) const PREDICT_REFILL: Duration = Duration::from_millis(2500);
+
+/// Per-peer order budgets (a token bucket each), and the daemon-wide
+/// budget of predicting punches.
 #[derive(Debug, Default)]
 pub(crate) struct OrderGate {
     buckets: HashMap<String, (f64, Instant)>,
+    predict: Option<(f64, Instant)>,
 }
 
 impl OrderGate {
+    /// Whether a predicting punch at `now` is within the daemon-wide
+    /// budget (and spends it if so). When it is not, the order's
+    /// prediction is dropped: `Some(limit)` to count.
+    pub(crate) fn admit_prediction(
+        &mut self,
+        order: &mut PunchOrder,
+        now: Instant,
+    ) -> Option<Limit> {
+        if !matches!(
+            order.strategy,
+            Some(punch_rendezvous::nat::Strategy::PredictUdp(_))
+        ) {
+            return None;
+        }
+        let burst = f64::from(PREDICT_BURST);
+        let (tokens, last) = self.predict.get_or_insert((burst, now));
+        let refill =
+            now.saturating_duration_since(*last).as_secs_f64() / PREDICT_REFILL.as_secs_f64();
+        *tokens = (*tokens + refill).min(burst);
+        *last = now;
+        if *tokens >= 1.0 {
+            *tokens -= 1.0;
+            None
+        } else {
+            order.strategy = None;
+            Some(Limit::Candidates)
+        }
+    }
+
     /// Whether an order for `peer` arriving at `now` is within budget
     /// (and spends it if so).
     pub(crate) fn admit(&mut self, peer: &str, now: Instant) -> bool {
@@ -111,6 +175,63 @@ impl OrderGate {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_prediction_beyond_our_limits_or_off_the_peer_is_dropped() {
+        use punch_rendezvous::nat::{Prediction, Strategy};
+        let mut order = PunchOrder {
+            session: "s".into(),
+            peer: "bob".into(),
+            public_key: String::new(),
+            candidates: vec![],
+            udp_candidates: vec!["203.0.113.3:12405".parse().unwrap()],
+            at_us: 0,
+            initiator: true,
+            relay_token: String::new(),
+            relay_url: None,
+            strategy: None,
+            signature: None,
+        };
+        let with = |base: &str, delta, count| {
+            Some(Strategy::PredictUdp(Box::new(Prediction {
+                base: base.parse().unwrap(),
+                delta,
+                count,
+            })))
+        };
+        order.strategy = with("203.0.113.3:12405", 256, 16);
+        assert_eq!(check_strategy(&mut order), None);
+        assert!(order.strategy.is_some());
+        // The daemon-wide budget: a burst, then one per refill period.
+        let mut gate = OrderGate::default();
+        let t0 = Instant::now();
+        let mut admitted = 0;
+        for _ in 0..10 {
+            let mut o = order.clone();
+            if gate.admit_prediction(&mut o, t0).is_none() {
+                assert!(o.strategy.is_some());
+                admitted += 1;
+            } else {
+                assert_eq!(o.strategy, None, "a refused prediction is dropped");
+            }
+        }
+        assert_eq!(admitted, PREDICT_BURST);
+        let mut o = order.clone();
+        assert_eq!(gate.admit_prediction(&mut o, t0 + PREDICT_REFILL), None);
+        // Orders without a prediction never spend it.
+        let mut plain = order.clone();
+        plain.strategy = None;
+        assert_eq!(gate.admit_prediction(&mut plain, t0), None);
+        for bad in [
+            with("203.0.113.3:12405", 256, MAX_PREDICTED + 1),
+            with("203.0.113.3:12405", 0, 16),
+            with("192.0.2.99:12405", 1, 16),
+        ] {
+            order.strategy = bad;
+            assert_eq!(check_strategy(&mut order), Some(Limit::Candidates));
+            assert_eq!(order.strategy, None);
+        }
+    }
 
     fn a(s: &str) -> SocketAddr {
         s.parse().unwrap_or_else(|_| panic!("{s}"))

@@ -53,17 +53,22 @@ pub(crate) async fn run(
         quic_incoming: &ctx.quic_incoming,
         status: &ctx.status,
     };
-    let result = race::punch_direct(&race, &order, fire_at, deadline, port)
-        .await
-        .map(|d| {
-            Box::new(Punched {
-                parts: d.parts,
-                remote: d.remote,
-                attempts: d.attempts,
-                path: PathState::Direct,
-                relay_reason: None,
-            })
-        });
+    let result = match relay_at_once(&order, allow_relay, ctx.mode) {
+        Some(reason) => {
+            info!(%reason, "both NATs are hard: going to the relay at once (direct keeps being retried in the background)");
+            Err(PunchError::RelayFirst(reason))
+        }
+        None => race::punch_direct(&race, &order, fire_at, deadline, port).await,
+    };
+    let result = result.map(|d| {
+        Box::new(Punched {
+            parts: d.parts,
+            remote: d.remote,
+            attempts: d.attempts,
+            path: PathState::Direct,
+            relay_reason: None,
+        })
+    });
     let result = match result {
         Err(direct) if allow_relay && ctx.mode == PunchMode::Auto => {
             warn!(reason = %direct, "no direct path; falling back to the relay (end-to-end encrypted)");
@@ -95,6 +100,25 @@ pub(crate) async fn run(
     };
     report(ctx, order.session, received, &result);
     result
+}
+
+/// The order's strategy sends this punch to the relay without a direct
+/// try: only when the relay may be used now (the first path to the peer;
+/// a relayed tunnel's background retries always punch) and the mode is
+/// `auto`.
+fn relay_at_once(
+    order: &punch_rendezvous::protocol::PunchOrder,
+    allow_relay: bool,
+    mode: PunchMode,
+) -> Option<punch_rendezvous::nat::RelayReason> {
+    match order.strategy {
+        Some(punch_rendezvous::nat::Strategy::RelayFirst { reason })
+            if allow_relay && mode == PunchMode::Auto =>
+        {
+            Some(reason)
+        }
+        _ => None,
+    }
 }
 
 /// Logs the outcome, records it in status and reports it to the rendezvous.
@@ -141,4 +165,40 @@ fn report(
         reason,
     };
     let _ = ctx.rendezvous.try_send(RvCmd::Report(report));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use punch_rendezvous::nat::{RelayReason, Strategy};
+    use punch_rendezvous::protocol::PunchOrder;
+
+    #[test]
+    fn relay_first_only_for_a_first_path_in_auto_mode() {
+        let mut order = PunchOrder {
+            session: "s".into(),
+            peer: "bob".into(),
+            public_key: String::new(),
+            candidates: vec![],
+            udp_candidates: vec![],
+            at_us: 0,
+            initiator: true,
+            relay_token: String::new(),
+            relay_url: None,
+            strategy: None,
+            signature: None,
+        };
+        assert_eq!(relay_at_once(&order, true, PunchMode::Auto), None);
+        order.strategy = Some(Strategy::RelayFirst {
+            reason: RelayReason::BothUnpredictable,
+        });
+        assert_eq!(
+            relay_at_once(&order, true, PunchMode::Auto),
+            Some(RelayReason::BothUnpredictable)
+        );
+        // A relayed tunnel retrying direct in the background punches.
+        assert_eq!(relay_at_once(&order, false, PunchMode::Auto), None);
+        // direct-only never skips the punch.
+        assert_eq!(relay_at_once(&order, true, PunchMode::DirectOnly), None);
+    }
 }

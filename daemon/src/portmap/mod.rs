@@ -525,5 +525,41 @@ async fn probe(t: Target, board: &Board) -> (Option<Held>, Vec<Protocol>) {
     }
 }
 
+/// Which protocols the default gateway answers, for `punchd netcheck`
+/// (no daemon, nothing kept): the port mapper's three probes at once, each
+/// bounded by [`PROBE_TIMEOUT`]. PCP's probe is a mapping request, so a
+/// mapping it grants for `port` is removed at once.
+pub(crate) async fn gateway_answers(local: Ipv4Addr, port: u16) -> Vec<String> {
+    let (Some(gateway), Some(tcp)) = (gateway::default_gateway(), NonZeroU16::new(port)) else {
+        return Vec::new();
+    };
+    let t = Target {
+        gateway,
+        local,
+        ports: Ports { tcp, udp: None },
+        external: None,
+    };
+    let (pcp, pmp, upnp) = tokio::join!(
+        proto::map_pcp(t, PROBE_TIMEOUT),
+        proto::natpmp_address(t, PROBE_TIMEOUT),
+        proto::upnp_search(t, PROBE_TIMEOUT),
+    );
+    let heard = |r: Result<(), &MapError>| r.is_ok() || r.is_err_and(MapError::answered);
+    let mut answered = Vec::new();
+    if heard(upnp.as_ref().map(|_| ())) {
+        answered.push(Protocol::Upnp.as_str().to_owned());
+    }
+    if heard(pmp.as_ref().map(|_| ())) {
+        answered.push(Protocol::NatPmp.as_str().to_owned());
+    }
+    if heard(pcp.as_ref().map(|_| ())) {
+        answered.push(Protocol::Pcp.as_str().to_owned());
+    }
+    if let Ok(held) = pcp {
+        let _ = proto::remove(held).await;
+    }
+    answered
+}
+
 #[cfg(test)]
 mod tests;

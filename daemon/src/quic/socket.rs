@@ -81,7 +81,8 @@ impl Demux {
                 }
             }
             // Probes are for the server; anything else is noise.
-            Some(Datagram::Probe { .. }) | None => {}
+            Some(Datagram::Probe { .. } | Datagram::Observe { .. } | Datagram::Observed { .. })
+            | None => {}
         }
     }
 }

@@ -146,6 +146,9 @@ pub enum PunchError {
     /// The direct punch failed, and the mode forbids the relay.
     #[error("{0}; no relay fallback (mode = \"direct-only\")")]
     DirectOnly(Box<PunchError>),
+    /// Not punched: the order's strategy says go to the relay at once.
+    #[error("relayed at once (strategy relay-first): {0}")]
+    RelayFirst(punch_rendezvous::nat::RelayReason),
 }
 
 fn join(causes: &[Cause]) -> String {
@@ -165,7 +168,7 @@ impl PunchError {
         match self {
             PunchError::Failed { attempts, .. } => *attempts,
             PunchError::Relay { direct, .. } | PunchError::DirectOnly(direct) => direct.attempts(),
-            PunchError::NothingToTry | PunchError::Cancelled => 0,
+            PunchError::NothingToTry | PunchError::Cancelled | PunchError::RelayFirst(_) => 0,
         }
     }
 
@@ -389,6 +392,20 @@ pub(crate) async fn punch_direct(
         (Some(_), Role::Server) => Some(race.quic_incoming.lock().await),
         _ => None,
     };
+    // Port prediction (NAT discovery): the peer's next mappings too, after
+    // the order's own candidates. Checked against our limits on arrival.
+    let udp_candidates: Vec<std::net::SocketAddr> = match &order.strategy {
+        Some(punch_rendezvous::nat::Strategy::PredictUdp(p)) if quic.is_some() => {
+            info!(base = %p.base, delta = p.delta, count = p.count, "the peer's NAT allocates UDP ports in steps: punching its next ports too");
+            // Predictions first, in the order the peer's NAT allocates:
+            // when our NAT allocates in steps too, our k-th new mapping
+            // (toward its k-th prediction) is the one it predicts k-th.
+            p.endpoints()
+                .chain(order.udp_candidates.iter().copied())
+                .collect()
+        }
+        _ => order.udp_candidates.clone(),
+    };
     let quic_engine = async {
         let path = quic?;
         let p = QuicPunch {
@@ -396,7 +413,7 @@ pub(crate) async fn punch_direct(
             session: &order.session,
             peer: race.key,
             role: race.role,
-            candidates: &order.udp_candidates,
+            candidates: &udp_candidates,
             fire_at: fire_at.into_std(),
             deadline: deadline.into_std(),
         };

@@ -246,6 +246,7 @@ impl Run {
         )?;
 
         run.bob = run.start_daemon("bob")?;
+        std::thread::sleep(s.alice_after);
         run.alice = run.start_daemon("alice")?;
         run.started = Instant::now();
         Ok(run)

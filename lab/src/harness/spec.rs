@@ -74,6 +74,9 @@ pub struct Scenario {
     pub extra_config: (String, String),
     /// IPv6 on the network (two-NAT layouts), and which side has what.
     pub ipv6: Option<Ipv6Plan>,
+    /// alice starts this long after bob (bob registered and his UDP
+    /// endpoint observed before her first punch order); zero by default.
+    pub alice_after: std::time::Duration,
 }
 
 impl Scenario {
@@ -98,6 +101,7 @@ impl Scenario {
             redis: false,
             extra_config: (String::new(), String::new()),
             ipv6: None,
+            alice_after: std::time::Duration::ZERO,
         }
     }
 }

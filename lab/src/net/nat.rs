@@ -16,6 +16,16 @@
 //! - `TcpBlocked`: a firewall that passes TCP only to and from the
 //!   rendezvous server, and UDP freely: no TCP path can be punched, the
 //!   QUIC path can.
+//! - `Predictable`: endpoint-dependent mapping with sequential allocation,
+//!   a real kernel data path: nftables `snat to <public>:numgen inc mod
+//!   1000 offset 30000` gives every new flow (TCP or UDP) the next port,
+//!   and the same 4-tuple keeps its mapping. On these kernels the port
+//!   comes out byte-swapped (offset 30000 gave 12405, 12661, 12917: a
+//!   step of 256), which is why NAT discovery learns the step rather than
+//!   assuming +1. Like `Firewall`, it drops unsolicited inbound packets to
+//!   itself before conntrack confirms them: an early punch datagram would
+//!   otherwise leave an entry that takes the very port the next flow is
+//!   due to get.
 
 /// How a NAT treats traffic.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -32,20 +42,33 @@ pub enum NatBehaviour {
     Firewall,
     /// Masquerade; TCP forwarded only to and from the rendezvous.
     TcpBlocked,
+    /// A new, sequentially allocated port per flow (endpoint-dependent,
+    /// predictable); needs the NAT's public address ([`ruleset_at`]).
+    Predictable,
 }
 
 /// The rule set for a NAT namespace.
 pub fn ruleset(b: NatBehaviour) -> String {
-    let masq = match b {
-        NatBehaviour::RandomFully => "masquerade fully-random",
-        _ => "masquerade",
+    ruleset_at(b, None)
+}
+
+/// The rule set for a NAT namespace whose public address is `public`
+/// (needed by [`NatBehaviour::Predictable`], which falls back to plain
+/// masquerade without it).
+pub fn ruleset_at(b: NatBehaviour, public: Option<&str>) -> String {
+    let masq = match (b, public) {
+        (NatBehaviour::RandomFully, _) => "masquerade fully-random".to_owned(),
+        (NatBehaviour::Predictable, Some(ip)) => format!(
+            "meta l4proto {{ tcp, udp }} snat ip to {ip}:numgen inc mod 1000 offset 30000; oifname \"wan0\" masquerade"
+        ),
+        _ => "masquerade".to_owned(),
     };
     let unsolicited = match b {
         NatBehaviour::DropUnsolicited => "iifname \"wan0\" tcp flags & (syn | ack) == syn drop",
         NatBehaviour::RejectRst => {
             "iifname \"wan0\" tcp flags & (syn | ack) == syn reject with tcp reset"
         }
-        NatBehaviour::Firewall => "iifname \"wan0\" ct state new drop",
+        NatBehaviour::Firewall | NatBehaviour::Predictable => "iifname \"wan0\" ct state new drop",
         _ => "",
     };
     let forward = match b {
@@ -73,6 +96,8 @@ mod tests {
         assert!(ruleset(NatBehaviour::RejectRst).contains("tcp reset"));
         assert!(!ruleset(NatBehaviour::Masquerade).contains("drop"));
         assert!(ruleset(NatBehaviour::Firewall).contains("ct state new drop"));
+        let predictable = ruleset_at(NatBehaviour::Predictable, Some("203.0.113.2"));
+        assert!(predictable.contains("snat ip to 203.0.113.2:numgen inc mod 1000 offset 30000"));
         let blocked = ruleset(NatBehaviour::TcpBlocked);
         assert!(blocked.contains("meta l4proto tcp ip daddr != 203.0.113.1"));
     }

@@ -22,7 +22,7 @@ use std::path::Path;
 use anyhow::Result;
 
 use crate::net::linkem::{self, Impairment};
-use crate::net::nat::{ruleset, NatBehaviour};
+use crate::net::nat::{ruleset_at, NatBehaviour};
 use crate::net::netns::{remove_all, Netns};
 
 /// The rendezvous host's address.
@@ -45,6 +45,8 @@ pub enum Layout {
     OnePublic,
     /// hostA behind a home NAT behind a carrier NAT; hostB behind a NAT.
     DoubleNat,
+    /// Each host behind its own NAT, of two flavours (natA's, natB's).
+    Mixed(NatBehaviour, NatBehaviour),
 }
 
 /// A built network. Dropping it removes every namespace (and kills every
@@ -119,9 +121,14 @@ fn to_internet(inet: &Netns, ns: &Netns, ifname: &str, port: &str, cidr: &str) -
 }
 
 fn make_nat(name: &str, behaviour: NatBehaviour) -> Result<Netns> {
+    make_nat_at(name, behaviour, None)
+}
+
+/// A NAT whose public address is `public` (for flavours that name it).
+fn make_nat_at(name: &str, behaviour: NatBehaviour, public: Option<&str>) -> Result<Netns> {
     let ns = Netns::create(name)?;
     ns.exec("sysctl", &["-qw", "net.ipv4.ip_forward=1"])?;
-    ns.nft(&ruleset(behaviour))?;
+    ns.nft(&ruleset_at(behaviour, public))?;
     Ok(ns)
 }
 
@@ -175,7 +182,8 @@ fn side_nat(
     host: &Netns,
     side: &SidePlan,
 ) -> Result<Netns> {
-    let nat = make_nat(name, behaviour)?;
+    let ip = side.public.split('/').next();
+    let nat = make_nat_at(name, behaviour, ip)?;
     to_internet(inet, &nat, "wan0", side.port, side.public)?;
     lan_host(
         &nat,
@@ -203,7 +211,7 @@ impl Topology {
         let host_b = Netns::create(&n("hostB"))?;
         let mut nats = Vec::new();
         let (outer_a, outer_b) = match layout {
-            Layout::TwoNats(_) => (Some(0), Some(1)),
+            Layout::TwoNats(_) | Layout::Mixed(..) => (Some(0), Some(1)),
             Layout::SameNat => (Some(0), None),
             Layout::OnePublic => (Some(0), None),
             Layout::DoubleNat => (Some(1), Some(2)),
@@ -211,6 +219,12 @@ impl Topology {
         let (bob_seen, alice_seen) = match layout {
             Layout::TwoNats(b) => {
                 let nat_a = side_nat(&n(SIDE_A.nat), b, &inet, &host_a, &SIDE_A)?;
+                let nat_b = side_nat(&n(SIDE_B.nat), b, &inet, &host_b, &SIDE_B)?;
+                nats.extend([nat_a, nat_b]);
+                ("203.0.113.3", "203.0.113.2")
+            }
+            Layout::Mixed(a, b) => {
+                let nat_a = side_nat(&n(SIDE_A.nat), a, &inet, &host_a, &SIDE_A)?;
                 let nat_b = side_nat(&n(SIDE_B.nat), b, &inet, &host_b, &SIDE_B)?;
                 nats.extend([nat_a, nat_b]);
                 ("203.0.113.3", "203.0.113.2")

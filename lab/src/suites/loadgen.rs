@@ -88,6 +88,7 @@ pub async fn register(addr: SocketAddr, name: &str, seed: u64) -> Result<Ws> {
         udp_port: None,
         mapped_tcp: None,
         mapped_udp: None,
+        nat: None,
         token: None,
         signature: sign_challenge(&key, &nonce, name, None),
         observe_only: false,

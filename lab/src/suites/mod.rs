@@ -26,6 +26,7 @@ pub mod bench;
 pub mod integrity;
 pub mod ipv6;
 pub mod loadgen;
+pub mod netcheck;
 pub mod portmap;
 pub mod realism;
 pub mod recovery;

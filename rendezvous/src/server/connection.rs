@@ -135,6 +135,7 @@ async fn handshake(
         alt_udp_observed: None,
         mapped_tcp: mapped_candidate(shared, hello.mapped_tcp, observed),
         mapped_udp: mapped_candidate(shared, hello.mapped_udp, observed),
+        nat: hello.nat,
         probe_counter: 0,
         rtt_us: 0,
         instance: None,

@@ -16,6 +16,8 @@
 //! | `punch_rendezvous_relays_total` | counter | |
 //! | `punch_rendezvous_relay_bytes_total` | counter | |
 //! | `punch_rendezvous_udp_probes_total` | counter | |
+//! | `punch_rendezvous_observe_answered_total` | counter | `transport`: `tcp`, `udp` (NAT discovery, `server/observe.rs`) |
+//! | `punch_rendezvous_observe_refused_total` | counter | `transport`: `tcp`, `udp` |
 //! | `punch_rendezvous_udp_dropped_total` | counter | |
 //! | `punch_rendezvous_relay_refusals_total` | counter | `reason`: every [`RelayRefusal`] |
 //! | `punch_rendezvous_connections_open` | gauge | |

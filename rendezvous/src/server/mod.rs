@@ -43,6 +43,7 @@ mod lan;
 mod local;
 mod lock;
 mod metrics;
+mod observe;
 mod ratelimit;
 mod relay;
 mod store;
@@ -88,6 +89,10 @@ pub(crate) struct Shared {
     pub(crate) next_conn_id: AtomicU64,
     /// The UDP observation port daemons are told about, if one is bound.
     pub(crate) udp_port: Option<u16>,
+    /// NAT discovery's second endpoint (`observe_port`), if bound.
+    pub(crate) observe_port: Option<u16>,
+    /// NAT discovery answers, for `/metrics`.
+    pub(crate) observe: observe::Counters,
     /// Signs every punch order (daemons may pin its public key).
     pub(crate) key: ed25519_dalek::SigningKey,
     /// Connection counts behind `max_connections` and `max_http_per_ip`.
@@ -198,6 +203,9 @@ pub async fn run_listeners(
         }
     }
     let udp = udps.first();
+    // NAT discovery answers beside the first listen address (IPv4 in the
+    // usual dual-stack setup; discovery is IPv4-only for now).
+    let observe_sockets = observe::bind(listener.local_addr()?, cfg.observe_port).await?;
     let cluster = match (&cfg.redis, &cfg.public_url) {
         (Some(url), Some(public_url)) => Some(Arc::new(
             RedisStore::new(url.expose(), public_url)
@@ -211,6 +219,8 @@ pub async fn run_listeners(
     };
     let shared = Arc::new(Shared {
         udp_port: udp.and_then(|s| s.local_addr().ok()).map(|a| a.port()),
+        observe_port: observe_sockets.as_ref().and_then(observe::Sockets::port),
+        observe: observe::Counters::default(),
         relay_budget: relay::GlobalBudget::new(cfg.limits.relay_total_bytes_per_second),
         live,
         store,
@@ -228,6 +238,7 @@ pub async fn run_listeners(
         .route("/v1/relay/{session}", get(relay::handler))
         .route("/healthz", get(cluster::healthz))
         .route("/metrics", get(metrics_handler))
+        .route("/v1/observe", get(observe::http_handler))
         .with_state(shared.clone());
     for l in &listeners {
         if let Ok(addr) = l.local_addr() {
@@ -241,6 +252,11 @@ pub async fn run_listeners(
     }
     for socket in udps {
         shared.tracker.spawn(udp::serve(socket, shared.clone()));
+    }
+    if let Some(sockets) = observe_sockets {
+        shared
+            .tracker
+            .spawn(observe::serve(sockets, shared.clone()));
     }
     let loops = listeners
         .into_iter()
@@ -309,6 +325,6 @@ async fn metrics_handler(State(shared): State<Arc<Shared>>) -> impl IntoResponse
         match &shared.cluster {
             Some(store) => shared.metrics.render() + &cluster::render(store),
             None => shared.metrics.render(),
-        },
+        } + &shared.observe.render(),
     )
 }

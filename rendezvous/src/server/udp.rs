@@ -102,6 +102,51 @@ impl Sources {
     }
 }
 
+/// NAT discovery answers (`observe` datagrams, here and on
+/// `observe_port`) per second from one IP, all ports: a netcheck asks 8
+/// times.
+pub(crate) const OBSERVE_PER_IP_PER_SECOND: u32 = 20;
+pub(crate) const OBSERVE_BURST_PER_IP: u32 = 40;
+/// And server-wide, per transport.
+const OBSERVES_PER_SECOND: u32 = 2_000;
+const OBSERVE_BURST: u32 = 4_000;
+
+/// Rate limits for one transport's answers.
+#[derive(Debug)]
+pub(crate) struct ObserveLimits {
+    ips: SourceBuckets<IpAddr>,
+    all: TokenBucket,
+}
+
+impl ObserveLimits {
+    pub(crate) fn new(now: Instant) -> Self {
+        Self {
+            ips: SourceBuckets::new(OBSERVE_PER_IP_PER_SECOND, OBSERVE_BURST_PER_IP),
+            all: TokenBucket::new(OBSERVES_PER_SECOND, OBSERVE_BURST, now),
+        }
+    }
+
+    pub(crate) fn allow(&mut self, ip: IpAddr, now: Instant) -> bool {
+        self.ips.allow(ip, now) && self.all.allow(now)
+    }
+}
+
+/// The answer to an `observe` datagram from `from`, if `buf` is one and
+/// the limits allow it; `None` when `buf` is something else.
+pub(crate) fn answer_observe(
+    shared: &Shared,
+    limits: &mut ObserveLimits,
+    buf: &[u8],
+    from: SocketAddr,
+) -> Option<Option<Vec<u8>>> {
+    let Some(Datagram::Observe { nonce }) = datagram::parse(buf) else {
+        return None;
+    };
+    let ok = limits.allow(from.ip(), Instant::now());
+    shared.observe.count_udp(ok);
+    Some(ok.then(|| datagram::observed(nonce, from)))
+}
+
 /// Serves probes until the server shuts down.
 pub(crate) async fn serve(socket: UdpSocket, shared: Arc<Shared>) {
     if let Ok(addr) = socket.local_addr() {
@@ -110,6 +155,7 @@ pub(crate) async fn serve(socket: UdpSocket, shared: Arc<Shared>) {
     let mut buf = [0u8; datagram::MAX_LEN + 1];
     let mut bucket = TokenBucket::new(PROBES_PER_SECOND, PROBE_BURST, Instant::now());
     let mut sources = Sources::default();
+    let mut observe_limits = ObserveLimits::new(Instant::now());
     loop {
         let (n, from) = tokio::select! {
             _ = shared.cancel.cancelled() => break,
@@ -120,6 +166,13 @@ pub(crate) async fn serve(socket: UdpSocket, shared: Arc<Shared>) {
             },
         };
         let from = SocketAddr::new(from.ip().to_canonical(), from.port());
+        // NAT discovery's question, on the main endpoint.
+        if let Some(answer) = answer_observe(&shared, &mut observe_limits, &buf[..n], from) {
+            if let Some(reply) = answer {
+                let _ = socket.send_to(&reply, from).await;
+            }
+            continue;
+        }
         match observe(&shared, &mut bucket, &mut sources, &buf[..n], from).await {
             Ok(counter) => {
                 shared.metrics.udp_probes.fetch_add(1, Ordering::Relaxed);

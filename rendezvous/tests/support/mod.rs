@@ -155,6 +155,7 @@ pub(crate) async fn hello_mapped(
         udp_port,
         mapped_tcp: mapped.0,
         mapped_udp: mapped.1,
+        nat: None,
         token: token.map(str::to_owned),
         signature: sign_challenge(&signer, &nonce, name, token),
         observe_only: false,

@@ -139,6 +139,8 @@ pub(crate) struct Registration {
     /// the observed IP).
     pub(crate) mapped_tcp: Option<SocketAddr>,
     pub(crate) mapped_udp: Option<SocketAddr>,
+    /// How its NAT maps, as the daemon measured it (hello `nat`).
+    pub(crate) nat: Option<crate::nat::NatSummary>,
     /// Highest probe counter accepted (replay protection).
     pub(crate) probe_counter: u64,
     /// Last RTT the daemon reported, for timing its punches.
@@ -336,6 +338,20 @@ pub(crate) fn punch_orders(
     hop_us: u64,
 ) -> [Addressed; 2] {
     let at_us = punch_start_us(now_us, a.rtt_us, b.rtt_us) + hop_us;
+    let side = |r: &Registration| crate::nat::Side {
+        nat: r.nat,
+        port_mapped: r.mapped_tcp.is_some() || r.mapped_udp.is_some(),
+    };
+    // Only a strategy other than today's is written into the order, so
+    // orders between daemons that measured nothing stay as they were.
+    let strategy = |me: &Registration, other: &Registration| match crate::nat::choose_for(
+        side(me),
+        side(other),
+        other.udp_observed,
+    ) {
+        crate::nat::Strategy::Timed => None,
+        s => Some(s),
+    };
     let order =
         |me: (&str, &Registration), other: (&str, &Registration), initiator, token: &str| {
             Addressed {
@@ -355,6 +371,7 @@ pub(crate) fn punch_orders(
                     relay_token: token.to_owned(),
                     // Set by a shared store for a peer on another instance.
                     relay_url: None,
+                    strategy: strategy(me.1, other.1),
                     // Signed on the way out, by the connection that
                     // knows the recipient's registration nonce.
                     signature: None,
@@ -511,10 +528,43 @@ pub(crate) mod tests {
             alt_udp_observed: None,
             mapped_tcp: None,
             mapped_udp: None,
+            nat: None,
             probe_counter: 0,
             rtt_us: 0,
             instance: None,
         }
+    }
+
+    #[test]
+    fn two_hard_nats_get_orders_that_say_relay_first_and_others_none() {
+        use crate::nat::{Mapping, NatSummary, Strategy, TransportNat};
+        let random = TransportNat {
+            mapping: Mapping::EndpointDependent,
+            port_preserved: false,
+            delta: None,
+        };
+        let hard = NatSummary {
+            tcp: random,
+            udp: random,
+        };
+        let mut a = registration(1, "203.0.113.2:40000", &[]);
+        let mut b = registration(2, "203.0.113.3:40000", &[]);
+        let tokens = ["t1".to_owned(), "t2".to_owned()];
+        let orders = punch_orders("s", &tokens, ("a", &a), ("b", &b), 0, 0);
+        assert!(orders.iter().all(|o| o.order.strategy.is_none()));
+        a.nat = Some(hard);
+        b.nat = Some(hard);
+        let orders = punch_orders("s", &tokens, ("a", &a), ("b", &b), 0, 0);
+        for o in &orders {
+            assert!(matches!(
+                o.order.strategy,
+                Some(Strategy::RelayFirst { .. })
+            ));
+        }
+        // A router mapping on one side makes a direct path possible again.
+        b.mapped_udp = Some("203.0.113.3:40001".parse().unwrap());
+        let orders = punch_orders("s", &tokens, ("a", &a), ("b", &b), 0, 0);
+        assert!(orders.iter().all(|o| o.order.strategy.is_none()));
     }
 
     #[test]

@@ -169,6 +169,9 @@ struct Record {
     alt_observed: Option<SocketAddr>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     alt_udp_observed: Option<SocketAddr>,
+    /// What the daemon measured of its NAT (picks the pair's strategy).
+    #[serde(default)]
+    nat: Option<crate::nat::NatSummary>,
 }
 
 impl Record {
@@ -183,6 +186,7 @@ impl Record {
             mapped_udp: r.mapped_udp,
             alt_observed: r.alt_observed,
             alt_udp_observed: r.alt_udp_observed,
+            nat: r.nat,
         };
         serde_json::to_string(&rec).unwrap_or_default()
     }
@@ -226,6 +230,7 @@ fn parse_entry(
         // since a record is only as good as whoever wrote it.
         mapped_tcp: rec.mapped_tcp.filter(|m| m.ip() == rec.observed.ip()),
         mapped_udp: rec.mapped_udp.filter(|m| m.ip() == rec.observed.ip()),
+        nat: rec.nat,
         instance: Some(instance),
     })
 }
@@ -233,6 +238,9 @@ fn parse_entry(
 /// What instances tell each other.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "t", rename_all = "snake_case")]
+// `Deliver` carries a whole punch order; signals are queued at most 4,096
+// at a time, so boxing it would save little and cost an allocation each.
+#[allow(clippy::large_enum_variant)]
 pub(crate) enum Signal {
     /// A message for a daemon connected there. A punch order's `at_us` is
     /// in cluster time on the way.
@@ -1081,6 +1089,7 @@ mod tests {
             initiator: false,
             relay_token: "t".into(),
             relay_url: Some("http://203.0.113.1:8080".into()),
+            strategy: None,
             signature: None,
         };
         let sig = Signal::Deliver {

@@ -1,0 +1,269 @@
+//! `punchd netcheck` against each lab NAT kind: the rendezvous alone in
+//! its namespace (no daemons, so no other flow takes a port of the
+//! predictable NAT between the check's own), `punchd netcheck --json` run
+//! in hostA behind natA, and its verdict compared with what the kind is.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context as _, Result};
+
+use crate::harness::run::wait;
+use crate::harness::Binaries;
+use crate::net::nat::NatBehaviour;
+use crate::net::netns::{listens_on, prefix};
+use crate::net::topology::{Layout, Topology, RENDEZVOUS_IP};
+
+/// What `punchd netcheck` must say for a kind: (TCP, UDP) mapping, and
+/// whether a delta must be found.
+fn expected(kind: NatBehaviour) -> (&'static str, bool) {
+    match kind {
+        NatBehaviour::RandomFully => ("endpoint-dependent", false),
+        NatBehaviour::Predictable => ("endpoint-dependent", true),
+        _ => ("endpoint-independent", false),
+    }
+}
+
+fn name(kind: NatBehaviour) -> &'static str {
+    match kind {
+        NatBehaviour::Masquerade => "masquerade",
+        NatBehaviour::DropUnsolicited => "drop",
+        NatBehaviour::RejectRst => "rst",
+        NatBehaviour::RandomFully => "random-fully",
+        NatBehaviour::Firewall => "firewall",
+        NatBehaviour::TcpBlocked => "tcp-blocked",
+        NatBehaviour::Predictable => "predictable (numgen inc)",
+    }
+}
+
+/// Every kind, one topology each; returns the table (kind → what it
+/// printed) and fails on the first wrong verdict.
+pub fn classify_every_kind(bins: &Binaries) -> Result<String> {
+    let kinds = [
+        NatBehaviour::Masquerade,
+        NatBehaviour::Firewall,
+        NatBehaviour::RandomFully,
+        NatBehaviour::Predictable,
+    ];
+    let mut table = String::from(
+        "\n| NAT kind | mapping_tcp | mapping_udp | delta tcp/udp | port preserved tcp/udp | ms |\n|---|---|---|---|---|---|\n",
+    );
+    let mut wrong = Vec::new();
+    for kind in kinds {
+        let doc = check_one(bins, kind).with_context(|| name(kind))?;
+        let s = |k: &str| doc[k].as_str().unwrap_or("?").to_owned();
+        let d = |k: &str| doc[k].as_i64().map_or("-".to_owned(), |d| d.to_string());
+        let b = |k: &str| doc[k].as_bool().unwrap_or(false);
+        table.push_str(&format!(
+            "| {} | {} | {} | {}/{} | {}/{} | {} |\n",
+            name(kind),
+            s("mapping_tcp"),
+            s("mapping_udp"),
+            d("delta_tcp"),
+            d("delta_udp"),
+            b("port_preserved_tcp"),
+            b("port_preserved_udp"),
+            doc["elapsed_ms"],
+        ));
+        let (want, delta) = expected(kind);
+        for t in ["tcp", "udp"] {
+            if s(&format!("mapping_{t}")) != want || doc[format!("delta_{t}")].is_i64() != delta {
+                wrong.push(format!("{} {t}: {doc}", name(kind)));
+            }
+        }
+    }
+    if !wrong.is_empty() {
+        bail!("misclassified:{table}\n{}", wrong.join("\n"));
+    }
+    Ok(format!("netcheck classified every kind{table}"))
+}
+
+fn check_one(bins: &Binaries, kind: NatBehaviour) -> Result<serde_json::Value> {
+    let mut topo = Topology::build(&prefix("netcheck"), Layout::TwoNats(kind))?;
+    let dir = std::env::temp_dir().join("punch-lab-netcheck");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    let rv = topo.rv.name().to_owned();
+    topo.rv.spawn(
+        &bins.rendezvous,
+        &["--listen", "0.0.0.0:8080"],
+        &[("RUST_LOG", "info")],
+        &dir.join("rendezvous.log"),
+    )?;
+    wait("the rendezvous to listen", Duration::from_secs(10), || {
+        (listens_on(&rv, 8080) && listens_on(&rv, 8081)).then_some(())
+    })?;
+    bins.keygen(&dir.join("alice.key"))?;
+    let cfg = dir.join("alice.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "name = \"alice\"\nkey_file = \"alice.key\"\n[rendezvous]\nurl = \"http://{RENDEZVOUS_IP}:8080\"\n"
+        ),
+    )?;
+    let started = Instant::now();
+    let out = topo.host_a.exec_output(
+        bins.punchd.to_str().unwrap_or("punchd"),
+        &["netcheck", "--config", cfg.to_str().unwrap_or(""), "--json"],
+    )?;
+    let took = started.elapsed();
+    if !out.status.success() {
+        bail!(
+            "punchd netcheck failed after {took:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .with_context(|| String::from_utf8_lossy(&out.stdout).into_owned())?;
+    drop(topo);
+    Ok(doc)
+}
+
+/// Both NATs `--random-fully`: both daemons' discovery says
+/// endpoint-dependent with no step, so the rendezvous orders
+/// `relay-first` and the pair is relayed within 3 s of the order, status
+/// saying why. `runs` times; returns the elapsed times.
+pub fn hard_pair_relays_at_once(bins: &Binaries, runs: usize) -> Result<String> {
+    use crate::harness::matrix::by_name;
+    use crate::harness::punchd_types::PathState;
+    use crate::harness::run::Run;
+    use crate::harness::status::first_peer;
+    let mut scenario = by_name("random").context("the random scenario")?;
+    // Its own namespaces: the scenarios suite's `random` may run meanwhile.
+    scenario.name = "hard-pair".into();
+    let mut times = Vec::new();
+    for i in 0..runs {
+        let run = Run::start(&scenario, bins)?;
+        let result = (|| -> Result<u64> {
+            let mut worst = 0;
+            for who in ["alice", "bob"] {
+                let doc = run.wait_path(who, PathState::Relayed, Duration::from_secs(20))?;
+                let peer = first_peer(&doc)?;
+                let last = peer
+                    .last_punch
+                    .as_ref()
+                    .context("relayed without a last punch")?;
+                let reason = last.reason.clone().unwrap_or_default();
+                if !reason.contains("relay-first") {
+                    bail!("{who}: relayed, but not at once: {reason}");
+                }
+                if last.elapsed_ms > 3_000 {
+                    bail!(
+                        "{who}: relayed {} ms after the order (bound 3000)",
+                        last.elapsed_ms
+                    );
+                }
+                let nat = doc.nat.as_ref().context("no nat in status")?;
+                if nat.mapping_udp != "endpoint-dependent"
+                    || nat.mapping_tcp != "endpoint-dependent"
+                {
+                    bail!("{who}: status nat {nat:?}");
+                }
+                worst = worst.max(last.elapsed_ms);
+            }
+            Ok(worst)
+        })();
+        match result {
+            Ok(ms) => times.push(ms),
+            Err(e) => return Err(run.explain(e.context(format!("run {}", i + 1)))),
+        }
+    }
+    let max = times.iter().max().copied().unwrap_or(0);
+    Ok(format!(
+        "random+random relayed at once in {}/{runs} runs; order -> relayed (slower side) ms: {times:?}, max {max}",
+        times.len()
+    ))
+}
+
+/// alice behind a port-preserving NAT with an input firewall (easy), bob
+/// behind the predictable NAT (`numgen inc`, byte-swapped step 256), QUIC
+/// only: the rendezvous orders alice to punch bob's next 16 predicted
+/// ports too, and the pair goes direct. `runs` times; a direct path must
+/// come within 15 s of the start, and 8 MiB must cross it intact.
+pub fn predictable_and_easy_go_direct(bins: &Binaries, runs: usize) -> Result<String> {
+    predicted_pair_goes_direct(bins, runs, NatBehaviour::Firewall, "predict")
+}
+
+/// Both NATs predictable: each side punches the other's predicted ports
+/// first, so their k-th new mappings meet.
+pub fn two_predictable_go_direct(bins: &Binaries, runs: usize) -> Result<String> {
+    predicted_pair_goes_direct(bins, runs, NatBehaviour::Predictable, "predict2")
+}
+
+fn predicted_pair_goes_direct(
+    bins: &Binaries,
+    runs: usize,
+    alice_nat: NatBehaviour,
+    name: &str,
+) -> Result<String> {
+    use crate::harness::punchd_types::{PathState, Transport};
+    use crate::harness::run::Run;
+    use crate::harness::spec::{Expect, Scenario};
+    use crate::harness::status::first_peer;
+    let scenario = Scenario::new(
+        name,
+        Layout::Mixed(alice_nat, NatBehaviour::Predictable),
+        Expect::Direct,
+    )
+    .with_transports(&[Transport::Quic]);
+    // bob up first: the prediction starts from his UDP endpoint as the
+    // rendezvous observed it, which an order made in the same millisecond
+    // as his registration does not have yet (README, "Hard NATs").
+    let scenario = Scenario {
+        alice_after: Duration::from_secs(2),
+        ..scenario
+    };
+    let mut rows = Vec::new();
+    for i in 0..runs {
+        let run = Run::start(&scenario, bins)?;
+        // Counts what alice sends toward bob's IP over UDP, from her LAN
+        // (punch datagrams, then QUIC's handshake): the probe budget.
+        run.topo.nats[0].nft(COUNT_RULE)?;
+        let result = (|| -> Result<(u64, u64, String, u64)> {
+            let doc = run.wait_path("alice", PathState::Direct, Duration::from_secs(15))?;
+            let sent = counted(&run.topo.nats[0])?;
+            if sent > PREDICT_PACKET_BOUND {
+                bail!("alice sent {sent} UDP packets toward bob before direct (bound {PREDICT_PACKET_BOUND})");
+            }
+            let ready = run.since_start().as_millis() as u64;
+            let peer = first_peer(&doc)?;
+            let punch_ms = peer.last_punch.as_ref().map_or(0, |p| p.elapsed_ms);
+            let remote = peer.remote_addr.clone().unwrap_or_default();
+            let bob = run.status("bob")?;
+            let nat = bob.nat.as_ref().context("bob has no nat in status")?;
+            if nat.delta_udp.is_none() {
+                bail!("bob's NAT was not found predictable: {nat:?}");
+            }
+            let t = run.transfer(8 << 20, 2)?;
+            if t.bytes != 8 << 20 {
+                bail!("moved {} of {} bytes", t.bytes, 8 << 20);
+            }
+            Ok((ready, punch_ms, remote, sent))
+        })();
+        match result {
+            Ok(r) => rows.push(r),
+            Err(e) => return Err(run.explain(e.context(format!("run {}", i + 1)))),
+        }
+    }
+    Ok(format!(
+        "{name}: direct over QUIC in {}/{runs} runs; (start -> direct ms, punch ms, bob seen at, UDP packets alice->bob before direct): {rows:?}",
+        rows.len()
+    ))
+}
+
+/// A counter on natA for UDP from alice's LAN toward bob's NAT.
+const COUNT_RULE: &str = "table ip lab_count {\n  chain counting { type filter hook forward priority -10; policy accept; iifname \"lan0\" ip daddr 203.0.113.3 meta l4proto udp counter; }\n}\n";
+
+/// What one predicting punch may send before it is direct: 2 candidates
+/// plus 16 predictions per round for at most 25 rounds (the QUIC punch's
+/// schedule), plus QUIC's handshake.
+const PREDICT_PACKET_BOUND: u64 = 18 * 25 + 50;
+
+fn counted(nat: &crate::net::netns::Netns) -> Result<u64> {
+    let out = nat.exec("nft", &["list", "table", "ip", "lab_count"])?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.split_whitespace()
+        .skip_while(|w| *w != "packets")
+        .nth(1)
+        .and_then(|n| n.parse().ok())
+        .with_context(|| format!("no counter in {text}"))
+}

@@ -1,0 +1,63 @@
+//! `punchd netcheck` behind each lab NAT kind (lab, root): port-preserving
+//! masquerade and a firewalled one say endpoint-independent;
+//! `--random-fully` endpoint-dependent with no step; nftables `numgen inc`
+//! endpoint-dependent with the step it measured. Prints the table.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+#[test]
+fn netcheck_classifies_every_lab_nat_kind() {
+    punch_lab::harness::preflight::case(
+        "netcheck",
+        "kinds",
+        env!("CARGO_BIN_EXE_punch-lab-tool"),
+        punch_lab::suites::netcheck::classify_every_kind,
+    );
+}
+
+/// Two port-randomizing NATs: relayed within 3 s of the order (2 runs
+/// here; `lab/hard-nat-runs.sh` runs 20).
+#[test]
+fn two_random_nats_are_relayed_at_once() {
+    let runs = std::env::var("PUNCH_LAB_RUNS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(2);
+    punch_lab::harness::preflight::case(
+        "netcheck",
+        "hard-pair",
+        env!("CARGO_BIN_EXE_punch-lab-tool"),
+        |b| punch_lab::suites::netcheck::hard_pair_relays_at_once(b, runs),
+    );
+}
+
+/// Predictable (numgen) + easy: direct over QUIC through port prediction
+/// (2 runs here; `lab/hard-nat-runs.sh` runs 20).
+#[test]
+fn a_predictable_nat_and_an_easy_one_go_direct() {
+    let runs = std::env::var("PUNCH_LAB_RUNS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(2);
+    punch_lab::harness::preflight::case(
+        "netcheck",
+        "predict",
+        env!("CARGO_BIN_EXE_punch-lab-tool"),
+        |b| punch_lab::suites::netcheck::predictable_and_easy_go_direct(b, runs),
+    );
+}
+
+/// Predictable + predictable: both predict, direct over QUIC (2 runs here).
+#[test]
+fn two_predictable_nats_go_direct() {
+    let runs = std::env::var("PUNCH_LAB_RUNS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(2);
+    punch_lab::harness::preflight::case(
+        "netcheck",
+        "predict2",
+        env!("CARGO_BIN_EXE_punch-lab-tool"),
+        |b| punch_lab::suites::netcheck::two_predictable_go_direct(b, runs),
+    );
+}

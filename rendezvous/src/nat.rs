@@ -1,0 +1,344 @@
+//! NAT discovery results and the punch strategy a pair of them calls for.
+//!
+//! A daemon measures how its NAT maps (`punchd netcheck`, and the daemon
+//! itself at start and on a gateway change) by asking the rendezvous's two
+//! endpoints — `listen` and `observe_port` — which source address they
+//! see, over TCP and over UDP. What it found travels in the hello
+//! ([`crate::protocol::Hello::nat`]) as a [`NatSummary`]; when two daemons
+//! are paired, [`choose`] (sans IO, the same on every instance) picks the
+//! [`Strategy`] the punch orders carry.
+//!
+//! The one strategy beyond today's timed punch is [`Strategy::RelayFirst`]:
+//! when both sides map every transport endpoint-dependently with ports no
+//! one can predict, and neither has a router mapping, no timed punch can
+//! meet, so waiting out the punch timeout before the relay only costs
+//! time. The daemons then go to the relay at once and keep trying direct
+//! in the background, as after any relayed punch.
+
+use serde::{Deserialize, Serialize};
+
+/// How a NAT maps one transport (the DESIGN.md "NAT discovery" words).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Mapping {
+    /// The same public endpoint whatever the destination (or no NAT): a
+    /// peer can reach the endpoint the rendezvous observed.
+    EndpointIndependent,
+    /// A new public endpoint per destination: what the rendezvous observed
+    /// is not what a peer will see.
+    EndpointDependent,
+    /// No answer over this transport at all.
+    Blocked,
+    /// Not measured, or only one endpoint answered.
+    #[default]
+    Unknown,
+}
+
+impl Mapping {
+    /// The name used in JSON and in the human report.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mapping::EndpointIndependent => "endpoint-independent",
+            Mapping::EndpointDependent => "endpoint-dependent",
+            Mapping::Blocked => "blocked",
+            Mapping::Unknown => "unknown",
+        }
+    }
+}
+
+/// What discovery found for one transport.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TransportNat {
+    /// How the NAT maps.
+    #[serde(default)]
+    pub mapping: Mapping,
+    /// The public port equals the local port (every observation).
+    #[serde(default)]
+    pub port_preserved: bool,
+    /// For an endpoint-dependent mapping, the constant step between
+    /// consecutive new mappings (mod 65536, as a signed step), when every
+    /// observed step was the same: the allocation is predictable.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delta: Option<i32>,
+}
+
+impl TransportNat {
+    /// Endpoint-dependent with no predictable step: the port a peer would
+    /// have to aim at is unknown (random allocation), or nothing gets
+    /// through at all.
+    pub fn is_hard(&self) -> bool {
+        match self.mapping {
+            Mapping::EndpointDependent => self.delta.is_none(),
+            Mapping::Blocked => true,
+            Mapping::EndpointIndependent | Mapping::Unknown => false,
+        }
+    }
+}
+
+/// Both transports, as carried in the hello.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NatSummary {
+    /// The TCP punch path.
+    #[serde(default)]
+    pub tcp: TransportNat,
+    /// The UDP (QUIC) path.
+    #[serde(default)]
+    pub udp: TransportNat,
+}
+
+impl NatSummary {
+    /// Hard on both transports.
+    pub fn is_hard(&self) -> bool {
+        self.tcp.is_hard() && self.udp.is_hard()
+    }
+}
+
+/// How the two daemons of a punch session try to meet.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "kebab-case")]
+pub enum Strategy {
+    /// Today's timed simultaneous open on every transport.
+    Timed,
+    /// Go to the relay at once (no direct punch first); the daemons keep
+    /// trying direct in the background.
+    RelayFirst {
+        /// Why, for status and logs.
+        reason: RelayReason,
+    },
+    /// The peer's NAT maps UDP endpoint-dependently but sequentially: its
+    /// mapping toward us will be one of the next few ports after the last
+    /// one seen. Punch those too, first and in order (the QUIC path). Sent
+    /// to a side facing a predictable peer; a predictable peer facing an
+    /// easy side punches as usual, which opens that very mapping.
+    PredictUdp(Box<Prediction>),
+}
+
+/// Where to aim when the peer's NAT allocates ports in steps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Prediction {
+    /// The peer's last mapping seen (its UDP endpoint as observed).
+    pub base: std::net::SocketAddr,
+    /// The step between consecutive new mappings (NAT discovery's delta).
+    pub delta: i32,
+    /// How many next ports to punch: `base + delta × 1 ..= count`.
+    pub count: u16,
+}
+
+/// Ports predicted per punch: the peer's NAT gives its flows toward us
+/// (TCP and UDP punches, its rendezvous link) the next ports, so a window
+/// of 16 covers them on a quiet NAT; busier NATs need the relay.
+pub const PREDICT_COUNT: u16 = 16;
+
+impl Prediction {
+    /// The endpoints to punch, in the order the NAT will allocate them.
+    pub fn endpoints(&self) -> impl Iterator<Item = std::net::SocketAddr> + '_ {
+        (1..=self.count).map(move |k| {
+            let step = (self.delta as i16 as u16).wrapping_mul(k);
+            std::net::SocketAddr::new(self.base.ip(), self.base.port().wrapping_add(step))
+        })
+    }
+}
+
+/// Why a pair goes to the relay at once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RelayReason {
+    /// Both sides map every transport endpoint-dependently with ports no
+    /// one can predict (or block it), and neither has a router mapping.
+    BothUnpredictable,
+}
+
+impl std::fmt::Display for RelayReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            RelayReason::BothUnpredictable => {
+                "both NATs map endpoint-dependently with unpredictable ports (netcheck) \
+                 and neither has a router port mapping: no timed punch can meet"
+            }
+        })
+    }
+}
+
+/// One side of a pair as [`choose`] sees it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Side {
+    /// What the daemon measured, if it said.
+    pub nat: Option<NatSummary>,
+    /// Its router mapped the punch port (UPnP, NAT-PMP, PCP): reachable
+    /// whatever the NAT's own mapping does.
+    pub port_mapped: bool,
+}
+
+impl Side {
+    fn hard(&self) -> bool {
+        !self.port_mapped && self.nat.is_some_and(|n| n.is_hard())
+    }
+}
+
+/// The strategy for `me`'s order against `other`, whose UDP endpoint was
+/// last seen at `other_udp` (the rendezvous's observation): relay-first
+/// for two hard sides ([`choose`]), port prediction when `other`'s UDP
+/// mapping is endpoint-dependent with a known step and `me`'s is not
+/// random, else today's timed punch. Two predictable sides both predict:
+/// each sends to the other's predicted ports first, in order, so each
+/// one's k-th new mapping meets the other's k-th.
+pub fn choose_for(me: Side, other: Side, other_udp: Option<std::net::SocketAddr>) -> Strategy {
+    let s = choose(me, other);
+    if s != Strategy::Timed {
+        return s;
+    }
+    // Not a random side: its own mapping toward the predicted ports must
+    // be one the peer can know (fixed, or itself predicted by the peer).
+    let me_easy = me.port_mapped || me.nat.is_some_and(|n| !n.udp.is_hard());
+    match (other.nat, other_udp) {
+        (Some(n), Some(base))
+            if me_easy
+                && !other.port_mapped
+                && n.udp.mapping == Mapping::EndpointDependent
+                && n.udp.delta.is_some_and(|d| d != 0) =>
+        {
+            Strategy::PredictUdp(Box::new(Prediction {
+                base,
+                delta: n.udp.delta.unwrap_or(1),
+                count: PREDICT_COUNT,
+            }))
+        }
+        _ => Strategy::Timed,
+    }
+}
+
+/// The strategy for a pair; symmetric, so both orders agree.
+pub fn choose(a: Side, b: Side) -> Strategy {
+    if a.hard() && b.hard() {
+        Strategy::RelayFirst {
+            reason: RelayReason::BothUnpredictable,
+        }
+    } else {
+        Strategy::Timed
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn t(mapping: Mapping, delta: Option<i32>) -> TransportNat {
+        TransportNat {
+            mapping,
+            port_preserved: false,
+            delta,
+        }
+    }
+
+    fn side(tcp: TransportNat, udp: TransportNat, port_mapped: bool) -> Side {
+        Side {
+            nat: Some(NatSummary { tcp, udp }),
+            port_mapped,
+        }
+    }
+
+    #[test]
+    fn only_two_unpredictable_unmapped_sides_go_to_the_relay_first() {
+        use Mapping::*;
+        let random = t(EndpointDependent, None);
+        let predictable = t(EndpointDependent, Some(256));
+        let easy = t(EndpointIndependent, None);
+        let hard = side(random, random, false);
+        assert!(matches!(choose(hard, hard), Strategy::RelayFirst { .. }));
+        // Blocked counts as hard too.
+        let blocked_udp = side(random, t(Blocked, None), false);
+        assert!(matches!(
+            choose(hard, blocked_udp),
+            Strategy::RelayFirst { .. }
+        ));
+        for other in [
+            side(easy, easy, false),
+            side(predictable, predictable, false),
+            side(random, easy, false),
+            // A router mapping makes the side reachable.
+            side(random, random, true),
+            // Not measured: no shortcut.
+            Side::default(),
+            side(t(Unknown, None), t(Unknown, None), false),
+        ] {
+            assert_eq!(choose(hard, other), Strategy::Timed, "{other:?}");
+            assert_eq!(choose(other, hard), Strategy::Timed, "{other:?}");
+        }
+    }
+
+    #[test]
+    fn a_predictable_peer_gets_predicted_from_the_easy_side_only() {
+        use Mapping::*;
+        let predictable = t(EndpointDependent, Some(256));
+        let easy = t(EndpointIndependent, None);
+        let random = t(EndpointDependent, None);
+        let base: std::net::SocketAddr = "203.0.113.3:12405".parse().unwrap();
+        let p = side(predictable, predictable, false);
+        let e = side(easy, easy, false);
+        let Strategy::PredictUdp(pred) = choose_for(e, p, Some(base)) else {
+            panic!("no prediction");
+        };
+        assert_eq!(pred.delta, 256);
+        let ports: Vec<u16> = pred.endpoints().map(|a| a.port()).collect();
+        assert_eq!(ports.len(), usize::from(PREDICT_COUNT));
+        assert_eq!(&ports[..3], &[12661, 12917, 13173]);
+        assert!(pred.endpoints().all(|a| a.ip() == base.ip()));
+        // The predictable side punches as usual; so does a random side,
+        // or one without the peer's endpoint, or a mapped peer.
+        assert_eq!(choose_for(p, e, Some(base)), Strategy::Timed);
+        // Two predictable sides predict each other.
+        assert!(matches!(
+            choose_for(p, p, Some(base)),
+            Strategy::PredictUdp(_)
+        ));
+        assert_eq!(
+            choose_for(side(random, random, false), p, Some(base)),
+            Strategy::Timed
+        );
+        assert_eq!(choose_for(e, p, None), Strategy::Timed);
+        assert_eq!(
+            choose_for(e, side(predictable, predictable, true), Some(base)),
+            Strategy::Timed
+        );
+        // Steps wrap around 65535.
+        let wrap = Prediction {
+            base: "203.0.113.3:65535".parse().unwrap(),
+            delta: 1,
+            count: 2,
+        };
+        assert_eq!(
+            wrap.endpoints().map(|a| a.port()).collect::<Vec<_>>(),
+            vec![0, 1]
+        );
+    }
+
+    #[test]
+    fn the_wire_words_are_the_design_words() {
+        let n = NatSummary {
+            tcp: t(Mapping::EndpointDependent, Some(-256)),
+            udp: t(Mapping::Blocked, None),
+        };
+        let json = serde_json::to_string(&n).unwrap();
+        assert!(
+            json.contains("\"endpoint-dependent\"") && json.contains("\"blocked\""),
+            "{json}"
+        );
+        assert_eq!(serde_json::from_str::<NatSummary>(&json).unwrap(), n);
+        for m in [
+            Mapping::EndpointIndependent,
+            Mapping::EndpointDependent,
+            Mapping::Blocked,
+            Mapping::Unknown,
+        ] {
+            assert_eq!(
+                serde_json::to_string(&m).unwrap(),
+                format!("\"{}\"", m.as_str())
+            );
+        }
+        let s = serde_json::to_string(&Strategy::RelayFirst {
+            reason: RelayReason::BothUnpredictable,
+        })
+        .unwrap();
+        assert_eq!(s, r#"{"kind":"relay-first","reason":"both-unpredictable"}"#);
+    }
+}

@@ -1,0 +1,211 @@
+//! NAT discovery's answers: "the source address I saw".
+//!
+//! The daemon (and `punchd netcheck`) asks from one local port: the main
+//! listener (`GET /v1/observe`, and `observe` datagrams on the UDP
+//! observation socket) and the second endpoint, `observe_port`, on TCP
+//! (the address as one text line, then close) and UDP (`observe`
+//! datagrams). Comparing the two answers tells whether the NAT keeps one
+//! mapping per local port (endpoint-independent) or makes a new one per
+//! destination (endpoint-dependent), and with a second local port, whether
+//! new mappings step predictably.
+//!
+//! Nothing here needs registration, so nothing is learned but the asker's
+//! own address. Each answer is bounded and cheap: one datagram no longer
+//! than the question (no amplification), or one line written without
+//! waiting (no task, no buffer per connection); per-source and
+//! server-wide rate limits refuse the rest, counted in
+//! `punch_rendezvous_observe_refused_total`.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::extract::{ConnectInfo, State};
+use axum::Json;
+use serde::Serialize;
+use tokio::net::{TcpListener, UdpSocket};
+use tracing::{debug, info};
+
+use super::udp::{answer_observe, ObserveLimits as Limits};
+use super::Shared;
+use crate::datagram;
+
+/// Answers and refusals, for `/metrics`.
+#[derive(Debug, Default)]
+pub(crate) struct Counters {
+    /// [tcp, udp]
+    answered: [AtomicU64; 2],
+    refused: [AtomicU64; 2],
+}
+
+/// Which transport.
+#[derive(Debug, Clone, Copy)]
+enum Via {
+    Tcp = 0,
+    Udp = 1,
+}
+
+impl Counters {
+    pub(crate) fn render(&self) -> String {
+        let mut out = String::new();
+        for (name, help, v) in [
+            (
+                "punch_rendezvous_observe_answered_total",
+                "NAT discovery questions answered with the source address seen.",
+                &self.answered,
+            ),
+            (
+                "punch_rendezvous_observe_refused_total",
+                "NAT discovery questions refused by a rate limit.",
+                &self.refused,
+            ),
+        ] {
+            out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} counter\n"));
+            for (i, t) in ["tcp", "udp"].iter().enumerate() {
+                out.push_str(&format!(
+                    "{name}{{transport=\"{t}\"}} {}\n",
+                    v[i].load(Ordering::Relaxed)
+                ));
+            }
+        }
+        out
+    }
+
+    /// An `observe` datagram answered (`ok`) or refused.
+    pub(crate) fn count_udp(&self, ok: bool) {
+        self.count(Via::Udp, ok);
+    }
+
+    fn count(&self, via: Via, ok: bool) {
+        let v = if ok { &self.answered } else { &self.refused };
+        v[via as usize].fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// What `GET /v1/observe` answers: the address seen and where the other
+/// endpoints are.
+#[derive(Debug, Serialize)]
+pub(crate) struct Observation {
+    /// The source address of this request.
+    observed: SocketAddr,
+    /// The UDP observation port (same host), if bound.
+    udp_port: Option<u16>,
+    /// The second endpoint's port (TCP and UDP, same host), if bound.
+    observe_port: Option<u16>,
+}
+
+pub(crate) async fn http_handler(
+    ConnectInfo(addr): ConnectInfo<SocketAddr>,
+    State(shared): State<Arc<Shared>>,
+) -> Json<Observation> {
+    shared.observe.count(Via::Tcp, true);
+    Json(Observation {
+        observed: SocketAddr::new(addr.ip().to_canonical(), addr.port()),
+        udp_port: shared.udp_port,
+        observe_port: shared.observe_port,
+    })
+}
+
+/// The second endpoint's two sockets.
+pub(crate) struct Sockets {
+    tcp: TcpListener,
+    udp: UdpSocket,
+}
+
+/// Binds `observe_port` on `listen`'s address: TCP and UDP both, or
+/// neither. An explicit port that cannot be bound is an error; the
+/// default (`listen` + 1) only warns.
+pub(crate) async fn bind(
+    listen: SocketAddr,
+    configured: Option<u16>,
+) -> std::io::Result<Option<Sockets>> {
+    let port = match configured {
+        Some(0) => return Ok(None),
+        Some(p) => p,
+        None => match listen.port().checked_add(1) {
+            Some(p) => p,
+            None => return Ok(None),
+        },
+    };
+    let addr = SocketAddr::new(listen.ip(), port);
+    let bound = async {
+        let tcp = TcpListener::bind(addr).await?;
+        let udp = UdpSocket::bind(addr).await?;
+        Ok::<_, std::io::Error>(Sockets { tcp, udp })
+    }
+    .await;
+    match bound {
+        Ok(s) => Ok(Some(s)),
+        Err(e) if configured.is_some() => Err(std::io::Error::new(
+            e.kind(),
+            format!("observe_port {addr}: {e}"),
+        )),
+        Err(e) => {
+            tracing::warn!(%addr, error = %e, "cannot bind the NAT discovery endpoint (listen port + 1); daemons will report their NAT mapping as unknown (set observe_port)");
+            Ok(None)
+        }
+    }
+}
+
+impl Sockets {
+    pub(crate) fn port(&self) -> Option<u16> {
+        self.tcp.local_addr().ok().map(|a| a.port())
+    }
+}
+
+/// Serves both sockets until the server shuts down.
+pub(crate) async fn serve(s: Sockets, shared: Arc<Shared>) {
+    if let Ok(addr) = s.tcp.local_addr() {
+        info!(%addr, "NAT discovery endpoint listening (TCP and UDP)");
+    }
+    let mut tcp_limits = Limits::new(Instant::now());
+    let mut udp_limits = Limits::new(Instant::now());
+    let mut buf = [0u8; datagram::MAX_LEN + 1];
+    loop {
+        tokio::select! {
+            _ = shared.cancel.cancelled() => break,
+            r = s.tcp.accept() => match r {
+                Ok((conn, from)) => {
+                    let from = SocketAddr::new(from.ip().to_canonical(), from.port());
+                    let ok = tcp_limits.allow(from.ip(), Instant::now());
+                    shared.observe.count(Via::Tcp, ok);
+                    if ok {
+                        // A fresh socket's send buffer is empty: one short
+                        // line never blocks. Then it closes (FIN).
+                        let _ = conn.try_write(format!("{from}\n").as_bytes());
+                    }
+                }
+                Err(e) => {
+                    debug!(error = %e, "observe accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                }
+            },
+            r = s.udp.recv_from(&mut buf) => match r {
+                Ok((n, from)) => {
+                    let from = SocketAddr::new(from.ip().to_canonical(), from.port());
+                    if let Some(Some(reply)) = answer_observe(&shared, &mut udp_limits, &buf[..n], from) {
+                        let _ = s.udp.send_to(&reply, from).await;
+                    }
+                }
+                Err(e) => debug!(error = %e, "observe receive error"),
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::IpAddr;
+
+    #[test]
+    fn one_ip_is_held_to_its_rate() {
+        let t0 = Instant::now();
+        let mut l = Limits::new(t0);
+        let a: IpAddr = "192.0.2.1".parse().unwrap();
+        let allowed = (0..100).filter(|_| l.allow(a, t0)).count();
+        assert_eq!(allowed, super::super::udp::OBSERVE_BURST_PER_IP as usize);
+        assert!(l.allow("192.0.2.2".parse().unwrap(), t0));
+    }
+}
