@@ -34,12 +34,20 @@ async fn honest_echo(addr: std::net::SocketAddr, len: usize, seed: u64) -> bool 
 /// (before: yamux's TooManyStreams ended it and every forward of the peer
 /// broke), and once the flood lets go an honest transfer goes through the
 /// very same tunnel.
-async fn two_thousand_connections_at_once(punch: &str, up: fn(&punchd::StatusDoc) -> bool) {
+async fn two_thousand_connections_at_once(
+    (alice_punch, bob_punch): (&str, &str),
+    up: fn(&punchd::StatusDoc) -> bool,
+) {
     const FLOOD: usize = 2_000;
     let logs = Logs::capture();
     let lab = Lab::new().await;
     let echo = [lab.expose_at("echo", lab.echo, &["alice"])];
-    let (alice, bob) = lab.pair_when(&["echo"], &echo, punch, "a tunnel", up).await;
+    let bob = lab.bob(&echo, bob_punch).await;
+    let alice = lab.alice(&["echo"], alice_punch).await;
+    wait_for("the tunnel", Duration::from_secs(30), || {
+        Some(alice.status.snapshot()).filter(up)
+    })
+    .await;
     let forward = alice.forward_addrs[0];
     let (release_tx, release_rx) = tokio::sync::watch::channel(false);
     let answered = Arc::new(AtomicUsize::new(0));
@@ -123,19 +131,33 @@ async fn two_thousand_connections_at_once(punch: &str, up: fn(&punchd::StatusDoc
 /// credit wait for it, the forward's cap resets the rest.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_thousand_connections_at_once_leave_a_quic_tunnel_up() {
-    two_thousand_connections_at_once("transports = [\"quic\"]", support::direct).await;
+    let quic = "transports = [\"quic\"]";
+    two_thousand_connections_at_once((quic, quic), support::direct).await;
 }
 
-/// Over yamux: the case of the issue (TooManyStreams ended the tunnel).
-/// Ignored: on loopback the TCP punch often loses (the same-host defect
-/// of #17) and the pair starts relayed, and a relayed tunnel still ends
-/// about 0.3 s into this flood (the relay's WebSocket closes; not yet
-/// explained). Run it with `--ignored`: it passes when the punch lands.
+/// Over yamux, direct or relayed, whichever the punch gives (on loopback
+/// the TCP punch often loses: the same-host defect of #17). The case of
+/// the issue: TooManyStreams ended the tunnel, and later the accepting
+/// side's yamux, counting streams its handlers still held, ended it with
+/// a GoAway ("maximum number of streams reached"; the relay's WebSocket
+/// closed about 0.3 s in, which is how a relayed tunnel showed it).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "a relayed tunnel still ends under this flood; see the doc comment"]
 async fn two_thousand_connections_at_once_leave_a_yamux_tunnel_up() {
-    two_thousand_connections_at_once("transports = [\"tcp\"]", |doc| {
-        doc.peers[0].path != PathState::None
-    })
+    let tcp = "transports = [\"tcp\"]";
+    two_thousand_connections_at_once((tcp, tcp), |doc| doc.peers[0].path != PathState::None).await;
+}
+
+/// Over yamux through the relay, every time: alice punches only TCP and
+/// bob only QUIC, so no direct path can form and both fall back to the
+/// relay after a 1 s punch (and stay there: upgrades fail the same way).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_thousand_connections_at_once_leave_a_relayed_tunnel_up() {
+    two_thousand_connections_at_once(
+        (
+            "transports = [\"tcp\"]\ntimeout = \"1s\"",
+            "transports = [\"quic\"]\ntimeout = \"1s\"",
+        ),
+        |doc| doc.peers[0].path == PathState::Relayed,
+    )
     .await;
 }

@@ -59,7 +59,9 @@ impl Logs {
             let logs = Logs::default();
             let writer = logs.clone();
             tracing_subscriber::fmt()
-                .with_env_filter("punchd=info")
+                // yamux's errors too: it logs why it ends a connection
+                // ("maximum number of streams reached") only there.
+                .with_env_filter("punchd=info,yamux=error")
                 .with_ansi(false)
                 .with_writer(move || writer.clone())
                 .init();
