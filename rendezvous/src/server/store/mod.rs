@@ -318,6 +318,8 @@ pub(crate) fn punch_orders(
     hop_us: u64,
 ) -> [Addressed; 2] {
     let at_us = punch_start_us(now_us, a.rtt_us, b.rtt_us) + hop_us;
+    // LAN addresses only between daemons behind one NAT (issue #24).
+    let lan = crate::protocol::same_site(a.observed.ip(), b.observed.ip());
     let order =
         |me: (&str, &Registration), other: (&str, &Registration), initiator, token: &str| {
             Addressed {
@@ -330,8 +332,8 @@ pub(crate) fn punch_orders(
                     session: session.to_owned(),
                     peer: other.0.to_owned(),
                     public_key: b64(&other.1.public_key),
-                    candidates: candidates(other.1),
-                    udp_candidates: udp_candidates(other.1),
+                    candidates: candidates(other.1, lan),
+                    udp_candidates: udp_candidates(other.1, lan),
                     at_us,
                     initiator,
                     relay_token: token.to_owned(),
@@ -357,12 +359,17 @@ pub(crate) fn punch_orders(
 /// packet (the router forwards it; nothing on this side has to open a
 /// hole first), so it connects in the first round whatever the other
 /// side's NAT does, and it always fits under the cap.
-fn candidates(c: &Registration) -> Vec<SocketAddr> {
+///
+/// The daemon's own addresses only with `lan` (the recipient shares its
+/// site, [`crate::protocol::same_site`]): from anywhere else they can only
+/// lead into the recipient's own LAN, which is how a peer could make it
+/// scan there.
+fn candidates(c: &Registration, lan: bool) -> Vec<SocketAddr> {
     let mut out: Vec<SocketAddr> = c.mapped_tcp.into_iter().collect();
     if !out.contains(&c.observed) {
         out.push(c.observed);
     }
-    for a in &c.local_addrs {
+    for a in c.local_addrs.iter().filter(|_| lan) {
         if !out.contains(a) && out.len() < 8 {
             out.push(*a);
         }
@@ -381,7 +388,8 @@ fn candidates(c: &Registration) -> Vec<SocketAddr> {
 /// same-NAT stress); with the local ones alone, a QUIC-only punch between
 /// two NATs could only fail (lab: a peer restarted, asked for 13 ms after
 /// its registration and before its probe, ended relayed after 10 s).
-fn udp_candidates(c: &Registration) -> Vec<SocketAddr> {
+/// The local ones only with `lan`, as in [`candidates`].
+fn udp_candidates(c: &Registration, lan: bool) -> Vec<SocketAddr> {
     let Some(port) = c.udp_port else {
         return Vec::new();
     };
@@ -393,7 +401,7 @@ fn udp_candidates(c: &Registration) -> Vec<SocketAddr> {
     if !out.contains(&first) {
         out.push(first);
     }
-    for a in &c.local_addrs {
+    for a in c.local_addrs.iter().filter(|_| lan) {
         let a = SocketAddr::new(a.ip(), port);
         if !out.contains(&a) && out.len() < 8 {
             out.push(a);
@@ -441,7 +449,7 @@ pub(crate) mod tests {
     #[test]
     fn udp_candidates_guess_the_public_endpoint_until_it_is_observed() {
         let mut c = registration(1, "203.0.113.2:40000", &["192.0.2.2:40000"]);
-        assert!(udp_candidates(&c).is_empty(), "no QUIC offered");
+        assert!(udp_candidates(&c, true).is_empty(), "no QUIC offered");
         // Without a probe there is no public mapping: the guess (the TCP
         // address with the UDP port) first, then the local address a LAN
         // peer can use.
@@ -450,13 +458,13 @@ pub(crate) mod tests {
             "203.0.113.2:41000".parse().unwrap(),
             "192.0.2.2:41000".parse().unwrap(),
         ];
-        assert_eq!(udp_candidates(&c), guessed);
+        assert_eq!(udp_candidates(&c, true), guessed);
         c.udp_observed = Some("203.0.113.2:41000".parse().unwrap());
         let want: Vec<SocketAddr> = vec![
             "203.0.113.2:41000".parse().unwrap(),
             "192.0.2.2:41000".parse().unwrap(),
         ];
-        assert_eq!(udp_candidates(&c), want);
+        assert_eq!(udp_candidates(&c, true), want);
     }
 
     #[test]
@@ -471,15 +479,55 @@ pub(crate) mod tests {
             .iter()
             .map(|a| a.parse().unwrap())
             .collect();
-        assert_eq!(candidates(&c), tcp);
+        assert_eq!(candidates(&c, true), tcp);
         let udp: Vec<SocketAddr> = ["203.0.113.2:40002", "203.0.113.2:51234", "192.0.2.2:40000"]
             .iter()
             .map(|a| a.parse().unwrap())
             .collect();
-        assert_eq!(udp_candidates(&c), udp);
+        assert_eq!(udp_candidates(&c, true), udp);
         // A mapping equal to the observed endpoint (port-preserving NAT) is not repeated.
         c.mapped_tcp = Some(c.observed);
-        assert_eq!(candidates(&c).len(), 2);
+        assert_eq!(candidates(&c, true).len(), 2);
+    }
+
+    /// Issue #24: a peer's LAN addresses go only to a daemon behind the
+    /// same NAT (same public IPv4, or same IPv6 /64); to anyone else only
+    /// its public endpoints, so no peer can aim another's punches into
+    /// that one's own LAN.
+    #[test]
+    fn lan_addresses_go_only_to_a_peer_at_the_same_public_ip() {
+        let mut a = registration(1, "203.0.113.2:40000", &["192.168.1.2:40000"]);
+        a.udp_port = Some(40001);
+        let elsewhere = registration(2, "198.51.100.7:40000", &["192.168.1.9:40000"]);
+        let tokens = ["t0".to_owned(), "t1".to_owned()];
+        let [_, to_b] = punch_orders("s", &tokens, ("a", &a), ("b", &elsewhere), 0, 0);
+        let addrs =
+            |v: &[&str]| -> Vec<SocketAddr> { v.iter().map(|s| s.parse().unwrap()).collect() };
+        assert_eq!(to_b.order.candidates, addrs(&["203.0.113.2:40000"]));
+        assert_eq!(to_b.order.udp_candidates, addrs(&["203.0.113.2:40001"]));
+        let same_nat = registration(3, "203.0.113.2:40999", &["192.168.1.9:40000"]);
+        let [_, to_c] = punch_orders("s", &tokens, ("a", &a), ("c", &same_nat), 0, 0);
+        assert_eq!(
+            to_c.order.candidates,
+            addrs(&["203.0.113.2:40000", "192.168.1.2:40000"])
+        );
+        assert_eq!(
+            to_c.order.udp_candidates,
+            addrs(&["203.0.113.2:40001", "192.168.1.2:40001"])
+        );
+        // IPv6: one /64 is one LAN; another /64 is elsewhere.
+        assert!(crate::protocol::same_site(
+            "2001:db8:1:2::10".parse().unwrap(),
+            "2001:db8:1:2::20".parse().unwrap()
+        ));
+        assert!(!crate::protocol::same_site(
+            "2001:db8:1:3::10".parse().unwrap(),
+            "2001:db8:1:2::20".parse().unwrap()
+        ));
+        assert!(crate::protocol::same_site(
+            "::ffff:203.0.113.2".parse().unwrap(),
+            "203.0.113.2".parse().unwrap()
+        ));
     }
 
     #[test]
