@@ -70,6 +70,22 @@ impl Logs {
         .clone()
     }
 
+    /// Where the capture is now: [`Logs::lines_since`] reads from here on,
+    /// so a test sees nothing an earlier test of the process logged.
+    pub fn mark(&self) -> usize {
+        self.0.lock().unwrap().len()
+    }
+
+    /// The lines logged since `mark` that contain every one of `parts`.
+    pub fn lines_since(&self, mark: usize, parts: &[&str]) -> Vec<String> {
+        let buf = self.0.lock().unwrap();
+        let text = String::from_utf8_lossy(buf.get(mark..).unwrap_or_default()).into_owned();
+        text.lines()
+            .filter(|l| parts.iter().all(|p| l.contains(p)))
+            .map(str::to_owned)
+            .collect()
+    }
+
     /// The lines that contain every one of `parts`.
     pub fn lines_with(&self, parts: &[&str]) -> Vec<String> {
         let text = String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned();
