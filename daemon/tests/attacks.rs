@@ -99,9 +99,22 @@ async fn two_thousand_connections_at_once(
     // Measured 837: opens that meet the stream cap while earlier refusals
     // are still being torn down are refused too. Half the cap is the floor.
     assert!(ok >= 512, "only {ok} of {FLOOD} connections were served");
-    // The same tunnel, still up, carries an honest transfer.
+    // The same tunnel, still up, carries an honest transfer once the
+    // flood's streams are torn down (until then an open may still meet a
+    // full tunnel on either side and be refused, as any other would).
+    wait_for(
+        "the flood's streams to end",
+        Duration::from_secs(30),
+        || {
+            let (a, b) = (alice.status.snapshot(), bob.status.snapshot());
+            (a.forwards[0].active == 0 && a.peers[0].streams == 0 && b.peers[0].streams == 0)
+                .then_some(())
+        },
+    )
+    .await;
+    let honest = honest_echo(forward, 1 << 20, 99).await;
     assert!(
-        honest_echo(forward, 1 << 20, 99).await,
+        honest,
         "an honest transfer failed after the flood: {:#?}",
         logs.lines_since(mark, &["WARN"])
     );
