@@ -164,9 +164,10 @@ fn room_for_one(held: usize) -> bool {
 
 /// Owns the yamux connection: serves open requests, hands out inbound
 /// streams, and keeps the connection polled (yamux only makes progress while
-/// `poll_next_inbound` is being called). `counters` are the tunnel's
-/// active-stream count and the count of every stream handle alive, which
-/// holds both directions to [`MAX_STREAMS`] (see [`MUX_STREAM_LIMIT`]).
+/// `poll_next_inbound` is being called). Of the two counters, `active` is
+/// the tunnel's active-stream count (keepalive not included) and `slots`
+/// counts every stream handle alive, which holds both directions to
+/// [`MAX_STREAMS`] (see [`MUX_STREAM_LIMIT`]).
 async fn drive<T>(
     mut conn: yamux::Connection<T>,
     mut open_rx: mpsc::Receiver<OpenReply>,
