@@ -5,6 +5,7 @@
 #
 #   fuzz/run.sh 10          # 10 minutes per target
 #   fuzz/run.sh 1 datagram  # only some targets
+#   fuzz/run.sh 30s         # a smoke run: 30 seconds per target
 #
 # Needs cargo-fuzz (`cargo install cargo-fuzz`). `-s none` builds without a
 # sanitizer, which is what works on stable; RUSTC_BOOTSTRAP=1 lets
@@ -21,7 +22,10 @@ if [ ${#targets[@]} -eq 0 ]; then
 fi
 export RUSTC_BOOTSTRAP=1
 cargo fuzz build -s none
-secs=$((minutes * 60))
+case "$minutes" in
+    *s) secs="${minutes%s}" ;;
+    *) secs=$((minutes * 60)) ;;
+esac
 printf '%-16s %12s %8s %8s %s\n' target execs cov ft result
 failed=0
 for t in "${targets[@]}"; do

@@ -81,6 +81,7 @@ fn documented() -> Vec<(&'static str, Kind, Vec<Label>)> {
                     "candidate_address",
                     "order_rate",
                     "order_too_far_ahead",
+                    "candidate_not_peer",
                 ]),
             )],
         ),

@@ -95,7 +95,12 @@ struct Trap {
 
 impl Trap {
     async fn start(cancel: CancellationToken) -> Self {
-        let tcp = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        Self::start_at([127, 0, 0, 1], cancel).await
+    }
+
+    /// A trap on another loopback address (a "third host").
+    async fn start_at(ip: [u8; 4], cancel: CancellationToken) -> Self {
+        let tcp = TcpListener::bind(SocketAddr::from((ip, 0))).await.unwrap();
         let addr = tcp.local_addr().unwrap();
         let udp = UdpSocket::bind(addr).await.unwrap();
         let (tcp_hits, udp_hits) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
@@ -247,7 +252,25 @@ enum Inject {
     /// The true candidates kept first, then [`FLOOD`] more on other
     /// ports of 127.0.0.1, with `hidden` among them (issue #24).
     Flood { hidden: SocketAddr },
+    /// Issue #24: the daemon is told its public IP is `public` (another
+    /// site than the peer's), and every order gets `victim` added to both
+    /// lists after the true candidates: a third host, or a LAN address of
+    /// a peer that is not behind our NAT.
+    Victim {
+        victim: SocketAddr,
+        public: std::net::IpAddr,
+    },
+    /// Issue #24: the first order gets [`HUGE`] extra candidates, `hidden`
+    /// among them, far past the daemon's 64 KiB message cap; later orders
+    /// pass untouched.
+    HugeOnce { hidden: SocketAddr },
 }
+
+/// Candidates the huge order adds.
+const HUGE: u16 = 10_000;
+
+/// Whether the huge order was sent (one per test process: one test uses it).
+static HUGE_SENT: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 /// Candidates a flooded order adds: as many as fit the daemon's 64 KiB
 /// message cap (a 10,000-candidate order is refused whole by that cap).
@@ -276,6 +299,37 @@ fn rewrite_order(text: &str, how: Inject) -> String {
                 }
                 v["candidates"] = serde_json::Value::Array(list);
             }
+            Inject::Victim { victim, .. } => {
+                for key in ["candidates", "udp_candidates"] {
+                    if let Some(list) = v[key].as_array_mut() {
+                        list.push(serde_json::json!(victim.to_string()));
+                    }
+                }
+            }
+            Inject::HugeOnce { hidden } => {
+                if !HUGE_SENT.swap(true, Ordering::SeqCst) {
+                    let mut list: Vec<serde_json::Value> =
+                        v["candidates"].as_array().cloned().unwrap_or_default();
+                    for i in 0..HUGE {
+                        let a = if i == HUGE / 2 {
+                            hidden
+                        } else {
+                            SocketAddr::from(([127, 0, 0, 1], 20_000 + i))
+                        };
+                        list.push(serde_json::json!(a.to_string()));
+                    }
+                    v["candidates"] = serde_json::Value::Array(list);
+                }
+            }
+        }
+    }
+    if let (Inject::Victim { public, .. }, true) = (how, v["type"] == "welcome") {
+        if let Some(seen) = v["observed_addr"]
+            .as_str()
+            .and_then(|a| a.parse::<SocketAddr>().ok())
+        {
+            v["observed_addr"] =
+                serde_json::json!(SocketAddr::new(public, seen.port()).to_string());
         }
     }
     v.to_string()
@@ -513,6 +567,106 @@ async fn an_order_stuffed_with_candidates_is_trimmed_and_still_punches() {
         hidden.hits(),
         0,
         "alice connected to a candidate past the cap"
+    );
+    pair.stop().await;
+    cancel.cancel();
+    rv.stop().await;
+}
+
+/// Issue #24: orders may only aim at the peer's own addresses. alice's
+/// link is rewritten so she is told her public IP is 127.0.0.3 (another
+/// site than bob's 127.0.0.1), and every order for her also names a
+/// listener on 127.0.0.2: a third host, or a "LAN address" of bob's that
+/// can only lead into alice's own LAN. alice drops it from both lists,
+/// counted, sends it nothing, and still gets a tunnel to bob that carries
+/// checksummed bytes. (Before, only the 8-candidate and 3-port caps held,
+/// and the listener got her SYNs and datagrams.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_order_aiming_past_the_peer_is_cut_to_the_peers_own_addresses() {
+    let rv = Rendezvous::start(RendezvousConfig::default())
+        .await
+        .unwrap();
+    let cancel = CancellationToken::new();
+    let victim = Trap::start_at([127, 0, 0, 2], cancel.clone()).await;
+    let how = Inject::Victim {
+        victim: victim.addr,
+        public: [127, 0, 0, 3].into(),
+    };
+    let proxy = mitm(None, rv.addr, Some(how), cancel.clone()).await;
+    let pair = Pair::start(&rv, &format!("http://{proxy}"), &rv.url(), "", |_, _| {}).await;
+    wait_for("a tunnel", Duration::from_secs(30), || {
+        (path_of(&pair.alice) != PathState::None).then_some(())
+    })
+    .await;
+    let stream = TcpStream::connect(pair.alice.forward_addrs[0])
+        .await
+        .unwrap();
+    let data = punchd::pattern(256 * 1024, 25);
+    let echoed = echo_roundtrip(stream, &data).await.unwrap();
+    assert_eq!(echoed, punchd::hex(&Sha256::digest(&data)));
+    assert_eq!(victim.hits(), 0, "alice sent to an address not bob's");
+    // Both lists of every order: at least two dropped, each counted.
+    assert!(limit_refusals(&pair.alice, "candidate_not_peer") >= 2);
+    pair.stop().await;
+    cancel.cancel();
+    rv.stop().await;
+}
+
+/// Issue #24: an order with 10,000 candidates over the real WebSocket
+/// (about 180 KB of JSON). The daemon's 64 KiB message cap refuses it
+/// whole: the connection to the rendezvous is closed and made again, no
+/// candidate of it is contacted, and the next (honest) order punches and
+/// carries checksummed bytes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_order_with_ten_thousand_candidates_is_refused_whole_and_punching_recovers() {
+    let rv = Rendezvous::start(RendezvousConfig::default())
+        .await
+        .unwrap();
+    let cancel = CancellationToken::new();
+    let hidden = Trap::start(cancel.clone()).await;
+    let proxy = mitm(
+        None,
+        rv.addr,
+        Some(Inject::HugeOnce {
+            hidden: hidden.addr,
+        }),
+        cancel.clone(),
+    )
+    .await;
+    let logs = support::Logs::capture();
+    let pair = Pair::start(
+        &rv,
+        &format!("http://{proxy}"),
+        &rv.url(),
+        "timeout = \"2s\"",
+        |_, _| {},
+    )
+    .await;
+    wait_for("a tunnel", Duration::from_secs(40), || {
+        (path_of(&pair.alice) != PathState::None).then_some(())
+    })
+    .await;
+    assert!(
+        HUGE_SENT.load(Ordering::SeqCst),
+        "the huge order was never sent"
+    );
+    let stream = TcpStream::connect(pair.alice.forward_addrs[0])
+        .await
+        .unwrap();
+    let data = punchd::pattern(256 * 1024, 26);
+    let echoed = echo_roundtrip(stream, &data).await.unwrap();
+    assert_eq!(echoed, punchd::hex(&Sha256::digest(&data)));
+    assert_eq!(
+        hidden.hits(),
+        0,
+        "alice contacted a candidate of the huge order"
+    );
+    // Refused by the message cap (the connection closed), not trimmed.
+    assert_eq!(limit_refusals(&pair.alice, "candidates"), 0);
+    let registered = logs.lines_with(&["registered with rendezvous", &proxy.to_string()]);
+    assert!(
+        registered.len() >= 2,
+        "alice did not re-register after the refusal: {registered:#?}"
     );
     pair.stop().await;
     cancel.cancel();

@@ -1,7 +1,8 @@
 //! The stream header an exposing daemon reads at the start of every
 //! tunnel stream (`daemon/src/tunnel/header.rs`, through the `fuzzing`
-//! feature's entry point). An accepted service name is never empty nor
-//! longer than 63 bytes.
+//! feature's entry point). An accepted service request is never empty nor
+//! longer than 67 bytes: a 63-byte name, or `name#n` for the n-th port of
+//! a range forward (n < 256; `MAX_REQUEST_LEN` in the header module).
 #![no_main]
 
 use std::sync::OnceLock;
@@ -20,6 +21,6 @@ fn runtime() -> &'static tokio::runtime::Runtime {
 
 fuzz_target!(|data: &[u8]| {
     if let Ok(name) = runtime().block_on(punchd::fuzzing::read_stream_header(data)) {
-        assert!(!name.is_empty() && name.len() <= 63, "{name:?}");
+        assert!(!name.is_empty() && name.len() <= 63 + 4, "{name:?}");
     }
 });

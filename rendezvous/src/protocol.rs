@@ -515,6 +515,20 @@ pub fn unix_time_us() -> u64 {
         .map_or(0, |d| d.as_micros() as u64)
 }
 
+/// Whether two daemons seen at these public IPs share a site: the same
+/// IPv4 address (one NAT), or the same IPv6 /64 (one LAN). Only then may a
+/// punch order carry a peer's LAN addresses, and only then does a daemon
+/// contact them: elsewhere they could only lead into the recipient's own
+/// LAN or to a third host. Used by both the server and the daemon.
+pub fn same_site(a: std::net::IpAddr, b: std::net::IpAddr) -> bool {
+    use std::net::IpAddr;
+    match (a.to_canonical(), b.to_canonical()) {
+        (IpAddr::V4(a), IpAddr::V4(b)) => a == b,
+        (IpAddr::V6(a), IpAddr::V6(b)) => a.segments()[..4] == b.segments()[..4],
+        _ => false,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

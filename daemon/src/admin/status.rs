@@ -341,14 +341,18 @@ pub(crate) enum Limit {
     OrderRate,
     /// A punch order whose `at` was too far ahead was brought forward.
     OrderTooFarAhead,
+    /// A candidate that is not the peer's: off its public IP, and it is
+    /// not behind our own NAT ([`crate::control::order::keep_peer_addresses`]).
+    CandidateNotPeer,
 }
 
 impl Limit {
-    const ALL: [Limit; 4] = [
+    const ALL: [Limit; 5] = [
         Limit::Candidates,
         Limit::CandidateAddress,
         Limit::OrderRate,
         Limit::OrderTooFarAhead,
+        Limit::CandidateNotPeer,
     ];
 
     /// The metric label.
@@ -358,6 +362,7 @@ impl Limit {
             Limit::CandidateAddress => "candidate_address",
             Limit::OrderRate => "order_rate",
             Limit::OrderTooFarAhead => "order_too_far_ahead",
+            Limit::CandidateNotPeer => "candidate_not_peer",
         }
     }
 }

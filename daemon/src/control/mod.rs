@@ -601,7 +601,7 @@ async fn session(
                 None => return Ok(()),
             },
             msg = recv(&mut ws) => {
-                let me = Me { name: &settings.name, nonce: &nonce, pinned: settings.server_key.as_ref(), status, settings, has_v6 };
+                let me = Me { name: &settings.name, nonce: &nonce, pinned: settings.server_key.as_ref(), status, settings, has_v6, observed: Some(observed.ip()) };
                 on_message(msg?, &mut pings, gate, settings.port, me, events).await?
             }
         }
@@ -640,6 +640,10 @@ struct Me<'a> {
     settings: &'a RvSettings,
     /// Whether IPv6 candidates are worth punching from here.
     has_v6: bool,
+    /// Our public IP as this registration's server sees it: a peer at the
+    /// same one is behind our NAT, the only peer whose LAN addresses an
+    /// order may make us contact.
+    observed: Option<std::net::IpAddr>,
 }
 
 /// Whether to act on `order`: always without a pinned key (the link, TLS
@@ -681,11 +685,19 @@ async fn on_message(
                 warn!(session = %order.session, peer = %order.peer, burst = order::ORDER_BURST, "refusing a punch order: more orders for this peer than the budget allows; nothing is sent (the server repeats orders: check its version and logs)");
                 return Ok(());
             }
-            // Only what our sockets can reach: IPv6 TCP candidates when we
-            // have IPv6, no IPv6 UDP ones (the QUIC socket is IPv4).
+            // Only the peer's own addresses (issue #24), then only what
+            // our sockets can reach: IPv6 TCP candidates when we have
+            // IPv6, no IPv6 UDP ones (the QUIC socket is IPv4).
+            let public = order::peer_public_ips(&order.candidates, &order.udp_candidates);
+            let mut hits = order::keep_peer_addresses(&mut order.candidates, &public, me.observed);
+            hits.extend(order::keep_peer_addresses(
+                &mut order.udp_candidates,
+                &public,
+                me.observed,
+            ));
             family::reachable(&mut order.candidates, true, me.has_v6);
             family::reachable(&mut order.udp_candidates, true, false);
-            let mut hits = order::trim_candidates(&mut order.candidates);
+            hits.extend(order::trim_candidates(&mut order.candidates));
             hits.extend(order::trim_candidates(&mut order.udp_candidates));
             hits.extend(order::check_strategy(&mut order));
             hits.extend(gate.admit_prediction(&mut order, Instant::now()));
@@ -693,7 +705,7 @@ async fn on_message(
                 for h in &hits {
                     me.status.limits.hit(*h);
                 }
-                warn!(session = %order.session, peer = %order.peer, dropped = hits.len(), kept_tcp = order.candidates.len(), kept_udp = order.udp_candidates.len(), "punch order trimmed: candidates beyond the limits (count, ports, unusable addresses) are not contacted");
+                warn!(session = %order.session, peer = %order.peer, dropped = hits.len(), kept_tcp = order.candidates.len(), kept_udp = order.udp_candidates.len(), "punch order trimmed: candidates beyond the limits (count, ports, unusable addresses, not the peer's own) are not contacted");
             }
             let (fire_at, clamped) =
                 pings

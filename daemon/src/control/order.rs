@@ -15,7 +15,14 @@
 //!   on its punch port, so an order can reach at most a handful of hosts on
 //!   one port, never sweep ports;
 //! - per peer, a budget of [`ORDER_BURST`] orders, refilled one per
-//!   [`ORDER_REFILL`]: a server that repeats orders gets them dropped.
+//!   [`ORDER_REFILL`]: a server that repeats orders gets them dropped;
+//! - only the peer's own addresses ([`keep_peer_addresses`]): its public
+//!   IP (the first candidate of each list: the observed or router-mapped
+//!   endpoint, which the server lists first) on any kept port, and its
+//!   other (LAN) addresses only when it is at our own public IP, i.e.
+//!   behind the same NAT, the one case where they can lead anywhere. So
+//!   neither a peer nor whoever rewrites orders can aim us at our own LAN
+//!   from elsewhere, or at a third host beside the peer's public IP.
 //!
 //! Each attempt within an order is bounded by the punch plan
 //! (`punch/plan.rs`), and the firing time by `clock::MAX_AHEAD`.
@@ -23,6 +30,8 @@
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
+
+use punch_rendezvous::protocol::same_site;
 
 use crate::admin::status::Limit;
 use punch_rendezvous::protocol::PunchOrder;
@@ -110,6 +119,53 @@ pub(crate) fn check_strategy(order: &mut PunchOrder) -> Option<Limit> {
 /// budget, orders run as plain timed punches.
 pub(crate) const PREDICT_BURST: u32 = 4;
 pub(crate) const PREDICT_REFILL: Duration = Duration::from_millis(2500);
+
+/// Keeps the candidates on the peer's public IPs (`public`: the first
+/// candidate of each address family in each of the order's lists), IPv6
+/// ones in the /64 of a public IPv6 one (the peer's stable address beside
+/// the temporary one the server saw: the server only passes those it
+/// vouched for), and, only when the peer shares our public IP `ours`
+/// (same site: [`same_site`], one NAT or one IPv6 /64), its other
+/// addresses; the rest are dropped, one [`Limit::CandidateNotPeer`] each.
+/// Run before [`trim_candidates`], so a stuffed list cannot crowd out the
+/// real ones.
+pub(crate) fn keep_peer_addresses(
+    list: &mut Vec<SocketAddr>,
+    public: &[IpAddr],
+    ours: Option<IpAddr>,
+) -> Vec<Limit> {
+    let canon = |ip: IpAddr| ip.to_canonical();
+    let our_site = ours.is_some_and(|o| public.iter().any(|p| same_site(*p, o)));
+    let before = list.len();
+    let peers = |ip: IpAddr| {
+        public
+            .iter()
+            .any(|p| canon(*p) == canon(ip) || (p.is_ipv6() && ip.is_ipv6() && same_site(*p, ip)))
+    };
+    list.retain(|c| our_site || peers(c.ip()));
+    vec![Limit::CandidateNotPeer; before - list.len()]
+}
+
+/// The peer's public IPs in an order: the first candidate of each address
+/// family in each list (the server lists the router-mapped endpoint, else
+/// the observed one, first, then the one observed over the other family;
+/// all are on addresses it saw the peer at).
+pub(crate) fn peer_public_ips(tcp: &[SocketAddr], udp: &[SocketAddr]) -> Vec<IpAddr> {
+    let mut ips: Vec<IpAddr> = Vec::with_capacity(4);
+    let first = |list: &[SocketAddr], v6: bool| list.iter().find(|c| c.is_ipv6() == v6).copied();
+    let firsts = [
+        first(tcp, false),
+        first(tcp, true),
+        first(udp, false),
+        first(udp, true),
+    ];
+    for c in firsts.into_iter().flatten() {
+        if !ips.contains(&c.ip()) {
+            ips.push(c.ip());
+        }
+    }
+    ips
+}
 
 /// Per-peer order budgets (a token bucket each), and the daemon-wide
 /// budget of predicting punches.
@@ -299,6 +355,84 @@ mod tests {
         assert!(g.admit("carol", t0));
         assert!(g.admit("bob", t0 + ORDER_REFILL));
         assert!(!g.admit("bob", t0 + ORDER_REFILL));
+    }
+
+    #[test]
+    fn lan_candidates_only_reach_a_peer_behind_our_own_nat() {
+        // The peer at 203.0.113.3 (observed and mapped), with LAN addresses.
+        let order = vec![
+            a("203.0.113.3:41000"),
+            a("203.0.113.3:40000"),
+            a("192.168.1.20:40000"),
+            a("10.0.0.5:40000"),
+        ];
+        let public = peer_public_ips(&order, &[a("203.0.113.3:40001")]);
+        assert_eq!(public, vec!["203.0.113.3".parse::<IpAddr>().unwrap()]);
+        // We are elsewhere: only its public endpoints.
+        let mut list = order.clone();
+        let hits = keep_peer_addresses(&mut list, &public, Some("198.51.100.9".parse().unwrap()));
+        assert_eq!(list, order[..2]);
+        assert_eq!(hits, vec![Limit::CandidateNotPeer; 2]);
+        // Behind the same NAT: its LAN addresses too.
+        let mut list = order.clone();
+        assert!(
+            keep_peer_addresses(&mut list, &public, Some("203.0.113.3".parse().unwrap()))
+                .is_empty()
+        );
+        assert_eq!(list, order);
+        // Not yet knowing our own public IP: no LAN addresses.
+        let mut list = order.clone();
+        keep_peer_addresses(&mut list, &public, None);
+        assert_eq!(list, order[..2]);
+    }
+
+    #[test]
+    fn a_dual_stack_peer_keeps_its_ipv6_endpoint_and_its_own_64() {
+        // Observed over IPv4, then over IPv6 (the observe-only hello), then
+        // its stable global address in that /64, a victim in another /64,
+        // and a LAN address.
+        let order = vec![
+            a("203.0.113.3:40000"),
+            a("[2001:db8:2::2]:40000"),
+            a("[2001:db8:2::1234]:40000"),
+            a("[2001:db8:9::66]:40000"),
+            a("10.0.0.5:40000"),
+        ];
+        let public = peer_public_ips(&order, &[]);
+        assert_eq!(
+            public,
+            vec![
+                "203.0.113.3".parse::<IpAddr>().unwrap(),
+                "2001:db8:2::2".parse().unwrap()
+            ]
+        );
+        let mut list = order.clone();
+        let hits = keep_peer_addresses(&mut list, &public, Some("198.51.100.9".parse().unwrap()));
+        assert_eq!(list, order[..3]);
+        assert_eq!(hits.len(), 2);
+    }
+
+    #[test]
+    fn a_third_host_beside_the_peer_is_dropped() {
+        // A rewritten order: the peer's endpoint, then a victim's.
+        let mut list = vec![a("203.0.113.3:40000"), a("198.51.100.80:22")];
+        let udp = vec![a("203.0.113.3:40001"), a("198.51.100.80:53")];
+        let public = peer_public_ips(&list, &udp);
+        let mut udp_list = udp.clone();
+        let ours = Some("192.0.2.1".parse().unwrap());
+        assert_eq!(keep_peer_addresses(&mut list, &public, ours).len(), 1);
+        assert_eq!(keep_peer_addresses(&mut udp_list, &public, ours).len(), 1);
+        assert_eq!(list, vec![a("203.0.113.3:40000")]);
+        assert_eq!(udp_list, vec![a("203.0.113.3:40001")]);
+        // An IPv4-mapped spelling of the same IPs is the same site.
+        let mut list = vec![a("203.0.113.3:40000"), a("10.0.0.5:40000")];
+        let public = peer_public_ips(&list, &[]);
+        keep_peer_addresses(
+            &mut list,
+            &public,
+            Some("::ffff:203.0.113.3".parse().unwrap()),
+        );
+        assert_eq!(list.len(), 2);
     }
 
     proptest::proptest! {

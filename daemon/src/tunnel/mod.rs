@@ -65,6 +65,10 @@ enum StreamKind {
         /// 4 of 4 downloads stalled 40 s after the keepalive had closed
         /// the tunnel). A read that would wait on a closed tunnel errors.
         closed: Pin<Box<WaitForCancellationFutureOwned>>,
+        /// This stream's place among the handles the mux driver counts
+        /// against [`MAX_STREAMS`] (every stream, keepalive included): the
+        /// driver's own count, since yamux's is not exposed.
+        _slot: ActiveGuard,
     },
     Quic {
         send: quinn::SendStream,
@@ -95,13 +99,14 @@ impl Drop for ActiveGuard {
 impl StreamIo {
     pub(super) fn new(
         stream: yamux::Stream,
-        active: &Arc<AtomicUsize>,
+        (active, slots): (&Arc<AtomicUsize>, &Arc<AtomicUsize>),
         closed: &CancellationToken,
     ) -> Self {
         Self {
             inner: StreamKind::Mux {
                 io: stream.compat(),
                 closed: Box::pin(closed.clone().cancelled_owned()),
+                _slot: ActiveGuard::new(slots),
             },
             active: Some(ActiveGuard::new(active)),
         }
@@ -182,7 +187,7 @@ impl AsyncRead for StreamIo {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
         match &mut self.inner {
-            StreamKind::Mux { io, closed } => match Pin::new(io).poll_read(cx, buf) {
+            StreamKind::Mux { io, closed, .. } => match Pin::new(io).poll_read(cx, buf) {
                 Poll::Pending if closed.as_mut().poll(cx).is_ready() => Poll::Ready(Err(
                     std::io::Error::new(std::io::ErrorKind::ConnectionAborted, "tunnel closed"),
                 )),

@@ -2,7 +2,7 @@
 //! relayed fallback): mutual TLS 1.3, then yamux, driven by one task that
 //! owns the yamux connection.
 
-use std::sync::atomic::AtomicUsize;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::Poll;
 use std::time::Duration;
@@ -48,18 +48,38 @@ pub(crate) const STREAM_WINDOW_POOL: usize = 32 * 1024 * 1024;
 /// yamux specification).
 pub(crate) const INITIAL_STREAM_WINDOW: usize = 256 * 1024;
 
+/// yamux's own stream cap, twice ours ([`MAX_STREAMS`]). yamux ends the
+/// whole connection (a GoAway) when a peer opens a stream past its cap,
+/// and each side counts only the handles it still holds: a stream the
+/// opener has dropped (its local connection ended, or was refused) still
+/// counts on the accepting side until that side's handler lets go. With
+/// both caps equal, an opener within its own count could push the other
+/// side over its cap in that gap, and a burst of 2,000 connections ended
+/// the tunnel that way (issue #24; seen direct and relayed alike). So
+/// the driver holds both directions to [`MAX_STREAMS`] by its own count
+/// (opens beyond it refused as busy, inbound streams beyond it reset at
+/// once), and yamux's cap only ends a peer that opens twice as many
+/// streams as it could ever legitimately keep.
+pub(crate) const MUX_STREAM_LIMIT: usize = 2 * MAX_STREAMS;
+
 /// What a peer can make one tunnel hold, each way, through the mux: the
-/// initial window of every stream that may be open plus the shared growth
-/// pool. One stream holds at most `INITIAL_STREAM_WINDOW +
-/// STREAM_WINDOW_POOL` (32.25 MiB); a window only grows while its reader
-/// keeps up, so a slow reader stays near its initial window.
+/// initial window of every stream the driver keeps ([`MAX_STREAMS`]) plus
+/// the shared growth pool. One stream holds at most
+/// `INITIAL_STREAM_WINDOW + STREAM_WINDOW_POOL` (32.25 MiB); a window only
+/// grows while its reader keeps up, so a slow reader stays near its
+/// initial window. (Streams past the cap are reset as they arrive, so
+/// their first frames are dropped with them.)
 pub(crate) const MUX_RECEIVE_BOUND: usize =
     MAX_STREAMS * INITIAL_STREAM_WINDOW + STREAM_WINDOW_POOL;
 
 fn mux_config() -> yamux::Config {
     let mut cfg = yamux::Config::default();
-    cfg.set_max_num_streams(MAX_STREAMS);
-    cfg.set_max_connection_receive_window(Some(MUX_RECEIVE_BOUND));
+    cfg.set_max_num_streams(MUX_STREAM_LIMIT);
+    // yamux wants 256 KiB for every stream it may hold on top of the pool
+    // it grows windows from; the pool stays [`STREAM_WINDOW_POOL`].
+    cfg.set_max_connection_receive_window(Some(
+        MUX_RECEIVE_BOUND + (MUX_STREAM_LIMIT - MAX_STREAMS) * INITIAL_STREAM_WINDOW,
+    ));
     // Bigger frames than yamux's 16 KiB default mean fewer frame headers
     // and TLS records per byte: +45% (1 stream) and +62% (8 streams) in
     // the lab bench. 128 KiB helped one stream a little more but hurt
@@ -120,7 +140,7 @@ where
         open_rx,
         inbound_tx,
         closed.clone(),
-        active.clone(),
+        (active.clone(), Arc::default()),
     ));
     Ok(TunnelParts {
         tunnel: Tunnel {
@@ -136,19 +156,30 @@ where
     })
 }
 
+/// Whether the driver may let one more stream live, opened by either
+/// side, with `held` stream handles alive (every stream, keepalive too).
+fn room_for_one(held: usize) -> bool {
+    held < MAX_STREAMS
+}
+
 /// Owns the yamux connection: serves open requests, hands out inbound
 /// streams, and keeps the connection polled (yamux only makes progress while
-/// `poll_next_inbound` is being called).
+/// `poll_next_inbound` is being called). Of the two counters, `active` is
+/// the tunnel's active-stream count (keepalive not included) and `slots`
+/// counts every stream handle alive, which holds both directions to
+/// [`MAX_STREAMS`] (see [`MUX_STREAM_LIMIT`]).
 async fn drive<T>(
     mut conn: yamux::Connection<T>,
     mut open_rx: mpsc::Receiver<OpenReply>,
     inbound_tx: mpsc::Sender<StreamIo>,
     closed: CancellationToken,
-    active: Arc<AtomicUsize>,
+    (active, slots): (Arc<AtomicUsize>, Arc<AtomicUsize>),
 ) where
     T: futures::AsyncRead + futures::AsyncWrite + Unpin + Send,
 {
     let mut pending: std::collections::VecDeque<OpenReply> = std::collections::VecDeque::new();
+    let mut refused_inbound = 0u64;
+    let held = || slots.load(Ordering::Relaxed);
     let result: Result<(), yamux::ConnectionError> = tokio::select! {
         _ = closed.cancelled() => {
             let _ = tokio::time::timeout(Duration::from_secs(1), std::future::poll_fn(|cx| conn.poll_close(cx))).await;
@@ -159,10 +190,18 @@ async fn drive<T>(
                 pending.push_back(req);
             }
             while !pending.is_empty() {
+                if !room_for_one(held()) {
+                    // Our cap, by our count: refused like yamux's own,
+                    // before yamux could count it.
+                    if let Some(reply) = pending.pop_front() {
+                        let _ = reply.send(Err(TunnelError::Busy));
+                    }
+                    continue;
+                }
                 match conn.poll_new_outbound(cx) {
                     Poll::Ready(Ok(stream)) => {
                         if let Some(reply) = pending.pop_front() {
-                            let _ = reply.send(Ok(StreamIo::new(stream, &active, &closed)));
+                            let _ = reply.send(Ok(StreamIo::new(stream, (&active, &slots), &closed)));
                         }
                     }
                     // Every stream slot in use (both directions count): refuse
@@ -181,10 +220,22 @@ async fn drive<T>(
             loop {
                 match conn.poll_next_inbound(cx) {
                     Poll::Ready(Some(Ok(stream))) => {
+                        // Past our cap (the peer's count lags ours while
+                        // our handlers finish streams it already let go):
+                        // reset this stream here, which frees its place
+                        // in yamux's count at once, and keep the tunnel.
+                        if !room_for_one(held()) {
+                            if refused_inbound % 1_000 == 0 {
+                                tracing::warn!(held = held(), max = MAX_STREAMS, refused = refused_inbound + 1, "inbound stream refused: the tunnel carries its maximum of streams");
+                            }
+                            refused_inbound += 1;
+                            drop(stream);
+                            continue;
+                        }
                         // A full queue means handlers are not keeping up:
                         // dropping the stream resets it, and the peer's
                         // forward reports the refusal.
-                        if inbound_tx.try_send(StreamIo::new(stream, &active, &closed)).is_err() {
+                        if inbound_tx.try_send(StreamIo::new(stream, (&active, &slots), &closed)).is_err() {
                             tracing::warn!("inbound stream refused: handler queue full");
                         }
                     }
@@ -203,4 +254,120 @@ async fn drive<T>(
         let _ = reply.send(Err(TunnelError::Closed));
     }
     closed.cancel();
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+    use super::*;
+
+    /// A tunnel over an in-memory pipe, both drivers spawned: the opener's
+    /// handle and the other side's; its inbound streams are answered by
+    /// [`far_side`].
+    async fn pair() -> (Tunnel, Tunnel, mpsc::Receiver<StreamIo>) {
+        let (a, b) = tokio::io::duplex(1 << 20);
+        let (ia, ib) = (Identity::generate().unwrap(), Identity::generate().unwrap());
+        let (pa, pb) = (ia.public_key(), ib.public_key());
+        let (ta, tb) = tokio::join!(
+            handshake(a, Role::Client, &ia, &pb, Transport::Tcp),
+            handshake(b, Role::Server, &ib, &pa, Transport::Tcp),
+        );
+        let (ta, tb) = (ta.unwrap(), tb.unwrap());
+        tokio::spawn(ta.driver);
+        tokio::spawn(tb.driver);
+        (ta.tunnel, tb.tunnel, tb.inbound)
+    }
+
+    /// The far side's handlers: answer each stream's byte and hold the
+    /// stream until `release` says so (handlers still busy with streams
+    /// the opener has already let go).
+    fn far_side(
+        mut inbound: mpsc::Receiver<StreamIo>,
+        release: tokio::sync::watch::Receiver<bool>,
+    ) {
+        tokio::spawn(async move {
+            while let Some(mut s) = inbound.recv().await {
+                let mut release = release.clone();
+                tokio::spawn(async move {
+                    let mut b = [0u8; 1];
+                    if s.read_exact(&mut b).await.is_ok() && s.write_all(&b).await.is_ok() {
+                        let _ = s.flush().await;
+                    }
+                    let _ = release.wait_for(|go| *go).await;
+                });
+            }
+        });
+    }
+
+    /// Opens a stream, sends a byte and waits for its echo: true if the far
+    /// side took the stream, false if it reset it.
+    async fn open_one(t: &Tunnel) -> Option<StreamIo> {
+        let mut s = t.open().await.ok()?;
+        s.write_all(b"x").await.ok()?;
+        s.flush().await.ok()?;
+        let mut b = [0u8; 1];
+        tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut b))
+            .await
+            .expect("neither an echo nor a reset")
+            .ok()?;
+        Some(s)
+    }
+
+    #[test]
+    fn the_driver_admits_up_to_the_cap() {
+        assert!(room_for_one(MAX_STREAMS - 1));
+        assert!(!room_for_one(MAX_STREAMS));
+    }
+
+    /// Issue #24: the opener lets go of streams the accepting side's
+    /// handlers still hold, and opens as many new ones at once. The
+    /// accepting side's count is then above the opener's: with yamux's cap
+    /// equal to ours its SYNs ended the whole tunnel ("maximum number of
+    /// streams reached", a GoAway; what 2,000 connections at once did to
+    /// a tunnel, direct or relayed). Now the excess streams are reset one
+    /// by one, the tunnel stays up, and it carries new streams once the
+    /// far side's handlers let go.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn streams_the_far_side_still_holds_never_end_the_tunnel() {
+        const AGAIN: usize = 200;
+        let (near, far, inbound) = pair().await;
+        let (release, held) = tokio::sync::watch::channel(false);
+        far_side(inbound, held);
+        let mut mine = Vec::new();
+        for i in 0..MAX_STREAMS {
+            mine.push(
+                open_one(&near)
+                    .await
+                    .unwrap_or_else(|| panic!("stream {i} refused")),
+            );
+        }
+        // Ours go; the far side's handlers still hold theirs.
+        mine.truncate(MAX_STREAMS - AGAIN);
+        let mut taken = 0;
+        for _ in 0..AGAIN {
+            if let Some(s) = open_one(&near).await {
+                taken += 1;
+                mine.push(s);
+            }
+        }
+        assert_eq!(taken, 0, "the far side took streams past its cap");
+        assert!(!near.is_closed() && !far.is_closed(), "the tunnel ended");
+        // The far side's handlers finish: the same tunnel carries new
+        // streams end to end.
+        release.send(true).unwrap();
+        mine.clear();
+        let again = async {
+            loop {
+                if let Some(s) = open_one(&near).await {
+                    return s;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(10), again)
+            .await
+            .expect("no stream after the far side let go");
+        assert!(!near.is_closed() && !far.is_closed());
+    }
 }

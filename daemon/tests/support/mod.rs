@@ -59,13 +59,31 @@ impl Logs {
             let logs = Logs::default();
             let writer = logs.clone();
             tracing_subscriber::fmt()
-                .with_env_filter("punchd=info")
+                // yamux's errors too: it logs why it ends a connection
+                // ("maximum number of streams reached") only there.
+                .with_env_filter("punchd=info,yamux=error")
                 .with_ansi(false)
                 .with_writer(move || writer.clone())
                 .init();
             logs
         })
         .clone()
+    }
+
+    /// Where the capture is now: [`Logs::lines_since`] reads from here on,
+    /// so a test sees nothing an earlier test of the process logged.
+    pub fn mark(&self) -> usize {
+        self.0.lock().unwrap().len()
+    }
+
+    /// The lines logged since `mark` that contain every one of `parts`.
+    pub fn lines_since(&self, mark: usize, parts: &[&str]) -> Vec<String> {
+        let buf = self.0.lock().unwrap();
+        let text = String::from_utf8_lossy(buf.get(mark..).unwrap_or_default()).into_owned();
+        text.lines()
+            .filter(|l| parts.iter().all(|p| l.contains(p)))
+            .map(str::to_owned)
+            .collect()
     }
 
     /// The lines that contain every one of `parts`.

@@ -20,17 +20,18 @@
 
 use std::net::{IpAddr, Ipv6Addr};
 
+/// Whether `ip` is a global IPv6 address (see [`is_global`]): a host's own
+/// public address, which a peer anywhere may be given.
+pub(crate) fn is_global_v6(ip: IpAddr) -> bool {
+    matches!(ip.to_canonical(), IpAddr::V6(v6) if is_global(v6))
+}
+
 /// Prefix length that makes "the same link" for [`vouched_global`].
 const LINK_PREFIX: u32 = 64;
 /// Prefix length that makes "the same site" for [`same_site`]: a site
 /// (RFC 6177) is usually given a /48 to /56; /48 is the one that every
 /// subnet of one site shares.
 const SITE_PREFIX: u32 = 48;
-
-/// fc00::/7.
-pub(crate) fn is_unique_local(ip: IpAddr) -> bool {
-    matches!(ip.to_canonical(), IpAddr::V6(v6) if (v6.segments()[0] & 0xfe00) == 0xfc00)
-}
 
 /// 2000::/3 outside the documentation prefix 2001:db8::/32 (which `lan`
 /// treats as a LAN range: the lab's networks).
@@ -122,8 +123,9 @@ mod tests {
             &ips(&["::ffff:198.18.0.1"]),
             &ips(&["198.18.0.1"])
         ));
-        assert!(is_unique_local("fd12::1".parse().unwrap()));
-        assert!(!is_unique_local("2001:db8::1".parse().unwrap()));
-        assert!(!is_unique_local("10.0.0.1".parse().unwrap()));
+        assert!(is_global_v6("2606:4700::1".parse().unwrap()));
+        assert!(!is_global_v6("fd12::1".parse().unwrap()));
+        assert!(!is_global_v6("2001:db8::1".parse().unwrap()));
+        assert!(!is_global_v6("10.0.0.1".parse().unwrap()));
     }
 }

@@ -352,6 +352,9 @@ pub(crate) fn punch_orders(
         crate::nat::Strategy::Timed => None,
         s => Some(s),
     };
+    // A daemon's own (LAN) addresses only between daemons in one site:
+    // one public IPv4 address, or IPv6 addresses in one /48 (issue #24).
+    let lan = crate::server::ipv6::same_site(&seen(a), &seen(b));
     let order =
         |me: (&str, &Registration), other: (&str, &Registration), initiator, token: &str| {
             Addressed {
@@ -364,8 +367,8 @@ pub(crate) fn punch_orders(
                     session: session.to_owned(),
                     peer: other.0.to_owned(),
                     public_key: b64(&other.1.public_key),
-                    candidates: for_peer(me.1, other.1, candidates(other.1)),
-                    udp_candidates: for_peer(me.1, other.1, udp_candidates(other.1)),
+                    candidates: candidates(other.1, lan),
+                    udp_candidates: udp_candidates(other.1, lan),
                     at_us,
                     initiator,
                     relay_token: token.to_owned(),
@@ -397,7 +400,12 @@ pub(crate) fn punch_orders(
 /// right after the observed one: it is as public, and on IPv6 without NAT
 /// it is the daemon's own address and punch port. Which family a peer
 /// tries first is its own choice (the daemon's happy-eyeballs head start).
-fn candidates(c: &Registration) -> Vec<SocketAddr> {
+/// The daemon's own addresses follow only with `lan` (the recipient shares
+/// its site): from anywhere else they can only lead into the recipient's
+/// own LAN, which is how a peer could make it scan there. The exception
+/// is a global IPv6 address in a /64 the server saw the daemon in: that
+/// is the daemon's own public address, not a LAN's.
+fn candidates(c: &Registration, lan: bool) -> Vec<SocketAddr> {
     let mut out: Vec<SocketAddr> = c.mapped_tcp.into_iter().collect();
     if !out.contains(&c.observed) {
         out.push(c.observed);
@@ -405,7 +413,7 @@ fn candidates(c: &Registration) -> Vec<SocketAddr> {
     if let Some(alt) = c.alt_observed.filter(|a| !out.contains(a)) {
         out.push(alt);
     }
-    for a in vouched_locals(c) {
+    for a in offered_locals(c, lan) {
         if !out.contains(a) && out.len() < 8 {
             out.push(*a);
         }
@@ -424,7 +432,8 @@ fn candidates(c: &Registration) -> Vec<SocketAddr> {
 /// same-NAT stress); with the local ones alone, a QUIC-only punch between
 /// two NATs could only fail (lab: a peer restarted, asked for 13 ms after
 /// its registration and before its probe, ended relayed after 10 s).
-fn udp_candidates(c: &Registration) -> Vec<SocketAddr> {
+/// The local ones only with `lan`, as in [`candidates`].
+fn udp_candidates(c: &Registration, lan: bool) -> Vec<SocketAddr> {
     let Some(port) = c.udp_port else {
         return Vec::new();
     };
@@ -445,7 +454,7 @@ fn udp_candidates(c: &Registration) -> Vec<SocketAddr> {
     if let Some(alt) = alt.filter(|a| !out.contains(a)) {
         out.push(alt);
     }
-    for a in vouched_locals(c) {
+    for a in offered_locals(c, lan) {
         let a = SocketAddr::new(a.ip(), port);
         if !out.contains(&a) && out.len() < 8 {
             out.push(a);
@@ -454,46 +463,33 @@ fn udp_candidates(c: &Registration) -> Vec<SocketAddr> {
     out
 }
 
-/// The daemon's own addresses that may be passed on now: every one
-/// `lan::check` kept, except a global IPv6 address that no
-/// observation vouches for (see [`crate::server::ipv6::vouched_global`]).
-fn vouched_locals(c: &Registration) -> impl Iterator<Item = &SocketAddr> {
-    let seen: Vec<std::net::IpAddr> = [
-        Some(c.observed),
-        c.alt_observed,
-        c.udp_observed,
-        c.alt_udp_observed,
+/// Every address the server has seen the daemon at (both families, TCP
+/// and UDP).
+fn seen(r: &Registration) -> Vec<std::net::IpAddr> {
+    [
+        Some(r.observed),
+        r.alt_observed,
+        r.udp_observed,
+        r.alt_udp_observed,
     ]
     .into_iter()
     .flatten()
     .map(|a| a.ip())
-    .collect();
-    c.local_addrs
-        .iter()
-        .filter(move |a| crate::server::ipv6::vouched_global(a.ip(), &seen))
+    .collect()
 }
 
-/// `candidates` of `other` as `me` may receive them: a unique-local IPv6
-/// address (fc00::/7) only when the two are in one site (see
-/// [`crate::server::ipv6::same_site`]); elsewhere it names some other
-/// network's host, or nothing.
-fn for_peer(me: &Registration, other: &Registration, list: Vec<SocketAddr>) -> Vec<SocketAddr> {
-    let sites = |r: &Registration| -> Vec<std::net::IpAddr> {
-        [
-            Some(r.observed),
-            r.alt_observed,
-            r.udp_observed,
-            r.alt_udp_observed,
-        ]
-        .into_iter()
-        .flatten()
-        .map(|a| a.ip())
-        .collect()
-    };
-    let same = crate::server::ipv6::same_site(&sites(me), &sites(other));
-    list.into_iter()
-        .filter(|a| same || !crate::server::ipv6::is_unique_local(a.ip()))
-        .collect()
+/// The daemon's self-reported addresses a peer may be given: all of them
+/// within its site (`lan`), elsewhere only global IPv6 ones; and a global
+/// IPv6 one only in a /64 the server saw the daemon in
+/// ([`crate::server::ipv6::vouched_global`]), so a daemon cannot aim its
+/// peers at someone else's network. Unique-local and IPv4 LAN addresses
+/// name some other network's host anywhere but in the daemon's own site.
+fn offered_locals(c: &Registration, lan: bool) -> impl Iterator<Item = &SocketAddr> {
+    let seen = seen(c);
+    c.local_addrs.iter().filter(move |a| {
+        crate::server::ipv6::vouched_global(a.ip(), &seen)
+            && (lan || crate::server::ipv6::is_global_v6(a.ip()))
+    })
 }
 
 /// When both sides should fire, in server microseconds.
@@ -570,7 +566,7 @@ pub(crate) mod tests {
     #[test]
     fn udp_candidates_guess_the_public_endpoint_until_it_is_observed() {
         let mut c = registration(1, "203.0.113.2:40000", &["192.0.2.2:40000"]);
-        assert!(udp_candidates(&c).is_empty(), "no QUIC offered");
+        assert!(udp_candidates(&c, true).is_empty(), "no QUIC offered");
         // Without a probe there is no public mapping: the guess (the TCP
         // address with the UDP port) first, then the local address a LAN
         // peer can use.
@@ -579,13 +575,13 @@ pub(crate) mod tests {
             "203.0.113.2:41000".parse().unwrap(),
             "192.0.2.2:41000".parse().unwrap(),
         ];
-        assert_eq!(udp_candidates(&c), guessed);
+        assert_eq!(udp_candidates(&c, true), guessed);
         c.udp_observed = Some("203.0.113.2:41000".parse().unwrap());
         let want: Vec<SocketAddr> = vec![
             "203.0.113.2:41000".parse().unwrap(),
             "192.0.2.2:41000".parse().unwrap(),
         ];
-        assert_eq!(udp_candidates(&c), want);
+        assert_eq!(udp_candidates(&c, true), want);
     }
 
     #[test]
@@ -600,15 +596,55 @@ pub(crate) mod tests {
             .iter()
             .map(|a| a.parse().unwrap())
             .collect();
-        assert_eq!(candidates(&c), tcp);
+        assert_eq!(candidates(&c, true), tcp);
         let udp: Vec<SocketAddr> = ["203.0.113.2:40002", "203.0.113.2:51234", "192.0.2.2:40000"]
             .iter()
             .map(|a| a.parse().unwrap())
             .collect();
-        assert_eq!(udp_candidates(&c), udp);
+        assert_eq!(udp_candidates(&c, true), udp);
         // A mapping equal to the observed endpoint (port-preserving NAT) is not repeated.
         c.mapped_tcp = Some(c.observed);
-        assert_eq!(candidates(&c).len(), 2);
+        assert_eq!(candidates(&c, true).len(), 2);
+    }
+
+    /// Issue #24: a peer's LAN addresses go only to a daemon behind the
+    /// same NAT (same public IPv4, or same IPv6 /64); to anyone else only
+    /// its public endpoints, so no peer can aim another's punches into
+    /// that one's own LAN.
+    #[test]
+    fn lan_addresses_go_only_to_a_peer_at_the_same_public_ip() {
+        let mut a = registration(1, "203.0.113.2:40000", &["192.168.1.2:40000"]);
+        a.udp_port = Some(40001);
+        let elsewhere = registration(2, "198.51.100.7:40000", &["192.168.1.9:40000"]);
+        let tokens = ["t0".to_owned(), "t1".to_owned()];
+        let [_, to_b] = punch_orders("s", &tokens, ("a", &a), ("b", &elsewhere), 0, 0);
+        let addrs =
+            |v: &[&str]| -> Vec<SocketAddr> { v.iter().map(|s| s.parse().unwrap()).collect() };
+        assert_eq!(to_b.order.candidates, addrs(&["203.0.113.2:40000"]));
+        assert_eq!(to_b.order.udp_candidates, addrs(&["203.0.113.2:40001"]));
+        let same_nat = registration(3, "203.0.113.2:40999", &["192.168.1.9:40000"]);
+        let [_, to_c] = punch_orders("s", &tokens, ("a", &a), ("c", &same_nat), 0, 0);
+        assert_eq!(
+            to_c.order.candidates,
+            addrs(&["203.0.113.2:40000", "192.168.1.2:40000"])
+        );
+        assert_eq!(
+            to_c.order.udp_candidates,
+            addrs(&["203.0.113.2:40001", "192.168.1.2:40001"])
+        );
+        // IPv6: one /64 is one LAN; another /64 is elsewhere.
+        assert!(crate::protocol::same_site(
+            "2001:db8:1:2::10".parse().unwrap(),
+            "2001:db8:1:2::20".parse().unwrap()
+        ));
+        assert!(!crate::protocol::same_site(
+            "2001:db8:1:3::10".parse().unwrap(),
+            "2001:db8:1:2::20".parse().unwrap()
+        ));
+        assert!(crate::protocol::same_site(
+            "::ffff:203.0.113.2".parse().unwrap(),
+            "203.0.113.2".parse().unwrap()
+        ));
     }
 
     fn addrs(list: &[&str]) -> Vec<SocketAddr> {
@@ -621,7 +657,7 @@ pub(crate) mod tests {
         c.udp_port = Some(40000);
         c.alt_observed = Some("[2001:db8:1::2]:40000".parse().unwrap());
         assert_eq!(
-            candidates(&c),
+            candidates(&c, true),
             addrs(&[
                 "203.0.113.2:31337",
                 "[2001:db8:1::2]:40000",
@@ -630,7 +666,7 @@ pub(crate) mod tests {
         );
         // No IPv6 probe yet: its TCP address with the UDP port.
         assert_eq!(
-            udp_candidates(&c),
+            udp_candidates(&c, true),
             addrs(&[
                 "203.0.113.2:40000",
                 "[2001:db8:1::2]:40000",
@@ -639,7 +675,7 @@ pub(crate) mod tests {
         );
         c.alt_udp_observed = Some("[2001:db8:1::2]:40999".parse().unwrap());
         assert_eq!(
-            udp_candidates(&c)[1],
+            udp_candidates(&c, true)[1],
             "[2001:db8:1::2]:40999".parse().unwrap()
         );
     }
