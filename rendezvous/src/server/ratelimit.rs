@@ -63,4 +63,38 @@ mod tests {
         let later = t0 + Duration::from_secs(60);
         assert_eq!((0..10).filter(|_| b.allow(later)).count(), 5);
     }
+
+    proptest::proptest! {
+        /// Over any arrival pattern, any rate and any burst, a bucket
+        /// admits no more than `burst + rate × span` in any stretch of
+        /// calls (every window, not only from the start): the guarantee
+        /// the server's limits are stated in.
+        #[test]
+        fn a_bucket_never_exceeds_burst_plus_rate(
+            rate in 0u32..5_000,
+            burst in 0u32..200,
+            gaps_us in proptest::collection::vec(0u64..50_000, 1..150),
+        ) {
+            let t0 = Instant::now();
+            let mut b = TokenBucket::new(rate, burst, t0);
+            let mut now = t0;
+            let mut calls = Vec::with_capacity(gaps_us.len());
+            for gap in gaps_us {
+                now += Duration::from_micros(gap);
+                calls.push((now, b.allow(now)));
+            }
+            let burst = f64::from(burst.max(1));
+            for i in 0..calls.len() {
+                let mut admitted = 0.0;
+                for (t, ok) in &calls[i..] {
+                    admitted += f64::from(u8::from(*ok));
+                    let span = t.duration_since(calls[i].0).as_secs_f64();
+                    proptest::prop_assert!(
+                        admitted <= burst + f64::from(rate) * span + 1e-6,
+                        "{admitted} admitted in {span} s at {rate}/s, burst {burst}"
+                    );
+                }
+            }
+        }
+    }
 }

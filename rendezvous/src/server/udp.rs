@@ -288,4 +288,37 @@ mod tests {
         assert_eq!(allowed, PROBE_BURST_PER_SOCKET as usize);
         assert!(s.allow(daemon, t0));
     }
+
+    proptest::proptest! {
+        /// Sources interleaved in any pattern: each one is held to its own
+        /// `burst + rate × span` from any point on, whatever the others do.
+        #[test]
+        fn each_source_is_held_to_its_rate(
+            events in proptest::collection::vec((0u8..4, 0u64..20_000), 1..200),
+        ) {
+            let (rate, burst) = (OBSERVE_PER_IP_PER_SECOND, OBSERVE_BURST_PER_IP);
+            let mut s = SourceBuckets::new(rate, burst);
+            let t0 = Instant::now();
+            let mut now = t0;
+            let mut seen: Vec<(u8, Instant, bool)> = Vec::new();
+            for (who, gap) in events {
+                now += Duration::from_micros(gap);
+                let ip = IpAddr::from([192, 0, 2, who]);
+                seen.push((who, now, s.allow(ip, now)));
+            }
+            for (i, (who, start, _)) in seen.iter().enumerate() {
+                let mut admitted = 0u32;
+                for (w, t, ok) in &seen[i..] {
+                    if w != who {
+                        continue;
+                    }
+                    admitted += u32::from(*ok);
+                    let span = t.duration_since(*start).as_secs_f64();
+                    proptest::prop_assert!(
+                        f64::from(admitted) <= f64::from(burst) + f64::from(rate) * span + 1e-6
+                    );
+                }
+            }
+        }
+    }
 }
