@@ -167,6 +167,9 @@ pub struct Side {
     /// Its router mapped the punch port (UPnP, NAT-PMP, PCP): reachable
     /// whatever the NAT's own mapping does.
     pub port_mapped: bool,
+    /// The server has seen it over IPv6. The NAT facts are IPv4's (NAT
+    /// discovery runs over IPv4); IPv6 usually has no NAT at all.
+    pub ipv6: bool,
 }
 
 impl Side {
@@ -208,8 +211,12 @@ pub fn choose_for(me: Side, other: Side, other_udp: Option<std::net::SocketAddr>
 }
 
 /// The strategy for a pair; symmetric, so both orders agree.
+///
+/// Two hard IPv4 sides that both have IPv6 still punch: the race tries
+/// IPv6 first, where there is no NAT to be hard (lab: `v6-random`, both
+/// IPv4 NATs fully random, direct over IPv6).
 pub fn choose(a: Side, b: Side) -> Strategy {
-    if a.hard() && b.hard() {
+    if a.hard() && b.hard() && !(a.ipv6 && b.ipv6) {
         Strategy::RelayFirst {
             reason: RelayReason::BothUnpredictable,
         }
@@ -234,6 +241,7 @@ mod tests {
         Side {
             nat: Some(NatSummary { tcp, udp }),
             port_mapped,
+            ipv6: false,
         }
     }
 
@@ -264,6 +272,11 @@ mod tests {
             assert_eq!(choose(hard, other), Strategy::Timed, "{other:?}");
             assert_eq!(choose(other, hard), Strategy::Timed, "{other:?}");
         }
+        // Both also on IPv6: punch (IPv6 first), no relay shortcut; one
+        // side on IPv6 alone cannot reach the other over it.
+        let v6 = Side { ipv6: true, ..hard };
+        assert_eq!(choose(v6, v6), Strategy::Timed);
+        assert!(matches!(choose(v6, hard), Strategy::RelayFirst { .. }));
     }
 
     #[test]

@@ -649,24 +649,23 @@ pub struct Ipv6Plan {
     /// Dual-stack hosts reach the rendezvous by [`RENDEZVOUS_NAME`], which
     /// resolves (their own /etc/hosts) to its IPv4 and IPv6 addresses: the
     /// daemons register over one family and show the server the other.
+    /// [`Ipv6Plan::dual`] sets it: a server that never saw a host over
+    /// IPv6 passes its IPv6 addresses to peers in its own site only (they
+    /// are self-reported; issue #24), so across sites only the address the
+    /// server observed makes an IPv6 candidate.
     pub by_name: bool,
 }
 
 impl Ipv6Plan {
-    /// Both sides dual stack behind `firewall`.
+    /// Both sides dual stack behind `firewall`, reaching the rendezvous by
+    /// name (see `by_name`).
     pub fn dual(firewall: V6Firewall) -> Self {
         Self {
             a: Stack::Dual,
             b: Stack::Dual,
             firewall,
-            by_name: false,
+            by_name: true,
         }
-    }
-
-    /// The same, the rendezvous reached by name (see `by_name`).
-    pub fn by_name(mut self) -> Self {
-        self.by_name = true;
-        self
     }
 }
 

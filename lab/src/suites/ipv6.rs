@@ -49,7 +49,7 @@ pub fn scenarios() -> Vec<Scenario> {
         // The rendezvous by a name with A and AAAA records: each daemon
         // registers over one family and shows the server the other.
         Scenario::new("v6-name", L::TwoNats(N::RandomFully), Expect::Direct)
-            .with_ipv6(Ipv6Plan::dual(F::Drop).by_name()),
+            .with_ipv6(Ipv6Plan::dual(F::Drop)),
         Scenario::new(
             "v6-random-reject",
             L::TwoNats(N::RandomFully),
