@@ -19,15 +19,9 @@ fn netcheck_classifies_every_lab_nat_kind() {
 /// here; `lab/hard-nat-runs.sh` runs 20).
 #[test]
 fn two_random_nats_are_relayed_at_once() {
-    let runs = std::env::var("PUNCH_LAB_RUNS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(2);
-    punch_lab::harness::preflight::case(
-        "netcheck",
+    repeated(
         "hard-pair",
-        env!("CARGO_BIN_EXE_punch-lab-tool"),
-        |b| punch_lab::suites::netcheck::hard_pair_relays_at_once(b, runs),
+        punch_lab::suites::netcheck::hard_pair_relays_at_once,
     );
 }
 
@@ -35,29 +29,32 @@ fn two_random_nats_are_relayed_at_once() {
 /// (2 runs here; `lab/hard-nat-runs.sh` runs 20).
 #[test]
 fn a_predictable_nat_and_an_easy_one_go_direct() {
-    let runs = std::env::var("PUNCH_LAB_RUNS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(2);
-    punch_lab::harness::preflight::case(
-        "netcheck",
+    repeated(
         "predict",
-        env!("CARGO_BIN_EXE_punch-lab-tool"),
-        |b| punch_lab::suites::netcheck::predictable_and_easy_go_direct(b, runs),
+        punch_lab::suites::netcheck::predictable_and_easy_go_direct,
     );
 }
 
 /// Predictable + predictable: both predict, direct over QUIC (2 runs here).
 #[test]
 fn two_predictable_nats_go_direct() {
+    repeated(
+        "predict2",
+        punch_lab::suites::netcheck::two_predictable_go_direct,
+    );
+}
+
+/// Runs a repeated case `PUNCH_LAB_RUNS` times (2 in CI; the 20-run
+/// series are `lab/hard-nat-runs.sh`).
+fn repeated(case: &str, suite: fn(&punch_lab::harness::Binaries, usize) -> anyhow::Result<String>) {
     let runs = std::env::var("PUNCH_LAB_RUNS")
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(2);
     punch_lab::harness::preflight::case(
         "netcheck",
-        "predict2",
+        case,
         env!("CARGO_BIN_EXE_punch-lab-tool"),
-        |b| punch_lab::suites::netcheck::two_predictable_go_direct(b, runs),
+        |b| suite(b, runs),
     );
 }
