@@ -30,9 +30,16 @@ impl Rendezvous {
     }
 
     /// Starts one on a given address (tests restart it on the same port).
-    pub async fn start_on(addr: &str, cfg: RendezvousConfig) -> std::io::Result<Self> {
+    pub async fn start_on(addr: &str, mut cfg: RendezvousConfig) -> std::io::Result<Self> {
         let listener = TcpListener::bind(addr).await?;
         let addr = listener.local_addr()?;
+        if cfg.observe_port.is_none() {
+            // NAT discovery's default port (listen + 1) may be taken on a
+            // busy host (a test run holds thousands of sockets); then the
+            // server only warns and netcheck reads "unknown". Pick a port
+            // free for both TCP and UDP instead.
+            cfg.observe_port = free_port_pair(addr.ip());
+        }
         let cancel = CancellationToken::new();
         let tracker = TaskTracker::new();
         let trust =
@@ -151,4 +158,14 @@ pub async fn echo_server(
         }
     });
     Ok(addr)
+}
+
+/// A port free on `ip` for both TCP and UDP right now (closed again before
+/// it returns: the caller binds it next).
+fn free_port_pair(ip: std::net::IpAddr) -> Option<u16> {
+    (0..16).find_map(|_| {
+        let tcp = std::net::TcpListener::bind((ip, 0)).ok()?;
+        let port = tcp.local_addr().ok()?.port();
+        std::net::UdpSocket::bind((ip, port)).ok().map(|_| port)
+    })
 }
