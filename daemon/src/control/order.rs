@@ -363,8 +363,8 @@ mod tests {
         let order = vec![
             a("203.0.113.3:41000"),
             a("203.0.113.3:40000"),
-            a("192.168.1.20:40000"),
-            a("10.0.0.5:40000"),
+            a("192.0.2.20:40000"),
+            a("192.0.2.5:40000"),
         ];
         let public = peer_public_ips(&order, &[a("203.0.113.3:40001")]);
         assert_eq!(public, vec!["203.0.113.3".parse::<IpAddr>().unwrap()]);
@@ -396,7 +396,7 @@ mod tests {
             a("[2001:db8:2::2]:40000"),
             a("[2001:db8:2::1234]:40000"),
             a("[2001:db8:9::66]:40000"),
-            a("10.0.0.5:40000"),
+            a("192.0.2.5:40000"),
         ];
         let public = peer_public_ips(&order, &[]);
         assert_eq!(
@@ -425,7 +425,7 @@ mod tests {
         assert_eq!(list, vec![a("203.0.113.3:40000")]);
         assert_eq!(udp_list, vec![a("203.0.113.3:40001")]);
         // An IPv4-mapped spelling of the same IPs is the same site.
-        let mut list = vec![a("203.0.113.3:40000"), a("10.0.0.5:40000")];
+        let mut list = vec![a("203.0.113.3:40000"), a("192.0.2.5:40000")];
         let public = peer_public_ips(&list, &[]);
         keep_peer_addresses(
             &mut list,

@@ -93,7 +93,7 @@ mod tests {
             // Not global: other rules decide (lan, same_site).
             ("fd00::1", true),
             ("2001:db8::1", true),
-            ("10.0.0.1", true),
+            ("192.0.2.1", true),
         ] {
             assert_eq!(vouched_global(addr.parse().unwrap(), &seen), ok, "{addr}");
         }
@@ -126,6 +126,6 @@ mod tests {
         assert!(is_global_v6("2606:4700::1".parse().unwrap()));
         assert!(!is_global_v6("fd12::1".parse().unwrap()));
         assert!(!is_global_v6("2001:db8::1".parse().unwrap()));
-        assert!(!is_global_v6("10.0.0.1".parse().unwrap()));
+        assert!(!is_global_v6("192.0.2.1".parse().unwrap()));
     }
 }

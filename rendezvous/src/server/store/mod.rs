@@ -614,24 +614,24 @@ pub(crate) mod tests {
     /// that one's own LAN.
     #[test]
     fn lan_addresses_go_only_to_a_peer_at_the_same_public_ip() {
-        let mut a = registration(1, "203.0.113.2:40000", &["192.168.1.2:40000"]);
+        let mut a = registration(1, "203.0.113.2:40000", &["192.0.2.2:40000"]);
         a.udp_port = Some(40001);
-        let elsewhere = registration(2, "198.51.100.7:40000", &["192.168.1.9:40000"]);
+        let elsewhere = registration(2, "198.51.100.7:40000", &["192.0.2.9:40000"]);
         let tokens = ["t0".to_owned(), "t1".to_owned()];
         let [_, to_b] = punch_orders("s", &tokens, ("a", &a), ("b", &elsewhere), 0, 0);
         let addrs =
             |v: &[&str]| -> Vec<SocketAddr> { v.iter().map(|s| s.parse().unwrap()).collect() };
         assert_eq!(to_b.order.candidates, addrs(&["203.0.113.2:40000"]));
         assert_eq!(to_b.order.udp_candidates, addrs(&["203.0.113.2:40001"]));
-        let same_nat = registration(3, "203.0.113.2:40999", &["192.168.1.9:40000"]);
+        let same_nat = registration(3, "203.0.113.2:40999", &["192.0.2.19:40000"]);
         let [_, to_c] = punch_orders("s", &tokens, ("a", &a), ("c", &same_nat), 0, 0);
         assert_eq!(
             to_c.order.candidates,
-            addrs(&["203.0.113.2:40000", "192.168.1.2:40000"])
+            addrs(&["203.0.113.2:40000", "192.0.2.2:40000"])
         );
         assert_eq!(
             to_c.order.udp_candidates,
-            addrs(&["203.0.113.2:40001", "192.168.1.2:40001"])
+            addrs(&["203.0.113.2:40001", "192.0.2.2:40001"])
         );
         // IPv6: one /64 is one LAN; another /64 is elsewhere.
         assert!(crate::protocol::same_site(
