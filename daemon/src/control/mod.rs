@@ -853,17 +853,8 @@ mod tests {
     #[test]
     fn orders_are_checked_only_against_a_pinned_key() {
         let order = PunchOrder {
-            session: "s".into(),
-            peer: "bob".into(),
-            public_key: String::new(),
-            candidates: vec![],
-            udp_candidates: vec![],
-            at_us: 0,
             initiator: false,
-            relay_token: String::new(),
-            relay_url: None,
-            strategy: None,
-            signature: None,
+            ..order::blank_order()
         };
         let server = ed25519_dalek::SigningKey::from_bytes(&[4; 32]);
         let pinned = server.verifying_key();

@@ -228,6 +228,24 @@ impl OrderGate {
     }
 }
 
+/// An order to bob with nothing in it, for unit tests to fill in.
+#[cfg(test)]
+pub(crate) fn blank_order() -> PunchOrder {
+    PunchOrder {
+        session: "s".into(),
+        peer: "bob".into(),
+        public_key: String::new(),
+        candidates: vec![],
+        udp_candidates: vec![],
+        at_us: 0,
+        initiator: true,
+        relay_token: String::new(),
+        relay_url: None,
+        strategy: None,
+        signature: None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -236,17 +254,8 @@ mod tests {
     fn a_prediction_beyond_our_limits_or_off_the_peer_is_dropped() {
         use punch_rendezvous::nat::{Prediction, Strategy};
         let mut order = PunchOrder {
-            session: "s".into(),
-            peer: "bob".into(),
-            public_key: String::new(),
-            candidates: vec![],
             udp_candidates: vec!["203.0.113.3:12405".parse().unwrap()],
-            at_us: 0,
-            initiator: true,
-            relay_token: String::new(),
-            relay_url: None,
-            strategy: None,
-            signature: None,
+            ..blank_order()
         };
         let with = |base: &str, delta, count| {
             Some(Strategy::PredictUdp(Box::new(Prediction {

@@ -171,23 +171,10 @@ fn report(
 mod tests {
     use super::*;
     use punch_rendezvous::nat::{RelayReason, Strategy};
-    use punch_rendezvous::protocol::PunchOrder;
 
     #[test]
     fn relay_first_only_for_a_first_path_in_auto_mode() {
-        let mut order = PunchOrder {
-            session: "s".into(),
-            peer: "bob".into(),
-            public_key: String::new(),
-            candidates: vec![],
-            udp_candidates: vec![],
-            at_us: 0,
-            initiator: true,
-            relay_token: String::new(),
-            relay_url: None,
-            strategy: None,
-            signature: None,
-        };
+        let mut order = crate::control::order::blank_order();
         assert_eq!(relay_at_once(&order, true, PunchMode::Auto), None);
         order.strategy = Some(Strategy::RelayFirst {
             reason: RelayReason::BothUnpredictable,
