@@ -28,6 +28,16 @@ pub const REDIS_URL: &str = "redis://203.0.113.1:6379";
 /// conntrack events (`<ns>.conntrack.txt`) in the run's folder, kept after
 /// a passing run too: for finding out why a punch missed.
 pub const CAPTURE_ENV: &str = "PUNCH_LAB_CAPTURE";
+/// A `RUST_LOG` filter for the lab's daemons instead of
+/// `info,punchd=debug` (e.g. `info,punchd=trace,yamux=trace` to follow a stall).
+pub const DAEMON_LOG_ENV: &str = "PUNCH_LAB_DAEMON_LOG";
+/// A `RUST_LOG` filter for the lab's rendezvous instead of `info`.
+pub const RENDEZVOUS_LOG_ENV: &str = "PUNCH_LAB_RENDEZVOUS_LOG";
+
+/// The log filter for a lab process: the override in `env`, or `default`.
+fn log_filter(env: &str, default: &str) -> String {
+    std::env::var(env).unwrap_or_else(|_| default.to_owned())
+}
 
 /// A running lab: topology, working directory, process handles.
 pub struct Run {
@@ -269,10 +279,11 @@ impl Run {
                 if std::path::Path::new(cfg).is_file() {
                     args.extend(["--config", cfg]);
                 }
+                let filter = log_filter(RENDEZVOUS_LOG_ENV, "info");
                 self.rendezvous = self.topo.rv.spawn(
                     &self.bins.rendezvous,
                     &args,
-                    &[("RUST_LOG", "info")],
+                    &[("RUST_LOG", filter.as_str())],
                     &log,
                 )?;
             }
@@ -414,10 +425,11 @@ impl Run {
         } else {
             &mut self.topo.host_b
         };
+        let filter = log_filter(DAEMON_LOG_ENV, "info,punchd=debug");
         ns.spawn(
             &self.bins.punchd,
             &["--config", cfg.to_str().unwrap_or("")],
-            &[("RUST_LOG", "info,punchd=debug")],
+            &[("RUST_LOG", filter.as_str())],
             &log,
         )
     }

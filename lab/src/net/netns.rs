@@ -14,8 +14,9 @@ pub fn run(cmd: &str, args: &[&str]) -> Result<Output> {
         .with_context(|| format!("cannot run {cmd}"))?;
     if !out.status.success() {
         bail!(
-            "`{cmd} {}` failed: {}",
+            "`{cmd} {}` failed ({}): {}",
             args.join(" "),
+            out.status,
             String::from_utf8_lossy(&out.stderr).trim()
         );
     }

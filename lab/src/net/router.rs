@@ -138,9 +138,22 @@ impl Router {
         self.starts += 1;
         let log = work.join(format!("{}.miniupnpd.{}.log", nat.name(), self.starts));
         let pid = work.join(format!("{}.miniupnpd.pid", nat.name()));
+        // `-d` logs every line to stderr (the log file) and to syslog too;
+        // with no syslog daemon (no /dev/log, as on the CI machines) glibc
+        // writes each syslog line to /dev/console instead, a serial port.
+        // A denied PCP request makes miniupnpd try every port and log each
+        // refusal, 20,000 lines, and the console's interrupts then starved
+        // the whole lab for seconds: relayed tunnels missed their
+        // keepalives (CI: pm-deny). So the console miniupnpd sees is
+        // /dev/null, bound in the mount namespace `ip netns exec` makes
+        // for this process only; the host's console is untouched.
+        let miniupnpd = self.dir.join("miniupnpd");
         self.process = nat.spawn(
-            &self.dir.join("miniupnpd"),
+            std::path::Path::new("sh"),
             &[
+                "-c",
+                "mount --bind /dev/null /dev/console && exec \"$0\" \"$@\"",
+                miniupnpd.to_str().unwrap_or("miniupnpd"),
                 "-d",
                 "-f",
                 self.conf.to_str().unwrap_or(""),
