@@ -515,18 +515,45 @@ pub fn unix_time_us() -> u64 {
         .map_or(0, |d| d.as_micros() as u64)
 }
 
-/// Whether two daemons seen at these public IPs share a site: the same
-/// IPv4 address (one NAT), or the same IPv6 /64 (one LAN). Only then may a
-/// punch order carry a peer's LAN addresses, and only then does a daemon
-/// contact them: elsewhere they could only lead into the recipient's own
-/// LAN or to a third host. Used by both the server and the daemon.
-pub fn same_site(a: std::net::IpAddr, b: std::net::IpAddr) -> bool {
+/// IPv6 prefix length of one link (one LAN): a host's stable and
+/// temporary addresses share it, and no other network's hosts are in it.
+pub const LINK_PREFIX_V6: u32 = 64;
+
+/// IPv6 prefix length of one site: RFC 6177 gives a site a /48 to /56,
+/// and /48 is the one every subnet of one site shares.
+pub const SITE_PREFIX_V6: u32 = 48;
+
+/// Whether two addresses are in one network at the given IPv6 prefix
+/// length: the same IPv4 address (for IPv4 the public address behind
+/// which a NAT hides its LAN is the whole network), or IPv6 addresses
+/// sharing their first `v6_len` bits. Mixed families never are.
+fn same_network(a: std::net::IpAddr, b: std::net::IpAddr, v6_len: u32) -> bool {
     use std::net::IpAddr;
+    let prefix = |ip: std::net::Ipv6Addr| u128::from(ip) & (u128::MAX << (128 - v6_len));
     match (a.to_canonical(), b.to_canonical()) {
         (IpAddr::V4(a), IpAddr::V4(b)) => a == b,
-        (IpAddr::V6(a), IpAddr::V6(b)) => a.segments()[..4] == b.segments()[..4],
+        (IpAddr::V6(a), IpAddr::V6(b)) => prefix(a) == prefix(b),
         _ => false,
     }
+}
+
+/// Whether `a` and `b` are on one link: the same IPv4 address, or one
+/// IPv6 /64 ([`LINK_PREFIX_V6`]). An address a daemon reports for itself
+/// is vouched for by an observation on its link (the server passes it on,
+/// the peer accepts it): it is that host's, or its neighbour's.
+pub fn same_link(a: std::net::IpAddr, b: std::net::IpAddr) -> bool {
+    same_network(a, b, LINK_PREFIX_V6)
+}
+
+/// Whether two daemons seen at these public IPs share a site: the same
+/// IPv4 address (one NAT), or one IPv6 /48 ([`SITE_PREFIX_V6`]). Only then
+/// may a punch order carry a peer's LAN addresses (private IPv4,
+/// unique-local IPv6), and only then does a daemon contact them: elsewhere
+/// they could only lead into the recipient's own LAN or to a third host.
+/// The server decides with it what to offer and the daemon what to
+/// accept, so the two never disagree.
+pub fn same_site(a: std::net::IpAddr, b: std::net::IpAddr) -> bool {
+    same_network(a, b, SITE_PREFIX_V6)
 }
 
 #[cfg(test)]

@@ -31,7 +31,7 @@ use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
-use punch_rendezvous::protocol::same_site;
+use punch_rendezvous::protocol::{same_link, same_site};
 
 use crate::admin::status::Limit;
 use punch_rendezvous::protocol::PunchOrder;
@@ -122,11 +122,12 @@ pub(crate) const PREDICT_REFILL: Duration = Duration::from_millis(2500);
 
 /// Keeps the candidates on the peer's public IPs (`public`: the first
 /// candidate of each address family in each of the order's lists), IPv6
-/// ones in the /64 of a public IPv6 one (the peer's stable address beside
-/// the temporary one the server saw: the server only passes those it
-/// vouched for), and, only when the peer shares our public IP `ours`
-/// (same site: [`same_site`], one NAT or one IPv6 /64), its other
-/// addresses; the rest are dropped, one [`Limit::CandidateNotPeer`] each.
+/// ones on the link of a public IPv6 one ([`same_link`], one /64: the
+/// peer's stable address beside the temporary one the server saw; the
+/// server only passes those it vouched for), and, only when the peer is
+/// in our site (our public IP `ours`; [`same_site`]: one NAT or one IPv6
+/// /48, the server's own rule for offering them), its other addresses;
+/// the rest are dropped, one [`Limit::CandidateNotPeer`] each.
 /// Run before [`trim_candidates`], so a stuffed list cannot crowd out the
 /// real ones.
 pub(crate) fn keep_peer_addresses(
@@ -140,7 +141,7 @@ pub(crate) fn keep_peer_addresses(
     let peers = |ip: IpAddr| {
         public
             .iter()
-            .any(|p| canon(*p) == canon(ip) || (p.is_ipv6() && ip.is_ipv6() && same_site(*p, ip)))
+            .any(|p| canon(*p) == canon(ip) || (p.is_ipv6() && ip.is_ipv6() && same_link(*p, ip)))
     };
     list.retain(|c| our_site || peers(c.ip()));
     vec![Limit::CandidateNotPeer; before - list.len()]
@@ -419,6 +420,23 @@ mod tests {
         let hits = keep_peer_addresses(&mut list, &public, Some("198.51.100.9".parse().unwrap()));
         assert_eq!(list, order[..3]);
         assert_eq!(hits.len(), 2);
+    }
+
+    #[test]
+    fn a_peer_in_our_ipv6_site_keeps_its_local_addresses() {
+        // We are at 2001:db8:1:1::10; the peer, in another /64 of our /48
+        // (the server's rule for offering local addresses), offers a
+        // unique-local one.
+        let order = vec![a("[2001:db8:1:2::20]:40000"), a("[fd00:1::20]:40000")];
+        let public = peer_public_ips(&order, &[]);
+        let mut list = order.clone();
+        let ours = Some("2001:db8:1:1::10".parse().unwrap());
+        assert!(keep_peer_addresses(&mut list, &public, ours).is_empty());
+        assert_eq!(list, order);
+        // Seen from another site, the local address is dropped.
+        let ours = Some("2001:db8:7:1::10".parse().unwrap());
+        assert_eq!(keep_peer_addresses(&mut list, &public, ours).len(), 1);
+        assert_eq!(list, order[..1]);
     }
 
     #[test]

@@ -20,28 +20,19 @@
 
 use std::net::{IpAddr, Ipv6Addr};
 
+use crate::protocol::{self, same_link};
+
 /// Whether `ip` is a global IPv6 address (see [`is_global`]): a host's own
 /// public address, which a peer anywhere may be given.
 pub(crate) fn is_global_v6(ip: IpAddr) -> bool {
     matches!(ip.to_canonical(), IpAddr::V6(v6) if is_global(v6))
 }
 
-/// Prefix length that makes "the same link" for [`vouched_global`].
-const LINK_PREFIX: u32 = 64;
-/// Prefix length that makes "the same site" for [`same_site`]: a site
-/// (RFC 6177) is usually given a /48 to /56; /48 is the one that every
-/// subnet of one site shares.
-const SITE_PREFIX: u32 = 48;
-
 /// 2000::/3 outside the documentation prefix 2001:db8::/32 (which `lan`
 /// treats as a LAN range: the lab's networks).
 fn is_global(ip: Ipv6Addr) -> bool {
     let s = ip.segments();
     (s[0] & 0xe000) == 0x2000 && (s[0], s[1]) != (0x2001, 0x0db8)
-}
-
-fn prefix(ip: Ipv6Addr, len: u32) -> u128 {
-    u128::from(ip) & (u128::MAX << (128 - len))
 }
 
 fn v6s(ips: &[IpAddr]) -> impl Iterator<Item = Ipv6Addr> + '_ {
@@ -56,9 +47,7 @@ fn v6s(ips: &[IpAddr]) -> impl Iterator<Item = Ipv6Addr> + '_ {
 /// IPv6 address, which needs a `seen` IPv6 address in its /64.
 pub(crate) fn vouched_global(addr: IpAddr, seen: &[IpAddr]) -> bool {
     match addr.to_canonical() {
-        IpAddr::V6(v6) if is_global(v6) => {
-            v6s(seen).any(|s| prefix(s, LINK_PREFIX) == prefix(v6, LINK_PREFIX))
-        }
+        IpAddr::V6(v6) if is_global(v6) => v6s(seen).any(|s| same_link(s.into(), v6.into())),
         _ => true,
     }
 }
@@ -66,10 +55,8 @@ pub(crate) fn vouched_global(addr: IpAddr, seen: &[IpAddr]) -> bool {
 /// Whether two daemons, seen at `a` and `b` respectively, are in one
 /// site: one public IPv4 address (one NAT), or IPv6 addresses in one /48.
 pub(crate) fn same_site(a: &[IpAddr], b: &[IpAddr]) -> bool {
-    let same_v4 = a.iter().any(|x| {
-        x.to_canonical().is_ipv4() && b.iter().any(|y| x.to_canonical() == y.to_canonical())
-    });
-    same_v4 || v6s(a).any(|x| v6s(b).any(|y| prefix(x, SITE_PREFIX) == prefix(y, SITE_PREFIX)))
+    a.iter()
+        .any(|x| b.iter().any(|y| protocol::same_site(*x, *y)))
 }
 
 #[cfg(test)]

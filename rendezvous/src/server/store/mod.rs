@@ -633,14 +633,27 @@ pub(crate) mod tests {
             to_c.order.udp_candidates,
             addrs(&["203.0.113.2:40001", "192.0.2.2:40001"])
         );
-        // IPv6: one /64 is one LAN; another /64 is elsewhere.
+        // IPv6: one /64 is one link, one /48 one site; another /48 is elsewhere.
+        let ip = |s: &str| s.parse::<std::net::IpAddr>().unwrap();
+        assert!(crate::protocol::same_link(
+            ip("2001:db8:1:2::10"),
+            ip("2001:db8:1:2::20")
+        ));
+        assert!(!crate::protocol::same_link(
+            ip("2001:db8:1:3::10"),
+            ip("2001:db8:1:2::20")
+        ));
         assert!(crate::protocol::same_site(
-            "2001:db8:1:2::10".parse().unwrap(),
-            "2001:db8:1:2::20".parse().unwrap()
+            ip("2001:db8:1:3::10"),
+            ip("2001:db8:1:2::20")
         ));
         assert!(!crate::protocol::same_site(
-            "2001:db8:1:3::10".parse().unwrap(),
-            "2001:db8:1:2::20".parse().unwrap()
+            ip("2001:db8:2:2::10"),
+            ip("2001:db8:1:2::20")
+        ));
+        assert!(!crate::protocol::same_site(
+            ip("203.0.113.2"),
+            ip("2001:db8:1:2::20")
         ));
         assert!(crate::protocol::same_site(
             "::ffff:203.0.113.2".parse().unwrap(),
