@@ -1,5 +1,6 @@
 //! Two daemons and a rendezvous on `::1`: registration, candidates and a
-//! direct TCP tunnel over IPv6, with the family in status and /metrics.
+//! direct tunnel over IPv6, by TCP and by QUIC (the dual-stack UDP punch
+//! socket), with the family in status and /metrics.
 //! (Dual stack across sites, firewalls and happy eyeballs between
 //! families are lab matters; see lab/README.md.)
 
@@ -20,6 +21,17 @@ use tokio_util::task::TaskTracker;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_ipv6_rendezvous_gives_a_direct_tunnel_over_ipv6() {
+    direct_over_ipv6("tcp").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_quic_punch_runs_over_ipv6_too() {
+    direct_over_ipv6("quic").await;
+}
+
+/// Both daemons on `::1` with only `transport` allowed: direct over IPv6
+/// on it, bob reached at his punch port, family `ipv6`, 256 KiB echoed.
+async fn direct_over_ipv6(transport: &str) {
     let rv = Rendezvous::start_on("[::1]:0", RendezvousConfig::default())
         .await
         .expect("::1 on loopback (CI and the lab have it)");
@@ -36,7 +48,8 @@ async fn an_ipv6_rendezvous_gives_a_direct_tunnel_over_ipv6() {
     };
     // A rendezvous on loopback: the daemons offer no other address of this
     // host (some have unique-local or global ones), so `::1` it is.
-    let punch = "transports = [\"tcp\"]";
+    let punch = format!("transports = [\"{transport}\"]");
+    let punch = punch.as_str();
     let bob_cfg = peer_config(
         "bob",
         &url,
@@ -68,12 +81,22 @@ async fn an_ipv6_rendezvous_gives_a_direct_tunnel_over_ipv6() {
     .await;
     let bob_port = bob.status.snapshot().punch_port;
     let peer = &doc.peers[0];
-    assert_eq!(
-        peer.remote_addr.as_deref(),
-        Some(format!("[::1]:{bob_port}").as_str()),
-        "alice reached bob's punch port over IPv6"
-    );
+    let remote = peer.remote_addr.as_deref().unwrap_or_default();
+    if transport == "tcp" {
+        assert_eq!(
+            remote,
+            format!("[::1]:{bob_port}"),
+            "bob's punch port over IPv6"
+        );
+    } else {
+        // The UDP punch socket took its own free port here (port 0).
+        assert!(
+            remote.starts_with("[::1]:"),
+            "bob's QUIC socket over IPv6: {remote}"
+        );
+    }
     assert_eq!(peer.family.as_deref(), Some("ipv6"));
+    assert_eq!(peer.transport.map(|t| t.as_str()), Some(transport));
     let own = doc.public_addr6.as_deref().expect("public_addr6 is set");
     assert!(own.starts_with("[::1]:"), "{own}");
     let punch = peer.last_punch.clone().unwrap();

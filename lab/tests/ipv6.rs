@@ -36,6 +36,11 @@ fn ipv6_firewalls_that_reject_unsolicited_inbound_still_let_the_punch_through() 
 }
 
 #[test]
+fn quic_punches_over_ipv6_where_ipv4_nats_randomize() {
+    scenario("v6-random-quic");
+}
+
+#[test]
 fn tcp_raced_with_quic_wins_over_ipv6_where_ipv4_nats_randomize() {
     scenario("v6-random-default");
 }

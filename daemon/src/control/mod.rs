@@ -78,6 +78,8 @@ const PORTMAP_WAIT: Duration = Duration::from_millis(1200);
 const OBSERVE_TIMEOUT: Duration = Duration::from_secs(3);
 /// This host's IPv6 addresses, with their scope and flags.
 const IF_INET6: &str = "/proc/net/if_inet6";
+/// This host's IPv4 routes (main table), for [`family::has_ipv4_route`].
+const IPV4_ROUTES: &str = "/proc/net/route";
 /// Time allowed to connect and register.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -201,6 +203,9 @@ struct Registered {
     /// Whether this host can reach IPv6 candidates (it has an IPv6
     /// address to offer, or reached the server over IPv6).
     has_v6: bool,
+    /// Whether it can reach IPv4 ones (it reached the server over IPv4,
+    /// or has an IPv4 route: [`family::has_ipv4_route`]).
+    has_v4: bool,
 }
 
 /// Runs until cancelled: connect, register, serve, reconnect.
@@ -366,6 +371,8 @@ async fn connect_and_register(settings: &mut RvSettings) -> Result<Registered, R
         }
     }
     let has_v6 = !own_v6.is_empty() || addr.is_ipv6();
+    let has_v4 = addr.is_ipv4()
+        || family::has_ipv4_route(std::fs::read_to_string(IPV4_ROUTES).ok().as_deref());
     let hello = Hello {
         version: PROTOCOL_VERSION,
         name: settings.name.clone(),
@@ -394,15 +401,21 @@ async fn connect_and_register(settings: &mut RvSettings) -> Result<Registered, R
             ..
         } => {
             note_server_key(settings.server_key.as_ref(), server_key.as_deref());
-            // The QUIC socket is IPv4: probe the server's IPv4 address.
-            let v4 = [Some(addr), other]
-                .into_iter()
-                .flatten()
-                .find(SocketAddr::is_ipv4);
+            // Probe the server's IPv4 address (the family behind a NAT,
+            // whose mapping only a probe can show), else its IPv6 one when
+            // the QUIC socket is dual-stack (an IPv6-only host).
+            let quic_v6 = settings.quic.as_ref().is_some_and(|q| q.dual_stack());
+            let server = [Some(addr), other].into_iter().flatten();
+            let probe_at = server
+                .clone()
+                .find(SocketAddr::is_ipv4)
+                .or_else(|| server.clone().find(|a| quic_v6 && a.is_ipv6()));
             Ok(Registered {
                 ws,
                 observed: observed_addr,
-                udp_server: udp_port.zip(v4).map(|(p, a)| SocketAddr::new(a.ip(), p)),
+                udp_server: udp_port
+                    .zip(probe_at)
+                    .map(|(p, a)| SocketAddr::new(a.ip(), p)),
                 nonce,
                 mapped,
                 // Only a server that says it takes observe-only hellos
@@ -410,6 +423,7 @@ async fn connect_and_register(settings: &mut RvSettings) -> Result<Registered, R
                 // replacing ours).
                 other: other.filter(|_| observe_only),
                 has_v6,
+                has_v4,
             })
         }
         ServerMsg::Error { code, message } => Err(RvError::Refused { code, message }),
@@ -490,6 +504,7 @@ async fn session(
         mapped,
         other,
         has_v6,
+        has_v4,
     } = tokio::select! {
         r = tokio::time::timeout(CONNECT_TIMEOUT, connect_and_register(settings)) => r.map_err(|_| RvError::Protocol("no welcome within 10s".into()))??,
         _ = cancel.cancelled() => return Ok(()),
@@ -601,7 +616,7 @@ async fn session(
                 None => return Ok(()),
             },
             msg = recv(&mut ws) => {
-                let me = Me { name: &settings.name, nonce: &nonce, pinned: settings.server_key.as_ref(), status, settings, has_v6, observed: Some(observed.ip()) };
+                let me = Me { name: &settings.name, nonce: &nonce, pinned: settings.server_key.as_ref(), status, settings, has_v6, has_v4, observed: Some(observed.ip()) };
                 on_message(msg?, &mut pings, gate, settings.port, me, events).await?
             }
         }
@@ -640,6 +655,8 @@ struct Me<'a> {
     settings: &'a RvSettings,
     /// Whether IPv6 candidates are worth punching from here.
     has_v6: bool,
+    /// Whether IPv4 ones are (an IPv6-only host has no IPv4 route).
+    has_v4: bool,
     /// Our public IP as this registration's server sees it: a peer at the
     /// same one is behind our NAT, the only peer whose LAN addresses an
     /// order may make us contact.
@@ -686,8 +703,8 @@ async fn on_message(
                 return Ok(());
             }
             // Only the peer's own addresses (issue #24), then only what
-            // our sockets can reach: IPv6 TCP candidates when we have
-            // IPv6, no IPv6 UDP ones (the QUIC socket is IPv4).
+            // our sockets can reach: IPv6 candidates when we have IPv6,
+            // UDP ones only if the QUIC socket is dual-stack too.
             let public = order::peer_public_ips(&order.candidates, &order.udp_candidates);
             let mut hits = order::keep_peer_addresses(&mut order.candidates, &public, me.observed);
             hits.extend(order::keep_peer_addresses(
@@ -695,8 +712,9 @@ async fn on_message(
                 &public,
                 me.observed,
             ));
-            family::reachable(&mut order.candidates, true, me.has_v6);
-            family::reachable(&mut order.udp_candidates, true, false);
+            family::reachable(&mut order.candidates, me.has_v4, me.has_v6);
+            let quic_v6 = me.settings.quic.as_ref().is_some_and(|q| q.dual_stack());
+            family::reachable(&mut order.udp_candidates, me.has_v4, me.has_v6 && quic_v6);
             hits.extend(order::trim_candidates(&mut order.candidates));
             hits.extend(order::trim_candidates(&mut order.udp_candidates));
             hits.extend(order::check_strategy(&mut order));

@@ -91,6 +91,17 @@ fn usable_v6(ip: Ipv6Addr) -> bool {
         || ip.to_ipv4_mapped().is_some())
 }
 
+/// Whether this host has an IPv4 route, from the text of
+/// `/proc/net/route` (a header line, then one line per route of the main
+/// table; loopback is in another table). `None` (no such file: not Linux,
+/// or no procfs) counts as yes, so IPv4 is never dropped on a guess. An
+/// IPv6-only host has no IPv4 route: its IPv4 connects would fail with
+/// `ENETUNREACH` at once, and the punch would retry them for its whole
+/// timeout.
+pub(crate) fn has_ipv4_route(route_table: Option<&str>) -> bool {
+    route_table.is_none_or(|t| t.lines().skip(1).any(|l| !l.trim().is_empty()))
+}
+
 /// The candidates this host can aim at: IPv6 ones only if it has IPv6
 /// (`has_v6`), IPv4 ones only if it has IPv4 (`has_v4`).
 pub(crate) fn reachable(list: &mut Vec<SocketAddr>, has_v4: bool, has_v6: bool) {
@@ -149,6 +160,19 @@ garbage line
             .map(|i| format!("20010db80001000000000000000000{i:02x} 02 40 00 80 eth0\n"))
             .collect();
         assert_eq!(offerable_v6(&many).len(), MAX_OFFERED_V6);
+    }
+
+    #[test]
+    fn ipv4_is_there_unless_the_route_table_says_it_is_empty() {
+        let header =
+            "Iface\tDestination\tGateway \tFlags\tRefCnt\tUse\tMetric\tMask\t\tMTU\tWindow\tIRTT\n";
+        assert!(!has_ipv4_route(Some(header)));
+        assert!(!has_ipv4_route(Some("")));
+        let default =
+            format!("{header}eth0\t00000000\t0100000A\t0003\t0\t0\t0\t00000000\t0\t0\t0\n");
+        assert!(has_ipv4_route(Some(&default)));
+        // No procfs: never drop IPv4 on a guess.
+        assert!(has_ipv4_route(None));
     }
 
     #[test]

@@ -22,7 +22,7 @@ pub(crate) mod tunnel;
 
 use std::collections::HashMap;
 use std::io;
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU16, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -145,11 +145,11 @@ impl QuicPath {
         keepalive: (Duration, Duration),
         congestion: QuicCongestion,
     ) -> Result<Self, QuicError> {
-        let std_socket = match std::net::UdpSocket::bind((Ipv4Addr::UNSPECIFIED, port)) {
+        let std_socket = match socket::bind(port) {
             Ok(s) => s,
             Err(e) if port != 0 => {
                 warn!(port, error = %e, "UDP punch port taken; using any free port for QUIC");
-                std::net::UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))?
+                socket::bind(0)?
             }
             Err(e) => return Err(e.into()),
         };
@@ -177,6 +177,7 @@ impl QuicPath {
         )?;
         info!(
             port = local.port(),
+            ipv6 = local.is_ipv6(),
             "QUIC path ready (UDP punch socket bound)"
         );
         Ok(Self {
@@ -224,7 +225,7 @@ impl QuicPath {
             debug!("{why}; QUIC keeps its port: the router maps it for our peers");
             return None;
         }
-        let fresh = std::net::UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))
+        let fresh = socket::bind(0)
             .and_then(|s| Ok((s.local_addr()?.port(), self.runtime.wrap_udp_socket(s)?)));
         let (port, inner) = match fresh {
             Ok(x) => x,
@@ -287,6 +288,12 @@ impl QuicPath {
     /// The endpoint handle (status reads its connection count).
     pub(crate) fn endpoint(&self) -> &quinn::Endpoint {
         &self.endpoint
+    }
+
+    /// Whether the punch socket reaches IPv6 peers too (dual-stack; see
+    /// [`socket::bind`]). Without it IPv6 UDP candidates are dropped.
+    pub(crate) fn dual_stack(&self) -> bool {
+        self.current_socket().dual_stack()
     }
 
     /// The local UDP port (what the rendezvous is told).

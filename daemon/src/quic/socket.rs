@@ -7,6 +7,14 @@
 //! ours to the [`Demux`] and blanks them out (length 0) so quinn skips
 //! them. One socket means one NAT mapping: the rendezvous observes, and the
 //! peer punches to, exactly the mapping QUIC then runs on.
+//!
+//! The socket is dual-stack where the host allows it ([`bind`]): one
+//! IPv6 socket with `IPV6_V6ONLY` off, so IPv4 peers and IPv6 peers reach
+//! the same port and the same quinn endpoint, and a punch can race both
+//! families the way the TCP path does. IPv4 addresses then travel as
+//! IPv4-mapped IPv6 (`::ffff:a.b.c.d`) inside the socket only:
+//! [`PunchSocket`] maps them on the way out and hands punchd plain IPv4
+//! addresses on the way in, so nothing above it sees the difference.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -21,6 +29,41 @@ use punch_rendezvous::datagram::{self, Datagram};
 use quinn::udp::{RecvMeta, Transmit};
 use quinn::{AsyncUdpSocket, UdpPoller};
 use tokio::sync::mpsc;
+
+/// Binds the UDP punch socket on `port` (0: any): dual-stack `[::]:port`
+/// when this host has IPv6, else `0.0.0.0:port` (IPv6 disabled, or no
+/// IPv6 at all). Plain bind semantics otherwise: no address or port reuse.
+pub(crate) fn bind(port: u16) -> io::Result<std::net::UdpSocket> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let dual = Socket::new(Domain::IPV6, Type::DGRAM, Some(Protocol::UDP)).and_then(|s| {
+        s.set_only_v6(false)?;
+        s.bind(&SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, port)).into())?;
+        Ok(s)
+    });
+    match dual {
+        Ok(s) => Ok(s.into()),
+        Err(e) => {
+            tracing::debug!(port, error = %e, "no dual-stack UDP socket (IPv6 off?); QUIC runs over IPv4 only");
+            std::net::UdpSocket::bind((std::net::Ipv4Addr::UNSPECIFIED, port))
+        }
+    }
+}
+
+/// `addr` as the socket needs it: IPv4 as IPv4-mapped IPv6 on a
+/// dual-stack socket, anything else as it is.
+fn to_socket(addr: SocketAddr, dual_stack: bool) -> SocketAddr {
+    match addr {
+        SocketAddr::V4(v4) if dual_stack => {
+            SocketAddr::new(std::net::IpAddr::V6(v4.ip().to_ipv6_mapped()), v4.port())
+        }
+        other => other,
+    }
+}
+
+/// `addr` as punchd uses it: an IPv4-mapped IPv6 address as plain IPv4.
+pub(crate) fn canonical(addr: SocketAddr) -> SocketAddr {
+    SocketAddr::new(addr.ip().to_canonical(), addr.port())
+}
 
 /// A rendezvous ack: the probe counter and the address the server saw.
 pub(crate) type Ack = (u64, SocketAddr);
@@ -105,18 +148,30 @@ impl Drop for SessionGuard {
 pub(crate) struct PunchSocket {
     inner: Arc<dyn AsyncUdpSocket>,
     demux: Arc<Demux>,
+    /// An IPv6 socket taking IPv4 too (see [`bind`]).
+    dual_stack: bool,
 }
 
 impl PunchSocket {
     pub(crate) fn new(inner: Arc<dyn AsyncUdpSocket>, demux: Arc<Demux>) -> Self {
-        Self { inner, demux }
+        let dual_stack = inner.local_addr().is_ok_and(|a| a.is_ipv6());
+        Self {
+            inner,
+            demux,
+            dual_stack,
+        }
+    }
+
+    /// Whether IPv6 peers can be reached from this socket.
+    pub(crate) fn dual_stack(&self) -> bool {
+        self.dual_stack
     }
 
     /// Sends one of our datagrams. A full socket buffer is waited out
     /// (briefly: these are a few small datagrams), other errors returned.
     pub(crate) async fn send_to(&self, contents: &[u8], destination: SocketAddr) -> io::Result<()> {
         let transmit = Transmit {
-            destination,
+            destination: to_socket(destination, self.dual_stack),
             ecn: None,
             contents,
             segment_size: None,
@@ -162,7 +217,7 @@ impl AsyncUdpSocket for PunchSocket {
             // Ours are single small datagrams; a GRO batch (len > stride)
             // is QUIC from one flow. Length 0 makes quinn skip the slot.
             if m.len == m.stride && datagram::is_ours(&buf[..m.len]) {
-                self.demux.deliver(&buf[..m.len], m.addr);
+                self.demux.deliver(&buf[..m.len], canonical(m.addr));
                 m.len = 0;
             }
         }

@@ -228,7 +228,8 @@ fn authenticate<'a>(race: &'a Race<'_>, est: Established) -> Handshake<'a> {
 /// An authenticated QUIC connection as a candidate path.
 fn quic_direct(q: QuicEstablished, path: &Arc<QuicPath>, status: &Arc<PeerStatus>) -> Direct {
     Direct {
-        remote: q.conn.remote_address(),
+        // IPv4 peers show as IPv4-mapped on the dual-stack socket.
+        remote: crate::quic::socket::canonical(q.conn.remote_address()),
         parts: crate::quic::tunnel::from_quic(q.conn, status.clone(), path.clone()),
         attempts: q.rounds,
     }
@@ -368,8 +369,11 @@ pub(crate) async fn punch_direct(
     port: u16,
 ) -> Result<Direct, PunchError> {
     let quic = quic_path(race, order);
+    // No TCP candidate left (none of a family this host has, say an
+    // IPv4-only peer of an IPv6-only host): nothing to open, so no engine
+    // waiting out the punch timeout; with no QUIC either, the relay at once.
     let (use_tcp, _) = select::engines(
-        race.transports.contains(&TransportKind::Tcp),
+        race.transports.contains(&TransportKind::Tcp) && !order.candidates.is_empty(),
         quic.is_some(),
     )?;
     info!(tcp = ?use_tcp.then_some(&order.candidates), quic = ?quic.map(|_| &order.udp_candidates), in_ms = fire_at.saturating_duration_since(Instant::now()).as_millis() as u64, "punching");

@@ -4,8 +4,9 @@
 //! - `v6-random`, `v6-random-reject`: both IPv4 NATs port-randomizing
 //!   (relayed without IPv6), both hosts dual stack: direct over IPv6 by
 //!   TCP simultaneous open, through firewalls that drop (or reject with a
-//!   RST / ICMPv6) unsolicited inbound; `v6-random-default` races TCP
-//!   with QUIC (the QUIC socket is IPv4, so IPv6 TCP is what wins);
+//!   RST / ICMPv6) unsolicited inbound; `v6-random-quic` punches by
+//!   QUIC only (the dual-stack UDP punch socket), `v6-random-default`
+//!   races TCP with QUIC (both connect over IPv6; the race prefers TCP);
 //! - `v6-only`: no IPv4 on either host: direct over IPv6;
 //! - `v6-broken` against `v6-broken-baseline`: IPv6 dropped between the
 //!   sites, so the punch falls to IPv4, at most the happy-eyeballs head
@@ -56,6 +57,10 @@ pub fn scenarios() -> Vec<Scenario> {
             Expect::Direct,
         )
         .with_ipv6(Ipv6Plan::dual(F::Reject)),
+        Scenario::new("v6-random-quic", L::TwoNats(N::RandomFully), Expect::Direct)
+            .with_transports(&[Quic])
+            .expecting_transport(Quic)
+            .with_ipv6(Ipv6Plan::dual(F::Drop)),
         Scenario::new(
             "v6-random-default",
             L::TwoNats(N::RandomFully),
