@@ -117,11 +117,13 @@ impl std::fmt::Display for Cause {
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum PunchError {
-    /// No allowed transport could even start (QUIC alone, and the peer's
-    /// UDP endpoint not yet known): worth asking again soon rather than
-    /// relaying at once.
+    /// No allowed transport could even start: no TCP candidate this host
+    /// can reach (TCP not allowed, or only candidates of a family it does
+    /// not have), and no UDP endpoint of the peer for QUIC (not yet known,
+    /// or QUIC off). Worth asking again soon: the UDP endpoint is usually
+    /// known a moment later.
     #[error(
-        "nothing to punch with: transports allow QUIC only, and the peer has no UDP endpoint yet"
+        "nothing to punch with: no TCP candidate this host can reach (or TCP not allowed) and no UDP endpoint of the peer for QUIC"
     )]
     NothingToTry,
     /// Every engine ran and nothing was kept.
