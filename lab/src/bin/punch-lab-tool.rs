@@ -194,6 +194,18 @@ enum Cmd {
         #[arg(long, default_value_t = 0)]
         first: usize,
     },
+    /// A rogue peer (`suites::attack`): registers as `mallory` claiming
+    /// other hosts' addresses, asks for COUNT punches to PEER; prints JSON.
+    Rogue {
+        #[arg(long)]
+        addr: SocketAddr,
+        #[arg(long)]
+        peer: String,
+        #[arg(long, default_value_t = 6)]
+        count: u32,
+        #[arg(long, default_value_t = 400)]
+        interval_ms: u64,
+    },
     /// The fault-injecting soak: checked streams both ways while NATs are
     /// flushed, daemons and the rendezvous killed, links lose packets;
     /// prints the summary, exits 1 if it failed.
@@ -334,6 +346,20 @@ fn main() -> ExitCode {
                 first..first + clients,
                 pairs,
                 std::time::Duration::from_secs(seconds),
+            )),
+            print_json,
+        ),
+        Cmd::Rogue {
+            addr,
+            peer,
+            count,
+            interval_ms,
+        } => finish(
+            runtime().block_on(punch_lab::suites::attack::rogue(
+                addr,
+                &peer,
+                count,
+                std::time::Duration::from_millis(interval_ms),
             )),
             print_json,
         ),

@@ -25,7 +25,7 @@ use tokio_tungstenite::WebSocketStream;
 
 use crate::harness::stats::percentile;
 
-type Ws = WebSocketStream<TcpStream>;
+pub(crate) type Ws = WebSocketStream<TcpStream>;
 
 /// What a load run measured.
 #[derive(Debug, Clone, Default, Serialize)]
@@ -48,7 +48,7 @@ pub struct LoadReport {
     pub errors: u64,
 }
 
-async fn recv(ws: &mut Ws) -> Result<ServerMsg> {
+pub(crate) async fn recv(ws: &mut Ws) -> Result<ServerMsg> {
     loop {
         match ws.next().await {
             Some(Ok(Message::Text(t))) => return Ok(serde_json::from_str(t.as_str())?),
@@ -59,7 +59,7 @@ async fn recv(ws: &mut Ws) -> Result<ServerMsg> {
     }
 }
 
-async fn send(ws: &mut Ws, msg: &ClientMsg) -> Result<()> {
+pub(crate) async fn send(ws: &mut Ws, msg: &ClientMsg) -> Result<()> {
     ws.send(Message::text(serde_json::to_string(msg)?)).await?;
     Ok(())
 }
@@ -69,7 +69,17 @@ pub async fn register(addr: SocketAddr, name: &str, seed: u64) -> Result<Ws> {
     let mut bytes = [0u8; 32];
     bytes[..8].copy_from_slice(&seed.to_le_bytes());
     bytes[8] = 0xA5;
-    let key = SigningKey::from_bytes(&bytes);
+    register_as(addr, name, &SigningKey::from_bytes(&bytes), |_| {}).await
+}
+
+/// Registers as `name` with `key`, the hello as `shape` leaves it (a
+/// client that claims addresses of its choosing: `suites::attack`).
+pub(crate) async fn register_as(
+    addr: SocketAddr,
+    name: &str,
+    key: &SigningKey,
+    shape: impl FnOnce(&mut Hello),
+) -> Result<Ws> {
     let tcp = TcpStream::connect(addr)
         .await
         .with_context(|| format!("connect {addr}"))?;
@@ -80,7 +90,7 @@ pub async fn register(addr: SocketAddr, name: &str, seed: u64) -> Result<Ws> {
         bail!("no challenge")
     };
     let nonce = decode_nonce(&nonce).map_err(|e| anyhow!("{e}"))?;
-    let hello = Hello {
+    let mut hello = Hello {
         version: PROTOCOL_VERSION,
         name: name.to_owned(),
         public_key: b64(key.verifying_key().as_bytes()),
@@ -90,9 +100,10 @@ pub async fn register(addr: SocketAddr, name: &str, seed: u64) -> Result<Ws> {
         mapped_udp: None,
         nat: None,
         token: None,
-        signature: sign_challenge(&key, &nonce, name, None),
+        signature: sign_challenge(key, &nonce, name, None),
         observe_only: false,
     };
+    shape(&mut hello);
     send(&mut ws, &ClientMsg::Hello(hello)).await?;
     match recv(&mut ws).await? {
         ServerMsg::Welcome { .. } => Ok(ws),

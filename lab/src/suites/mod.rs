@@ -21,7 +21,11 @@
 //!   TCP, QUIC and relayed paths (`tests/udp.rs`).
 //! - [`loadgen`]: many signed rendezvous clients, for scale benchmarks
 //!   (`punch-lab-tool loadgen`).
+//! - [`attack`]: a peer gone rogue claims addresses on alice's LAN and a
+//!   third party's; alice must send them nothing (`tests/attack.rs`,
+//!   `punch-lab-tool rogue`).
 
+pub mod attack;
 pub mod bench;
 pub mod integrity;
 pub mod ipv6;
