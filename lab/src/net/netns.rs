@@ -95,6 +95,18 @@ impl Netns {
         Ok(())
     }
 
+    /// The packets counted so far by the first `counter` in nftables table
+    /// `family table` inside (a test's own counting rule).
+    pub fn nft_counter(&self, family: &str, table: &str) -> Result<u64> {
+        let out = self.exec("nft", &["list", "table", family, table])?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        text.split_whitespace()
+            .skip_while(|w| *w != "packets")
+            .nth(1)
+            .and_then(|n| n.parse().ok())
+            .with_context(|| format!("no counter in {text}"))
+    }
+
     /// Starts a long-running process inside, logging to `log`. It is killed
     /// when the namespace is dropped; returns its index for [`Self::kill`].
     pub fn spawn(

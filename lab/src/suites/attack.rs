@@ -216,16 +216,5 @@ fn attack(s: &Scenario, run: &mut Run, bins: &Binaries) -> Result<String> {
 
 /// Packets alice's host sent to a victim so far.
 fn victim_packets(run: &Run) -> Result<u64> {
-    let out = run
-        .topo
-        .host_a
-        .exec("nft", &["list", "table", "inet", "lab_victims"])?;
-    let text = String::from_utf8_lossy(&out.stdout);
-    let n = text
-        .split_whitespace()
-        .skip_while(|w| *w != "packets")
-        .nth(1)
-        .and_then(|n| n.parse().ok())
-        .with_context(|| format!("no counter in: {text}"))?;
-    Ok(n)
+    run.topo.host_a.nft_counter("inet", "lab_victims")
 }

@@ -220,7 +220,7 @@ fn predicted_pair_goes_direct(
         run.topo.nats[0].nft(COUNT_RULE)?;
         let result = (|| -> Result<(u64, u64, String, u64)> {
             let doc = run.wait_path("alice", PathState::Direct, Duration::from_secs(15))?;
-            let sent = counted(&run.topo.nats[0])?;
+            let sent = run.topo.nats[0].nft_counter("ip", "lab_count")?;
             if sent > PREDICT_PACKET_BOUND {
                 bail!("alice sent {sent} UDP packets toward bob before direct (bound {PREDICT_PACKET_BOUND})");
             }
@@ -257,13 +257,3 @@ const COUNT_RULE: &str = "table ip lab_count {\n  chain counting { type filter h
 /// plus 16 predictions per round for at most 25 rounds (the QUIC punch's
 /// schedule), plus QUIC's handshake.
 const PREDICT_PACKET_BOUND: u64 = 18 * 25 + 50;
-
-fn counted(nat: &crate::net::netns::Netns) -> Result<u64> {
-    let out = nat.exec("nft", &["list", "table", "ip", "lab_count"])?;
-    let text = String::from_utf8_lossy(&out.stdout);
-    text.split_whitespace()
-        .skip_while(|w| *w != "packets")
-        .nth(1)
-        .and_then(|n| n.parse().ok())
-        .with_context(|| format!("no counter in {text}"))
-}
