@@ -200,12 +200,8 @@ struct Registered {
     /// The rendezvous at an address of the other family, when its name
     /// or literal resolved to both: where the observe-only hello goes.
     other: Option<SocketAddr>,
-    /// Whether this host can reach IPv6 candidates (it has an IPv6
-    /// address to offer, or reached the server over IPv6).
-    has_v6: bool,
-    /// Whether it can reach IPv4 ones (it reached the server over IPv4,
-    /// or has an IPv4 route: [`family::has_ipv4_route`]).
-    has_v4: bool,
+    /// The families this host can aim candidates at.
+    reach: family::Reach,
 }
 
 /// Runs until cancelled: connect, register, serve, reconnect.
@@ -370,9 +366,12 @@ async fn connect_and_register(settings: &mut RvSettings) -> Result<Registered, R
             local_addrs.push(a);
         }
     }
-    let has_v6 = !own_v6.is_empty() || addr.is_ipv6();
-    let has_v4 = addr.is_ipv4()
-        || family::has_ipv4_route(std::fs::read_to_string(IPV4_ROUTES).ok().as_deref());
+    let reach = family::Reach {
+        v4: addr.is_ipv4()
+            || family::has_ipv4_route(std::fs::read_to_string(IPV4_ROUTES).ok().as_deref()),
+        v6: !own_v6.is_empty() || addr.is_ipv6(),
+        quic_v6: settings.quic.as_ref().is_some_and(|q| q.dual_stack()),
+    };
     let hello = Hello {
         version: PROTOCOL_VERSION,
         name: settings.name.clone(),
@@ -404,12 +403,11 @@ async fn connect_and_register(settings: &mut RvSettings) -> Result<Registered, R
             // Probe the server's IPv4 address (the family behind a NAT,
             // whose mapping only a probe can show), else its IPv6 one when
             // the QUIC socket is dual-stack (an IPv6-only host).
-            let quic_v6 = settings.quic.as_ref().is_some_and(|q| q.dual_stack());
             let server = [Some(addr), other].into_iter().flatten();
             let probe_at = server
                 .clone()
                 .find(SocketAddr::is_ipv4)
-                .or_else(|| server.clone().find(|a| quic_v6 && a.is_ipv6()));
+                .or_else(|| server.clone().find(|a| reach.quic_v6 && a.is_ipv6()));
             Ok(Registered {
                 ws,
                 observed: observed_addr,
@@ -422,8 +420,7 @@ async fn connect_and_register(settings: &mut RvSettings) -> Result<Registered, R
                 // gets one (an older one would take it for a registration
                 // replacing ours).
                 other: other.filter(|_| observe_only),
-                has_v6,
-                has_v4,
+                reach,
             })
         }
         ServerMsg::Error { code, message } => Err(RvError::Refused { code, message }),
@@ -503,8 +500,7 @@ async fn session(
         nonce,
         mapped,
         other,
-        has_v6,
-        has_v4,
+        reach,
     } = tokio::select! {
         r = tokio::time::timeout(CONNECT_TIMEOUT, connect_and_register(settings)) => r.map_err(|_| RvError::Protocol("no welcome within 10s".into()))??,
         _ = cancel.cancelled() => return Ok(()),
@@ -616,7 +612,7 @@ async fn session(
                 None => return Ok(()),
             },
             msg = recv(&mut ws) => {
-                let me = Me { name: &settings.name, nonce: &nonce, pinned: settings.server_key.as_ref(), status, settings, has_v6, has_v4, observed: Some(observed.ip()) };
+                let me = Me { name: &settings.name, nonce: &nonce, pinned: settings.server_key.as_ref(), status, settings, reach, observed: Some(observed.ip()) };
                 on_message(msg?, &mut pings, gate, settings.port, me, events).await?
             }
         }
@@ -653,10 +649,8 @@ struct Me<'a> {
     status: &'a StatusBoard,
     /// The instance in use, the relay for its orders.
     settings: &'a RvSettings,
-    /// Whether IPv6 candidates are worth punching from here.
-    has_v6: bool,
-    /// Whether IPv4 ones are (an IPv6-only host has no IPv4 route).
-    has_v4: bool,
+    /// The families whose candidates are worth punching from here.
+    reach: family::Reach,
     /// Our public IP as this registration's server sees it: a peer at the
     /// same one is behind our NAT, the only peer whose LAN addresses an
     /// order may make us contact.
@@ -712,9 +706,8 @@ async fn on_message(
                 &public,
                 me.observed,
             ));
-            family::reachable(&mut order.candidates, me.has_v4, me.has_v6);
-            let quic_v6 = me.settings.quic.as_ref().is_some_and(|q| q.dual_stack());
-            family::reachable(&mut order.udp_candidates, me.has_v4, me.has_v6 && quic_v6);
+            me.reach
+                .keep_reachable(&mut order.candidates, &mut order.udp_candidates);
             hits.extend(order::trim_candidates(&mut order.candidates));
             hits.extend(order::trim_candidates(&mut order.udp_candidates));
             hits.extend(order::check_strategy(&mut order));

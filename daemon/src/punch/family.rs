@@ -102,9 +102,31 @@ pub(crate) fn has_ipv4_route(route_table: Option<&str>) -> bool {
     route_table.is_none_or(|t| t.lines().skip(1).any(|l| !l.trim().is_empty()))
 }
 
+/// Which families this host can aim a punch order's candidates at,
+/// decided once per registration: IPv4 and IPv6 for TCP, and IPv6 for UDP
+/// only if the QUIC socket is dual-stack too.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Reach {
+    /// It reached the server over IPv4, or has an IPv4 route
+    /// ([`has_ipv4_route`]).
+    pub(crate) v4: bool,
+    /// It has an IPv6 address to offer, or reached the server over IPv6.
+    pub(crate) v6: bool,
+    /// Its QUIC socket takes IPv6 (`quic::socket::bind`).
+    pub(crate) quic_v6: bool,
+}
+
+impl Reach {
+    /// Drops the candidates of a family this host cannot reach.
+    pub(crate) fn keep_reachable(self, tcp: &mut Vec<SocketAddr>, udp: &mut Vec<SocketAddr>) {
+        reachable(tcp, self.v4, self.v6);
+        reachable(udp, self.v4, self.v6 && self.quic_v6);
+    }
+}
+
 /// The candidates this host can aim at: IPv6 ones only if it has IPv6
 /// (`has_v6`), IPv4 ones only if it has IPv4 (`has_v4`).
-pub(crate) fn reachable(list: &mut Vec<SocketAddr>, has_v4: bool, has_v6: bool) {
+fn reachable(list: &mut Vec<SocketAddr>, has_v4: bool, has_v6: bool) {
     list.retain(|a| match a.ip().to_canonical() {
         IpAddr::V4(_) => has_v4,
         IpAddr::V6(_) => has_v6,
