@@ -6,7 +6,8 @@
 //!
 //! At each condition, side by side in one run: plain TCP through a port
 //! forward, punchd forced onto TCP (`transports = ["tcp"]`), `ssh -L`,
-//! rathole (Noise), and punchd forced onto QUIC; with `--baseline DIR`,
+//! rathole (Noise), and punchd forced onto QUIC (under quinn's CUBIC and
+//! under its BBR); with `--baseline DIR`,
 //! also another build's punchd on each transport ("(before)"). Each path
 //! gets iperf3 with 1 and 8 streams, a 64-byte request/response on an
 //! idle path, and the same request/response on a second connection while
@@ -285,24 +286,76 @@ fn punchd_note(run: &Run) -> Option<String> {
     ))
 }
 
+/// One punchd configuration measured at every condition.
+#[derive(Debug, Clone, Copy)]
+struct Arm {
+    /// The row's name.
+    label: &'static str,
+    /// The one transport it may use.
+    transport: Transport,
+    /// `quic_congestion` (only matters on QUIC).
+    congestion: &'static str,
+}
+
+/// This build's arms. The first, on TCP, also measures plain TCP, `ssh -L`
+/// and rathole on its network. QUIC runs under both of quinn's congestion
+/// controllers, because plain TCP in the lab runs the kernel's BBR and a
+/// loss-based controller cannot match it under random loss.
+const ARMS: [Arm; 3] = [
+    Arm {
+        label: "punchd TCP",
+        transport: Transport::Tcp,
+        congestion: "cubic",
+    },
+    Arm {
+        label: "punchd QUIC",
+        transport: Transport::Quic,
+        congestion: "cubic",
+    },
+    Arm {
+        label: "punchd QUIC bbr",
+        transport: Transport::Quic,
+        congestion: "bbr",
+    },
+];
+
+/// The `--baseline` build's arms (its defaults).
+const BASELINE_ARMS: [Arm; 2] = [
+    Arm {
+        label: "punchd TCP (before)",
+        transport: Transport::Tcp,
+        congestion: "cubic",
+    },
+    Arm {
+        label: "punchd QUIC (before)",
+        transport: Transport::Quic,
+        congestion: "cubic",
+    },
+];
+
 /// One lab run of punchd on `transport` (plus, on TCP, the plain, ssh
 /// and rathole rows, which share its network): the rows it measured.
 fn punchd_run(
     bins: &Binaries,
-    label: &str,
-    transport: Transport,
+    arm: &Arm,
     with_others: bool,
     rtt_ms: u64,
     loss_pct: f64,
     seconds: u64,
 ) -> Vec<RowFigures> {
+    let Arm {
+        label,
+        transport,
+        congestion,
+    } = *arm;
     let name = format!(
-        "rtt{rtt_ms}{}-{}{}",
+        "rtt{rtt_ms}{}-{}{}{}",
         if loss_pct > 0.0 { "l" } else { "" },
         match transport {
             Transport::Quic => "q",
             _ => "t",
         },
+        if congestion == "bbr" { "r" } else { "" },
         if label.ends_with("(before)") { "b" } else { "" },
     );
     // At zero delay a plain Linux NAT can spoil the UDP punch (lab/README
@@ -318,7 +371,8 @@ fn punchd_run(
         crate::net::topology::Layout::TwoNats(behaviour),
         Expect::Direct,
     )
-    .with_transports(&[transport]);
+    .with_transports(&[transport])
+    .with_punch(&format!("quic_congestion = \"{congestion}\""));
     if let Some(l) = links(rtt_ms, loss_pct) {
         s = s.with_links(l);
     }
@@ -376,43 +430,14 @@ pub fn run(bins: &Binaries, o: &Options) -> Result<()> {
     };
     println!("load before: {}", out.load_before);
     for (rtt_ms, loss_pct) in conditions {
-        let mut rows = punchd_run(
-            bins,
-            "punchd TCP",
-            Transport::Tcp,
-            true,
-            rtt_ms,
-            loss_pct,
-            o.seconds,
-        );
-        rows.extend(punchd_run(
-            bins,
-            "punchd QUIC",
-            Transport::Quic,
-            false,
-            rtt_ms,
-            loss_pct,
-            o.seconds,
-        ));
+        let mut rows = Vec::new();
+        for (i, arm) in ARMS.iter().enumerate() {
+            rows.extend(punchd_run(bins, arm, i == 0, rtt_ms, loss_pct, o.seconds));
+        }
         if let Some(b) = &baseline {
-            rows.extend(punchd_run(
-                b,
-                "punchd TCP (before)",
-                Transport::Tcp,
-                false,
-                rtt_ms,
-                loss_pct,
-                o.seconds,
-            ));
-            rows.extend(punchd_run(
-                b,
-                "punchd QUIC (before)",
-                Transport::Quic,
-                false,
-                rtt_ms,
-                loss_pct,
-                o.seconds,
-            ));
+            for arm in &BASELINE_ARMS {
+                rows.extend(punchd_run(b, arm, false, rtt_ms, loss_pct, o.seconds));
+            }
         }
         let c = Condition {
             rtt_ms,
