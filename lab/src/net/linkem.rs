@@ -196,6 +196,12 @@ pub fn run(queues: &[(u16, Impairment)], stop: Arc<AtomicBool>) -> Result<()> {
         }
         match q.recv() {
             Ok(mut msg) => {
+                // The packet's delay counts from now, when it is in hand,
+                // not from the loop's `now` above: if this process lost
+                // the CPU between the two (seen in CI: 4 ms), a packet
+                // that arrived meanwhile would go out that much early,
+                // and a path would look shorter than asked.
+                let now = Instant::now();
                 let Some((imp, last)) = by_queue.get_mut(&msg.get_queue_num()) else {
                     msg.set_verdict(nfq::Verdict::Accept);
                     q.verdict(msg)?;

@@ -457,18 +457,28 @@ impl Topology {
             let ns = self
                 .endpoint_ns(receiver)
                 .ok_or_else(|| anyhow::anyhow!("no namespace for {receiver:?}"))?;
-            let mut args = vec!["linkem".to_owned()];
+            // The emulator is the lab's network: at nice -20 it keeps its
+            // delays when the daemons, captures and tests load both cores
+            // (a starved emulator holds packets late, and the timing tests
+            // then measure the lab, not punchd).
+            let tool_path = tool.to_str().unwrap_or("punch-lab-tool").to_owned();
+            let mut args = vec![
+                "-n".to_owned(),
+                "-20".to_owned(),
+                tool_path,
+                "linkem".to_owned(),
+            ];
             for spec in specs {
                 args.extend(["--queue".to_owned(), spec]);
             }
             let queues: Vec<u16> = args
                 .iter()
-                .skip(1)
+                .skip(4)
                 .filter_map(|a| a.split(':').next()?.parse().ok())
                 .collect();
             let args: Vec<&str> = args.iter().map(String::as_str).collect();
             let log = log_dir.join(format!("linkem-{}.log", ns.name()));
-            ns.spawn(tool, &args, &[], &log)?;
+            ns.spawn(Path::new("nice"), &args, &[], &log)?;
             bound.push((ns.name().to_owned(), queues, log));
         }
         // Until an emulator has bound its queues, `--queue-bypass` passes
