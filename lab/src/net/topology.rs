@@ -434,6 +434,7 @@ impl Topology {
         }
         for (i, &(receiver, ifname, _, rlink)) in endpoints.iter().enumerate() {
             let mut specs = Vec::new();
+            let mut queues = Vec::new();
             for (j, &(_, _, source_ip, slink)) in endpoints.iter().enumerate() {
                 if i == j {
                     continue;
@@ -450,6 +451,7 @@ impl Topology {
                 let args: Vec<&str> = args.iter().map(String::as_str).collect();
                 ns.exec("iptables", &args)?;
                 specs.push(imp.spec(queue));
+                queues.push(queue);
             }
             if specs.is_empty() {
                 continue;
@@ -471,11 +473,6 @@ impl Topology {
             for spec in specs {
                 args.extend(["--queue".to_owned(), spec]);
             }
-            let queues: Vec<u16> = args
-                .iter()
-                .skip(4)
-                .filter_map(|a| a.split(':').next()?.parse().ok())
-                .collect();
             let args: Vec<&str> = args.iter().map(String::as_str).collect();
             let log = log_dir.join(format!("linkem-{}.log", ns.name()));
             ns.spawn(Path::new("nice"), &args, &[], &log)?;
