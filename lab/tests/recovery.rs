@@ -40,6 +40,11 @@ fn nat_mappings_flushed_under_quic_end_in_a_working_tunnel() {
 }
 
 #[test]
+fn a_nat_holding_stale_state_for_the_punch_ports_is_waited_out() {
+    case("stale-entry", recovery::stale_nat_entry);
+}
+
+#[test]
 fn a_punched_connection_that_carries_nothing_is_punched_again() {
     case("dead-connection", |b| {
         recovery::dead_connection_is_punched_again(b, NatBehaviour::DropUnsolicited)

@@ -283,12 +283,13 @@ impl PeerActor {
                 generation,
                 outcome: Ok(p),
             } => {
-                let (path, transport) = (p.path, p.parts.tunnel.transport);
+                let (path, transport, quiet) = (p.path, p.parts.tunnel.transport, p.quiet);
                 self.punched = Some(p);
                 Event::PunchSucceeded {
                     generation,
                     path,
                     transport,
+                    quiet,
                 }
             }
             Internal::PunchDone {
@@ -298,6 +299,7 @@ impl PeerActor {
                 generation,
                 reason: e.to_string(),
                 nothing_to_try: e.nothing_to_try(),
+                quiet: e.quiet_for(),
             },
             Internal::TunnelClosed { generation } => Event::TunnelClosed {
                 generation,

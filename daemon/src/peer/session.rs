@@ -24,6 +24,9 @@ pub(crate) struct Punched {
     pub(crate) path: PathState,
     /// When relayed: why the direct punch failed.
     pub(crate) relay_reason: Option<String>,
+    /// When relayed: how long the punch ports should stay quiet before
+    /// the first attempt to go direct ([`PunchError::quiet_for`]).
+    pub(crate) quiet: Option<std::time::Duration>,
 }
 
 /// Punches (every allowed transport, raced: see [`crate::race`]), falls
@@ -67,6 +70,7 @@ pub(crate) async fn run(
             attempts: d.attempts,
             path: PathState::Direct,
             relay_reason: None,
+            quiet: None,
         })
     });
     let result = match result {
@@ -86,6 +90,7 @@ pub(crate) async fn run(
                     attempts: direct.attempts(),
                     path: PathState::Relayed,
                     relay_reason: Some(direct.to_string()),
+                    quiet: direct.quiet_for(),
                 })),
                 Err(relay) => Err(PunchError::Relay {
                     direct: Box::new(direct),

@@ -11,7 +11,9 @@
 //! - while relayed, the initiator keeps trying to go direct (upgrade
 //!   backoff); a new tunnel replaces the old one, which drains;
 //! - after a direct tunnel closes, the punch 4-tuple stays quiet for
-//!   [`quiet_after_close`] before a new punch may use it.
+//!   [`quiet_after_close`] before a new punch may use it, and after a punch
+//!   whose every SYN was refused, for as long as that punch says
+//!   (`race::PunchError::quiet_for`).
 //!
 //! Waiters are generic (`W`): the shell uses reply channels, the tests
 //! plain numbers.
@@ -87,6 +89,9 @@ pub(crate) enum Event<W> {
         generation: u64,
         path: PathState,
         transport: Transport,
+        /// Relayed after a punch whose every SYN was refused: go direct
+        /// again after this quiet period, not the usual upgrade backoff.
+        quiet: Option<Duration>,
     },
     /// A punch ended without a tunnel.
     PunchFailed {
@@ -95,6 +100,9 @@ pub(crate) enum Event<W> {
         reason: String,
         /// Nothing could be tried (see `race::PunchError::NothingToTry`).
         nothing_to_try: bool,
+        /// Keep the punch ports quiet this long (see
+        /// `race::PunchError::quiet_for`).
+        quiet: Option<Duration>,
     },
     /// A tunnel's driver ended; `rtt` it last measured.
     TunnelClosed {
@@ -233,17 +241,25 @@ impl<W> PeerState<W> {
                 generation,
                 path,
                 transport,
+                quiet,
             } => {
                 if self.finish_punch(generation) {
-                    self.on_tunnel_up(generation, path, transport, now, &mut out);
+                    if let Some(q) = quiet {
+                        self.quiet_until = self.quiet_until.max(now + q);
+                    }
+                    self.on_tunnel_up(generation, path, transport, quiet, now, &mut out);
                 }
             }
             Event::PunchFailed {
                 generation,
                 reason,
                 nothing_to_try,
+                quiet,
             } => {
                 if self.finish_punch(generation) {
+                    if let Some(q) = quiet {
+                        self.quiet_until = self.quiet_until.max(now + q);
+                    }
                     self.on_punch_failed(reason, nothing_to_try, now);
                 }
             }
@@ -318,6 +334,7 @@ impl<W> PeerState<W> {
         generation: u64,
         path: PathState,
         transport: Transport,
+        quiet: Option<Duration>,
         now: Instant,
         out: &mut Vec<Effect<W>>,
     ) {
@@ -330,7 +347,9 @@ impl<W> PeerState<W> {
         self.next_connect = None;
         if path == PathState::Relayed {
             if self.settings.initiator {
-                self.next_connect = Some(now + self.upgrade.next());
+                // Stale NAT state expires after the quiet period: try
+                // then, rather than after the (longer) first upgrade gap.
+                self.next_connect = Some(now + quiet.unwrap_or_else(|| self.upgrade.next()));
             }
         } else {
             self.upgrade.reset();
@@ -449,6 +468,7 @@ mod tests {
             generation,
             path: PathState::Direct,
             transport: Transport::Tcp,
+            quiet: None,
         }
     }
 
@@ -457,6 +477,7 @@ mod tests {
             generation,
             reason: "tcp: no candidate connected".into(),
             nothing_to_try: false,
+            quiet: None,
         }
     }
 
@@ -687,6 +708,7 @@ mod tests {
                 generation: g,
                 path: PathState::Relayed,
                 transport: Transport::Relay,
+                quiet: None,
             },
             t0,
         );
@@ -723,6 +745,65 @@ mod tests {
     }
 
     #[test]
+    fn a_punch_refused_throughout_keeps_the_ports_quiet_even_for_a_waiter() {
+        let t0 = Instant::now();
+        let mut s = up(INITIATOR, t0);
+        let g = punch(&mut s, "s1", t0);
+        s.handle(
+            Event::PunchFailed {
+                generation: g,
+                reason: "tcp: every SYN refused".into(),
+                nothing_to_try: false,
+                quiet: Some(Duration::from_secs(11)),
+            },
+            t0,
+        );
+        // A waiting connection skips the failure backoff, not the quiet
+        // period: another SYN now would keep the stale entry alive.
+        s.handle(Event::Open(1), t0);
+        assert_eq!(s.next_wake(), Some(t0 + Duration::from_secs(11)));
+        assert!(s.handle(Event::Timer, t0 + ms(10_999)).is_empty());
+        assert_eq!(
+            s.handle(Event::Timer, t0 + Duration::from_secs(11)),
+            [Effect::AskRendezvous]
+        );
+    }
+
+    #[test]
+    fn a_relay_after_refusals_goes_direct_after_the_quiet_period_not_the_upgrade_gap() {
+        let t0 = Instant::now();
+        let mut s = up(INITIATOR, t0);
+        let g = punch(&mut s, "s1", t0);
+        s.handle(
+            Event::PunchSucceeded {
+                generation: g,
+                path: PathState::Relayed,
+                transport: Transport::Relay,
+                quiet: Some(Duration::from_secs(11)),
+            },
+            t0,
+        );
+        assert_eq!(s.next_wake(), Some(t0 + Duration::from_secs(11)));
+        // A relay without the hint waits the first upgrade gap (±25 %).
+        let mut s = up(INITIATOR, t0);
+        let g = punch(&mut s, "s1", t0);
+        s.handle(
+            Event::PunchSucceeded {
+                generation: g,
+                path: PathState::Relayed,
+                transport: Transport::Relay,
+                quiet: None,
+            },
+            t0,
+        );
+        let wake = s.next_wake().expect("an upgrade is planned") - t0;
+        assert!(
+            wake >= UPGRADE_FIRST.mul_f64(0.75) && wake < UPGRADE_FIRST.mul_f64(1.25),
+            "{wake:?}"
+        );
+    }
+
+    #[test]
     fn a_direct_close_keeps_the_punch_tuple_quiet_a_relay_close_does_not() {
         let t0 = Instant::now();
         let mut s = up(INITIATOR, t0);
@@ -755,6 +836,7 @@ mod tests {
                 generation: g,
                 path: PathState::Relayed,
                 transport: Transport::Relay,
+                quiet: None,
             },
             t0,
         );
@@ -792,6 +874,7 @@ mod tests {
                     generation: *generation,
                     reason: "nothing to punch with".into(),
                     nothing_to_try: true,
+                    quiet: None,
                 },
                 t0,
             );

@@ -40,6 +40,9 @@ pub(crate) struct PunchStats {
     pub(crate) attempts: u32,
     /// The last error seen, when nothing connected.
     pub(crate) last_error: Option<String>,
+    /// Every candidate refused without a break until given up
+    /// ([`PunchPlan::refused_throughout`]): keep the ports quiet for a while.
+    pub(crate) refused_throughout: bool,
 }
 
 /// Binds a socket to `port` on the unspecified address of `family`, shared
@@ -162,5 +165,6 @@ pub(crate) async fn run(
         }
     }
     stats.attempts = plan.attempts();
+    stats.refused_throughout = plan.refused_throughout();
     stats
 }

@@ -15,6 +15,16 @@
 //! Fast retries are capped per candidate so a peer behind a NAT that can
 //! never be punched (port-randomizing) costs a bounded number of syscalls
 //! before the deadline; after the cap, attempts are spaced out.
+//!
+//! A candidate refused without a break for [`REFUSED_GIVE_UP`] is given up
+//! early ([`PunchPlan::refused_throughout`]). Between two punching peers
+//! the refusals of a working punch stop within a second or so (a lost SYN
+//! is resent after 1 s); refusals that go on are a NAT answering for the
+//! peer from stale state, typically an entry its conntrack adopted from a
+//! lost tunnel's last segments. Linux keeps such an entry in CLOSE for
+//! 10 s, and every SYN + RST pair restarts those 10 s, so hammering on
+//! keeps the tuple blocked for as long as the punch lasts; stopping, and
+//! staying quiet for [`STALE_QUIET`], lets it expire.
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -23,9 +33,9 @@ use std::time::{Duration, Instant};
 pub(crate) const FAST_RETRIES: u32 = 2_000;
 /// Spacing after the fast retries, and after local errors.
 pub(crate) const SLOW_GAP: Duration = Duration::from_millis(10);
-/// Connect attempts per candidate in one punch, whatever its timeout. Ends
-/// a candidate that keeps refusing (a host that is not the peer) instead
-/// of hitting it until a long `[punch] timeout` runs out. Punches that
+/// Connect attempts per candidate in one punch, whatever its timeout and
+/// whatever mix of refusals and errors it meets (an unbroken run of
+/// refusals ends sooner, at [`REFUSED_GIVE_UP`]). Punches that
 /// connect use 1 to a few hundred; the most seen in a whole 10 s punch is
 /// 5,728 (two hosts on one LAN, DESIGN.md), so the default timeout never
 /// reaches this.
@@ -34,6 +44,15 @@ pub(crate) const MAX_ATTEMPTS: u32 = 6_000;
 /// punched again within one session (a wrong key fails every time; a
 /// connection a NAT broke after the handshake of SYNs gets another go).
 pub(crate) const MAX_REPUNCHES: u32 = 3;
+/// A candidate refused without a break for this long is given up: see the
+/// module doc. Punches that connect after RST-driven retries take ~50 ms,
+/// their tail ~1.1 s (one lost SYN), 3.8 s at most under CPU load
+/// (BENCHMARKS.md, punch timing).
+pub(crate) const REFUSED_GIVE_UP: Duration = Duration::from_secs(4);
+/// How long the punch ports stay quiet after a punch gave up on refusals:
+/// Linux conntrack's CLOSE timeout (`nf_conntrack_tcp_timeout_close`,
+/// 10 s) and a margin.
+pub(crate) const STALE_QUIET: Duration = Duration::from_secs(11);
 
 /// What the driver should do next.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -67,6 +86,8 @@ enum Slot {
     Done,
     /// Out of attempts ([`MAX_ATTEMPTS`]): nothing more is sent to it.
     Spent,
+    /// Refused for [`REFUSED_GIVE_UP`] without a break: given up.
+    Refusing,
 }
 
 /// Which candidate a connection went to, for preferring one path over
@@ -86,6 +107,8 @@ pub(crate) struct PunchPlan {
     slots: Vec<Slot>,
     attempts: Vec<u32>,
     repunches: Vec<u32>,
+    /// When each candidate's current run of refusals began.
+    refused_since: Vec<Option<Instant>>,
     deadline: Instant,
 }
 
@@ -104,6 +127,7 @@ impl PunchPlan {
             slots,
             attempts: vec![0; n],
             repunches: vec![0; n],
+            refused_since: vec![None; n],
             deadline,
         }
     }
@@ -143,7 +167,7 @@ impl PunchPlan {
                 }
                 Slot::Ready(t) => next = Some(next.map_or(t, |n| n.min(t))),
                 Slot::InFlight => in_flight = true,
-                Slot::Done | Slot::Spent => {}
+                Slot::Done | Slot::Spent | Slot::Refusing => {}
             }
         }
         match next {
@@ -177,11 +201,26 @@ impl PunchPlan {
         true
     }
 
+    /// True if every candidate was given up because it kept refusing
+    /// (see the module doc): the punch ports should stay quiet for
+    /// [`STALE_QUIET`] before the next punch.
+    pub(crate) fn refused_throughout(&self) -> bool {
+        !self.slots.is_empty() && self.slots.iter().all(|s| *s == Slot::Refusing)
+    }
+
     /// Records how candidate `i`'s attempt ended.
     pub(crate) fn on_outcome(&mut self, i: usize, now: Instant, outcome: Outcome) {
+        let since = match outcome {
+            Outcome::Refused => *self.refused_since[i].get_or_insert(now),
+            Outcome::Connected | Outcome::Failed => {
+                self.refused_since[i] = None;
+                now
+            }
+        };
         self.slots[i] = match outcome {
             Outcome::Connected => Slot::Done,
             _ if self.attempts[i] >= MAX_ATTEMPTS => Slot::Spent,
+            Outcome::Refused if now.duration_since(since) >= REFUSED_GIVE_UP => Slot::Refusing,
             Outcome::Refused if self.attempts[i] < FAST_RETRIES => Slot::Ready(now),
             Outcome::Refused | Outcome::Failed => Slot::Ready(now + SLOW_GAP),
         };
@@ -237,6 +276,82 @@ mod tests {
         let t1 = t0 + Duration::from_micros(80);
         p.on_outcome(0, t1, Outcome::Refused);
         assert_eq!(p.poll(t1), Action::Start(0));
+    }
+
+    /// Refuses every attempt candidate `i` starts, one every `gap`, until
+    /// `until`; returns the time reached.
+    fn refuse_until(
+        p: &mut PunchPlan,
+        i: usize,
+        mut now: Instant,
+        gap: Duration,
+        until: Instant,
+    ) -> Instant {
+        while now < until {
+            match p.poll(now) {
+                Action::Start(j) if j == i => p.on_outcome(i, now + gap, Outcome::Refused),
+                Action::Start(j) => panic!("unexpected start of candidate {j}"),
+                Action::WaitUntil(_) | Action::Exhausted => return now,
+            }
+            now += gap;
+        }
+        now
+    }
+
+    #[test]
+    fn a_candidate_refused_without_a_break_is_given_up_and_the_ports_go_quiet() {
+        let t0 = Instant::now();
+        let mut p = PunchPlan::new(addrs(1), t0, t0 + Duration::from_secs(10));
+        let gap = Duration::from_millis(5);
+        let end = refuse_until(&mut p, 0, t0, gap, t0 + Duration::from_secs(10));
+        // Given up once the refusals had lasted REFUSED_GIVE_UP, not at
+        // the 10 s deadline: the SYNs stop so the stale entry can expire.
+        assert!(
+            end >= t0 + REFUSED_GIVE_UP && end < t0 + REFUSED_GIVE_UP + gap * 2,
+            "{:?}",
+            end - t0
+        );
+        assert_eq!(p.poll(end), Action::Exhausted);
+        assert!(p.refused_throughout());
+    }
+
+    #[test]
+    fn a_break_in_the_refusals_starts_the_count_again() {
+        let t0 = Instant::now();
+        let mut p = PunchPlan::new(addrs(1), t0, t0 + Duration::from_secs(10));
+        let gap = Duration::from_millis(5);
+        let mid = t0 + REFUSED_GIVE_UP - Duration::from_millis(500);
+        let now = refuse_until(&mut p, 0, t0, gap, mid);
+        // An ICMP error (or an attempt that connected and was punched
+        // again) is not a refusal: the run of refusals starts over.
+        assert_eq!(p.poll(now), Action::Start(0));
+        p.on_outcome(0, now, Outcome::Failed);
+        let resume = now + SLOW_GAP;
+        let later = refuse_until(&mut p, 0, resume, gap, resume + REFUSED_GIVE_UP - gap * 2);
+        assert_eq!(
+            p.poll(later),
+            Action::Start(0),
+            "still punching {:?} in",
+            later - t0
+        );
+        assert!(!p.refused_throughout());
+    }
+
+    #[test]
+    fn one_candidate_refusing_leaves_the_others_punching() {
+        let t0 = Instant::now();
+        let deadline = t0 + Duration::from_secs(10);
+        let mut p = PunchPlan::new(addrs(2), t0, deadline);
+        assert_eq!(p.poll(t0), Action::Start(0)); // stays in flight (NAT drops)
+        let end = refuse_until(&mut p, 1, t0, Duration::from_millis(5), deadline);
+        assert_eq!(
+            p.poll(end),
+            Action::WaitUntil(deadline),
+            "candidate 0 still in flight"
+        );
+        assert!(!p.refused_throughout());
+        p.on_outcome(0, end, Outcome::Connected);
+        assert!(!p.refused_throughout());
     }
 
     #[test]
@@ -300,13 +415,20 @@ mod tests {
     }
 
     #[test]
-    fn a_candidate_that_keeps_refusing_is_spent_after_its_budget() {
+    fn a_candidate_that_keeps_failing_is_spent_after_its_budget() {
         let t0 = Instant::now();
         let mut p = PunchPlan::new(addrs(1), t0, t0 + Duration::from_secs(3600));
         let mut now = t0;
-        for _ in 0..2 * MAX_ATTEMPTS {
+        // Refusals broken up by local errors never make a 4 s run of
+        // refusals; the attempt budget still ends them.
+        for k in 0..2 * MAX_ATTEMPTS {
+            let o = if k % 2 == 0 {
+                Outcome::Refused
+            } else {
+                Outcome::Failed
+            };
             match p.poll(now) {
-                Action::Start(i) => p.on_outcome(i, now, Outcome::Refused),
+                Action::Start(i) => p.on_outcome(i, now, o),
                 Action::WaitUntil(t) => now = t,
                 Action::Exhausted => break,
             }

@@ -86,6 +86,10 @@ pub(crate) struct Direct {
 pub enum Cause {
     /// The TCP engine ended with nothing connected.
     TcpNoConnection(String),
+    /// The TCP engine gave up early: every SYN was refused for
+    /// [`crate::punch::plan::REFUSED_GIVE_UP`] without a break, which
+    /// between two punching peers means stale NAT state for the ports.
+    TcpRefusedThroughout(String),
     /// The UDP punch / QUIC handshake failed.
     Quic(String),
     /// A punched TCP connection failed TLS: a wrong key fails at once, a
@@ -104,6 +108,12 @@ impl std::fmt::Display for Cause {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Cause::TcpNoConnection(e) => write!(f, "tcp: no candidate connected (last error: {e})"),
+            Cause::TcpRefusedThroughout(e) => write!(
+                f,
+                "tcp: every SYN refused for {} s without a break (last error: {e}); something on the path answers for the peer, often a NAT still holding state from a lost tunnel: the punch ports stay quiet {} s so it can expire",
+                crate::punch::plan::REFUSED_GIVE_UP.as_secs(),
+                crate::punch::plan::STALE_QUIET.as_secs()
+            ),
             Cause::Quic(e) => write!(f, "quic: {e}"),
             Cause::Tls { remote, error } => write!(f, "tcp: TLS with {remote} failed: {error}"),
             Cause::NotSelected(e) => e.fmt(f),
@@ -171,6 +181,20 @@ impl PunchError {
             PunchError::Failed { attempts, .. } => *attempts,
             PunchError::Relay { direct, .. } | PunchError::DirectOnly(direct) => direct.attempts(),
             PunchError::NothingToTry | PunchError::Cancelled | PunchError::RelayFirst(_) => 0,
+        }
+    }
+
+    /// How long the punch ports should stay quiet before the next punch:
+    /// set when TCP gave up on an unbroken run of refusals, whose stale NAT
+    /// entries every further SYN would keep alive.
+    pub fn quiet_for(&self) -> Option<Duration> {
+        match self {
+            PunchError::Failed { causes, .. } => causes
+                .iter()
+                .any(|c| matches!(c, Cause::TcpRefusedThroughout(_)))
+                .then_some(crate::punch::plan::STALE_QUIET),
+            PunchError::Relay { direct, .. } | PunchError::DirectOnly(direct) => direct.quiet_for(),
+            PunchError::NothingToTry | PunchError::Cancelled | PunchError::RelayFirst(_) => None,
         }
     }
 
@@ -445,7 +469,7 @@ pub(crate) async fn punch_direct(
         tokio::select! {
             s = &mut tcp_engine, if tcp_running => {
                 tcp_running = false;
-                c.sel.tcp_done(s.attempts, s.last_error);
+                c.sel.tcp_done(s.attempts, s.last_error, s.refused_throughout);
             }
             s = &mut quic_engine, if quic_running => {
                 quic_running = false;

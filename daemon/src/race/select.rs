@@ -166,11 +166,20 @@ impl Selector {
     }
 
     /// The TCP engine ended: no more connections will come from it.
-    pub(crate) fn tcp_done(&mut self, attempts: u32, last_error: Option<String>) {
+    pub(crate) fn tcp_done(
+        &mut self,
+        attempts: u32,
+        last_error: Option<String>,
+        refused_throughout: bool,
+    ) {
         self.tcp_done = true;
         self.attempts = self.attempts.max(attempts);
         if let Some(e) = last_error {
-            self.causes.push(Cause::TcpNoConnection(e));
+            self.causes.push(if refused_throughout {
+                Cause::TcpRefusedThroughout(e)
+            } else {
+                Cause::TcpNoConnection(e)
+            });
         }
     }
 
@@ -343,7 +352,7 @@ mod tests {
         let t0 = Instant::now();
         let mut s = Selector::new(Role::Client, true, false);
         s.tcp_connected(t0, 7, CandidateKind::Public);
-        s.tcp_done(3, None);
+        s.tcp_done(3, None, false);
         assert_eq!(s.next(t0, false), Next::Handshake(7));
     }
 
@@ -357,7 +366,7 @@ mod tests {
         assert_eq!(s.next(t0, false), Next::Handshake(2));
         assert_eq!(s.on_authenticated(t0, true, None), Keep::AwaitSelection);
         assert_eq!(s.on_authenticated(t0, false, None), Keep::AwaitSelection); // QUIC
-        s.tcp_done(4, None);
+        s.tcp_done(4, None, false);
         s.quic_done(2, None);
         s.handshake_failed(addr(), TunnelError::HandshakeTimeout);
         // Two paths kept, waiting for `_select`: not over yet.
@@ -388,7 +397,7 @@ mod tests {
         );
         // The server did not take TCP: the held QUIC path is asked for at
         // once, since no other TCP path can come.
-        s.tcp_done(2, None);
+        s.tcp_done(2, None, false);
         s.selection_failed(SelectError::NoAnswer);
         assert_eq!(
             s.next(t0 + Duration::from_millis(100), false),
@@ -418,7 +427,7 @@ mod tests {
     fn client_does_not_hold_quic_when_tcp_cannot_come() {
         let t0 = Instant::now();
         let mut s = Selector::new(Role::Client, true, true);
-        s.tcp_done(5, Some("Connection refused".into()));
+        s.tcp_done(5, Some("Connection refused".into()), false);
         assert_eq!(
             s.on_authenticated(t0, false, Some(Duration::from_millis(5))),
             Keep::Select(Why::QuicNoTcp)
@@ -443,7 +452,7 @@ mod tests {
             s.on_authenticated(t0, false, Some(Duration::from_millis(200))),
             Keep::Hold
         );
-        s.tcp_done(9, Some("timed out".into()));
+        s.tcp_done(9, Some("timed out".into()), false);
         // A connection still in the channel: wait for it.
         assert_eq!(
             s.next(t0, true),
@@ -472,7 +481,7 @@ mod tests {
     fn gives_up_only_when_both_engines_are_done_and_nothing_is_queued() {
         let t0 = Instant::now();
         let mut s = Selector::new(Role::Client, true, true);
-        s.tcp_done(12, Some("Connection refused".into()));
+        s.tcp_done(12, Some("Connection refused".into()), false);
         assert_eq!(s.next(t0, false), Next::Wait(None));
         s.quic_done(3, Some("no answer".into()));
         assert_eq!(s.next(t0, true), Next::Wait(None));
@@ -483,14 +492,30 @@ mod tests {
                     "tcp: no candidate connected (last error: Connection refused); quic: no answer"
                 );
                 assert_eq!(e.attempts(), 12);
+                assert_eq!(e.quiet_for(), None);
             }
             other => panic!("{other:?}"),
         }
         let mut s = Selector::new(Role::Server, true, false);
-        s.tcp_done(1, None);
+        s.tcp_done(1, None, false);
         match s.next(t0, false) {
             Next::GiveUp(e) => assert_eq!(e.to_string(), "no connection established"),
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn tcp_refused_throughout_asks_for_quiet_ports_even_behind_the_relay() {
+        let t0 = Instant::now();
+        let mut s = Selector::new(Role::Client, true, false);
+        s.tcp_done(800, Some("Connection refused".into()), true);
+        let Next::GiveUp(e) = s.next(t0, false) else {
+            panic!("TCP alone, done: the race gives up");
+        };
+        assert!(e.to_string().contains("every SYN refused"), "{e}");
+        let quiet = Some(crate::punch::plan::STALE_QUIET);
+        assert_eq!(e.quiet_for(), quiet);
+        let direct_only = PunchError::DirectOnly(Box::new(e));
+        assert_eq!(direct_only.quiet_for(), quiet);
     }
 }
