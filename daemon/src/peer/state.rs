@@ -472,6 +472,15 @@ mod tests {
         }
     }
 
+    fn relayed(generation: u64, quiet: Option<Duration>) -> Event<u32> {
+        Event::PunchSucceeded {
+            generation,
+            path: PathState::Relayed,
+            transport: Transport::Relay,
+            quiet,
+        }
+    }
+
     fn failed(generation: u64) -> Event<u32> {
         Event::PunchFailed {
             generation,
@@ -703,15 +712,7 @@ mod tests {
         let t0 = Instant::now();
         let mut s = up(INITIATOR, t0);
         let g = punch(&mut s, "s1", t0);
-        s.handle(
-            Event::PunchSucceeded {
-                generation: g,
-                path: PathState::Relayed,
-                transport: Transport::Relay,
-                quiet: None,
-            },
-            t0,
-        );
+        s.handle(relayed(g, None), t0);
         // Upgrade attempt after ~15 s.
         let at = s.next_wake().unwrap();
         assert!(at >= t0 + ms(11_250) && at <= t0 + ms(18_750), "{at:?}");
@@ -774,28 +775,12 @@ mod tests {
         let t0 = Instant::now();
         let mut s = up(INITIATOR, t0);
         let g = punch(&mut s, "s1", t0);
-        s.handle(
-            Event::PunchSucceeded {
-                generation: g,
-                path: PathState::Relayed,
-                transport: Transport::Relay,
-                quiet: Some(Duration::from_secs(11)),
-            },
-            t0,
-        );
+        s.handle(relayed(g, Some(Duration::from_secs(11))), t0);
         assert_eq!(s.next_wake(), Some(t0 + Duration::from_secs(11)));
         // A relay without the hint waits the first upgrade gap (±25 %).
         let mut s = up(INITIATOR, t0);
         let g = punch(&mut s, "s1", t0);
-        s.handle(
-            Event::PunchSucceeded {
-                generation: g,
-                path: PathState::Relayed,
-                transport: Transport::Relay,
-                quiet: None,
-            },
-            t0,
-        );
+        s.handle(relayed(g, None), t0);
         let wake = s.next_wake().expect("an upgrade is planned") - t0;
         assert!(
             wake >= UPGRADE_FIRST.mul_f64(0.75) && wake < UPGRADE_FIRST.mul_f64(1.25),
@@ -831,15 +816,7 @@ mod tests {
 
         let mut s = up(INITIATOR, t0);
         let g = punch(&mut s, "s1", t0);
-        s.handle(
-            Event::PunchSucceeded {
-                generation: g,
-                path: PathState::Relayed,
-                transport: Transport::Relay,
-                quiet: None,
-            },
-            t0,
-        );
+        s.handle(relayed(g, None), t0);
         assert_eq!(
             s.handle(Event::Repunch { rtt: Some(ms(150)) }, t0),
             [Effect::DropTunnel { close: true }]
