@@ -40,8 +40,9 @@ pub(crate) struct PunchStats {
     pub(crate) attempts: u32,
     /// The last error seen, when nothing connected.
     pub(crate) last_error: Option<String>,
-    /// Every candidate refused without a break until given up
-    /// ([`PunchPlan::refused_throughout`]): keep the ports quiet for a while.
+    /// A candidate was refused without a break until given up, and none
+    /// connected ([`PunchPlan::refused_throughout`]): keep the ports quiet
+    /// for a while.
     pub(crate) refused_throughout: bool,
 }
 

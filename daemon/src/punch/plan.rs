@@ -201,11 +201,13 @@ impl PunchPlan {
         true
     }
 
-    /// True if every candidate was given up because it kept refusing
-    /// (see the module doc): the punch ports should stay quiet for
-    /// [`STALE_QUIET`] before the next punch.
+    /// True if a candidate was given up because it kept refusing (see the
+    /// module doc) and none connected: the punch ports should stay quiet
+    /// for [`STALE_QUIET`] before the next punch. (A peer's LAN address
+    /// beside it may just time out; the refusing one is what the quiet
+    /// period is for.)
     pub(crate) fn refused_throughout(&self) -> bool {
-        !self.slots.is_empty() && self.slots.iter().all(|s| *s == Slot::Refusing)
+        self.slots.contains(&Slot::Refusing) && !self.slots.contains(&Slot::Done)
     }
 
     /// Records how candidate `i`'s attempt ended.
@@ -349,7 +351,9 @@ mod tests {
             Action::WaitUntil(deadline),
             "candidate 0 still in flight"
         );
-        assert!(!p.refused_throughout());
+        // Had the punch ended here, the refusing candidate's ports want
+        // quiet; not once another candidate connected.
+        assert!(p.refused_throughout());
         p.on_outcome(0, end, Outcome::Connected);
         assert!(!p.refused_throughout());
     }

@@ -165,6 +165,14 @@ fn ss_snapshot(ns: &str, path: &str) -> String {
     let text = exec_in(ns, "ss", &["-tniH", "dst", BOB_PUBLIC])
         .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
         .unwrap_or_default();
+    busiest_socket(&text, path)
+}
+
+/// Of `ss -tniH`'s sockets (a head line and an info line each) on `path`'s
+/// port, the one that has sent the most: the data connection, not
+/// iperf3's control connection beside it (which the first match was, for
+/// plain TCP and rathole, before this picked by bytes).
+fn busiest_socket(text: &str, path: &str) -> String {
     let lines: Vec<&str> = text.lines().map(str::trim).collect();
     let mine = |head: &str| {
         let port = |p: &str| head.contains(p);
@@ -175,13 +183,18 @@ fn ss_snapshot(ns: &str, path: &str) -> String {
             _ => !port(":9000") && !port(":2222") && !port(":2333"),
         }
     };
+    let sent = |info: &str| {
+        info.split_whitespace()
+            .find_map(|f| f.strip_prefix("bytes_sent:"))
+            .and_then(|n| n.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
     lines
         .chunks(2)
         .filter(|c| c.first().is_some_and(|h| mine(h)))
-        .take(2)
+        .max_by_key(|c| c.get(1).map_or(0, |i| sent(i)))
         .map(|c| c.join("\n"))
-        .collect::<Vec<_>>()
-        .join("\n")
+        .unwrap_or_default()
 }
 
 /// iperf3 (1 and 8 streams), then the idle and loaded round trips, for
@@ -531,6 +544,21 @@ fn print_summary(b: &RttBench) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_snapshot_keeps_the_data_connection_not_the_control_one() {
+        let ss = "ESTAB 0 0 192.0.2.2:51000 203.0.113.3:9000\n\
+                  cubic cwnd:12 bytes_sent:310 bytes_acked:311\n\
+                  ESTAB 0 0 192.0.2.2:51002 203.0.113.3:9000\n\
+                  bbr cwnd:2098 bytes_sent:412345678 bytes_acked:412000000\n\
+                  ESTAB 0 0 192.0.2.2:40000 203.0.113.3:40000\n\
+                  bbr cwnd:900 bytes_sent:999999999999\n";
+        let got = busiest_socket(ss, "plain TCP");
+        assert!(got.contains(":51002") && got.contains("cwnd:2098"), "{got}");
+        let tunnel = busiest_socket(ss, "punchd TCP");
+        assert!(tunnel.contains(":40000"), "{tunnel}");
+        assert_eq!(busiest_socket(ss, "ssh -L"), "");
+    }
 
     #[test]
     fn links_split_the_rtt_and_the_loss_over_both_nats() {
