@@ -311,6 +311,7 @@ async fn start_inner(
         rendezvous: rv_cmd_tx,
         quic: quic.clone(),
         quic_routes: quic_routes.clone(),
+        syn_budget: Arc::default(),
         exposes: Arc::new(std::sync::RwLock::new(Arc::new(cfg.expose.clone()))),
         board: board.clone(),
         accepting: accepting.clone(),
@@ -478,6 +479,8 @@ struct Supervisor {
     rendezvous: mpsc::Sender<control::RvCmd>,
     quic: Option<Arc<QuicPath>>,
     quic_routes: QuicRoutes,
+    /// Connect attempts, all peers' punches together (`punch/budget.rs`).
+    syn_budget: Arc<std::sync::Mutex<crate::punch::budget::SynBudget>>,
     exposes: ExposeTable,
     board: Arc<StatusBoard>,
     accepting: CancellationToken,
@@ -522,6 +525,7 @@ impl Supervisor {
             transports: cfg.punch.transports.clone(),
             quic: self.quic.clone(),
             quic_incoming: tokio::sync::Mutex::new(incoming_rx),
+            syn_budget: self.syn_budget.clone(),
         };
         let stop = self.cancel.child_token();
         let handle = peer::spawn(ctx, stop.clone(), &self.tracker);

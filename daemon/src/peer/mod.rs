@@ -120,6 +120,8 @@ pub(crate) struct PeerContext {
     /// QUIC connections this peer made to us, authenticated by the accept
     /// loop (server role; a punch session holds the lock while it runs).
     pub(crate) quic_incoming: tokio::sync::Mutex<mpsc::Receiver<quinn::Connection>>,
+    /// Connect attempts, all peers' punches together (`punch/budget.rs`).
+    pub(crate) syn_budget: Arc<std::sync::Mutex<crate::punch::budget::SynBudget>>,
 }
 
 /// A cloneable way to reach a peer task.

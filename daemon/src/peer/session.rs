@@ -55,6 +55,7 @@ pub(crate) async fn run(
         quic: ctx.quic.as_ref(),
         quic_incoming: &ctx.quic_incoming,
         status: &ctx.status,
+        syn_budget: &ctx.syn_budget,
     };
     let result = match relay_at_once(&order, allow_relay, ctx.mode) {
         Some(reason) => {

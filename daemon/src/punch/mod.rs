@@ -7,6 +7,7 @@
 //! saw a RST cannot be reused) and `connect()`ed; nothing here ever calls
 //! `listen()`, so the punch port never appears in `ss -ltn`.
 
+pub(crate) mod budget;
 pub(crate) mod family;
 pub(crate) mod plan;
 mod stream;
@@ -118,7 +119,9 @@ async fn attempt(i: usize, port: u16, addr: SocketAddr) -> (usize, io::Result<Tc
 /// deadline, until every candidate connected for good, or until `out` is
 /// closed (the caller has its tunnel). An address sent on `repunch` is a
 /// connection the caller could not use: its candidate is punched again.
+/// Every attempt spends a token of the daemon-wide `budget` first.
 pub(crate) async fn run(
+    budget: &std::sync::Mutex<budget::SynBudget>,
     port: u16,
     mut plan: PunchPlan,
     fire_at: Instant,
@@ -131,6 +134,7 @@ pub(crate) async fn run(
     loop {
         let wake = match plan.poll(Instant::now()) {
             Action::Start(i) => {
+                budget::spend(budget).await;
                 inflight.push(attempt(i, port, plan.candidate(i)));
                 continue;
             }

@@ -71,6 +71,8 @@ pub(crate) struct Race<'a> {
     /// QUIC connections this peer made to us (server role).
     pub(crate) quic_incoming: &'a tokio::sync::Mutex<mpsc::Receiver<quinn::Connection>>,
     pub(crate) status: &'a Arc<PeerStatus>,
+    /// The daemon-wide budget of connect attempts (`punch/budget.rs`).
+    pub(crate) syn_budget: &'a std::sync::Mutex<crate::punch::budget::SynBudget>,
 }
 
 /// The kept direct path.
@@ -412,7 +414,15 @@ pub(crate) async fn punch_direct(
             fire_at.into_std(),
             deadline.into_std(),
         );
-        punch::run(port, plan, fire_at.into_std(), tcp_tx, repunch_rx).await
+        punch::run(
+            race.syn_budget,
+            port,
+            plan,
+            fire_at.into_std(),
+            tcp_tx,
+            repunch_rx,
+        )
+        .await
     };
     let mut tcp_engine = std::pin::pin!(tcp_engine);
     let mut tcp_running = use_tcp;
