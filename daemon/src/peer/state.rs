@@ -244,9 +244,7 @@ impl<W> PeerState<W> {
                 quiet,
             } => {
                 if self.finish_punch(generation) {
-                    if let Some(q) = quiet {
-                        self.quiet_until = self.quiet_until.max(now + q);
-                    }
+                    self.stay_quiet(quiet, now);
                     self.on_tunnel_up(generation, path, transport, quiet, now, &mut out);
                 }
             }
@@ -257,9 +255,7 @@ impl<W> PeerState<W> {
                 quiet,
             } => {
                 if self.finish_punch(generation) {
-                    if let Some(q) = quiet {
-                        self.quiet_until = self.quiet_until.max(now + q);
-                    }
+                    self.stay_quiet(quiet, now);
                     self.on_punch_failed(reason, nothing_to_try, now);
                 }
             }
@@ -402,6 +398,15 @@ impl<W> PeerState<W> {
             } else {
                 self.next_connect = None;
             }
+        }
+    }
+
+    /// Keeps the punch ports quiet for `quiet` from `now`, if the finished
+    /// punch asked for it (`race::PunchError::quiet_for`); a longer quiet
+    /// period already running stands.
+    fn stay_quiet(&mut self, quiet: Option<Duration>, now: Instant) {
+        if let Some(q) = quiet {
+            self.quiet_until = self.quiet_until.max(now + q);
         }
     }
 

@@ -513,6 +513,12 @@ impl Run {
         anyhow::anyhow!("{e:#}\n{}", self.log_tails())
     }
 
+    /// What `who`'s first start logged (`alice.1.log`: see
+    /// [`Run::start_daemon`]); empty if there is no such log.
+    pub fn first_log(&self, who: &str) -> String {
+        std::fs::read_to_string(self.dir.join(format!("{who}.1.log"))).unwrap_or_default()
+    }
+
     /// The last lines of every log, for a failure message.
     pub fn log_tails(&self) -> String {
         let mut out = String::new();

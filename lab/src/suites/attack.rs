@@ -165,7 +165,7 @@ fn attack(s: &Scenario, run: &mut Run, bins: &Binaries) -> Result<String> {
     }
     // alice's punches for the last orders run after their fire time.
     std::thread::sleep(Duration::from_secs(2));
-    let alice_log = std::fs::read_to_string(run.dir.join("alice.1.log")).unwrap_or_default();
+    let alice_log = run.first_log("alice");
     let orders_at_alice = alice_log
         .lines()
         .filter(|l| l.contains("punch order") && l.contains("peer=mallory"))

@@ -156,7 +156,7 @@ fn both_families_registered(run: &Run) -> Result<()> {
     if !v6.starts_with('[') {
         bail!("public_addr6 {v6} is not IPv6");
     }
-    let bob_log = std::fs::read_to_string(run.dir.join("bob.1.log")).unwrap_or_default();
+    let bob_log = run.first_log("bob");
     let order = bob_log
         .lines()
         .find(|l| l.contains("punching tcp="))
