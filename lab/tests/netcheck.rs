@@ -58,3 +58,13 @@ fn repeated(case: &str, suite: fn(&punch_lab::harness::Binaries, usize) -> anyho
         |b| suite(b, runs),
     );
 }
+
+/// Random (`--random-fully`) + easy: direct over QUIC by birthday probing
+/// (2 runs here, one each way; `lab/hard-nat-runs.sh` runs 20).
+#[test]
+fn a_random_nat_and_an_easy_one_go_direct_by_birthday_probing() {
+    repeated(
+        "bday",
+        punch_lab::suites::netcheck::random_and_easy_go_direct,
+    );
+}

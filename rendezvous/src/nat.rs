@@ -8,12 +8,23 @@
 //! are paired, [`choose`] (sans IO, the same on every instance) picks the
 //! [`Strategy`] the punch orders carry.
 //!
-//! The one strategy beyond today's timed punch is [`Strategy::RelayFirst`]:
-//! when both sides map every transport endpoint-dependently with ports no
-//! one can predict, and neither has a router mapping, no timed punch can
-//! meet, so waiting out the punch timeout before the relay only costs
-//! time. The daemons then go to the relay at once and keep trying direct
-//! in the background, as after any relayed punch.
+//! Beyond today's timed punch:
+//! - [`Strategy::RelayFirst`]: when both sides map every transport
+//!   endpoint-dependently with ports no one can predict, and neither has a
+//!   router mapping, no timed punch can meet, so waiting out the punch
+//!   timeout before the relay only costs time. The daemons then go to the
+//!   relay at once and keep trying direct in the background, as after any
+//!   relayed punch.
+//! - [`Strategy::PredictUdp`]: the peer's NAT allocates in steps, so its
+//!   next mappings can be aimed at.
+//! - Birthday probing ([`Strategy::BirthdayOpen`] to the random side,
+//!   [`Strategy::BirthdayProbe`] to the easy side): one side's NAT maps UDP
+//!   at random, the other's endpoint-independently. The random side opens
+//!   many mappings toward the easy side at once; the easy side sends to
+//!   random ports of the random side's IP until one lands on an open
+//!   mapping. With 256 mappings open among 64,512 ports, 1,024 probes hit
+//!   with p ≈ 98 %, 2,048 with p ≈ 99.97 % (Tailscale's numbers, and
+//!   [`birthday_hit_probability`]).
 
 use serde::{Deserialize, Serialize};
 
@@ -111,6 +122,58 @@ pub enum Strategy {
     /// to a side facing a predictable peer; a predictable peer facing an
     /// easy side punches as usual, which opens that very mapping.
     PredictUdp(Box<Prediction>),
+    /// Birthday probing, the side whose NAT maps UDP at random: open this
+    /// many extra UDP sockets and send a punch datagram from each to the
+    /// peer's UDP endpoint, each making a new mapping on our NAT that
+    /// accepts the peer's endpoint; then wait for one of them to hear the
+    /// peer's probe.
+    BirthdayOpen(Box<BirthdayOpen>),
+    /// Birthday probing, the easy side: send punch datagrams to random
+    /// ports of the peer's public IP, at most `probes` of them at
+    /// `per_second`, until one lands on a mapping the peer opened.
+    BirthdayProbe(Box<BirthdayProbe>),
+}
+
+/// The random side's share of birthday probing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BirthdayOpen {
+    /// Extra UDP sockets (so NAT mappings) to open toward the peer.
+    pub sockets: u16,
+}
+
+/// The easy side's share of birthday probing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BirthdayProbe {
+    /// The peer's public IP (its UDP endpoint as observed).
+    pub ip: std::net::IpAddr,
+    /// Distinct random ports to probe, at most.
+    pub probes: u16,
+    /// Probes a second.
+    pub per_second: u16,
+}
+
+/// Mappings the random side opens (Tailscale's figure: 256 sockets; a
+/// daemon needs that many file descriptors for the punch's length).
+pub const BIRTHDAY_SOCKETS: u16 = 256;
+/// Probes the easy side sends at most per punch: with 256 mappings open,
+/// 2,048 probes miss all of them with p ≈ 0.03 %.
+pub const BIRTHDAY_PROBES: u16 = 2048;
+/// Probe rate: 2,048 probes take about 2 s; a hit is expected after
+/// ~250 probes (a quarter second).
+pub const BIRTHDAY_RATE: u16 = 1000;
+/// The ports a NAT allocates from without a configured range (Linux's
+/// default for source ports ≥ 1024): what the probes draw from.
+pub const BIRTHDAY_PORTS: std::ops::RangeInclusive<u16> = 1024..=65535;
+
+/// The chance that `probes` distinct random ports out of `range` ports
+/// hit at least one of `open` mappings (sampling without replacement).
+pub fn birthday_hit_probability(open: u32, probes: u32, range: u32) -> f64 {
+    let mut miss = 1.0f64;
+    for k in 0..probes.min(range) {
+        let left = f64::from(range - k);
+        miss *= (left - f64::from(open)).max(0.0) / left;
+    }
+    1.0 - miss
 }
 
 /// Where to aim when the peer's NAT allocates ports in steps.
@@ -170,11 +233,55 @@ pub struct Side {
     /// The server has seen it over IPv6. The NAT facts are IPv4's (NAT
     /// discovery runs over IPv4); IPv6 usually has no NAT at all.
     pub ipv6: bool,
+    /// The server has observed its UDP endpoint (a peer probing it has an
+    /// IP to aim at).
+    pub udp_seen: bool,
 }
 
 impl Side {
     fn hard(&self) -> bool {
         !self.port_mapped && self.nat.is_some_and(|n| n.is_hard())
+    }
+
+    /// Maps UDP at random (endpoint-dependent, no step) and has no router
+    /// mapping: nobody can know its next mapping.
+    fn udp_random(&self) -> bool {
+        !self.port_mapped
+            && self.nat.is_some_and(|n| {
+                n.udp.mapping == Mapping::EndpointDependent && n.udp.delta.is_none()
+            })
+    }
+
+    /// Maps UDP endpoint-independently with no router mapping (a mapped
+    /// side needs no birthday: the timed punch reaches its mapping).
+    fn udp_easy(&self) -> bool {
+        !self.port_mapped
+            && self
+                .nat
+                .is_some_and(|n| n.udp.mapping == Mapping::EndpointIndependent)
+    }
+}
+
+/// Birthday probing between a random side and an easy one, over IPv4
+/// (two sides that both have IPv6 punch there first, with no NAT to beat).
+fn birthday(me: Side, other: Side, other_udp: Option<std::net::SocketAddr>) -> Option<Strategy> {
+    if me.ipv6 && other.ipv6 {
+        return None;
+    }
+    if me.udp_random() && other.udp_easy() && me.udp_seen {
+        return Some(Strategy::BirthdayOpen(Box::new(BirthdayOpen {
+            sockets: BIRTHDAY_SOCKETS,
+        })));
+    }
+    match other_udp {
+        Some(seen) if me.udp_easy() && other.udp_random() && seen.ip().is_ipv4() => {
+            Some(Strategy::BirthdayProbe(Box::new(BirthdayProbe {
+                ip: seen.ip(),
+                probes: BIRTHDAY_PROBES,
+                per_second: BIRTHDAY_RATE,
+            })))
+        }
+        _ => None,
     }
 }
 
@@ -182,13 +289,17 @@ impl Side {
 /// last seen at `other_udp` (the rendezvous's observation): relay-first
 /// for two hard sides ([`choose`]), port prediction when `other`'s UDP
 /// mapping is endpoint-dependent with a known step and `me`'s is not
-/// random, else today's timed punch. Two predictable sides both predict:
-/// each sends to the other's predicted ports first, in order, so each
-/// one's k-th new mapping meets the other's k-th.
+/// random, birthday probing between a random side and an easy one, else
+/// today's timed punch. Two predictable sides both predict: each sends to
+/// the other's predicted ports first, in order, so each one's k-th new
+/// mapping meets the other's k-th.
 pub fn choose_for(me: Side, other: Side, other_udp: Option<std::net::SocketAddr>) -> Strategy {
     let s = choose(me, other);
     if s != Strategy::Timed {
         return s;
+    }
+    if let Some(b) = birthday(me, other, other_udp) {
+        return b;
     }
     // Not a random side: its own mapping toward the predicted ports must
     // be one the peer can know (fixed, or itself predicted by the peer).
@@ -242,7 +353,92 @@ mod tests {
             nat: Some(NatSummary { tcp, udp }),
             port_mapped,
             ipv6: false,
+            udp_seen: true,
         }
+    }
+
+    #[test]
+    fn a_random_side_and_an_easy_one_get_birthday_probing() {
+        use Mapping::*;
+        let random = t(EndpointDependent, None);
+        let easy = t(EndpointIndependent, None);
+        let predictable = t(EndpointDependent, Some(1));
+        let r = side(random, random, false);
+        let e = side(easy, easy, false);
+        let seen: std::net::SocketAddr = "203.0.113.3:40000".parse().unwrap();
+        // The random side opens mappings; the easy side probes its IP.
+        assert_eq!(
+            choose_for(r, e, Some(seen)),
+            Strategy::BirthdayOpen(Box::new(BirthdayOpen {
+                sockets: BIRTHDAY_SOCKETS
+            }))
+        );
+        let Strategy::BirthdayProbe(b) = choose_for(e, r, Some(seen)) else {
+            panic!("the easy side does not probe");
+        };
+        assert_eq!(
+            (b.ip, b.probes, b.per_second),
+            (seen.ip(), BIRTHDAY_PROBES, BIRTHDAY_RATE)
+        );
+        // Not when either side has a router mapping (the timed punch
+        // reaches it), nor against a predictable peer, nor without the
+        // random side's UDP endpoint, nor when both have IPv6.
+        for (me, other) in [
+            (e, side(random, random, true)),
+            (side(easy, easy, true), r),
+            (e, side(predictable, predictable, false)),
+        ] {
+            assert!(
+                !matches!(
+                    choose_for(me, other, Some(seen)),
+                    Strategy::BirthdayOpen(_) | Strategy::BirthdayProbe(_)
+                ),
+                "{me:?} vs {other:?}"
+            );
+        }
+        assert_eq!(choose_for(e, r, None), Strategy::Timed);
+        let unseen = Side {
+            udp_seen: false,
+            ..r
+        };
+        assert_eq!(choose_for(unseen, e, Some(seen)), Strategy::Timed);
+        let (r6, e6) = (Side { ipv6: true, ..r }, Side { ipv6: true, ..e });
+        assert_eq!(choose_for(r6, e6, Some(seen)), Strategy::Timed);
+        assert_eq!(choose_for(e6, r6, Some(seen)), Strategy::Timed);
+        // Two random sides still go to the relay at once.
+        assert!(matches!(
+            choose_for(r, r, Some(seen)),
+            Strategy::RelayFirst { .. }
+        ));
+    }
+
+    #[test]
+    fn the_birthday_budget_hits_as_stated() {
+        let range = u32::from(*BIRTHDAY_PORTS.end() - *BIRTHDAY_PORTS.start()) + 1;
+        let open = u32::from(BIRTHDAY_SOCKETS);
+        let p = |n| birthday_hit_probability(open, n, range);
+        assert!((0.98..0.99).contains(&p(1024)), "{}", p(1024));
+        assert!(p(u32::from(BIRTHDAY_PROBES)) > 0.9996);
+        assert!((0.60..0.65).contains(&p(250)), "{}", p(250));
+        assert_eq!(p(0), 0.0);
+        let json = serde_json::to_string(&choose_for(
+            side(
+                t(Mapping::EndpointIndependent, None),
+                t(Mapping::EndpointIndependent, None),
+                false,
+            ),
+            side(
+                t(Mapping::EndpointDependent, None),
+                t(Mapping::EndpointDependent, None),
+                false,
+            ),
+            Some("203.0.113.3:1".parse().unwrap()),
+        ))
+        .unwrap();
+        assert_eq!(
+            json,
+            r#"{"kind":"birthday-probe","ip":"203.0.113.3","probes":2048,"per_second":1000}"#
+        );
     }
 
     #[test]

@@ -711,7 +711,7 @@ async fn on_message(
             hits.extend(order::trim_candidates(&mut order.candidates));
             hits.extend(order::trim_candidates(&mut order.udp_candidates));
             hits.extend(order::check_strategy(&mut order));
-            hits.extend(gate.admit_prediction(&mut order, Instant::now()));
+            hits.extend(gate.admit_strategy(&mut order, Instant::now()));
             if !hits.is_empty() {
                 for h in &hits {
                     me.status.limits.hit(*h);

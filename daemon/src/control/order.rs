@@ -26,6 +26,15 @@
 //!
 //! Each attempt within an order is bounded by the punch plan
 //! (`punch/plan.rs`), and the firing time by `clock::MAX_AHEAD`.
+//!
+//! The hard-NAT strategies an order may carry ([`check_strategy`]) reach
+//! further, and only ever the peer's own public IP: port prediction adds
+//! at most [`MAX_PREDICTED`] ports; birthday probing, against a peer whose
+//! NAT maps at random, sends to up to [`MAX_BIRTHDAY_PROBES`] random ports
+//! of that one IP at most [`MAX_BIRTHDAY_RATE`] a second (a sweep of the
+//! peer's NAT, which is what it takes to find one of the mappings the peer
+//! opened toward us), or has us open up to [`MAX_BIRTHDAY_SOCKETS`]
+//! sockets. Both kinds are also budgeted daemon-wide ([`OrderGate`]).
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -99,17 +108,51 @@ pub(crate) const MAX_PREDICTED: u16 = 32;
 /// Anything else is dropped (the punch runs as a plain timed punch) and
 /// the limit returned, so a compromised server cannot turn predictions
 /// into a scan of another host or a flood.
+///
+/// Birthday probing: probes only toward the peer's public IPv4 (the first
+/// IPv4 UDP candidate, the endpoint the server observed), at most
+/// [`MAX_BIRTHDAY_PROBES`] at most [`MAX_BIRTHDAY_RATE`] a second; opening
+/// at most [`MAX_BIRTHDAY_SOCKETS`] sockets, and only with an IPv4 UDP
+/// candidate to open them toward.
 pub(crate) fn check_strategy(order: &mut PunchOrder) -> Option<Limit> {
-    let punch_rendezvous::nat::Strategy::PredictUdp(p) = order.strategy.as_ref()? else {
-        return None;
+    use punch_rendezvous::nat::Strategy;
+    let peer_v4 = order.udp_candidates.iter().find(|c| c.is_ipv4()).copied();
+    let within = match order.strategy.as_ref()? {
+        Strategy::PredictUdp(p) => {
+            let peers_ip = order.udp_candidates.iter().any(|c| c.ip() == p.base.ip());
+            p.count <= MAX_PREDICTED && p.delta != 0 && peers_ip && aimable(&p.base)
+        }
+        Strategy::BirthdayProbe(b) => {
+            peer_v4.is_some_and(|c| c.ip() == b.ip && aimable(&c))
+                && (1..=MAX_BIRTHDAY_PROBES).contains(&b.probes)
+                && (1..=MAX_BIRTHDAY_RATE).contains(&b.per_second)
+        }
+        Strategy::BirthdayOpen(b) => {
+            peer_v4.is_some() && (1..=MAX_BIRTHDAY_SOCKETS).contains(&b.sockets)
+        }
+        Strategy::Timed | Strategy::RelayFirst { .. } => true,
     };
-    let peers_ip = order.udp_candidates.iter().any(|c| c.ip() == p.base.ip());
-    if p.count <= MAX_PREDICTED && p.delta != 0 && peers_ip && aimable(&p.base) {
+    if within {
         return None;
     }
     order.strategy = None;
     Some(Limit::Candidates)
 }
+
+/// Sockets a birthday-opening punch may open (the server asks for
+/// [`punch_rendezvous::nat::BIRTHDAY_SOCKETS`], 256).
+pub(crate) const MAX_BIRTHDAY_SOCKETS: u16 = 256;
+/// Probes a birthday-probing punch may send (the server asks for 2,048).
+pub(crate) const MAX_BIRTHDAY_PROBES: u16 = 4096;
+/// Probes a second (the server asks for 1,000).
+pub(crate) const MAX_BIRTHDAY_RATE: u16 = 2000;
+/// Birthday punches per daemon, both kinds together: a burst of
+/// [`BIRTHDAY_BURST`], then one per [`BIRTHDAY_REFILL`]. So a daemon
+/// sends at most 2 × 4,096 + 4 × 4,096 = 24,576 probes in its first
+/// minute and ≤ 16,384 a minute after, whatever the server orders, and
+/// holds at most a few hundred extra sockets at a time.
+pub(crate) const BIRTHDAY_BURST: u32 = 2;
+pub(crate) const BIRTHDAY_REFILL: Duration = Duration::from_secs(15);
 
 /// Predicting punches per daemon, all peers together: a burst of
 /// [`PREDICT_BURST`], then one per [`PREDICT_REFILL`] (≤ 28 in a minute).
@@ -169,36 +212,48 @@ pub(crate) fn peer_public_ips(tcp: &[SocketAddr], udp: &[SocketAddr]) -> Vec<IpA
 }
 
 /// Per-peer order budgets (a token bucket each), and the daemon-wide
-/// budget of predicting punches.
+/// budgets of the costly strategies.
 #[derive(Debug, Default)]
 pub(crate) struct OrderGate {
-    buckets: HashMap<String, (f64, Instant)>,
-    predict: Option<(f64, Instant)>,
+    buckets: HashMap<String, Bucket>,
+    predict: Option<Bucket>,
+    birthday: Option<Bucket>,
+}
+
+/// A token bucket: tokens left, and when they were counted.
+type Bucket = (f64, Instant);
+
+/// Refills `bucket` (up to `burst`, one token per `refill`) and spends a
+/// token if one is there.
+fn take(bucket: &mut Bucket, burst: u32, refill: Duration, now: Instant) -> bool {
+    let (tokens, last) = bucket;
+    let gained = now.saturating_duration_since(*last).as_secs_f64() / refill.as_secs_f64();
+    *tokens = (*tokens + gained).min(f64::from(burst));
+    *last = now;
+    if *tokens >= 1.0 {
+        *tokens -= 1.0;
+        true
+    } else {
+        false
+    }
 }
 
 impl OrderGate {
-    /// Whether a predicting punch at `now` is within the daemon-wide
-    /// budget (and spends it if so). When it is not, the order's
-    /// prediction is dropped: `Some(limit)` to count.
-    pub(crate) fn admit_prediction(
-        &mut self,
-        order: &mut PunchOrder,
-        now: Instant,
-    ) -> Option<Limit> {
-        if !matches!(
-            order.strategy,
-            Some(punch_rendezvous::nat::Strategy::PredictUdp(_))
-        ) {
-            return None;
-        }
-        let burst = f64::from(PREDICT_BURST);
-        let (tokens, last) = self.predict.get_or_insert((burst, now));
-        let refill =
-            now.saturating_duration_since(*last).as_secs_f64() / PREDICT_REFILL.as_secs_f64();
-        *tokens = (*tokens + refill).min(burst);
-        *last = now;
-        if *tokens >= 1.0 {
-            *tokens -= 1.0;
+    /// Whether the order's strategy, if a costly one (port prediction,
+    /// birthday probing), is within its daemon-wide budget at `now` (and
+    /// spends it if so). When it is not, the strategy is dropped and the
+    /// order runs as a plain timed punch: `Some(limit)` to count.
+    pub(crate) fn admit_strategy(&mut self, order: &mut PunchOrder, now: Instant) -> Option<Limit> {
+        use punch_rendezvous::nat::Strategy;
+        let (slot, burst, refill) = match order.strategy {
+            Some(Strategy::PredictUdp(_)) => (&mut self.predict, PREDICT_BURST, PREDICT_REFILL),
+            Some(Strategy::BirthdayOpen(_) | Strategy::BirthdayProbe(_)) => {
+                (&mut self.birthday, BIRTHDAY_BURST, BIRTHDAY_REFILL)
+            }
+            _ => return None,
+        };
+        let bucket = slot.get_or_insert((f64::from(burst), now));
+        if take(bucket, burst, refill, now) {
             None
         } else {
             order.strategy = None;
@@ -215,17 +270,8 @@ impl OrderGate {
             self.buckets.clear();
         }
         let burst = f64::from(ORDER_BURST);
-        let (tokens, last) = self.buckets.entry(peer.to_owned()).or_insert((burst, now));
-        let refill =
-            now.saturating_duration_since(*last).as_secs_f64() / ORDER_REFILL.as_secs_f64();
-        *tokens = (*tokens + refill).min(burst);
-        *last = now;
-        if *tokens >= 1.0 {
-            *tokens -= 1.0;
-            true
-        } else {
-            false
-        }
+        let bucket = self.buckets.entry(peer.to_owned()).or_insert((burst, now));
+        take(bucket, ORDER_BURST, ORDER_REFILL, now)
     }
 }
 
@@ -274,7 +320,7 @@ mod tests {
         let mut admitted = 0;
         for _ in 0..10 {
             let mut o = order.clone();
-            if gate.admit_prediction(&mut o, t0).is_none() {
+            if gate.admit_strategy(&mut o, t0).is_none() {
                 assert!(o.strategy.is_some());
                 admitted += 1;
             } else {
@@ -283,11 +329,11 @@ mod tests {
         }
         assert_eq!(admitted, PREDICT_BURST);
         let mut o = order.clone();
-        assert_eq!(gate.admit_prediction(&mut o, t0 + PREDICT_REFILL), None);
+        assert_eq!(gate.admit_strategy(&mut o, t0 + PREDICT_REFILL), None);
         // Orders without a prediction never spend it.
         let mut plain = order.clone();
         plain.strategy = None;
-        assert_eq!(gate.admit_prediction(&mut plain, t0), None);
+        assert_eq!(gate.admit_strategy(&mut plain, t0), None);
         for bad in [
             with("203.0.113.3:12405", 256, MAX_PREDICTED + 1),
             with("203.0.113.3:12405", 0, 16),
@@ -297,6 +343,87 @@ mod tests {
             assert_eq!(check_strategy(&mut order), Some(Limit::Candidates));
             assert_eq!(order.strategy, None);
         }
+    }
+
+    #[test]
+    fn birthday_probing_stays_on_the_peer_and_within_our_budgets() {
+        use punch_rendezvous::nat::{BirthdayOpen, BirthdayProbe, Strategy};
+        let order = PunchOrder {
+            udp_candidates: vec![a("203.0.113.3:12405"), a("198.51.100.2:4001")],
+            ..blank_order()
+        };
+        let probe = |ip: &str, probes, per_second| {
+            Some(Strategy::BirthdayProbe(Box::new(BirthdayProbe {
+                ip: ip.parse().unwrap(),
+                probes,
+                per_second,
+            })))
+        };
+        let open = |sockets| Some(Strategy::BirthdayOpen(Box::new(BirthdayOpen { sockets })));
+        for good in [probe("203.0.113.3", 2048, 1000), open(256)] {
+            let mut o = PunchOrder {
+                strategy: good,
+                ..order.clone()
+            };
+            assert_eq!(check_strategy(&mut o), None);
+            assert!(o.strategy.is_some());
+        }
+        for bad in [
+            // Another host than the peer's public IP, even its LAN one.
+            probe("192.0.2.99", 2048, 1000),
+            probe("198.51.100.2", 2048, 1000),
+            probe("203.0.113.3", MAX_BIRTHDAY_PROBES + 1, 1000),
+            probe("203.0.113.3", 2048, MAX_BIRTHDAY_RATE + 1),
+            probe("203.0.113.3", 2048, 0),
+            open(MAX_BIRTHDAY_SOCKETS + 1),
+            open(0),
+        ] {
+            let mut o = PunchOrder {
+                strategy: bad.clone(),
+                ..order.clone()
+            };
+            assert_eq!(check_strategy(&mut o), Some(Limit::Candidates), "{bad:?}");
+            assert_eq!(o.strategy, None);
+        }
+        // Nothing to open mappings toward without an IPv4 UDP candidate.
+        let mut o = PunchOrder {
+            strategy: open(256),
+            udp_candidates: vec![a("[2001:db8::2]:4000")],
+            ..order.clone()
+        };
+        assert_eq!(check_strategy(&mut o), Some(Limit::Candidates));
+        // Daemon-wide: a burst of both kinds together, then one per refill;
+        // the predictions' budget is apart.
+        let mut gate = OrderGate::default();
+        let t0 = Instant::now();
+        let mut admitted = 0;
+        for s in [probe("203.0.113.3", 2048, 1000), open(256)]
+            .into_iter()
+            .cycle()
+            .take(6)
+        {
+            let mut o = PunchOrder {
+                strategy: s,
+                ..order.clone()
+            };
+            match gate.admit_strategy(&mut o, t0) {
+                None => admitted += 1,
+                Some(_) => assert_eq!(o.strategy, None),
+            }
+        }
+        assert_eq!(admitted, BIRTHDAY_BURST);
+        let mut o = PunchOrder {
+            strategy: open(256),
+            ..order.clone()
+        };
+        assert!(gate
+            .admit_strategy(&mut o, t0 + BIRTHDAY_REFILL / 2)
+            .is_some());
+        let mut o = PunchOrder {
+            strategy: open(256),
+            ..order.clone()
+        };
+        assert_eq!(gate.admit_strategy(&mut o, t0 + BIRTHDAY_REFILL), None);
     }
 
     fn a(s: &str) -> SocketAddr {

@@ -11,10 +11,12 @@
 //! - [`probe`]: signed probes that tell the rendezvous our UDP endpoint
 //!   and keep that mapping alive.
 //! - [`punch`]: one session's UDP hole punch, timed like the TCP one.
+//! - [`birthday`]: the punch against a NAT that maps UDP at random.
 //!
 //! Roles follow the TCP path: the lower key is the QUIC client, the other
 //! side only accepts, and only from keys in `[[peers]]`.
 
+pub(crate) mod birthday;
 pub(crate) mod probe;
 pub(crate) mod punch;
 pub(crate) mod socket;
@@ -135,6 +137,28 @@ fn transport_config(
     t
 }
 
+/// The server side's settings: handshakes only from `keys`.
+fn server_config(
+    identity: &Identity,
+    keys: &[PublicKeyBytes],
+    transport: &Arc<TransportConfig>,
+) -> Result<quinn::ServerConfig, QuicError> {
+    let crypto = QuicServerConfig::try_from(tls::server_config_any(identity, keys)?)
+        .map_err(|e| QuicError::Crypto(e.to_string()))?;
+    let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+    server.transport_config(transport.clone());
+    Ok(server)
+}
+
+/// The endpoint's settings: stateless resets keyed by the identity.
+fn endpoint_config(identity: &Identity) -> quinn::EndpointConfig {
+    let mut cfg = quinn::EndpointConfig::new(reset_key(identity));
+    // Never let a peer clear the fixed bit: a zero first byte is how
+    // the socket tells punchd's datagrams from QUIC.
+    cfg.grease_quic_bit(false);
+    cfg
+}
+
 impl QuicPath {
     /// Binds UDP `port` (any free port if it is 0 or taken) and starts the
     /// endpoint, accepting connections from `accept_from` only.
@@ -161,16 +185,9 @@ impl QuicPath {
             demux.clone(),
         ));
         let transport = Arc::new(transport_config(keepalive, congestion));
-        let crypto = QuicServerConfig::try_from(tls::server_config_any(identity, accept_from)?)
-            .map_err(|e| QuicError::Crypto(e.to_string()))?;
-        let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
-        server.transport_config(transport.clone());
-        let mut endpoint_cfg = quinn::EndpointConfig::new(reset_key(identity));
-        // Never let a peer clear the fixed bit: a zero first byte is how
-        // the socket tells punchd's datagrams from QUIC.
-        endpoint_cfg.grease_quic_bit(false);
+        let server = server_config(identity, accept_from, &transport)?;
         let endpoint = quinn::Endpoint::new_with_abstract_socket(
-            endpoint_cfg,
+            endpoint_config(identity),
             Some(server),
             socket.clone(),
             runtime.clone(),
@@ -312,14 +329,44 @@ impl QuicPath {
         to: SocketAddr,
         peer: &PublicKeyBytes,
     ) -> Result<quinn::Connecting, QuicError> {
+        self.connect_from(&self.endpoint, to, peer)
+    }
+
+    /// [`Self::connect`] from another endpoint (see [`Self::endpoint_for`]).
+    pub(crate) fn connect_from(
+        &self,
+        endpoint: &quinn::Endpoint,
+        to: SocketAddr,
+        peer: &PublicKeyBytes,
+    ) -> Result<quinn::Connecting, QuicError> {
         let tls = tls::client_config(&self.identity, peer)?;
         let crypto =
             QuicClientConfig::try_from(tls).map_err(|e| QuicError::Crypto(e.to_string()))?;
         let mut cfg = quinn::ClientConfig::new(Arc::new(crypto));
         cfg.transport_config(self.transport.clone());
-        self.endpoint
+        endpoint
             .connect_with(cfg, to, tls::SERVER_NAME)
             .map_err(QuicError::from)
+    }
+
+    /// A QUIC endpoint of its own on `socket`, with this path's identity
+    /// and transport settings, accepting only `peer`. Birthday probing
+    /// finds the peer through one of many sockets (one NAT mapping each);
+    /// the tunnel must then run on that very socket, not the punch port.
+    /// The endpoint lives as long as its connections (quinn keeps its
+    /// driver running while any connection does).
+    pub(crate) fn endpoint_for(
+        &self,
+        socket: std::net::UdpSocket,
+        peer: &PublicKeyBytes,
+    ) -> Result<quinn::Endpoint, QuicError> {
+        let server = server_config(&self.identity, &[*peer], &self.transport)?;
+        Ok(quinn::Endpoint::new(
+            endpoint_config(&self.identity),
+            Some(server),
+            socket,
+            self.runtime.clone(),
+        )?)
     }
 
     /// Replaces the keys the endpoint accepts handshakes from (a config
@@ -329,10 +376,7 @@ impl QuicPath {
         identity: &Identity,
         keys: &[PublicKeyBytes],
     ) -> Result<(), QuicError> {
-        let crypto = QuicServerConfig::try_from(tls::server_config_any(identity, keys)?)
-            .map_err(|e| QuicError::Crypto(e.to_string()))?;
-        let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
-        server.transport_config(self.transport.clone());
+        let server = server_config(identity, keys, &self.transport)?;
         self.endpoint.set_server_config(Some(server));
         Ok(())
     }

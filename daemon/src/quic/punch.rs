@@ -24,9 +24,11 @@ use punch_rendezvous::datagram;
 use tokio::sync::mpsc;
 use tracing::{debug, info};
 
+use super::birthday::{self, Opening, Prober};
 use super::QuicPath;
 use crate::path::Role;
 use crate::punch::sleep_precise;
+use punch_rendezvous::nat::Strategy;
 
 /// Punch datagram rounds: right at `at`, then backing off to this spacing.
 const ROUND_SPACING: [u64; 7] = [0, 20, 40, 80, 160, 320, 640];
@@ -54,6 +56,8 @@ pub(crate) struct QuicStats {
     /// Distinct addresses heard from.
     pub(crate) heard: usize,
     pub(crate) last_error: Option<String>,
+    /// Birthday probes sent (the easy side of a birthday punch).
+    pub(crate) probes: u16,
 }
 
 /// What one UDP punch needs.
@@ -65,6 +69,8 @@ pub(crate) struct QuicPunch<'a> {
     pub(crate) candidates: &'a [SocketAddr],
     pub(crate) fire_at: Instant,
     pub(crate) deadline: Instant,
+    /// The order's hard-NAT strategy; birthday probing changes the punch.
+    pub(crate) strategy: Option<&'a Strategy>,
 }
 
 /// When round `n` leaves, relative to `at`.
@@ -96,6 +102,34 @@ pub(crate) async fn run(
         }
     }
     let probe = datagram::punch(p.session);
+    // Birthday probing: the easy side probes the peer's IP; the random
+    // side opens many mappings and waits on them, beside the plain punch.
+    let mut prober = match p.strategy {
+        Some(Strategy::BirthdayProbe(b)) => {
+            Some(Prober::new(b, p.fire_at + birthday::PROBE_DELAY, seed()))
+        }
+        _ => None,
+    };
+    let opening = async {
+        match p.strategy {
+            Some(Strategy::BirthdayOpen(b)) => {
+                birthday::open(Opening {
+                    path: p.path,
+                    session: p.session,
+                    peer: p.peer,
+                    role: p.role,
+                    candidates: p.candidates,
+                    sockets: b.sockets,
+                    fire_at: p.fire_at,
+                    deadline: p.deadline,
+                })
+                .await
+            }
+            _ => std::future::pending().await,
+        }
+    };
+    let mut opening = std::pin::pin!(opening);
+    let mut opening_running = matches!(p.strategy, Some(Strategy::BirthdayOpen(_)));
     sleep_precise(p.fire_at).await;
     let mut heard = HashSet::new();
     let mut heard_in_round = 0;
@@ -103,6 +137,10 @@ pub(crate) async fn run(
     let mut next_round = p.fire_at;
     loop {
         let round_due = next_round < p.deadline;
+        let probe_at = prober
+            .as_ref()
+            .and_then(Prober::next_at)
+            .filter(|t| *t < p.deadline);
         tokio::select! {
             _ = tokio::time::sleep_until(next_round.into()), if round_due => {
                 for c in p.candidates {
@@ -113,7 +151,21 @@ pub(crate) async fn run(
                 stats.rounds += 1;
                 next_round = p.fire_at + round_offset(stats.rounds);
             }
+            _ = tokio::time::sleep_until(probe_at.unwrap_or(p.deadline).into()), if probe_at.is_some() => {
+                if let Some(pr) = prober.as_mut() {
+                    for to in pr.due(Instant::now()) {
+                        if let Err(e) = p.path.send_to(&probe, to).await {
+                            stats.last_error = Some(format!("UDP send to {to}: {e}"));
+                        }
+                    }
+                }
+            }
             Some(from) = heard_rx.recv() => {
+                if let Some(pr) = prober.as_mut() {
+                    if pr.heard(from) {
+                        info!(%from, probes = pr.sent(), "birthday: a probe landed on one of the peer's mappings");
+                    }
+                }
                 // Each new address costs a reply (and maybe a dial): only the
                 // first MAX_HEARD per session, so datagrams from many spoofed
                 // sources neither grow the set nor aim our replies.
@@ -137,12 +189,26 @@ pub(crate) async fn run(
                 }
                 Err(e) => stats.last_error = Some(format!("QUIC handshake with {from}: {e}")),
             },
+            r = &mut opening, if opening_running => {
+                opening_running = false;
+                match r {
+                    Ok(est) => {
+                        info!(remote = %est.conn.remote_address(), "QUIC connection authenticated over a birthday mapping");
+                        if out.send(est).await.is_err() { break }
+                    }
+                    Err(e) => stats.last_error = Some(e),
+                }
+            }
             Some(conn) = async { match incoming.as_deref_mut() { Some(rx) => rx.recv().await, None => None } } => {
                 info!(remote = %conn.remote_address(), heard_in_round, "QUIC connection accepted and authenticated");
                 if out.send(QuicEstablished { conn, rounds: heard_in_round.max(1) }).await.is_err() { break }
             }
             _ = tokio::time::sleep_until(p.deadline.into()) => break,
         }
+    }
+    if let Some(pr) = &prober {
+        stats.probes = pr.sent();
+        info!(probes = pr.sent(), "birthday: probing ended");
     }
     stats.heard = heard.len();
     if stats.last_error.is_none() && heard.is_empty() {
@@ -152,6 +218,18 @@ pub(crate) async fn run(
         ));
     }
     stats
+}
+
+/// A seed for the probe walk: random, so an observer cannot tell which
+/// port comes next (the clock if the OS has no randomness to give).
+fn seed() -> u64 {
+    let mut b = [0u8; 8];
+    if getrandom::fill(&mut b).is_err() {
+        return std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64);
+    }
+    u64::from_le_bytes(b)
 }
 
 #[cfg(test)]

@@ -456,6 +456,7 @@ pub(crate) async fn punch_direct(
             candidates: &udp_candidates,
             fire_at: fire_at.into_std(),
             deadline: deadline.into_std(),
+            strategy: order.strategy.as_ref(),
         };
         Some(crate::quic::punch::run(p, incoming.as_deref_mut(), quic_tx).await)
     };

@@ -257,3 +257,108 @@ const COUNT_RULE: &str = "table ip lab_count {\n  chain counting { type filter h
 /// plus 16 predictions per round for at most 25 rounds (the QUIC punch's
 /// schedule), plus QUIC's handshake.
 const PREDICT_PACKET_BOUND: u64 = 18 * 25 + 50;
+
+/// One side behind a port-randomizing NAT (`--random-fully`), the other
+/// behind an easy one (port-preserving, dropping unsolicited inbound, as
+/// home routers do), QUIC only: the rendezvous orders birthday probing
+/// (the random side opens 256 mappings, the easy side probes random ports
+/// of its IP), and the pair goes direct. Runs alternate which side is the
+/// random one, so both QUIC roles open and probe. `runs` times; direct
+/// within 15 s of the start, 8 MiB intact, and each side's packets toward
+/// the other's NAT within the birthday budget.
+pub fn random_and_easy_go_direct(bins: &Binaries, runs: usize) -> Result<String> {
+    use crate::harness::punchd_types::{PathState, Transport};
+    use crate::harness::run::Run;
+    use crate::harness::spec::{Expect, Scenario};
+    use crate::harness::status::first_peer;
+    let mut rows = Vec::new();
+    for i in 0..runs {
+        // Even runs: alice easy, bob random; odd runs the other way.
+        let alice_random = i % 2 == 1;
+        let (a, b) = if alice_random {
+            (NatBehaviour::RandomFully, NatBehaviour::Firewall)
+        } else {
+            (NatBehaviour::Firewall, NatBehaviour::RandomFully)
+        };
+        let scenario = Scenario::new("bday", Layout::Mixed(a, b), Expect::Direct)
+            .with_transports(&[Transport::Quic]);
+        // bob up first, so the rendezvous has seen his UDP endpoint when
+        // alice's registration makes the order (as for port prediction).
+        let scenario = Scenario {
+            alice_after: Duration::from_secs(2),
+            ..scenario
+        };
+        let run = Run::start(&scenario, bins)?;
+        // Counts what each side sends toward the other's NAT over UDP.
+        run.topo.nats[0].nft(&count_rule("203.0.113.3"))?;
+        run.topo.nats[1].nft(&count_rule("203.0.113.2"))?;
+        let result = (|| -> Result<String> {
+            let doc = run.wait_path("alice", PathState::Direct, Duration::from_secs(15))?;
+            let ready = run.since_start().as_millis() as u64;
+            let peer = first_peer(&doc)?;
+            if peer.transport != Some(Transport::Quic) {
+                bail!("direct, but over {:?}", peer.transport);
+            }
+            let punch_ms = peer.last_punch.as_ref().map_or(0, |p| p.elapsed_ms);
+            let (random, easy) = if alice_random {
+                ("alice", "bob")
+            } else {
+                ("bob", "alice")
+            };
+            if !run
+                .first_log(random)
+                .contains("birthday: the peer's probe landed")
+            {
+                bail!("{random} (random NAT) went direct, but not through a birthday mapping");
+            }
+            let sent_a = run.topo.nats[0].nft_counter("ip", "lab_count")?;
+            let sent_b = run.topo.nats[1].nft_counter("ip", "lab_count")?;
+            let (by_random, by_easy) = if alice_random {
+                (sent_a, sent_b)
+            } else {
+                (sent_b, sent_a)
+            };
+            if by_easy > EASY_PACKET_BOUND || by_random > RANDOM_PACKET_BOUND {
+                bail!("over the birthday budget: {easy} (easy) sent {by_easy} UDP packets toward the peer's NAT (bound {EASY_PACKET_BOUND}), {random} (random) {by_random} (bound {RANDOM_PACKET_BOUND})");
+            }
+            let t = run.transfer(8 << 20, 2)?;
+            if t.bytes != 8 << 20 {
+                bail!("moved {} of {} bytes", t.bytes, 8 << 20);
+            }
+            // How many probes it took, as the easy side logged it.
+            let log = run.first_log(easy);
+            let probes = log
+                .lines()
+                .find(|l| l.contains("birthday: a probe landed"))
+                .and_then(|l| l.split("probes=").nth(1))
+                .and_then(|v| v.split(|c: char| !c.is_ascii_digit()).next())
+                .unwrap_or("?")
+                .to_owned();
+            Ok(format!(
+                "random={random} ready={ready}ms punch={punch_ms}ms probes_to_hit={probes} easy_sent={by_easy} random_sent={by_random}"
+            ))
+        })();
+        match result {
+            Ok(r) => rows.push(r),
+            Err(e) => return Err(run.explain(e.context(format!("run {}", i + 1)))),
+        }
+    }
+    Ok(format!(
+        "random+easy: direct over QUIC by birthday probing in {}/{runs} runs: {rows:#?}",
+        rows.len()
+    ))
+}
+
+/// A counter on a NAT for UDP from its LAN toward `peer_nat`.
+fn count_rule(peer_nat: &str) -> String {
+    COUNT_RULE.replace("203.0.113.3", peer_nat)
+}
+
+/// What the easy side may send toward the random side's NAT before it is
+/// direct: the probes (2,048 at most), the plain punch (2 candidates × 25
+/// rounds), answers and QUIC's handshake.
+const EASY_PACKET_BOUND: u64 = 2048 + 2 * 25 + 100;
+/// What the random side may send toward the easy side's NAT: 256 sockets
+/// × at most 2 of the peer's IPs × 3 opening rounds, the plain punch,
+/// answers and QUIC's handshake.
+const RANDOM_PACKET_BOUND: u64 = 256 * 2 * 3 + 2 * 25 + 100;

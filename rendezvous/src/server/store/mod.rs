@@ -342,6 +342,7 @@ pub(crate) fn punch_orders(
         nat: r.nat,
         port_mapped: r.mapped_tcp.is_some() || r.mapped_udp.is_some(),
         ipv6: seen(r).iter().any(|ip| ip.to_canonical().is_ipv6()),
+        udp_seen: r.udp_observed.is_some(),
     };
     // Only a strategy other than today's is written into the order, so
     // orders between daemons that measured nothing stay as they were.
