@@ -68,3 +68,14 @@ fn a_random_nat_and_an_easy_one_go_direct_by_birthday_probing() {
         punch_lab::suites::netcheck::random_and_easy_go_direct,
     );
 }
+
+/// Random + easy over TCP only: direct by TCP birthday probing, a
+/// simultaneous open between one of the random side's 256 SYN_SENT sockets
+/// and a probe SYN (2 runs here; `lab/hard-nat-runs.sh` runs 20).
+#[test]
+fn a_random_nat_and_an_easy_one_go_direct_over_tcp_by_birthday_probing() {
+    repeated(
+        "bdayt",
+        punch_lab::suites::netcheck::random_and_easy_go_direct_over_tcp,
+    );
+}

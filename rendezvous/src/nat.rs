@@ -137,19 +137,37 @@ pub enum Strategy {
 /// The random side's share of birthday probing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BirthdayOpen {
-    /// Extra UDP sockets (so NAT mappings) to open toward the peer.
+    /// Extra sockets (so NAT mappings) to open toward the peer, per
+    /// transport.
     pub sockets: u16,
+    /// Over UDP (the QUIC path): datagrams from each socket.
+    #[serde(default = "yes")]
+    pub udp: bool,
+    /// Over TCP: a SYN from each socket, whose connection completes as a
+    /// simultaneous open when the peer's probe lands on its mapping.
+    #[serde(default)]
+    pub tcp: bool,
 }
 
 /// The easy side's share of birthday probing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BirthdayProbe {
-    /// The peer's public IP (its UDP endpoint as observed).
+    /// The peer's public IP (its endpoint as observed).
     pub ip: std::net::IpAddr,
-    /// Distinct random ports to probe, at most.
+    /// Distinct random ports to probe, at most, per transport.
     pub probes: u16,
-    /// Probes a second.
+    /// Probes a second, per transport.
     pub per_second: u16,
+    /// Probe with punch datagrams (the QUIC path).
+    #[serde(default = "yes")]
+    pub udp: bool,
+    /// Probe with SYNs from the punch port.
+    #[serde(default)]
+    pub tcp: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 /// Mappings the random side opens (Tailscale's figure: 256 sockets; a
@@ -242,63 +260,100 @@ impl Side {
     fn hard(&self) -> bool {
         !self.port_mapped && self.nat.is_some_and(|n| n.is_hard())
     }
+}
 
-    /// Maps UDP at random (endpoint-dependent, no step) and has no router
-    /// mapping: nobody can know its next mapping.
-    fn udp_random(&self) -> bool {
-        !self.port_mapped
-            && self.nat.is_some_and(|n| {
-                n.udp.mapping == Mapping::EndpointDependent && n.udp.delta.is_none()
-            })
+/// Maps at random (endpoint-dependent, no step): nobody can know the next
+/// mapping. A side with a router mapping is never random: peers reach
+/// that mapping.
+fn random(t: TransportNat) -> bool {
+    t.mapping == Mapping::EndpointDependent && t.delta.is_none()
+}
+
+/// Maps endpoint-independently: the observed endpoint is the one a peer
+/// reaches.
+fn easy(t: TransportNat) -> bool {
+    t.mapping == Mapping::EndpointIndependent
+}
+
+/// Whether one transport calls for birthday probing, `me` against
+/// `other`, and which part `me` plays: `Some(true)` open, `Some(false)`
+/// probe. Sides with a router mapping need none (the timed punch reaches
+/// the mapping).
+fn birthday_part(me: Side, other: Side, pick: fn(&NatSummary) -> TransportNat) -> Option<bool> {
+    if me.port_mapped || other.port_mapped {
+        return None;
     }
-
-    /// Maps UDP endpoint-independently with no router mapping (a mapped
-    /// side needs no birthday: the timed punch reaches its mapping).
-    fn udp_easy(&self) -> bool {
-        !self.port_mapped
-            && self
-                .nat
-                .is_some_and(|n| n.udp.mapping == Mapping::EndpointIndependent)
+    let (m, o) = (pick(&me.nat?), pick(&other.nat?));
+    match (random(m) && easy(o), easy(m) && random(o)) {
+        (true, _) => Some(true),
+        (_, true) => Some(false),
+        _ => None,
     }
 }
 
-/// Birthday probing between a random side and an easy one, over IPv4
-/// (two sides that both have IPv6 punch there first, with no NAT to beat).
-fn birthday(me: Side, other: Side, other_udp: Option<std::net::SocketAddr>) -> Option<Strategy> {
+/// Birthday probing between a random side and an easy one, over IPv4, per
+/// transport (two sides that both have IPv6 punch there first, with no NAT
+/// to beat). The probing side needs the random side's public IPv4: its UDP
+/// endpoint as observed for the UDP part, its TCP one for the TCP part.
+fn birthday(
+    me: Side,
+    other: Side,
+    other_udp: Option<std::net::SocketAddr>,
+    other_tcp: Option<std::net::SocketAddr>,
+) -> Option<Strategy> {
     if me.ipv6 && other.ipv6 {
         return None;
     }
-    if me.udp_random() && other.udp_easy() && me.udp_seen {
+    let udp = birthday_part(me, other, |n| n.udp);
+    let tcp = birthday_part(me, other, |n| n.tcp);
+    let v4 = |a: Option<std::net::SocketAddr>| a.map(|a| a.ip()).filter(|ip| ip.is_ipv4());
+    // Opening: over UDP only once the server saw our UDP endpoint (the
+    // peer probes that IP).
+    let open_udp = udp == Some(true) && me.udp_seen;
+    let open_tcp = tcp == Some(true);
+    if open_udp || open_tcp {
         return Some(Strategy::BirthdayOpen(Box::new(BirthdayOpen {
             sockets: BIRTHDAY_SOCKETS,
+            udp: open_udp,
+            tcp: open_tcp,
         })));
     }
-    match other_udp {
-        Some(seen) if me.udp_easy() && other.udp_random() && seen.ip().is_ipv4() => {
-            Some(Strategy::BirthdayProbe(Box::new(BirthdayProbe {
-                ip: seen.ip(),
-                probes: BIRTHDAY_PROBES,
-                per_second: BIRTHDAY_RATE,
-            })))
-        }
-        _ => None,
-    }
+    let ip = v4(other_udp)
+        .filter(|_| udp == Some(false))
+        .or(v4(other_tcp))?;
+    let probe_udp = udp == Some(false) && v4(other_udp) == Some(ip);
+    let probe_tcp = tcp == Some(false) && v4(other_tcp) == Some(ip);
+    (probe_udp || probe_tcp).then(|| {
+        Strategy::BirthdayProbe(Box::new(BirthdayProbe {
+            ip,
+            probes: BIRTHDAY_PROBES,
+            per_second: BIRTHDAY_RATE,
+            udp: probe_udp,
+            tcp: probe_tcp,
+        }))
+    })
 }
 
 /// The strategy for `me`'s order against `other`, whose UDP endpoint was
 /// last seen at `other_udp` (the rendezvous's observation): relay-first
 /// for two hard sides ([`choose`]), port prediction when `other`'s UDP
 /// mapping is endpoint-dependent with a known step and `me`'s is not
-/// random, birthday probing between a random side and an easy one, else
+/// random, birthday probing between a random side and an easy one (per
+/// transport; `other_tcp` is `other`'s TCP endpoint as observed), else
 /// today's timed punch. Two predictable sides both predict: each sends to
 /// the other's predicted ports first, in order, so each one's k-th new
 /// mapping meets the other's k-th.
-pub fn choose_for(me: Side, other: Side, other_udp: Option<std::net::SocketAddr>) -> Strategy {
+pub fn choose_for(
+    me: Side,
+    other: Side,
+    other_udp: Option<std::net::SocketAddr>,
+    other_tcp: Option<std::net::SocketAddr>,
+) -> Strategy {
     let s = choose(me, other);
     if s != Strategy::Timed {
         return s;
     }
-    if let Some(b) = birthday(me, other, other_udp) {
+    if let Some(b) = birthday(me, other, other_udp, other_tcp) {
         return b;
     }
     // Not a random side: its own mapping toward the predicted ports must
@@ -368,17 +423,38 @@ mod tests {
         let seen: std::net::SocketAddr = "203.0.113.3:40000".parse().unwrap();
         // The random side opens mappings; the easy side probes its IP.
         assert_eq!(
-            choose_for(r, e, Some(seen)),
+            choose_for(r, e, Some(seen), Some(seen)),
             Strategy::BirthdayOpen(Box::new(BirthdayOpen {
-                sockets: BIRTHDAY_SOCKETS
+                sockets: BIRTHDAY_SOCKETS,
+                udp: true,
+                tcp: true,
             }))
         );
-        let Strategy::BirthdayProbe(b) = choose_for(e, r, Some(seen)) else {
+        let Strategy::BirthdayProbe(b) = choose_for(e, r, Some(seen), Some(seen)) else {
             panic!("the easy side does not probe");
         };
         assert_eq!(
-            (b.ip, b.probes, b.per_second),
-            (seen.ip(), BIRTHDAY_PROBES, BIRTHDAY_RATE)
+            (b.ip, b.probes, b.per_second, b.udp, b.tcp),
+            (seen.ip(), BIRTHDAY_PROBES, BIRTHDAY_RATE, true, true)
+        );
+        // Per transport: random on TCP only (UDP easy on both sides), or
+        // the UDP endpoint not seen yet, birthday over TCP alone.
+        let tcp_only = side(random, easy, false);
+        let Strategy::BirthdayProbe(b) = choose_for(e, tcp_only, Some(seen), Some(seen)) else {
+            panic!("no TCP birthday");
+        };
+        assert!(b.tcp && !b.udp);
+        let Strategy::BirthdayProbe(b) = choose_for(e, r, None, Some(seen)) else {
+            panic!("no TCP birthday without the UDP endpoint");
+        };
+        assert!(b.tcp && !b.udp);
+        assert_eq!(
+            choose_for(tcp_only, e, Some(seen), Some(seen)),
+            Strategy::BirthdayOpen(Box::new(BirthdayOpen {
+                sockets: BIRTHDAY_SOCKETS,
+                udp: false,
+                tcp: true,
+            }))
         );
         // Not when either side has a router mapping (the timed punch
         // reaches it), nor against a predictable peer, nor without the
@@ -390,24 +466,35 @@ mod tests {
         ] {
             assert!(
                 !matches!(
-                    choose_for(me, other, Some(seen)),
+                    choose_for(me, other, Some(seen), Some(seen)),
                     Strategy::BirthdayOpen(_) | Strategy::BirthdayProbe(_)
                 ),
                 "{me:?} vs {other:?}"
             );
         }
-        assert_eq!(choose_for(e, r, None), Strategy::Timed);
+        assert_eq!(choose_for(e, r, None, None), Strategy::Timed);
         let unseen = Side {
             udp_seen: false,
-            ..r
+            ..side(random, random, false)
         };
-        assert_eq!(choose_for(unseen, e, Some(seen)), Strategy::Timed);
+        let udp_only_random = Side {
+            udp_seen: false,
+            ..side(easy, random, false)
+        };
+        assert_eq!(
+            choose_for(udp_only_random, e, Some(seen), Some(seen)),
+            Strategy::Timed
+        );
+        assert!(matches!(
+            choose_for(unseen, e, Some(seen), Some(seen)),
+            Strategy::BirthdayOpen(b) if b.tcp && !b.udp
+        ));
         let (r6, e6) = (Side { ipv6: true, ..r }, Side { ipv6: true, ..e });
-        assert_eq!(choose_for(r6, e6, Some(seen)), Strategy::Timed);
-        assert_eq!(choose_for(e6, r6, Some(seen)), Strategy::Timed);
+        assert_eq!(choose_for(r6, e6, Some(seen), Some(seen)), Strategy::Timed);
+        assert_eq!(choose_for(e6, r6, Some(seen), Some(seen)), Strategy::Timed);
         // Two random sides still go to the relay at once.
         assert!(matches!(
-            choose_for(r, r, Some(seen)),
+            choose_for(r, r, Some(seen), Some(seen)),
             Strategy::RelayFirst { .. }
         ));
     }
@@ -433,11 +520,23 @@ mod tests {
                 false,
             ),
             Some("203.0.113.3:1".parse().unwrap()),
+            None,
         ))
         .unwrap();
         assert_eq!(
             json,
-            r#"{"kind":"birthday-probe","ip":"203.0.113.3","probes":2048,"per_second":1000}"#
+            r#"{"kind":"birthday-probe","ip":"203.0.113.3","probes":2048,"per_second":1000,"udp":true,"tcp":false}"#
+        );
+        // An order from a server that predates TCP birthday probing.
+        let old: Strategy =
+            serde_json::from_str(r#"{"kind":"birthday-open","sockets":256}"#).unwrap();
+        assert_eq!(
+            old,
+            Strategy::BirthdayOpen(Box::new(BirthdayOpen {
+                sockets: 256,
+                udp: true,
+                tcp: false
+            }))
         );
     }
 
@@ -484,7 +583,7 @@ mod tests {
         let base: std::net::SocketAddr = "203.0.113.3:12405".parse().unwrap();
         let p = side(predictable, predictable, false);
         let e = side(easy, easy, false);
-        let Strategy::PredictUdp(pred) = choose_for(e, p, Some(base)) else {
+        let Strategy::PredictUdp(pred) = choose_for(e, p, Some(base), None) else {
             panic!("no prediction");
         };
         assert_eq!(pred.delta, 256);
@@ -494,19 +593,19 @@ mod tests {
         assert!(pred.endpoints().all(|a| a.ip() == base.ip()));
         // The predictable side punches as usual; so does a random side,
         // or one without the peer's endpoint, or a mapped peer.
-        assert_eq!(choose_for(p, e, Some(base)), Strategy::Timed);
+        assert_eq!(choose_for(p, e, Some(base), None), Strategy::Timed);
         // Two predictable sides predict each other.
         assert!(matches!(
-            choose_for(p, p, Some(base)),
+            choose_for(p, p, Some(base), None),
             Strategy::PredictUdp(_)
         ));
         assert_eq!(
-            choose_for(side(random, random, false), p, Some(base)),
+            choose_for(side(random, random, false), p, Some(base), None),
             Strategy::Timed
         );
-        assert_eq!(choose_for(e, p, None), Strategy::Timed);
+        assert_eq!(choose_for(e, p, None, None), Strategy::Timed);
         assert_eq!(
-            choose_for(e, side(predictable, predictable, true), Some(base)),
+            choose_for(e, side(predictable, predictable, true), Some(base), None),
             Strategy::Timed
         );
         // Steps wrap around 65535.

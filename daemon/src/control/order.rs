@@ -110,25 +110,33 @@ pub(crate) const MAX_PREDICTED: u16 = 32;
 /// into a scan of another host or a flood.
 ///
 /// Birthday probing: probes only toward the peer's public IPv4 (the first
-/// IPv4 UDP candidate, the endpoint the server observed), at most
-/// [`MAX_BIRTHDAY_PROBES`] at most [`MAX_BIRTHDAY_RATE`] a second; opening
-/// at most [`MAX_BIRTHDAY_SOCKETS`] sockets, and only with an IPv4 UDP
-/// candidate to open them toward.
+/// IPv4 candidate of each transport probed, the endpoint the server
+/// observed), at most [`MAX_BIRTHDAY_PROBES`] per transport at most
+/// [`MAX_BIRTHDAY_RATE`] a second; opening at most
+/// [`MAX_BIRTHDAY_SOCKETS`] sockets per transport, and only with an IPv4
+/// candidate of that transport to open them toward.
 pub(crate) fn check_strategy(order: &mut PunchOrder) -> Option<Limit> {
     use punch_rendezvous::nat::Strategy;
-    let peer_v4 = order.udp_candidates.iter().find(|c| c.is_ipv4()).copied();
+    let first_v4 = |list: &[SocketAddr]| list.iter().find(|c| c.is_ipv4()).copied();
+    let (udp_v4, tcp_v4) = (first_v4(&order.udp_candidates), first_v4(&order.candidates));
     let within = match order.strategy.as_ref()? {
         Strategy::PredictUdp(p) => {
             let peers_ip = order.udp_candidates.iter().any(|c| c.ip() == p.base.ip());
             p.count <= MAX_PREDICTED && p.delta != 0 && peers_ip && aimable(&p.base)
         }
         Strategy::BirthdayProbe(b) => {
-            peer_v4.is_some_and(|c| c.ip() == b.ip && aimable(&c))
+            let on_peer = |c: Option<SocketAddr>| c.is_some_and(|c| c.ip() == b.ip && aimable(&c));
+            (b.udp || b.tcp)
+                && (!b.udp || on_peer(udp_v4))
+                && (!b.tcp || on_peer(tcp_v4))
                 && (1..=MAX_BIRTHDAY_PROBES).contains(&b.probes)
                 && (1..=MAX_BIRTHDAY_RATE).contains(&b.per_second)
         }
         Strategy::BirthdayOpen(b) => {
-            peer_v4.is_some() && (1..=MAX_BIRTHDAY_SOCKETS).contains(&b.sockets)
+            (b.udp || b.tcp)
+                && (!b.udp || udp_v4.is_some())
+                && (!b.tcp || tcp_v4.is_some())
+                && (1..=MAX_BIRTHDAY_SOCKETS).contains(&b.sockets)
         }
         Strategy::Timed | Strategy::RelayFirst { .. } => true,
     };
@@ -350,17 +358,33 @@ mod tests {
         use punch_rendezvous::nat::{BirthdayOpen, BirthdayProbe, Strategy};
         let order = PunchOrder {
             udp_candidates: vec![a("203.0.113.3:12405"), a("198.51.100.2:4001")],
+            candidates: vec![a("203.0.113.3:4000"), a("198.51.100.2:4000")],
             ..blank_order()
         };
-        let probe = |ip: &str, probes, per_second| {
+        let probe_on = |ip: &str, probes, per_second, udp, tcp| {
             Some(Strategy::BirthdayProbe(Box::new(BirthdayProbe {
                 ip: ip.parse().unwrap(),
                 probes,
                 per_second,
+                udp,
+                tcp,
             })))
         };
-        let open = |sockets| Some(Strategy::BirthdayOpen(Box::new(BirthdayOpen { sockets })));
-        for good in [probe("203.0.113.3", 2048, 1000), open(256)] {
+        let probe = |ip: &str, probes, per_second| probe_on(ip, probes, per_second, true, true);
+        let open_on = |sockets, udp, tcp| {
+            Some(Strategy::BirthdayOpen(Box::new(BirthdayOpen {
+                sockets,
+                udp,
+                tcp,
+            })))
+        };
+        let open = |sockets| open_on(sockets, true, true);
+        for good in [
+            probe("203.0.113.3", 2048, 1000),
+            probe_on("203.0.113.3", 2048, 1000, false, true),
+            open(256),
+            open_on(256, true, false),
+        ] {
             let mut o = PunchOrder {
                 strategy: good,
                 ..order.clone()
@@ -377,6 +401,9 @@ mod tests {
             probe("203.0.113.3", 2048, 0),
             open(MAX_BIRTHDAY_SOCKETS + 1),
             open(0),
+            // Neither transport: nothing to do, so not a birthday order.
+            probe_on("203.0.113.3", 2048, 1000, false, false),
+            open_on(256, false, false),
         ] {
             let mut o = PunchOrder {
                 strategy: bad.clone(),
@@ -385,10 +412,17 @@ mod tests {
             assert_eq!(check_strategy(&mut o), Some(Limit::Candidates), "{bad:?}");
             assert_eq!(o.strategy, None);
         }
-        // Nothing to open mappings toward without an IPv4 UDP candidate.
+        // Nothing to open mappings toward without an IPv4 candidate of
+        // the transport, nor to probe on another IP than its first one.
         let mut o = PunchOrder {
             strategy: open(256),
             udp_candidates: vec![a("[2001:db8::2]:4000")],
+            ..order.clone()
+        };
+        assert_eq!(check_strategy(&mut o), Some(Limit::Candidates));
+        let mut o = PunchOrder {
+            strategy: probe_on("203.0.113.3", 2048, 1000, false, true),
+            candidates: vec![a("203.0.113.9:4000")],
             ..order.clone()
         };
         assert_eq!(check_strategy(&mut o), Some(Limit::Candidates));

@@ -7,6 +7,7 @@
 //! saw a RST cannot be reused) and `connect()`ed; nothing here ever calls
 //! `listen()`, so the punch port never appears in `ss -ltn`.
 
+pub(crate) mod birthday;
 pub(crate) mod budget;
 pub(crate) mod family;
 pub(crate) mod plan;

@@ -24,9 +24,10 @@ use punch_rendezvous::datagram;
 use tokio::sync::mpsc;
 use tracing::{debug, info};
 
-use super::birthday::{self, Opening, Prober};
+use super::birthday::{self, Opening};
 use super::QuicPath;
 use crate::path::Role;
+use crate::punch::birthday::{Prober, PROBE_DELAY};
 use crate::punch::sleep_precise;
 use punch_rendezvous::nat::Strategy;
 
@@ -105,14 +106,16 @@ pub(crate) async fn run(
     // Birthday probing: the easy side probes the peer's IP; the random
     // side opens many mappings and waits on them, beside the plain punch.
     let mut prober = match p.strategy {
-        Some(Strategy::BirthdayProbe(b)) => {
-            Some(Prober::new(b, p.fire_at + birthday::PROBE_DELAY, seed()))
-        }
+        Some(Strategy::BirthdayProbe(b)) if b.udp => Some(Prober::new(
+            b,
+            p.fire_at + PROBE_DELAY,
+            crate::punch::birthday::seed(),
+        )),
         _ => None,
     };
     let opening = async {
         match p.strategy {
-            Some(Strategy::BirthdayOpen(b)) => {
+            Some(Strategy::BirthdayOpen(b)) if b.udp => {
                 birthday::open(Opening {
                     path: p.path,
                     session: p.session,
@@ -129,7 +132,7 @@ pub(crate) async fn run(
         }
     };
     let mut opening = std::pin::pin!(opening);
-    let mut opening_running = matches!(p.strategy, Some(Strategy::BirthdayOpen(_)));
+    let mut opening_running = matches!(p.strategy, Some(Strategy::BirthdayOpen(b)) if b.udp);
     sleep_precise(p.fire_at).await;
     let mut heard = HashSet::new();
     let mut heard_in_round = 0;
@@ -218,18 +221,6 @@ pub(crate) async fn run(
         ));
     }
     stats
-}
-
-/// A seed for the probe walk: random, so an observer cannot tell which
-/// port comes next (the clock if the OS has no randomness to give).
-fn seed() -> u64 {
-    let mut b = [0u8; 8];
-    if getrandom::fill(&mut b).is_err() {
-        return std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos() as u64);
-    }
-    u64::from_le_bytes(b)
 }
 
 #[cfg(test)]

@@ -410,19 +410,37 @@ pub(crate) async fn punch_direct(
     let (repunch_tx, repunch_rx) = mpsc::channel::<SocketAddr>(4);
     let tcp_engine = async {
         let plan = PunchPlan::new(
-            order.candidates.clone(),
+            punch::birthday::timed_candidates(order.strategy.as_ref(), &order.candidates),
             fire_at.into_std(),
             deadline.into_std(),
         );
-        punch::run(
+        // Birthday probing over TCP (a random NAT against an easy one)
+        // runs beside the timed punch, into the same channel.
+        let birthday = punch::birthday::run_tcp(
+            race.syn_budget,
+            port,
+            order.strategy.as_ref(),
+            &order.candidates,
+            fire_at.into_std(),
+            deadline.into_std(),
+            tcp_tx.clone(),
+        );
+        let timed = punch::run(
             race.syn_budget,
             port,
             plan,
             fire_at.into_std(),
             tcp_tx,
             repunch_rx,
-        )
-        .await
+        );
+        let (mut stats, birthday) = tokio::join!(timed, birthday);
+        if let Some(why) = birthday {
+            stats.last_error = Some(match stats.last_error.take() {
+                Some(e) => format!("{e}; {why}"),
+                None => why,
+            });
+        }
+        stats
     };
     let mut tcp_engine = std::pin::pin!(tcp_engine);
     let mut tcp_running = use_tcp;

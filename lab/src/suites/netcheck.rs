@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _, Result};
 
+use crate::harness::punchd_types::Transport;
 use crate::harness::run::wait;
 use crate::harness::Binaries;
 use crate::net::nat::NatBehaviour;
@@ -267,7 +268,17 @@ const PREDICT_PACKET_BOUND: u64 = 18 * 25 + 50;
 /// within 15 s of the start, 8 MiB intact, and each side's packets toward
 /// the other's NAT within the birthday budget.
 pub fn random_and_easy_go_direct(bins: &Binaries, runs: usize) -> Result<String> {
-    use crate::harness::punchd_types::{PathState, Transport};
+    birthday_pair(bins, runs, Transport::Quic)
+}
+
+/// The same over TCP only: the random side's 256 SYNs wait in `SYN_SENT`,
+/// the easy side's probe SYNs meet one of them in a simultaneous open.
+pub fn random_and_easy_go_direct_over_tcp(bins: &Binaries, runs: usize) -> Result<String> {
+    birthday_pair(bins, runs, Transport::Tcp)
+}
+
+fn birthday_pair(bins: &Binaries, runs: usize, transport: Transport) -> Result<String> {
+    use crate::harness::punchd_types::PathState;
     use crate::harness::run::Run;
     use crate::harness::spec::{Expect, Scenario};
     use crate::harness::status::first_peer;
@@ -280,8 +291,10 @@ pub fn random_and_easy_go_direct(bins: &Binaries, runs: usize) -> Result<String>
         } else {
             (NatBehaviour::Firewall, NatBehaviour::RandomFully)
         };
-        let scenario = Scenario::new("bday", Layout::Mixed(a, b), Expect::Direct)
-            .with_transports(&[Transport::Quic]);
+        let tcp = transport == Transport::Tcp;
+        let name = if tcp { "bdayt" } else { "bday" };
+        let scenario =
+            Scenario::new(name, Layout::Mixed(a, b), Expect::Direct).with_transports(&[transport]);
         // bob up first, so the rendezvous has seen his UDP endpoint when
         // alice's registration makes the order (as for port prediction).
         let scenario = Scenario {
@@ -289,14 +302,15 @@ pub fn random_and_easy_go_direct(bins: &Binaries, runs: usize) -> Result<String>
             ..scenario
         };
         let run = Run::start(&scenario, bins)?;
-        // Counts what each side sends toward the other's NAT over UDP.
-        run.topo.nats[0].nft(&count_rule("203.0.113.3"))?;
-        run.topo.nats[1].nft(&count_rule("203.0.113.2"))?;
+        // Counts what each side sends toward the other's NAT: UDP
+        // packets, or SYNs.
+        run.topo.nats[0].nft(&count_rule("203.0.113.3", tcp))?;
+        run.topo.nats[1].nft(&count_rule("203.0.113.2", tcp))?;
         let result = (|| -> Result<String> {
             let doc = run.wait_path("alice", PathState::Direct, Duration::from_secs(15))?;
             let ready = run.since_start().as_millis() as u64;
             let peer = first_peer(&doc)?;
-            if peer.transport != Some(Transport::Quic) {
+            if peer.transport != Some(transport) {
                 bail!("direct, but over {:?}", peer.transport);
             }
             let punch_ms = peer.last_punch.as_ref().map_or(0, |p| p.elapsed_ms);
@@ -305,10 +319,18 @@ pub fn random_and_easy_go_direct(bins: &Binaries, runs: usize) -> Result<String>
             } else {
                 ("bob", "alice")
             };
-            if !run
-                .first_log(random)
-                .contains("birthday: the peer's probe landed")
-            {
+            let (opened, hit) = if tcp {
+                (
+                    "birthday: the peer's probe met one of our TCP mappings",
+                    "birthday: a TCP probe met",
+                )
+            } else {
+                (
+                    "birthday: the peer's probe landed",
+                    "birthday: a probe landed",
+                )
+            };
+            if !run.first_log(random).contains(opened) {
                 bail!("{random} (random NAT) went direct, but not through a birthday mapping");
             }
             let sent_a = run.topo.nats[0].nft_counter("ip", "lab_count")?;
@@ -318,8 +340,13 @@ pub fn random_and_easy_go_direct(bins: &Binaries, runs: usize) -> Result<String>
             } else {
                 (sent_b, sent_a)
             };
-            if by_easy > EASY_PACKET_BOUND || by_random > RANDOM_PACKET_BOUND {
-                bail!("over the birthday budget: {easy} (easy) sent {by_easy} UDP packets toward the peer's NAT (bound {EASY_PACKET_BOUND}), {random} (random) {by_random} (bound {RANDOM_PACKET_BOUND})");
+            let (easy_bound, random_bound) = if tcp {
+                (EASY_SYN_BOUND, RANDOM_SYN_BOUND)
+            } else {
+                (EASY_PACKET_BOUND, RANDOM_PACKET_BOUND)
+            };
+            if by_easy > easy_bound || by_random > random_bound {
+                bail!("over the birthday budget: {easy} (easy) sent {by_easy} packets toward the peer's NAT (bound {easy_bound}), {random} (random) {by_random} (bound {random_bound})");
             }
             let t = run.transfer(8 << 20, 2)?;
             if t.bytes != 8 << 20 {
@@ -329,7 +356,7 @@ pub fn random_and_easy_go_direct(bins: &Binaries, runs: usize) -> Result<String>
             let log = run.first_log(easy);
             let probes = log
                 .lines()
-                .find(|l| l.contains("birthday: a probe landed"))
+                .find(|l| l.contains(hit))
                 .and_then(|l| l.split("probes=").nth(1))
                 .and_then(|v| v.split(|c: char| !c.is_ascii_digit()).next())
                 .unwrap_or("?")
@@ -344,20 +371,35 @@ pub fn random_and_easy_go_direct(bins: &Binaries, runs: usize) -> Result<String>
         }
     }
     Ok(format!(
-        "random+easy: direct over QUIC by birthday probing in {}/{runs} runs: {rows:#?}",
+        "random+easy: direct over {} by birthday probing in {}/{runs} runs: {rows:#?}",
+        transport.as_str(),
         rows.len()
     ))
 }
 
-/// A counter on a NAT for UDP from its LAN toward `peer_nat`.
-fn count_rule(peer_nat: &str) -> String {
-    COUNT_RULE.replace("203.0.113.3", peer_nat)
+/// A counter on a NAT for UDP (or TCP SYNs) from its LAN toward
+/// `peer_nat`.
+fn count_rule(peer_nat: &str, syns: bool) -> String {
+    let rule = COUNT_RULE.replace("203.0.113.3", peer_nat);
+    if syns {
+        rule.replace("meta l4proto udp", "tcp flags & (syn | ack) == syn")
+    } else {
+        rule
+    }
 }
 
 /// What the easy side may send toward the random side's NAT before it is
 /// direct: the probes (2,048 at most), the plain punch (2 candidates × 25
 /// rounds), answers and QUIC's handshake.
 const EASY_PACKET_BOUND: u64 = 2048 + 2 * 25 + 100;
+/// SYNs the easy side may send toward the random side's NAT before it is
+/// direct: the probes (the timed punch leaves the random side's public IP
+/// to them) and a margin.
+const EASY_SYN_BOUND: u64 = 2048 + 50;
+/// SYNs the random side may send: one per socket and the kernel's
+/// retransmissions (at 1 and 3 s), and the timed punch's toward the easy
+/// side, which drops them (so retried on the plan's slow schedule).
+const RANDOM_SYN_BOUND: u64 = 256 * 3 + 200;
 /// What the random side may send toward the easy side's NAT: 256 sockets
 /// × at most 2 of the peer's IPs × 3 opening rounds, the plain punch,
 /// answers and QUIC's handshake.

@@ -350,6 +350,7 @@ pub(crate) fn punch_orders(
         side(me),
         side(other),
         other.udp_observed,
+        Some(other.observed),
     ) {
         crate::nat::Strategy::Timed => None,
         s => Some(s),
