@@ -79,3 +79,46 @@ fn a_random_nat_and_an_easy_one_go_direct_over_tcp_by_birthday_probing() {
         punch_lab::suites::netcheck::random_and_easy_go_direct_over_tcp,
     );
 }
+
+/// Random + an easy NAT that answers unsolicited SYNs with RST (plain
+/// masquerade), with a router between the NATs: the TTL-limited first SYNs
+/// and datagrams of the random side expire at the router, and the pair
+/// goes direct over TCP and over QUIC (2 runs each here).
+#[test]
+fn a_random_nat_and_a_rst_answering_one_go_direct_past_a_router_by_ttl_limited_opening() {
+    use punch_lab::harness::punchd_types::Transport;
+    repeated("bdhop", |b, runs| {
+        let tcp = punch_lab::suites::netcheck::random_and_rst_easy_go_direct_past_a_router(
+            b,
+            runs,
+            Transport::Tcp,
+        )?;
+        let quic = punch_lab::suites::netcheck::random_and_rst_easy_go_direct_past_a_router(
+            b,
+            runs,
+            Transport::Quic,
+        )?;
+        Ok(format!("{tcp}\n{quic}"))
+    });
+}
+
+/// The same pair with the NATs on one switch (no router to expire at):
+/// measured only, in `lab/hard-nat-runs.sh` (`--ignored` here).
+#[test]
+#[ignore = "a measurement: run by lab/hard-nat-runs.sh"]
+fn a_random_nat_and_a_rst_answering_one_on_one_switch() {
+    use punch_lab::harness::punchd_types::Transport;
+    repeated("bdnohop", |b, runs| {
+        let tcp = punch_lab::suites::netcheck::random_and_rst_easy_without_a_router(
+            b,
+            runs,
+            Transport::Tcp,
+        )?;
+        let quic = punch_lab::suites::netcheck::random_and_rst_easy_without_a_router(
+            b,
+            runs,
+            Transport::Quic,
+        )?;
+        Ok(format!("{tcp}\n{quic}"))
+    });
+}

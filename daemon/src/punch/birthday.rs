@@ -40,7 +40,6 @@ use std::time::{Duration, Instant};
 use futures::stream::FuturesUnordered;
 use futures::StreamExt as _;
 use punch_rendezvous::nat::{BirthdayProbe, Strategy, BIRTHDAY_PORTS};
-use tokio::net::TcpSocket;
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
@@ -259,29 +258,86 @@ pub(crate) async fn run_tcp(
     }
 }
 
-/// The candidates the timed TCP punch keeps beside a birthday probe: not
-/// the random side's public IP. Its observed port is its mapping toward
-/// the rendezvous, not toward us; a NAT that refuses there is retried at
-/// once after each RST, so that punch would spend the SYN budget as fast
-/// as it refills (2,000 SYNs in a quarter second in the lab) for nothing.
+/// The candidates the timed TCP punch keeps beside TCP birthday probing:
+/// not the peer's public IP, where the timed punch cannot meet.
+/// - Probing (the peer is the random side): its observed port is its
+///   mapping toward the rendezvous, not toward us.
+/// - Opening (we are): the timed punch's SYN leaves our NAT from a random
+///   port the peer does not know.
+///
+/// Either way a NAT that refuses is retried at once after each RST, so that
+/// punch would spend the SYN budget as fast as it refills (~2,000 SYNs in
+/// a quarter second in the lab) for nothing.
 pub(crate) fn timed_candidates(
     strategy: Option<&Strategy>,
     candidates: &[SocketAddr],
 ) -> Vec<SocketAddr> {
-    match strategy {
-        Some(Strategy::BirthdayProbe(b)) if b.tcp => candidates
-            .iter()
-            .filter(|c| c.ip().to_canonical() != b.ip)
-            .copied()
-            .collect(),
-        _ => candidates.to_vec(),
+    let peer_ip = match strategy {
+        Some(Strategy::BirthdayProbe(b)) if b.tcp => Some(b.ip),
+        Some(Strategy::BirthdayOpen(b)) if b.tcp => {
+            candidates.iter().find(|c| c.is_ipv4()).map(|c| c.ip())
+        }
+        _ => None,
+    };
+    candidates
+        .iter()
+        .filter(|c| Some(c.ip().to_canonical()) != peer_ip)
+        .copied()
+        .collect()
+}
+
+/// The TTL of the random side's first SYN (and first round of punch
+/// datagrams): one hop past a NAT in front of the host, expiring at the
+/// next router. So it opens our NAT's mapping without reaching, and
+/// drawing a RST from, the peer's NAT (or, over UDP, leaving the peer's
+/// NAT a stray flow that would clash with its probes). Everything later
+/// goes at the normal TTL: the kernel's SYN retransmission a second on,
+/// the SYN-ACK when a probe lands, UDP's later rounds. A host several hops
+/// behind its NAT (a carrier NAT) opens its mappings with those instead.
+pub(crate) const OPEN_TTL: u32 = 2;
+/// A SYN_SENT socket killed by the ICMP "time exceeded" its own
+/// TTL-limited SYN drew (Linux ends a connecting socket on it) is started
+/// again from the same port this many times at most, and only this long
+/// after `at`: its mapping on our NAT is still there, and a probe landing
+/// on it must find a socket, not draw our kernel's RST.
+const REARMS: u8 = 3;
+const REARM_WITHIN: Duration = Duration::from_secs(1);
+
+/// Starts a connect from `local_port` (0: any) to `to` whose SYN leaves
+/// with TTL [`OPEN_TTL`]; later packets use the normal TTL.
+fn start_connect(local_port: u16, to: SocketAddr) -> std::io::Result<tokio::net::TcpStream> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let s = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP))?;
+    s.set_nonblocking(true)?;
+    s.set_reuse_address(true)?;
+    s.bind(&SocketAddr::from((std::net::Ipv4Addr::UNSPECIFIED, local_port)).into())?;
+    let normal = s.ttl_v4()?;
+    s.set_ttl_v4(OPEN_TTL)?;
+    match s.connect(&to.into()) {
+        Ok(()) => {}
+        Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
+        Err(e) => return Err(e),
     }
+    // The SYN has left (the kernel sends it inside connect()).
+    s.set_ttl_v4(normal)?;
+    tokio::net::TcpStream::from_std(s.into())
+}
+
+/// Waits for a connect started by [`start_connect`] to complete.
+async fn connected(stream: tokio::net::TcpStream) -> std::io::Result<tokio::net::TcpStream> {
+    stream.writable().await?;
+    if let Some(e) = stream.take_error()? {
+        return Err(e);
+    }
+    stream.peer_addr()?;
+    Ok(stream)
 }
 
 /// The random side over TCP: `sockets` SYNs toward the peer's endpoint,
-/// each from its own port (one NAT mapping each), left in `SYN_SENT` (the
-/// kernel's own retransmissions keep the mappings fresh) until a probe of
-/// the peer meets one of them.
+/// each from its own port (one NAT mapping each), TTL-limited
+/// ([`OPEN_TTL`]) and left in `SYN_SENT` until a probe of the peer meets
+/// one of them (a simultaneous open); the kernel's own retransmissions
+/// keep the mappings fresh.
 async fn open_tcp(
     budget: &std::sync::Mutex<budget::SynBudget>,
     toward: SocketAddr,
@@ -292,52 +348,67 @@ async fn open_tcp(
 ) -> Option<String> {
     let reserved = Reserved::take(usize::from(sockets));
     tokio::time::sleep_until(fire_at.into()).await;
+    let slot = |port: u16, stream: tokio::net::TcpStream| async move {
+        (
+            port,
+            tokio::time::timeout_at(deadline.into(), connected(stream)).await,
+        )
+    };
     let mut connecting = FuturesUnordered::new();
     for _ in 0..reserved.0 {
-        let sock = match TcpSocket::new_v4().and_then(|s| {
-            s.bind(SocketAddr::from((std::net::Ipv4Addr::UNSPECIFIED, 0)))?;
-            Ok(s)
-        }) {
-            Ok(s) => s,
+        budget::spend(budget).await;
+        match start_connect(0, toward) {
+            Ok(stream) => {
+                let port = stream.local_addr().map_or(0, |a| a.port());
+                connecting.push(slot(port, stream));
+            }
             Err(e) => {
                 warn!(opened = connecting.len(), error = %e, "birthday: cannot open more TCP sockets (raise the open-file limit?); punching with fewer mappings");
                 break;
             }
-        };
-        budget::spend(budget).await;
-        connecting.push(tokio::time::timeout_at(
-            deadline.into(),
-            sock.connect(toward),
-        ));
+        }
     }
     let opened = connecting.len();
     if opened == 0 {
         return Some("birthday: no TCP socket to open mappings with".into());
     }
-    info!(mappings = opened, %toward, "birthday: opened our NAT toward the peer from many TCP ports; waiting for its probes");
+    info!(mappings = opened, %toward, ttl = OPEN_TTL, "birthday: opened our NAT toward the peer from many TCP ports; waiting for its probes");
     let mut refused = 0;
+    let mut rearms: std::collections::HashMap<u16, u8> = std::collections::HashMap::new();
     let mut last_error = None;
     loop {
         tokio::select! {
             _ = out.closed() => return None,
             r = connecting.next() => match r {
-                Some(Ok(Ok(stream))) => {
+                Some((_, Ok(Ok(stream)))) => {
                     info!(remote = %toward, local_port = stream.local_addr().map(|a| a.port()).unwrap_or(0), "birthday: the peer's probe met one of our TCP mappings (simultaneous open)");
                     super::tune_tunnel_socket(&stream);
                     let est = Established { stream: PunchedStream::new(stream), remote: toward, kind: CandidateKind::Public, attempts: opened as u32 };
                     let _ = out.send(est).await;
                     return None;
                 }
-                Some(Ok(Err(e))) => {
+                Some((port, Ok(Err(e)))) => {
+                    let expired = matches!(e.raw_os_error(), Some(libc::EHOSTUNREACH | libc::ENETUNREACH));
+                    let n = rearms.entry(port).or_insert(0);
+                    if expired && port != 0 && *n < REARMS && Instant::now() < fire_at + REARM_WITHIN {
+                        *n += 1;
+                        budget::spend(budget).await;
+                        if let Ok(stream) = start_connect(port, toward) {
+                            connecting.push(slot(port, stream));
+                            continue;
+                        }
+                    }
                     if e.kind() == std::io::ErrorKind::ConnectionRefused { refused += 1; }
                     last_error = Some(e.to_string());
                 }
-                Some(Err(_)) | None => break,
+                Some((_, Err(_))) | None => break,
             },
         }
     }
+    let rearmed: u32 = rearms.values().map(|n| u32::from(*n)).sum();
+    debug!(rearmed, "birthday: TCP opening ended");
     Some(if refused * 2 > opened {
-        format!("birthday: {refused} of our {opened} TCP mappings were refused (a RST from the peer's NAT: TCP birthday probing needs a NAT that drops unsolicited SYNs)")
+        format!("birthday: {refused} of our {opened} TCP mappings were refused (a RST from the peer's NAT, which the TTL-limited first SYN did not avoid: no router between the NATs, or our NAT further than one hop)")
     } else {
         format!(
             "birthday: no probe of the peer met any of our {opened} TCP mappings{}",
@@ -483,7 +554,7 @@ mod tests {
     }
 
     #[test]
-    fn a_tcp_probe_leaves_the_random_sides_public_ip_to_the_birthday() {
+    fn tcp_birthday_leaves_the_peers_public_ip_out_of_the_timed_punch() {
         let cands: Vec<SocketAddr> = vec![
             "203.0.113.3:4000".parse().unwrap(),
             "198.51.100.2:4000".parse().unwrap(),
@@ -500,6 +571,15 @@ mod tests {
         assert_eq!(timed_candidates(Some(&probe(true)), &cands), &cands[1..]);
         assert_eq!(timed_candidates(Some(&probe(false)), &cands), cands);
         assert_eq!(timed_candidates(None, &cands), cands);
+        let open = |tcp| {
+            Strategy::BirthdayOpen(Box::new(punch_rendezvous::nat::BirthdayOpen {
+                sockets: 256,
+                udp: true,
+                tcp,
+            }))
+        };
+        assert_eq!(timed_candidates(Some(&open(true)), &cands), &cands[1..]);
+        assert_eq!(timed_candidates(Some(&open(false)), &cands), cands);
     }
 
     #[test]

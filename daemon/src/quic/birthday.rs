@@ -22,10 +22,10 @@ use tracing::{debug, info, warn};
 use super::punch::QuicEstablished;
 use super::QuicPath;
 use crate::path::Role;
-use crate::punch::birthday::Reserved;
+use crate::punch::birthday::{Reserved, OPEN_TTL};
 
 /// When the random side sends from every socket, after `at`: the first
-/// round opens the mappings, the later ones refresh them (a Linux NAT
+/// round opens the mappings (TTL-limited), the later ones refresh them (a Linux NAT
 /// forgets an unanswered UDP mapping after 30 s) and stand in for a first
 /// datagram lost on the way to the NAT.
 const OPEN_ROUNDS: [Duration; 3] = [
@@ -112,9 +112,19 @@ pub(crate) async fn open(o: Opening<'_>) -> Result<QuicEstablished, String> {
         let next = OPEN_ROUNDS.get(round).map(|d| o.fire_at + *d);
         tokio::select! {
             _ = tokio::time::sleep_until(next.unwrap_or(o.deadline).into()), if next.is_some() => {
+                // The first round TTL-limited (`OPEN_TTL`): it opens our
+                // mappings but expires before the peer's NAT; the later
+                // ones at the normal TTL.
                 for s in &sockets {
+                    let normal = s.ttl().ok().filter(|_| round == 0);
+                    if normal.is_some() {
+                        let _ = s.set_ttl(OPEN_TTL);
+                    }
                     for to in &toward {
                         let _ = s.send_to(&punch, to).await;
+                    }
+                    if let Some(ttl) = normal {
+                        let _ = s.set_ttl(ttl);
                     }
                 }
                 if round == 0 {

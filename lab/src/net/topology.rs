@@ -47,6 +47,11 @@ pub enum Layout {
     DoubleNat,
     /// Each host behind its own NAT, of two flavours (natA's, natB's).
     Mixed(NatBehaviour, NatBehaviour),
+    /// As [`Layout::Mixed`], with a router hop in front of natB: every
+    /// packet between natB and the rest of the internet crosses one more
+    /// router, so a packet sent with a small TTL expires on the way
+    /// between the two NATs (birthday probing's TTL-limited opening).
+    MixedHop(NatBehaviour, NatBehaviour),
 }
 
 /// A built network. Dropping it removes every namespace (and kills every
@@ -75,6 +80,8 @@ pub struct Topology {
     pub outer_nat_b: Option<usize>,
     /// IPv6, when [`Topology::add_ipv6`] added it.
     pub ipv6: Option<Ipv6Plan>,
+    /// Routers that are neither NATs nor hosts ([`Layout::MixedHop`]).
+    pub routers: Vec<Netns>,
     prefix: String,
 }
 
@@ -196,6 +203,47 @@ fn side_nat(
     Ok(nat)
 }
 
+/// The router in front of natB ([`Layout::MixedHop`]): on the internet
+/// switch at this address, answering ARP there for natB's public address
+/// (proxy ARP), so natB keeps 203.0.113.3 and nothing else in the lab
+/// changes, but every packet to or from natB is routed once more.
+const HOP_IP: &str = "203.0.113.4";
+
+/// natB (public 203.0.113.3, as in [`SIDE_B`]) with hostB on its LAN,
+/// joined to the internet through a router `hop_name`. The link between
+/// them is unnumbered: natB's 203.0.113.3/32 and the router's
+/// 203.0.113.4/32, each with a host route to the other.
+fn side_nat_behind_hop(
+    name: &str,
+    hop_name: &str,
+    behaviour: NatBehaviour,
+    inet: &Netns,
+    host: &Netns,
+) -> Result<(Netns, Netns)> {
+    let side = &SIDE_B;
+    let public = side.public.split('/').next().unwrap_or("203.0.113.3");
+    let hop = Netns::create(hop_name)?;
+    hop.exec("sysctl", &["-qw", "net.ipv4.ip_forward=1"])?;
+    to_internet(inet, &hop, "eth0", "p-hop", &format!("{HOP_IP}/24"))?;
+    let nat = make_nat_at(name, behaviour, Some(public))?;
+    veth(&hop, "lan0", &nat, "wan0")?;
+    addr(&hop, "lan0", &format!("{HOP_IP}/32"))?;
+    hop.ip(&["route", "add", &format!("{public}/32"), "dev", "lan0"])?;
+    hop.exec("sysctl", &["-qw", "net.ipv4.conf.eth0.proxy_arp=1"])?;
+    addr(&nat, "wan0", &format!("{public}/32"))?;
+    nat.ip(&["route", "add", &format!("{HOP_IP}/32"), "dev", "wan0"])?;
+    nat.ip(&["route", "add", "default", "via", HOP_IP, "dev", "wan0"])?;
+    lan_host(
+        &nat,
+        host,
+        "lan0",
+        side.gateway_cidr,
+        side.host,
+        side.gateway,
+    )?;
+    Ok((nat, hop))
+}
+
 impl Topology {
     /// Builds `layout` with namespace names starting with `prefix`,
     /// first removing anything a crashed run left under that prefix.
@@ -210,8 +258,9 @@ impl Topology {
         let host_a = Netns::create(&n("hostA"))?;
         let host_b = Netns::create(&n("hostB"))?;
         let mut nats = Vec::new();
+        let mut routers = Vec::new();
         let (outer_a, outer_b) = match layout {
-            Layout::TwoNats(_) | Layout::Mixed(..) => (Some(0), Some(1)),
+            Layout::TwoNats(_) | Layout::Mixed(..) | Layout::MixedHop(..) => (Some(0), Some(1)),
             Layout::SameNat => (Some(0), None),
             Layout::OnePublic => (Some(0), None),
             Layout::DoubleNat => (Some(1), Some(2)),
@@ -227,6 +276,14 @@ impl Topology {
                 let nat_a = side_nat(&n(SIDE_A.nat), a, &inet, &host_a, &SIDE_A)?;
                 let nat_b = side_nat(&n(SIDE_B.nat), b, &inet, &host_b, &SIDE_B)?;
                 nats.extend([nat_a, nat_b]);
+                ("203.0.113.3", "203.0.113.2")
+            }
+            Layout::MixedHop(a, b) => {
+                let nat_a = side_nat(&n(SIDE_A.nat), a, &inet, &host_a, &SIDE_A)?;
+                let (nat_b, hop) =
+                    side_nat_behind_hop(&n(SIDE_B.nat), &n("hop"), b, &inet, &host_b)?;
+                nats.extend([nat_a, nat_b]);
+                routers.push(hop);
                 ("203.0.113.3", "203.0.113.2")
             }
             Layout::SameNat => {
@@ -298,6 +355,7 @@ impl Topology {
             outer_nat_a: outer_a,
             outer_nat_b: outer_b,
             ipv6: None,
+            routers,
             prefix: prefix.to_owned(),
         })
     }
