@@ -86,6 +86,9 @@ async fn netcheck_reports_both_transports_without_a_daemon() {
     // Two local ports, each seen by both endpoints.
     assert_eq!(doc["observed_tcp"].as_array().unwrap().len(), 2, "{doc}");
     assert_eq!(doc["observed_udp"].as_array().unwrap().len(), 2, "{doc}");
+    // The server's unsolicited SYN reached our own (connected, not
+    // listening) port on loopback: refused.
+    assert_eq!(doc["unsolicited_tcp"], "rst", "{doc}");
     let (ok, human, err) = tokio::task::spawn_blocking(move || netcheck(&cfg, false))
         .await
         .unwrap();
@@ -96,6 +99,10 @@ async fn netcheck_reports_both_transports_without_a_daemon() {
     );
     assert!(
         human.contains("UDP mapping: endpoint-independent"),
+        "{human}"
+    );
+    assert!(
+        human.contains("unsolicited SYN: answered with RST"),
         "{human}"
     );
     rv.stop().await;
@@ -120,6 +127,7 @@ async fn without_the_second_endpoint_the_mapping_is_unknown_and_no_rendezvous_is
     let doc: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(doc["mapping_tcp"], "unknown", "{doc}");
     assert_eq!(doc["mapping_udp"], "unknown", "{doc}");
+    assert_eq!(doc["unsolicited_tcp"], serde_json::Value::Null, "{doc}");
     rv.stop().await;
     // Nothing listening: exit 1 with the reason.
     let (ok, _, err) = tokio::task::spawn_blocking(move || netcheck(&cfg, true))

@@ -57,6 +57,47 @@ impl Mapping {
     }
 }
 
+/// What a NAT did with an unsolicited SYN to one of its mappings (the
+/// rendezvous's inbound test; TCP only).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Unsolicited {
+    /// Nothing came back: the NAT drops it (most home routers, carrier
+    /// NATs).
+    Dropped,
+    /// Refused with RST (a Linux NAT without a firewall, OpenWrt's
+    /// `REJECT`, or the host behind a NAT that let it through).
+    Rst,
+    /// It connected: the mapping takes unsolicited connections.
+    Reached,
+    /// An ICMP error came back.
+    Unreachable,
+}
+
+impl Unsolicited {
+    /// The word on the wire and in `punchd netcheck`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Unsolicited::Dropped => "dropped",
+            Unsolicited::Rst => "rst",
+            Unsolicited::Reached => "reached",
+            Unsolicited::Unreachable => "unreachable",
+        }
+    }
+
+    /// Parses [`Self::as_str`]'s words.
+    pub fn parse(s: &str) -> Option<Self> {
+        [
+            Unsolicited::Dropped,
+            Unsolicited::Rst,
+            Unsolicited::Reached,
+            Unsolicited::Unreachable,
+        ]
+        .into_iter()
+        .find(|u| u.as_str() == s)
+    }
+}
+
 /// What discovery found for one transport.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TransportNat {
@@ -71,6 +112,10 @@ pub struct TransportNat {
     /// observed step was the same: the allocation is predictable.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub delta: Option<i32>,
+    /// What the NAT did with an unsolicited SYN (TCP only; `None`: not
+    /// measured).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unsolicited: Option<Unsolicited>,
 }
 
 impl TransportNat {
@@ -147,6 +192,12 @@ pub struct BirthdayOpen {
     /// simultaneous open when the peer's probe lands on its mapping.
     #[serde(default)]
     pub tcp: bool,
+    /// Send the first SYNs and datagrams with a small TTL, so they open
+    /// our NAT but expire before the peer's: unless the peer's NAT is
+    /// known to drop unsolicited SYNs, they could draw its RST (which
+    /// ends the SYN_SENT socket and the mapping it opened).
+    #[serde(default = "yes")]
+    pub ttl_limited: bool,
 }
 
 /// The easy side's share of birthday probing.
@@ -312,10 +363,14 @@ fn birthday(
     let open_udp = udp == Some(true) && me.udp_seen;
     let open_tcp = tcp == Some(true);
     if open_udp || open_tcp {
+        let drops = other
+            .nat
+            .is_some_and(|n| n.tcp.unsolicited == Some(Unsolicited::Dropped));
         return Some(Strategy::BirthdayOpen(Box::new(BirthdayOpen {
             sockets: BIRTHDAY_SOCKETS,
             udp: open_udp,
             tcp: open_tcp,
+            ttl_limited: !drops,
         })));
     }
     let ip = v4(other_udp)
@@ -400,6 +455,7 @@ mod tests {
             mapping,
             port_preserved: false,
             delta,
+            unsolicited: None,
         }
     }
 
@@ -428,8 +484,23 @@ mod tests {
                 sockets: BIRTHDAY_SOCKETS,
                 udp: true,
                 tcp: true,
+                ttl_limited: true,
             }))
         );
+        // Against an easy NAT known to drop unsolicited SYNs, no TTL
+        // limit (a host several hops behind its NAT opens it at once).
+        let dropping = side(
+            TransportNat {
+                unsolicited: Some(Unsolicited::Dropped),
+                ..easy
+            },
+            easy,
+            false,
+        );
+        assert!(matches!(
+            choose_for(r, dropping, Some(seen), Some(seen)),
+            Strategy::BirthdayOpen(b) if !b.ttl_limited
+        ));
         let Strategy::BirthdayProbe(b) = choose_for(e, r, Some(seen), Some(seen)) else {
             panic!("the easy side does not probe");
         };
@@ -454,6 +525,7 @@ mod tests {
                 sockets: BIRTHDAY_SOCKETS,
                 udp: false,
                 tcp: true,
+                ttl_limited: true,
             }))
         );
         // Not when either side has a router mapping (the timed punch
@@ -535,7 +607,8 @@ mod tests {
             Strategy::BirthdayOpen(Box::new(BirthdayOpen {
                 sockets: 256,
                 udp: true,
-                tcp: false
+                tcp: false,
+                ttl_limited: true,
             }))
         );
     }

@@ -14,6 +14,9 @@
 //!
 //! Cost, bounded: 4 TCP connections and at most 12 datagrams (4 questions,
 //! 3 tries each), plus the gateway's port-mapping probe for `netcheck`.
+//! The first flow also asks the server for one unsolicited SYN toward its
+//! own mapping (`inbound`, rendezvous `server/observe.rs`): whether the
+//! NAT drops it or answers with RST, which birthday probing needs.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
@@ -22,8 +25,9 @@ use bytes::Bytes;
 use http_body_util::{BodyExt as _, Empty};
 use hyper_util::rt::TokioIo;
 use punch_rendezvous::datagram::{self, Datagram};
+use punch_rendezvous::nat::Unsolicited;
 use serde::Deserialize;
-use tokio::io::AsyncReadExt as _;
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::UdpSocket;
 
 use super::link::Endpoint;
@@ -33,6 +37,9 @@ use crate::punch::bind_punch_socket;
 
 /// One TCP connection (connect, and the answer) may take this long.
 const TCP_TIMEOUT: Duration = Duration::from_millis(1500);
+/// The unsolicited-SYN test's verdict may take this long after the
+/// question (the server waits 500 ms for an answer to its SYN).
+const INBOUND_TIMEOUT: Duration = Duration::from_millis(1500);
 /// One UDP question is sent this many times, this far apart.
 const UDP_TRIES: u32 = 3;
 const UDP_WAIT: Duration = Duration::from_millis(250);
@@ -85,9 +92,19 @@ pub(crate) async fn check(endpoint: &Endpoint) -> Result<NatDoc, NetcheckError> 
     let mut tcp_flows = Vec::new();
     let mut info: Option<Observation> = None;
     let mut first_error = None;
-    for _ in 0..FLOWS {
-        match tcp_flow(endpoint, server, &mut info).await {
-            Ok(f) => tcp_flows.push(f),
+    let mut asked = None;
+    let mut asked_at = None;
+    for i in 0..FLOWS {
+        // The unsolicited-SYN test rides on the first flow's second
+        // question: one SYN toward that flow's mapping, whose verdict is
+        // read after the other questions (the server waits up to 500 ms
+        // for an answer to its SYN; meanwhile the check goes on).
+        match tcp_flow(endpoint, server, &mut info, i == 0).await {
+            Ok((f, a)) => {
+                tcp_flows.push(f);
+                asked = asked.or(a);
+                asked_at.get_or_insert_with(tokio::time::Instant::now);
+            }
             Err(e) => {
                 first_error.get_or_insert(e);
             }
@@ -109,6 +126,13 @@ pub(crate) async fn check(endpoint: &Endpoint) -> Result<NatDoc, NetcheckError> 
             }
         }
     }
+    let unsolicited = match (asked, asked_at) {
+        (Some(conn), Some(at)) => tokio::time::timeout_at(at + INBOUND_TIMEOUT, verdict(conn))
+            .await
+            .ok()
+            .flatten(),
+        _ => None,
+    };
     let tcp = classify(&tcp_flows);
     let udp = classify(&udp_flows);
     let seen = |flows: &[Flow]| -> Vec<String> {
@@ -128,6 +152,7 @@ pub(crate) async fn check(endpoint: &Endpoint) -> Result<NatDoc, NetcheckError> 
         port_preserved_udp: udp.port_preserved,
         delta_tcp: tcp.delta,
         delta_udp: udp.delta,
+        unsolicited_tcp: unsolicited.map(|u| u.as_str().to_owned()),
         public_ip: Some(info.observed.ip().to_string()),
         observed_tcp: seen(&tcp_flows),
         observed_udp: seen(&udp_flows),
@@ -142,7 +167,8 @@ async fn tcp_flow(
     endpoint: &Endpoint,
     server: SocketAddr,
     info: &mut Option<Observation>,
-) -> Result<Flow, String> {
+    inbound: bool,
+) -> Result<(Flow, Option<tokio::net::TcpStream>), String> {
     let sock = bind_punch_socket(server, 0).map_err(|e| e.to_string())?;
     let local_port = sock.local_addr().map_err(|e| e.to_string())?.port();
     let main = tokio::time::timeout(TCP_TIMEOUT, http_observe(endpoint, sock, server))
@@ -163,18 +189,25 @@ async fn tcp_flow(
     let second = match info.as_ref().and_then(|i| i.observe_port) {
         Some(p) => {
             let to = SocketAddr::new(server.ip(), p);
-            tokio::time::timeout(TCP_TIMEOUT, line_observe(local_port, to))
+            tokio::time::timeout(TCP_TIMEOUT, line_observe(local_port, to, inbound))
                 .await
                 .ok()
                 .and_then(Result::ok)
         }
         None => None,
     };
-    Ok(Flow {
-        local_port,
-        main,
-        second,
-    })
+    let (second, asked) = match second {
+        Some((a, asked)) => (Some(a), asked),
+        None => (None, None),
+    };
+    Ok((
+        Flow {
+            local_port,
+            main,
+            second,
+        },
+        asked,
+    ))
 }
 
 async fn http_observe(
@@ -215,20 +248,48 @@ async fn http_observe(
     }
 }
 
-/// Connects from `local_port` to `to` and reads the one line it writes.
-async fn line_observe(local_port: u16, to: SocketAddr) -> Result<SocketAddr, String> {
+/// Connects from `local_port` to `to` and reads the one line it writes;
+/// with `inbound`, then asks for the unsolicited-SYN test on this
+/// connection's mapping and hands the connection back, to read the
+/// verdict from ([`verdict`]) while the rest of the check runs.
+async fn line_observe(
+    local_port: u16,
+    to: SocketAddr,
+    inbound: bool,
+) -> Result<(SocketAddr, Option<tokio::net::TcpStream>), String> {
     let sock = bind_punch_socket(to, local_port).map_err(|e| e.to_string())?;
     let mut tcp = sock.connect(to).await.map_err(|e| e.to_string())?;
-    let mut buf = Vec::with_capacity(64);
-    (&mut tcp)
-        .take(64)
-        .read_to_end(&mut buf)
+    let seen = read_line(&mut tcp)
         .await
-        .map_err(|e| e.to_string())?;
-    std::str::from_utf8(&buf)
-        .ok()
-        .and_then(|s| s.trim().parse().ok())
-        .ok_or_else(|| "not an address".to_owned())
+        .and_then(|l| l.trim().parse().ok())
+        .ok_or_else(|| "not an address".to_owned())?;
+    if inbound && tcp.write_all(b"inbound\n").await.is_ok() {
+        return Ok((seen, Some(tcp)));
+    }
+    Ok((seen, None))
+}
+
+/// The unsolicited-SYN test's verdict on a connection that asked for it
+/// (`None` from a server that does not offer it: it closes after the
+/// line).
+async fn verdict(mut tcp: tokio::net::TcpStream) -> Option<Unsolicited> {
+    let line = read_line(&mut tcp).await?;
+    Unsolicited::parse(line.trim().strip_prefix("inbound ")?)
+}
+
+/// One line (at most 64 bytes) from `tcp`, without its newline.
+async fn read_line(tcp: &mut tokio::net::TcpStream) -> Option<String> {
+    let mut line = Vec::with_capacity(64);
+    let mut byte = [0u8; 1];
+    while line.len() < 64 {
+        match tcp.read(&mut byte).await {
+            Ok(1) if byte[0] == b'\n' => break,
+            Ok(1) => line.push(byte[0]),
+            _ if !line.is_empty() => break,
+            _ => return None,
+        }
+    }
+    String::from_utf8(line).ok()
 }
 
 /// One local UDP port: an `observe` question to each endpoint in turn.

@@ -376,6 +376,7 @@ mod tests {
                 sockets,
                 udp,
                 tcp,
+                ttl_limited: true,
             })))
         };
         let open = |sockets| open_on(sockets, true, true);

@@ -73,6 +73,7 @@ pub fn classify(flows: &[Flow]) -> TransportNat {
         mapping,
         port_preserved,
         delta,
+        unsolicited: None,
     }
 }
 

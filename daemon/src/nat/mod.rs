@@ -10,7 +10,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
-use punch_rendezvous::nat::{Mapping, NatSummary, TransportNat};
+use punch_rendezvous::nat::{Mapping, NatSummary, TransportNat, Unsolicited};
 use serde::{Deserialize, Serialize};
 
 pub mod classify;
@@ -39,6 +39,11 @@ pub struct NatDoc {
     /// The same for UDP.
     #[serde(default)]
     pub delta_udp: Option<i32>,
+    /// What the NAT did with an unsolicited SYN to a TCP mapping:
+    /// `dropped`, `rst`, `reached` or `unreachable` (`None`: the server
+    /// did not test it).
+    #[serde(default)]
+    pub unsolicited_tcp: Option<String>,
     /// The public IPv4 address the rendezvous saw, if any answered.
     #[serde(default)]
     pub public_ip: Option<String>,
@@ -63,9 +68,13 @@ impl NatDoc {
             mapping: parse_mapping(m),
             port_preserved: preserved,
             delta,
+            unsolicited: None,
         };
         NatSummary {
-            tcp: t(&self.mapping_tcp, self.port_preserved_tcp, self.delta_tcp),
+            tcp: TransportNat {
+                unsolicited: self.unsolicited_tcp.as_deref().and_then(Unsolicited::parse),
+                ..t(&self.mapping_tcp, self.port_preserved_tcp, self.delta_tcp)
+            },
             udp: t(&self.mapping_udp, self.port_preserved_udp, self.delta_udp),
         }
     }
@@ -96,6 +105,16 @@ impl NatDoc {
         out.push_str(&format!(
             "  * UDP mapping: {}\n",
             line(&self.mapping_udp, self.port_preserved_udp, self.delta_udp)
+        ));
+        out.push_str(&format!(
+            "  * unsolicited SYN: {}\n",
+            match self.unsolicited_tcp.as_deref() {
+                Some("dropped") => "dropped (the NAT stays silent)",
+                Some("rst") => "answered with RST",
+                Some("reached") => "reached this host (the mapping takes unsolicited connections)",
+                Some("unreachable") => "answered with an ICMP error",
+                _ => "not tested (the rendezvous does not offer the test)",
+            }
         ));
         out.push_str(&format!(
             "  * port mapping: {}\n",

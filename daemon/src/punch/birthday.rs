@@ -249,7 +249,14 @@ pub(crate) async fn run_tcp(
     match strategy {
         Some(Strategy::BirthdayOpen(b)) if b.tcp => {
             let toward = candidates.iter().find(|c| c.is_ipv4()).copied()?;
-            open_tcp(budget, toward, b.sockets, fire_at, deadline, out).await
+            let opening = TcpOpening {
+                toward,
+                sockets: b.sockets,
+                ttl_limited: b.ttl_limited,
+                fire_at,
+                deadline,
+            };
+            open_tcp(budget, opening, out).await
         }
         Some(Strategy::BirthdayProbe(b)) if b.tcp => {
             probe_tcp(budget, port, b, fire_at, deadline, out).await
@@ -304,15 +311,22 @@ const REARMS: u8 = 3;
 const REARM_WITHIN: Duration = Duration::from_secs(1);
 
 /// Starts a connect from `local_port` (0: any) to `to` whose SYN leaves
-/// with TTL [`OPEN_TTL`]; later packets use the normal TTL.
-fn start_connect(local_port: u16, to: SocketAddr) -> std::io::Result<tokio::net::TcpStream> {
+/// with TTL [`OPEN_TTL`] when `ttl_limited`; later packets use the normal
+/// TTL.
+fn start_connect(
+    local_port: u16,
+    to: SocketAddr,
+    ttl_limited: bool,
+) -> std::io::Result<tokio::net::TcpStream> {
     use socket2::{Domain, Protocol, Socket, Type};
     let s = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP))?;
     s.set_nonblocking(true)?;
     s.set_reuse_address(true)?;
     s.bind(&SocketAddr::from((std::net::Ipv4Addr::UNSPECIFIED, local_port)).into())?;
     let normal = s.ttl_v4()?;
-    s.set_ttl_v4(OPEN_TTL)?;
+    if ttl_limited {
+        s.set_ttl_v4(OPEN_TTL)?;
+    }
     match s.connect(&to.into()) {
         Ok(()) => {}
         Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
@@ -333,6 +347,16 @@ async fn connected(stream: tokio::net::TcpStream) -> std::io::Result<tokio::net:
     Ok(stream)
 }
 
+/// What the random side's TCP opening needs.
+struct TcpOpening {
+    /// The peer's endpoint (its public IPv4 TCP candidate).
+    toward: SocketAddr,
+    sockets: u16,
+    ttl_limited: bool,
+    fire_at: Instant,
+    deadline: Instant,
+}
+
 /// The random side over TCP: `sockets` SYNs toward the peer's endpoint,
 /// each from its own port (one NAT mapping each), TTL-limited
 /// ([`OPEN_TTL`]) and left in `SYN_SENT` until a probe of the peer meets
@@ -340,12 +364,16 @@ async fn connected(stream: tokio::net::TcpStream) -> std::io::Result<tokio::net:
 /// keep the mappings fresh.
 async fn open_tcp(
     budget: &std::sync::Mutex<budget::SynBudget>,
-    toward: SocketAddr,
-    sockets: u16,
-    fire_at: Instant,
-    deadline: Instant,
+    o: TcpOpening,
     out: mpsc::Sender<Established>,
 ) -> Option<String> {
+    let TcpOpening {
+        toward,
+        sockets,
+        ttl_limited,
+        fire_at,
+        deadline,
+    } = o;
     let reserved = Reserved::take(usize::from(sockets));
     tokio::time::sleep_until(fire_at.into()).await;
     let slot = |port: u16, stream: tokio::net::TcpStream| async move {
@@ -357,7 +385,7 @@ async fn open_tcp(
     let mut connecting = FuturesUnordered::new();
     for _ in 0..reserved.0 {
         budget::spend(budget).await;
-        match start_connect(0, toward) {
+        match start_connect(0, toward, ttl_limited) {
             Ok(stream) => {
                 let port = stream.local_addr().map_or(0, |a| a.port());
                 connecting.push(slot(port, stream));
@@ -372,7 +400,7 @@ async fn open_tcp(
     if opened == 0 {
         return Some("birthday: no TCP socket to open mappings with".into());
     }
-    info!(mappings = opened, %toward, ttl = OPEN_TTL, "birthday: opened our NAT toward the peer from many TCP ports; waiting for its probes");
+    info!(mappings = opened, %toward, ttl_limited, "birthday: opened our NAT toward the peer from many TCP ports; waiting for its probes");
     let mut refused = 0;
     let mut rearms: std::collections::HashMap<u16, u8> = std::collections::HashMap::new();
     let mut last_error = None;
@@ -393,7 +421,7 @@ async fn open_tcp(
                     if expired && port != 0 && *n < REARMS && Instant::now() < fire_at + REARM_WITHIN {
                         *n += 1;
                         budget::spend(budget).await;
-                        if let Ok(stream) = start_connect(port, toward) {
+                        if let Ok(stream) = start_connect(port, toward, ttl_limited) {
                             connecting.push(slot(port, stream));
                             continue;
                         }
@@ -576,6 +604,7 @@ mod tests {
                 sockets: 256,
                 udp: true,
                 tcp,
+                ttl_limited: true,
             }))
         };
         assert_eq!(timed_candidates(Some(&open(true)), &cands), &cands[1..]);

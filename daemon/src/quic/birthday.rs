@@ -46,6 +46,8 @@ pub(crate) struct Opening<'a> {
     /// The peer's UDP candidates (only IPv4 ones are used).
     pub(crate) candidates: &'a [SocketAddr],
     pub(crate) sockets: u16,
+    /// The first round TTL-limited (`BirthdayOpen::ttl_limited`).
+    pub(crate) ttl_limited: bool,
     pub(crate) fire_at: Instant,
     pub(crate) deadline: Instant,
 }
@@ -116,7 +118,7 @@ pub(crate) async fn open(o: Opening<'_>) -> Result<QuicEstablished, String> {
                 // mappings but expires before the peer's NAT; the later
                 // ones at the normal TTL.
                 for s in &sockets {
-                    let normal = s.ttl().ok().filter(|_| round == 0);
+                    let normal = s.ttl().ok().filter(|_| round == 0 && o.ttl_limited);
                     if normal.is_some() {
                         let _ = s.set_ttl(OPEN_TTL);
                     }

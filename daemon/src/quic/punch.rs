@@ -123,6 +123,7 @@ pub(crate) async fn run(
                     role: p.role,
                     candidates: p.candidates,
                     sockets: b.sockets,
+                    ttl_limited: b.ttl_limited,
                     fire_at: p.fire_at,
                     deadline: p.deadline,
                 })

@@ -24,6 +24,18 @@ fn expected(kind: NatBehaviour) -> (&'static str, bool) {
     }
 }
 
+/// What the NAT must do with an unsolicited SYN (the rendezvous's inbound
+/// test): the kinds that drop unsolicited inbound before conntrack
+/// confirms it stay silent; plain masquerade answers from its own stack.
+fn expected_unsolicited(kind: NatBehaviour) -> &'static str {
+    match kind {
+        NatBehaviour::Firewall | NatBehaviour::Predictable | NatBehaviour::DropUnsolicited => {
+            "dropped"
+        }
+        _ => "rst",
+    }
+}
+
 fn name(kind: NatBehaviour) -> &'static str {
     match kind {
         NatBehaviour::Masquerade => "masquerade",
@@ -41,12 +53,13 @@ fn name(kind: NatBehaviour) -> &'static str {
 pub fn classify_every_kind(bins: &Binaries) -> Result<String> {
     let kinds = [
         NatBehaviour::Masquerade,
+        NatBehaviour::DropUnsolicited,
         NatBehaviour::Firewall,
         NatBehaviour::RandomFully,
         NatBehaviour::Predictable,
     ];
     let mut table = String::from(
-        "\n| NAT kind | mapping_tcp | mapping_udp | delta tcp/udp | port preserved tcp/udp | ms |\n|---|---|---|---|---|---|\n",
+        "\n| NAT kind | mapping_tcp | mapping_udp | delta tcp/udp | port preserved tcp/udp | unsolicited_tcp | ms |\n|---|---|---|---|---|---|---|\n",
     );
     let mut wrong = Vec::new();
     for kind in kinds {
@@ -55,7 +68,7 @@ pub fn classify_every_kind(bins: &Binaries) -> Result<String> {
         let d = |k: &str| doc[k].as_i64().map_or("-".to_owned(), |d| d.to_string());
         let b = |k: &str| doc[k].as_bool().unwrap_or(false);
         table.push_str(&format!(
-            "| {} | {} | {} | {}/{} | {}/{} | {} |\n",
+            "| {} | {} | {} | {}/{} | {}/{} | {} | {} |\n",
             name(kind),
             s("mapping_tcp"),
             s("mapping_udp"),
@@ -63,8 +76,12 @@ pub fn classify_every_kind(bins: &Binaries) -> Result<String> {
             d("delta_udp"),
             b("port_preserved_tcp"),
             b("port_preserved_udp"),
+            s("unsolicited_tcp"),
             doc["elapsed_ms"],
         ));
+        if s("unsolicited_tcp") != expected_unsolicited(kind) {
+            wrong.push(format!("{} unsolicited: {doc}", name(kind)));
+        }
         let (want, delta) = expected(kind);
         for t in ["tcp", "udp"] {
             if s(&format!("mapping_{t}")) != want || doc[format!("delta_{t}")].is_i64() != delta {

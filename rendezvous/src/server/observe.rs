@@ -12,19 +12,34 @@
 //! Nothing here needs registration, so nothing is learned but the asker's
 //! own address. Each answer is bounded and cheap: one datagram no longer
 //! than the question (no amplification), or one line written without
-//! waiting (no task, no buffer per connection); per-source and
-//! server-wide rate limits refuse the rest, counted in
-//! `punch_rendezvous_observe_refused_total`.
+//! waiting; per-source and server-wide rate limits refuse the rest,
+//! counted in `punch_rendezvous_observe_refused_total`.
+//!
+//! **What the NAT does with an unsolicited SYN.** After its line, a TCP
+//! asker may write `inbound\n`. The server then sends one SYN from another
+//! port of its own address to the asker's observed endpoint (the mapping
+//! of this very connection, so nothing but the asker is ever contacted)
+//! and writes what came of it: `inbound rst` (refused: the NAT, or the
+//! host behind it, answered with RST), `inbound dropped` (nothing within
+//! [`INBOUND_WAIT`]), `inbound reached` (a connection: the mapping takes
+//! unsolicited connections), or `inbound unreachable` (an ICMP error).
+//! Birthday probing needs to know: an easy NAT that answers RST must not
+//! see the random side's opening SYNs. At most [`MAX_INBOUND_TESTS`] run
+//! at once (one task each, [`ASK_WAIT`] + [`INBOUND_WAIT`] at most); beyond
+//! that, or without the question, the connection closes after the line
+//! as before.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use axum::extract::{ConnectInfo, State};
 use axum::Json;
 use serde::Serialize;
-use tokio::net::{TcpListener, UdpSocket};
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::net::{TcpListener, TcpSocket, TcpStream, UdpSocket};
+use tokio::sync::Semaphore;
 use tracing::{debug, info};
 
 use super::udp::{answer_observe, ObserveLimits as Limits};
@@ -161,6 +176,7 @@ pub(crate) async fn serve(s: Sockets, shared: Arc<Shared>) {
     }
     let mut tcp_limits = Limits::new(Instant::now());
     let mut udp_limits = Limits::new(Instant::now());
+    let inbound_slots = Arc::new(Semaphore::new(MAX_INBOUND_TESTS));
     let mut buf = [0u8; datagram::MAX_LEN + 1];
     loop {
         tokio::select! {
@@ -172,8 +188,19 @@ pub(crate) async fn serve(s: Sockets, shared: Arc<Shared>) {
                     shared.observe.count(Via::Tcp, ok);
                     if ok {
                         // A fresh socket's send buffer is empty: one short
-                        // line never blocks. Then it closes (FIN).
+                        // line never blocks. Then it closes (FIN), unless
+                        // a slot is free to hear an `inbound` question.
                         let _ = conn.try_write(format!("{from}\n").as_bytes());
+                        if let Ok(slot) = inbound_slots.clone().try_acquire_owned() {
+                            let cancel = shared.cancel.clone();
+                            shared.tracker.spawn(async move {
+                                let _slot = slot;
+                                tokio::select! {
+                                    _ = cancel.cancelled() => {}
+                                    _ = inbound_test(conn, from) => {}
+                                }
+                            });
+                        }
                     }
                 }
                 Err(e) => {
@@ -194,10 +221,103 @@ pub(crate) async fn serve(s: Sockets, shared: Arc<Shared>) {
     }
 }
 
+/// Unsolicited-SYN tests running at once (one task and two sockets each).
+pub(crate) const MAX_INBOUND_TESTS: usize = 32;
+/// How long the asker has to write `inbound` after the line.
+pub(crate) const ASK_WAIT: Duration = Duration::from_millis(300);
+/// How long the SYN waits for an answer before it counts as dropped:
+/// under the kernel's first retransmission (1 s), so one SYN is all. A
+/// RST takes one round trip; on a path longer than this a refusing NAT
+/// reads as dropping (birthday probing then opens without a TTL limit).
+pub(crate) const INBOUND_WAIT: Duration = Duration::from_millis(500);
+
+/// Waits for `inbound\n` on `conn`, then tries an unsolicited connection
+/// to `from` (the asker's own observed endpoint) and writes the verdict.
+async fn inbound_test(mut conn: TcpStream, from: SocketAddr) {
+    let mut buf = [0u8; 16];
+    match tokio::time::timeout(ASK_WAIT, conn.read(&mut buf)).await {
+        Ok(Ok(n)) if &buf[..n] == b"inbound\n" => {}
+        _ => return,
+    }
+    let local = match conn.local_addr() {
+        Ok(a) => a.ip().to_canonical(),
+        Err(_) => return,
+    };
+    let verdict = unsolicited_syn(SocketAddr::new(local, 0), from).await;
+    debug!(%from, verdict, "unsolicited SYN test");
+    let _ = conn
+        .write_all(format!("inbound {verdict}\n").as_bytes())
+        .await;
+}
+
+/// One SYN from `local` (another port of the address the asker reached)
+/// to `to`: what happened to it, in the words the daemon parses.
+async fn unsolicited_syn(local: SocketAddr, to: SocketAddr) -> &'static str {
+    let sock = match to {
+        SocketAddr::V4(_) => TcpSocket::new_v4(),
+        SocketAddr::V6(_) => TcpSocket::new_v6(),
+    };
+    let Ok(sock) = sock.and_then(|s| {
+        s.bind(local)?;
+        Ok(s)
+    }) else {
+        return "unknown";
+    };
+    match tokio::time::timeout(INBOUND_WAIT, sock.connect(to)).await {
+        Ok(Ok(_)) => "reached",
+        Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionRefused => "rst",
+        Ok(Err(_)) => "unreachable",
+        Err(_) => "dropped",
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::net::IpAddr;
+
+    #[tokio::test]
+    async fn an_unsolicited_syn_is_refused_reached_or_dropped() {
+        // Nothing listens: refused (RST).
+        let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let closed_addr = closed.local_addr().unwrap();
+        drop(closed);
+        let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
+        assert_eq!(unsolicited_syn(any, closed_addr).await, "rst");
+        // A listener takes it.
+        let open = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        assert_eq!(
+            unsolicited_syn(any, open.local_addr().unwrap()).await,
+            "reached"
+        );
+    }
+
+    #[tokio::test]
+    async fn the_inbound_question_is_answered_on_the_same_connection() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let to = listener.local_addr().unwrap();
+        let asker = tokio::spawn(async move {
+            let mut c = TcpStream::connect(to).await.unwrap();
+            c.write_all(b"inbound\n").await.unwrap();
+            let mut out = String::new();
+            c.read_to_string(&mut out).await.unwrap();
+            out
+        });
+        let (conn, from) = listener.accept().await.unwrap();
+        inbound_test(conn, from).await;
+        // The asker's own port is a connected socket: its host refuses.
+        assert_eq!(asker.await.unwrap(), "inbound rst\n");
+        // No question: nothing is tried, nothing written.
+        let asker = tokio::spawn(async move {
+            let mut c = TcpStream::connect(to).await.unwrap();
+            let mut out = String::new();
+            c.read_to_string(&mut out).await.unwrap();
+            out
+        });
+        let (conn, from) = listener.accept().await.unwrap();
+        inbound_test(conn, from).await;
+        assert_eq!(asker.await.unwrap(), "");
+    }
 
     #[test]
     fn one_ip_is_held_to_its_rate() {

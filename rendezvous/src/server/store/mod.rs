@@ -541,6 +541,7 @@ pub(crate) mod tests {
             mapping: Mapping::EndpointDependent,
             port_preserved: false,
             delta: None,
+            unsolicited: None,
         };
         let hard = NatSummary {
             tcp: random,
