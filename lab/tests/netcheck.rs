@@ -86,19 +86,12 @@ fn a_random_nat_and_an_easy_one_go_direct_over_tcp_by_birthday_probing() {
 /// goes direct over TCP and over QUIC (2 runs each here).
 #[test]
 fn a_random_nat_and_a_rst_answering_one_go_direct_past_a_router_by_ttl_limited_opening() {
-    use punch_lab::harness::punchd_types::Transport;
     repeated("bdhop", |b, runs| {
-        let tcp = punch_lab::suites::netcheck::random_and_rst_easy_go_direct_past_a_router(
+        over_both(
             b,
             runs,
-            Transport::Tcp,
-        )?;
-        let quic = punch_lab::suites::netcheck::random_and_rst_easy_go_direct_past_a_router(
-            b,
-            runs,
-            Transport::Quic,
-        )?;
-        Ok(format!("{tcp}\n{quic}"))
+            punch_lab::suites::netcheck::random_and_rst_easy_go_direct_past_a_router,
+        )
     });
 }
 
@@ -107,18 +100,29 @@ fn a_random_nat_and_a_rst_answering_one_go_direct_past_a_router_by_ttl_limited_o
 #[test]
 #[ignore = "a measurement: run by lab/hard-nat-runs.sh"]
 fn a_random_nat_and_a_rst_answering_one_on_one_switch() {
-    use punch_lab::harness::punchd_types::Transport;
     repeated("bdnohop", |b, runs| {
-        let tcp = punch_lab::suites::netcheck::random_and_rst_easy_without_a_router(
+        over_both(
             b,
             runs,
-            Transport::Tcp,
-        )?;
-        let quic = punch_lab::suites::netcheck::random_and_rst_easy_without_a_router(
-            b,
-            runs,
-            Transport::Quic,
-        )?;
-        Ok(format!("{tcp}\n{quic}"))
+            punch_lab::suites::netcheck::random_and_rst_easy_without_a_router,
+        )
     });
+}
+
+/// A case over TCP, then over QUIC.
+fn over_both(
+    b: &punch_lab::harness::Binaries,
+    runs: usize,
+    case: fn(
+        &punch_lab::harness::Binaries,
+        usize,
+        punch_lab::harness::punchd_types::Transport,
+    ) -> anyhow::Result<String>,
+) -> anyhow::Result<String> {
+    use punch_lab::harness::punchd_types::Transport;
+    Ok(format!(
+        "{}\n{}",
+        case(b, runs, Transport::Tcp)?,
+        case(b, runs, Transport::Quic)?
+    ))
 }

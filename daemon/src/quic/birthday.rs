@@ -19,7 +19,7 @@ use punch_rendezvous::datagram;
 use tokio::net::UdpSocket;
 use tracing::{debug, info, warn};
 
-use super::punch::QuicEstablished;
+use super::punch::{QuicEstablished, QuicPunch};
 use super::QuicPath;
 use crate::path::Role;
 use crate::punch::birthday::{Reserved, OPEN_TTL};
@@ -37,19 +37,14 @@ const OPEN_ROUNDS: [Duration; 3] = [
 /// candidates: the observed endpoint and perhaps a router-mapped one).
 const MAX_TOWARD: usize = 2;
 
-/// What the random side's share of a birthday punch needs.
+/// What the random side's share of a birthday punch needs: the punch's
+/// own settings (only the peer's IPv4 UDP candidates are used), and the
+/// order's.
 pub(crate) struct Opening<'a> {
-    pub(crate) path: &'a QuicPath,
-    pub(crate) session: &'a str,
-    pub(crate) peer: &'a PublicKeyBytes,
-    pub(crate) role: Role,
-    /// The peer's UDP candidates (only IPv4 ones are used).
-    pub(crate) candidates: &'a [SocketAddr],
+    pub(crate) punch: &'a QuicPunch<'a>,
     pub(crate) sockets: u16,
     /// The first round TTL-limited (`BirthdayOpen::ttl_limited`).
     pub(crate) ttl_limited: bool,
-    pub(crate) fire_at: Instant,
-    pub(crate) deadline: Instant,
 }
 
 /// A socket's next datagram, with the socket handed back.
@@ -69,7 +64,8 @@ async fn receive(i: usize, socket: std::sync::Arc<UdpSocket>) -> Received {
 /// The random side: opens the mappings, waits for a probe to land on one,
 /// then runs the QUIC handshake over that socket (dialling as the client,
 /// accepting as the server). Errors are for the punch's reason.
-pub(crate) async fn open(o: Opening<'_>) -> Result<QuicEstablished, String> {
+pub(crate) async fn open(opening: Opening<'_>) -> Result<QuicEstablished, String> {
+    let o = opening.punch;
     let toward: Vec<SocketAddr> = o
         .candidates
         .iter()
@@ -80,7 +76,7 @@ pub(crate) async fn open(o: Opening<'_>) -> Result<QuicEstablished, String> {
     if toward.is_empty() {
         return Err("birthday: the peer has no IPv4 UDP endpoint to open mappings toward".into());
     }
-    let reserved = Reserved::take(usize::from(o.sockets));
+    let reserved = Reserved::take(usize::from(opening.sockets));
     let mut sockets = Vec::with_capacity(reserved.0);
     for _ in 0..reserved.0 {
         let bound = std::net::UdpSocket::bind((std::net::Ipv4Addr::UNSPECIFIED, 0)).and_then(|s| {
@@ -99,7 +95,7 @@ pub(crate) async fn open(o: Opening<'_>) -> Result<QuicEstablished, String> {
         return Err(format!(
             "birthday: no socket to open mappings with ({} of {} allowed: other punches hold the daemon's {})",
             reserved.0,
-            o.sockets,
+            opening.sockets,
             crate::punch::birthday::MAX_OPEN_SOCKETS
         ));
     }
@@ -118,7 +114,7 @@ pub(crate) async fn open(o: Opening<'_>) -> Result<QuicEstablished, String> {
                 // mappings but expires before the peer's NAT; the later
                 // ones at the normal TTL.
                 for s in &sockets {
-                    let normal = s.ttl().ok().filter(|_| round == 0 && o.ttl_limited);
+                    let normal = s.ttl().ok().filter(|_| round == 0 && opening.ttl_limited);
                     if normal.is_some() {
                         let _ = s.set_ttl(OPEN_TTL);
                     }

@@ -117,15 +117,9 @@ pub(crate) async fn run(
         match p.strategy {
             Some(Strategy::BirthdayOpen(b)) if b.udp => {
                 birthday::open(Opening {
-                    path: p.path,
-                    session: p.session,
-                    peer: p.peer,
-                    role: p.role,
-                    candidates: p.candidates,
+                    punch: &p,
                     sockets: b.sockets,
                     ttl_limited: b.ttl_limited,
-                    fire_at: p.fire_at,
-                    deadline: p.deadline,
                 })
                 .await
             }

@@ -192,15 +192,20 @@ fn side_nat(
     let ip = side.public.split('/').next();
     let nat = make_nat_at(name, behaviour, ip)?;
     to_internet(inet, &nat, "wan0", side.port, side.public)?;
+    side_lan(&nat, host, side)?;
+    Ok(nat)
+}
+
+/// `host` on `nat`'s LAN, per `side`'s address plan.
+fn side_lan(nat: &Netns, host: &Netns, side: &SidePlan) -> Result<()> {
     lan_host(
-        &nat,
+        nat,
         host,
         "lan0",
         side.gateway_cidr,
         side.host,
         side.gateway,
-    )?;
-    Ok(nat)
+    )
 }
 
 /// The router in front of natB ([`Layout::MixedHop`]): on the internet
@@ -233,14 +238,7 @@ fn side_nat_behind_hop(
     addr(&nat, "wan0", &format!("{public}/32"))?;
     nat.ip(&["route", "add", &format!("{HOP_IP}/32"), "dev", "wan0"])?;
     nat.ip(&["route", "add", "default", "via", HOP_IP, "dev", "wan0"])?;
-    lan_host(
-        &nat,
-        host,
-        "lan0",
-        side.gateway_cidr,
-        side.host,
-        side.gateway,
-    )?;
+    side_lan(&nat, host, side)?;
     Ok((nat, hop))
 }
 
