@@ -213,13 +213,14 @@ impl Drop for Reserved {
 }
 
 /// TCP probes in flight at once (sockets): a hit answers within a round
-/// trip, a miss is refused at once by most NATs; the rest wait
-/// [`PROBE_HOLD`].
+/// trip, a miss is refused at once by a NAT that refuses; the rest wait
+/// [`PROBE_HOLD`]. Against a NAT that drops, this caps the rate at 512
+/// probes a second.
 const MAX_PROBES_INFLIGHT: usize = 256;
 /// How long one TCP probe waits for its answer: a probe that lands is
-/// answered within a round trip; one to a closed port of a NAT that drops
-/// rather than refuses is given up after this.
-const PROBE_HOLD: Duration = Duration::from_secs(1);
+/// answered within a round trip (the random side's SYN-ACK); one to a
+/// closed port of a NAT that drops is given up after this.
+const PROBE_HOLD: Duration = Duration::from_millis(500);
 
 /// A seed for the probe walk: random, so an observer cannot tell which
 /// port comes next (the clock if the OS has no randomness to give).
@@ -302,13 +303,22 @@ pub(crate) fn timed_candidates(
 /// the SYN-ACK when a probe lands, UDP's later rounds. A host several hops
 /// behind its NAT (a carrier NAT) opens its mappings with those instead.
 pub(crate) const OPEN_TTL: u32 = 2;
-/// A SYN_SENT socket killed by the ICMP "time exceeded" its own
+/// While the peer probes, each TTL-limited `SYN_SENT` socket is started
+/// afresh from its port this often: sooner than the kernel's own first
+/// retransmission (1 s), which would leave at the normal TTL and draw a
+/// refusing NAT's RST, ending the socket and its mapping. (Closing a
+/// `SYN_SENT` socket sends nothing; the new SYN has the same 4-tuple, so
+/// our NAT keeps the same mapping.)
+const REARM_EVERY: Duration = Duration::from_millis(900);
+/// ...for this long after `at`: the probes' own span (100 ms + 2,048 at
+/// 1,000 a second) with a margin for a loaded machine.
+const HOLD_FOR: Duration = Duration::from_secs(4);
+/// A `SYN_SENT` socket killed by the ICMP "time exceeded" its own
 /// TTL-limited SYN drew (Linux ends a connecting socket on it) is started
-/// again from the same port this many times at most, and only this long
-/// after `at`: its mapping on our NAT is still there, and a probe landing
-/// on it must find a socket, not draw our kernel's RST.
-const REARMS: u8 = 3;
-const REARM_WITHIN: Duration = Duration::from_secs(1);
+/// again from the same port this many times at most: its mapping on our
+/// NAT is still there, and a probe landing on it must find a socket, not
+/// draw our kernel's RST.
+const ICMP_RESTARTS: u8 = 3;
 
 /// Starts a connect from `local_port` (0: any) to `to` whose SYN leaves
 /// with TTL [`OPEN_TTL`] when `ttl_limited`; later packets use the normal
@@ -359,84 +369,60 @@ struct TcpOpening {
 
 /// The random side over TCP: `sockets` SYNs toward the peer's endpoint,
 /// each from its own port (one NAT mapping each), TTL-limited
-/// ([`OPEN_TTL`]) and left in `SYN_SENT` until a probe of the peer meets
-/// one of them (a simultaneous open); the kernel's own retransmissions
-/// keep the mappings fresh.
+/// ([`OPEN_TTL`]) unless the peer's NAT drops unsolicited SYNs, each
+/// socket held in `SYN_SENT` ([`hold_mapping`]) until a probe of the peer
+/// meets one of them (a simultaneous open).
 async fn open_tcp(
     budget: &std::sync::Mutex<budget::SynBudget>,
     o: TcpOpening,
     out: mpsc::Sender<Established>,
 ) -> Option<String> {
-    let TcpOpening {
-        toward,
-        sockets,
-        ttl_limited,
-        fire_at,
-        deadline,
-    } = o;
-    let reserved = Reserved::take(usize::from(sockets));
-    tokio::time::sleep_until(fire_at.into()).await;
-    let slot = |port: u16, stream: tokio::net::TcpStream| async move {
-        (
-            port,
-            tokio::time::timeout_at(deadline.into(), connected(stream)).await,
-        )
-    };
-    let mut connecting = FuturesUnordered::new();
+    let reserved = Reserved::take(usize::from(o.sockets));
+    tokio::time::sleep_until(o.fire_at.into()).await;
+    let mut holding = FuturesUnordered::new();
     for _ in 0..reserved.0 {
         budget::spend(budget).await;
-        match start_connect(0, toward, ttl_limited) {
+        match start_connect(0, o.toward, o.ttl_limited) {
             Ok(stream) => {
                 let port = stream.local_addr().map_or(0, |a| a.port());
-                connecting.push(slot(port, stream));
+                holding.push(hold_mapping(budget, &o, port, stream));
             }
             Err(e) => {
-                warn!(opened = connecting.len(), error = %e, "birthday: cannot open more TCP sockets (raise the open-file limit?); punching with fewer mappings");
+                warn!(opened = holding.len(), error = %e, "birthday: cannot open more TCP sockets (raise the open-file limit?); punching with fewer mappings");
                 break;
             }
         }
     }
-    let opened = connecting.len();
+    let opened = holding.len();
     if opened == 0 {
         return Some("birthday: no TCP socket to open mappings with".into());
     }
-    info!(mappings = opened, %toward, ttl_limited, "birthday: opened our NAT toward the peer from many TCP ports; waiting for its probes");
-    let mut refused = 0;
-    let mut rearms: std::collections::HashMap<u16, u8> = std::collections::HashMap::new();
+    info!(mappings = opened, toward = %o.toward, ttl_limited = o.ttl_limited, "birthday: opened our NAT toward the peer from many TCP ports; waiting for its probes");
+    let (mut refused, mut restarts) = (0, 0);
     let mut last_error = None;
     loop {
         tokio::select! {
             _ = out.closed() => return None,
-            r = connecting.next() => match r {
-                Some((_, Ok(Ok(stream)))) => {
-                    info!(remote = %toward, local_port = stream.local_addr().map(|a| a.port()).unwrap_or(0), "birthday: the peer's probe met one of our TCP mappings (simultaneous open)");
+            r = holding.next() => match r {
+                Some((Ok(stream), _)) => {
+                    info!(remote = %o.toward, local_port = stream.local_addr().map(|a| a.port()).unwrap_or(0), "birthday: the peer's probe met one of our TCP mappings (simultaneous open)");
                     super::tune_tunnel_socket(&stream);
-                    let est = Established { stream: PunchedStream::new(stream), remote: toward, kind: CandidateKind::Public, attempts: opened as u32 };
+                    let est = Established { stream: PunchedStream::new(stream), remote: o.toward, kind: CandidateKind::Public, attempts: opened as u32 };
                     let _ = out.send(est).await;
                     return None;
                 }
-                Some((port, Ok(Err(e)))) => {
-                    let expired = matches!(e.raw_os_error(), Some(libc::EHOSTUNREACH | libc::ENETUNREACH));
-                    let n = rearms.entry(port).or_insert(0);
-                    if expired && port != 0 && *n < REARMS && Instant::now() < fire_at + REARM_WITHIN {
-                        *n += 1;
-                        budget::spend(budget).await;
-                        if let Ok(stream) = start_connect(port, toward, ttl_limited) {
-                            connecting.push(slot(port, stream));
-                            continue;
-                        }
-                    }
+                Some((Err(e), n)) => {
+                    restarts += n;
                     if e.kind() == std::io::ErrorKind::ConnectionRefused { refused += 1; }
                     last_error = Some(e.to_string());
                 }
-                Some((_, Err(_))) | None => break,
+                None => break,
             },
         }
     }
-    let rearmed: u32 = rearms.values().map(|n| u32::from(*n)).sum();
-    debug!(rearmed, "birthday: TCP opening ended");
+    debug!(restarts, "birthday: TCP opening ended");
     Some(if refused * 2 > opened {
-        format!("birthday: {refused} of our {opened} TCP mappings were refused (a RST from the peer's NAT, which the TTL-limited first SYN did not avoid: no router between the NATs, or our NAT further than one hop)")
+        format!("birthday: {refused} of our {opened} TCP mappings were refused (a RST from the peer's NAT, which the TTL-limited SYNs did not avoid: no router between the NATs, or our NAT further than one hop)")
     } else {
         format!(
             "birthday: no probe of the peer met any of our {opened} TCP mappings{}",
@@ -445,6 +431,48 @@ async fn open_tcp(
                 .unwrap_or_default()
         )
     })
+}
+
+/// One mapping of the random side: a `SYN_SENT` socket on `port`, kept
+/// ready for the peer's probe. TTL-limited, it is started afresh every
+/// [`REARM_EVERY`] for [`HOLD_FOR`], and after an ICMP "time exceeded"
+/// ([`ICMP_RESTARTS`]). Returns the connection, or why there is none, and
+/// how many times it was started again.
+async fn hold_mapping(
+    budget: &std::sync::Mutex<budget::SynBudget>,
+    o: &TcpOpening,
+    port: u16,
+    first: tokio::net::TcpStream,
+) -> (std::io::Result<tokio::net::TcpStream>, u32) {
+    let hold_until = o.fire_at + HOLD_FOR;
+    let (mut stream, mut restarts, mut icmp) = (first, 0, 0);
+    loop {
+        let rearm_at = Instant::now() + REARM_EVERY;
+        let rearm = o.ttl_limited && port != 0 && rearm_at < hold_until;
+        let until = if rearm { rearm_at } else { o.deadline };
+        // On a timeout the socket is dropped (closed, nothing sent).
+        match tokio::time::timeout_at(until.into(), connected(stream)).await {
+            Ok(Ok(s)) => return (Ok(s), restarts),
+            Ok(Err(e)) => {
+                let expired = matches!(
+                    e.raw_os_error(),
+                    Some(libc::EHOSTUNREACH | libc::ENETUNREACH)
+                );
+                if !(expired && port != 0 && icmp < ICMP_RESTARTS && Instant::now() < hold_until) {
+                    return (Err(e), restarts);
+                }
+                icmp += 1;
+            }
+            Err(_) if !rearm => return (Err(std::io::ErrorKind::TimedOut.into()), restarts),
+            Err(_) => {}
+        }
+        budget::spend(budget).await;
+        stream = match start_connect(port, o.toward, o.ttl_limited) {
+            Ok(s) => s,
+            Err(e) => return (Err(e), restarts),
+        };
+        restarts += 1;
+    }
 }
 
 /// The easy side over TCP: SYNs from the punch port to random ports of the

@@ -25,7 +25,7 @@ use crate::path::Role;
 use crate::punch::birthday::{Reserved, OPEN_TTL};
 
 /// When the random side sends from every socket, after `at`: the first
-/// round opens the mappings (TTL-limited), the later ones refresh them (a Linux NAT
+/// round opens the mappings, the later ones refresh them (a Linux NAT
 /// forgets an unanswered UDP mapping after 30 s) and stand in for a first
 /// datagram lost on the way to the NAT.
 const OPEN_ROUNDS: [Duration; 3] = [
@@ -43,7 +43,7 @@ const MAX_TOWARD: usize = 2;
 pub(crate) struct Opening<'a> {
     pub(crate) punch: &'a QuicPunch<'a>,
     pub(crate) sockets: u16,
-    /// The first round TTL-limited (`BirthdayOpen::ttl_limited`).
+    /// Every round TTL-limited (`BirthdayOpen::ttl_limited`).
     pub(crate) ttl_limited: bool,
 }
 
@@ -110,11 +110,12 @@ pub(crate) async fn open(opening: Opening<'_>) -> Result<QuicEstablished, String
         let next = OPEN_ROUNDS.get(round).map(|d| o.fire_at + *d);
         tokio::select! {
             _ = tokio::time::sleep_until(next.unwrap_or(o.deadline).into()), if next.is_some() => {
-                // The first round TTL-limited (`OPEN_TTL`): it opens our
-                // mappings but expires before the peer's NAT; the later
-                // ones at the normal TTL.
+                // TTL-limited (`OPEN_TTL`) unless the peer's NAT drops
+                // unsolicited packets: they open our mappings (and keep
+                // them) but expire before the peer's NAT; only the
+                // answer to a probe goes at the normal TTL.
                 for s in &sockets {
-                    let normal = s.ttl().ok().filter(|_| round == 0 && opening.ttl_limited);
+                    let normal = s.ttl().ok().filter(|_| opening.ttl_limited);
                     if normal.is_some() {
                         let _ = s.set_ttl(OPEN_TTL);
                     }
