@@ -285,13 +285,27 @@ const PREDICT_PACKET_BOUND: u64 = 18 * 25 + 50;
 /// within 15 s of the start, 8 MiB intact, and each side's packets toward
 /// the other's NAT within the birthday budget.
 pub fn random_and_easy_go_direct(bins: &Binaries, runs: usize) -> Result<String> {
-    birthday_pair(bins, runs, Transport::Quic, NatBehaviour::Firewall, false)
+    birthday_pair(
+        bins,
+        runs,
+        Transport::Quic,
+        NatBehaviour::Firewall,
+        false,
+        true,
+    )
 }
 
 /// The same over TCP only: the random side's 256 SYNs wait in `SYN_SENT`,
 /// the easy side's probe SYNs meet one of them in a simultaneous open.
 pub fn random_and_easy_go_direct_over_tcp(bins: &Binaries, runs: usize) -> Result<String> {
-    birthday_pair(bins, runs, Transport::Tcp, NatBehaviour::Firewall, false)
+    birthday_pair(
+        bins,
+        runs,
+        Transport::Tcp,
+        NatBehaviour::Firewall,
+        false,
+        true,
+    )
 }
 
 /// The easy side behind a plain Linux masquerade, which answers an
@@ -304,7 +318,18 @@ pub fn random_and_rst_easy_go_direct_past_a_router(
     runs: usize,
     transport: Transport,
 ) -> Result<String> {
-    birthday_pair(bins, runs, transport, NatBehaviour::Masquerade, true)
+    birthday_pair(bins, runs, transport, NatBehaviour::Masquerade, true, true)
+}
+
+/// The same pair, measured rather than asserted: over QUIC it went direct
+/// in 39 of 40 runs, and the cause of the miss is not found (README, "Hard
+/// NATs").
+pub fn random_and_rst_easy_past_a_router_measured(
+    bins: &Binaries,
+    runs: usize,
+    transport: Transport,
+) -> Result<String> {
+    birthday_pair(bins, runs, transport, NatBehaviour::Masquerade, true, false)
 }
 
 /// The same without the router (the two NATs on one switch): the
@@ -315,7 +340,14 @@ pub fn random_and_rst_easy_without_a_router(
     runs: usize,
     transport: Transport,
 ) -> Result<String> {
-    birthday_pair(bins, runs, transport, NatBehaviour::Masquerade, false)
+    birthday_pair(
+        bins,
+        runs,
+        transport,
+        NatBehaviour::Masquerade,
+        false,
+        false,
+    )
 }
 
 fn birthday_pair(
@@ -324,6 +356,7 @@ fn birthday_pair(
     transport: Transport,
     easy_kind: NatBehaviour,
     hop: bool,
+    strict: bool,
 ) -> Result<String> {
     use crate::harness::punchd_types::PathState;
     let mut failed = Vec::new();
@@ -429,9 +462,8 @@ fn birthday_pair(
         })();
         match result {
             Ok(r) => rows.push(r),
-            // Where the strategy cannot work (a RST-answering easy NAT
-            // with nothing between the NATs), count, do not fail.
-            Err(e) if easy_kind != NatBehaviour::Firewall && !hop => {
+            // A measurement (`strict` off): count, do not fail.
+            Err(e) if !strict => {
                 failed.push(format!("run {}: {e:#}", i + 1));
             }
             Err(e) => return Err(run.explain(e.context(format!("run {}", i + 1)))),
