@@ -14,9 +14,12 @@
 //!
 //! Cost, bounded: 4 TCP connections and at most 12 datagrams (4 questions,
 //! 3 tries each), plus the gateway's port-mapping probe for `netcheck`.
-//! The first flow also asks the server for one unsolicited SYN toward its
-//! own mapping (`inbound`, rendezvous `server/observe.rs`): whether the
-//! NAT drops it or answers with RST, which birthday probing needs.
+//! `punchd netcheck`'s first flow also asks the server for one
+//! unsolicited SYN toward its own mapping (`inbound`, rendezvous
+//! `server/observe.rs`): whether the NAT drops it or answers with RST. The
+//! daemon's own check at registration does not ask: behind a NAT that
+//! drops, the answer takes the server's 500 ms wait, which every
+//! registration would pay.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
@@ -82,7 +85,9 @@ struct Observation {
 
 /// Runs one check against `endpoint`'s rendezvous. `port_mapping` is
 /// filled by the caller (the probe of the gateway is the port mapper's).
-pub(crate) async fn check(endpoint: &Endpoint) -> Result<NatDoc, NetcheckError> {
+/// With `unsolicited`, the check also asks for the unsolicited-SYN test,
+/// which behind a NAT that drops takes the server's 500 ms wait.
+pub(crate) async fn check(endpoint: &Endpoint, unsolicited: bool) -> Result<NatDoc, NetcheckError> {
     let started = Instant::now();
     let server = tokio::net::lookup_host(endpoint.host_port())
         .await
@@ -99,7 +104,7 @@ pub(crate) async fn check(endpoint: &Endpoint) -> Result<NatDoc, NetcheckError> 
         // question: one SYN toward that flow's mapping, whose verdict is
         // read after the other questions (the server waits up to 500 ms
         // for an answer to its SYN; meanwhile the check goes on).
-        match tcp_flow(endpoint, server, &mut info, i == 0).await {
+        match tcp_flow(endpoint, server, &mut info, unsolicited && i == 0).await {
             Ok((f, a)) => {
                 tcp_flows.push(f);
                 asked = asked.or(a);
@@ -401,7 +406,11 @@ impl NatCheck {
             Some((at, was)) => was != gw || at.elapsed() >= RECHECK_AFTER,
         } && self.retry_at.is_none_or(|t| Instant::now() >= t);
         if due {
-            match tokio::time::timeout(CHECK_BUDGET, check(endpoint)).await {
+            // Not the unsolicited-SYN test: behind a NAT that drops it would
+            // hold every registration for the server's 500 ms wait (and
+            // shift every daemon's start by as much); `punchd netcheck`
+            // asks it. Orders then treat our NAT's answer as unknown.
+            match tokio::time::timeout(CHECK_BUDGET, check(endpoint, false)).await {
                 Ok(Ok(doc)) => {
                     let s = doc.summary();
                     let changed = self.board.set(doc);
@@ -438,7 +447,7 @@ pub async fn netcheck(cfg: &punch_config::PeerConfig) -> Result<NatDoc, Netcheck
     let urls = cfg.rendezvous.urls();
     let url = urls.first().ok_or(NetcheckError::NoUrl)?;
     let endpoint = Endpoint::new(url, cfg.rendezvous.ca_file.as_deref())?;
-    let mut doc = check(&endpoint).await?;
+    let mut doc = check(&endpoint, true).await?;
     let server = tokio::net::lookup_host(endpoint.host_port())
         .await
         .ok()

@@ -77,8 +77,16 @@ pub fn scenarios() -> Vec<Scenario> {
         }),
         // NATs that drop early SYNs: the first try goes through, so the
         // time to direct is the family's cost, not a RST retry lottery.
-        Scenario::new("v6-broken", L::TwoNats(N::DropUnsolicited), Expect::Direct)
-            .with_ipv6(Ipv6Plan::dual(F::BetweenSitesBroken)),
+        // bob up 1 s first: an order made in the same few milliseconds as
+        // his registration can come before the server has seen his IPv4
+        // endpoint (his observe-only hello follows the registration), and
+        // then holds his IPv6 candidate alone; that race is measured
+        // apart (README, "IPv6 and dual stack", known limits).
+        Scenario {
+            alice_after: std::time::Duration::from_secs(1),
+            ..Scenario::new("v6-broken", L::TwoNats(N::DropUnsolicited), Expect::Direct)
+                .with_ipv6(Ipv6Plan::dual(F::BetweenSitesBroken))
+        },
         Scenario::new(
             "v6-broken-baseline",
             L::TwoNats(N::DropUnsolicited),
