@@ -57,8 +57,6 @@ pub(crate) struct QuicStats {
     /// Distinct addresses heard from.
     pub(crate) heard: usize,
     pub(crate) last_error: Option<String>,
-    /// Birthday probes sent (the easy side of a birthday punch).
-    pub(crate) probes: u16,
 }
 
 /// What one UDP punch needs.
@@ -113,9 +111,14 @@ pub(crate) async fn run(
         )),
         _ => None,
     };
+    let open = match p.strategy {
+        Some(Strategy::BirthdayOpen(b)) if b.udp => Some(b),
+        _ => None,
+    };
+    let mut opening_running = open.is_some();
     let opening = async {
-        match p.strategy {
-            Some(Strategy::BirthdayOpen(b)) if b.udp => {
+        match open {
+            Some(b) => {
                 birthday::open(Opening {
                     punch: &p,
                     sockets: b.sockets,
@@ -123,11 +126,10 @@ pub(crate) async fn run(
                 })
                 .await
             }
-            _ => std::future::pending().await,
+            None => std::future::pending().await,
         }
     };
     let mut opening = std::pin::pin!(opening);
-    let mut opening_running = matches!(p.strategy, Some(Strategy::BirthdayOpen(b)) if b.udp);
     sleep_precise(p.fire_at).await;
     let mut heard = HashSet::new();
     let mut heard_in_round = 0;
@@ -205,7 +207,6 @@ pub(crate) async fn run(
         }
     }
     if let Some(pr) = &prober {
-        stats.probes = pr.sent();
         info!(probes = pr.sent(), "birthday: probing ended");
     }
     stats.heard = heard.len();
