@@ -24,11 +24,15 @@ fn temp_dir(name: &str) -> PathBuf {
     dir
 }
 
+/// A port free over TCP and UDP both (`observe_port` binds the two).
 fn free_port() -> u16 {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let p = l.local_addr().unwrap().port();
-    drop(l);
-    p
+    (0..16)
+        .find_map(|_| {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            let p = l.local_addr().unwrap().port();
+            std::net::UdpSocket::bind(("127.0.0.1", p)).ok().map(|_| p)
+        })
+        .expect("a port free over TCP and UDP")
 }
 
 fn write_config(dir: &Path, url: &str) -> PathBuf {

@@ -31,7 +31,7 @@ impl Rendezvous {
 
     /// Starts one on a given address (tests restart it on the same port).
     pub async fn start_on(addr: &str, mut cfg: RendezvousConfig) -> std::io::Result<Self> {
-        let listener = TcpListener::bind(addr).await?;
+        let listener = bind_listener(addr).await?;
         let addr = listener.local_addr()?;
         if cfg.observe_port.is_none() {
             // NAT discovery's default port (listen + 1) may be taken on a
@@ -162,6 +162,28 @@ pub async fn echo_server(
 
 /// A port free on `ip` for both TCP and UDP right now (closed again before
 /// it returns: the caller binds it next).
+/// Binds the listener on `addr`. With port 0, a port that is free over
+/// UDP too: the server's UDP observation socket takes the listener's port,
+/// and on a busy host (a test run holds thousands of sockets) an
+/// ephemeral TCP port can be someone's UDP port; then the server only
+/// warns and has no QUIC path, and a test that asks it over UDP hangs.
+async fn bind_listener(addr: &str) -> std::io::Result<TcpListener> {
+    let wanted: SocketAddr = addr
+        .parse()
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+    if wanted.port() != 0 {
+        return TcpListener::bind(wanted).await;
+    }
+    for _ in 0..16 {
+        let udp = std::net::UdpSocket::bind(wanted)?;
+        let port = udp.local_addr()?.port();
+        if let Ok(l) = TcpListener::bind(SocketAddr::new(wanted.ip(), port)).await {
+            return Ok(l);
+        }
+    }
+    TcpListener::bind(wanted).await
+}
+
 fn free_port_pair(ip: std::net::IpAddr) -> Option<u16> {
     (0..16).find_map(|_| {
         let tcp = std::net::TcpListener::bind((ip, 0)).ok()?;
