@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use punch_config::RendezvousConfig;
 use punch_rendezvous::datagram::{self, Datagram};
-use punchd::demo::loopback::Rendezvous;
+use punchd::demo::loopback::{free_port_pair, Rendezvous};
 use punchd::identity::Identity;
 
 mod support;
@@ -26,13 +26,7 @@ fn temp_dir(name: &str) -> PathBuf {
 
 /// A port free over TCP and UDP both (`observe_port` binds the two).
 fn free_port() -> u16 {
-    (0..16)
-        .find_map(|_| {
-            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-            let p = l.local_addr().unwrap().port();
-            std::net::UdpSocket::bind(("127.0.0.1", p)).ok().map(|_| p)
-        })
-        .expect("a port free over TCP and UDP")
+    free_port_pair([127, 0, 0, 1].into()).expect("a port free over TCP and UDP")
 }
 
 fn write_config(dir: &Path, url: &str) -> PathBuf {

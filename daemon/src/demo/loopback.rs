@@ -160,31 +160,26 @@ pub async fn echo_server(
     Ok(addr)
 }
 
-/// A port free on `ip` for both TCP and UDP right now (closed again before
-/// it returns: the caller binds it next).
 /// Binds the listener on `addr`. With port 0, a port that is free over
-/// UDP too: the server's UDP observation socket takes the listener's port,
-/// and on a busy host (a test run holds thousands of sockets) an
-/// ephemeral TCP port can be someone's UDP port; then the server only
-/// warns and has no QUIC path, and a test that asks it over UDP hangs.
+/// UDP too ([`free_port_pair`]): the server's UDP observation socket takes
+/// the listener's port, and on a busy host (a test run holds thousands of
+/// sockets) an ephemeral TCP port can be someone's UDP port; then the
+/// server only warns and has no QUIC path, and a test that asks it over
+/// UDP hangs.
 async fn bind_listener(addr: &str) -> std::io::Result<TcpListener> {
     let wanted: SocketAddr = addr
         .parse()
         .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
-    if wanted.port() != 0 {
-        return TcpListener::bind(wanted).await;
-    }
-    for _ in 0..16 {
-        let udp = std::net::UdpSocket::bind(wanted)?;
-        let port = udp.local_addr()?.port();
-        if let Ok(l) = TcpListener::bind(SocketAddr::new(wanted.ip(), port)).await {
-            return Ok(l);
-        }
-    }
-    TcpListener::bind(wanted).await
+    let port = match wanted.port() {
+        0 => free_port_pair(wanted.ip()).unwrap_or(0),
+        p => p,
+    };
+    TcpListener::bind(SocketAddr::new(wanted.ip(), port)).await
 }
 
-fn free_port_pair(ip: std::net::IpAddr) -> Option<u16> {
+/// A port free on `ip` for both TCP and UDP right now (closed again before
+/// it returns: the caller binds it next).
+pub fn free_port_pair(ip: std::net::IpAddr) -> Option<u16> {
     (0..16).find_map(|_| {
         let tcp = std::net::TcpListener::bind((ip, 0)).ok()?;
         let port = tcp.local_addr().ok()?.port();
