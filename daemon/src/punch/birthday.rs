@@ -332,6 +332,8 @@ fn start_connect(
     let s = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP))?;
     s.set_nonblocking(true)?;
     s.set_reuse_address(true)?;
+    // Re-armed or dropped half open, it must not linger on its 4-tuple.
+    super::set_abortive_close(&s);
     s.bind(&SocketAddr::from((std::net::Ipv4Addr::UNSPECIFIED, local_port)).into())?;
     let normal = s.ttl_v4()?;
     if ttl_limited {

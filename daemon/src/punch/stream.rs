@@ -15,6 +15,7 @@
 
 use std::future::Future;
 use std::io;
+use std::os::fd::AsFd;
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
@@ -34,8 +35,17 @@ const FIN_SEND_POLL: Duration = Duration::from_millis(2);
 /// Makes a socket close with RST rather than FIN: no TIME_WAIT is left on
 /// its 4-tuple, which would otherwise block reconnecting between the same
 /// ports for a minute.
-pub(crate) fn set_abortive_close(stream: &TcpStream) {
-    let _ = socket2::SockRef::from(stream).set_linger(Some(Duration::ZERO));
+///
+/// Every punch socket is set so before it connects, too. A connecting
+/// socket dropped half open (in SYN_RECV: the peer's SYN met ours, our
+/// SYN-ACK is unanswered; the punch ended or a birthday mapping was
+/// re-armed at that moment) would otherwise close with a FIN and stay
+/// behind as an orphan in FIN_WAIT1 for up to ~100 s, and every later
+/// `connect()` between the same two ports, the next punch's included,
+/// fails with EADDRNOTAVAIL (CI's stop 31 lost a whole minute of punches
+/// to one). [`PunchedStream::new`] restores the normal close.
+pub(crate) fn set_abortive_close(socket: &impl AsFd) {
+    let _ = socket2::SockRef::from(socket).set_linger(Some(Duration::ZERO));
 }
 
 /// A punched connection.
@@ -57,7 +67,12 @@ pub(crate) struct PunchedStream {
 }
 
 impl PunchedStream {
+    /// Takes a connection that was set to abort on close while it
+    /// connected ([`set_abortive_close`]) and lets it close normally again
+    /// until we drop it: if the process dies, the kernel's FIN is what lets
+    /// the restarted peer punch again at once (see above).
     pub(super) fn new(stream: TcpStream) -> Self {
+        let _ = socket2::SockRef::from(&stream).set_linger(None);
         Self {
             stream,
             closing: None,
