@@ -42,7 +42,7 @@ const FIN_SEND_POLL: Duration = Duration::from_millis(2);
 /// re-armed at that moment) would otherwise close with a FIN and stay
 /// behind as an orphan in FIN_WAIT1 for up to ~100 s, and every later
 /// `connect()` between the same two ports, the next punch's included,
-/// fails with EADDRNOTAVAIL (CI's stop 31 lost a whole minute of punches
+/// fails with EADDRNOTAVAIL (a CI run once lost a whole minute of punches
 /// to one). [`PunchedStream::new`] restores the normal close.
 pub(crate) fn set_abortive_close(socket: &impl AsFd) {
     let _ = socket2::SockRef::from(socket).set_linger(Some(Duration::ZERO));
