@@ -483,14 +483,16 @@ fn run_daemon(config: &Path) -> Result<(), Failure> {
                 | punchd::DaemonError::ServerKey => usage(e),
                 other => runtime(other),
             })?;
-        // Watch SIGHUP before saying READY: a reload sent right after
-        // must not meet SIGHUP's default action (exit).
+        // Watch SIGHUP and SIGTERM before saying READY: a reload or a stop
+        // sent right after must not meet the signal's default action (exit).
         let mut hangups = punch_service::reload_signals()
             .context("cannot watch for SIGHUP")
             .map_err(runtime)?;
-        punch_service::notify_ready("running");
-        let shutdown = punch_service::shutdown_signal();
+        let shutdown = punch_service::shutdown_signal()
+            .context("cannot watch for SIGTERM")
+            .map_err(runtime)?;
         tokio::pin!(shutdown);
+        punch_service::notify_ready("running");
         loop {
             tokio::select! {
                 _ = &mut shutdown => break,

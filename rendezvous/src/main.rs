@@ -240,8 +240,10 @@ async fn serve(cfg: RendezvousConfig, trust: Trust, args: &Args) -> anyhow::Resu
         .join(", ");
     let cancel = CancellationToken::new();
     let on_signal = cancel.clone();
+    // Watched from here, before READY (see `shutdown_signal`).
+    let shutdown = punch_service::shutdown_signal().context("cannot watch for SIGTERM")?;
     tokio::spawn(async move {
-        punch_service::shutdown_signal().await;
+        shutdown.await;
         tracing::info!("shutdown requested");
         punch_service::notify_stopping("shutting down");
         on_signal.cancel();

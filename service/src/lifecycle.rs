@@ -9,20 +9,26 @@
 
 use sd_notify::NotifyState;
 
-/// Resolves on Ctrl-C or SIGTERM.
-pub async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-        Ok(mut term) => {
-            tokio::select! {
-                _ = ctrl_c => {}
-                _ = term.recv() => {}
-            }
+/// Watches for Ctrl-C (SIGINT) and SIGTERM; the future resolves on either.
+///
+/// Both are watched from this call on, not from the future's first poll:
+/// a binary calls it before it says READY, because a service manager may
+/// send SIGTERM the moment it hears READY (`systemctl stop` right after a
+/// start), and a signal not yet watched takes its default action: the
+/// process exits at once, with nothing drained and no STOPPING said. (An
+/// `async fn` here once installed the handlers on first poll, after READY,
+/// and a CI run lost the daemon that way.) Needs a tokio runtime.
+pub fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()> + Send + 'static>
+{
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut interrupt = signal(SignalKind::interrupt())?;
+    let mut terminate = signal(SignalKind::terminate())?;
+    Ok(async move {
+        tokio::select! {
+            _ = interrupt.recv() => {}
+            _ = terminate.recv() => {}
         }
-        Err(_) => {
-            let _ = ctrl_c.await;
-        }
-    }
+    })
 }
 
 /// SIGHUP, the conventional "re-read your configuration" (systemd's
@@ -55,5 +61,28 @@ fn notify(states: &[NotifyState<'_>]) {
     }
     if let Err(e) = sd_notify::notify(states) {
         tracing::warn!(error = %e, "could not notify the service manager (NOTIFY_SOCKET is set); systemd may time the unit out");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use std::time::Duration;
+
+    /// A SIGTERM that arrives after the call and before anything polls
+    /// the future is caught, not the end of the process (which would end
+    /// this test binary with it).
+    #[tokio::test]
+    async fn a_sigterm_before_the_first_poll_is_caught() {
+        let shutdown = super::shutdown_signal().unwrap();
+        let sent = std::process::Command::new("kill")
+            .args(["-TERM", &std::process::id().to_string()])
+            .status()
+            .unwrap();
+        assert!(sent.success());
+        tokio::time::timeout(Duration::from_secs(10), shutdown)
+            .await
+            .expect("the SIGTERM was not reported");
     }
 }
