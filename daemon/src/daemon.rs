@@ -303,6 +303,7 @@ async fn start_inner(
     let board = Arc::new(StatusBoard::new(cfg.name.as_str(), Vec::new(), Vec::new()));
 
     let quic = bind_quic(&cfg, &identity);
+    log_socket_buffers(&cfg.punch.transports);
     let (rv_cmd_tx, rv_cmd_rx) = mpsc::channel(64);
     let (rv_ev_tx, rv_ev_rx) = mpsc::channel(64);
     let quic_routes = QuicRoutes::default();
@@ -804,6 +805,27 @@ async fn apply_reload(
         Err(e) => warn!(error = %e, "reload refused"),
     }
     r
+}
+
+/// Says once, at start, how large the tunnel sockets' buffers may grow,
+/// and what to raise when the host keeps them short.
+fn log_socket_buffers(transports: &[TransportKind]) {
+    use crate::punch::buffers::{describe, plan, Kind};
+    for (transport, kind) in [
+        (TransportKind::Tcp, Kind::Tcp),
+        (TransportKind::Quic, Kind::Udp),
+    ] {
+        if !transports.contains(&transport) {
+            continue;
+        }
+        for (enough, line) in describe(kind, plan(kind)) {
+            if enough {
+                info!("{line}");
+            } else {
+                warn!("{line}");
+            }
+        }
+    }
 }
 
 /// The QUIC endpoint on the punch port number, when `quic` is among the

@@ -334,6 +334,7 @@ fn start_connect(
     s.set_reuse_address(true)?;
     // Re-armed or dropped half open, it must not linger on its 4-tuple.
     super::set_abortive_close(&s);
+    super::buffers::size(&s, super::buffers::Kind::Tcp);
     s.bind(&SocketAddr::from((std::net::Ipv4Addr::UNSPECIFIED, local_port)).into())?;
     let normal = s.ttl_v4()?;
     if ttl_limited {

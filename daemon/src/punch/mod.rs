@@ -9,6 +9,7 @@
 
 pub(crate) mod birthday;
 pub(crate) mod budget;
+pub(crate) mod buffers;
 pub(crate) mod family;
 pub(crate) mod plan;
 mod stream;
@@ -73,8 +74,7 @@ pub(crate) const TUNNEL_NOTSENT_LOWAT: u32 = 128 * 1024;
 /// Tunes a punched connection: no Nagle delay, a bounded unsent queue
 /// (`TUNNEL_NOTSENT_LOWAT`), and TCP keepalive so the kernel also notices
 /// a dead path and the NAT mapping sees traffic even when the tunnel is
-/// idle. Buffer sizes are left to Linux's autotuning: pinning SO_SNDBUF or
-/// SO_RCVBUF turns it off and caps the window at what was pinned.
+/// idle. Buffer sizes were set before `connect()` ([`buffers`]).
 fn tune_tunnel_socket(stream: &TcpStream) {
     let _ = stream.set_nodelay(true);
     let _ = socket2::SockRef::from(stream).set_tcp_notsent_lowat(TUNNEL_NOTSENT_LOWAT);
@@ -112,6 +112,7 @@ async fn attempt(i: usize, port: u16, addr: SocketAddr) -> (usize, io::Result<Tc
         let sock = bind_punch_socket(addr, port)?;
         // Dropped half open, it must not linger on the punch 4-tuple.
         set_abortive_close(&sock);
+        buffers::size(&sock, buffers::Kind::Tcp);
         sock.connect(addr).await
     }
     .await;

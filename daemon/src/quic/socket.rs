@@ -30,6 +30,8 @@ use quinn::udp::{RecvMeta, Transmit};
 use quinn::{AsyncUdpSocket, UdpPoller};
 use tokio::sync::mpsc;
 
+use crate::punch::buffers;
+
 /// Binds the UDP punch socket on `port` (0: any): dual-stack `[::]:port`
 /// when this host has IPv6, else `0.0.0.0:port` (IPv6 disabled, or no
 /// IPv6 at all). Plain bind semantics otherwise: no address or port reuse.
@@ -40,13 +42,15 @@ pub(crate) fn bind(port: u16) -> io::Result<std::net::UdpSocket> {
         s.bind(&SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, port)).into())?;
         Ok(s)
     });
-    match dual {
-        Ok(s) => Ok(s.into()),
+    let socket = match dual {
+        Ok(s) => s.into(),
         Err(e) => {
             tracing::debug!(port, error = %e, "no dual-stack UDP socket (IPv6 off?); QUIC runs over IPv4 only");
-            std::net::UdpSocket::bind((std::net::Ipv4Addr::UNSPECIFIED, port))
+            std::net::UdpSocket::bind((std::net::Ipv4Addr::UNSPECIFIED, port))?
         }
-    }
+    };
+    buffers::size(&socket, buffers::Kind::Udp);
+    Ok(socket)
 }
 
 /// `addr` as the socket needs it: IPv4 as IPv4-mapped IPv6 on a
