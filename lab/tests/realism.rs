@@ -171,8 +171,10 @@ fn a_far_rendezvous_still_punches_first_time() {
 }
 
 /// One stream on a 100 ms RTT path has more than yamux's 256 KiB initial
-/// window in flight at some point: its window grew (issue 18). Not a
-/// timing test: it reads what the kernel reports in flight.
+/// window in flight at some point: its window grew (issue 18); and the
+/// tunnel socket may hold more than the kernel's autotuning would give it
+/// (`punch/buffers.rs`). Not a timing test: it reads what the kernel
+/// reports.
 #[test]
 fn a_stream_window_grows_past_its_initial_size_on_a_delayed_path() {
     let Some((_g, bins)) = setup("lab realism window") else {
@@ -180,14 +182,25 @@ fn a_stream_window_grows_past_its_initial_size_on_a_delayed_path() {
     };
     let seen = realism::stream_window(&bins).expect("window run");
     say(&format!(
-        "window: {} KiB in flight at most on one stream ({} samples)",
+        "window: {} KiB in flight at most on one stream ({} samples); tunnel socket send buffer {} KiB",
         seen.max_in_flight / 1024,
-        seen.samples
+        seen.samples,
+        seen.send_buffer / 1024
     ));
     // 256 KiB of payload plus TLS and yamux framing (< 1 %).
     assert!(
         seen.max_in_flight > 320 * 1024,
         "one stream never had more than {} KiB in flight",
         seen.max_in_flight / 1024
+    );
+    // The lab's namespaces autotune a send buffer to 4 MiB at most
+    // (tcp_wmem, Linux's default): the whole tunnel would be capped at
+    // ~3 MB in flight. The daemons run as root, so the tunnel socket gets
+    // 32 MiB. (A host whose ceiling is already that high needs nothing.)
+    let ceiling = seen.autotune_ceiling.unwrap_or(0);
+    assert!(
+        seen.send_buffer >= 32 << 20 || ceiling >= 32 << 20,
+        "the tunnel socket's send buffer stayed at {} KiB: every stream of the tunnel shares that window",
+        seen.send_buffer / 1024
     );
 }

@@ -260,13 +260,32 @@ fn measure(run: &mut Run, links: &Links, rounds: usize) -> Result<Timing> {
     Ok(t)
 }
 
-/// Bytes sent and not yet acknowledged on each TCP socket in `ss -tniH`
-/// output whose peer is `peer_ip` (and whose ports are not `skip_port`).
-fn unacked(ss: &str, peer_ip: &str, skip_port: &str) -> Vec<u64> {
+/// What `ss -tmniH` says about one TCP socket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct SocketSample {
+    /// Bytes sent and not yet acknowledged: in flight.
+    unacked: u64,
+    /// The socket's send buffer (`skmem`'s `tb`), when `-m` was given.
+    send_buffer: Option<u64>,
+}
+
+/// The TCP sockets in `ss -tmniH` output whose peer is `peer_ip` (and
+/// whose ports are not `skip_port`).
+fn sockets(ss: &str, peer_ip: &str, skip_port: &str) -> Vec<SocketSample> {
     let lines: Vec<&str> = ss.lines().map(str::trim).collect();
     let field = |text: &str, name: &str| -> Option<u64> {
         text.split_whitespace()
             .find_map(|t| t.strip_prefix(name))
+            .and_then(|v| v.parse().ok())
+    };
+    let send_buffer = |text: &str| -> Option<u64> {
+        let skmem = text
+            .split_whitespace()
+            .find_map(|t| t.strip_prefix("skmem:("))?;
+        skmem
+            .trim_end_matches(')')
+            .split(',')
+            .find_map(|kv| kv.strip_prefix("tb"))
             .and_then(|v| v.parse().ok())
     };
     lines
@@ -278,7 +297,10 @@ fn unacked(ss: &str, peer_ip: &str, skip_port: &str) -> Vec<u64> {
             }
             let sent = field(info, "bytes_sent:")?;
             let acked = field(info, "bytes_acked:")?;
-            Some(sent.saturating_sub(acked))
+            Some(SocketSample {
+                unacked: sent.saturating_sub(acked),
+                send_buffer: send_buffer(info),
+            })
         })
         .collect()
 }
@@ -289,6 +311,12 @@ pub struct WindowGrowth {
     /// Largest number of bytes in flight on the tunnel's TCP connection
     /// while one stream sent.
     pub max_in_flight: u64,
+    /// The tunnel socket's send buffer, the largest seen (`skmem` `tb`):
+    /// what the kernel lets it hold, in flight and queued.
+    pub send_buffer: u64,
+    /// The ceiling of the kernel's send-buffer autotuning in alice's
+    /// namespace (`tcp_wmem`'s third field), when readable.
+    pub autotune_ceiling: Option<u64>,
     /// `ss` samples taken.
     pub samples: usize,
 }
@@ -297,7 +325,9 @@ pub struct WindowGrowth {
 /// the tunnel socket had in flight (`ss -tni` on alice's host, sampled
 /// every 50 ms). With a single stream open, what is in flight is bounded
 /// by that stream's yamux window, so more than the 256 KiB initial window
-/// in flight shows the window grew (issue 18).
+/// in flight shows the window grew (issue 18). Also the socket's send
+/// buffer, which must be beyond the lab's autotuning ceiling
+/// (`tcp_wmem`'s 4 MiB), as it holds the whole tunnel's window.
 pub fn stream_window(bins: &Binaries) -> Result<WindowGrowth> {
     use crate::net::nat::NatBehaviour;
     use crate::net::topology::Layout;
@@ -322,17 +352,29 @@ pub fn stream_window(bins: &Binaries) -> Result<WindowGrowth> {
             crate::harness::transfer::transfer_in(&ns, &tool, 24 << 20, 1, None)
         })
     };
-    let mut out = WindowGrowth::default();
+    let mut out = WindowGrowth {
+        autotune_ceiling: std::process::Command::new("ip")
+            .args(["netns", "exec", &ns, "cat", "/proc/sys/net/ipv4/tcp_wmem"])
+            .output()
+            .ok()
+            .and_then(|o| {
+                let text = String::from_utf8_lossy(&o.stdout).into_owned();
+                text.split_whitespace().nth(2)?.parse().ok()
+            }),
+        ..WindowGrowth::default()
+    };
     let until = Instant::now() + Duration::from_secs(40);
     while !sender.is_finished() && Instant::now() < until {
         let text = std::process::Command::new("ip")
-            .args(["netns", "exec", &ns, "ss", "-tniH", "dst", "203.0.113.3"])
+            .args(["netns", "exec", &ns, "ss", "-tmniH", "dst", "203.0.113.3"])
             .output()
             .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
             .unwrap_or_default();
         out.samples += 1;
-        let most = unacked(&text, "203.0.113.3", ":9000").into_iter().max();
-        out.max_in_flight = out.max_in_flight.max(most.unwrap_or(0));
+        for socket in sockets(&text, "203.0.113.3", ":9000") {
+            out.max_in_flight = out.max_in_flight.max(socket.unacked);
+            out.send_buffer = out.send_buffer.max(socket.send_buffer.unwrap_or(0));
+        }
         std::thread::sleep(Duration::from_millis(50));
     }
     let report = sender
@@ -346,14 +388,22 @@ pub fn stream_window(bins: &Binaries) -> Result<WindowGrowth> {
 
 #[cfg(test)]
 mod window_tests {
-    use super::unacked;
+    use super::{sockets, SocketSample};
 
     #[test]
-    fn unacked_reads_ss_for_the_peer_only() {
+    fn sockets_reads_ss_for_the_peer_only() {
         let ss = "ESTAB 0 0 192.0.2.2:40000 203.0.113.3:40000\n\
-                  \t cubic bytes_sent:5000000 bytes_acked:4000001 bytes_received:10\n\
+                  \t skmem:(r0,rb131072,t0,tb33554432,f0,w0,o0,bl0,d0) cubic bytes_sent:5000000 bytes_acked:4000001 bytes_received:10\n\
                   ESTAB 0 0 192.0.2.2:5555 203.0.113.3:9000\n\
+                  \t cubic bytes_sent:900 bytes_acked:1\n\
+                  ESTAB 0 0 192.0.2.2:5556 198.51.100.1:443\n\
                   \t cubic bytes_sent:900 bytes_acked:1\n";
-        assert_eq!(unacked(ss, "203.0.113.3", ":9000"), vec![999_999]);
+        assert_eq!(
+            sockets(ss, "203.0.113.3", ":9000"),
+            vec![SocketSample {
+                unacked: 999_999,
+                send_buffer: Some(33_554_432)
+            }]
+        );
     }
 }
