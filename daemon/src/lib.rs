@@ -16,7 +16,7 @@
 //! | [`forward`] | port forwarding: local listeners, exposed services and their ACL |
 //! | [`quic`] | the QUIC direct path: UDP socket, hole punch, quinn, its tunnel driver |
 //! | [`tunnel`] | TLS, yamux, stream header, keepalive, metering; what every path yields |
-//! | [`punch`] | the TCP direct path: timed simultaneous open (`punch/plan.rs`, sans-IO); address families (`punch/family.rs`: IPv6 addresses to offer, the happy-eyeballs head start) |
+//! | [`punch`] | the TCP direct path: timed simultaneous open (`punch/plan.rs`, sans-IO); address families (`punch/family.rs`: IPv6 addresses to offer, the happy-eyeballs head start); tunnel sockets' buffer sizes (`punch/buffers.rs`, also for QUIC's UDP socket) |
 //! | [`admin`] | HTTP admin API (token and Host check in `admin/auth.rs`), status model, `/metrics`, the `punchd status`/`repunch` client |
 //! | [`path`] | shared words: `Role`, `PathState`, `Transport` |
 //! | [`nat`] | NAT discovery's verdict: classification of observed mappings (`nat/classify.rs`, sans-IO), the `netcheck`/status document; the probing is `control/netcheck.rs` |

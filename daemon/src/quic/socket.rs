@@ -35,6 +35,9 @@ use crate::punch::buffers;
 /// Binds the UDP punch socket on `port` (0: any): dual-stack `[::]:port`
 /// when this host has IPv6, else `0.0.0.0:port` (IPv6 disabled, or no
 /// IPv6 at all). Plain bind semantics otherwise: no address or port reuse.
+/// Its receive buffer is raised where the host allows
+/// (`punch/buffers.rs`): the kernel's 208 KiB default dropped datagrams
+/// whenever the daemon was briefly off the CPU.
 pub(crate) fn bind(port: u16) -> io::Result<std::net::UdpSocket> {
     use socket2::{Domain, Protocol, Socket, Type};
     let dual = Socket::new(Domain::IPV6, Type::DGRAM, Some(Protocol::UDP)).and_then(|s| {
