@@ -346,16 +346,13 @@ pub fn stream_window(bins: &Binaries) -> Result<WindowGrowth> {
     run.wait_path("alice", PathState::Direct, Duration::from_secs(30))?;
     let ns = run.topo.host_a.name().to_owned();
     let tool = bins.tool.clone();
-    let sender = {
-        let ns = ns.clone();
-        std::thread::spawn(move || {
-            crate::harness::transfer::transfer_in(&ns, &tool, 24 << 20, 1, None)
-        })
-    };
+    let sender = std::thread::spawn(move || {
+        crate::harness::transfer::transfer_in(&ns, &tool, 24 << 20, 1, None)
+    });
+    let host_a = &run.topo.host_a;
     let mut out = WindowGrowth {
-        autotune_ceiling: std::process::Command::new("ip")
-            .args(["netns", "exec", &ns, "cat", "/proc/sys/net/ipv4/tcp_wmem"])
-            .output()
+        autotune_ceiling: host_a
+            .exec("cat", &["/proc/sys/net/ipv4/tcp_wmem"])
             .ok()
             .and_then(|o| {
                 let text = String::from_utf8_lossy(&o.stdout).into_owned();
@@ -365,9 +362,8 @@ pub fn stream_window(bins: &Binaries) -> Result<WindowGrowth> {
     };
     let until = Instant::now() + Duration::from_secs(40);
     while !sender.is_finished() && Instant::now() < until {
-        let text = std::process::Command::new("ip")
-            .args(["netns", "exec", &ns, "ss", "-tmniH", "dst", "203.0.113.3"])
-            .output()
+        let text = host_a
+            .exec_output("ss", &["-tmniH", "dst", "203.0.113.3"])
             .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
             .unwrap_or_default();
         out.samples += 1;
