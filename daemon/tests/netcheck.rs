@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use punch_config::RendezvousConfig;
 use punch_rendezvous::datagram::{self, Datagram};
-use punchd::demo::loopback::{free_port_pair, Rendezvous};
+use punchd::demo::loopback::Rendezvous;
 use punchd::identity::Identity;
 
 mod support;
@@ -22,11 +22,6 @@ fn temp_dir(name: &str) -> PathBuf {
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     dir
-}
-
-/// A port free over TCP and UDP both (`observe_port` binds the two).
-fn free_port() -> u16 {
-    free_port_pair([127, 0, 0, 1].into()).expect("a port free over TCP and UDP")
 }
 
 fn write_config(dir: &Path, url: &str) -> PathBuf {
@@ -61,13 +56,11 @@ fn netcheck(cfg: &Path, json: bool) -> (bool, String, String) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn netcheck_reports_both_transports_without_a_daemon() {
     let dir = temp_dir("cli");
-    let observe = free_port();
-    let rv = Rendezvous::start(RendezvousConfig {
-        observe_port: Some(observe),
-        ..RendezvousConfig::default()
-    })
-    .await
-    .unwrap();
+    // The harness binds NAT discovery's second endpoint on a port it
+    // holds (TCP and UDP), so no other test can take it first.
+    let rv = Rendezvous::start(RendezvousConfig::default())
+        .await
+        .unwrap();
     let cfg = write_config(&dir, &rv.url());
     let c = cfg.clone();
     let (ok, out, err) = tokio::task::spawn_blocking(move || netcheck(&c, true))
@@ -138,23 +131,22 @@ async fn without_the_second_endpoint_the_mapping_is_unknown_and_no_rendezvous_is
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_observe_endpoints_answer_the_source_and_never_amplify() {
-    let observe = free_port();
-    let rv = Rendezvous::start(RendezvousConfig {
-        observe_port: Some(observe),
-        ..RendezvousConfig::default()
-    })
-    .await
-    .unwrap();
+    // The harness binds NAT discovery's second endpoint on a port it
+    // holds (TCP and UDP), so no other test can take it first.
+    let rv = Rendezvous::start(RendezvousConfig::default())
+        .await
+        .unwrap();
     let sock = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
     let me = sock.local_addr().unwrap();
     let mut buf = [0u8; 512];
+    let observe = rv.observe_port.expect("the second endpoint is bound");
     for port in [rv.addr.port(), observe] {
         let to = SocketAddr::from(([127, 0, 0, 1], port));
         let q = datagram::observe(42);
         sock.send_to(&q, to).await.unwrap();
         let (n, _) = tokio::time::timeout(Duration::from_secs(2), sock.recv_from(&mut buf))
             .await
-            .unwrap()
+            .unwrap_or_else(|_| panic!("no answer within 2 s from UDP port {port} (listen port {}, observe port {observe})", rv.addr.port()))
             .unwrap();
         assert!(n <= q.len());
         assert_eq!(

@@ -6,6 +6,7 @@ use std::net::SocketAddr;
 use std::path::Path;
 
 use punch_config::{PeerConfig, PublicKeyBytes, RendezvousConfig};
+use punch_rendezvous::server;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -15,6 +16,8 @@ use tokio_util::task::TaskTracker;
 pub struct Rendezvous {
     /// Where it listens.
     pub addr: SocketAddr,
+    /// NAT discovery's second endpoint (TCP and UDP), if it has one.
+    pub observe_port: Option<u16>,
     /// Its order-signing key, for `[rendezvous] server_key`.
     pub server_key: PublicKeyBytes,
     /// Whether it serves https (`[tls]`).
@@ -30,32 +33,46 @@ impl Rendezvous {
     }
 
     /// Starts one on a given address (tests restart it on the same port).
-    pub async fn start_on(addr: &str, mut cfg: RendezvousConfig) -> std::io::Result<Self> {
-        let listener = bind_listener(addr).await?;
+    /// Every socket is bound here and handed to the server held
+    /// ([`server::Bound`]): with port 0, the listener's port is one free
+    /// over UDP too (the UDP observation socket takes it), and NAT
+    /// discovery's second endpoint, unless the config names one, gets a
+    /// port of its own the same way. On a busy host (a test run holds
+    /// thousands of sockets) a port found free and closed again can be
+    /// someone else's before the server binds it; then the server would
+    /// only warn, and a test asking it over UDP would hang.
+    pub async fn start_on(addr: &str, cfg: RendezvousConfig) -> std::io::Result<Self> {
+        let wanted: SocketAddr = addr
+            .parse()
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+        let (listener, udp) = match cfg.udp_listen {
+            Some(at) => (server::bind::tcp(wanted)?, server::bind::udp(at)?),
+            None => server::bind::same_port(wanted)?,
+        };
         let addr = listener.local_addr()?;
-        if cfg.observe_port.is_none() {
-            // NAT discovery's default port (listen + 1) may be taken on a
-            // busy host (a test run holds thousands of sockets); then the
-            // server only warns and netcheck reads "unknown". Pick a port
-            // free for both TCP and UDP instead.
-            cfg.observe_port = free_port_pair(addr.ip());
-        }
+        let observe = match cfg.observe_port {
+            Some(0) => None,
+            Some(port) => Some(server::bind::same_port(SocketAddr::new(addr.ip(), port))?),
+            None => Some(server::bind::same_port(SocketAddr::new(addr.ip(), 0))?),
+        };
+        let bound = server::Bound::new(vec![listener], vec![udp], observe);
+        let observe_port = bound.observe_port();
         let cancel = CancellationToken::new();
         let tracker = TaskTracker::new();
-        let trust =
-            punch_rendezvous::server::Trust::from_config(&cfg).map_err(std::io::Error::other)?;
+        let trust = server::Trust::from_config(&cfg).map_err(std::io::Error::other)?;
         let server_key =
             PublicKeyBytes::from_base64(&trust.public_key()).map_err(std::io::Error::other)?;
         let tls = cfg.tls.is_some();
-        tracker.spawn(punch_rendezvous::server::run_with(
-            listener,
-            cfg,
+        tracker.spawn(server::run_bound(
+            bound,
+            server::LiveConfig::new(cfg),
             trust,
             cancel.clone(),
         ));
         tracker.close();
         Ok(Self {
             addr,
+            observe_port,
             server_key,
             tls,
             cancel,
@@ -158,31 +175,4 @@ pub async fn echo_server(
         }
     });
     Ok(addr)
-}
-
-/// Binds the listener on `addr`. With port 0, a port that is free over
-/// UDP too ([`free_port_pair`]): the server's UDP observation socket takes
-/// the listener's port, and on a busy host (a test run holds thousands of
-/// sockets) an ephemeral TCP port can be someone's UDP port; then the
-/// server only warns and has no QUIC path, and a test that asks it over
-/// UDP hangs.
-async fn bind_listener(addr: &str) -> std::io::Result<TcpListener> {
-    let wanted: SocketAddr = addr
-        .parse()
-        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
-    let port = match wanted.port() {
-        0 => free_port_pair(wanted.ip()).unwrap_or(0),
-        p => p,
-    };
-    TcpListener::bind(SocketAddr::new(wanted.ip(), port)).await
-}
-
-/// A port free on `ip` for both TCP and UDP right now (closed again before
-/// it returns: the caller binds it next).
-pub fn free_port_pair(ip: std::net::IpAddr) -> Option<u16> {
-    (0..16).find_map(|_| {
-        let tcp = std::net::TcpListener::bind((ip, 0)).ok()?;
-        let port = tcp.local_addr().ok()?.port();
-        std::net::UdpSocket::bind((ip, port)).ok().map(|_| port)
-    })
 }

@@ -21,6 +21,7 @@ use std::fmt;
 use std::io::{self, IoSliceMut};
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -81,6 +82,9 @@ pub(crate) type Ack = (u64, SocketAddr);
 pub(crate) struct Demux {
     acks: Mutex<Option<(SocketAddr, mpsc::Sender<Ack>)>>,
     sessions: Mutex<HashMap<String, mpsc::Sender<SocketAddr>>>,
+    /// Punch sessions begun so far: whether one began within a span of
+    /// time (see `QuicPath::rebind_after_lost_path`).
+    begun: AtomicU64,
 }
 
 impl fmt::Debug for Demux {
@@ -109,11 +113,22 @@ impl Demux {
     ) -> (SessionGuard, mpsc::Receiver<SocketAddr>) {
         let (tx, rx) = mpsc::channel(16);
         lock(&self.sessions).insert(session.to_owned(), tx);
+        self.begun.fetch_add(1, Ordering::Relaxed);
         let guard = SessionGuard {
             demux: self.clone(),
             session: session.to_owned(),
         };
         (guard, rx)
+    }
+
+    /// Punch sessions begun so far on this socket's port.
+    pub(crate) fn punches_begun(&self) -> u64 {
+        self.begun.load(Ordering::Relaxed)
+    }
+
+    /// Whether a punch session is running.
+    pub(crate) fn punching(&self) -> bool {
+        !lock(&self.sessions).is_empty()
     }
 
     fn deliver(&self, buf: &[u8], from: SocketAddr) {

@@ -181,7 +181,9 @@ pub fn conntrack_flush(bins: &Binaries, over: Over) -> Result<String> {
         // timeout, and both sides move to fresh UDP ports before punching
         // again, because the flush left the NATs holding entries for each
         // side's in-flight packets that re-map the other's old port
-        // (lab/README.md, "UDP and conntrack"). Direct again within 25 s of
+        // (lab/README.md, "UDP and conntrack"); a side that notices late,
+        // when the other's re-punch has already begun, keeps its port
+        // (`QuicPath::rebind_after_lost_path`). Direct again within 25 s of
         // the flush (before fresh ports: relayed at 25 s, direct at 38–43).
         // Over TCP usually within 10 s: up to 6.9 s when one side learns of
         // the loss only from its 5 s keepalive (README.md). When a NAT

@@ -43,6 +43,36 @@ pub fn udp(addr: SocketAddr) -> io::Result<UdpSocket> {
     UdpSocket::from_std(socket.into())
 }
 
+/// How many ephemeral ports [`same_port`] tries before giving up.
+const SAME_PORT_TRIES: usize = 32;
+
+/// A TCP listener and a UDP socket on one port of `addr`'s address. With
+/// port 0, the first ephemeral TCP port that is also free over UDP, both
+/// held when this returns: a port found free and closed again can be taken
+/// by anyone before the server binds it (on a busy host, a test run holds
+/// thousands of sockets), and then the server would only warn.
+pub fn same_port(addr: SocketAddr) -> io::Result<(TcpListener, UdpSocket)> {
+    if addr.port() != 0 {
+        return Ok((tcp(addr)?, udp(addr)?));
+    }
+    let mut last = io::Error::other("no port tried");
+    for _ in 0..SAME_PORT_TRIES {
+        let listener = tcp(addr)?;
+        let port = listener.local_addr()?.port();
+        match udp(SocketAddr::new(addr.ip(), port)) {
+            Ok(socket) => return Ok((listener, socket)),
+            Err(e) => last = e,
+        }
+    }
+    Err(io::Error::new(
+        last.kind(),
+        format!(
+            "no port on {} free over both TCP and UDP in {SAME_PORT_TRIES} tries: {last}",
+            addr.ip()
+        ),
+    ))
+}
+
 /// Every listener of `addrs`, in order; the first that cannot bind fails
 /// the lot with the address named.
 pub fn tcp_all(addrs: &[SocketAddr]) -> io::Result<Vec<TcpListener>> {
@@ -62,6 +92,18 @@ pub fn tcp_all(addrs: &[SocketAddr]) -> io::Result<Vec<TcpListener>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn same_port_holds_one_port_over_both_transports() {
+        let (l, u) = same_port("127.0.0.1:0".parse().unwrap()).unwrap();
+        let port = l.local_addr().unwrap().port();
+        assert_ne!(port, 0);
+        assert_eq!(u.local_addr().unwrap().port(), port);
+        // Held: nobody else can have it over either transport meanwhile.
+        assert!(udp(SocketAddr::from(([127, 0, 0, 1], port))).is_err());
+        // A fixed port that is taken is an error, not another port.
+        assert!(same_port(SocketAddr::from(([127, 0, 0, 1], port))).is_err());
+    }
 
     #[tokio::test]
     async fn v4_and_v6_share_a_port_as_separate_listeners() {

@@ -60,7 +60,7 @@ use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::{Extension, Router};
 use punch_config::RendezvousConfig;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, UdpSocket};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -181,6 +181,63 @@ pub async fn run_live(
     run_listeners(vec![listener], live, trust, cancel).await
 }
 
+/// Every socket a server serves on, bound before it starts: the HTTP
+/// listeners, the UDP observation sockets and NAT discovery's second
+/// endpoint. [`Bound::bind`] binds what the configuration asks for beside
+/// the listeners; [`Bound::new`] takes sockets the caller already holds (a
+/// test harness that wants free ports binds them itself with
+/// [`bind::same_port`], so no other process can take one in between).
+pub struct Bound {
+    listeners: Vec<TcpListener>,
+    udp: Vec<UdpSocket>,
+    observe: Option<observe::Sockets>,
+}
+
+impl Bound {
+    /// The UDP observation socket beside each listener (or `udp_listen`),
+    /// and `observe_port` beside the first listener (IPv4 in the usual
+    /// dual-stack setup; discovery is IPv4-only for now).
+    pub fn bind(listeners: Vec<TcpListener>, cfg: &RendezvousConfig) -> std::io::Result<Self> {
+        let Some(listener) = listeners.first() else {
+            return Err(std::io::Error::other("no listen address"));
+        };
+        let mut udp = Vec::new();
+        if cfg.udp_listen.is_some() {
+            udp.extend(bind_udp(listener, cfg)?);
+        } else {
+            for l in &listeners {
+                udp.extend(bind_udp(l, cfg)?);
+            }
+        }
+        let observe = observe::bind(listener.local_addr()?, cfg.observe_port)?;
+        Ok(Self {
+            listeners,
+            udp,
+            observe,
+        })
+    }
+
+    /// Sockets already bound: `listeners` (at least one), their UDP
+    /// observation sockets, and NAT discovery's second endpoint (a TCP
+    /// listener and a UDP socket on one port) or none.
+    pub fn new(
+        listeners: Vec<TcpListener>,
+        udp: Vec<UdpSocket>,
+        observe: Option<(TcpListener, UdpSocket)>,
+    ) -> Self {
+        Self {
+            listeners,
+            udp,
+            observe: observe.map(|(tcp, udp)| observe::Sockets::new(tcp, udp)),
+        }
+    }
+
+    /// NAT discovery's second port, if it has one.
+    pub fn observe_port(&self) -> Option<u16> {
+        self.observe.as_ref().and_then(observe::Sockets::port)
+    }
+}
+
 /// [`run_live`] on several listeners (`listen` as a list, e.g. one IPv4
 /// and one IPv6 socket from [`bind::tcp_all`]): one accept loop each, one
 /// registry, and a UDP observation socket beside each listener.
@@ -190,22 +247,27 @@ pub async fn run_listeners(
     trust: Trust,
     cancel: CancellationToken,
 ) -> std::io::Result<()> {
+    let bound = Bound::bind(listeners, &live.get())?;
+    run_bound(bound, live, trust, cancel).await
+}
+
+/// Serves on sockets already bound ([`Bound`]) until `cancel` fires.
+pub async fn run_bound(
+    bound: Bound,
+    live: LiveConfig,
+    trust: Trust,
+    cancel: CancellationToken,
+) -> std::io::Result<()> {
     let cfg = live.get();
-    let Some(listener) = listeners.first() else {
+    let Bound {
+        listeners,
+        udp: udps,
+        observe: observe_sockets,
+    } = bound;
+    if listeners.is_empty() {
         return Err(std::io::Error::other("no listen address"));
-    };
-    let mut udps = Vec::new();
-    if cfg.udp_listen.is_some() {
-        udps.extend(bind_udp(listener, &cfg).await?);
-    } else {
-        for l in &listeners {
-            udps.extend(bind_udp(l, &cfg).await?);
-        }
     }
     let udp = udps.first();
-    // NAT discovery answers beside the first listen address (IPv4 in the
-    // usual dual-stack setup; discovery is IPv4-only for now).
-    let observe_sockets = observe::bind(listener.local_addr()?, cfg.observe_port).await?;
     let cluster = match (&cfg.redis, &cfg.public_url) {
         (Some(url), Some(public_url)) => Some(Arc::new(
             RedisStore::new(url.expose(), public_url)
@@ -271,10 +333,7 @@ pub async fn run_listeners(
 /// The UDP observation socket: `udp_listen` if configured (failing to bind
 /// it is an error), else the TCP listener's own address over UDP, and if
 /// that port is taken over UDP, a warning and no QUIC candidates.
-async fn bind_udp(
-    listener: &TcpListener,
-    cfg: &RendezvousConfig,
-) -> std::io::Result<Option<tokio::net::UdpSocket>> {
+fn bind_udp(listener: &TcpListener, cfg: &RendezvousConfig) -> std::io::Result<Option<UdpSocket>> {
     if let Some(addr) = cfg.udp_listen {
         return bind::udp(addr).map(Some);
     }

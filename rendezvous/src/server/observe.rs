@@ -131,7 +131,7 @@ pub(crate) struct Sockets {
 /// Binds `observe_port` on `listen`'s address: TCP and UDP both, or
 /// neither. An explicit port that cannot be bound is an error; the
 /// default (`listen` + 1) only warns.
-pub(crate) async fn bind(
+pub(crate) fn bind(
     listen: SocketAddr,
     configured: Option<u16>,
 ) -> std::io::Result<Option<Sockets>> {
@@ -144,14 +144,8 @@ pub(crate) async fn bind(
         },
     };
     let addr = SocketAddr::new(listen.ip(), port);
-    let bound = async {
-        let tcp = TcpListener::bind(addr).await?;
-        let udp = UdpSocket::bind(addr).await?;
-        Ok::<_, std::io::Error>(Sockets { tcp, udp })
-    }
-    .await;
-    match bound {
-        Ok(s) => Ok(Some(s)),
+    match super::bind::same_port(addr) {
+        Ok((tcp, udp)) => Ok(Some(Sockets { tcp, udp })),
         Err(e) if configured.is_some() => Err(std::io::Error::new(
             e.kind(),
             format!("observe_port {addr}: {e}"),
@@ -164,6 +158,11 @@ pub(crate) async fn bind(
 }
 
 impl Sockets {
+    /// Sockets the caller already holds (see [`super::Bound::new`]).
+    pub(crate) fn new(tcp: TcpListener, udp: UdpSocket) -> Self {
+        Self { tcp, udp }
+    }
+
     pub(crate) fn port(&self) -> Option<u16> {
         self.tcp.local_addr().ok().map(|a| a.port())
     }
