@@ -148,6 +148,11 @@ enum Cmd {
         /// same run as rows "... (before)".
         #[arg(long)]
         baseline: Option<std::path::PathBuf>,
+        /// RTT axis: only the TCP path (punchd TCP with plain TCP, ssh -L
+        /// and rathole beside it, and the baseline's TCP row), for quick
+        /// runs while tuning it.
+        #[arg(long)]
+        tcp_only: bool,
     },
     /// Punch timing: ROUNDS back-to-back re-punches in SCENARIO (two RST
     /// NATs by default) with alice A_MS and bob B_MS from the internet;
@@ -418,6 +423,7 @@ fn main() -> ExitCode {
             rtt,
             json,
             baseline,
+            tcp_only,
         } => {
             if let Some(why) = punch_lab::harness::preflight::unavailable() {
                 eprintln!("error: {why}");
@@ -439,6 +445,7 @@ fn main() -> ExitCode {
                             },
                             json,
                             baseline,
+                            tcp_only,
                         },
                     ),
                     None => punch_lab::suites::bench::run(&bins, seconds),

@@ -55,6 +55,8 @@ pub struct Options {
     pub json: Option<PathBuf>,
     /// Another build's punchd and punch-rendezvous, measured alongside.
     pub baseline: Option<PathBuf>,
+    /// Only the TCP arms (the first of each build), with their neighbours.
+    pub tcp_only: bool,
 }
 
 /// One path at one condition.
@@ -444,11 +446,13 @@ pub fn run(bins: &Binaries, o: &Options) -> Result<()> {
     println!("load before: {}", out.load_before);
     for (rtt_ms, loss_pct) in conditions {
         let mut rows = Vec::new();
-        for (i, arm) in ARMS.iter().enumerate() {
+        let arms = if o.tcp_only { 1 } else { ARMS.len() };
+        for (i, arm) in ARMS.iter().take(arms).enumerate() {
             rows.extend(punchd_run(bins, arm, i == 0, rtt_ms, loss_pct, o.seconds));
         }
         if let Some(b) = &baseline {
-            for arm in &BASELINE_ARMS {
+            let arms = if o.tcp_only { 1 } else { BASELINE_ARMS.len() };
+            for arm in BASELINE_ARMS.iter().take(arms) {
                 rows.extend(punchd_run(b, arm, false, rtt_ms, loss_pct, o.seconds));
             }
         }
