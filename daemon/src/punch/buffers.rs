@@ -42,8 +42,6 @@
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::OnceLock;
 
-use super::sockopt;
-
 /// What a socket carries.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Kind {
@@ -266,19 +264,44 @@ pub(crate) fn describe(kind: Kind, choices: &[Choice]) -> Vec<(bool, String)> {
         .collect()
 }
 
+#[allow(unsafe_code)]
 fn set(fd: RawFd, option: libc::c_int, bytes: usize) -> std::io::Result<()> {
     // The kernel doubles what it is given (its accounting counts
     // per-packet overhead): ask for half of `bytes`.
     let value = libc::c_int::try_from(bytes / 2).unwrap_or(libc::c_int::MAX);
-    sockopt::set(fd, libc::SOL_SOCKET, option, &value)
+    // SAFETY: the pointer and length describe `value`, alive for the call;
+    // `fd` is borrowed from a live socket by the caller.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            option,
+            std::ptr::addr_of!(value).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
 }
 
+#[allow(unsafe_code)]
 fn get(fd: RawFd, option: libc::c_int) -> Option<usize> {
-    let mut buf = [0u8; std::mem::size_of::<libc::c_int>()];
-    let n = sockopt::get_into(fd, libc::SOL_SOCKET, option, &mut buf).ok()?;
-    (n == buf.len())
-        .then(|| usize::try_from(libc::c_int::from_ne_bytes(buf)).ok())
-        .flatten()
+    let mut value: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: the pointers describe `value` and `len`, alive for the call.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            option,
+            std::ptr::addr_of_mut!(value).cast(),
+            &mut len,
+        )
+    };
+    (rc == 0).then(|| usize::try_from(value).ok()).flatten()
 }
 
 #[cfg(test)]

@@ -11,9 +11,7 @@ pub(crate) mod birthday;
 pub(crate) mod budget;
 pub(crate) mod buffers;
 pub(crate) mod family;
-pub(crate) mod pacing;
 pub(crate) mod plan;
-mod sockopt;
 mod stream;
 
 pub(crate) use stream::{set_abortive_close, PunchedStream};

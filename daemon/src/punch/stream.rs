@@ -91,14 +91,6 @@ impl PunchedStream {
             .ok()
             .map(|socket| FinCloser { socket })
     }
-
-    /// A second descriptor of the socket, for reading its `TCP_INFO` and
-    /// capping its pacing rate while the tunnel lives ([`super::pacing`]).
-    /// Whoever holds it must drop it when the tunnel ends: the connection
-    /// closes only when its last descriptor does.
-    pub(crate) fn duplicate_fd(&self) -> Option<std::os::fd::OwnedFd> {
-        self.stream.as_fd().try_clone_to_owned().ok()
-    }
 }
 
 /// See [`PunchedStream::fin_closer`]. Dropping it without calling

@@ -239,15 +239,9 @@ fn authenticate<'a>(race: &'a Race<'_>, est: Established) -> Handshake<'a> {
         ..
     } = est;
     let closer = stream.fin_closer();
-    let pacing = stream.duplicate_fd();
     let io = Metered::new(stream, race.status.clone());
     Box::pin(async move {
-        let mut r = mux::handshake(io, race.role, race.identity, race.key, Transport::Tcp).await;
-        if let (Ok(parts), Some(fd)) = (&mut r, pacing) {
-            // Keeps the path's queue short under bulk transfers.
-            let driver = std::mem::replace(&mut parts.driver, Box::pin(std::future::ready(())));
-            parts.driver = Box::pin(crate::punch::pacing::alongside(fd, driver));
-        }
+        let r = mux::handshake(io, race.role, race.identity, race.key, Transport::Tcp).await;
         if r.is_err() {
             // Punched again on the same ports next: close with a FIN
             // so that the NATs let the new SYNs reopen their entries.

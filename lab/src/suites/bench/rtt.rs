@@ -78,6 +78,12 @@ pub struct RowFigures {
     pub loaded_download_gbps: Option<f64>,
     /// `ss -tni` on alice's host midway through the 1-stream run.
     pub ss: Option<String>,
+    /// punchd rows: `ss -tmni` of the tunnel socket on both hosts 1 s into
+    /// the round trips under load (where the 64-byte request waits: the
+    /// path's queue shows as RTT over the minimum, the sender's unsent
+    /// data as `notsent`, the receiver's unread data as `Recv-Q`).
+    #[serde(default)]
+    pub loaded_ss: Option<String>,
     /// punchd rows: the transport the tunnel ran on and why it was kept.
     pub note: Option<String>,
     /// Not measured, and why.
@@ -269,7 +275,25 @@ fn measure(
             })
         };
         std::thread::sleep(Duration::from_secs(2));
+        let probe = r.path.starts_with("punchd").then(|| {
+            let hosts = [client.clone(), run.topo.host_b.name().to_owned()];
+            std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_secs(1));
+                hosts
+                    .iter()
+                    .map(|ns| {
+                        let port = format!(":{}", crate::harness::spec::PUNCH_PORT);
+                        let text = exec_in(ns, "ss", &["-tmniH", "sport", "=", &port])
+                            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+                            .unwrap_or_default();
+                        format!("{ns}:\n{}", text.trim())
+                    })
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            })
+        });
         let loaded = rr_in(&client, &tool, target, rr_count(rtt_ms, 2000, 200), 2);
+        r.loaded_ss = probe.and_then(|p| p.join().ok());
         let download = load
             .join()
             .map_err(|_| anyhow::anyhow!("download thread panicked"))?;
