@@ -50,10 +50,13 @@ impl Rendezvous {
             None => server::bind::same_port(wanted)?,
         };
         let addr = listener.local_addr()?;
+        // `Some(0)`: no second endpoint; none named: any port, held.
         let observe = match cfg.observe_port {
             Some(0) => None,
-            Some(port) => Some(server::bind::same_port(SocketAddr::new(addr.ip(), port))?),
-            None => Some(server::bind::same_port(SocketAddr::new(addr.ip(), 0))?),
+            port => Some(server::bind::same_port(SocketAddr::new(
+                addr.ip(),
+                port.unwrap_or(0),
+            ))?),
         };
         let bound = server::Bound::new(vec![listener], vec![udp], observe);
         let observe_port = bound.observe_port();

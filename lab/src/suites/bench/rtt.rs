@@ -55,7 +55,7 @@ pub struct Options {
     pub json: Option<PathBuf>,
     /// Another build's punchd and punch-rendezvous, measured alongside.
     pub baseline: Option<PathBuf>,
-    /// Only the TCP arms (the first of each build), with their neighbours.
+    /// Only the TCP arms (each build's), with their neighbours.
     pub tcp_only: bool,
 }
 
@@ -277,12 +277,12 @@ fn measure(
         std::thread::sleep(Duration::from_secs(2));
         let probe = r.path.starts_with("punchd").then(|| {
             let hosts = [client.clone(), run.topo.host_b.name().to_owned()];
+            let port = format!(":{}", crate::harness::spec::PUNCH_PORT);
             std::thread::spawn(move || {
                 std::thread::sleep(Duration::from_secs(1));
                 hosts
                     .iter()
                     .map(|ns| {
-                        let port = format!(":{}", crate::harness::spec::PUNCH_PORT);
                         let text = exec_in(ns, "ss", &["-tmniH", "sport", "=", &port])
                             .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
                             .unwrap_or_default();
@@ -470,13 +470,12 @@ pub fn run(bins: &Binaries, o: &Options) -> Result<()> {
     println!("load before: {}", out.load_before);
     for (rtt_ms, loss_pct) in conditions {
         let mut rows = Vec::new();
-        let arms = if o.tcp_only { 1 } else { ARMS.len() };
-        for (i, arm) in ARMS.iter().take(arms).enumerate() {
+        let wanted = |arm: &&Arm| !o.tcp_only || arm.transport == Transport::Tcp;
+        for (i, arm) in ARMS.iter().filter(wanted).enumerate() {
             rows.extend(punchd_run(bins, arm, i == 0, rtt_ms, loss_pct, o.seconds));
         }
         if let Some(b) = &baseline {
-            let arms = if o.tcp_only { 1 } else { BASELINE_ARMS.len() };
-            for arm in BASELINE_ARMS.iter().take(arms) {
+            for arm in BASELINE_ARMS.iter().filter(wanted) {
                 rows.extend(punchd_run(b, arm, false, rtt_ms, loss_pct, o.seconds));
             }
         }
