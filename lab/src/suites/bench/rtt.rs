@@ -260,26 +260,29 @@ fn measure(
             }
         };
         r.rr_p50_us = Some(idle.p50_us);
-        // The bulk download runs for 6 s; the round trips start once it
-        // has had 2 s to fill the path.
+        // The bulk download runs for 12 s; the round trips start once it
+        // has had 3 s to fill the path and take up to 6 s: at 200 ms RTT
+        // that is 30 of them. (Until 2026-12-07: 6 s, from 2 s, 2 s of
+        // round trips, i.e. 10 at 200 ms, all in the download's first
+        // seconds: the same daemon read +18 to +300 ms in five runs.)
         let load = {
             let (ns, tool, target) = (client.clone(), tool.clone(), target.clone());
             std::thread::spawn(move || -> Result<DownloadReport> {
                 let out = exec_in(
                     &ns,
                     tool.to_str().unwrap_or("punch-lab-tool"),
-                    &["download", "--connect", &target, "--seconds", "6"],
+                    &["download", "--connect", &target, "--seconds", "12"],
                 )?;
                 serde_json::from_slice(&out.stdout)
                     .with_context(|| format!("download: {}", String::from_utf8_lossy(&out.stderr)))
             })
         };
-        std::thread::sleep(Duration::from_secs(2));
+        std::thread::sleep(Duration::from_secs(3));
         let probe = r.path.starts_with("punchd").then(|| {
             let hosts = [client.clone(), run.topo.host_b.name().to_owned()];
             let port = format!(":{}", crate::harness::spec::PUNCH_PORT);
             std::thread::spawn(move || {
-                std::thread::sleep(Duration::from_secs(1));
+                std::thread::sleep(Duration::from_secs(3));
                 hosts
                     .iter()
                     .map(|ns| {
@@ -292,7 +295,7 @@ fn measure(
                     .join("\n")
             })
         });
-        let loaded = rr_in(&client, &tool, target, rr_count(rtt_ms, 2000, 200), 2);
+        let loaded = rr_in(&client, &tool, target, rr_count(rtt_ms, 6000, 300), 2);
         r.loaded_ss = probe.and_then(|p| p.join().ok());
         let download = load
             .join()
