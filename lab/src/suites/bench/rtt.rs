@@ -44,6 +44,17 @@ const LOSSY_RTT: u64 = 40;
 const LOSS_PCT: f64 = 1.0;
 const BOB_HOST: &str = "198.51.100.2";
 
+/// The round trips under load: timed from `LOADED_FROM` into a bulk
+/// download of `LOADED_DOWNLOAD`, for about `LOADED_BUDGET` (30 round trips
+/// at 200 ms RTT), past the sending socket's start-up. (Until 2026-12-07:
+/// 2 s of round trips from 2 s into 6 s, i.e. 10 at 200 ms, all in the
+/// download's first seconds: one unchanged daemon read +18 to +300 ms in
+/// five runs.) The download outlasts them; the tunnel socket's `ss`
+/// snapshot is taken halfway through them.
+const LOADED_FROM: Duration = Duration::from_secs(3);
+const LOADED_BUDGET: Duration = Duration::from_secs(6);
+const LOADED_DOWNLOAD: Duration = Duration::from_secs(12);
+
 /// What to run.
 #[derive(Debug, Clone)]
 pub struct Options {
@@ -260,29 +271,25 @@ fn measure(
             }
         };
         r.rr_p50_us = Some(idle.p50_us);
-        // The bulk download runs for 12 s; the round trips start once it
-        // has had 3 s to fill the path and take up to 6 s: at 200 ms RTT
-        // that is 30 of them. (Until 2026-12-07: 6 s, from 2 s, 2 s of
-        // round trips, i.e. 10 at 200 ms, all in the download's first
-        // seconds: the same daemon read +18 to +300 ms in five runs.)
         let load = {
             let (ns, tool, target) = (client.clone(), tool.clone(), target.clone());
+            let seconds = LOADED_DOWNLOAD.as_secs().to_string();
             std::thread::spawn(move || -> Result<DownloadReport> {
                 let out = exec_in(
                     &ns,
                     tool.to_str().unwrap_or("punch-lab-tool"),
-                    &["download", "--connect", &target, "--seconds", "12"],
+                    &["download", "--connect", &target, "--seconds", &seconds],
                 )?;
                 serde_json::from_slice(&out.stdout)
                     .with_context(|| format!("download: {}", String::from_utf8_lossy(&out.stderr)))
             })
         };
-        std::thread::sleep(Duration::from_secs(3));
+        std::thread::sleep(LOADED_FROM);
         let probe = r.path.starts_with("punchd").then(|| {
             let hosts = [client.clone(), run.topo.host_b.name().to_owned()];
             let port = format!(":{}", crate::harness::spec::PUNCH_PORT);
             std::thread::spawn(move || {
-                std::thread::sleep(Duration::from_secs(3));
+                std::thread::sleep(LOADED_BUDGET / 2);
                 hosts
                     .iter()
                     .map(|ns| {
@@ -295,7 +302,13 @@ fn measure(
                     .join("\n")
             })
         });
-        let loaded = rr_in(&client, &tool, target, rr_count(rtt_ms, 6000, 300), 2);
+        let loaded = rr_in(
+            &client,
+            &tool,
+            target,
+            rr_count(rtt_ms, LOADED_BUDGET.as_millis() as u64, 300),
+            2,
+        );
         r.loaded_ss = probe.and_then(|p| p.join().ok());
         let download = load
             .join()
