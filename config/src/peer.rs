@@ -113,8 +113,14 @@ pub enum TransportKind {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum QuicCongestion {
-    /// CUBIC, quinn's default and the usual choice.
+    /// Whatever the host's TCP uses (`net.ipv4.tcp_congestion_control`):
+    /// BBR where that is `bbr`, else CUBIC. The default: the QUIC path
+    /// then behaves toward other flows as the host's own TCP connections
+    /// (and punchd's TCP path) do, and where an operator chose BBR for
+    /// lossy or long paths, the QUIC path gets it too.
     #[default]
+    System,
+    /// CUBIC, quinn's default.
     Cubic,
     /// BBR: far better on paths with random loss (Wi-Fi, mobile); quinn
     /// still calls its implementation experimental.
@@ -159,7 +165,8 @@ pub struct PunchSection {
     /// punch port number (or any free one when that is taken).
     #[serde(default = "default_transports")]
     pub transports: Vec<TransportKind>,
-    /// Congestion control on the QUIC path: `cubic` (default) or `bbr`.
+    /// Congestion control on the QUIC path: `system` (default: the host's
+    /// TCP choice, BBR or else CUBIC), `cubic` or `bbr`.
     #[serde(default)]
     pub quic_congestion: QuicCongestion,
     /// Ask the default gateway (UPnP IGD, NAT-PMP, PCP) to map the punch

@@ -17,6 +17,7 @@
 //! side only accepts, and only from keys in `[[peers]]`.
 
 pub(crate) mod birthday;
+pub(crate) mod congestion;
 pub(crate) mod probe;
 pub(crate) mod punch;
 pub(crate) mod socket;
@@ -116,7 +117,7 @@ fn reset_key(identity: &Identity) -> Arc<dyn quinn::crypto::HmacKey> {
 /// NAT mappings along the path alive).
 fn transport_config(
     keepalive: (Duration, Duration),
-    congestion: QuicCongestion,
+    congestion: congestion::Controller,
 ) -> TransportConfig {
     let mut t = TransportConfig::default();
     t.max_concurrent_bidi_streams(VarInt::from_u32(MAX_STREAMS as u32))
@@ -131,7 +132,7 @@ fn transport_config(
         // quinn's default (333 ms) delays the first retransmission by ~1 s;
         // the punch has just measured that the path is open.
         .initial_rtt(Duration::from_millis(100));
-    if congestion == QuicCongestion::Bbr {
+    if congestion == congestion::Controller::Bbr {
         t.congestion_controller_factory(Arc::new(quinn::congestion::BbrConfig::default()));
     }
     t
@@ -184,7 +185,9 @@ impl QuicPath {
             runtime.wrap_udp_socket(std_socket)?,
             demux.clone(),
         ));
-        let transport = Arc::new(transport_config(keepalive, congestion));
+        let host_tcp = congestion::host_tcp();
+        let controller = congestion::choose(congestion, host_tcp.as_deref());
+        let transport = Arc::new(transport_config(keepalive, controller));
         let server = server_config(identity, accept_from, &transport)?;
         let endpoint = quinn::Endpoint::new_with_abstract_socket(
             endpoint_config(identity),
@@ -195,6 +198,9 @@ impl QuicPath {
         info!(
             port = local.port(),
             ipv6 = local.is_ipv6(),
+            congestion = controller.name(),
+            setting = ?congestion,
+            host_tcp = host_tcp.as_deref().map_or("unreadable", str::trim),
             "QUIC path ready (UDP punch socket bound)"
         );
         Ok(Self {
