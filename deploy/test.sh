@@ -97,7 +97,11 @@ done
 echo "healthy after $(( ($(date +%s%N) - start) / 1000000 )) ms: $("${podman[@]}" inspect --format '{{.State.Health.Status}}' "$container")"
 probe_ok=$("${run[@]}" --rm --no-healthcheck --network host --entrypoint /usr/local/bin/punch-rendezvous "$image" healthcheck --addr "127.0.0.1:$port" && echo yes)
 [ "$probe_ok" = yes ] || { echo "the image's probe from a second container failed" >&2; exit 1; }
-"${podman[@]}" logs "$container" 2>&1 | grep -q "127.0.0.1:$port" \
+# Read the logs whole before searching them: under pipefail, `logs | grep
+# -q` fails whenever grep stops at the match before podman has written the
+# rest (SIGPIPE), which CI saw once.
+logs=$("${podman[@]}" logs "$container" 2>&1)
+grep -q "127.0.0.1:$port" <<<"$logs" \
   || { echo "the server did not report listening on 127.0.0.1:$port" >&2; exit 1; }
 "${podman[@]}" stop --time 10 "$container" >/dev/null
 code=$("${podman[@]}" inspect --format '{{.State.ExitCode}}' "$container")
