@@ -69,8 +69,8 @@ fn quic_alone_through_port_preserving_nats_is_direct() {
 }
 
 #[test]
-fn quic_with_bbr_is_direct() {
-    scenario("quic-bbr");
+fn quic_with_cubic_is_direct() {
+    scenario("quic-cubic");
 }
 
 #[test]
