@@ -16,6 +16,7 @@ use crate::harness::punchd_types::{PathState, PeerDoc, Transport};
 use crate::harness::report::Report;
 use crate::harness::run::{Run, CAPTURE_ENV};
 use crate::harness::spec::{Scenario, PUNCH_PORT};
+use crate::harness::stats::binomial_band;
 use crate::harness::status::first_peer;
 use crate::harness::transfer::{sink_endings, SendReport, CLEAN_EOF};
 use crate::net::netns::listens_on;
@@ -265,10 +266,14 @@ impl Drop for ListenerWatch {
     }
 }
 
-/// Probes per lossy round trip: enough that the 4σ binomial band around
-/// the expected count excludes zero on the host-to-host path of the lossy
-/// realism case (≈ 3.9 % of 500: 19.7 ± 17.4), ~2.5 s at 5 ms apart.
-const LOSS_PROBES: u32 = 500;
+/// Probes per lossy round trip, 2 ms apart (2 s): enough that the band a
+/// working emulator stays in ([`LOSS_FALSE_ALARM`]) excludes zero on every
+/// lossy round trip the lab builds (1.99 % of 1,000: 3 to 44 lost).
+const LOSS_PROBES: u32 = 1000;
+/// How rare a lost count must be, on either side, to fail the check: one
+/// run in a million per side, so the dozens of checks in a CI run do not
+/// fail on chance (a normal-approximation band at 500 probes did, once).
+const LOSS_FALSE_ALARM: f64 = 1e-6;
 /// Probes per lossless round trip (the RTT only).
 const RTT_PROBES: u32 = 20;
 
@@ -280,8 +285,8 @@ const RTT_PROBES: u32 = 20;
 /// 10 % + 3 ms above it (plus jitter; the emulator's own test measures
 /// within 10 %; the median, because on this shared machine one probe in
 /// twenty can wait for a CPU: a mean of 15.2 ms, min 10.27 ms, was seen
-/// on a 10 ms path), and, where loss is set, a lost count
-/// within 4σ of the binomial mean (a false alarm ~1 in 15,000). Returns
+/// on a 10 ms path), and, where loss is set, a lost count no rarer than
+/// [`LOSS_FALSE_ALARM`] on the exact binomial. Returns
 /// what was measured, for the report.
 pub fn link_emulation_applied(topo: &Topology, links: &Links) -> Result<String> {
     let mut seen = Vec::new();
@@ -290,7 +295,7 @@ pub fn link_emulation_applied(topo: &Topology, links: &Links) -> Result<String> 
         let jitter = imp.jitter.as_secs_f64() * 1e3;
         let lossy = imp.loss > 0.0;
         let (count, interval) = if lossy {
-            (LOSS_PROBES, "0.005")
+            (LOSS_PROBES, "0.002")
         } else {
             (RTT_PROBES, "0.02")
         };
@@ -311,22 +316,16 @@ pub fn link_emulation_applied(topo: &Topology, links: &Links) -> Result<String> 
             p.min_ms, p.median_ms
         );
         if lossy {
-            let n = f64::from(p.sent);
-            let (mean, sd) = (n * imp.loss, (n * imp.loss * (1.0 - imp.loss)).sqrt());
-            let lost = f64::from(p.sent - p.received);
-            if (lost - mean).abs() > 4.0 * sd {
+            let (low, high) = binomial_band(p.sent, imp.loss, LOSS_FALSE_ALARM);
+            let lost = p.sent - p.received;
+            if !(low..=high).contains(&lost) {
                 bail!(
-                    "ping to {dst}: {lost} of {} lost; the emulated links drop {:.2} %, so {mean:.1} ± {:.1} (4σ)",
+                    "ping to {dst}: {lost} of {} lost; the emulated links drop {:.2} %, so {low} to {high} (a false alarm one run in a million): the emulator is not dropping as asked",
                     p.sent,
                     imp.loss * 100.0,
-                    4.0 * sd
                 );
             }
-            line.push_str(&format!(
-                ", lost {lost}/{} (want {mean:.1} ± {:.1})",
-                p.sent,
-                4.0 * sd
-            ));
+            line.push_str(&format!(", lost {lost}/{} (want {low} to {high})", p.sent));
         }
         seen.push(line);
     }
