@@ -202,6 +202,15 @@ pub struct Hello {
     /// sides' ([`crate::nat::choose`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub nat: Option<crate::nat::NatSummary>,
+    /// The round trip the daemon measured connecting to this server (its
+    /// TCP handshake), microseconds. The server times punches by both
+    /// daemons' RTTs, and a daemon's pings report one only from its second
+    /// ping on: an order in between was timed as if the daemon were next
+    /// to the server, and a far daemon fired late (a first punch at 150 ms
+    /// RTT with one side 38 ms late, which also gave that side's TCP a
+    /// minimum RTT of a quarter of the path's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rtt_us: Option<u64>,
     /// Network token, when the server requires one.
     #[serde(default)]
     pub token: Option<String>,
@@ -704,6 +713,7 @@ mod tests {
             token: None,
             signature: String::new(),
             nat: None,
+            rtt_us: None,
             observe_only: false,
         });
         assert!(!serde_json::to_string(&h).unwrap().contains("observe_only"));
@@ -720,6 +730,7 @@ mod tests {
             mapped_tcp: None,
             mapped_udp: None,
             nat: None,
+            rtt_us: None,
             token: Some("hunter2".into()),
             signature: String::new(),
             observe_only: false,

@@ -39,6 +39,7 @@ async fn observe_only(addr: SocketAddr, name: &str, key: &SigningKey) -> ServerM
         token: None,
         signature: sign_challenge(key, &nonce, name, None),
         nat: None,
+        rtt_us: None,
         observe_only: true,
     };
     send(&mut ws, &ClientMsg::Hello(hello)).await;

@@ -97,27 +97,30 @@ async fn mapped_endpoints_lead_the_candidates_only_on_the_observed_ip() {
     let server = TestServer::start(RendezvousConfig::default()).await;
     let tcp: SocketAddr = "127.0.0.1:40001".parse().unwrap();
     let udp: SocketAddr = "127.0.0.1:40002".parse().unwrap();
-    let (mut a, wa, _) = support::hello_mapped(
+    let announce = |mapped| support::Announce {
+        udp_port: Some(40000),
+        mapped,
+        rtt_us: None,
+    };
+    let (mut a, wa, _) = support::hello_announcing(
         server.addr,
         "alice",
         &key(1),
         None,
         false,
-        Some(40000),
-        (Some(tcp), Some(udp)),
+        announce((Some(tcp), Some(udp))),
     )
     .await;
     assert!(matches!(wa, ServerMsg::Welcome { .. }));
     // Bob claims a mapping on an address that is not his.
     let elsewhere: SocketAddr = "203.0.113.77:40000".parse().unwrap();
-    let (mut b, wb, _) = support::hello_mapped(
+    let (mut b, wb, _) = support::hello_announcing(
         server.addr,
         "bob",
         &key(2),
         None,
         false,
-        Some(40000),
-        (Some(elsewhere), Some(elsewhere)),
+        announce((Some(elsewhere), Some(elsewhere))),
     )
     .await;
     let ServerMsg::Welcome {
@@ -142,6 +145,36 @@ async fn mapped_endpoints_lead_the_candidates_only_on_the_observed_ip() {
             .await,
         2
     );
+    server.stop().await;
+}
+
+/// A daemon that has not pinged yet is timed by the RTT its hello
+/// measured: an order right after bob registers 200 ms away must leave him
+/// time to receive it (about 100 ms) before `at`.
+#[tokio::test]
+async fn a_punch_before_any_ping_is_timed_by_the_hellos_rtt() {
+    let server = TestServer::start(RendezvousConfig::default()).await;
+    let (mut a, _) = hello(server.addr, "alice", &key(1), None, false).await;
+    let far = support::Announce {
+        rtt_us: Some(200_000),
+        ..support::Announce::default()
+    };
+    let (mut b, wb, _) =
+        support::hello_announcing(server.addr, "bob", &key(2), None, false, far).await;
+    assert!(matches!(wb, ServerMsg::Welcome { .. }));
+    let before = punch_rendezvous::protocol::unix_time_us();
+    send(&mut a, &ClientMsg::Connect { peer: "bob".into() }).await;
+    let (ServerMsg::Punch(pa), ServerMsg::Punch(_)) = (recv(&mut a).await, recv(&mut b).await)
+    else {
+        panic!("both get punch orders")
+    };
+    // One-way 100 ms, and half as much again for jitter.
+    assert!(
+        pa.at_us >= before + 150_000,
+        "at {} µs after the connect: bob, 100 ms away, would fire late",
+        pa.at_us - before
+    );
+    assert!(pa.at_us <= before + 1_000_000);
     server.stop().await;
 }
 

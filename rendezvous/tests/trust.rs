@@ -81,6 +81,7 @@ async fn hello_over<S: AsyncRead + AsyncWrite + Unpin>(
         mapped_tcp: None,
         mapped_udp: None,
         nat: None,
+        rtt_us: None,
         token: token.map(str::to_owned),
         signature: sign_challenge(key, &nonce, signed_name, signed_token),
         observe_only: false,

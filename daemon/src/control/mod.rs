@@ -303,7 +303,11 @@ async fn connect_and_register(settings: &mut RvSettings) -> Result<Registered, R
         .copied()
         .find(|a| a.is_ipv4() != addr.is_ipv4());
     let sock = bind_punch_socket(addr, settings.port)?;
+    let connecting = Instant::now();
     let tcp = sock.connect(addr).await?;
+    // One round trip (SYN to SYN-ACK): the server's RTT for us until our
+    // pings report one (`Hello::rtt_us`).
+    let connect_rtt = connecting.elapsed();
     set_abortive_close(&tcp);
     // Punch orders and pongs are small and time-critical.
     let _ = tcp.set_nodelay(true);
@@ -381,6 +385,7 @@ async fn connect_and_register(settings: &mut RvSettings) -> Result<Registered, R
         mapped_tcp: mapped.0,
         mapped_udp: mapped.1,
         nat,
+        rtt_us: Some(connect_rtt.as_micros().try_into().unwrap_or(u64::MAX)),
         token: settings.token.as_ref().map(|t| t.expose().to_owned()),
         signature: sign_challenge(
             settings.identity.signing_key(),
@@ -469,6 +474,7 @@ async fn observe_other(settings: RvSettings, server: SocketAddr) -> Result<Socke
             token,
         ),
         nat: None,
+        rtt_us: None,
         observe_only: true,
     };
     send(&mut ws, &ClientMsg::Hello(hello)).await?;

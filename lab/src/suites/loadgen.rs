@@ -99,6 +99,7 @@ pub(crate) async fn register_as(
         mapped_tcp: None,
         mapped_udp: None,
         nat: None,
+        rtt_us: None,
         token: None,
         signature: sign_challenge(key, &nonce, name, None),
         observe_only: false,

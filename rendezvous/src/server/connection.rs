@@ -137,7 +137,8 @@ async fn handshake(
         mapped_udp: mapped_candidate(shared, hello.mapped_udp, observed),
         nat: hello.nat,
         probe_counter: 0,
-        rtt_us: 0,
+        // The daemon's own measure until its pings report one (0: none).
+        rtt_us: hello.rtt_us.unwrap_or(0),
         instance: None,
     };
     // Reachable before registered, so no order finds a name without an

@@ -123,19 +123,38 @@ pub(crate) async fn hello_udp(
     forge: bool,
     udp_port: Option<u16>,
 ) -> (Ws, ServerMsg, [u8; 32]) {
-    hello_mapped(addr, name, key, token, forge, udp_port, (None, None)).await
+    let announce = Announce {
+        udp_port,
+        ..Announce::default()
+    };
+    hello_announcing(addr, name, key, token, forge, announce).await
 }
 
-/// The handshake announcing router-mapped endpoints (TCP, UDP).
-pub(crate) async fn hello_mapped(
+/// What a hello may announce beyond name and key.
+#[derive(Debug, Default, Clone, Copy)]
+pub(crate) struct Announce {
+    /// The UDP punch port.
+    pub(crate) udp_port: Option<u16>,
+    /// Router-mapped endpoints (TCP, UDP).
+    pub(crate) mapped: (Option<SocketAddr>, Option<SocketAddr>),
+    /// The RTT the daemon measured connecting.
+    pub(crate) rtt_us: Option<u64>,
+}
+
+/// The handshake announcing `announce`.
+pub(crate) async fn hello_announcing(
     addr: SocketAddr,
     name: &str,
     key: &SigningKey,
     token: Option<&str>,
     forge: bool,
-    udp_port: Option<u16>,
-    mapped: (Option<SocketAddr>, Option<SocketAddr>),
+    announce: Announce,
 ) -> (Ws, ServerMsg, [u8; 32]) {
+    let Announce {
+        udp_port,
+        mapped,
+        rtt_us,
+    } = announce;
     let mut ws = open(addr).await;
     let ServerMsg::Challenge { version, nonce } = recv(&mut ws).await else {
         panic!("expected challenge")
@@ -156,6 +175,7 @@ pub(crate) async fn hello_mapped(
         mapped_tcp: mapped.0,
         mapped_udp: mapped.1,
         nat: None,
+        rtt_us,
         token: token.map(str::to_owned),
         signature: sign_challenge(&signer, &nonce, name, token),
         observe_only: false,
