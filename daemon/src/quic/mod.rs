@@ -94,6 +94,9 @@ pub(crate) struct QuicPath {
     mapped: std::sync::atomic::AtomicBool,
     runtime: Arc<dyn quinn::Runtime>,
     transport: Arc<TransportConfig>,
+    /// The congestion controller every connection runs (the race keeps
+    /// QUIC on long paths only under BBR).
+    controller: congestion::Controller,
     identity: Identity,
 }
 
@@ -213,8 +216,14 @@ impl QuicPath {
             mapped: std::sync::atomic::AtomicBool::new(false),
             runtime,
             transport,
+            controller,
             identity: identity.clone(),
         })
+    }
+
+    /// Whether this path's connections run BBR.
+    pub(crate) fn runs_bbr(&self) -> bool {
+        self.controller == congestion::Controller::Bbr
     }
 
     fn current_socket(&self) -> Arc<PunchSocket> {

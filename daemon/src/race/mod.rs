@@ -8,8 +8,9 @@
 //!
 //! - the client (lower key) keeps the first TCP candidate that
 //!   authenticates (the best kind after a short grace, LAN before public),
-//!   or QUIC when TCP does not authenticate within a grace after it (see
-//!   [`select`]); it opens a stream on the path asking for
+//!   or QUIC when TCP does not authenticate within a grace after it, or
+//!   QUIC at once on a long path when QUIC runs BBR (see [`select`]); it
+//!   opens a stream on the path asking for
 //!   `_select:<session>`, and waits for the yes;
 //! - the server keeps every candidate open until one carries that request,
 //!   answers it, and drops the rest.
@@ -485,7 +486,8 @@ pub(crate) async fn punch_direct(
         race,
         session: &order.session,
         deadline,
-        sel: Selector::new(race.role, use_tcp, quic.is_some()),
+        sel: Selector::new(race.role, use_tcp, quic.is_some())
+            .quic_runs_bbr(quic.is_some_and(|q| q.runs_bbr())),
         next_id: 0,
         connected: Vec::new(),
         handshakes: FuturesUnordered::new(),

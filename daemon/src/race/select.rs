@@ -9,13 +9,20 @@
 //! path depends on the role and, for the client, on whether TCP may still
 //! come ([`Selector::on_authenticated`]).
 //!
-//! The client prefers TCP. QUIC's handshake is a round trip shorter, so it
-//! authenticated first in most races and was kept, yet on the lab bench
-//! QUIC (quinn, userspace congestion control and crypto on one core) had
-//! 1.8× TCP's round-trip time and 0.44–0.87× its throughput. So an
-//! authenticated QUIC path is held for [`prefer_tcp_grace`] while TCP may
-//! still connect; TCP is asked for when it authenticates, QUIC when the
-//! grace ends or TCP cannot come any more. Status says which happened
+//! The client prefers TCP on short paths and QUIC on long ones. QUIC's
+//! handshake is a round trip shorter, so it authenticated first in most
+//! races and was kept, yet on the lab bench at 0–40 ms QUIC (quinn,
+//! userspace congestion control and crypto on one core) had 1.8× TCP's
+//! round-trip time and 0.44–0.87× its throughput. So an authenticated QUIC
+//! path is held for [`prefer_tcp_grace`] while TCP may still connect; TCP
+//! is asked for when it authenticates, QUIC when the grace ends or TCP
+//! cannot come any more. On a long path ([`LONG_PATH_RTT`] and up) with
+//! QUIC running BBR the order turns: QUIC is asked for as soon as it
+//! authenticates. There the two moved bulk data alike in every recorded
+//! run (at 100 and 200 ms RTT, 0.8–2.9× plain TCP each), but a 64-byte
+//! round trip beside a bulk download waited +0.5 to +8 ms on QUIC against
+//! +4 to +202 ms on TCP, whose one byte stream holds every stream's data
+//! behind each lost segment (BENCHMARKS.md). Status says which happened
 //! ([`Why`]).
 
 use std::net::SocketAddr;
@@ -31,6 +38,12 @@ use crate::tunnel::TunnelError;
 /// How long the TLS client waits after the first TCP connection for a
 /// better one (a LAN candidate) before choosing.
 pub(crate) const CHOOSE_GRACE: Duration = Duration::from_millis(20);
+
+/// From this QUIC handshake round-trip time up, a QUIC path that runs BBR
+/// is kept as soon as it authenticates. Between the bench's 40 ms (TCP
+/// ahead in bulk and at par under load) and 100 ms (QUIC at par in bulk and
+/// far ahead under load); a path measured at 80 ms or more is a long one.
+pub(crate) const LONG_PATH_RTT: Duration = Duration::from_millis(80);
 
 /// Least and most time the client holds an authenticated QUIC path for
 /// TCP to authenticate.
@@ -60,6 +73,8 @@ pub(crate) enum Why {
     /// QUIC, once TCP could not come any more (engine ended, or its
     /// handshakes and selection failed).
     QuicNoTcp,
+    /// QUIC with BBR on a long path ([`LONG_PATH_RTT`]), kept at once.
+    QuicLongPath,
     /// Server: the client (lower key) chose it.
     PeerChose,
 }
@@ -71,6 +86,7 @@ impl std::fmt::Display for Why {
             Why::OnlyTransport => "the only transport raced",
             Why::QuicTcpTooSlow => "quic; tcp did not authenticate within the grace after quic",
             Why::QuicNoTcp => "quic; no tcp path could be had",
+            Why::QuicLongPath => "quic (bbr) on a long path (rtt >= 80 ms): its streams do not wait behind each other's losses",
             Why::PeerChose => "chosen by the peer (the client decides)",
         })
     }
@@ -127,6 +143,8 @@ impl PartialEq for Next {
 #[derive(Debug)]
 pub(crate) struct Selector {
     role: Role,
+    /// Client: QUIC runs BBR, so it is kept at once on a long path.
+    long_path_quic: bool,
     /// Which engines run in this race.
     tcp_ran: bool,
     quic_ran: bool,
@@ -151,6 +169,7 @@ impl Selector {
     pub(crate) fn new(role: Role, tcp: bool, quic: bool) -> Self {
         Self {
             role,
+            long_path_quic: false,
             tcp_ran: tcp,
             quic_ran: quic,
             tcp_done: !tcp,
@@ -163,6 +182,15 @@ impl Selector {
             attempts: 0,
             causes: Vec::new(),
         }
+    }
+
+    /// QUIC runs BBR (`quic::congestion`): on a long path the client keeps
+    /// it as soon as it authenticates. Under CUBIC QUIC is not preferred
+    /// anywhere: on the lab's 40 ms path with 1 % loss it moved 0.01–0.02×
+    /// plain TCP.
+    pub(crate) fn quic_runs_bbr(mut self, bbr: bool) -> Self {
+        self.long_path_quic = bbr;
+        self
     }
 
     /// The TCP engine ended: no more connections will come from it.
@@ -227,6 +255,9 @@ impl Selector {
         match self.role {
             Role::Client if tcp && self.quic_ran => Keep::Select(Why::TcpPreferred),
             Role::Client if tcp || !self.tcp_ran => Keep::Select(Why::OnlyTransport),
+            Role::Client if self.long_path_quic && quic_rtt.is_some_and(|r| r >= LONG_PATH_RTT) => {
+                Keep::Select(Why::QuicLongPath)
+            }
             Role::Client if self.tcp_may_come() => {
                 self.held_until = Some(now + prefer_tcp_grace(quic_rtt));
                 Keep::Hold
@@ -402,6 +433,39 @@ mod tests {
         assert_eq!(
             s.next(t0 + Duration::from_millis(100), false),
             Next::SelectHeld(Why::QuicNoTcp)
+        );
+    }
+
+    #[test]
+    fn client_keeps_quic_with_bbr_at_once_on_a_long_path() {
+        let t0 = Instant::now();
+        let long = LONG_PATH_RTT;
+        let short = LONG_PATH_RTT - Duration::from_millis(1);
+        let mut s = Selector::new(Role::Client, true, true).quic_runs_bbr(true);
+        s.tcp_connected(t0, 1, CandidateKind::Public);
+        assert_eq!(
+            s.on_authenticated(t0, false, Some(long)),
+            Keep::Select(Why::QuicLongPath)
+        );
+        // Below the threshold, or with no RTT measured: held for TCP.
+        let mut s = Selector::new(Role::Client, true, true).quic_runs_bbr(true);
+        assert_eq!(s.on_authenticated(t0, false, Some(short)), Keep::Hold);
+        let mut s = Selector::new(Role::Client, true, true).quic_runs_bbr(true);
+        assert_eq!(s.on_authenticated(t0, false, None), Keep::Hold);
+        // Under CUBIC: held for TCP on any path.
+        let mut s = Selector::new(Role::Client, true, true).quic_runs_bbr(false);
+        assert_eq!(s.on_authenticated(t0, false, Some(long * 3)), Keep::Hold);
+        // TCP first on a long path: TCP, as on any path.
+        let mut s = Selector::new(Role::Client, true, true).quic_runs_bbr(true);
+        assert_eq!(
+            s.on_authenticated(t0, true, None),
+            Keep::Select(Why::TcpPreferred)
+        );
+        // The server never chooses.
+        let mut s = Selector::new(Role::Server, true, true).quic_runs_bbr(true);
+        assert_eq!(
+            s.on_authenticated(t0, false, Some(long)),
+            Keep::AwaitSelection
         );
     }
 

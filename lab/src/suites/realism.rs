@@ -15,7 +15,7 @@ use anyhow::{bail, Result};
 
 use crate::harness::checks;
 use crate::harness::matrix::named;
-use crate::harness::punchd_types::{PathState, StatusDoc};
+use crate::harness::punchd_types::{PathState, StatusDoc, Transport};
 use crate::harness::spec::PUNCH_PORT;
 use crate::harness::stats::percentile;
 use crate::harness::status::path;
@@ -24,16 +24,47 @@ use crate::net::netns::Netns;
 use crate::net::topology::{Link, Links};
 
 /// The direct scenarios of the matrix on `links`, moving `bytes`, each
-/// with the checks a direct scenario gets.
+/// with the checks a direct scenario gets. Where the race runs on a
+/// lossless path, the transport it keeps is checked too ([`race_keeps`]).
 pub fn matrix(label: &str, links: Links, bytes: u64, bins: &Binaries) -> Result<Vec<Report>> {
     let mut out = Vec::new();
+    let bbr = host_tcp_runs_bbr();
     for s in named().into_iter().filter(|s| s.expect == Expect::Direct) {
         let mut s = s.with_links(links);
+        if s.name == "race" {
+            s.expect_transport = race_keeps(&links, bbr);
+        }
         s.name = format!("{}-{label}", s.name);
         s.bytes = bytes;
         out.push(checks::run(&s, bins, checks::direct)?);
     }
     Ok(out)
+}
+
+/// The lab hosts' TCP runs BBR, so their daemons' QUIC does too
+/// (`quic_congestion = "system"`, the default). A new network namespace
+/// starts with the host's setting.
+pub fn host_tcp_runs_bbr() -> bool {
+    std::fs::read_to_string("/proc/sys/net/ipv4/tcp_congestion_control")
+        .is_ok_and(|c| c.trim() == "bbr")
+}
+
+/// The transport the race must keep between two hosts on `links` (README,
+/// "Race"): QUIC on a long path (80 ms RTT or more) when QUIC runs BBR,
+/// TCP otherwise. `None` (either may win) where a link drops packets: a
+/// lost handshake packet can hold TCP past the grace after QUIC.
+pub fn race_keeps(links: &Links, quic_bbr: bool) -> Option<Transport> {
+    let there = links.a.up.then(links.b.down);
+    let back = links.b.up.then(links.a.down);
+    if there.loss > 0.0 || back.loss > 0.0 {
+        return None;
+    }
+    let rtt = there.delay + back.delay;
+    Some(if quic_bbr && rtt >= Duration::from_millis(80) {
+        Transport::Quic
+    } else {
+        Transport::Tcp
+    })
 }
 
 /// What the timing run measured.
@@ -401,5 +432,31 @@ mod window_tests {
                 send_buffer: Some(33_554_432)
             }]
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_race_keeps_quic_only_on_long_lossless_paths_under_bbr() {
+        let asym = |a, b| Links {
+            a: Link::symmetric_ms(a),
+            b: Link::symmetric_ms(b),
+            rv: Link::NONE,
+        };
+        // 40 ms and 150 ms host to host, as the realism tests build them.
+        assert_eq!(race_keeps(&asym(5, 15), true), Some(Transport::Tcp));
+        assert_eq!(race_keeps(&asym(5, 70), true), Some(Transport::Quic));
+        assert_eq!(race_keeps(&asym(5, 70), false), Some(Transport::Tcp));
+        assert_eq!(race_keeps(&asym(20, 20), true), Some(Transport::Quic));
+        let lossy = |ms| Link::symmetric_ms(ms).with(Duration::ZERO, 0.01);
+        let links = Links {
+            a: lossy(50),
+            b: lossy(50),
+            rv: Link::NONE,
+        };
+        assert_eq!(race_keeps(&links, true), None);
     }
 }

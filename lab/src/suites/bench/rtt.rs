@@ -347,8 +347,9 @@ fn punchd_note(run: &Run) -> Option<String> {
 struct Arm {
     /// The row's name.
     label: &'static str,
-    /// The one transport it may use.
-    transport: Transport,
+    /// The transports it may use (`[punch] transports`): one forces a
+    /// path; both race as a default install does.
+    transports: &'static [Transport],
     /// `quic_congestion` (only matters on QUIC).
     congestion: &'static str,
 }
@@ -357,22 +358,28 @@ struct Arm {
 /// and rathole on its network. QUIC runs with its default (`system`: the
 /// host's TCP choice, BBR in the lab) and pinned to CUBIC, because a
 /// loss-based controller cannot match the kernel's BBR under random loss
-/// and a host on CUBIC gets CUBIC.
-const ARMS: [Arm; 3] = [
+/// and a host on CUBIC gets CUBIC. The last is a default install: both
+/// transports race, and its note says which the race kept and why.
+const ARMS: [Arm; 4] = [
     Arm {
         label: "punchd TCP",
-        transport: Transport::Tcp,
+        transports: &[Transport::Tcp],
         congestion: "system",
     },
     Arm {
         label: "punchd QUIC",
-        transport: Transport::Quic,
+        transports: &[Transport::Quic],
         congestion: "system",
     },
     Arm {
         label: "punchd QUIC cubic",
-        transport: Transport::Quic,
+        transports: &[Transport::Quic],
         congestion: "cubic",
+    },
+    Arm {
+        label: "punchd default",
+        transports: &[Transport::Tcp, Transport::Quic],
+        congestion: "system",
     },
 ];
 
@@ -381,12 +388,12 @@ const ARMS: [Arm; 3] = [
 const BASELINE_ARMS: [Arm; 2] = [
     Arm {
         label: "punchd TCP (before)",
-        transport: Transport::Tcp,
+        transports: &[Transport::Tcp],
         congestion: "cubic",
     },
     Arm {
         label: "punchd QUIC (before)",
-        transport: Transport::Quic,
+        transports: &[Transport::Quic],
         congestion: "cubic",
     },
 ];
@@ -403,15 +410,16 @@ fn punchd_run(
 ) -> Vec<RowFigures> {
     let Arm {
         label,
-        transport,
+        transports,
         congestion,
     } = *arm;
     let name = format!(
         "rtt{rtt_ms}{}-{}{}{}",
         if loss_pct > 0.0 { "l" } else { "" },
-        match transport {
-            Transport::Quic => "q",
-            _ => "t",
+        match transports {
+            [Transport::Quic] => "q",
+            [Transport::Tcp] => "t",
+            _ => "d",
         },
         match congestion {
             "bbr" => "r",
@@ -423,7 +431,7 @@ fn punchd_run(
     // At zero delay a plain Linux NAT can spoil the UDP punch (lab/README
     // "UDP and conntrack"): the QUIC arm then uses firewall NATs, as the
     // zero-delay bench does.
-    let behaviour = if transport == Transport::Quic && rtt_ms == 0 {
+    let behaviour = if transports == [Transport::Quic] && rtt_ms == 0 {
         NatBehaviour::Firewall
     } else {
         NatBehaviour::Masquerade
@@ -433,7 +441,7 @@ fn punchd_run(
         crate::net::topology::Layout::TwoNats(behaviour),
         Expect::Direct,
     )
-    .with_transports(&[transport])
+    .with_transports(transports)
     .with_punch(&format!("quic_congestion = \"{congestion}\""));
     if let Some(l) = links(rtt_ms, loss_pct) {
         s = s.with_links(l);
@@ -493,7 +501,7 @@ pub fn run(bins: &Binaries, o: &Options) -> Result<()> {
     println!("load before: {}", out.load_before);
     for (rtt_ms, loss_pct) in conditions {
         let mut rows = Vec::new();
-        let wanted = |arm: &&Arm| !o.tcp_only || arm.transport == Transport::Tcp;
+        let wanted = |arm: &&Arm| !o.tcp_only || arm.transports == [Transport::Tcp];
         for (i, arm) in ARMS.iter().filter(wanted).enumerate() {
             rows.extend(punchd_run(bins, arm, i == 0, rtt_ms, loss_pct, o.seconds));
         }
