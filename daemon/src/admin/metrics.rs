@@ -25,6 +25,12 @@ pub(crate) fn render(board: &StatusBoard) -> String {
         "Punch orders refused: not signed by the pinned [rendezvous] server_key.",
     )
     .sample(&[], board.orders_refused.load(Ordering::Relaxed));
+    out.family(
+        "punchd_orders_late_total",
+        Kind::Counter,
+        "Punch orders that arrived after their firing time and fired at once, so the two sides' SYNs did not leave together.",
+    )
+    .sample(&[], board.orders_late.load(Ordering::Relaxed));
     let mut reloads = out.family(
         "punchd_reloads_total",
         Kind::Counter,

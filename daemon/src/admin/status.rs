@@ -318,6 +318,8 @@ pub struct StatusBoard {
     forwards: Mutex<Vec<Arc<ForwardStatus>>>,
     /// Punch orders refused because the pinned server key did not sign them.
     pub(crate) orders_refused: AtomicU64,
+    /// Punch orders that arrived after their firing time.
+    pub(crate) orders_late: AtomicU64,
     /// Inputs refused or trimmed by a limit (README, "Limits"), by reason.
     pub(crate) limits: LimitCounters,
     /// The port mapper's state and counters.
@@ -391,6 +393,11 @@ impl StatusBoard {
         self.orders_refused.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// Counts a punch order that arrived after its firing time.
+    pub(crate) fn order_late(&self) {
+        self.orders_late.fetch_add(1, Ordering::Relaxed);
+    }
+
     pub(crate) fn new(
         name: &str,
         peers: Vec<Arc<PeerStatus>>,
@@ -403,6 +410,7 @@ impl StatusBoard {
             peers: Mutex::new(peers),
             forwards: Mutex::new(forwards),
             orders_refused: AtomicU64::new(0),
+            orders_late: AtomicU64::new(0),
             limits: LimitCounters::default(),
             portmap: Arc::default(),
             nat: Arc::default(),

@@ -61,6 +61,15 @@ impl ClockSync {
         self.best().map(|s| s.rtt_us)
     }
 
+    /// How long ago server time `at_us` was, at local Unix time `now_us`
+    /// (`None`: not yet). An order that arrives after its firing time
+    /// fires at once, so the two sides' SYNs do not leave together.
+    pub(crate) fn late_by(&self, at_us: u64, now_us: u64) -> Option<Duration> {
+        let offset = self.best().map_or(0, |s| s.offset_us);
+        let late = i128::from(now_us) + i128::from(offset) - i128::from(at_us);
+        (late > 0).then(|| Duration::from_micros(u64::try_from(late).unwrap_or(u64::MAX)))
+    }
+
     /// Converts server time `at_us` to a local instant, given the local
     /// Unix time `now_us` that corresponds to `now`: never before `now`,
     /// never more than [`MAX_AHEAD`] after it. The flag says whether it
@@ -103,6 +112,13 @@ mod tests {
         let mut c = ClockSync::default();
         let now = Instant::now();
         assert_eq!(c.local_instant(5, now, 1_000), (now, false));
+        assert_eq!(c.late_by(5, 1_000), Some(Duration::from_micros(995)));
+        assert_eq!(c.late_by(1_000, 1_000), None);
+        assert_eq!(c.late_by(u64::MAX, 0), None);
+        assert_eq!(
+            c.late_by(0, u64::MAX),
+            Some(Duration::from_micros(u64::MAX))
+        );
         c.add(0, 0, 1);
         for i in 0..WINDOW as u64 {
             c.add(10, 10, 1_000 + i);

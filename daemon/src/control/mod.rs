@@ -724,10 +724,14 @@ async fn on_message(
                 }
                 warn!(session = %order.session, peer = %order.peer, dropped = hits.len(), kept_tcp = order.candidates.len(), kept_udp = order.udp_candidates.len(), "punch order trimmed: candidates beyond the limits (count, ports, unusable addresses, not the peer's own) are not contacted");
             }
-            let (fire_at, clamped) =
-                pings
-                    .clock
-                    .local_instant(order.at_us, Instant::now(), unix_time_us());
+            let now_us = unix_time_us();
+            let (fire_at, clamped) = pings
+                .clock
+                .local_instant(order.at_us, Instant::now(), now_us);
+            if let Some(late) = pings.clock.late_by(order.at_us, now_us) {
+                me.status.order_late();
+                warn!(session = %order.session, peer = %order.peer, late_ms = late.as_millis() as u64, synced = pings.clock.is_synced(), "punch order arrived after its firing time; punching now, so the two SYNs do not leave together and a NAT that rejects unsolicited SYNs may refuse this attempt (the server underestimated our distance, or our clock disagrees with its: check NTP)");
+            }
             if clamped {
                 me.status.limits.hit(Limit::OrderTooFarAhead);
                 warn!(session = %order.session, peer = %order.peer, "punch order's time is more than {:?} ahead; punching at that bound instead (the server's clock or ours is off)", clock::MAX_AHEAD);

@@ -132,6 +132,20 @@ pub fn direct(s: &Scenario, run: &Run) -> Result<Report> {
     Ok(report)
 }
 
+/// Both daemons' punch orders all arrived before their firing time
+/// (`punchd_orders_late_total` 0): each side's SYNs left on time, which the
+/// timed open needs. A late order fires at once, and the side that fired
+/// early also gets a TCP minimum RTT far below the path's (BENCHMARKS.md).
+pub fn no_late_orders(run: &Run) -> Result<()> {
+    for who in ["alice", "bob"] {
+        let late = metric(&run.metrics(who)?, "punchd_orders_late_total").unwrap_or(f64::NAN);
+        if late != 0.0 {
+            bail!("{who}: {late} punch orders arrived after their firing time (punchd_orders_late_total; see the daemon's warning for how late)");
+        }
+    }
+    Ok(())
+}
+
 /// Whether `peer` is reached at some port of `ip`.
 fn reaches(peer: &PeerDoc, ip: &str) -> bool {
     peer.remote_addr

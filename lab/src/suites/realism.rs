@@ -24,11 +24,14 @@ use crate::net::netns::Netns;
 use crate::net::topology::{Link, Links};
 
 /// The direct scenarios of the matrix on `links`, moving `bytes`, each
-/// with the checks a direct scenario gets. Where the race runs on a
-/// lossless path, the transport it keeps is checked too ([`race_keeps`]).
+/// with the checks a direct scenario gets. On lossless links, also that
+/// no punch order reached either daemon late ([`checks::no_late_orders`];
+/// a lost packet may delay one on a lossy link) and which transport the
+/// race keeps ([`race_keeps`]).
 pub fn matrix(label: &str, links: Links, bytes: u64, bins: &Binaries) -> Result<Vec<Report>> {
     let mut out = Vec::new();
     let bbr = host_tcp_runs_bbr();
+    let lossless = race_keeps(&links, bbr).is_some();
     for s in named().into_iter().filter(|s| s.expect == Expect::Direct) {
         let mut s = s.with_links(links);
         if s.name == "race" {
@@ -36,7 +39,13 @@ pub fn matrix(label: &str, links: Links, bytes: u64, bins: &Binaries) -> Result<
         }
         s.name = format!("{}-{label}", s.name);
         s.bytes = bytes;
-        out.push(checks::run(&s, bins, checks::direct)?);
+        out.push(checks::run(&s, bins, |s, run| {
+            let report = checks::direct(s, run)?;
+            if lossless {
+                checks::no_late_orders(run)?;
+            }
+            Ok(report)
+        })?);
     }
     Ok(out)
 }
