@@ -331,14 +331,22 @@ fn measure(
     Ok(())
 }
 
-/// Which transport alice's tunnel runs on and why it was kept.
+/// Which transport the tunnel runs on and why it was kept, as the side that
+/// chose (the TLS client, the lower key: alice or bob) says it.
 fn punchd_note(run: &Run) -> Option<String> {
-    let doc = run.status("alice").ok()?;
-    let peer = first_peer(&doc).ok()?;
+    let kept = |who: &str| {
+        let doc = run.status(who).ok()?;
+        let peer = first_peer(&doc).ok()?;
+        Some((peer.transport, peer.path_kept.clone().unwrap_or_default()))
+    };
+    let (transport, why) = ["alice", "bob"]
+        .iter()
+        .filter_map(|w| kept(w))
+        .find(|(_, why)| !why.starts_with("chosen by the peer"))
+        .or_else(|| kept("alice"))?;
     Some(format!(
-        "transport {:?}; kept: {}",
-        peer.transport,
-        peer.path_kept.as_deref().unwrap_or("-")
+        "transport {transport:?}; kept: {}",
+        if why.is_empty() { "-" } else { &why }
     ))
 }
 
