@@ -19,8 +19,8 @@
 //! cannot come any more. On a long path ([`LONG_PATH_RTT`] and up) with
 //! QUIC running BBR the order turns: QUIC is asked for as soon as it
 //! authenticates. There the two moved bulk data alike in every recorded
-//! run (at 100 and 200 ms RTT, 0.8–2.9× plain TCP each), but a 64-byte
-//! round trip beside a bulk download waited +0.5 to +8 ms on QUIC against
+//! run (at 100 and 200 ms RTT, 0.7–2.9× plain TCP each), but a 64-byte
+//! round trip beside a bulk download waited −0.1 to +8 ms on QUIC against
 //! +4 to +202 ms on TCP, whose one byte stream holds every stream's data
 //! behind each lost segment (BENCHMARKS.md). Status says which happened
 //! ([`Why`]).
@@ -41,7 +41,7 @@ pub(crate) const CHOOSE_GRACE: Duration = Duration::from_millis(20);
 
 /// From this QUIC handshake round-trip time up, a QUIC path that runs BBR
 /// is kept as soon as it authenticates. Between the bench's 40 ms (TCP
-/// ahead in bulk and at par under load) and 100 ms (QUIC at par in bulk and
+/// ahead in bulk and under load) and 100 ms (QUIC at par in bulk and
 /// far ahead under load); a path measured at 80 ms or more is a long one.
 pub(crate) const LONG_PATH_RTT: Duration = Duration::from_millis(80);
 
