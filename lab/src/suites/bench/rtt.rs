@@ -342,7 +342,7 @@ fn punchd_note(run: &Run) -> Option<String> {
     let (transport, why) = ["alice", "bob"]
         .iter()
         .filter_map(|w| kept(w))
-        .find(|(_, why)| !why.starts_with("chosen by the peer"))
+        .find(|(_, why)| !why.is_empty() && !why.starts_with("chosen by the peer"))
         .or_else(|| kept("alice"))?;
     Some(format!(
         "transport {transport:?}; kept: {}",
