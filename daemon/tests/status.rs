@@ -66,6 +66,7 @@ fn documented() -> Vec<(&'static str, Kind, Vec<Label>)> {
     vec![
         ("punchd_rendezvous_connected", Kind::Gauge, vec![]),
         ("punchd_orders_refused_total", Kind::Counter, vec![]),
+        ("punchd_orders_late_total", Kind::Counter, vec![]),
         (
             "punchd_reloads_total",
             Kind::Counter,
@@ -254,6 +255,8 @@ async fn metrics_parse_and_every_family_has_its_type_help_labels_and_values() {
     let transport = doc.peers[0].transport.unwrap().as_str();
     assert_eq!(one("punchd_rendezvous_connected", &[]), 1.0);
     assert_eq!(one("punchd_orders_refused_total", &[]), 0.0);
+    // On loopback every order arrives long before its firing time.
+    assert_eq!(one("punchd_orders_late_total", &[]), 0.0);
     for (path, on) in [("direct", 1.0), ("relayed", 0.0), ("none", 0.0)] {
         assert_eq!(
             one("punchd_peer_path", &[("peer", "bob"), ("path", path)]),
