@@ -65,9 +65,16 @@ impl ClockSync {
     /// (`None`: not yet). An order that arrives after its firing time
     /// fires at once, so the two sides' SYNs do not leave together.
     pub(crate) fn late_by(&self, at_us: u64, now_us: u64) -> Option<Duration> {
-        let offset = self.best().map_or(0, |s| s.offset_us);
-        let late = i128::from(now_us) + i128::from(offset) - i128::from(at_us);
+        let late = -self.until_us(at_us, now_us);
         (late > 0).then(|| Duration::from_micros(u64::try_from(late).unwrap_or(u64::MAX)))
+    }
+
+    /// Microseconds from local Unix time `now_us` to server time `at_us`
+    /// on our clock (negative: already past). Computed wide, so no input
+    /// overflows.
+    fn until_us(&self, at_us: u64, now_us: u64) -> i128 {
+        let offset = self.best().map_or(0, |s| s.offset_us);
+        i128::from(at_us) - i128::from(offset) - i128::from(now_us)
     }
 
     /// Converts server time `at_us` to a local instant, given the local
@@ -75,8 +82,7 @@ impl ClockSync {
     /// never more than [`MAX_AHEAD`] after it. The flag says whether it
     /// had to be brought forward.
     pub(crate) fn local_instant(&self, at_us: u64, now: Instant, now_us: u64) -> (Instant, bool) {
-        let offset = self.best().map_or(0, |s| s.offset_us);
-        let delta = i128::from(at_us) - i128::from(offset) - i128::from(now_us);
+        let delta = self.until_us(at_us, now_us);
         let max = MAX_AHEAD.as_micros() as i128;
         if delta <= 0 {
             (now, false)

@@ -339,11 +339,12 @@ fn punchd_note(run: &Run) -> Option<String> {
         let peer = first_peer(&doc).ok()?;
         Some((peer.transport, peer.path_kept.clone().unwrap_or_default()))
     };
-    let (transport, why) = ["alice", "bob"]
+    let sides: Vec<_> = ["alice", "bob"].iter().filter_map(|w| kept(w)).collect();
+    let (transport, why) = sides
         .iter()
-        .filter_map(|w| kept(w))
         .find(|(_, why)| !why.is_empty() && !why.starts_with("chosen by the peer"))
-        .or_else(|| kept("alice"))?;
+        .or(sides.first())
+        .cloned()?;
     Some(format!(
         "transport {transport:?}; kept: {}",
         if why.is_empty() { "-" } else { &why }
