@@ -411,7 +411,11 @@ async fn bind_port(
     let a = addr.to_string();
     match f.protocol {
         Protocol::Tcp => {
-            let l = bind(what, &a).await?;
+            let l = forward::listen::bind_tcp(addr).map_err(|source| DaemonError::Bind {
+                what: what.to_owned(),
+                addr: a.clone(),
+                source,
+            })?;
             Ok((local_addr(&l, what, &a)?, Listener::Tcp(l)))
         }
         Protocol::Udp => {

@@ -7,7 +7,6 @@ use std::path::Path;
 
 use punch_config::{PeerConfig, PublicKeyBytes, RendezvousConfig};
 use punch_rendezvous::server;
-use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -158,7 +157,9 @@ pub async fn echo_server(
     cancel: CancellationToken,
     tracker: &TaskTracker,
 ) -> std::io::Result<SocketAddr> {
-    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    // The forward's queue, so a burst of connections through a forward
+    // does not overflow the service's instead.
+    let listener = crate::forward::listen::bind_tcp(SocketAddr::from(([127, 0, 0, 1], 0)))?;
     let addr = listener.local_addr()?;
     let conns = tracker.clone();
     tracker.spawn(async move {

@@ -3,6 +3,7 @@
 
 use std::fmt::Display;
 use std::future::Future;
+use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -16,6 +17,29 @@ use super::splice::{reset, splice, SpliceError, StreamGuard};
 use crate::admin::status::{ForwardStatus, PeerStatus};
 use crate::tunnel::header::{request_service, HeaderError};
 use crate::tunnel::StreamIo;
+
+/// How many connections a forward's port queues before the daemon accepts
+/// them (the kernel caps it at `net.core.somaxconn`, 4096 by default).
+/// An application that opens a pool at once must find room: past the
+/// queue (std's 128) Linux answers with SYN cookies, and a client's
+/// segment arriving after its connection closed can then complete a
+/// connection nobody owns, which the forward would carry to the service
+/// and hold open (seen in the 1,000-stream test: 1,001 forwarded
+/// connections, one open for good).
+const FORWARD_BACKLOG: u32 = 4096;
+
+/// A forward's TCP listener (and the demo's services'): `SO_REUSEADDR` (a restarted daemon rebinds a
+/// port whose old connections linger in `TIME_WAIT`, as std's bind does)
+/// and a queue of [`FORWARD_BACKLOG`].
+pub(crate) fn bind_tcp(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let sock = match addr {
+        SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+    };
+    sock.set_reuseaddr(true)?;
+    sock.bind(addr)?;
+    sock.listen(FORWARD_BACKLOG)
+}
 
 /// Where a forward's connections go: a peer that hands out streams to
 /// itself (the peer task's handle). A trait so the forwarder sits below
