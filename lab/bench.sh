@@ -3,7 +3,9 @@
 # measured failure, e.g. a checksum mismatch, exits non-zero):
 #   1. tunnel throughput (iperf3, 1 and 8 streams) and request/response
 #      latency in the NAT lab: plain TCP, punchd direct, ssh -L, rathole
-#      (Noise), punchd over QUIC, punchd relayed, side by side in one run;
+#      (Noise), punchd over QUIC, punchd relayed and a bare relay (plain TCP
+#      copied by two blocking threads at each end: the floor for any
+#      port-relaying tunnel), side by side in one run;
 #      1,000 streams x 1 MiB through one tunnel with daemon RSS; single-core
 #      AEAD rates;
 #   2. punch timing: 200 punches at 40 ms RTT (first-attempt rate, skew,

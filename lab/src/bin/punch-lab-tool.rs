@@ -78,6 +78,14 @@ enum Cmd {
         #[arg(long)]
         listen: SocketAddr,
     },
+    /// Relay each connection to LISTEN on to TO, plain TCP, two blocking
+    /// threads per connection (the bench's floor for any tunnel).
+    Relay {
+        #[arg(long)]
+        listen: SocketAddr,
+        #[arg(long)]
+        to: SocketAddr,
+    },
     /// Download from an `echo-or-source` for SECONDS: prints JSON.
     Download {
         #[arg(long)]
@@ -295,6 +303,7 @@ fn main() -> ExitCode {
         Cmd::EchoOrSource { listen } => {
             finish(runtime().block_on(transfer::echo_or_source(listen)), drop)
         }
+        Cmd::Relay { listen, to } => finish(punch_lab::harness::relay::relay(listen, to), drop),
         Cmd::Download { connect, seconds } => finish(
             runtime().block_on(transfer::download(connect, seconds)),
             print_json,

@@ -24,6 +24,7 @@ pub mod container;
 pub mod matrix;
 pub mod preflight;
 pub mod punchd_types;
+pub mod relay;
 pub mod report;
 pub mod run;
 pub mod spec;

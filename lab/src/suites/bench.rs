@@ -13,7 +13,12 @@
 //! - rathole with its Noise transport (server behind alice's NAT, client
 //!   next to the service on bob's side: the same direction as punchd);
 //! - punchd relayed, in a second network whose NATs randomize ports, with
-//!   the relay's bandwidth cap lifted.
+//!   the relay's bandwidth cap lifted;
+//! - a bare relay: `punch-lab-tool relay` in each host, plain TCP through
+//!   a port forward on bob's NAT, no encryption, no multiplexing
+//!   (`harness/relay.rs`). It makes the same four process hops as every
+//!   tunnel here (into and out of each end) and nothing else, so its round
+//!   trip is the floor for any port-relaying tunnel on this machine.
 //!
 //! Then 1,000 concurrent streams of 1 MiB through one punchd tunnel, with
 //! checksums and both daemons' peak RSS, and the single-core AEAD rates
@@ -21,7 +26,7 @@
 //! are printed with no thresholds, but an arm that measured a failure (a
 //! checksum mismatch, a path that would not start, the loopback run)
 //! fails the benchmark after everything is printed. A competitor that is
-//! not installed is skipped with the reason printed. Last, the first four paths again with
+//! not installed is skipped with the reason printed. Last, the first four paths and the bare relay again with
 //! everything on one host's loopback (no NAT, no veth).
 
 pub mod charts;
@@ -47,6 +52,9 @@ use crate::net::topology::Layout;
 pub(crate) const SERVICE_PORT: u16 = 9000;
 pub(crate) const SSH_LISTEN: &str = "127.0.0.1:10001";
 pub(crate) const RATHOLE_LISTEN: &str = "127.0.0.1:10002";
+pub(crate) const BARE_LISTEN: &str = "127.0.0.1:10003";
+/// The bare relay's far end, behind bob's NAT (port-forwarded).
+pub(crate) const BARE_PORT: u16 = 2444;
 pub(crate) const BOB_PUBLIC: &str = "203.0.113.3";
 const BOB_HOST: &str = "198.51.100.2";
 const ALICE_PUBLIC: &str = "203.0.113.2";
@@ -374,6 +382,37 @@ pub(crate) fn start_rathole(run: &mut Run) -> Result<()> {
     Ok(())
 }
 
+/// One end of the bare relay in `ns`: `punch-lab-tool relay` from
+/// `listen` to `to` (see `harness/relay.rs`).
+fn bare_relay(ns: &mut Netns, tool: &Path, listen: &str, to: &str, log: &Path) -> Result<()> {
+    ns.spawn(tool, &["relay", "--listen", listen, "--to", to], &[], log)?;
+    wait_listening(ns, listen)
+}
+
+/// The bare relay (see the module doc): its far end in bob's host from
+/// `BARE_PORT` to the service (port forward on his NAT), its near end in
+/// alice's host from `BARE_LISTEN` to that forward.
+pub(crate) fn start_bare_relay(run: &mut Run) -> Result<()> {
+    let tool = run.bins().tool.clone();
+    let log = |side: &str| run.dir.join(format!("relay-{side}.log"));
+    let (far, near) = (log("bob"), log("alice"));
+    bare_relay(
+        &mut run.topo.host_b,
+        &tool,
+        &format!("0.0.0.0:{BARE_PORT}"),
+        &format!("127.0.0.1:{SERVICE_PORT}"),
+        &far,
+    )?;
+    port_forward(&run.topo.nats[1], BARE_PORT, BOB_HOST)?;
+    bare_relay(
+        &mut run.topo.host_a,
+        &tool,
+        BARE_LISTEN,
+        &format!("{BOB_PUBLIC}:{BARE_PORT}"),
+        &near,
+    )
+}
+
 /// Replaces whatever serves the service port in `ns` with `cmd args`
 /// (iperf3 or a lab tool subcommand).
 pub(crate) fn serve(
@@ -537,7 +576,7 @@ fn row(name: &'static str, target: &str) -> (Row, String) {
     (row, target.to_owned())
 }
 
-/// The four paths compared in one network (skipped ones are marked later),
+/// The five paths compared in one network (skipped ones are marked later),
 /// the first reaching the service without a tunnel at `plain`.
 fn compared_paths(plain: String) -> Vec<(Row, String)> {
     vec![
@@ -545,6 +584,7 @@ fn compared_paths(plain: String) -> Vec<(Row, String)> {
         row("punchd TCP", FORWARD_LISTEN),
         row("ssh -L", SSH_LISTEN),
         row("rathole noise", RATHOLE_LISTEN),
+        row("bare relay", BARE_LISTEN),
     ]
 }
 
@@ -631,6 +671,26 @@ fn loopback(bins: &Binaries, seconds: u64, rr_count: usize) -> Result<Vec<(Row, 
     if let Err(e) = rathole_up {
         not_measured(&mut paths[3].0, &e);
     }
+    let far = format!("127.0.0.1:{BARE_PORT}");
+    let bare = bare_relay(
+        &mut ns,
+        &bins.tool,
+        &far,
+        &format!("127.0.0.1:{SERVICE_PORT}"),
+        &dir.join("relay-far.log"),
+    )
+    .and_then(|()| {
+        bare_relay(
+            &mut ns,
+            &bins.tool,
+            BARE_LISTEN,
+            &far,
+            &dir.join("relay-near.log"),
+        )
+    });
+    if let Err(e) = bare {
+        not_measured(&mut paths[4].0, &e);
+    }
     let name = ns.name().to_owned();
     measure(
         &mut ns, &name, &bins.tool, &dir, &mut paths, seconds, rr_count,
@@ -658,6 +718,9 @@ pub fn run(bins: &Binaries, seconds: u64) -> Result<()> {
         }
         if let Err(e) = start_rathole(&mut run) {
             not_measured(&mut paths[3].0, &e);
+        }
+        if let Err(e) = start_bare_relay(&mut run) {
+            not_measured(&mut paths[4].0, &e);
         }
         let mut server = measure_run(&mut run, &mut paths, seconds, rr_count)?;
         streams_line = many_streams(&mut run, &mut server);

@@ -6,7 +6,8 @@
 //!
 //! At each condition, side by side in one run: plain TCP through a port
 //! forward, punchd forced onto TCP (`transports = ["tcp"]`), `ssh -L`,
-//! rathole (Noise), and punchd forced onto QUIC (under its default, the
+//! rathole (Noise), a bare relay (`punch-lab-tool relay` at each end, no encryption, no
+//! multiplexing: the floor for any port-relaying tunnel), and punchd forced onto QUIC (under its default, the
 //! host's TCP choice: BBR in the lab, and pinned to CUBIC); with
 //! `--baseline DIR`,
 //! also another build's punchd on each transport ("(before)"). Each path
@@ -27,8 +28,8 @@ use anyhow::{Context as _, Result};
 use serde::{Deserialize, Serialize};
 
 use super::{
-    exec_in, iperf, port_forward, serve, start_rathole, start_ssh, BOB_PUBLIC, RATHOLE_LISTEN,
-    SERVICE_PORT, SSH_LISTEN,
+    exec_in, iperf, port_forward, serve, start_bare_relay, start_rathole, start_ssh, BARE_LISTEN,
+    BARE_PORT, BOB_PUBLIC, RATHOLE_LISTEN, SERVICE_PORT, SSH_LISTEN,
 };
 use crate::harness::punchd_types::{PathState, Transport};
 use crate::harness::spec::FORWARD_LISTEN;
@@ -179,8 +180,8 @@ fn rr_in(ns: &str, tool: &Path, target: &str, count: usize, warmup: usize) -> Re
 }
 
 /// `ss -tni` to bob's public address in `ns`: the sockets of this row
-/// (by port: 9000 plain, 2222 ssh, 2333 rathole, the rest punchd's
-/// tunnel), trimmed.
+/// (by port: 9000 plain, 2222 ssh, 2333 rathole, 2444 the bare relay, the
+/// rest punchd's tunnel), trimmed.
 fn ss_snapshot(ns: &str, path: &str) -> String {
     let text = exec_in(ns, "ss", &["-tniH", "dst", BOB_PUBLIC])
         .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
@@ -200,7 +201,10 @@ fn busiest_socket(text: &str, path: &str) -> String {
             "plain TCP" => port(":9000"),
             "ssh -L" => port(":2222"),
             "rathole noise" => port(":2333"),
-            _ => !port(":9000") && !port(":2222") && !port(":2333"),
+            "bare relay" => port(&format!(":{BARE_PORT}")),
+            _ => [":9000", ":2222", ":2333", &format!(":{BARE_PORT}")]
+                .iter()
+                .all(|p| !port(p)),
         }
     };
     let sent = |info: &str| {
@@ -463,6 +467,7 @@ fn punchd_run(
     if with_others {
         rows.push((row("ssh -L"), SSH_LISTEN.to_owned()));
         rows.push((row("rathole noise"), RATHOLE_LISTEN.to_owned()));
+        rows.push((row("bare relay"), BARE_LISTEN.to_owned()));
     }
     let result = (|| -> Result<()> {
         let mut run = Run::start(&s, bins)?;
@@ -479,6 +484,9 @@ fn punchd_run(
             }
             if let Err(e) = start_rathole(&mut run) {
                 rows[3].0.skipped = Some(format!("{e:#}"));
+            }
+            if let Err(e) = start_bare_relay(&mut run) {
+                rows[4].0.skipped = Some(format!("{e:#}"));
             }
         }
         measure(&mut run, &mut rows, seconds, rtt_ms)
