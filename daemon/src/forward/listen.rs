@@ -28,9 +28,9 @@ use crate::tunnel::StreamIo;
 /// connections, one open for good).
 const FORWARD_BACKLOG: u32 = 4096;
 
-/// A forward's TCP listener (and the demo's services'): `SO_REUSEADDR` (a restarted daemon rebinds a
-/// port whose old connections linger in `TIME_WAIT`, as std's bind does)
-/// and a queue of [`FORWARD_BACKLOG`].
+/// A forward's TCP listener (and the demo's services'): `SO_REUSEADDR` (a
+/// restarted daemon rebinds a port whose old connections linger in
+/// `TIME_WAIT`, as std's bind does) and a queue of [`FORWARD_BACKLOG`].
 pub(crate) fn bind_tcp(addr: SocketAddr) -> std::io::Result<TcpListener> {
     let sock = match addr {
         SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,

@@ -26,8 +26,9 @@
 //! are printed with no thresholds, but an arm that measured a failure (a
 //! checksum mismatch, a path that would not start, the loopback run)
 //! fails the benchmark after everything is printed. A competitor that is
-//! not installed is skipped with the reason printed. Last, the first four paths and the bare relay again with
-//! everything on one host's loopback (no NAT, no veth).
+//! not installed is skipped with the reason printed. Last, the first four
+//! paths and the bare relay again with everything on one host's loopback
+//! (no NAT, no veth).
 
 pub mod charts;
 pub mod rtt;

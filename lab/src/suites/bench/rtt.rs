@@ -6,11 +6,12 @@
 //!
 //! At each condition, side by side in one run: plain TCP through a port
 //! forward, punchd forced onto TCP (`transports = ["tcp"]`), `ssh -L`,
-//! rathole (Noise), a bare relay (`punch-lab-tool relay` at each end, no encryption, no
-//! multiplexing: the floor for any port-relaying tunnel), and punchd forced onto QUIC (under its default, the
-//! host's TCP choice: BBR in the lab, and pinned to CUBIC); with
-//! `--baseline DIR`,
-//! also another build's punchd on each transport ("(before)"). Each path
+//! rathole (Noise), a bare relay (`punch-lab-tool relay` at each end, no
+//! encryption, no multiplexing: the floor for any port-relaying tunnel),
+//! punchd forced onto QUIC (under its default, the host's TCP choice: BBR
+//! in the lab, and pinned to CUBIC) and a default install (both raced);
+//! with `--baseline DIR`, also another build's punchd on each transport
+//! ("(before)"). Each path
 //! gets iperf3 with 1 and 8 streams, a 64-byte request/response on an
 //! idle path, and the same request/response on a second connection while
 //! a bulk download runs through the same path (for punchd: a second
