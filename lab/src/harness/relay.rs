@@ -30,6 +30,13 @@ const BUF: usize = 128 * 1024;
 pub fn relay(listen: SocketAddr, to: SocketAddr) -> Result<()> {
     let listener =
         TcpListener::bind(listen).with_context(|| format!("relay cannot listen on {listen}"))?;
+    serve(&listener, to);
+    Ok(())
+}
+
+/// [`relay`] on a bound listener, until the process is killed (a failed
+/// accept is skipped).
+fn serve(listener: &TcpListener, to: SocketAddr) {
     let open = Arc::new(AtomicUsize::new(0));
     for conn in listener.incoming() {
         let Ok(near) = conn else { continue };
@@ -43,7 +50,6 @@ pub fn relay(listen: SocketAddr, to: SocketAddr) -> Result<()> {
             open.fetch_sub(1, Ordering::Relaxed);
         });
     }
-    Ok(())
 }
 
 /// Connects to `to` and copies both ways until both directions ended.
@@ -86,14 +92,8 @@ mod tests {
         let to = service.local_addr().unwrap();
         let front = TcpListener::bind("127.0.0.1:0").unwrap();
         let listen = front.local_addr().unwrap();
-        drop(front);
-        std::thread::spawn(move || relay(listen, to));
-        let mut client = (0..100)
-            .find_map(|_| {
-                std::thread::sleep(std::time::Duration::from_millis(10));
-                TcpStream::connect(listen).ok()
-            })
-            .unwrap();
+        std::thread::spawn(move || serve(&front, to));
+        let mut client = TcpStream::connect(listen).unwrap();
         let (mut server, _) = service.accept().unwrap();
         client.write_all(b"ping").unwrap();
         client.shutdown(Shutdown::Write).unwrap();
