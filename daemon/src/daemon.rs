@@ -213,11 +213,19 @@ async fn request_reload(
 async fn bind(what: &str, addr: &str) -> Result<TcpListener, DaemonError> {
     TcpListener::bind(addr)
         .await
-        .map_err(|source| DaemonError::Bind {
-            what: what.to_owned(),
-            addr: addr.to_owned(),
-            source,
-        })
+        .map_err(bind_error(what, addr))
+}
+
+/// [`DaemonError::Bind`] for the listener `what` at `addr`, for `map_err`.
+fn bind_error<'a>(
+    what: &'a str,
+    addr: &'a str,
+) -> impl Fn(std::io::Error) -> DaemonError + Copy + 'a {
+    move |source| DaemonError::Bind {
+        what: what.to_owned(),
+        addr: addr.to_owned(),
+        source,
+    }
 }
 
 /// Peers by name, with the key pinned for each.
@@ -389,11 +397,7 @@ async fn start_inner(
 }
 
 fn local_addr(l: &TcpListener, what: &str, addr: &str) -> Result<SocketAddr, DaemonError> {
-    l.local_addr().map_err(|source| DaemonError::Bind {
-        what: what.to_owned(),
-        addr: addr.to_owned(),
-        source,
-    })
+    l.local_addr().map_err(bind_error(what, addr))
 }
 
 /// The listeners of one `[[forward]]`, one per port of its range; `None`
@@ -411,19 +415,12 @@ async fn bind_port(
     let a = addr.to_string();
     match f.protocol {
         Protocol::Tcp => {
-            let l = forward::listen::bind_tcp(addr).map_err(|source| DaemonError::Bind {
-                what: what.to_owned(),
-                addr: a.clone(),
-                source,
-            })?;
+            let l = forward::listen::bind_tcp(addr).map_err(bind_error(what, &a))?;
             Ok((local_addr(&l, what, &a)?, Listener::Tcp(l)))
         }
         Protocol::Udp => {
-            let err = |source| DaemonError::Bind {
-                what: format!("UDP {what}"),
-                addr: a.clone(),
-                source,
-            };
+            let what = format!("UDP {what}");
+            let err = bind_error(&what, &a);
             let s = tokio::net::UdpSocket::bind(addr).await.map_err(err)?;
             forward::udp::enlarge_buffer(&s);
             let bound = s.local_addr().map_err(err)?;

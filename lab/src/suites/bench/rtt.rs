@@ -195,18 +195,18 @@ fn ss_snapshot(ns: &str, path: &str) -> String {
 /// iperf3's control connection beside it (which the first match was, for
 /// plain TCP and rathole, before this picked by bytes).
 fn busiest_socket(text: &str, path: &str) -> String {
+    // The rows that are not punchd's, by the port their sockets reach.
+    let others = [
+        ("plain TCP", SERVICE_PORT),
+        ("ssh -L", 2222),
+        ("rathole noise", 2333),
+        ("bare relay", BARE_PORT),
+    ]
+    .map(|(name, port)| (name, format!(":{port}")));
     let lines: Vec<&str> = text.lines().map(str::trim).collect();
-    let mine = |head: &str| {
-        let port = |p: &str| head.contains(p);
-        match path {
-            "plain TCP" => port(":9000"),
-            "ssh -L" => port(":2222"),
-            "rathole noise" => port(":2333"),
-            "bare relay" => port(&format!(":{BARE_PORT}")),
-            _ => [":9000", ":2222", ":2333", &format!(":{BARE_PORT}")]
-                .iter()
-                .all(|p| !port(p)),
-        }
+    let mine = |head: &str| match others.iter().find(|(name, _)| *name == path) {
+        Some((_, port)) => head.contains(port.as_str()),
+        None => others.iter().all(|(_, port)| !head.contains(port.as_str())),
     };
     let sent = |info: &str| {
         info.split_whitespace()
